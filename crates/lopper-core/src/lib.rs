@@ -1,0 +1,11 @@
+#![doc = include_str!("../README.md")]
+
+mod error;
+mod plan;
+mod shape;
+mod units;
+
+pub use error::{Error, Result};
+pub use plan::{LayerPlan, MASK_PLAN_FORMAT_VERSION, MaskPlan, write_atomic};
+pub use shape::{LayerShape, ModelShape, RopeConfig, RopeScaling};
+pub use units::{PruneUnit, UnitCost, UnitKind};

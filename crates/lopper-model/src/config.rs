@@ -1,0 +1,299 @@
+//! Model configuration at the boundaries: GGUF metadata and Hugging Face `config.json`, both
+//! turned into a [`ModelShape`].
+
+use std::path::Path;
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result, io_err};
+use crate::gguf::{GgufFile, Value};
+use lopper_core::{LayerShape, ModelShape, RopeConfig, RopeScaling};
+
+/// Architectures whose GGUF tensors and keys follow llama's layout.
+const LLAMA_LIKE: &[&str] = &["llama", "mistral"];
+
+/// Reads the [`ModelShape`] from a GGUF file's llama-architecture metadata, including per-layer
+/// arrays for head counts and MLP width (how llama.cpp expresses heterogeneous layers).
+pub fn shape_from_gguf(file: &GgufFile) -> Result<ModelShape> {
+    let err = |msg: String| Error::Gguf {
+        path: file.path().to_owned(),
+        msg,
+    };
+    let arch = file
+        .get("general.architecture")
+        .and_then(Value::as_str)
+        .ok_or_else(|| err("metadata key `general.architecture` is missing".into()))?;
+    if !LLAMA_LIKE.contains(&arch) {
+        return Err(err(format!(
+            "architecture `{arch}` is not supported; lopper reads LLaMA-family models (general.architecture = llama)"
+        )));
+    }
+    let key = |k: &str| format!("{arch}.{k}");
+    let req_u = |k: &str| -> Result<usize> {
+        let full = key(k);
+        file.get(&full)
+            .and_then(Value::as_u64)
+            .map(|v| v as usize)
+            .ok_or_else(|| err(format!("metadata key `{full}` is missing or not an integer")))
+    };
+    let n_layers = req_u("block_count")?;
+    let hidden = req_u("embedding_length")?;
+    // A per-layer value: a scalar for every layer, or an array with one entry per layer.
+    let per_layer = |k: &str, default: Option<usize>| -> Result<Vec<usize>> {
+        let full = key(k);
+        match file.get(&full) {
+            None => default.map(|d| vec![d; n_layers]).ok_or_else(|| {
+                err(format!("metadata key `{full}` is missing"))
+            }),
+            Some(Value::Array(a)) => {
+                if a.len() != n_layers {
+                    return Err(err(format!(
+                        "metadata array `{full}` has {} entries for {n_layers} layers",
+                        a.len()
+                    )));
+                }
+                a.iter()
+                    .map(|v| {
+                        v.as_u64()
+                            .map(|x| x as usize)
+                            .ok_or_else(|| err(format!("`{full}` holds a non-integer")))
+                    })
+                    .collect()
+            }
+            Some(v) => v
+                .as_u64()
+                .map(|x| vec![x as usize; n_layers])
+                .ok_or_else(|| err(format!("metadata key `{full}` is not an integer"))),
+        }
+    };
+    let heads = per_layer("attention.head_count", None)?;
+    let kv_heads = per_layer("attention.head_count_kv", None).unwrap_or_else(|_| heads.clone());
+    let ffn = per_layer("feed_forward_length", None)?;
+    let max_heads = heads.iter().copied().max().unwrap_or(0);
+    let head_dim = match file.get(&key("attention.key_length")).and_then(Value::as_u64) {
+        Some(k) => k as usize,
+        None if max_heads > 0 && hidden % max_heads == 0 => hidden / max_heads,
+        None => {
+            return Err(err(format!(
+                "cannot infer head_dim: `{}` is missing and hidden size {hidden} is not a multiple of {max_heads} heads",
+                key("attention.key_length")
+            )));
+        }
+    };
+    let eps = file
+        .get(&key("attention.layer_norm_rms_epsilon"))
+        .and_then(Value::as_f64)
+        .ok_or_else(|| err(format!("metadata key `{}` is missing", key("attention.layer_norm_rms_epsilon"))))?;
+    let theta = file
+        .get(&key("rope.freq_base"))
+        .and_then(Value::as_f64)
+        .unwrap_or(10_000.0);
+    let scaling = match file.get(&key("rope.scaling.type")).and_then(Value::as_str) {
+        None | Some("none") => None,
+        Some("linear") => Some(RopeScaling::Linear {
+            factor: file
+                .get(&key("rope.scaling.factor"))
+                .and_then(Value::as_f64)
+                .ok_or_else(|| err(format!("`{}` is missing", key("rope.scaling.factor"))))?,
+        }),
+        Some(other) => {
+            return Err(err(format!(
+                "RoPE scaling type `{other}` is not supported (none and linear are)"
+            )));
+        }
+    };
+    let vocab = match file.get(&key("vocab_size")).and_then(Value::as_u64) {
+        Some(v) => v as usize,
+        None => file
+            .tensor_info("token_embd.weight")
+            .map(|t| t.dims.get(1).copied().unwrap_or(0) as usize)
+            .ok_or_else(|| err("tensor `token_embd.weight` is missing".into()))?,
+    };
+    let shape = ModelShape {
+        vocab_size: vocab,
+        hidden_size: hidden,
+        norm_eps: eps,
+        rope: RopeConfig { theta, scaling },
+        tie_word_embeddings: file.tensor_info("output.weight").is_none(),
+        max_position_embeddings: file
+            .get(&key("context_length"))
+            .and_then(Value::as_u64)
+            .unwrap_or(2048) as usize,
+        layers: (0..n_layers)
+            .map(|i| LayerShape {
+                n_heads: heads[i],
+                n_kv_heads: kv_heads[i],
+                head_dim,
+                ffn_hidden: ffn[i],
+            })
+            .collect(),
+    };
+    shape.validate()?;
+    Ok(shape)
+}
+
+/// The part of a Hugging Face `config.json` lopper reads (LLaMA family).
+#[derive(Debug, Deserialize)]
+struct HfConfig {
+    model_type: Option<String>,
+    vocab_size: Option<usize>,
+    hidden_size: Option<usize>,
+    intermediate_size: Option<usize>,
+    num_hidden_layers: Option<usize>,
+    num_attention_heads: Option<usize>,
+    num_key_value_heads: Option<usize>,
+    head_dim: Option<usize>,
+    rms_norm_eps: Option<f64>,
+    rope_theta: Option<f64>,
+    rope_scaling: Option<serde_json::Value>,
+    /// transformers >= 5 puts theta and scaling here.
+    rope_parameters: Option<serde_json::Value>,
+    #[serde(default)]
+    tie_word_embeddings: bool,
+    max_position_embeddings: Option<usize>,
+    #[serde(default)]
+    attention_bias: bool,
+    #[serde(default)]
+    mlp_bias: bool,
+}
+
+/// Reads a Hugging Face `config.json` into a [`ModelShape`]. Missing required keys, and
+/// features lopper does not model (biases on q/k/v), are errors naming the key.
+pub fn shape_from_hf_config(path: &Path) -> Result<ModelShape> {
+    let err = |msg: String| Error::Config {
+        path: path.to_owned(),
+        msg,
+    };
+    let text = std::fs::read_to_string(path).map_err(io_err(path))?;
+    let c: HfConfig =
+        serde_json::from_str(&text).map_err(|e| err(format!("not a valid config: {e}")))?;
+    if let Some(t) = &c.model_type {
+        if !["llama", "mistral"].contains(&t.as_str()) {
+            return Err(err(format!(
+                "model_type `{t}` is not supported; lopper reads LLaMA-family models"
+            )));
+        }
+    }
+    if c.attention_bias || c.mlp_bias {
+        return Err(err(
+            "attention_bias / mlp_bias = true is not supported (LLaMA has no projection biases)"
+                .into(),
+        ));
+    }
+    let req = |v: Option<usize>, k: &str| v.ok_or_else(|| err(format!("required key `{k}` is missing")));
+    let n_layers = req(c.num_hidden_layers, "num_hidden_layers")?;
+    let hidden = req(c.hidden_size, "hidden_size")?;
+    let heads = req(c.num_attention_heads, "num_attention_heads")?;
+    let ffn = req(c.intermediate_size, "intermediate_size")?;
+    let vocab = req(c.vocab_size, "vocab_size")?;
+    let eps = c
+        .rms_norm_eps
+        .ok_or_else(|| err("required key `rms_norm_eps` is missing".into()))?;
+    let rp = c.rope_parameters.as_ref();
+    let theta = c
+        .rope_theta
+        .or_else(|| rp.and_then(|p| p.get("rope_theta")).and_then(|v| v.as_f64()))
+        .unwrap_or(10_000.0);
+    let scaling_json = c.rope_scaling.as_ref().or(rp).filter(|v| !v.is_null());
+    let scaling = match scaling_json {
+        None => None,
+        Some(s) => {
+            let ty = s
+                .get("rope_type")
+                .or_else(|| s.get("type"))
+                .and_then(|v| v.as_str())
+                .unwrap_or("default");
+            let f = |k: &str| {
+                s.get(k)
+                    .and_then(|v| v.as_f64())
+                    .ok_or_else(|| err(format!("rope scaling key `{k}` is missing")))
+            };
+            match ty {
+                "default" => None,
+                "linear" => Some(RopeScaling::Linear { factor: f("factor")? }),
+                "llama3" => Some(RopeScaling::Llama3 {
+                    factor: f("factor")?,
+                    low_freq_factor: f("low_freq_factor")?,
+                    high_freq_factor: f("high_freq_factor")?,
+                    original_max_position_embeddings: f("original_max_position_embeddings")?
+                        as usize,
+                }),
+                other => {
+                    return Err(err(format!(
+                        "rope type `{other}` is not supported (default, linear and llama3 are)"
+                    )));
+                }
+            }
+        }
+    };
+    let head_dim = match c.head_dim {
+        Some(h) => h,
+        None if heads > 0 && hidden % heads == 0 => hidden / heads,
+        None => return Err(err("required key `head_dim` is missing".into())),
+    };
+    let shape = ModelShape {
+        vocab_size: vocab,
+        hidden_size: hidden,
+        norm_eps: eps,
+        rope: RopeConfig { theta, scaling },
+        tie_word_embeddings: c.tie_word_embeddings,
+        max_position_embeddings: c.max_position_embeddings.unwrap_or(2048),
+        layers: vec![
+            LayerShape {
+                n_heads: heads,
+                n_kv_heads: c.num_key_value_heads.unwrap_or(heads),
+                head_dim,
+                ffn_hidden: ffn,
+            };
+            n_layers
+        ],
+    };
+    shape.validate().map_err(|e| err(e.to_string()))?;
+    Ok(shape)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, json: &str) -> std::path::PathBuf {
+        let p = dir.join("config.json");
+        std::fs::write(&p, json).unwrap();
+        p
+    }
+
+    #[test]
+    fn reads_a_llama_config_and_names_missing_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(
+            dir.path(),
+            r#"{"model_type":"llama","vocab_size":49152,"hidden_size":576,"intermediate_size":1536,
+            "num_hidden_layers":30,"num_attention_heads":9,"num_key_value_heads":3,"rms_norm_eps":1e-5,
+            "rope_theta":100000.0,"tie_word_embeddings":true,"max_position_embeddings":8192}"#,
+        );
+        let s = shape_from_hf_config(&p).unwrap();
+        assert_eq!(s.num_params(), 134_515_008);
+        assert_eq!(s.layers[0].head_dim, 64);
+        let p = write(dir.path(), r#"{"model_type":"llama","vocab_size":10,"hidden_size":8}"#);
+        let e = shape_from_hf_config(&p).unwrap_err().to_string();
+        assert!(e.contains("num_hidden_layers") && e.contains("config.json"), "{e}");
+        let p = write(dir.path(), r#"{"model_type":"gpt2"}"#);
+        assert!(shape_from_hf_config(&p).unwrap_err().to_string().contains("gpt2"));
+    }
+
+    #[test]
+    fn reads_transformers5_rope_parameters() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(
+            dir.path(),
+            r#"{"vocab_size":100,"hidden_size":64,"intermediate_size":96,"num_hidden_layers":2,
+            "num_attention_heads":4,"rms_norm_eps":1e-6,"head_dim":16,
+            "rope_parameters":{"rope_theta":500000.0,"rope_type":"llama3","factor":8.0,"low_freq_factor":1.0,
+            "high_freq_factor":4.0,"original_max_position_embeddings":8192}}"#,
+        );
+        let s = shape_from_hf_config(&p).unwrap();
+        assert_eq!(s.rope.theta, 500_000.0);
+        assert!(matches!(s.rope.scaling, Some(RopeScaling::Llama3 { .. })));
+        assert_eq!(s.layers[1].n_kv_heads, 4);
+    }
+}

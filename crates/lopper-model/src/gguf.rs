@@ -1,0 +1,695 @@
+//! GGUF v2/v3 reader: header, metadata, tensor table, alignment, and dequantisation to f32.
+//!
+//! Format facts (from the GGUF specification and ggml's block layouts): little-endian; header
+//! `GGUF` magic, `u32` version, `u64` tensor count, `u64` metadata count; metadata values are
+//! typed (13 types, arrays nest); each tensor entry is name, dims (`ne0` fastest), ggml type and
+//! an offset relative to the data section, which starts at the next multiple of
+//! `general.alignment` (default 32) after the tensor table.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use half::{bf16, f16};
+
+use crate::error::{Error, Result, io_err};
+
+/// A GGUF metadata value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    /// Unsigned integer (u8/u16/u32/u64).
+    U(u64),
+    /// Signed integer (i8/i16/i32/i64).
+    I(i64),
+    /// Float (f32/f64).
+    F(f64),
+    /// Boolean.
+    Bool(bool),
+    /// UTF-8 string.
+    Str(String),
+    /// Array of values.
+    Array(Vec<Value>),
+}
+
+impl Value {
+    /// As an unsigned integer, if it is a non-negative integer.
+    pub fn as_u64(&self) -> Option<u64> {
+        match *self {
+            Value::U(v) => Some(v),
+            Value::I(v) if v >= 0 => Some(v as u64),
+            _ => None,
+        }
+    }
+    /// As a float, if numeric.
+    pub fn as_f64(&self) -> Option<f64> {
+        match *self {
+            Value::U(v) => Some(v as f64),
+            Value::I(v) => Some(v as f64),
+            Value::F(v) => Some(v),
+            _ => None,
+        }
+    }
+    /// As a string.
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            Value::Str(s) => Some(s),
+            _ => None,
+        }
+    }
+    /// As an array.
+    pub fn as_array(&self) -> Option<&[Value]> {
+        match self {
+            Value::Array(a) => Some(a),
+            _ => None,
+        }
+    }
+    /// As a bool.
+    pub fn as_bool(&self) -> Option<bool> {
+        match *self {
+            Value::Bool(b) => Some(b),
+            _ => None,
+        }
+    }
+}
+
+/// The ggml tensor types lopper reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[allow(non_camel_case_types, missing_docs)]
+pub enum GgmlType {
+    F32,
+    F16,
+    BF16,
+    Q4_0,
+    Q4_1,
+    Q8_0,
+    Q4_K,
+    Q5_K,
+    Q6_K,
+}
+
+impl GgmlType {
+    /// The ggml type id.
+    pub fn id(self) -> u32 {
+        match self {
+            GgmlType::F32 => 0,
+            GgmlType::F16 => 1,
+            GgmlType::Q4_0 => 2,
+            GgmlType::Q4_1 => 3,
+            GgmlType::Q8_0 => 8,
+            GgmlType::Q4_K => 12,
+            GgmlType::Q5_K => 13,
+            GgmlType::Q6_K => 14,
+            GgmlType::BF16 => 30,
+        }
+    }
+
+    fn from_id(id: u32) -> std::result::Result<Self, String> {
+        Ok(match id {
+            0 => GgmlType::F32,
+            1 => GgmlType::F16,
+            2 => GgmlType::Q4_0,
+            3 => GgmlType::Q4_1,
+            8 => GgmlType::Q8_0,
+            12 => GgmlType::Q4_K,
+            13 => GgmlType::Q5_K,
+            14 => GgmlType::Q6_K,
+            30 => GgmlType::BF16,
+            other => {
+                let name = match other {
+                    6 => "Q5_0",
+                    7 => "Q5_1",
+                    9 => "Q8_1",
+                    10 => "Q2_K",
+                    11 => "Q3_K",
+                    15 => "Q8_K",
+                    16..=23 => "an IQ type",
+                    _ => "an unknown type",
+                };
+                return Err(format!(
+                    "ggml type {other} ({name}) is not supported; lopper reads F32, F16, BF16, Q4_0, Q4_1, Q8_0, Q4_K, Q5_K and Q6_K (re-quantise the file with llama.cpp's llama-quantize to one of these)"
+                ));
+            }
+        })
+    }
+
+    /// (weights per block, bytes per block).
+    pub fn block(self) -> (usize, usize) {
+        match self {
+            GgmlType::F32 => (1, 4),
+            GgmlType::F16 | GgmlType::BF16 => (1, 2),
+            GgmlType::Q4_0 => (32, 18),
+            GgmlType::Q4_1 => (32, 20),
+            GgmlType::Q8_0 => (32, 34),
+            GgmlType::Q4_K => (256, 144),
+            GgmlType::Q5_K => (256, 176),
+            GgmlType::Q6_K => (256, 210),
+        }
+    }
+}
+
+/// One entry of the tensor table.
+#[derive(Debug, Clone)]
+pub struct TensorInfo {
+    /// GGUF tensor name (`blk.0.attn_q.weight`).
+    pub name: String,
+    /// Dimensions, `ne0` (contiguous) first.
+    pub dims: Vec<u64>,
+    /// Storage type.
+    pub ggml_type: GgmlType,
+    /// Absolute byte offset of the data in the file.
+    pub offset: u64,
+    /// Byte size of the data.
+    pub size: u64,
+}
+
+impl TensorInfo {
+    /// Number of elements.
+    pub fn numel(&self) -> u64 {
+        self.dims.iter().product()
+    }
+    /// Row-major shape (`[ne1, ne0]` for matrices: `[out, in]` like torch).
+    pub fn row_major_shape(&self) -> Vec<usize> {
+        self.dims.iter().rev().map(|&d| d as usize).collect()
+    }
+}
+
+/// A memory-mapped GGUF file.
+#[derive(Debug)]
+pub struct GgufFile {
+    path: PathBuf,
+    map: memmap2::Mmap,
+    /// Format version (2 or 3).
+    pub version: u32,
+    /// Metadata, by key.
+    pub metadata: BTreeMap<String, Value>,
+    /// Tensor table, in file order.
+    pub tensors: Vec<TensorInfo>,
+    /// Alignment of the data section.
+    pub alignment: u64,
+}
+
+struct Cursor<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize, what: &str) -> std::result::Result<&'a [u8], String> {
+        let end = self.pos.checked_add(n).filter(|&e| e <= self.buf.len());
+        match end {
+            Some(end) => {
+                let s = &self.buf[self.pos..end];
+                self.pos = end;
+                Ok(s)
+            }
+            None => Err(format!(
+                "the file ends at byte {} while reading {what} (needs {n} bytes at offset {}); the file is truncated or corrupt, download it again",
+                self.buf.len(),
+                self.pos
+            )),
+        }
+    }
+    fn u32(&mut self, what: &str) -> std::result::Result<u32, String> {
+        Ok(u32::from_le_bytes(self.take(4, what)?.try_into().unwrap()))
+    }
+    fn u64(&mut self, what: &str) -> std::result::Result<u64, String> {
+        Ok(u64::from_le_bytes(self.take(8, what)?.try_into().unwrap()))
+    }
+    fn string(&mut self, what: &str) -> std::result::Result<String, String> {
+        let n = self.u64(what)?;
+        if n > self.buf.len() as u64 {
+            return Err(format!(
+                "{what} claims a string of {n} bytes, longer than the file; the file is corrupt"
+            ));
+        }
+        let b = self.take(n as usize, what)?;
+        String::from_utf8(b.to_vec()).map_err(|_| format!("{what} is not valid UTF-8"))
+    }
+    fn value(&mut self, ty: u32, key: &str, depth: usize) -> std::result::Result<Value, String> {
+        let what = &format!("metadata value `{key}`");
+        Ok(match ty {
+            0 => Value::U(self.take(1, what)?[0] as u64),
+            1 => Value::I(self.take(1, what)?[0] as i8 as i64),
+            2 => Value::U(u16::from_le_bytes(self.take(2, what)?.try_into().unwrap()) as u64),
+            3 => Value::I(i16::from_le_bytes(self.take(2, what)?.try_into().unwrap()) as i64),
+            4 => Value::U(self.u32(what)? as u64),
+            5 => Value::I(self.u32(what)? as i32 as i64),
+            6 => Value::F(f32::from_le_bytes(self.take(4, what)?.try_into().unwrap()) as f64),
+            7 => Value::Bool(self.take(1, what)?[0] != 0),
+            8 => Value::Str(self.string(what)?),
+            9 => {
+                if depth > 4 {
+                    return Err(format!("{what}: arrays nested too deeply"));
+                }
+                let inner = self.u32(what)?;
+                let n = self.u64(what)?;
+                if n > (self.buf.len() - self.pos) as u64 {
+                    return Err(format!(
+                        "{what} claims {n} array items, more than the file can hold; the file is corrupt"
+                    ));
+                }
+                let mut items = Vec::with_capacity(n as usize);
+                for _ in 0..n {
+                    items.push(self.value(inner, key, depth + 1)?);
+                }
+                Value::Array(items)
+            }
+            10 => Value::U(self.u64(what)?),
+            11 => Value::I(self.u64(what)? as i64),
+            12 => Value::F(f64::from_le_bytes(self.take(8, what)?.try_into().unwrap())),
+            t => return Err(format!("{what} has unknown value type {t}; the file is corrupt")),
+        })
+    }
+}
+
+impl GgufFile {
+    /// Memory-maps and parses `path`. Every structural problem (wrong magic, unsupported version,
+    /// truncation, unsupported tensor type, tensor data out of bounds) is an error naming the file.
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = std::fs::File::open(path).map_err(io_err(path))?;
+        // SAFETY: the map is read-only; lopper never writes to a GGUF file it has open, and the
+        // file is only read through bounds-checked slices.
+        #[allow(unsafe_code)]
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io_err(path))?;
+        let (version, metadata, tensors, alignment) =
+            Self::parse(&map).map_err(|msg| Error::Gguf {
+                path: path.to_owned(),
+                msg,
+            })?;
+        Ok(Self {
+            path: path.to_owned(),
+            map,
+            version,
+            metadata,
+            tensors,
+            alignment,
+        })
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn parse(
+        buf: &[u8],
+    ) -> std::result::Result<(u32, BTreeMap<String, Value>, Vec<TensorInfo>, u64), String> {
+        let mut c = Cursor { buf, pos: 0 };
+        let magic = c.take(4, "the magic number")?;
+        if magic != b"GGUF" {
+            return Err(format!(
+                "wrong magic {:02x?} (expected \"GGUF\"): this is not a GGUF file",
+                magic
+            ));
+        }
+        let version = c.u32("the version")?;
+        if !(2..=3).contains(&version) {
+            return Err(format!(
+                "GGUF version {version} is not supported (lopper reads versions 2 and 3); convert the model with a current llama.cpp"
+            ));
+        }
+        let n_tensors = c.u64("the tensor count")?;
+        let n_kv = c.u64("the metadata count")?;
+        if n_tensors > 1 << 24 || n_kv > 1 << 24 {
+            return Err(format!(
+                "implausible header ({n_tensors} tensors, {n_kv} metadata entries); the file is corrupt"
+            ));
+        }
+        let mut metadata = BTreeMap::new();
+        for _ in 0..n_kv {
+            let key = c.string("a metadata key")?;
+            let ty = c.u32("a metadata type")?;
+            let v = c.value(ty, &key, 0)?;
+            metadata.insert(key, v);
+        }
+        let alignment = match metadata.get("general.alignment") {
+            None => 32,
+            Some(v) => match v.as_u64() {
+                Some(a) if a > 0 && a.is_power_of_two() => a,
+                _ => return Err(format!("general.alignment {v:?} is not a power of two")),
+            },
+        };
+        let mut raw = Vec::with_capacity(n_tensors as usize);
+        for _ in 0..n_tensors {
+            let name = c.string("a tensor name")?;
+            let what = format!("the entry of tensor `{name}`");
+            let n_dims = c.u32(&what)?;
+            if n_dims == 0 || n_dims > 4 {
+                return Err(format!("tensor `{name}` has {n_dims} dimensions (1 to 4 allowed)"));
+            }
+            let mut dims = Vec::with_capacity(n_dims as usize);
+            for _ in 0..n_dims {
+                dims.push(c.u64(&what)?);
+            }
+            let ty = c.u32(&what)?;
+            let offset = c.u64(&what)?;
+            let ggml_type = GgmlType::from_id(ty).map_err(|m| format!("tensor `{name}`: {m}"))?;
+            raw.push((name, dims, ggml_type, offset));
+        }
+        let data_start = (c.pos as u64).div_ceil(alignment) * alignment;
+        let mut tensors = Vec::with_capacity(raw.len());
+        for (name, dims, ggml_type, offset) in raw {
+            let numel = dims
+                .iter()
+                .try_fold(1u64, |a, &d| a.checked_mul(d))
+                .ok_or_else(|| format!("tensor `{name}` dims {dims:?} overflow"))?;
+            let (bw, bb) = ggml_type.block();
+            if numel % bw as u64 != 0 || dims[0] % bw as u64 != 0 {
+                return Err(format!(
+                    "tensor `{name}` ({ggml_type:?}, dims {dims:?}): rows are not a whole number of {bw}-weight blocks"
+                ));
+            }
+            let size = numel / bw as u64 * bb as u64;
+            let start = data_start + offset;
+            if start.checked_add(size).is_none_or(|end| end > buf.len() as u64) {
+                return Err(format!(
+                    "tensor `{name}` data ({size} bytes at offset {start}) runs past the end of the file ({} bytes); the file is truncated, download it again",
+                    buf.len()
+                ));
+            }
+            tensors.push(TensorInfo {
+                name,
+                dims,
+                ggml_type,
+                offset: start,
+                size,
+            });
+        }
+        Ok((version, metadata, tensors, alignment))
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Size of the file in bytes.
+    pub fn file_size(&self) -> u64 {
+        self.map.len() as u64
+    }
+
+    /// A metadata value.
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.metadata.get(key)
+    }
+
+    /// The table entry of tensor `name`.
+    pub fn tensor_info(&self, name: &str) -> Option<&TensorInfo> {
+        self.tensors.iter().find(|t| t.name == name)
+    }
+
+    /// The raw bytes of a tensor.
+    pub fn tensor_bytes(&self, info: &TensorInfo) -> &[u8] {
+        &self.map[info.offset as usize..(info.offset + info.size) as usize]
+    }
+
+    /// Dequantises tensor `name` to f32, in row-major order (shape [`TensorInfo::row_major_shape`]).
+    pub fn dequantize(&self, name: &str) -> Result<(Vec<usize>, Vec<f32>)> {
+        let info = self.tensor_info(name).ok_or_else(|| Error::Gguf {
+            path: self.path.clone(),
+            msg: format!("tensor `{name}` is missing"),
+        })?;
+        let data = dequantize(info.ggml_type, self.tensor_bytes(info), info.numel() as usize);
+        Ok((info.row_major_shape(), data))
+    }
+}
+
+fn f16_at(b: &[u8], i: usize) -> f32 {
+    f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
+}
+
+/// Dequantises `n` weights stored as `ty` in `bytes` (which must hold exactly `n` weights).
+pub fn dequantize(ty: GgmlType, bytes: &[u8], n: usize) -> Vec<f32> {
+    let (bw, bb) = ty.block();
+    assert_eq!(bytes.len(), n / bw * bb, "dequantize: byte count does not match {n} weights of {ty:?}");
+    let mut out = vec![0f32; n];
+    let blocks = bytes.chunks_exact(bb).zip(out.chunks_exact_mut(bw));
+    match ty {
+        GgmlType::F32 => {
+            for (b, o) in blocks {
+                o[0] = f32::from_le_bytes(b.try_into().unwrap());
+            }
+        }
+        GgmlType::F16 => {
+            for (b, o) in blocks {
+                o[0] = f16_at(b, 0);
+            }
+        }
+        GgmlType::BF16 => {
+            for (b, o) in blocks {
+                o[0] = bf16::from_le_bytes([b[0], b[1]]).to_f32();
+            }
+        }
+        GgmlType::Q4_0 => {
+            for (b, o) in blocks {
+                let d = f16_at(b, 0);
+                let qs = &b[2..18];
+                for j in 0..16 {
+                    o[j] = d * ((qs[j] & 0x0F) as i32 - 8) as f32;
+                    o[j + 16] = d * ((qs[j] >> 4) as i32 - 8) as f32;
+                }
+            }
+        }
+        GgmlType::Q4_1 => {
+            for (b, o) in blocks {
+                let (d, m) = (f16_at(b, 0), f16_at(b, 2));
+                let qs = &b[4..20];
+                for j in 0..16 {
+                    o[j] = d * (qs[j] & 0x0F) as f32 + m;
+                    o[j + 16] = d * (qs[j] >> 4) as f32 + m;
+                }
+            }
+        }
+        GgmlType::Q8_0 => {
+            for (b, o) in blocks {
+                let d = f16_at(b, 0);
+                for j in 0..32 {
+                    o[j] = d * (b[2 + j] as i8) as f32;
+                }
+            }
+        }
+        GgmlType::Q4_K => {
+            for (b, o) in blocks {
+                let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
+                let scales = &b[4..16];
+                let qs = &b[16..144];
+                for (k, (q, o)) in qs.chunks_exact(32).zip(o.chunks_exact_mut(64)).enumerate() {
+                    let (sc1, m1) = scale_min_k4(2 * k, scales);
+                    let (sc2, m2) = scale_min_k4(2 * k + 1, scales);
+                    let (d1, m1, d2, m2) = (d * sc1, dmin * m1, d * sc2, dmin * m2);
+                    for l in 0..32 {
+                        o[l] = d1 * (q[l] & 0x0F) as f32 - m1;
+                        o[l + 32] = d2 * (q[l] >> 4) as f32 - m2;
+                    }
+                }
+            }
+        }
+        GgmlType::Q5_K => {
+            for (b, o) in blocks {
+                let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
+                let scales = &b[4..16];
+                let qh = &b[16..48];
+                let qs = &b[48..176];
+                for (k, (q, o)) in qs.chunks_exact(32).zip(o.chunks_exact_mut(64)).enumerate() {
+                    let (sc1, m1) = scale_min_k4(2 * k, scales);
+                    let (sc2, m2) = scale_min_k4(2 * k + 1, scales);
+                    let (d1, m1, d2, m2) = (d * sc1, dmin * m1, d * sc2, dmin * m2);
+                    let (u1, u2) = (1u8 << (2 * k), 2u8 << (2 * k));
+                    for l in 0..32 {
+                        let hi1 = if qh[l] & u1 != 0 { 16 } else { 0 };
+                        let hi2 = if qh[l] & u2 != 0 { 16 } else { 0 };
+                        o[l] = d1 * ((q[l] & 0x0F) + hi1) as f32 - m1;
+                        o[l + 32] = d2 * ((q[l] >> 4) + hi2) as f32 - m2;
+                    }
+                }
+            }
+        }
+        GgmlType::Q6_K => {
+            for (b, o) in blocks {
+                let ql_all = &b[0..128];
+                let qh_all = &b[128..192];
+                let sc_all = &b[192..208];
+                let d = f16_at(b, 208);
+                for half in 0..2 {
+                    let ql = &ql_all[64 * half..];
+                    let qh = &qh_all[32 * half..];
+                    let sc = &sc_all[8 * half..];
+                    let o = &mut o[128 * half..];
+                    for l in 0..32 {
+                        let is = l / 16;
+                        let q1 = ((ql[l] & 0x0F) | ((qh[l] & 3) << 4)) as i32 - 32;
+                        let q2 = ((ql[l + 32] & 0x0F) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32;
+                        let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32;
+                        let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32;
+                        o[l] = d * (sc[is] as i8) as f32 * q1 as f32;
+                        o[l + 32] = d * (sc[is + 2] as i8) as f32 * q2 as f32;
+                        o[l + 64] = d * (sc[is + 4] as i8) as f32 * q3 as f32;
+                        o[l + 96] = d * (sc[is + 6] as i8) as f32 * q4 as f32;
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The 6-bit scale and min of sub-block `j` (0..8) of a Q4_K/Q5_K super-block.
+fn scale_min_k4(j: usize, q: &[u8]) -> (f32, f32) {
+    if j < 4 {
+        ((q[j] & 63) as f32, (q[j + 4] & 63) as f32)
+    } else {
+        let sc = (q[j + 4] & 0x0F) | ((q[j - 4] >> 6) << 4);
+        let m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+        (sc as f32, m as f32)
+    }
+}
+
+/// Builds a GGUF v3 file in memory: metadata, then the tensor table, then aligned tensor data.
+#[derive(Debug, Clone, Default)]
+pub struct GgufBuilder {
+    /// Metadata entries, written in order.
+    pub metadata: Vec<(String, Value)>,
+    /// Tensors: GGUF name, dims (`ne0` first), type, raw bytes.
+    pub tensors: Vec<(String, Vec<u64>, GgmlType, Vec<u8>)>,
+}
+
+impl GgufBuilder {
+    /// Adds a metadata entry.
+    pub fn meta(&mut self, key: &str, value: Value) -> &mut Self {
+        self.metadata.push((key.into(), value));
+        self
+    }
+
+    /// Adds an F32 tensor from a row-major host tensor (`[out, in]` becomes `ne = [in, out]`).
+    pub fn tensor_f32(&mut self, name: &str, shape: &[usize], data: &[f32]) -> &mut Self {
+        let dims = shape.iter().rev().map(|&d| d as u64).collect();
+        let bytes = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.tensors.push((name.into(), dims, GgmlType::F32, bytes));
+        self
+    }
+
+    /// The file's bytes.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        const ALIGN: usize = 32;
+        let mut out = Vec::new();
+        out.extend_from_slice(b"GGUF");
+        out.extend_from_slice(&3u32.to_le_bytes());
+        out.extend_from_slice(&(self.tensors.len() as u64).to_le_bytes());
+        out.extend_from_slice(&(self.metadata.len() as u64).to_le_bytes());
+        for (k, v) in &self.metadata {
+            write_str(&mut out, k);
+            out.extend_from_slice(&value_type(v).to_le_bytes());
+            write_value(&mut out, v);
+        }
+        let mut offset = 0usize;
+        let mut offsets = Vec::new();
+        for (name, dims, ty, bytes) in &self.tensors {
+            write_str(&mut out, name);
+            out.extend_from_slice(&(dims.len() as u32).to_le_bytes());
+            for d in dims {
+                out.extend_from_slice(&d.to_le_bytes());
+            }
+            out.extend_from_slice(&ty.id().to_le_bytes());
+            out.extend_from_slice(&(offset as u64).to_le_bytes());
+            offsets.push(offset);
+            offset = (offset + bytes.len()).div_ceil(ALIGN) * ALIGN;
+        }
+        let start = out.len().div_ceil(ALIGN) * ALIGN;
+        out.resize(start, 0);
+        for ((_, _, _, bytes), off) in self.tensors.iter().zip(offsets) {
+            out.resize(start + off, 0);
+            out.extend_from_slice(bytes);
+        }
+        out
+    }
+}
+
+fn write_str(out: &mut Vec<u8>, s: &str) {
+    out.extend_from_slice(&(s.len() as u64).to_le_bytes());
+    out.extend_from_slice(s.as_bytes());
+}
+
+fn value_type(v: &Value) -> u32 {
+    match v {
+        Value::U(x) if *x <= u32::MAX as u64 => 4,
+        Value::U(_) => 10,
+        Value::I(_) => 5,
+        Value::F(_) => 6,
+        Value::Bool(_) => 7,
+        Value::Str(_) => 8,
+        Value::Array(_) => 9,
+    }
+}
+
+fn write_value(out: &mut Vec<u8>, v: &Value) {
+    match v {
+        Value::U(x) if *x <= u32::MAX as u64 => out.extend_from_slice(&(*x as u32).to_le_bytes()),
+        Value::U(x) => out.extend_from_slice(&x.to_le_bytes()),
+        Value::I(x) => out.extend_from_slice(&(*x as i32).to_le_bytes()),
+        Value::F(x) => out.extend_from_slice(&(*x as f32).to_le_bytes()),
+        Value::Bool(b) => out.push(*b as u8),
+        Value::Str(s) => write_str(out, s),
+        Value::Array(items) => {
+            // Every item is written with the first item's type (arrays are homogeneous).
+            let ty = items.first().map_or(4, |first| match (first, items.iter().any(|i| matches!(i, Value::U(x) if *x > u32::MAX as u64))) {
+                (Value::U(_), true) => 10,
+                (f, _) => value_type(f),
+            });
+            out.extend_from_slice(&ty.to_le_bytes());
+            out.extend_from_slice(&(items.len() as u64).to_le_bytes());
+            for i in items {
+                match (ty, i) {
+                    (10, Value::U(x)) => out.extend_from_slice(&x.to_le_bytes()),
+                    _ => write_value(out, i),
+                }
+            }
+        }
+    }
+}
+
+/// A llama-architecture GGUF of a model (`shape` + HF-named `weights`), F32 tensors, q/k rows
+/// permuted to llama.cpp's layout, per-layer arrays where layers differ. No tokenizer metadata:
+/// add it with [`GgufBuilder::meta`].
+pub fn llama_gguf(shape: &lopper_core::ModelShape, weights: &crate::HostWeights) -> GgufBuilder {
+    use crate::weights::{hf_to_gguf_name, permute_qk_rows};
+    let mut b = GgufBuilder::default();
+    let n = shape.n_layers();
+    let per_layer = |f: &dyn Fn(&lopper_core::LayerShape) -> usize| -> Value {
+        let v: Vec<usize> = shape.layers.iter().map(f).collect();
+        if v.windows(2).all(|w| w[0] == w[1]) {
+            Value::U(v[0] as u64)
+        } else {
+            Value::Array(v.into_iter().map(|x| Value::U(x as u64)).collect())
+        }
+    };
+    let head_dim = shape.layers.iter().find(|l| l.has_attn()).map_or(0, |l| l.head_dim);
+    b.meta("general.architecture", Value::Str("llama".into()))
+        .meta("general.alignment", Value::U(32))
+        .meta("llama.block_count", Value::U(n as u64))
+        .meta("llama.context_length", Value::U(shape.max_position_embeddings as u64))
+        .meta("llama.embedding_length", Value::U(shape.hidden_size as u64))
+        .meta("llama.feed_forward_length", per_layer(&|l| l.ffn_hidden))
+        .meta("llama.attention.head_count", per_layer(&|l| l.n_heads))
+        .meta("llama.attention.head_count_kv", per_layer(&|l| l.n_kv_heads))
+        .meta("llama.attention.key_length", Value::U(head_dim as u64))
+        .meta("llama.attention.value_length", Value::U(head_dim as u64))
+        .meta("llama.attention.layer_norm_rms_epsilon", Value::F(shape.norm_eps))
+        .meta("llama.rope.freq_base", Value::F(shape.rope.theta))
+        .meta("llama.rope.dimension_count", Value::U(head_dim as u64))
+        .meta("llama.vocab_size", Value::U(shape.vocab_size as u64));
+    for (name, t) in &weights.tensors {
+        let Some(g) = hf_to_gguf_name(name) else { continue };
+        let layer = name
+            .strip_prefix("model.layers.")
+            .and_then(|r| r.split('.').next())
+            .and_then(|l| l.parse::<usize>().ok());
+        let heads = match (layer, &g) {
+            (Some(l), g) if g.ends_with("attn_q.weight") => Some(shape.layers[l].n_heads),
+            (Some(l), g) if g.ends_with("attn_k.weight") => Some(shape.layers[l].n_kv_heads),
+            _ => None,
+        };
+        match heads {
+            Some(h) => {
+                let p = permute_qk_rows(t, h, true);
+                b.tensor_f32(&g, &p.shape, &p.data)
+            }
+            None => b.tensor_f32(&g, &t.shape, &t.data),
+        };
+    }
+    b
+}

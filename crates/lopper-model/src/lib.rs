@@ -1,0 +1,31 @@
+#![doc = include_str!("../README.md")]
+
+mod config;
+mod error;
+pub mod gguf;
+mod hostweights;
+mod masks;
+mod model;
+mod resolve;
+mod tokenizer;
+pub mod weights;
+
+pub use config::{shape_from_gguf, shape_from_hf_config};
+pub use error::{Error, Result};
+pub use hostweights::HostWeights;
+pub use masks::{LayerMasks, Masks};
+pub use model::{Attention, DecoderLayer, Llama, Mlp, RmsNorm, Rope, nll_from_logits, tokens_tensor};
+pub use resolve::{
+    HubOptions, LoadedModel, ModelFiles, ModelInfo, ModelSpec, default_model, default_model_path,
+    ensure_default_model, install_default_model, load, load_files, lopper_home, resolve,
+    sha256_file, shape_for_dir,
+};
+pub use tokenizer::Tokenizer;
+pub use weights::{HostTensor, RandomWeights, WeightSource};
+
+impl<B: burn::tensor::backend::Backend> Llama<B> {
+    /// A model of `shape` with seeded random weights (the same values on every backend).
+    pub fn random(shape: &lopper_core::ModelShape, seed: u64, device: &B::Device) -> Result<Self> {
+        Self::from_weights(shape, &RandomWeights::new(shape, seed), device)
+    }
+}

@@ -1,0 +1,461 @@
+//! The LLaMA-family decoder, built from a [`ModelShape`]. One forward path: the plain forward is
+//! the masked forward with no masks.
+
+use burn::module::{Module, Param};
+use burn::nn::{Embedding, Linear};
+use burn::tensor::activation::silu;
+use burn::tensor::backend::Backend;
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{Int, Tensor, TensorData};
+
+use crate::error::{Error, Result};
+use crate::masks::{LayerMasks, Masks};
+use crate::weights::{HostTensor, WeightSource, load_checked};
+use lopper_core::{LayerShape, ModelShape};
+
+/// Root-mean-square layer norm: `x / sqrt(mean(x^2) + eps) * weight`.
+#[derive(Module, Debug)]
+pub struct RmsNorm<B: Backend> {
+    /// Scale, `[hidden]`.
+    pub weight: Param<Tensor<B, 1>>,
+    /// Epsilon inside the square root.
+    pub eps: f64,
+}
+
+impl<B: Backend> RmsNorm<B> {
+    /// # Shapes
+    /// - `x`: `[n, hidden]` -> `[n, hidden]`
+    pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        let ms = x.clone().powi_scalar(2).mean_dim(1);
+        x * (ms + self.eps).sqrt().recip() * self.weight.val().unsqueeze_dim(0)
+    }
+}
+
+/// Grouped-query causal self-attention with RoPE.
+#[derive(Module, Debug)]
+pub struct Attention<B: Backend> {
+    /// `[hidden, n_heads * head_dim]`
+    pub q_proj: Linear<B>,
+    /// `[hidden, n_kv_heads * head_dim]`
+    pub k_proj: Linear<B>,
+    /// `[hidden, n_kv_heads * head_dim]`
+    pub v_proj: Linear<B>,
+    /// `[n_heads * head_dim, hidden]`
+    pub o_proj: Linear<B>,
+    /// Query heads.
+    pub n_heads: usize,
+    /// KV heads.
+    pub n_kv_heads: usize,
+    /// Head dimension.
+    pub head_dim: usize,
+}
+
+impl<B: Backend> Attention<B> {
+    /// # Shapes
+    /// - `x`: `[batch * seq, hidden]` (normed input), `rope`: cos/sin `[seq, head_dim]`
+    /// - `head_mask`: `[n_heads]`, multiplies each query head's output before `o_proj`
+    /// - output: `[batch * seq, hidden]`
+    pub fn forward(
+        &self,
+        x: Tensor<B, 2>,
+        batch: usize,
+        seq: usize,
+        rope: &Rope<B>,
+        head_mask: Option<&Tensor<B, 1>>,
+    ) -> Tensor<B, 2> {
+        let (h, kvh, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
+        let heads = |t: Tensor<B, 2>, n: usize| -> Tensor<B, 4> {
+            t.reshape([batch, seq, n, hd]).swap_dims(1, 2)
+        };
+        let q = rope.apply(heads(self.q_proj.forward(x.clone()), h));
+        let k = rope.apply(heads(self.k_proj.forward(x.clone()), kvh));
+        let v = heads(self.v_proj.forward(x), kvh);
+        let (k, v) = (repeat_kv(k, h / kvh), repeat_kv(v, h / kvh));
+        let options = AttentionModuleOptions {
+            scale: None,
+            softcap: None,
+            is_causal: true,
+        };
+        let mut out = attention(q, k, v, None, None, options); // [b, h, s, hd]
+        if let Some(m) = head_mask {
+            out = out * m.clone().reshape([1, h, 1, 1]);
+        }
+        let out = out.swap_dims(1, 2).reshape([batch * seq, h * hd]);
+        self.o_proj.forward(out)
+    }
+}
+
+/// Expands `[b, kvh, s, d]` to `[b, kvh * rep, s, d]`; query head `i` reads KV head `i / rep`.
+fn repeat_kv<B: Backend>(x: Tensor<B, 4>, rep: usize) -> Tensor<B, 4> {
+    if rep == 1 {
+        return x;
+    }
+    let [b, kvh, s, d] = x.dims();
+    x.unsqueeze_dim::<5>(2)
+        .expand([b, kvh, rep, s, d])
+        .reshape([b, kvh * rep, s, d])
+}
+
+/// SwiGLU MLP: `down(silu(gate(x)) * up(x))`.
+#[derive(Module, Debug)]
+pub struct Mlp<B: Backend> {
+    /// `[hidden, ffn_hidden]`
+    pub gate_proj: Linear<B>,
+    /// `[hidden, ffn_hidden]`
+    pub up_proj: Linear<B>,
+    /// `[ffn_hidden, hidden]`
+    pub down_proj: Linear<B>,
+}
+
+impl<B: Backend> Mlp<B> {
+    /// # Shapes
+    /// - `x`: `[n, hidden]`, `channel_mask`: `[ffn_hidden]` (multiplies `silu(gate) * up`)
+    /// - output: `[n, hidden]`
+    pub fn forward(&self, x: Tensor<B, 2>, channel_mask: Option<&Tensor<B, 1>>) -> Tensor<B, 2> {
+        let mut a = silu(self.gate_proj.forward(x.clone())) * self.up_proj.forward(x);
+        if let Some(m) = channel_mask {
+            a = a * m.clone().unsqueeze_dim(0);
+        }
+        self.down_proj.forward(a)
+    }
+}
+
+/// One decoder layer. Either block may be absent (pruned away); its norm goes with it.
+#[derive(Module, Debug)]
+pub struct DecoderLayer<B: Backend> {
+    /// Norm before attention.
+    pub input_layernorm: Option<RmsNorm<B>>,
+    /// Attention block.
+    pub self_attn: Option<Attention<B>>,
+    /// Norm before the MLP.
+    pub post_attention_layernorm: Option<RmsNorm<B>>,
+    /// MLP block.
+    pub mlp: Option<Mlp<B>>,
+}
+
+impl<B: Backend> DecoderLayer<B> {
+    fn forward(
+        &self,
+        x: Tensor<B, 2>,
+        batch: usize,
+        seq: usize,
+        rope: &Rope<B>,
+        masks: Option<&LayerMasks<B>>,
+    ) -> Tensor<B, 2> {
+        let mut x = x;
+        if let (Some(norm), Some(attn)) = (&self.input_layernorm, &self.self_attn) {
+            let scale = masks.map_or(1.0, |m| m.attn);
+            if scale != 0.0 {
+                let y = attn.forward(
+                    norm.forward(x.clone()),
+                    batch,
+                    seq,
+                    rope,
+                    masks.and_then(|m| m.heads.as_ref()),
+                );
+                x = if scale == 1.0 { x + y } else { x + y * scale };
+            }
+        }
+        if let (Some(norm), Some(mlp)) = (&self.post_attention_layernorm, &self.mlp) {
+            let scale = masks.map_or(1.0, |m| m.mlp);
+            if scale != 0.0 {
+                let y = mlp.forward(norm.forward(x.clone()), masks.and_then(|m| m.channels.as_ref()));
+                x = if scale == 1.0 { x + y } else { x + y * scale };
+            }
+        }
+        x
+    }
+}
+
+/// RoPE cos/sin tables for one sequence length (HF rotate-half convention).
+#[derive(Debug, Clone)]
+pub struct Rope<B: Backend> {
+    cos: Tensor<B, 2>,
+    sin: Tensor<B, 2>,
+}
+
+impl<B: Backend> Rope<B> {
+    /// Tables for positions `0..seq` with the given inverse frequencies (`head_dim / 2` values).
+    /// Angles are computed in f32 like the reference implementation.
+    pub fn new(inv_freq: &[f64], seq: usize, device: &B::Device) -> Self {
+        let half = inv_freq.len();
+        let hd = 2 * half;
+        let mut cos = vec![0f32; seq * hd];
+        let mut sin = vec![0f32; seq * hd];
+        for p in 0..seq {
+            for (i, &f) in inv_freq.iter().enumerate() {
+                let angle = (p as f32 * f as f32) as f64;
+                let (s, c) = (angle.sin() as f32, angle.cos() as f32);
+                for j in [i, i + half] {
+                    cos[p * hd + j] = c;
+                    sin[p * hd + j] = s;
+                }
+            }
+        }
+        Self {
+            cos: Tensor::from_data(TensorData::new(cos, [seq, hd]), device),
+            sin: Tensor::from_data(TensorData::new(sin, [seq, hd]), device),
+        }
+    }
+
+    /// # Shapes
+    /// - `x`: `[batch, heads, seq, head_dim]` -> same
+    pub fn apply(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        let [_, _, _, hd] = x.dims();
+        let half = hd / 2;
+        let x1 = x.clone().narrow(3, 0, half);
+        let x2 = x.clone().narrow(3, half, half);
+        let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+        let cos = self.cos.clone().unsqueeze::<4>();
+        let sin = self.sin.clone().unsqueeze::<4>();
+        x * cos + rotated * sin
+    }
+}
+
+/// A LLaMA-family causal language model of any [`ModelShape`], heterogeneous layers included.
+#[derive(Module, Debug)]
+pub struct Llama<B: Backend> {
+    /// Token embedding, weight `[vocab, hidden]`.
+    pub embed_tokens: Embedding<B>,
+    /// Decoder layers.
+    pub layers: Vec<DecoderLayer<B>>,
+    /// Final norm.
+    pub norm: RmsNorm<B>,
+    /// Untied LM head `[hidden, vocab]`; `None` when tied to the embedding.
+    pub lm_head: Option<Linear<B>>,
+    #[module(skip)]
+    shape: ModelShape,
+}
+
+fn param<B: Backend, const D: usize>(t: HostTensor, device: &B::Device) -> Param<Tensor<B, D>> {
+    Param::from_tensor(Tensor::from_data(TensorData::new(t.data, t.shape), device))
+}
+
+fn linear<B: Backend>(w: HostTensor, device: &B::Device) -> Linear<B> {
+    // HF stores [out, in]; burn's Linear multiplies by [in, out].
+    Linear {
+        weight: param(w.transposed(), device),
+        bias: None,
+    }
+}
+
+impl<B: Backend> Llama<B> {
+    /// Builds the model of `shape` from `weights`, checking every tensor's presence and shape.
+    pub fn from_weights(shape: &ModelShape, weights: &dyn WeightSource, device: &B::Device) -> Result<Self> {
+        shape.validate()?;
+        let load = |name: &str| load_checked(weights, shape, name);
+        let norm = |name: &str| -> Result<RmsNorm<B>> {
+            Ok(RmsNorm {
+                weight: param(load(name)?, device),
+                eps: shape.norm_eps,
+            })
+        };
+        let mut layers = Vec::with_capacity(shape.n_layers());
+        for (i, l) in shape.layers.iter().enumerate() {
+            let p = |t: &str| format!("model.layers.{i}.{t}");
+            let _span = tracing::debug_span!("load_layer", i).entered();
+            let (input_layernorm, self_attn) = if l.has_attn() {
+                (
+                    Some(norm(&p("input_layernorm.weight"))?),
+                    Some(Attention {
+                        q_proj: linear(load(&p("self_attn.q_proj.weight"))?, device),
+                        k_proj: linear(load(&p("self_attn.k_proj.weight"))?, device),
+                        v_proj: linear(load(&p("self_attn.v_proj.weight"))?, device),
+                        o_proj: linear(load(&p("self_attn.o_proj.weight"))?, device),
+                        n_heads: l.n_heads,
+                        n_kv_heads: l.n_kv_heads,
+                        head_dim: l.head_dim,
+                    }),
+                )
+            } else {
+                (None, None)
+            };
+            let (post_attention_layernorm, mlp) = if l.has_mlp() {
+                (
+                    Some(norm(&p("post_attention_layernorm.weight"))?),
+                    Some(Mlp {
+                        gate_proj: linear(load(&p("mlp.gate_proj.weight"))?, device),
+                        up_proj: linear(load(&p("mlp.up_proj.weight"))?, device),
+                        down_proj: linear(load(&p("mlp.down_proj.weight"))?, device),
+                    }),
+                )
+            } else {
+                (None, None)
+            };
+            layers.push(DecoderLayer {
+                input_layernorm,
+                self_attn,
+                post_attention_layernorm,
+                mlp,
+            });
+        }
+        let embed_tokens = Embedding {
+            weight: param(load("model.embed_tokens.weight")?, device),
+        };
+        let lm_head = if shape.tie_word_embeddings {
+            None
+        } else {
+            Some(linear(load("lm_head.weight")?, device))
+        };
+        tracing::debug!(params = shape.num_params(), source = %weights.describe(), "model built");
+        Ok(Self {
+            embed_tokens,
+            layers,
+            norm: norm("model.norm.weight")?,
+            lm_head,
+            shape: shape.clone(),
+        })
+    }
+
+    /// The model's shape.
+    pub fn shape(&self) -> &ModelShape {
+        &self.shape
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> B::Device {
+        self.embed_tokens.weight.val().device()
+    }
+
+    /// Logits for every position, under optional masks.
+    ///
+    /// # Shapes
+    /// - `tokens`: `[batch, seq]` token ids (each `< vocab_size`; see [`Llama::tokens`])
+    /// - output: `[batch, seq, vocab]`
+    pub fn forward_masked(&self, tokens: Tensor<B, 2, Int>, masks: Option<&Masks<B>>) -> Result<Tensor<B, 3>> {
+        self.forward_with_hidden(tokens, masks, |_, _| {})
+    }
+
+    /// Logits for every position (the masked forward with no masks).
+    ///
+    /// # Shapes
+    /// - `tokens`: `[batch, seq]` -> `[batch, seq, vocab]`
+    pub fn forward(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        self.forward_masked(tokens, None)
+            .expect("no masks: nothing to validate")
+    }
+
+    /// The masked forward, calling `on_hidden(i, h)` with the residual stream entering layer `i`
+    /// (`i = 0` is the embedding output) and, last, with `i = n_layers` and the final-normed
+    /// state: the same checkpoints as Hugging Face's `hidden_states`.
+    ///
+    /// # Shapes
+    /// - `tokens`: `[batch, seq]`; `h`: `[batch * seq, hidden]`; output: `[batch, seq, vocab]`
+    pub fn forward_with_hidden(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        masks: Option<&Masks<B>>,
+        mut on_hidden: impl FnMut(usize, &Tensor<B, 2>),
+    ) -> Result<Tensor<B, 3>> {
+        if let Some(m) = masks {
+            m.check(self.shape())?;
+        }
+        let [batch, seq] = tokens.dims();
+        let device = tokens.device();
+        let inv_freq: Vec<f64> = self.rope_inv_freq();
+        let rope = Rope::new(&inv_freq, seq, &device);
+        let hidden = self.shape.hidden_size;
+        let mut x = self.embed_tokens.forward(tokens).reshape([batch * seq, hidden]);
+        for (i, layer) in self.layers.iter().enumerate() {
+            on_hidden(i, &x);
+            x = layer.forward(x, batch, seq, &rope, masks.map(|m| &m.layers[i]));
+        }
+        let x = self.norm.forward(x);
+        on_hidden(self.layers.len(), &x);
+        let logits = match &self.lm_head {
+            Some(head) => head.forward(x),
+            None => x.matmul(self.embed_tokens.weight.val().transpose()),
+        };
+        Ok(logits.reshape([batch, seq, self.shape.vocab_size]))
+    }
+
+    fn rope_inv_freq(&self) -> Vec<f64> {
+        let hd = self
+            .shape
+            .layers
+            .iter()
+            .find(|l| l.has_attn())
+            .map_or(2, |l: &LayerShape| l.head_dim);
+        self.shape
+            .rope
+            .inv_freq(hd)
+            .into_iter()
+            .map(|f| f as f32 as f64)
+            .collect()
+    }
+
+    /// A token tensor from equal-length rows, checking ids against the vocabulary.
+    ///
+    /// # Shapes
+    /// - output: `[rows.len(), rows[0].len()]`
+    pub fn tokens(&self, rows: &[Vec<u32>]) -> Result<Tensor<B, 2, Int>> {
+        tokens_tensor(rows, self.shape.vocab_size, &self.device())
+    }
+
+    /// Negative log-likelihood of each next token: position `t` predicts `tokens[t + 1]`.
+    ///
+    /// # Shapes
+    /// - `tokens`: `[batch, seq]` (seq >= 2) -> `[batch, seq - 1]`
+    pub fn token_nll(&self, tokens: Tensor<B, 2, Int>, masks: Option<&Masks<B>>) -> Result<Tensor<B, 2>> {
+        let [batch, seq] = tokens.dims();
+        if seq < 2 {
+            return Err(Error::Input(format!(
+                "need at least 2 tokens per row to score next-token predictions, got {seq}"
+            )));
+        }
+        let logits = self
+            .forward_masked(tokens.clone(), masks)?
+            .narrow(1, 0, seq - 1);
+        let targets = tokens.narrow(1, 1, seq - 1);
+        Ok(nll_from_logits(logits, targets).reshape([batch, seq - 1]))
+    }
+
+    /// Mean next-token cross-entropy (nats) over every predicted token of the batch.
+    ///
+    /// # Shapes
+    /// - `tokens`: `[batch, seq]` (seq >= 2) -> scalar
+    pub fn mean_loss(&self, tokens: Tensor<B, 2, Int>, masks: Option<&Masks<B>>) -> Result<f64> {
+        let nll = self.token_nll(tokens, masks)?;
+        let v: Vec<f32> = nll
+            .into_data()
+            .to_vec()
+            .map_err(|e| Error::Input(format!("reading losses back: {e:?}")))?;
+        Ok(v.iter().map(|&x| x as f64).sum::<f64>() / v.len() as f64)
+    }
+}
+
+/// `logsumexp(logits) - logits[target]` for each position.
+///
+/// # Shapes
+/// - `logits`: `[batch, seq, vocab]`, `targets`: `[batch, seq]` -> `[batch, seq, 1]`
+pub fn nll_from_logits<B: Backend>(logits: Tensor<B, 3>, targets: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+    let max = logits.clone().max_dim(2);
+    let lse = (logits.clone() - max.clone()).exp().sum_dim(2).log() + max;
+    let picked = logits.gather(2, targets.unsqueeze_dim(2));
+    lse - picked
+}
+
+/// A `[rows, len]` token tensor; rows must be non-empty, of equal length, ids `< vocab`.
+pub fn tokens_tensor<B: Backend>(rows: &[Vec<u32>], vocab: usize, device: &B::Device) -> Result<Tensor<B, 2, Int>> {
+    let len = rows.first().map_or(0, Vec::len);
+    if rows.is_empty() || len == 0 {
+        return Err(Error::Input("no tokens to run".into()));
+    }
+    let mut flat = Vec::with_capacity(rows.len() * len);
+    for (r, row) in rows.iter().enumerate() {
+        if row.len() != len {
+            return Err(Error::Input(format!(
+                "row {r} has {} tokens, row 0 has {len}; pad or window the rows to one length",
+                row.len()
+            )));
+        }
+        if let Some(&bad) = row.iter().find(|&&t| t as usize >= vocab) {
+            return Err(Error::Input(format!(
+                "token id {bad} in row {r} is outside the vocabulary of {vocab}; the tokenizer does not match the model"
+            )));
+        }
+        flat.extend(row.iter().map(|&t| t as i64));
+    }
+    Ok(Tensor::from_data(TensorData::new(flat, [rows.len(), len]), device))
+}

