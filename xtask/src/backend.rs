@@ -36,9 +36,10 @@ pub trait Job {
 /// Runs `job` on the chosen device.
 pub fn run_on(choice: DeviceChoice, job: impl Job) -> Result<()> {
     match choice {
-        DeviceChoice::Cpu => {
-            job.run::<burn_flex::Flex>(burn_flex::FlexDevice, format!("cpu (flex, {} threads)", threads()))
-        }
+        DeviceChoice::Cpu => job.run::<burn_flex::Flex>(
+            burn_flex::FlexDevice,
+            format!("cpu (flex, {} threads)", threads()),
+        ),
         DeviceChoice::Cuda(index) => run_cuda(index, job),
     }
 }
@@ -56,7 +57,9 @@ fn run_cuda(index: usize, job: impl Job) -> Result<()> {
 
 #[cfg(not(feature = "cuda"))]
 fn run_cuda(_index: usize, _job: impl Job) -> Result<()> {
-    bail!("this build has no CUDA support; rebuild with `cargo xtask` replaced by `cargo run -p xtask --features cuda --` (or add `--features cuda`), or use --device cpu")
+    bail!(
+        "this build has no CUDA support; rebuild with `cargo xtask` replaced by `cargo run -p xtask --features cuda --` (or add `--features cuda`), or use --device cpu"
+    )
 }
 
 /// The CUDA backend loads the driver library lazily and panics when it is absent; check first.
@@ -71,7 +74,9 @@ fn check_cuda_driver() -> Result<()> {
         }
     });
     if !found {
-        bail!("--device cuda: the NVIDIA driver library (libcuda.so.1) was not found on this machine; install the driver or use --device cpu");
+        bail!(
+            "--device cuda: the NVIDIA driver library (libcuda.so.1) was not found on this machine; install the driver or use --device cpu"
+        );
     }
     Ok(())
 }

@@ -82,17 +82,24 @@ pub fn time_once<B: Backend>(device: &B::Device, f: impl FnOnce()) -> f64 {
 pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     let n = v.len();
-    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
 }
 
 impl Job for ForwardBench {
     fn run<B: Backend>(self, device: B::Device, device_name: String) -> Result<()> {
         let spec: ModelSpec = self.model.parse()?;
-        let loaded = load::<B>(&spec, &device).with_context(|| format!("loading `{}`", self.model))?;
+        let loaded =
+            load::<B>(&spec, &device).with_context(|| format!("loading `{}`", self.model))?;
         let model: &Llama<B> = &loaded.model;
         let shape = model.shape().clone();
         let bar = ProgressBar::new((self.shapes.len() * (self.runs + self.warmup)) as u64)
-            .with_style(ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} runs, eta {eta}")?);
+            .with_style(ProgressStyle::with_template(
+                "{msg} [{bar:30}] {pos}/{len} runs, eta {eta}",
+            )?);
         let mut rows = Vec::new();
         for &(batch, seq) in &self.shapes {
             bar.set_message(format!("forward {batch}x{seq}"));
@@ -125,7 +132,10 @@ impl Job for ForwardBench {
         }
         bar.finish_and_clear();
         println!("forward benchmark: {} on {device_name}", loaded.info.spec);
-        println!("median of {} runs after {} warm-up\n", self.runs, self.warmup);
+        println!(
+            "median of {} runs after {} warm-up\n",
+            self.runs, self.warmup
+        );
         println!("| batch x seq | seconds | tokens/s | GFLOP/s |");
         println!("|---|---:|---:|---:|");
         for (b, s, secs, tps, gflops) in rows {

@@ -33,9 +33,16 @@ pub fn run(model: &str, json: bool) -> Result<()> {
     let i = &loaded.info;
     println!("model      {}", i.spec);
     println!("path       {}", i.path.display());
-    println!("format     {} ({:.1} MiB)", i.format, i.file_size as f64 / (1 << 20) as f64);
+    println!(
+        "format     {} ({:.1} MiB)",
+        i.format,
+        i.file_size as f64 / (1 << 20) as f64
+    );
     if let Some(g) = &i.gguf {
-        println!("gguf       version {}, {} tensors, types {}", g["version"], g["tensors"], g["tensor_types"]);
+        println!(
+            "gguf       version {}, {} tensors, types {}",
+            g["version"], g["tensors"], g["tensor_types"]
+        );
     }
     println!(
         "shape      vocab {}, hidden {}, {} layers, rope theta {}, norm eps {:e}, tied head: {}",
@@ -59,7 +66,10 @@ pub fn run(model: &str, json: bool) -> Result<()> {
         shape.units(UnitKind::Channel).len(),
         shape.n_layers()
     );
-    println!("flops      {:.1} MFLOP/token at context 128", shape.flops_per_token(128) as f64 / 1e6);
+    println!(
+        "flops      {:.1} MFLOP/token at context 128",
+        shape.flops_per_token(128) as f64 / 1e6
+    );
     println!(
         "tokenizer  {} tokens, bos {:?}, eos {:?}",
         loaded.tokenizer.vocab_size(),
@@ -73,8 +83,15 @@ pub fn run(model: &str, json: bool) -> Result<()> {
         while rows.peek().is_some_and(|(_, n)| *n == l) {
             end = rows.next().unwrap().0;
         }
-        let range = if end > start { format!("{start}-{end}") } else { start.to_string() };
-        println!("{range:<6} {:>7}  {:>8}  {:>8}  {:>9}", l.n_heads, l.n_kv_heads, l.head_dim, l.ffn_hidden);
+        let range = if end > start {
+            format!("{start}-{end}")
+        } else {
+            start.to_string()
+        };
+        println!(
+            "{range:<6} {:>7}  {:>8}  {:>8}  {:>9}",
+            l.n_heads, l.n_kv_heads, l.head_dim, l.ffn_hidden
+        );
     }
     Ok(())
 }

@@ -9,7 +9,6 @@ mod info;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
-
 /// lopper: structural pruning of LLaMA-family models.
 #[derive(Debug, Parser)]
 #[command(name = "cargo xtask", version, about)]
@@ -78,4 +77,3 @@ fn run() -> Result<()> {
         Cmd::Bench(cmd) => bench::run(cmd),
     }
 }
-

@@ -14,7 +14,9 @@ pub enum Error {
     #[error("invalid mask plan: {0}")]
     InvalidPlan(String),
     /// A plan file has a format version this build does not read.
-    #[error("mask plan format version {found} is not supported (this build reads version {supported}); re-create the plan with this version of lopper")]
+    #[error(
+        "mask plan format version {found} is not supported (this build reads version {supported}); re-create the plan with this version of lopper"
+    )]
     UnsupportedPlanVersion {
         /// Version found in the file.
         found: u32,

@@ -200,7 +200,11 @@ impl MaskPlan {
                 ),
             })
             .fold((0, 0), |(a, b), (k, t)| (a + k, b + t));
-        if total == 0 { 1.0 } else { kept as f64 / total as f64 }
+        if total == 0 {
+            1.0
+        } else {
+            kept as f64 / total as f64
+        }
     }
 
     /// Kept fraction of the prunable (decoder linear) parameters.
@@ -417,7 +421,10 @@ mod tests {
         check_err(
             MaskPlan::from_removed(
                 &s,
-                &[PruneUnit::Channel { layer: 0, index: 1 }, PruneUnit::Channel { layer: 0, index: 1 }],
+                &[
+                    PruneUnit::Channel { layer: 0, index: 1 },
+                    PruneUnit::Channel { layer: 0, index: 1 },
+                ],
             ),
             "listed twice",
         );
@@ -438,7 +445,10 @@ mod tests {
         let mut p = MaskPlan::keep_all(&s);
         p.format_version = 99;
         check_err(MaskPlan::from_json(&p.to_json()), "format version 99");
-        check_err(MaskPlan::from_json("{\"layers\": []}"), "not a lopper mask plan");
+        check_err(
+            MaskPlan::from_json("{\"layers\": []}"),
+            "not a lopper mask plan",
+        );
         check_err(MaskPlan::from_json("{not json"), "parsing a mask plan");
     }
 
@@ -462,8 +472,14 @@ mod tests {
         let path = dir.join("plan.json");
         p.save(&path).unwrap();
         assert_eq!(MaskPlan::load(&path).unwrap(), p);
-        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1, "no temporary file left");
-        let e = MaskPlan::load(&dir.join("missing.json")).unwrap_err().to_string();
+        assert_eq!(
+            std::fs::read_dir(&dir).unwrap().count(),
+            1,
+            "no temporary file left"
+        );
+        let e = MaskPlan::load(&dir.join("missing.json"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("missing.json"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -138,7 +138,8 @@ impl ModelShape {
         Self {
             vocab_size: 128,
             hidden_size: 32,
-            norm_eps: 1e-5,
+            // 1e-5 rounded to f32, so that the shape survives formats that store f32 (GGUF).
+            norm_eps: 1e-5_f32 as f64,
             rope: RopeConfig {
                 theta: 10_000.0,
                 scaling: None,
@@ -175,7 +176,10 @@ impl ModelShape {
             return bad(format!("norm_eps must be positive, got {}", self.norm_eps));
         }
         if !(self.rope.theta > 0.0 && self.rope.theta.is_finite()) {
-            return bad(format!("rope theta must be positive, got {}", self.rope.theta));
+            return bad(format!(
+                "rope theta must be positive, got {}",
+                self.rope.theta
+            ));
         }
         if self.layers.is_empty() {
             return bad("the model has no decoder layers".into());
@@ -183,7 +187,10 @@ impl ModelShape {
         for (i, l) in self.layers.iter().enumerate() {
             if l.n_kv_heads == 0 {
                 if l.n_heads != 0 {
-                    return bad(format!("layer {i}: {} query heads but no KV head", l.n_heads));
+                    return bad(format!(
+                        "layer {i}: {} query heads but no KV head",
+                        l.n_heads
+                    ));
                 }
             } else {
                 if l.n_heads == 0 || l.n_heads % l.n_kv_heads != 0 {

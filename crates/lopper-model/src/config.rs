@@ -34,7 +34,11 @@ pub fn shape_from_gguf(file: &GgufFile) -> Result<ModelShape> {
         file.get(&full)
             .and_then(Value::as_u64)
             .map(|v| v as usize)
-            .ok_or_else(|| err(format!("metadata key `{full}` is missing or not an integer")))
+            .ok_or_else(|| {
+                err(format!(
+                    "metadata key `{full}` is missing or not an integer"
+                ))
+            })
     };
     let n_layers = req_u("block_count")?;
     let hidden = req_u("embedding_length")?;
@@ -42,9 +46,9 @@ pub fn shape_from_gguf(file: &GgufFile) -> Result<ModelShape> {
     let per_layer = |k: &str, default: Option<usize>| -> Result<Vec<usize>> {
         let full = key(k);
         match file.get(&full) {
-            None => default.map(|d| vec![d; n_layers]).ok_or_else(|| {
-                err(format!("metadata key `{full}` is missing"))
-            }),
+            None => default
+                .map(|d| vec![d; n_layers])
+                .ok_or_else(|| err(format!("metadata key `{full}` is missing"))),
             Some(Value::Array(a)) => {
                 if a.len() != n_layers {
                     return Err(err(format!(
@@ -70,7 +74,10 @@ pub fn shape_from_gguf(file: &GgufFile) -> Result<ModelShape> {
     let kv_heads = per_layer("attention.head_count_kv", None).unwrap_or_else(|_| heads.clone());
     let ffn = per_layer("feed_forward_length", None)?;
     let max_heads = heads.iter().copied().max().unwrap_or(0);
-    let head_dim = match file.get(&key("attention.key_length")).and_then(Value::as_u64) {
+    let head_dim = match file
+        .get(&key("attention.key_length"))
+        .and_then(Value::as_u64)
+    {
         Some(k) => k as usize,
         None if max_heads > 0 && hidden % max_heads == 0 => hidden / max_heads,
         None => {
@@ -83,7 +90,12 @@ pub fn shape_from_gguf(file: &GgufFile) -> Result<ModelShape> {
     let eps = file
         .get(&key("attention.layer_norm_rms_epsilon"))
         .and_then(Value::as_f64)
-        .ok_or_else(|| err(format!("metadata key `{}` is missing", key("attention.layer_norm_rms_epsilon"))))?;
+        .ok_or_else(|| {
+            err(format!(
+                "metadata key `{}` is missing",
+                key("attention.layer_norm_rms_epsilon")
+            ))
+        })?;
     let theta = file
         .get(&key("rope.freq_base"))
         .and_then(Value::as_f64)
@@ -180,7 +192,8 @@ pub fn shape_from_hf_config(path: &Path) -> Result<ModelShape> {
                 .into(),
         ));
     }
-    let req = |v: Option<usize>, k: &str| v.ok_or_else(|| err(format!("required key `{k}` is missing")));
+    let req =
+        |v: Option<usize>, k: &str| v.ok_or_else(|| err(format!("required key `{k}` is missing")));
     let n_layers = req(c.num_hidden_layers, "num_hidden_layers")?;
     let hidden = req(c.hidden_size, "hidden_size")?;
     let heads = req(c.num_attention_heads, "num_attention_heads")?;
@@ -192,7 +205,10 @@ pub fn shape_from_hf_config(path: &Path) -> Result<ModelShape> {
     let rp = c.rope_parameters.as_ref();
     let theta = c
         .rope_theta
-        .or_else(|| rp.and_then(|p| p.get("rope_theta")).and_then(|v| v.as_f64()))
+        .or_else(|| {
+            rp.and_then(|p| p.get("rope_theta"))
+                .and_then(|v| v.as_f64())
+        })
         .unwrap_or(10_000.0);
     let scaling_json = c.rope_scaling.as_ref().or(rp).filter(|v| !v.is_null());
     let scaling = match scaling_json {
@@ -210,7 +226,9 @@ pub fn shape_from_hf_config(path: &Path) -> Result<ModelShape> {
             };
             match ty {
                 "default" => None,
-                "linear" => Some(RopeScaling::Linear { factor: f("factor")? }),
+                "linear" => Some(RopeScaling::Linear {
+                    factor: f("factor")?,
+                }),
                 "llama3" => Some(RopeScaling::Llama3 {
                     factor: f("factor")?,
                     low_freq_factor: f("low_freq_factor")?,
@@ -274,11 +292,22 @@ mod tests {
         let s = shape_from_hf_config(&p).unwrap();
         assert_eq!(s.num_params(), 134_515_008);
         assert_eq!(s.layers[0].head_dim, 64);
-        let p = write(dir.path(), r#"{"model_type":"llama","vocab_size":10,"hidden_size":8}"#);
+        let p = write(
+            dir.path(),
+            r#"{"model_type":"llama","vocab_size":10,"hidden_size":8}"#,
+        );
         let e = shape_from_hf_config(&p).unwrap_err().to_string();
-        assert!(e.contains("num_hidden_layers") && e.contains("config.json"), "{e}");
+        assert!(
+            e.contains("num_hidden_layers") && e.contains("config.json"),
+            "{e}"
+        );
         let p = write(dir.path(), r#"{"model_type":"gpt2"}"#);
-        assert!(shape_from_hf_config(&p).unwrap_err().to_string().contains("gpt2"));
+        assert!(
+            shape_from_hf_config(&p)
+                .unwrap_err()
+                .to_string()
+                .contains("gpt2")
+        );
     }
 
     #[test]

@@ -41,7 +41,9 @@ pub enum Error {
         msg: String,
     },
     /// A weight the shape needs is absent from the checkpoint.
-    #[error("tensor `{name}` is missing from {source_desc}; the checkpoint does not match a LLaMA-family model of this shape")]
+    #[error(
+        "tensor `{name}` is missing from {source_desc}; the checkpoint does not match a LLaMA-family model of this shape"
+    )]
     MissingTensor {
         /// HF name of the tensor.
         name: String,

@@ -256,7 +256,11 @@ impl<'a> Cursor<'a> {
             10 => Value::U(self.u64(what)?),
             11 => Value::I(self.u64(what)? as i64),
             12 => Value::F(f64::from_le_bytes(self.take(8, what)?.try_into().unwrap())),
-            t => return Err(format!("{what} has unknown value type {t}; the file is corrupt")),
+            t => {
+                return Err(format!(
+                    "{what} has unknown value type {t}; the file is corrupt"
+                ));
+            }
         })
     }
 }
@@ -330,7 +334,9 @@ impl GgufFile {
             let what = format!("the entry of tensor `{name}`");
             let n_dims = c.u32(&what)?;
             if n_dims == 0 || n_dims > 4 {
-                return Err(format!("tensor `{name}` has {n_dims} dimensions (1 to 4 allowed)"));
+                return Err(format!(
+                    "tensor `{name}` has {n_dims} dimensions (1 to 4 allowed)"
+                ));
             }
             let mut dims = Vec::with_capacity(n_dims as usize);
             for _ in 0..n_dims {
@@ -356,7 +362,10 @@ impl GgufFile {
             }
             let size = numel / bw as u64 * bb as u64;
             let start = data_start + offset;
-            if start.checked_add(size).is_none_or(|end| end > buf.len() as u64) {
+            if start
+                .checked_add(size)
+                .is_none_or(|end| end > buf.len() as u64)
+            {
                 return Err(format!(
                     "tensor `{name}` data ({size} bytes at offset {start}) runs past the end of the file ({} bytes); the file is truncated, download it again",
                     buf.len()
@@ -404,7 +413,11 @@ impl GgufFile {
             path: self.path.clone(),
             msg: format!("tensor `{name}` is missing"),
         })?;
-        let data = dequantize(info.ggml_type, self.tensor_bytes(info), info.numel() as usize);
+        let data = dequantize(
+            info.ggml_type,
+            self.tensor_bytes(info),
+            info.numel() as usize,
+        );
         Ok((info.row_major_shape(), data))
     }
 }
@@ -416,7 +429,11 @@ fn f16_at(b: &[u8], i: usize) -> f32 {
 /// Dequantises `n` weights stored as `ty` in `bytes` (which must hold exactly `n` weights).
 pub fn dequantize(ty: GgmlType, bytes: &[u8], n: usize) -> Vec<f32> {
     let (bw, bb) = ty.block();
-    assert_eq!(bytes.len(), n / bw * bb, "dequantize: byte count does not match {n} weights of {ty:?}");
+    assert_eq!(
+        bytes.len(),
+        n / bw * bb,
+        "dequantize: byte count does not match {n} weights of {ty:?}"
+    );
     let mut out = vec![0f32; n];
     let blocks = bytes.chunks_exact(bb).zip(out.chunks_exact_mut(bw));
     match ty {
@@ -626,9 +643,16 @@ fn write_value(out: &mut Vec<u8>, v: &Value) {
         Value::Str(s) => write_str(out, s),
         Value::Array(items) => {
             // Every item is written with the first item's type (arrays are homogeneous).
-            let ty = items.first().map_or(4, |first| match (first, items.iter().any(|i| matches!(i, Value::U(x) if *x > u32::MAX as u64))) {
-                (Value::U(_), true) => 10,
-                (f, _) => value_type(f),
+            let ty = items.first().map_or(4, |first| {
+                match (
+                    first,
+                    items
+                        .iter()
+                        .any(|i| matches!(i, Value::U(x) if *x > u32::MAX as u64)),
+                ) {
+                    (Value::U(_), true) => 10,
+                    (f, _) => value_type(f),
+                }
             });
             out.extend_from_slice(&ty.to_le_bytes());
             out.extend_from_slice(&(items.len() as u64).to_le_bytes());
@@ -657,23 +681,38 @@ pub fn llama_gguf(shape: &lopper_core::ModelShape, weights: &crate::HostWeights)
             Value::Array(v.into_iter().map(|x| Value::U(x as u64)).collect())
         }
     };
-    let head_dim = shape.layers.iter().find(|l| l.has_attn()).map_or(0, |l| l.head_dim);
+    let head_dim = shape
+        .layers
+        .iter()
+        .find(|l| l.has_attn())
+        .map_or(0, |l| l.head_dim);
     b.meta("general.architecture", Value::Str("llama".into()))
         .meta("general.alignment", Value::U(32))
         .meta("llama.block_count", Value::U(n as u64))
-        .meta("llama.context_length", Value::U(shape.max_position_embeddings as u64))
+        .meta(
+            "llama.context_length",
+            Value::U(shape.max_position_embeddings as u64),
+        )
         .meta("llama.embedding_length", Value::U(shape.hidden_size as u64))
         .meta("llama.feed_forward_length", per_layer(&|l| l.ffn_hidden))
         .meta("llama.attention.head_count", per_layer(&|l| l.n_heads))
-        .meta("llama.attention.head_count_kv", per_layer(&|l| l.n_kv_heads))
+        .meta(
+            "llama.attention.head_count_kv",
+            per_layer(&|l| l.n_kv_heads),
+        )
         .meta("llama.attention.key_length", Value::U(head_dim as u64))
         .meta("llama.attention.value_length", Value::U(head_dim as u64))
-        .meta("llama.attention.layer_norm_rms_epsilon", Value::F(shape.norm_eps))
+        .meta(
+            "llama.attention.layer_norm_rms_epsilon",
+            Value::F(shape.norm_eps),
+        )
         .meta("llama.rope.freq_base", Value::F(shape.rope.theta))
         .meta("llama.rope.dimension_count", Value::U(head_dim as u64))
         .meta("llama.vocab_size", Value::U(shape.vocab_size as u64));
     for (name, t) in &weights.tensors {
-        let Some(g) = hf_to_gguf_name(name) else { continue };
+        let Some(g) = hf_to_gguf_name(name) else {
+            continue;
+        };
         let layer = name
             .strip_prefix("model.layers.")
             .and_then(|r| r.split('.').next())
@@ -692,4 +731,193 @@ pub fn llama_gguf(shape: &lopper_core::ModelShape, weights: &crate::HostWeights)
         };
     }
     b
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two hand-made blocks: bytes `(i * 37 + block * 11 + 5) % 256`, with the f16 scale fields
+    /// overwritten by `value * (block + 1)`.
+    fn blocks(ty: GgmlType, f16s: &[(usize, f32)]) -> Vec<u8> {
+        let (_, n) = ty.block();
+        let mut b = Vec::new();
+        for blk in 0..2 {
+            let mut x: Vec<u8> = (0..n)
+                .map(|i| ((i * 37 + blk * 11 + 5) % 256) as u8)
+                .collect();
+            for &(pos, v) in f16s {
+                x[pos..pos + 2].copy_from_slice(&f16::from_f32(v * (blk + 1) as f32).to_le_bytes());
+            }
+            b.extend(x);
+        }
+        b
+    }
+
+    /// Reference values from gguf-py 0.19 (`gguf.quants.dequantize`, numpy), for the same bytes:
+    /// (sum, sum of squares, values at the given indices).
+    fn check(ty: GgmlType, f16s: &[(usize, f32)], sum: f64, sum_sq: f64, at: &[(usize, f64)]) {
+        let bytes = blocks(ty, f16s);
+        let n = 2 * ty.block().0;
+        let out = dequantize(ty, &bytes, n);
+        let s: f64 = out.iter().map(|&x| x as f64).sum();
+        let s2: f64 = out.iter().map(|&x| (x as f64).powi(2)).sum();
+        assert!(
+            (s - sum).abs() < 1e-6 * sum.abs().max(1.0),
+            "{ty:?} sum {s} vs {sum}"
+        );
+        assert!(
+            (s2 - sum_sq).abs() < 1e-6 * sum_sq,
+            "{ty:?} sum_sq {s2} vs {sum_sq}"
+        );
+        for &(i, v) in at {
+            assert_eq!(out[i] as f64, v, "{ty:?}[{i}]");
+        }
+    }
+
+    #[test]
+    fn dequantises_hand_made_blocks_like_the_reference() {
+        check(
+            GgmlType::Q4_0,
+            &[(0, 0.5)],
+            -29.5,
+            807.25,
+            &[(0, 3.5), (1, -2.0), (17, -0.5), (33, 7.0)],
+        );
+        check(
+            GgmlType::Q4_1,
+            &[(0, 0.25), (2, -1.5)],
+            40.75,
+            234.0625,
+            &[(0, 0.75), (1, 2.0), (63, 3.0)],
+        );
+        check(
+            GgmlType::Q8_0,
+            &[(0, 0.125)],
+            -50.0,
+            14718.75,
+            &[(0, 9.875), (17, -7.5), (33, 31.75)],
+        );
+        let idx = [0, 1, 17, 31, 33, 63, 100, 200, 255];
+        let k = |vals: [f64; 9]| -> Vec<(usize, f64)> { idx.iter().copied().zip(vals).collect() };
+        check(
+            GgmlType::Q4_K,
+            &[(0, 0.0625), (2, 0.03125)],
+            11265.5,
+            522400.34375,
+            &k([
+                6.40625, 14.21875, 14.21875, -1.40625, 26.5625, 49.8125, 3.125, 47.4375, -1.09375,
+            ]),
+        );
+        check(
+            GgmlType::Q5_K,
+            &[(0, 0.0625), (2, 0.03125)],
+            24165.5,
+            2288284.84375,
+            &k([
+                31.40625, 14.21875, 14.21875, -1.40625, 65.3125, 26.5625, 8.125, 106.4375, -1.09375,
+            ]),
+        );
+        check(
+            GgmlType::Q6_K,
+            &[(208, 0.015625)],
+            66.9375,
+            579114.0849609375,
+            &k([
+                10.140625, -9.21875, -3.4375, 11.0, 2.34375, -26.0, 42.140625, 51.59375, -1.5,
+            ]),
+        );
+    }
+
+    #[test]
+    fn dequantises_float_types() {
+        let v = [1.5f32, -2.25, 0.0, 65504.0];
+        let f32b: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        assert_eq!(dequantize(GgmlType::F32, &f32b, 4), v);
+        let f16b: Vec<u8> = v
+            .iter()
+            .flat_map(|&x| f16::from_f32(x).to_le_bytes())
+            .collect();
+        assert_eq!(dequantize(GgmlType::F16, &f16b, 4), v);
+        let bf: Vec<u8> = [1.5f32, -2.25, 0.0, 3.0e38]
+            .iter()
+            .flat_map(|&x| bf16::from_f32(x).to_le_bytes())
+            .collect();
+        let out = dequantize(GgmlType::BF16, &bf, 4);
+        assert_eq!(&out[..3], &[1.5, -2.25, 0.0]);
+        assert!((out[3] - 3.0e38).abs() < 1e36);
+    }
+
+    fn tiny_file() -> GgufBuilder {
+        let mut b = GgufBuilder::default();
+        b.meta("general.architecture", Value::Str("llama".into()))
+            .meta("some.array", Value::Array(vec![Value::U(1), Value::U(2)]))
+            .tensor_f32(
+                "a.weight",
+                &[2, 32],
+                &(0..64).map(|x| x as f32).collect::<Vec<_>>(),
+            )
+            .tensor_f32("b.weight", &[3], &[1.0, 2.0, 3.0]);
+        b
+    }
+
+    fn open_bytes(bytes: &[u8]) -> Result<GgufFile> {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m.gguf");
+        std::fs::write(&p, bytes).unwrap();
+        GgufFile::open(&p)
+    }
+
+    fn expect_err(bytes: &[u8], needle: &str) {
+        let e = open_bytes(bytes).expect_err("must fail").to_string();
+        assert!(
+            e.contains(needle) && e.contains("m.gguf"),
+            "error {e:?} should mention {needle:?} and the file"
+        );
+    }
+
+    #[test]
+    fn writes_and_reads_back_metadata_and_tensors() {
+        let f = open_bytes(&tiny_file().to_bytes()).unwrap();
+        assert_eq!(f.version, 3);
+        assert_eq!(
+            f.get("general.architecture").unwrap().as_str(),
+            Some("llama")
+        );
+        assert_eq!(f.get("some.array").unwrap().as_array().unwrap().len(), 2);
+        let (shape, data) = f.dequantize("a.weight").unwrap();
+        assert_eq!(shape, vec![2, 32]);
+        assert_eq!(data[63], 63.0);
+        assert_eq!(f.dequantize("b.weight").unwrap().1, vec![1.0, 2.0, 3.0]);
+        assert_eq!(
+            f.tensor_info("b.weight").unwrap().offset % 32,
+            0,
+            "data is aligned"
+        );
+    }
+
+    #[test]
+    fn bad_files_give_clear_errors() {
+        let good = tiny_file().to_bytes();
+        let mut wrong_magic = good.clone();
+        wrong_magic[..4].copy_from_slice(b"GGML");
+        expect_err(&wrong_magic, "not a GGUF file");
+        let mut v1 = good.clone();
+        v1[4..8].copy_from_slice(&1u32.to_le_bytes());
+        expect_err(&v1, "version 1 is not supported");
+        expect_err(&good[..good.len() - 10], "truncated");
+        expect_err(&good[..40], "truncated");
+        expect_err(&good[..2], "truncated");
+        let mut b = tiny_file();
+        b.tensors[0].2 = GgmlType::Q4_1;
+        b.tensors[0].3.truncate(40);
+        let mut bytes = b.to_bytes();
+        // Patch the type id of the first tensor to 10 (Q2_K), which lopper does not read.
+        let pos = bytes.windows(8).position(|w| w == b"a.weight").unwrap() + 8 + 4 + 16;
+        bytes[pos..pos + 4].copy_from_slice(&10u32.to_le_bytes());
+        expect_err(&bytes, "Q2_K");
+        let f = open_bytes(&good).unwrap();
+        let e = f.dequantize("missing.weight").unwrap_err().to_string();
+        assert!(e.contains("missing.weight"), "{e}");
+    }
 }

@@ -3,8 +3,8 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
+use burn::tensor::backend::Backend;
 
 use crate::error::{Error, Result};
 use crate::model::Llama;
@@ -43,10 +43,16 @@ impl<B: Backend> Llama<B> {
         let mut put = |name: String, t: HostTensor| {
             out.insert(name, t);
         };
-        put("model.embed_tokens.weight".into(), host(self.embed_tokens.weight.val()));
+        put(
+            "model.embed_tokens.weight".into(),
+            host(self.embed_tokens.weight.val()),
+        );
         put("model.norm.weight".into(), host(self.norm.weight.val()));
         if let Some(head) = &self.lm_head {
-            put("lm_head.weight".into(), host(head.weight.val()).transposed());
+            put(
+                "lm_head.weight".into(),
+                host(head.weight.val()).transposed(),
+            );
         }
         for (i, l) in self.layers.iter().enumerate() {
             let p = |t: &str| format!("model.layers.{i}.{t}");
@@ -58,7 +64,10 @@ impl<B: Backend> Llama<B> {
                     ("v_proj", &a.v_proj),
                     ("o_proj", &a.o_proj),
                 ] {
-                    put(p(&format!("self_attn.{name}.weight")), host(lin.weight.val()).transposed());
+                    put(
+                        p(&format!("self_attn.{name}.weight")),
+                        host(lin.weight.val()).transposed(),
+                    );
                 }
             }
             if let (Some(n), Some(m)) = (&l.post_attention_layernorm, &l.mlp) {
@@ -68,7 +77,10 @@ impl<B: Backend> Llama<B> {
                     ("up_proj", &m.up_proj),
                     ("down_proj", &m.down_proj),
                 ] {
-                    put(p(&format!("mlp.{name}.weight")), host(lin.weight.val()).transposed());
+                    put(
+                        p(&format!("mlp.{name}.weight")),
+                        host(lin.weight.val()).transposed(),
+                    );
                 }
             }
         }

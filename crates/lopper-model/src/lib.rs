@@ -14,7 +14,9 @@ pub use config::{shape_from_gguf, shape_from_hf_config};
 pub use error::{Error, Result};
 pub use hostweights::HostWeights;
 pub use masks::{LayerMasks, Masks};
-pub use model::{Attention, DecoderLayer, Llama, Mlp, RmsNorm, Rope, nll_from_logits, tokens_tensor};
+pub use model::{
+    Attention, DecoderLayer, Llama, Mlp, RmsNorm, Rope, nll_from_logits, tokens_tensor,
+};
 pub use resolve::{
     HubOptions, LoadedModel, ModelFiles, ModelInfo, ModelSpec, default_model, default_model_path,
     ensure_default_model, install_default_model, load, load_files, lopper_home, resolve,
@@ -29,3 +31,6 @@ impl<B: burn::tensor::backend::Backend> Llama<B> {
         Self::from_weights(shape, &RandomWeights::new(shape, seed), device)
     }
 }
+
+#[cfg(test)]
+mod tests;

