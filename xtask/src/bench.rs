@@ -126,8 +126,10 @@ impl Job for ForwardBench {
             }
             let med = median(times);
             let tokens_n = (batch * seq) as f64;
-            // Causal attention: on average a token attends over (seq + 1) / 2 positions.
-            let flops = tokens_n * shape.flops_per_token((seq + 1) / 2) as f64;
+            // Causal attention: position p attends over p + 1 positions.
+            let per_key = (shape.flops_per_token(1) - shape.flops_per_token(0)) as f64;
+            let flops = tokens_n * shape.flops_per_token(0) as f64
+                + batch as f64 * per_key * (seq * (seq + 1) / 2) as f64;
             rows.push((batch, seq, med, tokens_n / med, flops / med / 1e9));
         }
         bar.finish_and_clear();

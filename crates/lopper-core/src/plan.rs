@@ -328,12 +328,12 @@ fn check_sorted_in_range(what: &str, ids: &[usize], n: usize, layer: usize) -> R
             )));
         }
     }
-    if let Some(&last) = ids.last() {
-        if last >= n {
-            return Err(Error::InvalidPlan(format!(
-                "layer {layer}: `{what}` id {last} is out of range (the layer has {n})"
-            )));
-        }
+    if let Some(&last) = ids.last()
+        && last >= n
+    {
+        return Err(Error::InvalidPlan(format!(
+            "layer {layer}: `{what}` id {last} is out of range (the layer has {n})"
+        )));
     }
     Ok(())
 }

@@ -179,12 +179,12 @@ pub fn shape_from_hf_config(path: &Path) -> Result<ModelShape> {
     let text = std::fs::read_to_string(path).map_err(io_err(path))?;
     let c: HfConfig =
         serde_json::from_str(&text).map_err(|e| err(format!("not a valid config: {e}")))?;
-    if let Some(t) = &c.model_type {
-        if !["llama", "mistral"].contains(&t.as_str()) {
-            return Err(err(format!(
-                "model_type `{t}` is not supported; lopper reads LLaMA-family models"
-            )));
-        }
+    if let Some(t) = &c.model_type
+        && !["llama", "mistral"].contains(&t.as_str())
+    {
+        return Err(err(format!(
+            "model_type `{t}` is not supported; lopper reads LLaMA-family models"
+        )));
     }
     if c.attention_bias || c.mlp_bias {
         return Err(err(
@@ -324,5 +324,81 @@ mod tests {
         assert_eq!(s.rope.theta, 500_000.0);
         assert!(matches!(s.rope.scaling, Some(RopeScaling::Llama3 { .. })));
         assert_eq!(s.layers[1].n_kv_heads, 4);
+    }
+}
+
+/// A Hugging Face `config.json` for `shape` that stock `transformers` `LlamaForCausalLM` loads.
+/// Only uniform shapes (every layer alike) can be expressed; `None` otherwise.
+pub fn hf_config_json(
+    shape: &ModelShape,
+    bos: Option<u32>,
+    eos: Option<u32>,
+) -> Option<serde_json::Value> {
+    let l = shape.layers.first()?;
+    if shape.layers.iter().any(|x| x != l) || !l.has_attn() || !l.has_mlp() {
+        return None;
+    }
+    let mut v = serde_json::json!({
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": shape.vocab_size,
+        "hidden_size": shape.hidden_size,
+        "intermediate_size": l.ffn_hidden,
+        "num_hidden_layers": shape.n_layers(),
+        "num_attention_heads": l.n_heads,
+        "num_key_value_heads": l.n_kv_heads,
+        "head_dim": l.head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": shape.norm_eps,
+        "rope_theta": shape.rope.theta,
+        "max_position_embeddings": shape.max_position_embeddings,
+        "tie_word_embeddings": shape.tie_word_embeddings,
+        "attention_bias": false,
+        "mlp_bias": false,
+        "torch_dtype": "float32",
+    });
+    if let Some(s) = shape.rope.scaling {
+        v["rope_scaling"] = match s {
+            RopeScaling::Linear { factor } => {
+                serde_json::json!({"rope_type": "linear", "factor": factor})
+            }
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => serde_json::json!({
+                "rope_type": "llama3", "factor": factor, "low_freq_factor": low_freq_factor,
+                "high_freq_factor": high_freq_factor,
+                "original_max_position_embeddings": original_max_position_embeddings}),
+        };
+    }
+    if let Some(b) = bos {
+        v["bos_token_id"] = b.into();
+    }
+    if let Some(e) = eos {
+        v["eos_token_id"] = e.into();
+    }
+    Some(v)
+}
+
+#[cfg(test)]
+mod export_tests {
+    use super::*;
+
+    #[test]
+    fn uniform_shapes_round_trip_through_config_json() {
+        let s = ModelShape::tiny();
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("config.json");
+        std::fs::write(
+            &p,
+            hf_config_json(&s, Some(1), Some(2)).unwrap().to_string(),
+        )
+        .unwrap();
+        assert_eq!(shape_from_hf_config(&p).unwrap(), s);
+        let mut het = s.clone();
+        het.layers[0].ffn_hidden = 8;
+        assert!(hf_config_json(&het, None, None).is_none());
     }
 }

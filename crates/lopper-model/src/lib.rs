@@ -10,7 +10,7 @@ mod resolve;
 mod tokenizer;
 pub mod weights;
 
-pub use config::{shape_from_gguf, shape_from_hf_config};
+pub use config::{hf_config_json, shape_from_gguf, shape_from_hf_config};
 pub use error::{Error, Result};
 pub use hostweights::HostWeights;
 pub use masks::{LayerMasks, Masks};

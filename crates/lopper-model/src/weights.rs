@@ -156,7 +156,7 @@ impl WeightSource for GgufWeights<'_> {
             None
         };
         Ok(Some(match n_head {
-            Some(n) if n > 0 && t.shape.len() == 2 && t.shape[0] % (2 * n) == 0 => {
+            Some(n) if n > 0 && t.shape.len() == 2 && t.shape[0].is_multiple_of(2 * n) => {
                 permute_qk_rows(&t, n, false)
             }
             _ => t,

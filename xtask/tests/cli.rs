@@ -1,0 +1,81 @@
+//! The command line, run as a user runs it.
+
+use std::process::Command;
+
+fn xtask(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .args(args)
+        .env("LOPPER_LOG", "warn")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn info_on_the_default_model_prints_shape_and_counts() {
+    let (ok, out, err) = xtask(&["info", "--model", "default"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("134515008 total"), "{out}");
+    assert!(out.contains("106168320 decoder linear"), "{out}");
+    assert!(
+        out.contains("90 KV groups, 46080 MLP channels, 30 layers"),
+        "{out}"
+    );
+    assert!(out.contains("0-29") && out.contains("1536"), "{out}");
+    let (ok, out, _) = xtask(&["info", "--model", "default", "--json"]);
+    assert!(ok);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["params"]["total"], 134_515_008);
+    assert_eq!(v["model"]["gguf"]["tensor_types"]["Q4_1"], 210);
+}
+
+#[test]
+fn bad_model_ids_are_clear_errors_not_panics() {
+    let (ok, _, err) = xtask(&["info", "--model", "/nonexistent/model.gguf"]);
+    assert!(!ok);
+    assert!(
+        err.contains("not found") && !err.contains("panicked"),
+        "{err}"
+    );
+    let (ok, _, err) = xtask(&["info", "--model", "hub:not-an-id"]);
+    assert!(!ok && err.contains("ORG/NAME"), "{err}");
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("junk.gguf");
+    std::fs::write(&p, b"definitely not a model").unwrap();
+    let (ok, _, err) = xtask(&["info", "--model", p.to_str().unwrap()]);
+    assert!(
+        !ok && err.contains("junk.gguf") && err.contains("not a GGUF file"),
+        "{err}"
+    );
+}
+
+#[test]
+fn bench_forward_prints_a_table() {
+    let (ok, out, err) = xtask(&[
+        "bench", "forward", "--model", "default", "--shapes", "1x16,2x8", "--runs", "1",
+        "--warmup", "0",
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("| batch x seq | seconds | tokens/s | GFLOP/s |"),
+        "{out}"
+    );
+    assert!(
+        out.contains("| 1 x 16 |") && out.contains("| 2 x 8 |"),
+        "{out}"
+    );
+}
+
+#[test]
+fn unknown_devices_and_missing_cuda_are_clear_errors() {
+    let (ok, _, err) = xtask(&["bench", "forward", "--device", "tpu"]);
+    assert!(!ok && err.contains("unknown device `tpu`"), "{err}");
+    if !cfg!(feature = "cuda") {
+        let (ok, _, err) = xtask(&["bench", "forward", "--device", "cuda", "--runs", "1"]);
+        assert!(!ok && err.contains("no CUDA support"), "{err}");
+    }
+}
