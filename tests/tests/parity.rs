@@ -3,10 +3,11 @@
 
 mod common;
 
+use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
-use common::{B, DEVICE, default_model, default_model_path, floats, golden, ids};
+use common::{default_model, default_model_path, floats, golden, ids};
 use lopper_model::gguf::GgufFile;
-use lopper_model::{LayerMasks, Masks};
+use lopper_model::{Llama, Masks};
 
 fn paragraph_ids() -> Vec<u32> {
     ids(&golden()["tokenization"]["texts"]["paragraph"]["ids_canonical_digit_split"])
@@ -85,10 +86,8 @@ fn dequantised_tensors_match_the_reference_spot_checks() {
     }
 }
 
-#[test]
-fn paragraph_forward_matches_transformers() {
+fn paragraph_forward_matches_transformers<B: Backend>(m: &Llama<B>) {
     let g = &golden()["paragraph_forward"];
-    let m = &default_model().model;
     let tokens = m.tokens(&[paragraph_ids()]).unwrap();
     let logits = m.forward(tokens.clone());
     let [_, seq, vocab] = logits.dims();
@@ -124,10 +123,8 @@ fn paragraph_forward_matches_transformers() {
     );
 }
 
-#[test]
-fn hidden_states_match_transformers_checkpoints() {
+fn hidden_states_match_transformers_checkpoints<B: Backend>(m: &Llama<B>) {
     let g = &golden()["paragraph_forward"]["hidden_state_checkpoints"];
-    let m = &default_model().model;
     let tokens = m.tokens(&[paragraph_ids()]).unwrap();
     let mut seen = Vec::new();
     m.forward_with_hidden(tokens, None, |i, h| {
@@ -168,9 +165,9 @@ fn hidden_states_match_transformers_checkpoints() {
     }
 }
 
-fn masked_loss(cases: &str) -> f64 {
-    let m = &default_model().model;
+fn masked_loss<B: Backend>(m: &Llama<B>, cases: &str) -> f64 {
     let shape = m.shape();
+    let device = m.device();
     let mut masks = Masks::<B>::none(shape);
     for case in cases.chars() {
         match case {
@@ -180,13 +177,13 @@ fn masked_loss(cases: &str) -> f64 {
                 heads[0] = 0.0;
                 heads[4] = 0.0;
                 masks.layers[3].heads =
-                    Some(Tensor::from_data(TensorData::new(heads, [9]), &DEVICE));
+                    Some(Tensor::from_data(TensorData::new(heads, [9]), &device));
             }
             // Layer 10: drop MLP channels 0..768.
             'b' => {
                 let ch: Vec<f32> = (0..1536).map(|i| if i < 768 { 0.0 } else { 1.0 }).collect();
                 masks.layers[10].channels =
-                    Some(Tensor::from_data(TensorData::new(ch, [1536]), &DEVICE));
+                    Some(Tensor::from_data(TensorData::new(ch, [1536]), &device));
             }
             // Skip the MLP branch of layer 20 and the attention branch of layer 25.
             'c' => {
@@ -200,23 +197,40 @@ fn masked_loss(cases: &str) -> f64 {
     m.mean_loss(tokens, Some(&masks)).unwrap()
 }
 
-#[test]
-fn masked_forward_reproduces_the_four_reference_cases() {
+fn masked_forward_reproduces_the_four_reference_cases<B: Backend>(m: &Llama<B>) {
     let g = &golden()["masked_forward"];
     for case in ["a", "b", "c", "abc"] {
         let want = g[case]["mean_ce_loss_f64"].as_f64().unwrap();
-        let got = masked_loss(case);
+        let got = masked_loss(m, case);
         assert!((got - want).abs() < 2e-3, "case {case}: {got} vs {want}");
     }
 }
 
-#[test]
-fn all_ones_masks_equal_the_plain_forward_on_the_real_model() {
-    let m = &default_model().model;
+fn all_ones_masks_equal_the_plain_forward<B: Backend>(m: &Llama<B>) {
     let tokens = m.tokens(&[paragraph_ids()[..32].to_vec()]).unwrap();
     let plain = m.forward(tokens.clone()).into_data();
-    let ones = Masks::<B>::ones(m.shape(), &DEVICE);
+    let ones = Masks::<B>::ones(m.shape(), &m.device());
     let masked = m.forward_masked(tokens, Some(&ones)).unwrap().into_data();
     assert_eq!(plain, masked);
-    let _ = LayerMasks::<B>::none();
 }
+
+/// Each forward check, written once, runs on every compiled backend: Flex always, CUDA with
+/// the `cuda` feature (on a machine with a GPU).
+macro_rules! on_every_backend {
+    ($($check:ident),* $(,)?) => {
+        mod flex {
+            $(#[test] fn $check() { super::$check(&crate::common::default_model().model) })*
+        }
+        #[cfg(feature = "cuda")]
+        mod cuda {
+            $(#[test] fn $check() { super::$check(&crate::common::cuda_model().model) })*
+        }
+    };
+}
+
+on_every_backend!(
+    paragraph_forward_matches_transformers,
+    hidden_states_match_transformers_checkpoints,
+    masked_forward_reproduces_the_four_reference_cases,
+    all_ones_masks_equal_the_plain_forward,
+);

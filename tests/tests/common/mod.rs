@@ -49,3 +49,14 @@ pub fn floats(v: &serde_json::Value) -> Vec<f64> {
         .map(|x| x.as_f64().unwrap())
         .collect()
 }
+
+/// The real default model on CUDA device 0, loaded once per test binary.
+#[cfg(feature = "cuda")]
+pub fn cuda_model() -> &'static LoadedModel<burn::backend::Cuda> {
+    static M: OnceLock<LoadedModel<burn::backend::Cuda>> = OnceLock::new();
+    M.get_or_init(|| {
+        let device = burn::backend::cuda::CudaDevice::new(0);
+        load_files(&ModelFiles::Gguf(default_model_path()), "default", &device)
+            .expect("loading the default model on CUDA")
+    })
+}
