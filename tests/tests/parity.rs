@@ -156,9 +156,12 @@ fn hidden_states_match_transformers_checkpoints<B: Backend>(m: &Llama<B>) {
                 l2(p)
             );
         }
+        // Element errors scale with the vector's magnitude (reduced-precision f32 matmuls on
+        // GPUs show ~1e-3 of the RMS), so the tolerance is relative to the position's RMS.
+        let rms = c["pos0_l2"].as_f64().unwrap() / 576f64.sqrt();
         for (a, b) in h[..8].iter().zip(floats(&c["pos0_first8"])) {
             assert!(
-                (*a as f64 - b).abs() <= 1e-3 * b.abs().max(1.0),
+                (*a as f64 - b).abs() <= 1e-3 * rms.max(1.0),
                 "layer {i} pos0: {a} vs {b}"
             );
         }

@@ -53,7 +53,7 @@ pub struct Attention<B: Backend> {
 
 impl<B: Backend> Attention<B> {
     /// # Shapes
-    /// - `x`: `[batch * seq, hidden]` (normed input), `rope`: cos/sin `[seq, head_dim]`
+    /// - `x`: `[batch * seq, hidden]` (normed input), `rope`: tables for this batch shape
     /// - `head_mask`: `[n_heads]`, multiplies each query head's output before `o_proj`
     /// - output: `[batch * seq, hidden]`
     pub fn forward(
@@ -68,8 +68,8 @@ impl<B: Backend> Attention<B> {
         let heads = |t: Tensor<B, 2>, n: usize| -> Tensor<B, 4> {
             t.reshape([batch, seq, n, hd]).swap_dims(1, 2)
         };
-        let q = rope.apply(heads(self.q_proj.forward(x.clone()), h));
-        let k = rope.apply(heads(self.k_proj.forward(x.clone()), kvh));
+        let q = heads(rope.apply(self.q_proj.forward(x.clone()), h), h);
+        let k = heads(rope.apply(self.k_proj.forward(x.clone()), kvh), kvh);
         let v = heads(self.v_proj.forward(x), kvh);
         let (k, v) = (repeat_kv(k, h / kvh), repeat_kv(v, h / kvh));
         let options = AttentionModuleOptions {
@@ -171,48 +171,79 @@ impl<B: Backend> DecoderLayer<B> {
     }
 }
 
-/// RoPE cos/sin tables for one sequence length (HF rotate-half convention).
+/// RoPE for one batch shape (HF rotate-half convention), applied to projections in their 2-D
+/// `[batch * seq, heads * head_dim]` layout. Tables are expanded per head count once per forward
+/// so that every elementwise op runs on contiguous, same-shape tensors.
 #[derive(Debug, Clone)]
 pub struct Rope<B: Backend> {
-    cos: Tensor<B, 2>,
-    sin: Tensor<B, 2>,
+    /// head count -> (cos, sign-folded sin), each `[batch * seq, heads * head_dim]`
+    tables: std::collections::BTreeMap<usize, (Tensor<B, 2>, Tensor<B, 2>)>,
+    head_dim: usize,
 }
 
 impl<B: Backend> Rope<B> {
-    /// Tables for positions `0..seq` with the given inverse frequencies (`head_dim / 2` values).
-    /// Angles are computed in f32 like the reference implementation.
-    pub fn new(inv_freq: &[f64], seq: usize, device: &B::Device) -> Self {
+    /// Tables for positions `0..seq` of each of `batch` rows, for every head count in `heads`,
+    /// from the inverse frequencies (`head_dim / 2` values). Angles are computed in f32 like the
+    /// reference implementation.
+    pub fn new(
+        inv_freq: &[f64],
+        batch: usize,
+        seq: usize,
+        heads: &[usize],
+        device: &B::Device,
+    ) -> Self {
         let half = inv_freq.len();
         let hd = 2 * half;
-        let mut cos = vec![0f32; seq * hd];
-        let mut sin = vec![0f32; seq * hd];
+        // One position's row: cos over hd dims, and sin with rotate-half's sign folded in
+        // (rotate_half(x) = [-x2, x1] = flip_halves(x) * [-1.., +1..]).
+        let mut cos_pos = vec![0f32; seq * hd];
+        let mut sin_pos = vec![0f32; seq * hd];
         for p in 0..seq {
             for (i, &f) in inv_freq.iter().enumerate() {
                 let angle = (p as f32 * f as f32) as f64;
-                let (s, c) = (angle.sin() as f32, angle.cos() as f32);
-                for j in [i, i + half] {
-                    cos[p * hd + j] = c;
-                    sin[p * hd + j] = s;
-                }
+                let (sn, c) = (angle.sin() as f32, angle.cos() as f32);
+                cos_pos[p * hd + i] = c;
+                cos_pos[p * hd + i + half] = c;
+                sin_pos[p * hd + i] = -sn;
+                sin_pos[p * hd + i + half] = sn;
             }
         }
+        let mut tables = std::collections::BTreeMap::new();
+        for &h in heads {
+            if h == 0 || tables.contains_key(&h) {
+                continue;
+            }
+            let expand = |pos: &[f32]| -> Tensor<B, 2> {
+                let mut v = Vec::with_capacity(batch * seq * h * hd);
+                for _ in 0..batch {
+                    for p in 0..seq {
+                        for _ in 0..h {
+                            v.extend_from_slice(&pos[p * hd..(p + 1) * hd]);
+                        }
+                    }
+                }
+                Tensor::from_data(TensorData::new(v, [batch * seq, h * hd]), device)
+            };
+            tables.insert(h, (expand(&cos_pos), expand(&sin_pos)));
+        }
         Self {
-            cos: Tensor::from_data(TensorData::new(cos, [seq, hd]), device),
-            sin: Tensor::from_data(TensorData::new(sin, [seq, hd]), device),
+            tables,
+            head_dim: hd,
         }
     }
 
     /// # Shapes
-    /// - `x`: `[batch, heads, seq, head_dim]` -> same
-    pub fn apply(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let [_, _, _, hd] = x.dims();
-        let half = hd / 2;
-        let x1 = x.clone().narrow(3, 0, half);
-        let x2 = x.clone().narrow(3, half, half);
-        let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-        let cos = self.cos.clone().unsqueeze::<4>();
-        let sin = self.sin.clone().unsqueeze::<4>();
-        x * cos + rotated * sin
+    /// - `x`: `[batch * seq, heads * head_dim]` -> same
+    pub fn apply(&self, x: Tensor<B, 2>, heads: usize) -> Tensor<B, 2> {
+        let (cos, sin) = &self.tables[&heads];
+        let [n, _] = x.dims();
+        let half = self.head_dim / 2;
+        let swapped = x
+            .clone()
+            .reshape([n, heads, 2, half])
+            .flip([2])
+            .reshape([n, heads * self.head_dim]);
+        x * cos.clone() + swapped * sin.clone()
     }
 }
 
@@ -365,7 +396,13 @@ impl<B: Backend> Llama<B> {
         let [batch, seq] = tokens.dims();
         let device = tokens.device();
         let inv_freq: Vec<f64> = self.rope_inv_freq();
-        let rope = Rope::new(&inv_freq, seq, &device);
+        let head_counts: Vec<usize> = self
+            .shape
+            .layers
+            .iter()
+            .flat_map(|l| [l.n_heads, l.n_kv_heads])
+            .collect();
+        let rope = Rope::new(&inv_freq, batch, seq, &head_counts, &device);
         let hidden = self.shape.hidden_size;
         let mut x = self
             .embed_tokens
