@@ -3,7 +3,7 @@
 
 use burn::module::{Module, Param};
 use burn::nn::{Embedding, Linear};
-use burn::tensor::activation::silu;
+use burn::tensor::activation::{silu, softmax};
 use burn::tensor::backend::Backend;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
@@ -72,12 +72,7 @@ impl<B: Backend> Attention<B> {
         let k = heads(rope.apply(self.k_proj.forward(x.clone()), kvh), kvh);
         let v = heads(self.v_proj.forward(x), kvh);
         let (k, v) = (repeat_kv(k, h / kvh), repeat_kv(v, h / kvh));
-        let options = AttentionModuleOptions {
-            scale: None,
-            softcap: None,
-            is_causal: true,
-        };
-        let mut out = attention(q, k, v, None, None, options); // [b, h, s, hd]
+        let mut out = rope.causal_attention(q, k, v); // [b, h, s, hd]
         if let Some(m) = head_mask {
             out = out * m.clone().reshape([1, h, 1, 1]);
         }
@@ -171,14 +166,20 @@ impl<B: Backend> DecoderLayer<B> {
     }
 }
 
-/// RoPE for one batch shape (HF rotate-half convention), applied to projections in their 2-D
-/// `[batch * seq, heads * head_dim]` layout. Tables are expanded per head count once per forward
-/// so that every elementwise op runs on contiguous, same-shape tensors.
+/// Query rows per block of the chunked causal attention used for long sequences.
+const ATTN_CHUNK: usize = 256;
+
+/// Per-forward position tables for one batch shape: RoPE (HF rotate-half convention), applied
+/// to projections in their 2-D `[batch * seq, heads * head_dim]` layout, and the causal biases of
+/// the chunked attention. Tables are built once per forward (per head count for RoPE) so that
+/// every elementwise op runs on contiguous, same-shape tensors.
 #[derive(Debug, Clone)]
 pub struct Rope<B: Backend> {
     /// head count -> (cos, sign-folded sin), each `[batch * seq, heads * head_dim]`
     tables: std::collections::BTreeMap<usize, (Tensor<B, 2>, Tensor<B, 2>)>,
     head_dim: usize,
+    /// For long sequences: (first query row, rows, additive causal bias `[1, 1, rows, end]`).
+    chunks: Vec<(usize, usize, Tensor<B, 4>)>,
 }
 
 impl<B: Backend> Rope<B> {
@@ -226,10 +227,69 @@ impl<B: Backend> Rope<B> {
             };
             tables.insert(h, (expand(&cos_pos), expand(&sin_pos)));
         }
+        let mut chunks = Vec::new();
+        if seq > 2 * ATTN_CHUNK {
+            for start in (0..seq).step_by(ATTN_CHUNK) {
+                let rows = ATTN_CHUNK.min(seq - start);
+                let end = start + rows;
+                let bias: Vec<f32> = (0..rows)
+                    .flat_map(|i| {
+                        (0..end).map(move |j| {
+                            if j > start + i {
+                                f32::NEG_INFINITY
+                            } else {
+                                0.0
+                            }
+                        })
+                    })
+                    .collect();
+                let bias = Tensor::from_data(TensorData::new(bias, [1, 1, rows, end]), device);
+                chunks.push((start, rows, bias));
+            }
+        }
         Self {
             tables,
             head_dim: hd,
+            chunks,
         }
+    }
+
+    /// Causal scaled-dot-product attention. Short sequences use the backend's fused kernel;
+    /// long ones are split into blocks of query rows that each attend only to the keys up to
+    /// their last position (about half the work of a full score matrix, and every block is one
+    /// batched gemm).
+    ///
+    /// # Shapes
+    /// - `q`, `k`, `v`: `[batch, heads, seq, head_dim]` -> `[batch, heads, seq, head_dim]`
+    pub fn causal_attention(
+        &self,
+        q: Tensor<B, 4>,
+        k: Tensor<B, 4>,
+        v: Tensor<B, 4>,
+    ) -> Tensor<B, 4> {
+        if self.chunks.is_empty() {
+            let options = AttentionModuleOptions {
+                scale: None,
+                softcap: None,
+                is_causal: true,
+            };
+            return attention(q, k, v, None, None, options);
+        }
+        let [_, _, _, hd] = q.dims();
+        let scale = (hd as f64).sqrt().recip();
+        let outs = self
+            .chunks
+            .iter()
+            .map(|(start, rows, bias)| {
+                let end = start + rows;
+                let qc = q.clone().narrow(2, *start, *rows);
+                let kc = k.clone().narrow(2, 0, end);
+                let vc = v.clone().narrow(2, 0, end);
+                let scores = qc.matmul(kc.swap_dims(2, 3)) * scale + bias.clone();
+                softmax(scores, 3).matmul(vc)
+            })
+            .collect();
+        Tensor::cat(outs, 2)
     }
 
     /// # Shapes

@@ -299,3 +299,34 @@ fn a_plan_for_another_model_does_not_make_masks_that_fit() {
     assert!(e.contains("layer 0"), "{e}");
     assert!(plan.validate_against(m.shape()).is_err());
 }
+
+#[test]
+fn chunked_causal_attention_equals_the_fused_kernel() {
+    use burn::tensor::Distribution;
+    use burn::tensor::module::attention;
+    use burn::tensor::ops::AttentionModuleOptions;
+    let (b, h, s, hd) = (2, 3, 600, 8);
+    let rope = crate::Rope::<B>::new(&[1.0; 4], b, s, &[h], &D);
+    let q = Tensor::<B, 4>::random([b, h, s, hd], Distribution::Normal(0.0, 1.0), &D);
+    let k = Tensor::<B, 4>::random([b, h, s, hd], Distribution::Normal(0.0, 1.0), &D);
+    let v = Tensor::<B, 4>::random([b, h, s, hd], Distribution::Normal(0.0, 1.0), &D);
+    let chunked: Vec<f32> = rope
+        .causal_attention(q.clone(), k.clone(), v.clone())
+        .into_data()
+        .to_vec()
+        .unwrap();
+    let options = AttentionModuleOptions {
+        scale: None,
+        softcap: None,
+        is_causal: true,
+    };
+    let fused: Vec<f32> = attention(q, k, v, None, None, options)
+        .into_data()
+        .to_vec()
+        .unwrap();
+    assert!(
+        max_diff(&chunked, &fused) < 1e-5,
+        "{}",
+        max_diff(&chunked, &fused)
+    );
+}
