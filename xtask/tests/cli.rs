@@ -79,3 +79,28 @@ fn unknown_devices_and_missing_cuda_are_clear_errors() {
         assert!(!ok && err.contains("no CUDA support"), "{err}");
     }
 }
+
+#[test]
+fn setup_without_python_says_what_to_do() {
+    let home = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .args(["setup"])
+        .env("PATH", "/nonexistent")
+        .env("LOPPER_HOME", home.path())
+        .env("LOPPER_LOG", "warn")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("cannot run python3") && err.contains("sha256"),
+        "{err}"
+    );
+    // Nothing half-installed is left under the final name.
+    assert!(
+        !home
+            .path()
+            .join("models/SmolLM2-135M-Instruct.Q4_1.gguf")
+            .exists()
+    );
+}
