@@ -4,6 +4,7 @@
 
 mod backend;
 mod bench;
+mod eval;
 mod info;
 
 use anyhow::Result;
@@ -34,6 +35,8 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Evaluate a model: perplexity with an explicit, recorded protocol.
+    Eval(eval::EvalArgs),
     /// Benchmarks (tables on stdout).
     #[command(subcommand)]
     Bench(bench::BenchCmd),
@@ -74,6 +77,7 @@ fn run() -> Result<()> {
             Ok(())
         }
         Cmd::Info { model, json } => info::run(&model, json),
+        Cmd::Eval(args) => eval::run(args),
         Cmd::Bench(cmd) => bench::run(cmd),
     }
 }

@@ -104,3 +104,55 @@ fn setup_without_python_says_what_to_do() {
             .exists()
     );
 }
+
+fn data_dir() -> String {
+    std::env::var("LOPPER_DATA_DIR")
+        .unwrap_or_else(|_| format!("{}/../../shared/datasets", env!("CARGO_MANIFEST_DIR")))
+}
+
+#[test]
+fn eval_writes_results_and_protocol_as_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("eval.json");
+    let o = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .args([
+            "eval",
+            "--model",
+            "default",
+            "--tasks",
+            "wikitext2",
+            "--limit",
+            "2",
+            "--seq-len",
+            "64",
+            "--out",
+        ])
+        .arg(&out)
+        .env("LOPPER_DATA_DIR", data_dir())
+        .env("LOPPER_LOG", "warn")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(stdout.contains("| wikitext2 |"), "{stdout}");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    let r = &v["results"]["wikitext2"];
+    assert_eq!(r["windows"], 2);
+    assert_eq!(r["tokens"], 2 * 63);
+    assert!(r["ppl"].as_f64().unwrap() > 1.0);
+    assert_eq!(v["protocol"]["bos"], "none");
+    assert_eq!(v["protocol"]["seq_len"], 64);
+}
+
+#[test]
+fn eval_refuses_bad_settings_before_any_work() {
+    let (ok, _, err) = xtask(&["eval", "--tasks", "wikitext3"]);
+    assert!(!ok && err.contains("unknown task `wikitext3`"), "{err}");
+    let (ok, _, err) = xtask(&["eval", "--tasks", "wikitext2", "--limit", "0"]);
+    assert!(!ok && err.contains("--limit 0"), "{err}");
+    let (ok, _, err) = xtask(&["eval", "--tasks", "boolq"]);
+    assert!(!ok && err.contains("not implemented yet"), "{err}");
+    let (ok, _, err) = xtask(&["eval", "--tasks", "wikitext2", "--bos", "sometimes"]);
+    assert!(!ok && err.contains("unknown BOS policy"), "{err}");
+}

@@ -60,3 +60,14 @@ pub fn cuda_model() -> &'static LoadedModel<burn::backend::Cuda> {
             .expect("loading the default model on CUDA")
     })
 }
+
+/// `$LOPPER_DATA_DIR` (CI sets it), else the `shared/datasets` folder beside the checkout.
+pub fn shared_data_dirs() -> lopper_data::DataDirs {
+    let beside = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/datasets");
+    let mut roots: Vec<PathBuf> = std::env::var_os("LOPPER_DATA_DIR")
+        .map(PathBuf::from)
+        .into_iter()
+        .collect();
+    roots.push(beside);
+    lopper_data::DataDirs { roots }
+}

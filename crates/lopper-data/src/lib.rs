@@ -1,0 +1,301 @@
+#![doc = include_str!("../README.md")]
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Errors of dataset resolution and reading.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The dataset's files were found nowhere.
+    #[error("dataset `{name}`: {file} not found; looked in {}. Set LOPPER_DATA_DIR to a folder holding `{name}/{file}`, or pass the folder explicitly", tried.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "))]
+    NotFound {
+        /// Dataset name.
+        name: String,
+        /// The file that was looked for.
+        file: String,
+        /// Folders tried, in order.
+        tried: Vec<PathBuf>,
+    },
+    /// A task name lopper does not know.
+    #[error("unknown task `{0}`; perplexity tasks are: wikitext2, ptb, ptb_valid")]
+    UnknownTask(String),
+    /// A file could not be read.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Settings that cannot work (window length 0, limit 0, ...).
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Result alias of this crate.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Where datasets are looked for, in order.
+#[derive(Debug, Clone, Default)]
+pub struct DataDirs {
+    /// Folders that hold `<name>/` dataset folders, in order of preference.
+    pub roots: Vec<PathBuf>,
+}
+
+impl DataDirs {
+    /// `$LOPPER_DATA_DIR`, then `<lopper home>/datasets`.
+    pub fn from_env(lopper_home: &Path) -> Self {
+        let mut roots = Vec::new();
+        if let Some(d) = std::env::var_os("LOPPER_DATA_DIR").filter(|d| !d.is_empty()) {
+            roots.push(PathBuf::from(d));
+        }
+        roots.push(lopper_home.join("datasets"));
+        Self { roots }
+    }
+
+    /// The path of `file` of dataset `name`: `<root>/<name>/<file>` under the first root that has it.
+    pub fn find(&self, name: &str, file: &str) -> Result<PathBuf> {
+        let tried: Vec<PathBuf> = self.roots.iter().map(|r| r.join(name)).collect();
+        tried
+            .iter()
+            .map(|d| d.join(file))
+            .find(|p| p.is_file())
+            .ok_or_else(|| Error::NotFound {
+                name: name.into(),
+                file: file.into(),
+                tried,
+            })
+    }
+}
+
+/// A perplexity corpus and how its rows are joined.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PerplexityCorpus {
+    /// WikiText-2 raw, test split: rows joined with "\n\n".
+    Wikitext2,
+    /// Penn Treebank (Mikolov), test split: rows joined with " ".
+    Ptb,
+    /// Penn Treebank, validation split.
+    PtbValid,
+}
+
+impl PerplexityCorpus {
+    /// Parses a task name.
+    pub fn from_task(task: &str) -> Result<Self> {
+        match task {
+            "wikitext2" => Ok(Self::Wikitext2),
+            "ptb" => Ok(Self::Ptb),
+            "ptb_valid" => Ok(Self::PtbValid),
+            other => Err(Error::UnknownTask(other.into())),
+        }
+    }
+
+    /// The task name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Wikitext2 => "wikitext2",
+            Self::Ptb => "ptb",
+            Self::PtbValid => "ptb_valid",
+        }
+    }
+
+    fn location(self) -> (&'static str, &'static str) {
+        match self {
+            Self::Wikitext2 => ("wikitext2", "wiki.test.raw"),
+            Self::Ptb => ("ptb", "ptb.test.txt"),
+            Self::PtbValid => ("ptb", "ptb.valid.txt"),
+        }
+    }
+
+    /// The Hugging Face rows of the split, read from the raw file.
+    ///
+    /// - WikiText-2: each line *with* its trailing "\n"; whitespace-only lines become "".
+    /// - PTB (`ptb_text_only`): each line's words joined by one space (the leading space and the
+    ///   newline dropped).
+    pub fn rows_from_text(self, text: &str) -> Vec<String> {
+        match self {
+            Self::Wikitext2 => text
+                .split_inclusive('\n')
+                .map(|l| {
+                    if l.trim().is_empty() {
+                        String::new()
+                    } else {
+                        l.to_string()
+                    }
+                })
+                .collect(),
+            Self::Ptb | Self::PtbValid => text
+                .lines()
+                .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+                .collect(),
+        }
+    }
+
+    /// The separator the literature joins rows with.
+    pub fn joiner(self) -> &'static str {
+        match self {
+            Self::Wikitext2 => "\n\n",
+            Self::Ptb | Self::PtbValid => " ",
+        }
+    }
+
+    /// Reads the split from `dirs` and returns (file, joined text, row count).
+    pub fn load(self, dirs: &DataDirs) -> Result<(PathBuf, String, usize)> {
+        let (name, file) = self.location();
+        let path = dirs.find(name, file)?;
+        let text = std::fs::read_to_string(&path).map_err(|source| Error::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let rows = self.rows_from_text(&text);
+        let n = rows.len();
+        Ok((path, rows.join(self.joiner()), n))
+    }
+}
+
+/// Whether each window starts with a BOS token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BosPolicy {
+    /// Windows are plain slices of the token stream (the pruning literature's protocol).
+    None,
+    /// Each window is BOS followed by `seq_len - 1` tokens of the stream; BOS is not scored as a target.
+    Window,
+}
+
+impl std::str::FromStr for BosPolicy {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "none" => Ok(Self::None),
+            "window" => Ok(Self::Window),
+            o => Err(Error::Invalid(format!(
+                "unknown BOS policy `{o}`: use none or window"
+            ))),
+        }
+    }
+}
+
+/// Cuts `tokens` into non-overlapping windows of `seq_len` tokens, dropping the remainder.
+/// With [`BosPolicy::Window`] each window is `[bos] + seq_len - 1` stream tokens.
+/// `limit` keeps only the first windows.
+pub fn windows(
+    tokens: &[u32],
+    seq_len: usize,
+    bos: BosPolicy,
+    bos_id: Option<u32>,
+    limit: Option<usize>,
+) -> Result<Vec<Vec<u32>>> {
+    if seq_len < 2 {
+        return Err(Error::Invalid(format!(
+            "--seq-len must be at least 2, got {seq_len}"
+        )));
+    }
+    if limit == Some(0) {
+        return Err(Error::Invalid(
+            "--limit 0 evaluates nothing; give a positive limit or none".into(),
+        ));
+    }
+    let body = match bos {
+        BosPolicy::None => seq_len,
+        BosPolicy::Window => seq_len - 1,
+    };
+    let bos_id = match (bos, bos_id) {
+        (BosPolicy::Window, None) => {
+            return Err(Error::Invalid(
+                "--bos window: the tokenizer has no BOS token".into(),
+            ));
+        }
+        (_, b) => b,
+    };
+    let mut out: Vec<Vec<u32>> = tokens
+        .chunks_exact(body)
+        .map(|c| match bos {
+            BosPolicy::None => c.to_vec(),
+            BosPolicy::Window => std::iter::once(bos_id.unwrap())
+                .chain(c.iter().copied())
+                .collect(),
+        })
+        .collect();
+    if let Some(l) = limit {
+        out.truncate(l);
+    }
+    if out.is_empty() {
+        return Err(Error::Invalid(format!(
+            "the text has {} tokens, fewer than one window of {seq_len}",
+            tokens.len()
+        )));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wikitext_rows_keep_their_newline_and_blank_lines_become_empty() {
+        let rows = PerplexityCorpus::Wikitext2.rows_from_text(" \n = Title = \n \n text here\n");
+        assert_eq!(rows, vec!["", " = Title = \n", "", " text here\n"]);
+        assert_eq!(rows.join("\n\n"), "\n\n = Title = \n\n\n\n\n text here\n");
+    }
+
+    #[test]
+    fn ptb_rows_are_space_normalised() {
+        let rows = PerplexityCorpus::Ptb.rows_from_text(" a b  c \n d\n");
+        assert_eq!(rows.join(" "), "a b c d");
+    }
+
+    #[test]
+    fn windows_drop_the_remainder_and_respect_bos() {
+        let t: Vec<u32> = (10..20).collect();
+        assert_eq!(
+            windows(&t, 4, BosPolicy::None, None, None).unwrap(),
+            vec![vec![10, 11, 12, 13], vec![14, 15, 16, 17]]
+        );
+        assert_eq!(
+            windows(&t, 4, BosPolicy::Window, Some(1), Some(2)).unwrap(),
+            vec![vec![1, 10, 11, 12], vec![1, 13, 14, 15]]
+        );
+        assert!(
+            windows(&t, 4, BosPolicy::None, None, Some(0))
+                .unwrap_err()
+                .to_string()
+                .contains("--limit 0")
+        );
+        assert!(
+            windows(&t, 11, BosPolicy::None, None, None)
+                .unwrap_err()
+                .to_string()
+                .contains("fewer than one window")
+        );
+        assert!(windows(&t, 4, BosPolicy::Window, None, None).is_err());
+    }
+
+    #[test]
+    fn missing_datasets_list_where_they_were_looked_for() {
+        let dirs = DataDirs {
+            roots: vec!["/nonexistent/a".into(), "/nonexistent/b".into()],
+        };
+        let e = PerplexityCorpus::Wikitext2
+            .load(&dirs)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("/nonexistent/a/wikitext2")
+                && e.contains("/nonexistent/b/wikitext2")
+                && e.contains("LOPPER_DATA_DIR"),
+            "{e}"
+        );
+        assert!(
+            PerplexityCorpus::from_task("boolqq")
+                .unwrap_err()
+                .to_string()
+                .contains("unknown task")
+        );
+    }
+}
