@@ -7,30 +7,27 @@ use anyhow::{Context, Result, bail};
 use burn::tensor::backend::Backend;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use lopper_data::{BosPolicy, DataDirs, PerplexityCorpus, windows};
+use lopper_data::{BosPolicy, DataDirs, McTask, PerplexityCorpus, windows};
 use lopper_model::{ModelSpec, load, lopper_home};
 
 use crate::backend::{DeviceChoice, Job, run_on};
 
-/// Multiple-choice tasks of the evaluation issue, not built yet.
-const MC_TASKS: &[&str] = &[
-    "boolq",
-    "piqa",
-    "hellaswag",
-    "winogrande",
-    "arc_easy",
-    "arc_challenge",
-    "openbookqa",
-    "lambada",
-    "c4",
-];
+/// Tasks of the evaluation issue not built yet.
+const NOT_YET: &[&str] = &["hellaswag", "lambada", "c4"];
+
+#[derive(Debug, Clone, Copy)]
+enum Task {
+    Ppl(PerplexityCorpus),
+    Mc(McTask),
+}
 
 #[derive(Debug, Args)]
 pub struct EvalArgs {
     /// `default`, a .gguf file, a model directory, or hub:ORG/NAME[@REV].
     #[arg(long, default_value = "default")]
     model: String,
-    /// Comma-separated tasks: wikitext2, ptb, ptb_valid.
+    /// Comma-separated tasks: wikitext2, ptb, ptb_valid, boolq, piqa, arc_easy, arc_challenge,
+    /// openbookqa, winogrande.
     #[arg(long, default_value = "wikitext2,ptb")]
     tasks: String,
     /// Window length in tokens (128: LLM-Pruner/FLAP/PG; 2048: SparseGPT/Wanda).
@@ -39,7 +36,7 @@ pub struct EvalArgs {
     /// BOS policy: none (plain slices of the token stream) or window (BOS starts every window).
     #[arg(long, default_value = "none")]
     bos: String,
-    /// Evaluate only the first N windows of each task.
+    /// Only the first N windows of a perplexity task, the first N examples of a multiple-choice task.
     #[arg(long)]
     limit: Option<usize>,
     /// Windows per forward pass.
@@ -61,12 +58,17 @@ pub fn run(args: EvalArgs) -> Result<()> {
         .map(str::trim)
         .filter(|t| !t.is_empty())
     {
-        if MC_TASKS.contains(&t) {
+        if NOT_YET.contains(&t) {
             bail!(
-                "task `{t}` is not implemented yet (this build evaluates perplexity on wikitext2, ptb and ptb_valid)"
+                "task `{t}` is not implemented yet (this build evaluates wikitext2, ptb, ptb_valid, boolq, piqa, arc_easy, arc_challenge, openbookqa, winogrande)"
             );
         }
-        tasks.push(PerplexityCorpus::from_task(t)?);
+        match McTask::from_task(t) {
+            Some(m) => tasks.push(Task::Mc(m)),
+            None => tasks.push(Task::Ppl(PerplexityCorpus::from_task(t).map_err(|_| {
+                anyhow::anyhow!("unknown task `{t}`; tasks are wikitext2, ptb, ptb_valid, boolq, piqa, arc_easy, arc_challenge, openbookqa, winogrande")
+            })?)),
+        }
     }
     anyhow::ensure!(!tasks.is_empty(), "--tasks is empty");
     let bos: BosPolicy = args.bos.parse()?;
@@ -81,7 +83,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
 
 struct EvalJob {
     args: EvalArgs,
-    tasks: Vec<PerplexityCorpus>,
+    tasks: Vec<Task>,
     bos: BosPolicy,
 }
 
@@ -92,35 +94,102 @@ impl Job for EvalJob {
         let loaded = load::<B>(&spec, &device).with_context(|| format!("loading `{}`", a.model))?;
         let dirs = DataDirs::from_env(&lopper_home());
         let mut results = serde_json::Map::new();
-        let mut rows = Vec::new();
-        for task in &self.tasks {
+        let mut table = Vec::new();
+        for &task in &self.tasks {
             let start = Instant::now();
-            let (path, text, n_rows) = task.load(&dirs)?;
-            let ids = loaded.tokenizer.encode(&text)?;
-            let win = windows(&ids, a.seq_len, self.bos, loaded.tokenizer.bos_id, a.limit)
-                .with_context(|| format!("task {}", task.name()))?;
-            let bar = ProgressBar::new(win.len() as u64).with_style(ProgressStyle::with_template(
-                "{msg} [{bar:30}] {pos}/{len} windows, eta {eta}",
-            )?);
-            bar.set_message(task.name());
-            let p = lopper_eval::perplexity(&loaded.model, &win, a.batch_size, None, |d| {
-                bar.set_position(d as u64)
-            })?;
-            bar.finish_and_clear();
-            let secs = start.elapsed().as_secs_f64();
-            results.insert(
-                task.name().into(),
-                serde_json::json!({
-                    "ppl": p.ppl, "seq_len": a.seq_len, "windows": p.windows, "tokens": p.tokens,
-                    "nll_sum": p.nll_sum, "file": path, "rows": n_rows, "stream_tokens": ids.len(),
-                    "seconds": secs,
-                }),
-            );
-            rows.push((task.name(), p, secs));
+            match task {
+                Task::Ppl(corpus) => {
+                    let (path, text, n_rows) = corpus.load(&dirs)?;
+                    let ids = loaded.tokenizer.encode(&text)?;
+                    let win = windows(&ids, a.seq_len, self.bos, loaded.tokenizer.bos_id, a.limit)
+                        .with_context(|| format!("task {}", corpus.name()))?;
+                    let bar = bar(win.len(), corpus.name(), "windows")?;
+                    let p =
+                        lopper_eval::perplexity(&loaded.model, &win, a.batch_size, None, |d| {
+                            bar.set_position(d as u64)
+                        })?;
+                    bar.finish_and_clear();
+                    let secs = start.elapsed().as_secs_f64();
+                    results.insert(
+                        corpus.name().into(),
+                        serde_json::json!({
+                            "ppl": p.ppl, "seq_len": a.seq_len, "windows": p.windows, "tokens": p.tokens,
+                            "nll_sum": p.nll_sum, "file": path, "rows": n_rows, "stream_tokens": ids.len(),
+                            "seconds": secs,
+                        }),
+                    );
+                    table.push(format!(
+                        "| {} | ppl {:.3} (seq_len {}, {} windows, {} tokens) | {secs:.1} |",
+                        corpus.name(),
+                        p.ppl,
+                        a.seq_len,
+                        p.windows,
+                        p.tokens
+                    ));
+                }
+                Task::Mc(mc) => {
+                    let (path, mut docs) = mc.load(&dirs)?;
+                    if let Some(l) = a.limit {
+                        docs.truncate(l);
+                    }
+                    let requests: Vec<(String, String)> = docs
+                        .iter()
+                        .flat_map(|d| d.requests.iter().cloned())
+                        .collect();
+                    let bar = bar(requests.len(), mc.name(), "requests")?;
+                    let lls = lopper_eval::loglikelihoods(
+                        &loaded.model,
+                        &loaded.tokenizer,
+                        &requests,
+                        a.batch_size,
+                        |d| bar.set_position(d as u64),
+                    )?;
+                    bar.finish_and_clear();
+                    let mut at = 0;
+                    let scored: Vec<(Vec<f64>, Vec<String>, usize)> = docs
+                        .iter()
+                        .map(|d| {
+                            let n = d.requests.len();
+                            at += n;
+                            (lls[at - n..at].to_vec(), d.choices.clone(), d.gold)
+                        })
+                        .collect();
+                    let s = lopper_eval::mc_scores(&scored);
+                    let secs = start.elapsed().as_secs_f64();
+                    let norm = |v: f64| {
+                        if mc.has_acc_norm() {
+                            serde_json::json!(v)
+                        } else {
+                            serde_json::Value::Null
+                        }
+                    };
+                    results.insert(
+                        mc.name().into(),
+                        serde_json::json!({
+                            "acc": s.acc, "acc_stderr": s.acc_stderr,
+                            "acc_norm": norm(s.acc_norm), "acc_norm_stderr": norm(s.acc_norm_stderr),
+                            "n": s.n, "file": path, "seconds": secs,
+                        }),
+                    );
+                    let norm_txt = if mc.has_acc_norm() {
+                        format!(", acc_norm {:.4} ± {:.4}", s.acc_norm, s.acc_norm_stderr)
+                    } else {
+                        String::new()
+                    };
+                    table.push(format!(
+                        "| {} | acc {:.4} ± {:.4}{norm_txt} (n {}) | {secs:.1} |",
+                        mc.name(),
+                        s.acc,
+                        s.acc_stderr,
+                        s.n
+                    ));
+                }
+            }
         }
         let out = serde_json::json!({
             "model": loaded.info,
             "protocol": {
+                "multiple_choice": "lm-evaluation-harness 0.4 semantics: its prompt templates, target delimiter \" \", choices and answer mapping; zero-shot; log-likelihood of each continuation given its context (lm-eval's _encode_pair split, no BOS); acc = argmax of summed log-prob, acc_norm = argmax of log-prob / choice length in characters; winogrande scores the shared suffix after each substituted option",
                 "perplexity": "rows joined as the HF rows are joined in the pruning literature (wikitext2: lines with their trailing newline, blank lines empty, joined by \"\\n\\n\"; ptb: space-normalised lines joined by \" \"), tokenised once, non-overlapping windows of seq_len, remainder dropped, mean NLL over all predicted tokens, exp",
                 "seq_len": a.seq_len,
                 "bos": self.bos,
@@ -134,14 +203,19 @@ impl Job for EvalJob {
         if let Some(path) = &a.out {
             lopper_core::write_atomic(path, serde_json::to_string_pretty(&out)?.as_bytes())?;
         }
-        println!("| task | ppl | seq_len | windows | tokens | seconds |");
-        println!("|---|---:|---:|---:|---:|---:|");
-        for (name, p, secs) in rows {
-            println!(
-                "| {name} | {:.3} | {} | {} | {} | {secs:.1} |",
-                p.ppl, a.seq_len, p.windows, p.tokens
-            );
+        println!("| task | result | seconds |");
+        println!("|---|---|---:|");
+        for row in table {
+            println!("{row}");
         }
         Ok(())
     }
+}
+
+fn bar(len: usize, name: &str, unit: &str) -> Result<ProgressBar> {
+    let b = ProgressBar::new(len as u64).with_style(ProgressStyle::with_template(&format!(
+        "{{msg}} [{{bar:30}}] {{pos}}/{{len}} {unit}, eta {{eta}}"
+    ))?);
+    b.set_message(name.to_string());
+    Ok(b)
 }

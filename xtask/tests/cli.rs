@@ -151,8 +151,29 @@ fn eval_refuses_bad_settings_before_any_work() {
     assert!(!ok && err.contains("unknown task `wikitext3`"), "{err}");
     let (ok, _, err) = xtask(&["eval", "--tasks", "wikitext2", "--limit", "0"]);
     assert!(!ok && err.contains("--limit 0"), "{err}");
-    let (ok, _, err) = xtask(&["eval", "--tasks", "boolq"]);
+    let (ok, _, err) = xtask(&["eval", "--tasks", "hellaswag"]);
     assert!(!ok && err.contains("not implemented yet"), "{err}");
     let (ok, _, err) = xtask(&["eval", "--tasks", "wikitext2", "--bos", "sometimes"]);
     assert!(!ok && err.contains("unknown BOS policy"), "{err}");
+}
+
+#[test]
+fn eval_scores_a_multiple_choice_task() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("mc.json");
+    let o = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .args(["eval", "--tasks", "arc_easy", "--limit", "3", "--out"])
+        .arg(&out)
+        .env("LOPPER_DATA_DIR", data_dir())
+        .env("LOPPER_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    let r = &v["results"]["arc_easy"];
+    assert_eq!(r["n"], 3);
+    for k in ["acc", "acc_stderr", "acc_norm", "acc_norm_stderr"] {
+        assert!(r[k].is_number(), "{k}: {r}");
+    }
 }

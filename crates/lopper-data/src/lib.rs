@@ -4,6 +4,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+mod mc;
+pub use mc::{McDoc, McTask};
+
 /// Errors of dataset resolution and reading.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

@@ -1,7 +1,10 @@
 #![doc = include_str!("../README.md")]
 
 use burn::tensor::backend::Backend;
+
+mod mc;
 use lopper_model::{Llama, Masks, Result};
+pub use mc::{MAX_LEN, McScores, encode_pair, loglikelihoods, mc_scores};
 use serde::Serialize;
 
 /// Perplexity of a set of windows.

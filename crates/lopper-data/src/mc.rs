@@ -1,0 +1,260 @@
+//! Zero-shot multiple-choice tasks, built exactly as lm-evaluation-harness 0.4 builds them
+//! (prompt templates, target delimiter " ", choices, answer mapping; facts from its task YAMLs).
+
+use std::path::PathBuf;
+
+use serde_json::Value;
+
+use crate::{DataDirs, Error, Result};
+
+/// A multiple-choice task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum McTask {
+    /// SuperGLUE BoolQ validation: `{passage}\nQuestion: {question}?\nAnswer:` -> ` no` / ` yes`.
+    Boolq,
+    /// PIQA validation: `Question: {goal}\nAnswer:` -> ` {sol1}` / ` {sol2}`.
+    Piqa,
+    /// ARC-Easy test: `Question: {stem}\nAnswer:` -> ` {choice}`.
+    ArcEasy,
+    /// ARC-Challenge test, same template.
+    ArcChallenge,
+    /// OpenBookQA main test: `{question_stem}` -> ` {choice}`.
+    Openbookqa,
+    /// WinoGrande (xl) validation, partial scoring: each option substituted into the context,
+    /// the shared suffix scored.
+    Winogrande,
+}
+
+/// One document: the (context, continuation) requests, one per choice, the choice strings whose
+/// character lengths normalise `acc_norm`, and the gold index.
+#[derive(Debug, Clone, PartialEq)]
+pub struct McDoc {
+    /// `(context, continuation)` per choice.
+    pub requests: Vec<(String, String)>,
+    /// The task's choice strings (lm-eval's `doc_to_choice`).
+    pub choices: Vec<String>,
+    /// Index of the right choice.
+    pub gold: usize,
+}
+
+impl McTask {
+    /// All tasks.
+    pub const ALL: [McTask; 6] = [
+        McTask::Boolq,
+        McTask::Piqa,
+        McTask::ArcEasy,
+        McTask::ArcChallenge,
+        McTask::Openbookqa,
+        McTask::Winogrande,
+    ];
+
+    /// Parses a task name.
+    pub fn from_task(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|t| t.name() == name)
+    }
+
+    /// The task name.
+    pub fn name(self) -> &'static str {
+        match self {
+            McTask::Boolq => "boolq",
+            McTask::Piqa => "piqa",
+            McTask::ArcEasy => "arc_easy",
+            McTask::ArcChallenge => "arc_challenge",
+            McTask::Openbookqa => "openbookqa",
+            McTask::Winogrande => "winogrande",
+        }
+    }
+
+    /// Official example count of the evaluated split.
+    pub fn official_count(self) -> usize {
+        match self {
+            McTask::Boolq => 3270,
+            McTask::Piqa => 1838,
+            McTask::ArcEasy => 2376,
+            McTask::ArcChallenge => 1172,
+            McTask::Openbookqa => 500,
+            McTask::Winogrande => 1267,
+        }
+    }
+
+    /// Whether lm-eval reports `acc_norm` for the task.
+    pub fn has_acc_norm(self) -> bool {
+        !matches!(self, McTask::Boolq | McTask::Winogrande)
+    }
+
+    fn file(self) -> (&'static str, &'static str) {
+        match self {
+            McTask::Boolq => ("boolq", "val.jsonl"),
+            McTask::Piqa => ("piqa", "valid.jsonl"),
+            McTask::ArcEasy => ("arc", "ARC-Easy-Test.jsonl"),
+            McTask::ArcChallenge => ("arc", "ARC-Challenge-Test.jsonl"),
+            McTask::Openbookqa => ("openbookqa", "main_test.jsonl"),
+            McTask::Winogrande => ("winogrande", "winogrande_xl_validation.jsonl"),
+        }
+    }
+
+    /// Reads every document, checking the count against the official one.
+    pub fn load(self, dirs: &DataDirs) -> Result<(PathBuf, Vec<McDoc>)> {
+        let (name, file) = self.file();
+        let path = dirs.find(name, file)?;
+        let read = |p: &PathBuf| {
+            std::fs::read_to_string(p).map_err(|source| Error::Io {
+                path: p.clone(),
+                source,
+            })
+        };
+        let text = read(&path)?;
+        let labels: Option<Vec<String>> = match self {
+            McTask::Piqa => {
+                let lp = dirs.find(name, "valid-labels.lst")?;
+                Some(read(&lp)?.lines().map(|l| l.trim().to_string()).collect())
+            }
+            _ => None,
+        };
+        let mut docs = Vec::new();
+        for (i, line) in text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+        {
+            let bad = |msg: String| Error::Invalid(format!("{}:{}: {msg}", path.display(), i + 1));
+            let v: Value =
+                serde_json::from_str(line).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+            let label = labels
+                .as_ref()
+                .map(|l| l.get(i).cloned().unwrap_or_default());
+            docs.push(self.doc(&v, label.as_deref()).map_err(bad)?);
+        }
+        if docs.len() != self.official_count() {
+            return Err(Error::Invalid(format!(
+                "{}: {} examples, but the official {} split has {}; the file is incomplete or not the right split",
+                path.display(),
+                docs.len(),
+                self.name(),
+                self.official_count()
+            )));
+        }
+        Ok((path, docs))
+    }
+
+    /// Builds one document from its JSON record (`label`: PIQA's line from valid-labels.lst).
+    pub fn doc(self, v: &Value, label: Option<&str>) -> std::result::Result<McDoc, String> {
+        let s = |v: &Value, k: &str| -> std::result::Result<String, String> {
+            v.get(k)
+                .and_then(Value::as_str)
+                .map(String::from)
+                .ok_or_else(|| format!("field `{k}` is missing or not a string"))
+        };
+        let simple = |ctx: String,
+                      choices: Vec<String>,
+                      gold: usize|
+         -> std::result::Result<McDoc, String> {
+            if gold >= choices.len() {
+                return Err(format!(
+                    "answer index {gold} out of {} choices",
+                    choices.len()
+                ));
+            }
+            Ok(McDoc {
+                requests: choices
+                    .iter()
+                    .map(|c| (ctx.clone(), format!(" {c}")))
+                    .collect(),
+                choices,
+                gold,
+            })
+        };
+        match self {
+            McTask::Boolq => {
+                let gold = match v.get("label") {
+                    Some(Value::String(l)) if l == "true" => 1,
+                    Some(Value::String(l)) if l == "false" => 0,
+                    Some(Value::Bool(b)) => *b as usize,
+                    Some(Value::Number(n)) => n.as_u64().unwrap_or(0) as usize,
+                    _ => return Err("field `label` is missing".into()),
+                };
+                let ctx = format!(
+                    "{}\nQuestion: {}?\nAnswer:",
+                    s(v, "passage")?,
+                    s(v, "question")?
+                );
+                simple(ctx, vec!["no".into(), "yes".into()], gold)
+            }
+            McTask::Piqa => {
+                let gold: usize = label
+                    .and_then(|l| l.parse().ok())
+                    .ok_or("no label in valid-labels.lst for this line")?;
+                simple(
+                    format!("Question: {}\nAnswer:", s(v, "goal")?),
+                    vec![s(v, "sol1")?, s(v, "sol2")?],
+                    gold,
+                )
+            }
+            McTask::ArcEasy | McTask::ArcChallenge => {
+                let q = v.get("question").ok_or("field `question` is missing")?;
+                let choices = q
+                    .get("choices")
+                    .and_then(Value::as_array)
+                    .ok_or("field `question.choices` is missing")?;
+                let texts = choices
+                    .iter()
+                    .map(|c| s(c, "text"))
+                    .collect::<std::result::Result<Vec<_>, _>>()?;
+                let labels = choices
+                    .iter()
+                    .map(|c| s(c, "label"))
+                    .collect::<std::result::Result<Vec<_>, _>>()?;
+                let key = s(v, "answerKey")?;
+                let gold = labels.iter().position(|l| *l == key).ok_or(format!(
+                    "answerKey `{key}` is not among the labels {labels:?}"
+                ))?;
+                simple(format!("Question: {}\nAnswer:", s(q, "stem")?), texts, gold)
+            }
+            McTask::Openbookqa => {
+                let c = v.get("choices").ok_or("field `choices` is missing")?;
+                let strings = |k: &str| -> std::result::Result<Vec<String>, String> {
+                    c.get(k)
+                        .and_then(Value::as_array)
+                        .ok_or(format!("field `choices.{k}` is missing"))?
+                        .iter()
+                        .map(|x| {
+                            x.as_str()
+                                .map(String::from)
+                                .ok_or(format!("`choices.{k}` holds a non-string"))
+                        })
+                        .collect()
+                };
+                let key = s(v, "answerKey")?;
+                let key = key.trim_start();
+                let labels = strings("label")?;
+                let gold = labels
+                    .iter()
+                    .position(|l| l == key)
+                    .ok_or(format!("answerKey `{key}` is not among {labels:?}"))?;
+                simple(s(v, "question_stem")?, strings("text")?, gold)
+            }
+            McTask::Winogrande => {
+                let sentence = s(v, "sentence")?;
+                let idx = sentence.find('_').ok_or("the sentence has no `_` blank")?;
+                let target = format!(" {}", sentence[idx + 1..].trim());
+                let contexts = vec![
+                    format!("{}{}", &sentence[..idx], s(v, "option1")?),
+                    format!("{}{}", &sentence[..idx], s(v, "option2")?),
+                ];
+                let gold = match s(v, "answer")?.as_str() {
+                    "1" => 0,
+                    "2" => 1,
+                    a => return Err(format!("answer `{a}` is neither 1 nor 2")),
+                };
+                Ok(McDoc {
+                    requests: contexts
+                        .iter()
+                        .map(|c| (c.clone(), target.clone()))
+                        .collect(),
+                    choices: contexts,
+                    gold,
+                })
+            }
+        }
+    }
+}
