@@ -68,6 +68,17 @@ fn first_documents_are_built_like_lm_eval() {
     assert_eq!(d.requests[1].1, " quit eating lunch out");
     assert_eq!(d.gold, 1);
 
+    let d = first(McTask::Hellaswag);
+    assert_eq!(
+        d.requests[3],
+        (
+            "Roof shingle removal: A man is sitting on a roof. he".to_string(),
+            " starts pulling up roofing on a roof.".to_string()
+        )
+    );
+    assert_eq!(d.gold, 3);
+    assert_eq!(d.choices.len(), 4);
+
     let d = first(McTask::Boolq);
     assert!(
         d.requests[0]

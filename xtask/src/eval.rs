@@ -13,7 +13,7 @@ use lopper_model::{ModelSpec, load, lopper_home};
 use crate::backend::{DeviceChoice, Job, run_on};
 
 /// Tasks of the evaluation issue not built yet.
-const NOT_YET: &[&str] = &["hellaswag", "lambada", "c4"];
+const NOT_YET: &[&str] = &["lambada", "c4"];
 
 #[derive(Debug, Clone, Copy)]
 enum Task {
@@ -60,13 +60,13 @@ pub fn run(args: EvalArgs) -> Result<()> {
     {
         if NOT_YET.contains(&t) {
             bail!(
-                "task `{t}` is not implemented yet (this build evaluates wikitext2, ptb, ptb_valid, boolq, piqa, arc_easy, arc_challenge, openbookqa, winogrande)"
+                "task `{t}` is not implemented yet (this build evaluates wikitext2, ptb, ptb_valid, boolq, piqa, hellaswag, arc_easy, arc_challenge, openbookqa, winogrande)"
             );
         }
         match McTask::from_task(t) {
             Some(m) => tasks.push(Task::Mc(m)),
             None => tasks.push(Task::Ppl(PerplexityCorpus::from_task(t).map_err(|_| {
-                anyhow::anyhow!("unknown task `{t}`; tasks are wikitext2, ptb, ptb_valid, boolq, piqa, arc_easy, arc_challenge, openbookqa, winogrande")
+                anyhow::anyhow!("unknown task `{t}`; tasks are wikitext2, ptb, ptb_valid, boolq, piqa, hellaswag, arc_easy, arc_challenge, openbookqa, winogrande")
             })?)),
         }
     }

@@ -23,6 +23,11 @@ pub enum McTask {
     /// WinoGrande (xl) validation, partial scoring: each option substituted into the context,
     /// the shared suffix scored.
     Winogrande,
+    /// HellaSwag validation: `{activity}: {context}` -> ` {ending}`, from the staged llama.cpp
+    /// text form (6 lines per example), with lm-eval's text preprocessing applied again. It
+    /// differs from lm-eval's own preprocessing in one way the text form cannot undo: the second
+    /// part of the context (`ctx_b`) is not capitalised.
+    Hellaswag,
 }
 
 /// One document: the (context, continuation) requests, one per choice, the choice strings whose
@@ -39,7 +44,8 @@ pub struct McDoc {
 
 impl McTask {
     /// All tasks.
-    pub const ALL: [McTask; 6] = [
+    pub const ALL: [McTask; 7] = [
+        McTask::Hellaswag,
         McTask::Boolq,
         McTask::Piqa,
         McTask::ArcEasy,
@@ -62,6 +68,7 @@ impl McTask {
             McTask::ArcChallenge => "arc_challenge",
             McTask::Openbookqa => "openbookqa",
             McTask::Winogrande => "winogrande",
+            McTask::Hellaswag => "hellaswag",
         }
     }
 
@@ -74,6 +81,7 @@ impl McTask {
             McTask::ArcChallenge => 1172,
             McTask::Openbookqa => 500,
             McTask::Winogrande => 1267,
+            McTask::Hellaswag => 10042,
         }
     }
 
@@ -90,6 +98,7 @@ impl McTask {
             McTask::ArcChallenge => ("arc", "ARC-Challenge-Test.jsonl"),
             McTask::Openbookqa => ("openbookqa", "main_test.jsonl"),
             McTask::Winogrande => ("winogrande", "winogrande_xl_validation.jsonl"),
+            McTask::Hellaswag => ("hellaswag", "hellaswag_val_full.txt.bz2"),
         }
     }
 
@@ -103,6 +112,10 @@ impl McTask {
                 source,
             })
         };
+        if self == McTask::Hellaswag {
+            let docs = hellaswag_docs(&path)?;
+            return self.check_count(&path, docs);
+        }
         let text = read(&path)?;
         let labels: Option<Vec<String>> = match self {
             McTask::Piqa => {
@@ -125,6 +138,14 @@ impl McTask {
                 .map(|l| l.get(i).cloned().unwrap_or_default());
             docs.push(self.doc(&v, label.as_deref()).map_err(bad)?);
         }
+        self.check_count(&path, docs)
+    }
+
+    fn check_count(
+        self,
+        path: &std::path::Path,
+        docs: Vec<McDoc>,
+    ) -> Result<(PathBuf, Vec<McDoc>)> {
         if docs.len() != self.official_count() {
             return Err(Error::Invalid(format!(
                 "{}: {} examples, but the official {} split has {}; the file is incomplete or not the right split",
@@ -134,7 +155,7 @@ impl McTask {
                 self.official_count()
             )));
         }
-        Ok((path, docs))
+        Ok((path.to_owned(), docs))
     }
 
     /// Builds one document from its JSON record (`label`: PIQA's line from valid-labels.lst).
@@ -233,6 +254,7 @@ impl McTask {
                     .ok_or(format!("answerKey `{key}` is not among {labels:?}"))?;
                 simple(s(v, "question_stem")?, strings("text")?, gold)
             }
+            McTask::Hellaswag => Err("HellaSwag is read from its text form, not JSON".into()),
             McTask::Winogrande => {
                 let sentence = s(v, "sentence")?;
                 let idx = sentence.find('_').ok_or("the sentence has no `_` blank")?;
@@ -256,5 +278,88 @@ impl McTask {
                 })
             }
         }
+    }
+}
+
+/// lm-eval's HellaSwag text preprocessing: strip, " [title]" -> ". ", drop `[...]` tags, collapse
+/// double spaces.
+pub fn hellaswag_preprocess(text: &str) -> String {
+    let t = text.trim().replace(" [title]", ". ");
+    let mut out = String::with_capacity(t.len());
+    let mut rest = t.as_str();
+    while let Some(open) = rest.find('[') {
+        match rest[open..].find(']') {
+            Some(close) => {
+                out.push_str(&rest[..open]);
+                rest = &rest[open + close + 1..];
+            }
+            None => break,
+        }
+    }
+    out.push_str(rest);
+    out.replace("  ", " ")
+}
+
+fn hellaswag_docs(path: &std::path::Path) -> Result<Vec<McDoc>> {
+    use std::io::Read;
+    let io = |source| Error::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let mut text = String::new();
+    bzip2::read::BzDecoder::new(std::fs::File::open(path).map_err(io)?)
+        .read_to_string(&mut text)
+        .map_err(io)?;
+    let lines: Vec<&str> = text.lines().collect();
+    if !lines.len().is_multiple_of(6) {
+        return Err(Error::Invalid(format!(
+            "{}: {} lines, not a multiple of 6 (context, label, 4 endings)",
+            path.display(),
+            lines.len()
+        )));
+    }
+    lines
+        .chunks_exact(6)
+        .enumerate()
+        .map(|(i, c)| {
+            let gold: usize = c[1].trim().parse().map_err(|_| {
+                Error::Invalid(format!(
+                    "{}: example {i}: label `{}` is not a number",
+                    path.display(),
+                    c[1]
+                ))
+            })?;
+            let query = hellaswag_preprocess(c[0]);
+            let choices: Vec<String> = c[2..].iter().map(|e| hellaswag_preprocess(e)).collect();
+            if gold >= choices.len() {
+                return Err(Error::Invalid(format!(
+                    "{}: example {i}: label {gold} out of range",
+                    path.display()
+                )));
+            }
+            Ok(McDoc {
+                requests: choices
+                    .iter()
+                    .map(|e| (query.clone(), format!(" {e}")))
+                    .collect(),
+                choices,
+                gold,
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hellaswag_preprocessing_matches_lm_eval() {
+        assert_eq!(
+            hellaswag_preprocess(
+                " Making a cake: [header] How to bake [title] Mix flour.  Then [step] bake "
+            ),
+            "Making a cake: How to bake. Mix flour. Then bake"
+        );
     }
 }
