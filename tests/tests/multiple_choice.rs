@@ -120,13 +120,28 @@ fn continuation_tokens_follow_lm_evals_split_and_score_on_the_real_model() {
     let one = lopper_eval::loglikelihoods(&d.model, tok, &reqs, 1, |_| {}).unwrap();
     let all = lopper_eval::loglikelihoods(&d.model, tok, &reqs, 3, |_| {}).unwrap();
     for (a, b) in one.iter().zip(&all) {
-        assert!((a - b).abs() < 1e-3, "{a} vs {b}");
+        assert!((a.0 - b.0).abs() < 1e-3, "{a:?} vs {b:?}");
+        assert_eq!(a.1, b.1);
     }
     assert!(
-        one[0] > one[1],
-        "Paris ({}) should beat a banana ({})",
+        one[0].0 > one[1].0,
+        "Paris ({:?}) should beat a banana ({:?})",
         one[0],
         one[1]
     );
-    assert!(one.iter().all(|l| *l < 0.0));
+    assert!(one.iter().all(|l| l.0 < 0.0));
+    assert!(!one[1].1, "` a banana` is not the greedy continuation");
+}
+
+#[test]
+fn lambada_splits_off_the_last_word_like_lm_eval() {
+    let (_, reqs) = lopper_data::load_lambada(&shared_data_dirs()).unwrap();
+    assert_eq!(reqs.len(), 5153);
+    assert!(reqs[0].0.starts_with("In my palm is a clear stone,"));
+    assert!(
+        reqs[0]
+            .0
+            .ends_with(" in a confident grin, I don't care about")
+    );
+    assert_eq!(reqs[0].1, " signs");
 }

@@ -13,12 +13,13 @@ use lopper_model::{ModelSpec, load, lopper_home};
 use crate::backend::{DeviceChoice, Job, run_on};
 
 /// Tasks of the evaluation issue not built yet.
-const NOT_YET: &[&str] = &["lambada", "c4"];
+const NOT_YET: &[&str] = &["c4"];
 
 #[derive(Debug, Clone, Copy)]
 enum Task {
     Ppl(PerplexityCorpus),
     Mc(McTask),
+    Lambada,
 }
 
 #[derive(Debug, Args)]
@@ -60,13 +61,14 @@ pub fn run(args: EvalArgs) -> Result<()> {
     {
         if NOT_YET.contains(&t) {
             bail!(
-                "task `{t}` is not implemented yet (this build evaluates wikitext2, ptb, ptb_valid, boolq, piqa, hellaswag, arc_easy, arc_challenge, openbookqa, winogrande)"
+                "task `{t}` is not implemented yet (this build evaluates wikitext2, ptb, ptb_valid, boolq, piqa, hellaswag, arc_easy, arc_challenge, openbookqa, winogrande, lambada)"
             );
         }
         match McTask::from_task(t) {
+            _ if t == "lambada" => tasks.push(Task::Lambada),
             Some(m) => tasks.push(Task::Mc(m)),
             None => tasks.push(Task::Ppl(PerplexityCorpus::from_task(t).map_err(|_| {
-                anyhow::anyhow!("unknown task `{t}`; tasks are wikitext2, ptb, ptb_valid, boolq, piqa, hellaswag, arc_easy, arc_challenge, openbookqa, winogrande")
+                anyhow::anyhow!("unknown task `{t}`; tasks are wikitext2, ptb, ptb_valid, boolq, piqa, hellaswag, arc_easy, arc_challenge, openbookqa, winogrande, lambada")
             })?)),
         }
     }
@@ -127,6 +129,37 @@ impl Job for EvalJob {
                         p.tokens
                     ));
                 }
+                Task::Lambada => {
+                    let (path, mut reqs) = lopper_data::load_lambada(&dirs)?;
+                    if let Some(l) = a.limit {
+                        reqs.truncate(l);
+                    }
+                    let bar = bar(reqs.len(), "lambada", "examples")?;
+                    let lls = lopper_eval::loglikelihoods(
+                        &loaded.model,
+                        &loaded.tokenizer,
+                        &reqs,
+                        a.batch_size,
+                        |d| bar.set_position(d as u64),
+                    )?;
+                    bar.finish_and_clear();
+                    let n = lls.len();
+                    let acc = lls.iter().filter(|l| l.1).count() as f64 / n as f64;
+                    let acc_stderr = if n > 1 {
+                        (acc * (1.0 - acc) / (n - 1) as f64).sqrt()
+                    } else {
+                        0.0
+                    };
+                    let ppl = (-lls.iter().map(|l| l.0).sum::<f64>() / n as f64).exp();
+                    let secs = start.elapsed().as_secs_f64();
+                    results.insert(
+                        "lambada".into(),
+                        serde_json::json!({"acc": acc, "acc_stderr": acc_stderr, "ppl": ppl, "n": n, "file": path, "seconds": secs}),
+                    );
+                    table.push(format!(
+                        "| lambada | acc {acc:.4} ± {acc_stderr:.4}, ppl {ppl:.3} (n {n}) | {secs:.1} |"
+                    ));
+                }
                 Task::Mc(mc) => {
                     let (path, mut docs) = mc.load(&dirs)?;
                     if let Some(l) = a.limit {
@@ -151,7 +184,8 @@ impl Job for EvalJob {
                         .map(|d| {
                             let n = d.requests.len();
                             at += n;
-                            (lls[at - n..at].to_vec(), d.choices.clone(), d.gold)
+                            let lls = lls[at - n..at].iter().map(|l| l.0).collect();
+                            (lls, d.choices.clone(), d.gold)
                         })
                         .collect();
                     let s = lopper_eval::mc_scores(&scored);

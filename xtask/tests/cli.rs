@@ -151,7 +151,7 @@ fn eval_refuses_bad_settings_before_any_work() {
     assert!(!ok && err.contains("unknown task `wikitext3`"), "{err}");
     let (ok, _, err) = xtask(&["eval", "--tasks", "wikitext2", "--limit", "0"]);
     assert!(!ok && err.contains("--limit 0"), "{err}");
-    let (ok, _, err) = xtask(&["eval", "--tasks", "lambada"]);
+    let (ok, _, err) = xtask(&["eval", "--tasks", "c4"]);
     assert!(!ok && err.contains("not implemented yet"), "{err}");
     let (ok, _, err) = xtask(&["eval", "--tasks", "wikitext2", "--bos", "sometimes"]);
     assert!(!ok && err.contains("unknown BOS policy"), "{err}");

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 mod mc;
-pub use mc::{McDoc, McTask};
+pub use mc::{McDoc, McTask, load_lambada};
 
 /// Errors of dataset resolution and reading.
 #[derive(Debug, thiserror::Error)]

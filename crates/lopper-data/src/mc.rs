@@ -281,6 +281,46 @@ impl McTask {
     }
 }
 
+/// LAMBADA (OpenAI's detokenised test set, lm-eval `lambada_openai`): per example the context
+/// (every word but the last, joined by single spaces) and the target (" " + last word), scored
+/// with no extra delimiter. Checks the official count (5153).
+pub fn load_lambada(dirs: &DataDirs) -> Result<(PathBuf, Vec<(String, String)>)> {
+    let path = dirs.find("lambada", "lambada_test.jsonl")?;
+    let text = std::fs::read_to_string(&path).map_err(|source| Error::Io {
+        path: path.clone(),
+        source,
+    })?;
+    let mut out = Vec::new();
+    for (i, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let bad = |msg: &str| Error::Invalid(format!("{}:{}: {msg}", path.display(), i + 1));
+        let v: Value = serde_json::from_str(line).map_err(|_| bad("not valid JSON"))?;
+        let t = v
+            .get("text")
+            .and_then(Value::as_str)
+            .ok_or_else(|| bad("field `text` is missing"))?;
+        let words: Vec<&str> = t.split(' ').collect();
+        if words.len() < 2 {
+            return Err(bad("fewer than two words"));
+        }
+        out.push((
+            words[..words.len() - 1].join(" "),
+            format!(" {}", words[words.len() - 1]),
+        ));
+    }
+    if out.len() != 5153 {
+        return Err(Error::Invalid(format!(
+            "{}: {} examples, but LAMBADA's test set has 5153",
+            path.display(),
+            out.len()
+        )));
+    }
+    Ok((path, out))
+}
+
 /// lm-eval's HellaSwag text preprocessing: strip, " [title]" -> ". ", drop `[...]` tags, collapse
 /// double spaces.
 pub fn hellaswag_preprocess(text: &str) -> String {

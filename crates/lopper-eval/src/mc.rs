@@ -2,7 +2,7 @@
 //! lm-evaluation-harness 0.4 semantics.
 
 use burn::tensor::backend::Backend;
-use lopper_model::{Error, Llama, Result, Tokenizer};
+use lopper_model::{Error, Llama, Result, Tokenizer, nll_from_logits};
 use serde::Serialize;
 
 /// Longest scored sequence; longer inputs keep their last tokens (lm-eval's left truncation).
@@ -33,16 +33,17 @@ pub fn encode_pair(
     Ok((ctx_enc, whole[split..].to_vec()))
 }
 
-/// Sum of log-probabilities of each continuation given its context, `batch_size` sequences per
-/// forward (sorted by length, right-padded: padding after a sequence cannot change its logits
-/// in a causal model). `progress(done)` is called after each batch.
+/// For each request: the sum of log-probabilities of the continuation given its context, and
+/// whether every continuation token is the model's greedy (argmax) choice. `batch_size`
+/// sequences per forward (sorted by length, right-padded: padding after a sequence cannot change
+/// its logits in a causal model). `progress(done)` is called after each batch.
 pub fn loglikelihoods<B: Backend>(
     model: &Llama<B>,
     tok: &Tokenizer,
     requests: &[(String, String)],
     batch_size: usize,
     mut progress: impl FnMut(usize),
-) -> Result<Vec<f64>> {
+) -> Result<Vec<(f64, bool)>> {
     // (request index, scored tokens, continuation length)
     let mut items = Vec::with_capacity(requests.len());
     for (i, (ctx, cont)) in requests.iter().enumerate() {
@@ -60,7 +61,7 @@ pub fn loglikelihoods<B: Backend>(
         items.push((i, full, cont_len));
     }
     items.sort_by_key(|(_, f, _)| std::cmp::Reverse(f.len()));
-    let mut out = vec![0f64; requests.len()];
+    let mut out = vec![(0f64, false); requests.len()];
     let mut done = 0;
     for batch in items.chunks(batch_size.max(1)) {
         let len = batch
@@ -77,19 +78,29 @@ pub fn loglikelihoods<B: Backend>(
                 r
             })
             .collect();
-        let nll: Vec<f32> = model
-            .token_nll(model.tokens(&rows)?, None)?
+        let tokens = model.tokens(&rows)?;
+        let logits = model
+            .forward_masked(tokens.clone(), None)?
+            .narrow(1, 0, len - 1);
+        let targets = tokens.narrow(1, 1, len - 1);
+        let nll: Vec<f32> = nll_from_logits(logits.clone(), targets)
             .into_data()
             .convert::<f32>()
             .to_vec()
             .expect("converted to f32");
+        let greedy: Vec<i64> = logits
+            .argmax(2)
+            .into_data()
+            .convert::<i64>()
+            .to_vec()
+            .expect("converted to i64");
         for (row, (i, full, cont_len)) in batch.iter().enumerate() {
-            // Target j of the row is predicted at nll index j - 1.
+            // Target j of the row is predicted at index j - 1.
             let n = full.len();
-            let s: f64 = (n - cont_len..n)
-                .map(|j| nll[row * (len - 1) + j - 1] as f64)
-                .sum();
-            out[*i] = -s;
+            let at = |j: usize| row * (len - 1) + j - 1;
+            let s: f64 = (n - cont_len..n).map(|j| nll[at(j)] as f64).sum();
+            let is_greedy = (n - cont_len..n).all(|j| greedy[at(j)] == full[j] as i64);
+            out[*i] = (-s, is_greedy);
         }
         done += batch.len();
         progress(done);
