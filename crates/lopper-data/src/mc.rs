@@ -403,3 +403,34 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod load_tests {
+    use super::*;
+
+    #[test]
+    fn a_corrupt_jsonl_line_is_named_with_its_file_and_line() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("openbookqa");
+        std::fs::create_dir_all(&dir).unwrap();
+        let good = r#"{"id": "1", "question_stem": "Q", "choices": {"text": ["a", "b"], "label": ["A", "B"]}, "answerKey": "B"}"#;
+        std::fs::write(dir.join("main_test.jsonl"), format!("{good}\n{{broken\n")).unwrap();
+        let dirs = DataDirs {
+            roots: vec![root.path().to_owned()],
+        };
+        let e = McTask::Openbookqa.load(&dirs).unwrap_err().to_string();
+        assert!(
+            e.contains("main_test.jsonl:2") && e.contains("not valid JSON"),
+            "{e}"
+        );
+        // A well-formed but short file fails the official count check.
+        std::fs::write(dir.join("main_test.jsonl"), format!("{good}\n")).unwrap();
+        let e = McTask::Openbookqa.load(&dirs).unwrap_err().to_string();
+        assert!(e.contains("1 examples") && e.contains("500"), "{e}");
+        // A gold answer that is not among the labels.
+        let bad = good.replace(r#""answerKey": "B""#, r#""answerKey": "E""#);
+        std::fs::write(dir.join("main_test.jsonl"), format!("{bad}\n")).unwrap();
+        let e = McTask::Openbookqa.load(&dirs).unwrap_err().to_string();
+        assert!(e.contains("answerKey `E`"), "{e}");
+    }
+}
