@@ -97,6 +97,19 @@ impl Job for EvalJob {
         let dirs = DataDirs::from_env(&lopper_home());
         let mut results = serde_json::Map::new();
         let mut table = Vec::new();
+        // Log-likelihoods of (context, continuation) requests, with a progress bar.
+        let score = |reqs: &[(String, String)], name: &str| -> Result<Vec<(f64, bool)>> {
+            let bar = bar(reqs.len(), name, "requests")?;
+            let lls = lopper_eval::loglikelihoods(
+                &loaded.model,
+                &loaded.tokenizer,
+                reqs,
+                a.batch_size,
+                |d| bar.set_position(d as u64),
+            )?;
+            bar.finish_and_clear();
+            Ok(lls)
+        };
         for &task in &self.tasks {
             let start = Instant::now();
             match task {
@@ -134,15 +147,7 @@ impl Job for EvalJob {
                     if let Some(l) = a.limit {
                         reqs.truncate(l);
                     }
-                    let bar = bar(reqs.len(), "lambada", "examples")?;
-                    let lls = lopper_eval::loglikelihoods(
-                        &loaded.model,
-                        &loaded.tokenizer,
-                        &reqs,
-                        a.batch_size,
-                        |d| bar.set_position(d as u64),
-                    )?;
-                    bar.finish_and_clear();
+                    let lls = score(&reqs, "lambada")?;
                     let n = lls.len();
                     let acc = lls.iter().filter(|l| l.1).count() as f64 / n as f64;
                     let acc_stderr = if n > 1 {
@@ -169,15 +174,7 @@ impl Job for EvalJob {
                         .iter()
                         .flat_map(|d| d.requests.iter().cloned())
                         .collect();
-                    let bar = bar(requests.len(), mc.name(), "requests")?;
-                    let lls = lopper_eval::loglikelihoods(
-                        &loaded.model,
-                        &loaded.tokenizer,
-                        &requests,
-                        a.batch_size,
-                        |d| bar.set_position(d as u64),
-                    )?;
-                    bar.finish_and_clear();
+                    let lls = score(&requests, mc.name())?;
                     let mut at = 0;
                     let scored: Vec<(Vec<f64>, Vec<String>, usize)> = docs
                         .iter()
