@@ -167,6 +167,15 @@ struct HfConfig {
     attention_bias: bool,
     #[serde(default)]
     mlp_bias: bool,
+    /// Per-layer widths of heterogeneous (pruned) models, as lopper writes them.
+    per_layer_config: Option<Vec<PerLayer>>,
+}
+
+#[derive(Debug, Deserialize)]
+struct PerLayer {
+    num_attention_heads: usize,
+    num_key_value_heads: usize,
+    intermediate_size: usize,
 }
 
 /// Reads a Hugging Face `config.json` into a [`ModelShape`]. Missing required keys, and
@@ -249,14 +258,8 @@ pub fn shape_from_hf_config(path: &Path) -> Result<ModelShape> {
         None if heads > 0 && hidden % heads == 0 => hidden / heads,
         None => return Err(err("required key `head_dim` is missing".into())),
     };
-    let shape = ModelShape {
-        vocab_size: vocab,
-        hidden_size: hidden,
-        norm_eps: eps,
-        rope: RopeConfig { theta, scaling },
-        tie_word_embeddings: c.tie_word_embeddings,
-        max_position_embeddings: c.max_position_embeddings.unwrap_or(2048),
-        layers: vec![
+    let layers = match &c.per_layer_config {
+        None => vec![
             LayerShape {
                 n_heads: heads,
                 n_kv_heads: c.num_key_value_heads.unwrap_or(heads),
@@ -265,6 +268,30 @@ pub fn shape_from_hf_config(path: &Path) -> Result<ModelShape> {
             };
             n_layers
         ],
+        Some(per) if per.len() == n_layers => per
+            .iter()
+            .map(|p| LayerShape {
+                n_heads: p.num_attention_heads,
+                n_kv_heads: p.num_key_value_heads,
+                head_dim,
+                ffn_hidden: p.intermediate_size,
+            })
+            .collect(),
+        Some(per) => {
+            return Err(err(format!(
+                "`per_layer_config` has {} entries for num_hidden_layers = {n_layers}",
+                per.len()
+            )));
+        }
+    };
+    let shape = ModelShape {
+        vocab_size: vocab,
+        hidden_size: hidden,
+        norm_eps: eps,
+        rope: RopeConfig { theta, scaling },
+        tie_word_embeddings: c.tie_word_embeddings,
+        max_position_embeddings: c.max_position_embeddings.unwrap_or(2048),
+        layers,
     };
     shape.validate().map_err(|e| err(e.to_string()))?;
     Ok(shape)

@@ -91,6 +91,13 @@ impl<B: Backend> Llama<B> {
 impl HostWeights {
     /// Writes the tensors as one F32 safetensors file (atomically).
     pub fn save_safetensors(&self, path: &Path) -> Result<()> {
+        let data = self.safetensors_bytes()?;
+        lopper_core::write_atomic(path, &data)?;
+        Ok(())
+    }
+
+    /// The tensors as the bytes of one F32 safetensors file.
+    pub fn safetensors_bytes(&self) -> Result<Vec<u8>> {
         let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = self
             .tensors
             .iter()
@@ -107,11 +114,9 @@ impl HostWeights {
                 (n.clone(), v)
             })
             .collect();
-        let data = safetensors::serialize(views, None).map_err(|e| Error::Safetensors {
-            path: path.to_owned(),
+        safetensors::serialize(views, None).map_err(|e| Error::Safetensors {
+            path: "(in memory)".into(),
             msg: e.to_string(),
-        })?;
-        lopper_core::write_atomic(path, &data)?;
-        Ok(())
+        })
     }
 }

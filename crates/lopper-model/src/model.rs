@@ -1,6 +1,10 @@
 //! The LLaMA-family decoder, built from a [`ModelShape`]. One forward path: the plain forward is
 //! the masked forward with no masks.
 
+use std::borrow::Cow;
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+
 use burn::module::{Module, Param};
 use burn::nn::{Embedding, Linear};
 use burn::tensor::activation::{silu, softmax};
@@ -175,8 +179,15 @@ const ATTN_CHUNK: usize = 256;
 /// every elementwise op runs on contiguous, same-shape tensors.
 #[derive(Debug, Clone)]
 pub struct Rope<B: Backend> {
-    /// head count -> (cos, sign-folded sin), each `[batch * seq, heads * head_dim]`
-    tables: std::collections::BTreeMap<usize, (Tensor<B, 2>, Tensor<B, 2>)>,
+    /// head count -> (cos, sign-folded sin), each `[batch * seq, heads * head_dim]`; built on
+    /// first use for head counts not announced to [`Rope::new`] (layers sliced on the fly).
+    tables: RefCell<BTreeMap<usize, (Tensor<B, 2>, Tensor<B, 2>)>>,
+    /// One position's rows, `[seq * head_dim]` each: cos and sign-folded sin.
+    cos_pos: Vec<f32>,
+    sin_pos: Vec<f32>,
+    batch: usize,
+    seq: usize,
+    device: B::Device,
     head_dim: usize,
     /// For long sequences: (first query row, rows, additive causal bias `[1, 1, rows, end]`).
     chunks: Vec<(usize, usize, Tensor<B, 4>)>,
@@ -209,24 +220,6 @@ impl<B: Backend> Rope<B> {
                 sin_pos[p * hd + i + half] = sn;
             }
         }
-        let mut tables = std::collections::BTreeMap::new();
-        for &h in heads {
-            if h == 0 || tables.contains_key(&h) {
-                continue;
-            }
-            let expand = |pos: &[f32]| -> Tensor<B, 2> {
-                let mut v = Vec::with_capacity(batch * seq * h * hd);
-                for _ in 0..batch {
-                    for p in 0..seq {
-                        for _ in 0..h {
-                            v.extend_from_slice(&pos[p * hd..(p + 1) * hd]);
-                        }
-                    }
-                }
-                Tensor::from_data(TensorData::new(v, [batch * seq, h * hd]), device)
-            };
-            tables.insert(h, (expand(&cos_pos), expand(&sin_pos)));
-        }
         let mut chunks = Vec::new();
         if seq > 2 * ATTN_CHUNK {
             for start in (0..seq).step_by(ATTN_CHUNK) {
@@ -247,11 +240,42 @@ impl<B: Backend> Rope<B> {
                 chunks.push((start, rows, bias));
             }
         }
-        Self {
-            tables,
+        let rope = Self {
+            tables: RefCell::new(BTreeMap::new()),
+            cos_pos,
+            sin_pos,
+            batch,
+            seq,
+            device: device.clone(),
             head_dim: hd,
             chunks,
+        };
+        for &h in heads {
+            rope.tables_for(h);
         }
+        rope
+    }
+
+    /// The (cos, sin) tables for `h` heads, built on first use.
+    fn tables_for(&self, h: usize) -> (Tensor<B, 2>, Tensor<B, 2>) {
+        if let Some(t) = self.tables.borrow().get(&h) {
+            return t.clone();
+        }
+        let (batch, seq, hd) = (self.batch, self.seq, self.head_dim);
+        let expand = |pos: &[f32]| -> Tensor<B, 2> {
+            let mut v = Vec::with_capacity(batch * seq * h * hd);
+            for _ in 0..batch {
+                for p in 0..seq {
+                    for _ in 0..h {
+                        v.extend_from_slice(&pos[p * hd..(p + 1) * hd]);
+                    }
+                }
+            }
+            Tensor::from_data(TensorData::new(v, [batch * seq, h * hd]), &self.device)
+        };
+        let t = (expand(&self.cos_pos), expand(&self.sin_pos));
+        self.tables.borrow_mut().insert(h, t.clone());
+        t
     }
 
     /// Causal scaled-dot-product attention. Short sequences use the backend's fused kernel;
@@ -295,7 +319,7 @@ impl<B: Backend> Rope<B> {
     /// # Shapes
     /// - `x`: `[batch * seq, heads * head_dim]` -> same
     pub fn apply(&self, x: Tensor<B, 2>, heads: usize) -> Tensor<B, 2> {
-        let (cos, sin) = &self.tables[&heads];
+        let (cos, sin) = self.tables_for(heads);
         let [n, _] = x.dims();
         let half = self.head_dim / 2;
         let swapped = x
@@ -303,7 +327,7 @@ impl<B: Backend> Rope<B> {
             .reshape([n, heads, 2, half])
             .flip([2])
             .reshape([n, heads * self.head_dim]);
-        x * cos.clone() + swapped * sin.clone()
+        x * cos + swapped * sin
     }
 }
 
@@ -448,7 +472,23 @@ impl<B: Backend> Llama<B> {
         &self,
         tokens: Tensor<B, 2, Int>,
         masks: Option<&Masks<B>>,
+        on_hidden: impl FnMut(usize, &Tensor<B, 2>),
+    ) -> Result<Tensor<B, 3>> {
+        self.forward_layers(tokens, masks, on_hidden, |_, l| Cow::Borrowed(l))
+    }
+
+    /// The one forward loop. `layer_for(i, layer)` may hand back a replacement for layer `i`
+    /// (for example the layer sliced down to the units a sampled mask keeps, so that pruned
+    /// units cost nothing); replacements are built one layer at a time and dropped after use.
+    ///
+    /// # Shapes
+    /// - `tokens`: `[batch, seq]`; output: `[batch, seq, vocab]`
+    pub fn forward_layers<'a>(
+        &'a self,
+        tokens: Tensor<B, 2, Int>,
+        masks: Option<&Masks<B>>,
         mut on_hidden: impl FnMut(usize, &Tensor<B, 2>),
+        mut layer_for: impl FnMut(usize, &'a DecoderLayer<B>) -> Cow<'a, DecoderLayer<B>>,
     ) -> Result<Tensor<B, 3>> {
         if let Some(m) = masks {
             m.check(self.shape())?;
@@ -470,6 +510,7 @@ impl<B: Backend> Llama<B> {
             .reshape([batch * seq, hidden]);
         for (i, layer) in self.layers.iter().enumerate() {
             on_hidden(i, &x);
+            let layer = layer_for(i, layer);
             x = layer.forward(x, batch, seq, &rope, masks.map(|m| &m.layers[i]));
         }
         let x = self.norm.forward(x);
@@ -513,17 +554,14 @@ impl<B: Backend> Llama<B> {
         tokens: Tensor<B, 2, Int>,
         masks: Option<&Masks<B>>,
     ) -> Result<Tensor<B, 2>> {
-        let [batch, seq] = tokens.dims();
+        let [_, seq] = tokens.dims();
         if seq < 2 {
             return Err(Error::Input(format!(
                 "need at least 2 tokens per row to score next-token predictions, got {seq}"
             )));
         }
-        let logits = self
-            .forward_masked(tokens.clone(), masks)?
-            .narrow(1, 0, seq - 1);
-        let targets = tokens.narrow(1, 1, seq - 1);
-        Ok(nll_from_logits(logits, targets).reshape([batch, seq - 1]))
+        let logits = self.forward_masked(tokens.clone(), masks)?;
+        Ok(next_token_nll(logits, tokens))
     }
 
     /// Mean next-token cross-entropy (nats) over every predicted token of the batch.
@@ -531,13 +569,175 @@ impl<B: Backend> Llama<B> {
     /// # Shapes
     /// - `tokens`: `[batch, seq]` (seq >= 2) -> scalar
     pub fn mean_loss(&self, tokens: Tensor<B, 2, Int>, masks: Option<&Masks<B>>) -> Result<f64> {
-        let nll = self.token_nll(tokens, masks)?;
-        let v: Vec<f32> = nll
-            .into_data()
-            .to_vec()
-            .map_err(|e| Error::Input(format!("reading losses back: {e:?}")))?;
-        Ok(v.iter().map(|&x| x as f64).sum::<f64>() / v.len() as f64)
+        mean_of(self.token_nll(tokens, masks)?)
     }
+
+    /// Builds a model from its parts, checking every tensor against `shape` (the way surgery
+    /// hands back a smaller model).
+    pub fn from_parts(
+        embed_tokens: Embedding<B>,
+        layers: Vec<DecoderLayer<B>>,
+        norm: RmsNorm<B>,
+        lm_head: Option<Linear<B>>,
+        shape: ModelShape,
+    ) -> Result<Self> {
+        shape.validate()?;
+        let model = Self {
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            shape,
+        };
+        model.check_against_shape()?;
+        Ok(model)
+    }
+
+    /// Checks that every tensor has the dims its shape implies.
+    fn check_against_shape(&self) -> Result<()> {
+        let s = &self.shape;
+        let (h, v) = (s.hidden_size, s.vocab_size);
+        let mismatch = |name: String, expected: Vec<usize>, got: Vec<usize>| Error::TensorShape {
+            name,
+            source_desc: "the assembled model".into(),
+            expected,
+            got,
+        };
+        let check = |name: String, expected: Vec<usize>, got: Vec<usize>| {
+            if expected == got {
+                Ok(())
+            } else {
+                Err(mismatch(name, expected, got))
+            }
+        };
+        if self.layers.len() != s.n_layers() {
+            return Err(Error::Input(format!(
+                "{} decoder layers for a shape of {} layers",
+                self.layers.len(),
+                s.n_layers()
+            )));
+        }
+        check(
+            "model.embed_tokens.weight".into(),
+            vec![v, h],
+            self.embed_tokens.weight.dims().to_vec(),
+        )?;
+        check(
+            "model.norm.weight".into(),
+            vec![h],
+            self.norm.weight.dims().to_vec(),
+        )?;
+        if s.tie_word_embeddings != self.lm_head.is_none() {
+            return Err(Error::Input(
+                "the LM head does not match tie_word_embeddings".into(),
+            ));
+        }
+        if let Some(head) = &self.lm_head {
+            check(
+                "lm_head.weight".into(),
+                vec![h, v],
+                head.weight.dims().to_vec(),
+            )?;
+        }
+        for (i, (layer, ls)) in self.layers.iter().zip(&s.layers).enumerate() {
+            let p = |t: &str| format!("model.layers.{i}.{t}");
+            match (&layer.input_layernorm, &layer.self_attn) {
+                (Some(n), Some(a)) if ls.has_attn() => {
+                    let (q, kv) = (ls.n_heads * ls.head_dim, ls.n_kv_heads * ls.head_dim);
+                    check(
+                        p("input_layernorm.weight"),
+                        vec![h],
+                        n.weight.dims().to_vec(),
+                    )?;
+                    check(
+                        p("self_attn.q_proj"),
+                        vec![h, q],
+                        a.q_proj.weight.dims().to_vec(),
+                    )?;
+                    check(
+                        p("self_attn.k_proj"),
+                        vec![h, kv],
+                        a.k_proj.weight.dims().to_vec(),
+                    )?;
+                    check(
+                        p("self_attn.v_proj"),
+                        vec![h, kv],
+                        a.v_proj.weight.dims().to_vec(),
+                    )?;
+                    check(
+                        p("self_attn.o_proj"),
+                        vec![q, h],
+                        a.o_proj.weight.dims().to_vec(),
+                    )?;
+                    if (a.n_heads, a.n_kv_heads, a.head_dim)
+                        != (ls.n_heads, ls.n_kv_heads, ls.head_dim)
+                    {
+                        return Err(Error::Input(format!(
+                            "layer {i}: attention head counts differ from the shape"
+                        )));
+                    }
+                }
+                (None, None) if !ls.has_attn() => {}
+                _ => {
+                    return Err(Error::Input(format!(
+                        "layer {i}: attention block presence does not match the shape"
+                    )));
+                }
+            }
+            match (&layer.post_attention_layernorm, &layer.mlp) {
+                (Some(n), Some(m)) if ls.has_mlp() => {
+                    let f = ls.ffn_hidden;
+                    check(
+                        p("post_attention_layernorm.weight"),
+                        vec![h],
+                        n.weight.dims().to_vec(),
+                    )?;
+                    check(
+                        p("mlp.gate_proj"),
+                        vec![h, f],
+                        m.gate_proj.weight.dims().to_vec(),
+                    )?;
+                    check(
+                        p("mlp.up_proj"),
+                        vec![h, f],
+                        m.up_proj.weight.dims().to_vec(),
+                    )?;
+                    check(
+                        p("mlp.down_proj"),
+                        vec![f, h],
+                        m.down_proj.weight.dims().to_vec(),
+                    )?;
+                }
+                (None, None) if !ls.has_mlp() => {}
+                _ => {
+                    return Err(Error::Input(format!(
+                        "layer {i}: MLP block presence does not match the shape"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Negative log-likelihood of each next token: position `t` predicts `tokens[t + 1]`.
+///
+/// # Shapes
+/// - `logits`: `[batch, seq, vocab]`, `tokens`: `[batch, seq]` (seq >= 2) -> `[batch, seq - 1]`
+pub fn next_token_nll<B: Backend>(logits: Tensor<B, 3>, tokens: Tensor<B, 2, Int>) -> Tensor<B, 2> {
+    let [batch, seq] = tokens.dims();
+    let logits = logits.narrow(1, 0, seq - 1);
+    let targets = tokens.narrow(1, 1, seq - 1);
+    nll_from_logits(logits, targets).reshape([batch, seq - 1])
+}
+
+/// The mean of every element, read back to the host in f64.
+pub fn mean_of<B: Backend, const D: usize>(t: Tensor<B, D>) -> Result<f64> {
+    let v: Vec<f32> = t
+        .into_data()
+        .to_vec()
+        .map_err(|e| Error::Input(format!("reading values back: {e:?}")))?;
+    Ok(v.iter().map(|&x| x as f64).sum::<f64>() / v.len().max(1) as f64)
 }
 
 /// `logsumexp(logits) - logits[target]` for each position.

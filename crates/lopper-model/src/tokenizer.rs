@@ -26,7 +26,8 @@ impl Tokenizer {
         Self::from_json(json, &path.display().to_string())
     }
 
-    fn from_json(json: String, what: &str) -> Result<Self> {
+    /// Parses a `tokenizer.json` held in memory; `what` names it in errors.
+    pub fn from_json(json: String, what: &str) -> Result<Self> {
         let inner: tokenizers::Tokenizer = json.parse().map_err(|e| Error::Tokenizer {
             what: what.into(),
             msg: format!("cannot parse: {e}"),

@@ -1,0 +1,194 @@
+//! Writing models: the lopper directory format (Hugging Face names and config, plus the exact
+//! per-layer shape and provenance), all files first in a temporary folder next to the target,
+//! then one rename.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use burn::tensor::backend::Backend;
+
+use crate::error::{Error, Result};
+use lopper_core::{MaskPlan, ModelShape};
+use lopper_model::{Llama, Tokenizer, hf_config_json};
+
+/// Output formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExportFormat {
+    /// The lopper directory: `model.safetensors` (F32, HF names), `config.json`, `shape.json`,
+    /// `tokenizer.json`, `lopper.json`.
+    Hf,
+}
+
+/// How to export.
+#[derive(Debug, Clone)]
+pub struct ExportOptions {
+    /// Output format.
+    pub format: ExportFormat,
+    /// Replace an existing output folder.
+    pub force: bool,
+    /// Provenance written to `lopper.json` (method, settings, seed, calibration data, command).
+    pub provenance: serde_json::Value,
+}
+
+/// Writes one file of an export; the seam where tests inject a full disk.
+pub trait FileSink {
+    /// Writes `bytes` to `path`.
+    fn write(&mut self, path: &Path, bytes: &[u8]) -> std::io::Result<()>;
+}
+
+/// The real file system.
+#[derive(Debug, Default)]
+pub struct Disk;
+
+impl FileSink for Disk {
+    fn write(&mut self, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+        let mut f = std::fs::File::create(path)?;
+        f.write_all(bytes)?;
+        f.sync_all()
+    }
+}
+
+/// The `config.json` of `shape`: loadable by stock `transformers` when every layer is alike;
+/// otherwise the largest widths plus `per_layer_config` (one entry per layer with its
+/// `num_attention_heads`, `num_key_value_heads` and `intermediate_size`; 0 marks a removed block).
+pub fn config_json(shape: &ModelShape, tokenizer: &Tokenizer) -> serde_json::Value {
+    if let Some(v) = hf_config_json(shape, tokenizer.bos_id, tokenizer.eos_id) {
+        return v;
+    }
+    let max = |f: &dyn Fn(&lopper_core::LayerShape) -> usize| {
+        shape.layers.iter().map(f).max().unwrap_or(0)
+    };
+    let head_dim = shape
+        .layers
+        .iter()
+        .find(|l| l.has_attn())
+        .map_or(64, |l| l.head_dim);
+    // Start from a uniform shape with the largest widths, then describe each layer.
+    let widest = lopper_core::LayerShape {
+        n_heads: max(&|l| l.n_heads).max(1),
+        n_kv_heads: max(&|l| l.n_kv_heads).max(1),
+        head_dim,
+        ffn_hidden: max(&|l| l.ffn_hidden).max(1),
+    };
+    let uniform = ModelShape {
+        layers: vec![widest; shape.n_layers()],
+        ..shape.clone()
+    };
+    let mut v = hf_config_json(&uniform, tokenizer.bos_id, tokenizer.eos_id)
+        .expect("a uniform shape with both blocks is expressible");
+    v["per_layer_config"] = shape
+        .layers
+        .iter()
+        .map(|l| {
+            serde_json::json!({
+                "num_attention_heads": l.n_heads,
+                "num_key_value_heads": l.n_kv_heads,
+                "intermediate_size": l.ffn_hidden,
+            })
+        })
+        .collect();
+    v
+}
+
+fn json_bytes(v: &impl serde::Serialize) -> Vec<u8> {
+    let mut s = serde_json::to_string_pretty(v).expect("serialisable");
+    s.push('\n');
+    s.into_bytes()
+}
+
+/// Exports `model` (already pruned, or dense) with its tokenizer to the folder `out`.
+/// `plan` is the plan that produced it, recorded in `lopper.json` with `opts.provenance`.
+pub fn export<B: Backend>(
+    model: &Llama<B>,
+    tokenizer: &Tokenizer,
+    plan: Option<&MaskPlan>,
+    opts: &ExportOptions,
+    out: &Path,
+) -> Result<PathBuf> {
+    export_with(model, tokenizer, plan, opts, out, &mut Disk)
+}
+
+/// [`export`] writing through `sink` (tests inject failures here).
+pub fn export_with<B: Backend>(
+    model: &Llama<B>,
+    tokenizer: &Tokenizer,
+    plan: Option<&MaskPlan>,
+    opts: &ExportOptions,
+    out: &Path,
+    sink: &mut dyn FileSink,
+) -> Result<PathBuf> {
+    if out.exists() && !opts.force {
+        return Err(Error::OutputExists(out.to_owned()));
+    }
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&parent).map_err(|source| Error::Write {
+        path: parent.clone(),
+        source,
+    })?;
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into());
+    let tmp = tempfile::Builder::new()
+        .prefix(&format!(".{name}.partial-"))
+        .tempdir_in(&parent)
+        .map_err(|source| Error::Write {
+            path: parent.clone(),
+            source,
+        })?;
+    let shape = model.shape();
+    let mut files: Vec<(&str, Vec<u8>)> = Vec::new();
+    match opts.format {
+        ExportFormat::Hf => {
+            let weights = model.to_host_weights();
+            files.push(("model.safetensors", weights.safetensors_bytes()?));
+            files.push(("config.json", json_bytes(&config_json(shape, tokenizer))));
+            files.push(("shape.json", json_bytes(shape)));
+            files.push(("tokenizer.json", tokenizer.to_json().as_bytes().to_vec()));
+        }
+    }
+    let mut record = serde_json::json!({
+        "lopper_version": env!("CARGO_PKG_VERSION"),
+        "params": shape.num_params(),
+        "provenance": opts.provenance,
+    });
+    if let Some(p) = plan {
+        record["plan"] = serde_json::to_value(p).expect("serialisable");
+        record["kept_param_ratio"] = p.kept_param_ratio().into();
+    }
+    files.push(("lopper.json", json_bytes(&record)));
+    for (file, bytes) in &files {
+        let path = tmp.path().join(file);
+        sink.write(&path, bytes)
+            .map_err(|source| Error::Write { path, source })?;
+    }
+    // Publish: move an existing folder aside, rename the new one in, then delete the old.
+    let tmp = tmp.keep();
+    let old = out
+        .exists()
+        .then(|| parent.join(format!(".{name}.old-{}", std::process::id())));
+    if let Some(old) = &old {
+        std::fs::rename(out, old).map_err(|source| Error::Write {
+            path: out.to_owned(),
+            source,
+        })?;
+    }
+    if let Err(source) = std::fs::rename(&tmp, out) {
+        if let Some(old) = &old {
+            let _ = std::fs::rename(old, out);
+        }
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(Error::Write {
+            path: out.to_owned(),
+            source,
+        });
+    }
+    if let Some(old) = old {
+        let _ = std::fs::remove_dir_all(old);
+    }
+    tracing::info!(out = %out.display(), params = shape.num_params(), "exported");
+    Ok(out.to_owned())
+}

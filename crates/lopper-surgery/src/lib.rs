@@ -1,0 +1,12 @@
+#![doc = include_str!("../README.md")]
+
+mod error;
+pub mod export;
+mod slice;
+
+pub use error::{Error, Result};
+pub use export::{ExportFormat, ExportOptions, export};
+pub use slice::{forward_kept, mean_loss_kept, prune, slice_layer};
+
+#[cfg(test)]
+mod tests;

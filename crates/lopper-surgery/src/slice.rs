@@ -1,0 +1,176 @@
+//! Index-selecting the kept units of a layer, and of a whole model.
+
+use std::borrow::Cow;
+
+use burn::module::Param;
+use burn::nn::Linear;
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor, TensorData};
+
+use crate::error::Result;
+use lopper_core::{LayerPlan, LayerShape, MaskPlan};
+use lopper_model::{Attention, DecoderLayer, Llama, Mlp, mean_of, next_token_nll};
+
+fn index<B: Backend>(ids: &[usize], device: &B::Device) -> Tensor<B, 1, Int> {
+    let v: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
+    Tensor::from_data(TensorData::new(v, [ids.len()]), device)
+}
+
+/// A linear layer keeping only the `ids` of one side. burn stores `[in, out]`: `dim = 1` selects
+/// outputs (HF rows), `dim = 0` selects inputs (HF columns). Biases follow the outputs.
+fn select_linear<B: Backend>(lin: &Linear<B>, dim: usize, ids: &Tensor<B, 1, Int>) -> Linear<B> {
+    let weight = lin.weight.val().select(dim, ids.clone());
+    let bias = lin.bias.as_ref().map(|b| {
+        let v = b.val();
+        Param::from_tensor(if dim == 1 {
+            v.select(0, ids.clone())
+        } else {
+            v
+        })
+    });
+    Linear {
+        weight: Param::from_tensor(weight),
+        bias,
+    }
+}
+
+/// The feature indices of kept KV groups: `(query dims, kv dims)`.
+fn head_dims(groups: &[usize], src: &LayerShape) -> (Vec<usize>, Vec<usize>) {
+    let (hd, rep) = (src.head_dim, src.n_rep());
+    let q = groups
+        .iter()
+        .flat_map(|&g| (g * rep * hd)..((g + 1) * rep * hd))
+        .collect();
+    let kv = groups
+        .iter()
+        .flat_map(|&g| (g * hd)..((g + 1) * hd))
+        .collect();
+    (q, kv)
+}
+
+/// Layer `layer` (of shape `src`) keeping only what `keep` lists. A block that keeps nothing is
+/// removed with its norm. Returns the layer unchanged when everything is kept.
+pub fn slice_layer<'a, B: Backend>(
+    layer: &'a DecoderLayer<B>,
+    src: &LayerShape,
+    keep: &LayerPlan,
+) -> Cow<'a, DecoderLayer<B>> {
+    let all_groups = keep.kv_groups.len() == src.n_kv_heads;
+    let all_channels = keep.channels.len() == src.ffn_hidden;
+    if all_groups && all_channels {
+        return Cow::Borrowed(layer);
+    }
+    let (input_layernorm, self_attn) = match (&layer.input_layernorm, &layer.self_attn) {
+        (Some(n), Some(a)) if !keep.kv_groups.is_empty() => {
+            if all_groups {
+                (Some(n.clone()), Some(a.clone()))
+            } else {
+                let device = a.q_proj.weight.device();
+                let (q, kv) = head_dims(&keep.kv_groups, src);
+                let (q, kv) = (index::<B>(&q, &device), index::<B>(&kv, &device));
+                let n_kv_heads = keep.kv_groups.len();
+                let attn = Attention {
+                    q_proj: select_linear(&a.q_proj, 1, &q),
+                    k_proj: select_linear(&a.k_proj, 1, &kv),
+                    v_proj: select_linear(&a.v_proj, 1, &kv),
+                    o_proj: select_linear(&a.o_proj, 0, &q),
+                    n_heads: n_kv_heads * src.n_rep(),
+                    n_kv_heads,
+                    head_dim: src.head_dim,
+                };
+                (Some(n.clone()), Some(attn))
+            }
+        }
+        _ => (None, None),
+    };
+    let (post_attention_layernorm, mlp) = match (&layer.post_attention_layernorm, &layer.mlp) {
+        (Some(n), Some(m)) if !keep.channels.is_empty() => {
+            if all_channels {
+                (Some(n.clone()), Some(m.clone()))
+            } else {
+                let ids = index::<B>(&keep.channels, &m.gate_proj.weight.device());
+                let mlp = Mlp {
+                    gate_proj: select_linear(&m.gate_proj, 1, &ids),
+                    up_proj: select_linear(&m.up_proj, 1, &ids),
+                    down_proj: select_linear(&m.down_proj, 0, &ids),
+                };
+                (Some(n.clone()), Some(mlp))
+            }
+        }
+        _ => (None, None),
+    };
+    Cow::Owned(DecoderLayer {
+        input_layernorm,
+        self_attn,
+        post_attention_layernorm,
+        mlp,
+    })
+}
+
+/// The physically pruned model: the plan's shape first, then the kept weights, checked
+/// against that shape. Norms, embeddings, RoPE and the LM head stay; removed layers are dropped
+/// and the rest renumbered.
+pub fn prune<B: Backend>(model: &Llama<B>, plan: &MaskPlan) -> Result<Llama<B>> {
+    plan.validate_against(model.shape())?;
+    let shape = plan.pruned_shape();
+    let layers = plan
+        .kept_layers()
+        .into_iter()
+        .map(|i| {
+            slice_layer(&model.layers[i], &plan.source.layers[i], &plan.layers[i]).into_owned()
+        })
+        .collect();
+    let pruned = Llama::from_parts(
+        model.embed_tokens.clone(),
+        layers,
+        model.norm.clone(),
+        model.lm_head.clone(),
+        shape,
+    )?;
+    tracing::debug!(
+        params = pruned.shape().num_params(),
+        dense = model.shape().num_params(),
+        "surgery done"
+    );
+    Ok(pruned)
+}
+
+/// Logits of the model pruned by `plan`, without building the pruned model: each layer is sliced
+/// just before it runs and dropped after, so memory stays at one layer's kept weights and the
+/// compute falls with the units removed. Equal to `prune(model, plan)?.forward(tokens)`.
+///
+/// # Shapes
+/// - `tokens`: `[batch, seq]` -> `[batch, seq, vocab]`
+pub fn forward_kept<B: Backend>(
+    model: &Llama<B>,
+    plan: &MaskPlan,
+    tokens: Tensor<B, 2, Int>,
+) -> Result<Tensor<B, 3>> {
+    plan.validate_against(model.shape())?;
+    Ok(model.forward_layers(
+        tokens,
+        None,
+        |_, _| {},
+        |i, layer| slice_layer(layer, &plan.source.layers[i], &plan.layers[i]),
+    )?)
+}
+
+/// Mean next-token cross-entropy (nats) of the model pruned by `plan` ([`forward_kept`]).
+///
+/// # Shapes
+/// - `tokens`: `[batch, seq]` (seq >= 2) -> scalar
+pub fn mean_loss_kept<B: Backend>(
+    model: &Llama<B>,
+    plan: &MaskPlan,
+    tokens: Tensor<B, 2, Int>,
+) -> Result<f64> {
+    let [_, seq] = tokens.dims();
+    if seq < 2 {
+        return Err(lopper_model::Error::Input(format!(
+            "need at least 2 tokens per row to score next-token predictions, got {seq}"
+        ))
+        .into());
+    }
+    let logits = forward_kept(model, plan, tokens.clone())?;
+    Ok(mean_of(next_token_nll(logits, tokens))?)
+}

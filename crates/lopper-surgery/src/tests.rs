@@ -1,0 +1,318 @@
+use std::path::Path;
+
+use burn::tensor::Tensor;
+use burn_flex::Flex;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::export::{FileSink, config_json, export_with};
+use crate::*;
+use lopper_core::{LayerPlan, MaskPlan, ModelShape, PruneUnit};
+use lopper_model::{Llama, Masks, ModelFiles, Tokenizer, load_files, shape_from_hf_config};
+
+type B = Flex;
+const D: burn_flex::FlexDevice = burn_flex::FlexDevice;
+
+fn tiny() -> Llama<B> {
+    Llama::random(&ModelShape::tiny(), 7, &D).unwrap()
+}
+
+/// A word-level tokenizer over the tiny model's 128 ids (`t0` .. `t127`).
+fn tiny_tokenizer() -> Tokenizer {
+    let vocab: serde_json::Map<String, serde_json::Value> =
+        (0..128).map(|i| (format!("t{i}"), i.into())).collect();
+    let json = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null,
+        "decoder": null, "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "t0"}
+    });
+    Tokenizer::from_json(json.to_string(), "tiny test tokenizer").unwrap()
+}
+
+fn tokens(model: &Llama<B>) -> Tensor<B, 2, burn::tensor::Int> {
+    let rows: Vec<Vec<u32>> = (0..2)
+        .map(|r| {
+            (0..13)
+                .map(|t| ((t * 31 + r * 17 + 5) % 128) as u32)
+                .collect()
+        })
+        .collect();
+    model.tokens(&rows).unwrap()
+}
+
+fn values(t: Tensor<B, 3>) -> Vec<f32> {
+    t.into_data().to_vec().unwrap()
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// A random plan: each KV group and channel kept with probability `keep`; sometimes a whole
+/// block or layer goes.
+fn random_plan(shape: &ModelShape, keep: f64, rng: &mut ChaCha8Rng) -> MaskPlan {
+    loop {
+        let layers = shape
+            .layers
+            .iter()
+            .map(|l| {
+                let mut kv: Vec<usize> = (0..l.n_kv_heads)
+                    .filter(|_| rng.random_bool(keep))
+                    .collect();
+                let mut ch: Vec<usize> = (0..l.ffn_hidden)
+                    .filter(|_| rng.random_bool(keep))
+                    .collect();
+                match rng.random_range(0..8) {
+                    0 => kv.clear(),
+                    1 => ch.clear(),
+                    2 => {
+                        kv.clear();
+                        ch.clear();
+                    }
+                    _ => {}
+                }
+                LayerPlan {
+                    kv_groups: kv,
+                    channels: ch,
+                }
+            })
+            .collect();
+        let plan = MaskPlan {
+            layers,
+            ..MaskPlan::keep_all(shape)
+        };
+        if plan.validate().is_ok() {
+            return plan;
+        }
+    }
+}
+
+#[test]
+fn surgery_equals_the_masked_model_on_many_random_plans() {
+    let model = tiny();
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    for case in 0..40 {
+        let keep = [0.3, 0.5, 0.8][case % 3];
+        let plan = random_plan(model.shape(), keep, &mut rng);
+        let masks = Masks::from_plan(&plan, &D).unwrap();
+        let masked = values(model.forward_masked(tokens(&model), Some(&masks)).unwrap());
+        let pruned = prune(&model, &plan).unwrap();
+        let physical = values(pruned.forward(tokens(&model)));
+        let d = max_diff(&masked, &physical);
+        assert!(d < 1e-4, "case {case}: surgery differs from masking by {d}");
+        // Layer-at-a-time slicing is the same computation.
+        let kept = values(forward_kept(&model, &plan, tokens(&model)).unwrap());
+        assert!(max_diff(&kept, &physical) < 1e-5, "case {case}");
+        // The parameter count is the shape's.
+        let n: u64 = pruned
+            .to_host_weights()
+            .tensors
+            .values()
+            .map(|t| t.data.len() as u64)
+            .sum();
+        assert_eq!(n, pruned.shape().num_params(), "case {case}");
+        assert_eq!(pruned.shape(), &plan.pruned_shape());
+        assert_eq!(pruned.layers.len(), plan.kept_layers().len());
+    }
+}
+
+#[test]
+fn surgery_of_an_all_keep_plan_is_the_identity() {
+    let model = tiny();
+    let pruned = prune(&model, &MaskPlan::keep_all(model.shape())).unwrap();
+    assert_eq!(pruned.to_host_weights(), model.to_host_weights());
+    assert_eq!(
+        values(pruned.forward(tokens(&model))),
+        values(model.forward(tokens(&model)))
+    );
+}
+
+#[test]
+fn a_layer_may_lose_a_whole_block() {
+    let model = tiny();
+    let plan = MaskPlan::from_removed(
+        model.shape(),
+        &[
+            PruneUnit::AttnBlock { layer: 0 },
+            PruneUnit::MlpBlock { layer: 2 },
+            PruneUnit::Layer { layer: 1 },
+        ],
+    )
+    .unwrap();
+    let pruned = prune(&model, &plan).unwrap();
+    assert_eq!(pruned.layers.len(), 2);
+    assert!(pruned.layers[0].self_attn.is_none() && pruned.layers[0].input_layernorm.is_none());
+    assert!(pruned.layers[1].mlp.is_none() && pruned.layers[1].self_attn.is_some());
+    let masked = values(
+        model
+            .forward_masked(tokens(&model), Some(&Masks::from_plan(&plan, &D).unwrap()))
+            .unwrap(),
+    );
+    assert!(max_diff(&masked, &values(pruned.forward(tokens(&model)))) < 1e-4);
+}
+
+#[test]
+fn a_plan_for_another_model_is_refused() {
+    let model = tiny();
+    let mut other = ModelShape::tiny();
+    other.layers[1].ffn_hidden = 40;
+    let err = prune(&model, &MaskPlan::keep_all(&other))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("another model"), "{err}");
+}
+
+fn opts(force: bool) -> ExportOptions {
+    ExportOptions {
+        format: ExportFormat::Hf,
+        force,
+        provenance: serde_json::json!({"method": "test"}),
+    }
+}
+
+fn reload(dir: &Path) -> Llama<B> {
+    load_files::<B>(&ModelFiles::HfDir(dir.to_owned()), "test", &D)
+        .unwrap()
+        .model
+}
+
+#[test]
+fn export_round_trips_heterogeneous_and_uniform_models() {
+    let model = tiny();
+    let tok = tiny_tokenizer();
+    let root = tempfile::tempdir().unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    // Heterogeneous: shape.json carries the exact layers; config.json lists them per layer.
+    let plan = random_plan(model.shape(), 0.6, &mut rng);
+    let pruned = prune(&model, &plan).unwrap();
+    let out = root.path().join("het");
+    export(&pruned, &tok, Some(&plan), &opts(false), &out).unwrap();
+    let back = reload(&out);
+    assert_eq!(back.shape(), pruned.shape());
+    assert_eq!(
+        values(back.forward(tokens(&model))),
+        values(pruned.forward(tokens(&model)))
+    );
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("lopper.json")).unwrap()).unwrap();
+    assert_eq!(
+        MaskPlan::from_json(&record["plan"].to_string()).unwrap(),
+        plan
+    );
+    assert_eq!(record["provenance"]["method"], "test");
+    // Uniform with a dropped layer: a stock config.json, layers renumbered.
+    let plan = MaskPlan::from_removed(
+        model.shape(),
+        &[
+            PruneUnit::Layer { layer: 1 },
+            PruneUnit::KvGroup { layer: 0, group: 1 },
+            PruneUnit::KvGroup { layer: 2, group: 0 },
+        ],
+    )
+    .unwrap();
+    let mut plan = plan;
+    plan.layers[0].channels.truncate(40);
+    plan.layers[2].channels.truncate(40);
+    assert!(plan.is_uniform());
+    let pruned = prune(&model, &plan).unwrap();
+    let out = root.path().join("uni");
+    export(&pruned, &tok, Some(&plan), &opts(false), &out).unwrap();
+    std::fs::remove_file(out.join("shape.json")).unwrap();
+    assert_eq!(
+        &shape_from_hf_config(&out.join("config.json")).unwrap(),
+        pruned.shape()
+    );
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert!(cfg.get("per_layer_config").is_none());
+    assert_eq!(cfg["num_hidden_layers"], 2);
+    assert_eq!(
+        values(reload(&out).forward(tokens(&model))),
+        values(pruned.forward(tokens(&model)))
+    );
+}
+
+#[test]
+fn heterogeneous_config_lists_every_layer() {
+    let model = tiny();
+    let plan = MaskPlan::from_removed(model.shape(), &[PruneUnit::AttnBlock { layer: 1 }]).unwrap();
+    let cfg = config_json(&plan.pruned_shape(), &tiny_tokenizer());
+    let per = cfg["per_layer_config"].as_array().unwrap();
+    assert_eq!(per.len(), 3);
+    assert_eq!(per[1]["num_attention_heads"], 0);
+    assert_eq!(per[1]["intermediate_size"], 48);
+    // lopper reads the per-layer sizes back without shape.json.
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("config.json");
+    std::fs::write(&p, cfg.to_string()).unwrap();
+    assert_eq!(shape_from_hf_config(&p).unwrap(), plan.pruned_shape());
+}
+
+#[test]
+fn an_existing_output_is_refused_unless_forced() {
+    let model = tiny();
+    let root = tempfile::tempdir().unwrap();
+    let out = root.path().join("m");
+    std::fs::create_dir(&out).unwrap();
+    std::fs::write(out.join("keep.txt"), "x").unwrap();
+    let err = export(&model, &tiny_tokenizer(), None, &opts(false), &out).unwrap_err();
+    assert!(err.to_string().contains("--force"), "{err}");
+    assert!(out.join("keep.txt").exists());
+    export(&model, &tiny_tokenizer(), None, &opts(true), &out).unwrap();
+    assert!(!out.join("keep.txt").exists() && out.join("model.safetensors").exists());
+    // Nothing temporary is left beside it.
+    let names: Vec<_> = std::fs::read_dir(root.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, vec![std::ffi::OsString::from("m")]);
+}
+
+/// A disk that fills up after `ok` files.
+struct FullDisk {
+    ok: usize,
+}
+
+impl FileSink for FullDisk {
+    fn write(&mut self, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+        if self.ok == 0 {
+            // Leave a truncated file behind, as a real full disk would.
+            std::fs::write(path, &bytes[..bytes.len() / 2])?;
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::StorageFull,
+                "No space left on device",
+            ));
+        }
+        self.ok -= 1;
+        std::fs::write(path, bytes)
+    }
+}
+
+#[test]
+fn a_full_disk_mid_write_leaves_nothing_under_the_final_name() {
+    let model = tiny();
+    let root = tempfile::tempdir().unwrap();
+    let out = root.path().join("m");
+    for ok in 0..4 {
+        let err = export_with(
+            &model,
+            &tiny_tokenizer(),
+            None,
+            &opts(false),
+            &out,
+            &mut FullDisk { ok },
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("No space left"), "{err}");
+        assert!(!out.exists());
+        assert_eq!(
+            std::fs::read_dir(root.path()).unwrap().count(),
+            0,
+            "temporary folder left behind"
+        );
+    }
+}
