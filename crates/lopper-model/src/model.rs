@@ -173,6 +173,9 @@ impl<B: Backend> DecoderLayer<B> {
 /// Query rows per block of the chunked causal attention used for long sequences.
 const ATTN_CHUNK: usize = 256;
 
+/// RoPE tables for one head count: cos and sign-folded sin, each `[batch * seq, heads * head_dim]`.
+type CosSin<B> = (Tensor<B, 2>, Tensor<B, 2>);
+
 /// Per-forward position tables for one batch shape: RoPE (HF rotate-half convention), applied
 /// to projections in their 2-D `[batch * seq, heads * head_dim]` layout, and the causal biases of
 /// the chunked attention. Tables are built once per forward (per head count for RoPE) so that
@@ -181,7 +184,7 @@ const ATTN_CHUNK: usize = 256;
 pub struct Rope<B: Backend> {
     /// head count -> (cos, sign-folded sin), each `[batch * seq, heads * head_dim]`; built on
     /// first use for head counts not announced to [`Rope::new`] (layers sliced on the fly).
-    tables: RefCell<BTreeMap<usize, (Tensor<B, 2>, Tensor<B, 2>)>>,
+    tables: RefCell<BTreeMap<usize, CosSin<B>>>,
     /// One position's rows, `[seq * head_dim]` each: cos and sign-folded sin.
     cos_pos: Vec<f32>,
     sin_pos: Vec<f32>,
@@ -257,7 +260,7 @@ impl<B: Backend> Rope<B> {
     }
 
     /// The (cos, sin) tables for `h` heads, built on first use.
-    fn tables_for(&self, h: usize) -> (Tensor<B, 2>, Tensor<B, 2>) {
+    fn tables_for(&self, h: usize) -> CosSin<B> {
         if let Some(t) = self.tables.borrow().get(&h) {
             return t.clone();
         }
