@@ -4,7 +4,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+mod calib;
 mod mc;
+pub use calib::{CalibInfo, Calibration, Sampler, load_documents, sample};
 pub use mc::{McDoc, McTask, load_lambada};
 
 /// Errors of dataset resolution and reading.
