@@ -68,6 +68,20 @@ impl<B: Backend> Attention<B> {
         rope: &Rope<B>,
         head_mask: Option<&Tensor<B, 1>>,
     ) -> Tensor<B, 2> {
+        self.forward_tapped(x, batch, seq, rope, head_mask, &mut |_| {})
+    }
+
+    /// [`Attention::forward`], handing `tap` the (masked) input of `o_proj`,
+    /// `[batch * seq, n_heads * head_dim]`.
+    pub fn forward_tapped(
+        &self,
+        x: Tensor<B, 2>,
+        batch: usize,
+        seq: usize,
+        rope: &Rope<B>,
+        head_mask: Option<&Tensor<B, 1>>,
+        tap: &mut dyn FnMut(&Tensor<B, 2>),
+    ) -> Tensor<B, 2> {
         let (h, kvh, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
         let heads = |t: Tensor<B, 2>, n: usize| -> Tensor<B, 4> {
             t.reshape([batch, seq, n, hd]).swap_dims(1, 2)
@@ -81,6 +95,7 @@ impl<B: Backend> Attention<B> {
             out = out * m.clone().reshape([1, h, 1, 1]);
         }
         let out = out.swap_dims(1, 2).reshape([batch * seq, h * hd]);
+        tap(&out);
         self.o_proj.forward(out)
     }
 }
@@ -112,12 +127,32 @@ impl<B: Backend> Mlp<B> {
     /// - `x`: `[n, hidden]`, `channel_mask`: `[ffn_hidden]` (multiplies `silu(gate) * up`)
     /// - output: `[n, hidden]`
     pub fn forward(&self, x: Tensor<B, 2>, channel_mask: Option<&Tensor<B, 1>>) -> Tensor<B, 2> {
+        self.forward_tapped(x, channel_mask, &mut |_| {})
+    }
+
+    /// [`Mlp::forward`], handing `tap` the (masked) input of `down_proj`, `[n, ffn_hidden]`.
+    pub fn forward_tapped(
+        &self,
+        x: Tensor<B, 2>,
+        channel_mask: Option<&Tensor<B, 1>>,
+        tap: &mut dyn FnMut(&Tensor<B, 2>),
+    ) -> Tensor<B, 2> {
         let mut a = silu(self.gate_proj.forward(x.clone())) * self.up_proj.forward(x);
         if let Some(m) = channel_mask {
             a = a * m.clone().unsqueeze_dim(0);
         }
+        tap(&a);
         self.down_proj.forward(a)
     }
+}
+
+/// Points inside a decoder layer where [`Llama::forward_tapped`] shows activations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tap {
+    /// The input of `o_proj`: per-head attention outputs, `[batch * seq, n_heads * head_dim]`.
+    OProjInput,
+    /// The input of `down_proj`: `silu(gate) * up`, `[batch * seq, ffn_hidden]`.
+    DownProjInput,
 }
 
 /// One decoder layer. Either block may be absent (pruned away); its norm goes with it.
@@ -141,17 +176,19 @@ impl<B: Backend> DecoderLayer<B> {
         seq: usize,
         rope: &Rope<B>,
         masks: Option<&LayerMasks<B>>,
+        tap: &mut dyn FnMut(Tap, &Tensor<B, 2>),
     ) -> Tensor<B, 2> {
         let mut x = x;
         if let (Some(norm), Some(attn)) = (&self.input_layernorm, &self.self_attn) {
             let scale = masks.map_or(1.0, |m| m.attn);
             if scale != 0.0 {
-                let y = attn.forward(
+                let y = attn.forward_tapped(
                     norm.forward(x.clone()),
                     batch,
                     seq,
                     rope,
                     masks.and_then(|m| m.heads.as_ref()),
+                    &mut |t| tap(Tap::OProjInput, t),
                 );
                 x = if scale == 1.0 { x + y } else { x + y * scale };
             }
@@ -159,9 +196,10 @@ impl<B: Backend> DecoderLayer<B> {
         if let (Some(norm), Some(mlp)) = (&self.post_attention_layernorm, &self.mlp) {
             let scale = masks.map_or(1.0, |m| m.mlp);
             if scale != 0.0 {
-                let y = mlp.forward(
+                let y = mlp.forward_tapped(
                     norm.forward(x.clone()),
                     masks.and_then(|m| m.channels.as_ref()),
+                    &mut |t| tap(Tap::DownProjInput, t),
                 );
                 x = if scale == 1.0 { x + y } else { x + y * scale };
             }
@@ -490,8 +528,33 @@ impl<B: Backend> Llama<B> {
         &'a self,
         tokens: Tensor<B, 2, Int>,
         masks: Option<&Masks<B>>,
+        on_hidden: impl FnMut(usize, &Tensor<B, 2>),
+        layer_for: impl FnMut(usize, &'a DecoderLayer<B>) -> Cow<'a, DecoderLayer<B>>,
+    ) -> Result<Tensor<B, 3>> {
+        self.run(tokens, masks, on_hidden, layer_for, |_, _, _| {})
+    }
+
+    /// The masked forward, calling `on_tap(i, point, x)` with the activations entering `o_proj`
+    /// and `down_proj` of every layer `i` (what activation-aware importance metrics read).
+    ///
+    /// # Shapes
+    /// - `tokens`: `[batch, seq]`; `x`: `[batch * seq, width]`; output: `[batch, seq, vocab]`
+    pub fn forward_tapped(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        masks: Option<&Masks<B>>,
+        on_tap: impl FnMut(usize, Tap, &Tensor<B, 2>),
+    ) -> Result<Tensor<B, 3>> {
+        self.run(tokens, masks, |_, _| {}, |_, l| Cow::Borrowed(l), on_tap)
+    }
+
+    fn run<'a>(
+        &'a self,
+        tokens: Tensor<B, 2, Int>,
+        masks: Option<&Masks<B>>,
         mut on_hidden: impl FnMut(usize, &Tensor<B, 2>),
         mut layer_for: impl FnMut(usize, &'a DecoderLayer<B>) -> Cow<'a, DecoderLayer<B>>,
+        mut on_tap: impl FnMut(usize, Tap, &Tensor<B, 2>),
     ) -> Result<Tensor<B, 3>> {
         if let Some(m) = masks {
             m.check(self.shape())?;
@@ -514,7 +577,14 @@ impl<B: Backend> Llama<B> {
         for (i, layer) in self.layers.iter().enumerate() {
             on_hidden(i, &x);
             let layer = layer_for(i, layer);
-            x = layer.forward(x, batch, seq, &rope, masks.map(|m| &m.layers[i]));
+            x = layer.forward(
+                x,
+                batch,
+                seq,
+                &rope,
+                masks.map(|m| &m.layers[i]),
+                &mut |point, t| on_tap(i, point, t),
+            );
         }
         let x = self.norm.forward(x);
         on_hidden(self.layers.len(), &x);

@@ -1,0 +1,208 @@
+#![doc = include_str!("../README.md")]
+
+use burn::tensor::Tensor;
+use burn::tensor::backend::Backend;
+
+use lopper_core::{ModelShape, UnitScores};
+use lopper_model::{Llama, Tap};
+
+/// Errors of importance metrics.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// Model errors.
+    #[error(transparent)]
+    Model(#[from] lopper_model::Error),
+    /// Settings that cannot work.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Result alias of this crate.
+pub type Result<T> = std::result::Result<T, Error>;
+
+fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Result<Vec<f64>> {
+    let v: Vec<f32> = t
+        .into_data()
+        .convert::<f32>()
+        .to_vec()
+        .map_err(|e| Error::Invalid(format!("reading scores back: {e:?}")))?;
+    Ok(v.into_iter().map(f64::from).collect())
+}
+
+/// Mean over calibration tokens of `x^2` for every input column of `o_proj` and `down_proj`:
+/// `(attn[layer][column], mlp[layer][channel])`. Layers without a block get empty vectors.
+pub fn input_sq_means<B: Backend>(
+    model: &Llama<B>,
+    windows: &[Vec<u32>],
+    batch_size: usize,
+) -> Result<(Vec<Vec<f64>>, Vec<Vec<f64>>)> {
+    if windows.is_empty() || batch_size == 0 {
+        return Err(Error::Invalid(
+            "importance metrics need at least one calibration window and a batch size of at least 1".into(),
+        ));
+    }
+    let n_layers = model.shape().n_layers();
+    let mut attn: Vec<Option<Tensor<B, 2>>> = vec![None; n_layers];
+    let mut mlp: Vec<Option<Tensor<B, 2>>> = vec![None; n_layers];
+    let mut tokens = 0usize;
+    for batch in windows.chunks(batch_size) {
+        let t = model.tokens(batch)?;
+        let [b, s] = t.dims();
+        tokens += b * s;
+        model.forward_tapped(t, None, |i, point, x| {
+            let sq = x.clone().powi_scalar(2).sum_dim(0);
+            let slot = match point {
+                Tap::OProjInput => &mut attn[i],
+                Tap::DownProjInput => &mut mlp[i],
+            };
+            *slot = Some(match slot.take() {
+                Some(acc) => acc + sq,
+                None => sq,
+            });
+        })?;
+    }
+    let finish = |v: Vec<Option<Tensor<B, 2>>>| -> Result<Vec<Vec<f64>>> {
+        v.into_iter()
+            .map(|t| match t {
+                Some(t) => Ok(host(t)?.into_iter().map(|x| x / tokens as f64).collect()),
+                None => Ok(Vec::new()),
+            })
+            .collect()
+    };
+    Ok((finish(attn)?, finish(mlp)?))
+}
+
+/// Mean over output rows of `|W|` for each input column of a burn `[in, out]` weight.
+fn col_abs_mean<B: Backend>(w: Tensor<B, 2>) -> Result<Vec<f64>> {
+    host(w.abs().mean_dim(1))
+}
+
+/// Per-KV-group scores from per-column values of a layer's `o_proj` input: summed over each
+/// head's dims, averaged over the group's query heads.
+fn group_scores(cols: &[f64], shape: &lopper_core::LayerShape) -> Vec<f64> {
+    let (hd, rep) = (shape.head_dim, shape.n_rep());
+    (0..shape.n_kv_heads)
+        .map(|g| {
+            let heads =
+                (g * rep..(g + 1) * rep).map(|h| cols[h * hd..(h + 1) * hd].iter().sum::<f64>());
+            heads.sum::<f64>() / rep as f64
+        })
+        .collect()
+}
+
+/// Structured Wanda scores from calibration activations of the dense model.
+pub fn wanda_sp<B: Backend>(
+    model: &Llama<B>,
+    windows: &[Vec<u32>],
+    batch_size: usize,
+) -> Result<UnitScores> {
+    let (attn_sq, mlp_sq) = input_sq_means(model, windows, batch_size)?;
+    let shape: &ModelShape = model.shape();
+    let mut kv_groups = Vec::new();
+    let mut channels = Vec::new();
+    for (i, (layer, ls)) in model.layers.iter().zip(&shape.layers).enumerate() {
+        kv_groups.push(match &layer.self_attn {
+            Some(a) => {
+                let w = col_abs_mean(a.o_proj.weight.val())?;
+                let cols: Vec<f64> = w
+                    .iter()
+                    .zip(&attn_sq[i])
+                    .map(|(w, x)| w * x.sqrt())
+                    .collect();
+                group_scores(&cols, ls)
+            }
+            None => Vec::new(),
+        });
+        channels.push(match &layer.mlp {
+            Some(m) => {
+                let w = col_abs_mean(m.down_proj.weight.val())?;
+                w.iter()
+                    .zip(&mlp_sq[i])
+                    .map(|(w, x)| w * x.sqrt())
+                    .collect()
+            }
+            None => Vec::new(),
+        });
+    }
+    Ok(UnitScores {
+        method: "wanda-sp".into(),
+        kv_groups,
+        channels,
+    })
+}
+
+/// The norm a magnitude score uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Norm {
+    /// Sum of absolute values.
+    L1,
+    /// Square root of the sum of squares.
+    L2,
+}
+
+/// Magnitude scores: the norm of all weights a unit owns.
+pub fn magnitude<B: Backend>(model: &Llama<B>, norm: Norm) -> Result<UnitScores> {
+    let shape = model.shape();
+    // Per-column (burn [in, out]: dim 0 = in) or per-row sums of |w| or w^2.
+    let reduce = |w: Tensor<B, 2>, dim: usize| -> Result<Vec<f64>> {
+        let p = match norm {
+            Norm::L1 => w.abs(),
+            Norm::L2 => w.powi_scalar(2),
+        };
+        host(p.sum_dim(dim))
+    };
+    let mut kv_groups = Vec::new();
+    let mut channels = Vec::new();
+    for (layer, ls) in model.layers.iter().zip(&shape.layers) {
+        kv_groups.push(match &layer.self_attn {
+            Some(a) => {
+                // Per output feature of q/k/v (dim 0 sums over inputs), per input row of o_proj.
+                let q = reduce(a.q_proj.weight.val(), 0)?;
+                let k = reduce(a.k_proj.weight.val(), 0)?;
+                let v = reduce(a.v_proj.weight.val(), 0)?;
+                let o = reduce(a.o_proj.weight.val(), 1)?;
+                let (hd, rep) = (ls.head_dim, ls.n_rep());
+                (0..ls.n_kv_heads)
+                    .map(|g| {
+                        let qo: f64 = (g * rep * hd..(g + 1) * rep * hd)
+                            .map(|j| q[j] + o[j])
+                            .sum();
+                        let kv: f64 = (g * hd..(g + 1) * hd).map(|j| k[j] + v[j]).sum();
+                        finish_norm(qo + kv, norm)
+                    })
+                    .collect()
+            }
+            None => Vec::new(),
+        });
+        channels.push(match &layer.mlp {
+            Some(m) => {
+                let g = reduce(m.gate_proj.weight.val(), 0)?;
+                let u = reduce(m.up_proj.weight.val(), 0)?;
+                let d = reduce(m.down_proj.weight.val(), 1)?;
+                (0..ls.ffn_hidden)
+                    .map(|c| finish_norm(g[c] + u[c] + d[c], norm))
+                    .collect()
+            }
+            None => Vec::new(),
+        });
+    }
+    Ok(UnitScores {
+        method: match norm {
+            Norm::L1 => "magnitude-l1".into(),
+            Norm::L2 => "magnitude-l2".into(),
+        },
+        kv_groups,
+        channels,
+    })
+}
+
+fn finish_norm(sum: f64, norm: Norm) -> f64 {
+    match norm {
+        Norm::L1 => sum,
+        Norm::L2 => sum.sqrt(),
+    }
+}
+
+#[cfg(test)]
+mod tests;
