@@ -30,13 +30,16 @@ fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Result<Vec<f64>> {
     Ok(v.into_iter().map(f64::from).collect())
 }
 
+/// Per-layer, per-column values: `(o_proj inputs, down_proj inputs)`.
+pub type InputStats = (Vec<Vec<f64>>, Vec<Vec<f64>>);
+
 /// Mean over calibration tokens of `x^2` for every input column of `o_proj` and `down_proj`:
 /// `(attn[layer][column], mlp[layer][channel])`. Layers without a block get empty vectors.
 pub fn input_sq_means<B: Backend>(
     model: &Llama<B>,
     windows: &[Vec<u32>],
     batch_size: usize,
-) -> Result<(Vec<Vec<f64>>, Vec<Vec<f64>>)> {
+) -> Result<InputStats> {
     if windows.is_empty() || batch_size == 0 {
         return Err(Error::Invalid(
             "importance metrics need at least one calibration window and a batch size of at least 1".into(),
