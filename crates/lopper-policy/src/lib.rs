@@ -1,0 +1,43 @@
+#![doc = include_str!("../README.md")]
+
+mod run;
+mod space;
+mod state;
+
+pub use run::{Hooks, search};
+pub use space::{Budget, UnitSpace, project, sigmap};
+pub use state::{
+    Estimator, Init, Optimizer, PgConfig, PgState, Schedule, StepRecord, binary_entropy,
+};
+
+/// Errors of the policy-gradient search.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// Plan errors.
+    #[error(transparent)]
+    Core(#[from] lopper_core::Error),
+    /// Model errors.
+    #[error(transparent)]
+    Model(#[from] lopper_model::Error),
+    /// Surgery errors.
+    #[error(transparent)]
+    Surgery(#[from] lopper_surgery::Error),
+    /// Settings that cannot work; the message names the flag.
+    #[error("{0}")]
+    Config(String),
+    /// A checkpoint that cannot be read or does not belong to this run.
+    #[error("checkpoint {path}: {msg}")]
+    Checkpoint {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What is wrong.
+        msg: String,
+    },
+}
+
+/// Result alias of this crate.
+pub type Result<T> = std::result::Result<T, Error>;
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,56 @@
+//! The search loop on a model: batches, checkpoints, interruption.
+
+use burn::tensor::backend::Backend;
+
+use crate::Result;
+use crate::space::UnitSpace;
+use crate::state::{PgState, StepRecord};
+use lopper_model::Llama;
+use lopper_surgery::mean_loss_kept;
+
+/// Callbacks of a search.
+#[allow(missing_debug_implementations)]
+pub struct Hooks<'a> {
+    /// Called after every step with its record and the new state.
+    pub on_step: &'a mut dyn FnMut(&StepRecord, &PgState) -> Result<()>,
+    /// Polled before every step; `true` checkpoints and returns.
+    pub should_stop: &'a dyn Fn() -> bool,
+    /// Writes a checkpoint.
+    pub checkpoint: &'a mut dyn FnMut(&PgState) -> Result<()>,
+    /// Checkpoint every this many steps (0: only at the end and on stop).
+    pub checkpoint_every: usize,
+}
+
+/// Runs `state` to `state.config.steps` on `model` with the calibration `windows`. Each step
+/// scores its sampled masks with forward passes of the model sliced to the kept units
+/// ([`mean_loss_kept`]), so a step's cost falls with sparsity; the model is never modified.
+/// Returns `false` when stopped early (after checkpointing).
+pub fn search<B: Backend>(
+    model: &Llama<B>,
+    windows: &[Vec<u32>],
+    space: &UnitSpace,
+    state: &mut PgState,
+    hooks: Hooks<'_>,
+) -> Result<bool> {
+    if windows.is_empty() {
+        return Err(crate::Error::Config("no calibration windows".into()));
+    }
+    while state.step < state.config.steps {
+        if (hooks.should_stop)() {
+            (hooks.checkpoint)(state)?;
+            return Ok(false);
+        }
+        let ids = state.next_batch(windows.len());
+        let rows: Vec<Vec<u32>> = ids.iter().map(|&i| windows[i].clone()).collect();
+        let tokens = model.tokens(&rows)?;
+        let record = state.step(space, &mut |plan| {
+            Ok(mean_loss_kept(model, plan, tokens.clone())?)
+        })?;
+        (hooks.on_step)(&record, state)?;
+        if hooks.checkpoint_every > 0 && state.step % hooks.checkpoint_every == 0 {
+            (hooks.checkpoint)(state)?;
+        }
+    }
+    (hooks.checkpoint)(state)?;
+    Ok(true)
+}
