@@ -47,7 +47,7 @@ pub fn search<B: Backend>(
             Ok(mean_loss_kept(model, plan, tokens.clone())?)
         })?;
         (hooks.on_step)(&record, state)?;
-        if hooks.checkpoint_every > 0 && state.step % hooks.checkpoint_every == 0 {
+        if hooks.checkpoint_every > 0 && state.step.is_multiple_of(hooks.checkpoint_every) {
             (hooks.checkpoint)(state)?;
         }
     }

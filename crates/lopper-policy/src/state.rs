@@ -372,12 +372,12 @@ impl PgState {
                 .collect();
             let t = (self.step + 1) as f64;
             for (ki, &(_, start, end)) in space.kinds.iter().enumerate() {
-                for i in start..end {
+                for (i, &g) in grad.iter().enumerate().take(end).skip(start) {
                     let step = match &mut self.adam {
-                        None => grad[i],
+                        None => g,
                         Some(a) => {
-                            a.m[i] = 0.9 * a.m[i] + 0.1 * grad[i];
-                            a.v[i] = 0.999 * a.v[i] + 0.001 * grad[i] * grad[i];
+                            a.m[i] = 0.9 * a.m[i] + 0.1 * g;
+                            a.v[i] = 0.999 * a.v[i] + 0.001 * g * g;
                             let mh = a.m[i] / (1.0 - 0.9f64.powf(t));
                             let vh = a.v[i] / (1.0 - 0.999f64.powf(t));
                             mh / (vh.sqrt() + 1e-8)
