@@ -8,7 +8,7 @@ use burn::tensor::backend::Backend;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use lopper_data::{BosPolicy, DataDirs, McTask, PerplexityCorpus, windows};
-use lopper_model::{ModelSpec, load, lopper_home};
+use lopper_model::{Llama, ModelSpec, Tokenizer, load, lopper_home};
 
 use crate::backend::{DeviceChoice, Job, run_on};
 
@@ -16,7 +16,7 @@ use crate::backend::{DeviceChoice, Job, run_on};
 const NOT_YET: &[&str] = &["c4"];
 
 #[derive(Debug, Clone, Copy)]
-enum Task {
+pub enum Task {
     Ppl(PerplexityCorpus),
     Mc(McTask),
     Lambada,
@@ -51,14 +51,10 @@ pub struct EvalArgs {
     out: Option<PathBuf>,
 }
 
-pub fn run(args: EvalArgs) -> Result<()> {
+/// Parses `--tasks`.
+pub fn parse_tasks(list: &str) -> Result<Vec<Task>> {
     let mut tasks = Vec::new();
-    for t in args
-        .tasks
-        .split(',')
-        .map(str::trim)
-        .filter(|t| !t.is_empty())
-    {
+    for t in list.split(',').map(str::trim).filter(|t| !t.is_empty()) {
         if NOT_YET.contains(&t) {
             bail!(
                 "task `{t}` is not implemented yet (this build evaluates wikitext2, ptb, ptb_valid, boolq, piqa, hellaswag, arc_easy, arc_challenge, openbookqa, winogrande, lambada)"
@@ -73,20 +69,67 @@ pub fn run(args: EvalArgs) -> Result<()> {
         }
     }
     anyhow::ensure!(!tasks.is_empty(), "--tasks is empty");
-    let bos: BosPolicy = args.bos.parse()?;
-    anyhow::ensure!(
-        args.limit != Some(0),
-        "--limit 0 evaluates nothing; give a positive limit or leave it out"
-    );
-    anyhow::ensure!(args.batch_size > 0, "--batch-size must be at least 1");
+    Ok(tasks)
+}
+
+/// How tasks are evaluated.
+#[derive(Debug, Clone)]
+pub struct EvalSettings {
+    pub seq_len: usize,
+    pub bos: BosPolicy,
+    pub limit: Option<usize>,
+    pub batch_size: usize,
+}
+
+impl EvalSettings {
+    fn check(&self) -> Result<()> {
+        anyhow::ensure!(
+            self.limit != Some(0),
+            "--limit 0 evaluates nothing; give a positive limit or leave it out"
+        );
+        anyhow::ensure!(self.batch_size > 0, "--batch-size must be at least 1");
+        Ok(())
+    }
+
+    /// The protocol record written next to the numbers.
+    pub fn protocol(&self, device_name: &str) -> serde_json::Value {
+        serde_json::json!({
+            "multiple_choice": "lm-evaluation-harness 0.4 semantics: its prompt templates, target delimiter \" \", choices and answer mapping; zero-shot; log-likelihood of each continuation given its context (lm-eval's _encode_pair split, no BOS); acc = argmax of summed log-prob, acc_norm = argmax of log-prob / choice length in characters; winogrande scores the shared suffix after each substituted option",
+            "perplexity": "rows joined as the HF rows are joined in the pruning literature (wikitext2: lines with their trailing newline, blank lines empty, joined by \"\\n\\n\"; ptb: space-normalised lines joined by \" \"), tokenised once, non-overlapping windows of seq_len, remainder dropped, mean NLL over all predicted tokens, exp",
+            "seq_len": self.seq_len,
+            "bos": self.bos,
+            "limit": self.limit,
+            "batch_size": self.batch_size,
+            "device": device_name,
+            "command": std::env::args().collect::<Vec<_>>().join(" "),
+        })
+    }
+}
+
+pub fn run(args: EvalArgs) -> Result<()> {
+    let tasks = parse_tasks(&args.tasks)?;
+    let settings = EvalSettings {
+        seq_len: args.seq_len,
+        bos: args.bos.parse()?,
+        limit: args.limit,
+        batch_size: args.batch_size,
+    };
+    settings.check()?;
     let device = args.device;
-    run_on(device, EvalJob { args, tasks, bos })
+    run_on(
+        device,
+        EvalJob {
+            args,
+            tasks,
+            settings,
+        },
+    )
 }
 
 struct EvalJob {
     args: EvalArgs,
     tasks: Vec<Task>,
-    bos: BosPolicy,
+    settings: EvalSettings,
 }
 
 impl Job for EvalJob {
@@ -94,35 +137,66 @@ impl Job for EvalJob {
         let a = &self.args;
         let spec: ModelSpec = a.model.parse()?;
         let loaded = load::<B>(&spec, &device).with_context(|| format!("loading `{}`", a.model))?;
+        let (results, table) = evaluate(
+            &loaded.model,
+            &loaded.tokenizer,
+            &self.tasks,
+            &self.settings,
+        )?;
+        let out = serde_json::json!({
+            "model": loaded.info,
+            "protocol": self.settings.protocol(&device_name),
+            "results": results,
+        });
+        if let Some(path) = &a.out {
+            lopper_core::write_atomic(path, serde_json::to_string_pretty(&out)?.as_bytes())?;
+        }
+        print_table(&table);
+        Ok(())
+    }
+}
+
+/// Prints the markdown table of [`evaluate`].
+pub fn print_table(table: &[String]) {
+    println!("| task | result | seconds |");
+    println!("|---|---|---:|");
+    for row in table {
+        println!("{row}");
+    }
+}
+
+/// Evaluates `model` on `tasks`: the results by task, and one markdown row per task.
+pub fn evaluate<B: Backend>(
+    model: &Llama<B>,
+    tokenizer: &Tokenizer,
+    tasks: &[Task],
+    a: &EvalSettings,
+) -> Result<(serde_json::Map<String, serde_json::Value>, Vec<String>)> {
+    {
         let dirs = DataDirs::from_env(&lopper_home());
         let mut results = serde_json::Map::new();
         let mut table = Vec::new();
         // Log-likelihoods of (context, continuation) requests, with a progress bar.
         let score = |reqs: &[(String, String)], name: &str| -> Result<Vec<(f64, bool)>> {
             let bar = bar(reqs.len(), name, "requests")?;
-            let lls = lopper_eval::loglikelihoods(
-                &loaded.model,
-                &loaded.tokenizer,
-                reqs,
-                a.batch_size,
-                |d| bar.set_position(d as u64),
-            )?;
+            let lls = lopper_eval::loglikelihoods(model, tokenizer, reqs, a.batch_size, |d| {
+                bar.set_position(d as u64)
+            })?;
             bar.finish_and_clear();
             Ok(lls)
         };
-        for &task in &self.tasks {
+        for &task in tasks {
             let start = Instant::now();
             match task {
                 Task::Ppl(corpus) => {
                     let (path, text, n_rows) = corpus.load(&dirs)?;
-                    let ids = loaded.tokenizer.encode(&text)?;
-                    let win = windows(&ids, a.seq_len, self.bos, loaded.tokenizer.bos_id, a.limit)
+                    let ids = tokenizer.encode(&text)?;
+                    let win = windows(&ids, a.seq_len, a.bos, tokenizer.bos_id, a.limit)
                         .with_context(|| format!("task {}", corpus.name()))?;
                     let bar = bar(win.len(), corpus.name(), "windows")?;
-                    let p =
-                        lopper_eval::perplexity(&loaded.model, &win, a.batch_size, None, |d| {
-                            bar.set_position(d as u64)
-                        })?;
+                    let p = lopper_eval::perplexity(model, &win, a.batch_size, None, |d| {
+                        bar.set_position(d as u64)
+                    })?;
                     bar.finish_and_clear();
                     let secs = start.elapsed().as_secs_f64();
                     results.insert(
@@ -217,29 +291,7 @@ impl Job for EvalJob {
                 }
             }
         }
-        let out = serde_json::json!({
-            "model": loaded.info,
-            "protocol": {
-                "multiple_choice": "lm-evaluation-harness 0.4 semantics: its prompt templates, target delimiter \" \", choices and answer mapping; zero-shot; log-likelihood of each continuation given its context (lm-eval's _encode_pair split, no BOS); acc = argmax of summed log-prob, acc_norm = argmax of log-prob / choice length in characters; winogrande scores the shared suffix after each substituted option",
-                "perplexity": "rows joined as the HF rows are joined in the pruning literature (wikitext2: lines with their trailing newline, blank lines empty, joined by \"\\n\\n\"; ptb: space-normalised lines joined by \" \"), tokenised once, non-overlapping windows of seq_len, remainder dropped, mean NLL over all predicted tokens, exp",
-                "seq_len": a.seq_len,
-                "bos": self.bos,
-                "limit": a.limit,
-                "batch_size": a.batch_size,
-                "device": device_name,
-                "command": std::env::args().collect::<Vec<_>>().join(" "),
-            },
-            "results": results,
-        });
-        if let Some(path) = &a.out {
-            lopper_core::write_atomic(path, serde_json::to_string_pretty(&out)?.as_bytes())?;
-        }
-        println!("| task | result | seconds |");
-        println!("|---|---|---:|");
-        for row in table {
-            println!("{row}");
-        }
-        Ok(())
+        Ok((results, table))
     }
 }
 

@@ -1,0 +1,588 @@
+//! `cargo xtask prune` and `cargo xtask export`: search a plan, cut the model, write it out.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use burn::tensor::backend::Backend;
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use lopper_core::{MaskPlan, UnitKind, UnitScores};
+use lopper_data::{DataDirs, Sampler};
+use lopper_model::{Llama, ModelSpec, Tokenizer, load, lopper_home};
+use lopper_policy::{
+    Budget, Estimator, Hooks, Init, Optimizer, PgConfig, PgState, Schedule, UnitSpace,
+};
+use lopper_surgery::{ExportFormat, ExportOptions};
+
+use crate::backend::{DeviceChoice, Job, run_on};
+use crate::eval::{EvalSettings, evaluate, parse_tasks, print_table};
+
+#[derive(Debug, Clone, Args)]
+pub struct PruneArgs {
+    /// `default`, a .gguf file, a model directory, or hub:ORG/NAME[@REV].
+    #[arg(long, default_value = "default")]
+    model: String,
+    /// pg (policy gradient), wanda-sp, magnitude (per-layer uniform metric plans).
+    #[arg(long, default_value = "pg")]
+    method: String,
+    /// Fraction of the prunable parameters to REMOVE (0.3 keeps 70%).
+    #[arg(long)]
+    sparsity: f64,
+    /// Units searched: heads (KV groups), channels, layers.
+    #[arg(long, default_value = "heads,channels")]
+    units: String,
+    /// per-type (each unit type keeps the same fraction) or params (one parameter budget).
+    #[arg(long, default_value = "per-type")]
+    budget: String,
+    /// wanda-sp, uniform, random, or a scores JSON file (UnitScores) from another method.
+    #[arg(long, default_value = "wanda-sp")]
+    init: String,
+    /// ref: (L-b)(m-s)/sqrt(s(1-s)) as the reference code; score: the exact score function.
+    #[arg(long, default_value = "ref")]
+    estimator: String,
+    /// sgd (reference) or adam.
+    #[arg(long, default_value = "sgd")]
+    optimizer: String,
+    /// Calibration data: c4, wikitext2, ptb, or a .json.gz/.jsonl/.txt file.
+    #[arg(long, default_value = "c4")]
+    calib: String,
+    /// Calibration windows.
+    #[arg(long, default_value_t = 256)]
+    calib_samples: usize,
+    /// concat-chunks (PG reference) or random-windows (Wanda/SparseGPT).
+    #[arg(long, default_value = "concat-chunks")]
+    sampler: String,
+    /// Tokens per calibration window.
+    #[arg(long, default_value_t = 128)]
+    seq_len: usize,
+    /// Windows per step (and per forward of the metric init).
+    #[arg(long, default_value_t = 4)]
+    batch_size: usize,
+    /// Policy-gradient steps.
+    #[arg(long, default_value_t = 40)]
+    steps: usize,
+    /// Masks sampled per step (K).
+    #[arg(long, default_value_t = 2)]
+    samples_per_step: usize,
+    /// Learning rate of the keep-probabilities (all unit types).
+    #[arg(long, default_value_t = 2e-3)]
+    lr: f64,
+    /// cosine (to 0, reference) or constant.
+    #[arg(long, default_value = "cosine")]
+    schedule: String,
+    /// Seed of calibration sampling and mask sampling.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Checkpoint every N steps (and on Ctrl-C).
+    #[arg(long, default_value_t = 10)]
+    checkpoint_every: usize,
+    /// Evaluate the pruned model on these tasks (as `cargo xtask eval --tasks`).
+    #[arg(long)]
+    eval: Option<String>,
+    /// Limit for --eval tasks (first N windows / examples).
+    #[arg(long)]
+    eval_limit: Option<usize>,
+    /// Continue the run in --out from its checkpoint.
+    #[arg(long)]
+    resume: bool,
+    /// Replace an existing --out folder.
+    #[arg(long)]
+    force: bool,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: DeviceChoice,
+    /// Run folder: plan.json, model/, curve.jsonl, report.md, eval.json, checkpoint.json.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+fn parse_units(s: &str) -> Result<Vec<UnitKind>> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(|t| match t {
+            "heads" => Ok(UnitKind::KvGroup),
+            "channels" => Ok(UnitKind::Channel),
+            "layers" => Ok(UnitKind::Layer),
+            o => bail!("--units: unknown unit `{o}`; use heads, channels, layers"),
+        })
+        .collect()
+}
+
+impl PruneArgs {
+    fn pg_config(&self) -> Result<PgConfig> {
+        let cfg = PgConfig {
+            sparsity: self.sparsity,
+            units: parse_units(&self.units)?,
+            budget: self.budget.parse::<Budget>()?,
+            estimator: match self.estimator.as_str() {
+                "ref" => Estimator::Ref,
+                "score" => Estimator::Score,
+                o => bail!("--estimator `{o}`: use ref or score"),
+            },
+            optimizer: match self.optimizer.as_str() {
+                "sgd" => Optimizer::Sgd,
+                "adam" => Optimizer::Adam,
+                o => bail!("--optimizer `{o}`: use sgd or adam"),
+            },
+            lr_heads: self.lr,
+            lr_channels: self.lr,
+            lr_layers: self.lr,
+            schedule: match self.schedule.as_str() {
+                "cosine" => Schedule::Cosine,
+                "constant" => Schedule::Constant,
+                o => bail!("--schedule `{o}`: use cosine or constant"),
+            },
+            steps: self.steps,
+            samples_per_step: self.samples_per_step,
+            batch_size: self.batch_size,
+            ma_window: 5.0,
+            seed: self.seed,
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
+
+pub fn run(args: PruneArgs) -> Result<()> {
+    anyhow::ensure!(
+        ["pg", "wanda-sp", "magnitude"].contains(&args.method.as_str()),
+        "--method `{}` is not available; use pg, wanda-sp or magnitude",
+        args.method
+    );
+    // Validate everything before loading anything.
+    let cfg = args.pg_config()?;
+    let sampler: Sampler = args.sampler.parse()?;
+    let eval_tasks = args.eval.as_deref().map(parse_tasks).transpose()?;
+    anyhow::ensure!(args.calib_samples > 0, "--calib-samples must be at least 1");
+    let ckpt = args.out.join("checkpoint.json");
+    if args.out.exists() {
+        if args.resume {
+            anyhow::ensure!(
+                ckpt.is_file(),
+                "--resume: {} has no checkpoint.json to continue from",
+                args.out.display()
+            );
+        } else if args.force {
+            std::fs::remove_dir_all(&args.out)
+                .with_context(|| format!("removing {}", args.out.display()))?;
+        } else {
+            bail!(
+                "{} already exists; pass --resume to continue its run, --force to start over, or choose another --out",
+                args.out.display()
+            );
+        }
+    } else if args.resume {
+        bail!(
+            "--resume: {} does not exist; start the run without --resume",
+            args.out.display()
+        );
+    }
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let device = args.device;
+    run_on(
+        device,
+        PruneJob {
+            args,
+            cfg,
+            sampler,
+            eval_tasks,
+        },
+    )
+}
+
+struct PruneJob {
+    args: PruneArgs,
+    cfg: PgConfig,
+    sampler: Sampler,
+    eval_tasks: Option<Vec<crate::eval::Task>>,
+}
+
+fn write_json(path: &Path, v: &impl serde::Serialize) -> Result<()> {
+    let mut s = serde_json::to_string_pretty(v)?;
+    s.push('\n');
+    lopper_core::write_atomic(path, s.as_bytes())?;
+    Ok(())
+}
+
+impl Job for PruneJob {
+    fn run<B: Backend>(self, device: B::Device, device_name: String) -> Result<()> {
+        let a = &self.args;
+        let started = Instant::now();
+        let spec: ModelSpec = a.model.parse()?;
+        let loaded = load::<B>(&spec, &device).with_context(|| format!("loading `{}`", a.model))?;
+        let (model, tok) = (&loaded.model, &loaded.tokenizer);
+        let dirs = DataDirs::from_env(&lopper_home());
+        let (path, docs) = lopper_data::load_documents(&a.calib, &dirs)?;
+        let encode = |t: &str| tok.encode(t).map_err(|e| e.to_string());
+        let calib = lopper_data::sample(
+            &a.calib,
+            &path,
+            &docs,
+            &encode,
+            self.sampler,
+            a.calib_samples,
+            a.seq_len,
+            a.seed,
+        )?;
+        tracing::info!(
+            windows = calib.windows.len(),
+            seq_len = a.seq_len,
+            "calibration data drawn"
+        );
+        let resolved = serde_json::json!({
+            "command": std::env::args().collect::<Vec<_>>().join(" "),
+            "model": loaded.info,
+            "method": a.method,
+            "pg": self.cfg,
+            "init": a.init,
+            "calibration": calib.info,
+            "device": device_name,
+            "checkpoint_every": a.checkpoint_every,
+        });
+        let shape = model.shape().clone();
+        let keep = 1.0 - a.sparsity;
+        let metric = |name: &str| -> Result<UnitScores> {
+            let t = Instant::now();
+            let s = match name {
+                "wanda-sp" => {
+                    let n = calib.windows.len().min(64);
+                    lopper_importance::wanda_sp(model, &calib.windows[..n], a.batch_size)?
+                }
+                "magnitude" => lopper_importance::magnitude(model, lopper_importance::Norm::L2)?,
+                other => bail!("unknown metric `{other}`"),
+            };
+            tracing::info!(
+                metric = name,
+                seconds = t.elapsed().as_secs_f64(),
+                "scores computed"
+            );
+            Ok(s)
+        };
+        let mut curve_summary = None;
+        let plan = if a.method == "pg" {
+            let space = UnitSpace::new(&shape, &self.cfg.units)?;
+            let ckpt = a.out.join("checkpoint.json");
+            let mut state = if a.resume {
+                let s = PgState::load(&ckpt, &space)?;
+                anyhow::ensure!(
+                    s.config == self.cfg,
+                    "--resume: the settings differ from the checkpoint's ({}); resume with the same flags",
+                    serde_json::to_string(&s.config)?
+                );
+                tracing::info!(step = s.step, "resuming");
+                s
+            } else {
+                let init = match a.init.as_str() {
+                    "uniform" => Init::Uniform,
+                    "random" => Init::Random,
+                    "wanda-sp" | "magnitude" => Init::Scores {
+                        scores: metric(&a.init)?,
+                    },
+                    file => {
+                        let text = std::fs::read_to_string(file).with_context(|| {
+                            format!("--init `{file}` is neither wanda-sp, magnitude, uniform, random nor a readable scores file")
+                        })?;
+                        let scores: UnitScores =
+                            serde_json::from_str(&text).with_context(|| {
+                                format!("--init {file}: not a UnitScores JSON file")
+                            })?;
+                        Init::Scores { scores }
+                    }
+                };
+                let mut s = PgState::new(self.cfg.clone(), &space, &init)?;
+                s.meta = resolved.clone();
+                s
+            };
+            let curve_path = a.out.join("curve.jsonl");
+            keep_curve_until(&curve_path, state.step)?;
+            let mut curve = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&curve_path)
+                .with_context(|| format!("opening {}", curve_path.display()))?;
+            let stop = Arc::new(AtomicBool::new(false));
+            {
+                let stop = stop.clone();
+                // A second Ctrl-C while the checkpoint is written is ignored; SIGKILL loses at
+                // most --checkpoint-every steps.
+                let _ = ctrlc::set_handler(move || stop.store(true, Ordering::SeqCst));
+            }
+            let bar = ProgressBar::new(self.cfg.steps as u64).with_style(
+                ProgressStyle::with_template("pg [{bar:30}] step {pos}/{len} {msg} eta {eta}")?,
+            );
+            bar.set_position(state.step as u64);
+            let mut first_loss = None;
+            let mut last = None;
+            let finished = lopper_policy::search(
+                model,
+                &calib.windows,
+                &space,
+                &mut state,
+                Hooks {
+                    on_step: &mut |r, _| {
+                        writeln!(curve, "{}", serde_json::to_string(r).expect("serialisable"))
+                            .and_then(|_| curve.flush())
+                            .map_err(|e| {
+                                lopper_policy::Error::Config(format!("writing curve.jsonl: {e}"))
+                            })?;
+                        bar.set_position(r.step as u64 + 1);
+                        bar.set_message(format!("loss {:.4} baseline {:.4}", r.loss, r.baseline));
+                        first_loss.get_or_insert(r.loss);
+                        last = Some(r.clone());
+                        Ok(())
+                    },
+                    should_stop: &|| stop.load(Ordering::SeqCst),
+                    checkpoint: &mut |s| s.save(&ckpt),
+                    checkpoint_every: a.checkpoint_every,
+                },
+            )?;
+            bar.finish_and_clear();
+            if !finished {
+                bail!(
+                    "interrupted at step {}; checkpoint written to {}; continue with the same command and --resume",
+                    state.step,
+                    ckpt.display()
+                );
+            }
+            curve_summary = Some((first_loss, last));
+            state.final_plan(&space)?
+        } else {
+            let scores = metric(&a.method)?;
+            let mut p = scores.plan_per_layer(&shape, keep)?;
+            p.meta.insert("method".into(), a.method.clone().into());
+            p.meta
+                .insert("allocation".into(), "per-layer uniform".into());
+            p
+        };
+        finish(
+            a,
+            model,
+            tok,
+            plan,
+            &resolved,
+            curve_summary,
+            self.eval_tasks.as_deref(),
+            &device_name,
+            started,
+        )
+    }
+}
+
+/// Drops curve lines at or after `step` (a resumed run rewrites them).
+fn keep_curve_until(path: &Path, step: usize) -> Result<()> {
+    if !path.is_file() {
+        return Ok(());
+    }
+    let text = std::fs::read_to_string(path)?;
+    let kept: String = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v["step"].as_u64())
+                .is_some_and(|s| (s as usize) < step)
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    lopper_core::write_atomic(path, kept.as_bytes())?;
+    Ok(())
+}
+
+type CurveSummary = Option<(Option<f64>, Option<lopper_policy::StepRecord>)>;
+
+#[allow(clippy::too_many_arguments)]
+fn finish<B: Backend>(
+    a: &PruneArgs,
+    model: &Llama<B>,
+    tok: &Tokenizer,
+    mut plan: MaskPlan,
+    resolved: &serde_json::Value,
+    curve: CurveSummary,
+    eval_tasks: Option<&[crate::eval::Task]>,
+    device_name: &str,
+    started: Instant,
+) -> Result<()> {
+    plan.meta.insert("seed".into(), a.seed.into());
+    plan.meta
+        .insert("kept_param_ratio".into(), plan.kept_param_ratio().into());
+    write_json(&a.out.join("plan.json"), &plan)?;
+    let pruned = lopper_surgery::prune(model, &plan)?;
+    let model_dir = a.out.join("model");
+    lopper_surgery::export(
+        &pruned,
+        tok,
+        Some(&plan),
+        &ExportOptions {
+            format: ExportFormat::Hf,
+            force: true,
+            provenance: resolved.clone(),
+        },
+        &model_dir,
+    )?;
+    let mut report = String::new();
+    let dense = model.shape();
+    let small = pruned.shape();
+    report += &format!(
+        "# lopper prune: {} at sparsity {}\n\nCommand: `{}`\n\n",
+        a.method,
+        a.sparsity,
+        resolved["command"].as_str().unwrap_or("")
+    );
+    report += &format!(
+        "| | dense | pruned | ratio |\n|---|---:|---:|---:|\n| parameters | {} | {} | {:.4} |\n| decoder linear parameters | {} | {} | {:.4} |\n| FLOPs/token (ctx 128) | {} | {} | {:.4} |\n\n",
+        dense.num_params(),
+        small.num_params(),
+        small.num_params() as f64 / dense.num_params() as f64,
+        dense.decoder_linear_params(),
+        small.decoder_linear_params(),
+        plan.kept_param_ratio(),
+        dense.flops_per_token(128),
+        small.flops_per_token(128),
+        small.flops_per_token(128) as f64 / dense.flops_per_token(128) as f64,
+    );
+    report += "Kept per layer (source layer: KV groups / query heads / MLP channels):\n\n| layer | KV groups | heads | channels |\n|---:|---:|---:|---:|\n";
+    for (i, (lp, ls)) in plan.layers.iter().zip(&plan.source.layers).enumerate() {
+        report += &format!(
+            "| {i} | {}/{} | {}/{} | {}/{} |\n",
+            lp.kv_groups.len(),
+            ls.n_kv_heads,
+            lp.kv_groups.len() * ls.n_rep(),
+            ls.n_heads,
+            lp.channels.len(),
+            ls.ffn_hidden
+        );
+    }
+    if let Some((first, Some(last))) = curve {
+        report += &format!(
+            "\nSearch: {} steps; sampled-mask loss {:.4} at the first step, {:.4} at the last (baseline {:.4}); mean entropy {:.4} nats; expected kept fraction {:.4}. Per-step values in `curve.jsonl`.\n",
+            last.step + 1,
+            first.unwrap_or(f64::NAN),
+            last.loss,
+            last.baseline,
+            last.entropy,
+            last.kept_fraction
+        );
+    }
+    report += &format!(
+        "\nCalibration: `{}`\n",
+        serde_json::to_string(&resolved["calibration"])?
+    );
+    if let Some(tasks) = eval_tasks {
+        let settings = EvalSettings {
+            seq_len: 128,
+            bos: lopper_data::BosPolicy::None,
+            limit: a.eval_limit,
+            batch_size: 8,
+        };
+        let (results, table) = evaluate(&pruned, tok, tasks, &settings)?;
+        write_json(
+            &a.out.join("eval.json"),
+            &serde_json::json!({
+                "model": {"plan": "plan.json", "params": small.num_params()},
+                "protocol": settings.protocol(device_name),
+                "results": results,
+            }),
+        )?;
+        report +=
+            "\n## Evaluation of the pruned model\n\n| task | result | seconds |\n|---|---|---:|\n";
+        for row in &table {
+            report += row;
+            report += "\n";
+        }
+        print_table(&table);
+    }
+    report += &format!(
+        "\nWall time: {:.1} s on {device_name}.\n",
+        started.elapsed().as_secs_f64()
+    );
+    lopper_core::write_atomic(&a.out.join("report.md"), report.as_bytes())?;
+    println!(
+        "{}: kept {:.4} of the decoder linear parameters ({} -> {} parameters); model in {}",
+        a.method,
+        plan.kept_param_ratio(),
+        dense.num_params(),
+        small.num_params(),
+        model_dir.display()
+    );
+    Ok(())
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// `default`, a .gguf file, a model directory, or hub:ORG/NAME[@REV].
+    #[arg(long, default_value = "default")]
+    model: String,
+    /// A plan.json made for this model (leave out to export the model as it is).
+    #[arg(long)]
+    plan: Option<PathBuf>,
+    /// hf (lopper directory: safetensors + config.json + tokenizer.json).
+    #[arg(long, default_value = "hf")]
+    format: String,
+    /// Replace an existing --out folder.
+    #[arg(long)]
+    force: bool,
+    /// Output folder.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+pub fn export(args: ExportArgs) -> Result<()> {
+    let format = match args.format.as_str() {
+        "hf" => ExportFormat::Hf,
+        "gguf" => bail!("--format gguf is not implemented yet; use --format hf"),
+        o => bail!("--format `{o}`: use hf"),
+    };
+    if args.out.exists() && !args.force {
+        bail!(
+            "{} already exists; pass --force to replace it or choose another --out",
+            args.out.display()
+        );
+    }
+    let plan = args.plan.as_deref().map(MaskPlan::load).transpose()?;
+    run_on(DeviceChoice::Cpu, ExportJob { args, plan, format })
+}
+
+struct ExportJob {
+    args: ExportArgs,
+    plan: Option<MaskPlan>,
+    format: ExportFormat,
+}
+
+impl Job for ExportJob {
+    fn run<B: Backend>(self, device: B::Device, _device_name: String) -> Result<()> {
+        let a = &self.args;
+        let spec: ModelSpec = a.model.parse()?;
+        let loaded = load::<B>(&spec, &device).with_context(|| format!("loading `{}`", a.model))?;
+        let model = match &self.plan {
+            Some(p) => lopper_surgery::prune(&loaded.model, p)?,
+            None => loaded.model,
+        };
+        let provenance = serde_json::json!({
+            "command": std::env::args().collect::<Vec<_>>().join(" "),
+            "source": loaded.info,
+        });
+        lopper_surgery::export(
+            &model,
+            &loaded.tokenizer,
+            self.plan.as_ref(),
+            &ExportOptions {
+                format: self.format,
+                force: a.force,
+                provenance,
+            },
+            &a.out,
+        )?;
+        println!(
+            "exported {} parameters to {}",
+            model.shape().num_params(),
+            a.out.display()
+        );
+        Ok(())
+    }
+}
