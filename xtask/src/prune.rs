@@ -86,6 +86,9 @@ pub struct PruneArgs {
     /// Limit for --eval tasks (first N windows / examples).
     #[arg(long)]
     eval_limit: Option<usize>,
+    /// Stop (as Ctrl-C does: checkpoint, then exit with an error) once this many steps are done.
+    #[arg(long, hide = true)]
+    stop_after: Option<usize>,
     /// Continue the run in --out from its checkpoint.
     #[arg(long)]
     resume: bool,
@@ -337,7 +340,10 @@ impl Job for PruneJob {
                         last = Some(r.clone());
                         Ok(())
                     },
-                    should_stop: &|| stop.load(Ordering::SeqCst),
+                    should_stop: &|| {
+                        stop.load(Ordering::SeqCst)
+                            || a.stop_after.is_some_and(|n| bar.position() as usize >= n)
+                    },
                     checkpoint: &mut |s| s.save(&ckpt),
                     checkpoint_every: a.checkpoint_every,
                 },

@@ -177,3 +177,208 @@ fn eval_scores_a_multiple_choice_task() {
         assert!(r[k].is_number(), "{k}: {r}");
     }
 }
+
+/// A tiny random model directory (word-level tokenizer over `t0`..`t127`) and a calibration
+/// text file of those words.
+fn tiny_model_dir(root: &std::path::Path) -> (String, String) {
+    use lopper_core::ModelShape;
+    type B = burn_flex::Flex;
+    let model =
+        lopper_model::Llama::<B>::random(&ModelShape::tiny(), 11, &burn_flex::FlexDevice).unwrap();
+    let vocab: serde_json::Map<String, serde_json::Value> =
+        (0..128).map(|i| (format!("t{i}"), i.into())).collect();
+    let json = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null,
+        "decoder": null, "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "t0"}
+    });
+    let tok = lopper_model::Tokenizer::from_json(json.to_string(), "tiny").unwrap();
+    let dir = root.join("tiny");
+    let opts = lopper_surgery::ExportOptions {
+        format: lopper_surgery::ExportFormat::Hf,
+        force: false,
+        provenance: serde_json::Value::Null,
+    };
+    lopper_surgery::export(&model, &tok, None, &opts, &dir).unwrap();
+    let text: String = (0..40)
+        .map(|d| {
+            let words: Vec<String> = (0..30)
+                .map(|w| format!("t{}", (d * 37 + w * 11) % 128))
+                .collect();
+            words.join(" ") + "\n\n"
+        })
+        .collect();
+    let calib = root.join("calib.txt");
+    std::fs::write(&calib, text).unwrap();
+    (dir.to_str().unwrap().into(), calib.to_str().unwrap().into())
+}
+
+fn prune_args<'a>(model: &'a str, calib: &'a str, out: &'a str, steps: &'a str) -> Vec<&'a str> {
+    vec![
+        "prune",
+        "--model",
+        model,
+        "--calib",
+        calib,
+        "--calib-samples",
+        "12",
+        "--seq-len",
+        "16",
+        "--batch-size",
+        "2",
+        "--steps",
+        steps,
+        "--sparsity",
+        "0.5",
+        "--lr",
+        "0.05",
+        "--checkpoint-every",
+        "3",
+        "--out",
+        out,
+    ]
+}
+
+#[test]
+fn prune_pg_on_the_tiny_model_writes_a_complete_run_folder() {
+    let root = tempfile::tempdir().unwrap();
+    let (model, calib) = tiny_model_dir(root.path());
+    let out = root.path().join("run");
+    let out_s = out.to_str().unwrap();
+    let mut args = prune_args(&model, &calib, out_s, "5");
+    args.extend(["--eval", "wikitext2", "--eval-limit", "2"]);
+    let (ok, stdout, err) = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .args(&args)
+        .env("LOPPER_LOG", "warn")
+        .env("LOPPER_DATA_DIR", data_dir())
+        .output()
+        .map(|o| {
+            (
+                o.status.success(),
+                String::from_utf8_lossy(&o.stdout).into_owned(),
+                String::from_utf8_lossy(&o.stderr).into_owned(),
+            )
+        })
+        .unwrap();
+    assert!(ok, "{err}");
+    assert!(stdout.contains("kept 0.5"), "{stdout}");
+    let plan = lopper_core::MaskPlan::load(&out.join("plan.json")).unwrap();
+    assert!(
+        (plan.kept_param_ratio() - 0.5).abs() < 0.02,
+        "{}",
+        plan.kept_param_ratio()
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.join("curve.jsonl"))
+            .unwrap()
+            .lines()
+            .count(),
+        5
+    );
+    let report = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(
+        report.contains("Kept per layer") && report.contains("wikitext2"),
+        "{report}"
+    );
+    let eval: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("eval.json")).unwrap()).unwrap();
+    assert!(
+        eval["results"]["wikitext2"]["ppl"]
+            .as_f64()
+            .unwrap()
+            .is_finite()
+    );
+    // The exported model loads, with the plan's shape.
+    let (ok, info, err) = xtask(&[
+        "info",
+        "--model",
+        out.join("model").to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&info).unwrap();
+    assert_eq!(v["params"]["total"], plan.pruned_shape().num_params());
+    // Running again into the same folder is refused without --resume/--force.
+    let (ok, _, err) = xtask(&prune_args(&model, &calib, out_s, "5"));
+    assert!(
+        !ok && err.contains("--resume") && err.contains("--force"),
+        "{err}"
+    );
+}
+
+#[test]
+fn an_interrupted_prune_resumes_to_the_same_plan() {
+    let root = tempfile::tempdir().unwrap();
+    let (model, calib) = tiny_model_dir(root.path());
+    let full = root.path().join("full");
+    let (ok, _, err) = xtask(&prune_args(&model, &calib, full.to_str().unwrap(), "8"));
+    assert!(ok, "{err}");
+    let part = root.path().join("part");
+    let part_s = part.to_str().unwrap();
+    let mut args = prune_args(&model, &calib, part_s, "8");
+    args.extend(["--stop-after", "4"]);
+    let (ok, _, err) = xtask(&args);
+    assert!(
+        !ok && err.contains("interrupted at step 4") && err.contains("--resume"),
+        "{err}"
+    );
+    assert!(!part.join("plan.json").exists());
+    // Resuming with other settings is refused.
+    let mut other = prune_args(&model, &calib, part_s, "8");
+    other.extend(["--resume", "--seed", "7"]);
+    let (ok, _, err) = xtask(&other);
+    assert!(!ok && err.contains("differ"), "{err}");
+    let mut resume = prune_args(&model, &calib, part_s, "8");
+    resume.push("--resume");
+    let (ok, _, err) = xtask(&resume);
+    assert!(ok, "{err}");
+    let read = |d: &std::path::Path, f: &str| std::fs::read_to_string(d.join(f)).unwrap();
+    let probs = |d: &std::path::Path| -> serde_json::Value {
+        serde_json::from_str::<serde_json::Value>(&read(d, "checkpoint.json")).unwrap()["probs"]
+            .clone()
+    };
+    assert_eq!(probs(&full), probs(&part));
+    assert_eq!(read(&full, "plan.json"), read(&part, "plan.json"));
+    assert_eq!(read(&full, "curve.jsonl"), read(&part, "curve.jsonl"));
+}
+
+#[test]
+fn prune_refuses_bad_settings_before_any_work() {
+    let root = tempfile::tempdir().unwrap();
+    let out = root.path().join("x");
+    let o = out.to_str().unwrap();
+    for (args, want) in [
+        (vec!["prune", "--sparsity", "1.5", "--out", o], "--sparsity"),
+        (
+            vec![
+                "prune",
+                "--sparsity",
+                "0.3",
+                "--units",
+                "layers",
+                "--out",
+                o,
+            ],
+            "--budget params",
+        ),
+        (
+            vec!["prune", "--sparsity", "0.3", "--units", "rows", "--out", o],
+            "unknown unit",
+        ),
+        (
+            vec!["prune", "--sparsity", "0.3", "--method", "obs", "--out", o],
+            "--method",
+        ),
+        (
+            vec!["prune", "--sparsity", "0.3", "--resume", "--out", o],
+            "does not exist",
+        ),
+    ] {
+        let (ok, _, err) = xtask(&args);
+        assert!(
+            !ok && err.contains(want) && !err.contains("panicked"),
+            "{args:?}: {err}"
+        );
+        assert!(!out.exists(), "{args:?} created the output");
+    }
+}
