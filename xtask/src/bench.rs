@@ -31,6 +31,31 @@ pub enum BenchCmd {
         #[arg(long, default_value = "cpu")]
         device: DeviceChoice,
     },
+    /// Time of one policy-gradient step (K sampled masks scored) at a sparsity, next to a dense
+    /// step and to a step that masks without slicing, all in the same run.
+    PgStep {
+        /// `default`, a .gguf file, a model directory, or hub:ORG/NAME[@REV].
+        #[arg(long, default_value = "default")]
+        model: String,
+        /// Fractions of parameters removed by the sampled masks, comma-separated.
+        #[arg(long, default_value = "0.5")]
+        sparsity: String,
+        /// Windows per step.
+        #[arg(long, default_value_t = 8)]
+        batch_size: usize,
+        /// Tokens per window.
+        #[arg(long, default_value_t = 128)]
+        seq_len: usize,
+        /// Masks per step (K).
+        #[arg(long, default_value_t = 2)]
+        samples_per_step: usize,
+        /// Timed steps per row (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// cpu, cuda or cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: DeviceChoice,
+    },
 }
 
 pub fn run(cmd: BenchCmd) -> Result<()> {
@@ -61,6 +86,143 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
                 },
             )
         }
+        BenchCmd::PgStep {
+            model,
+            sparsity,
+            batch_size,
+            seq_len,
+            samples_per_step,
+            runs,
+            device,
+        } => {
+            let sparsities = sparsity
+                .split(',')
+                .map(|s| {
+                    s.trim()
+                        .parse::<f64>()
+                        .context("--sparsity takes numbers like 0.5")
+                })
+                .collect::<Result<Vec<f64>>>()?;
+            anyhow::ensure!(
+                sparsities.iter().all(|s| (0.0..1.0).contains(s)),
+                "--sparsity values must lie in [0, 1)"
+            );
+            anyhow::ensure!(
+                runs > 0 && batch_size > 0 && seq_len > 1 && samples_per_step > 0,
+                "--runs, --batch-size, --samples-per-step must be >= 1 and --seq-len >= 2"
+            );
+            run_on(
+                device,
+                PgStepBench {
+                    model,
+                    sparsities,
+                    batch_size,
+                    seq_len,
+                    samples_per_step,
+                    runs,
+                },
+            )
+        }
+    }
+}
+
+struct PgStepBench {
+    model: String,
+    sparsities: Vec<f64>,
+    batch_size: usize,
+    seq_len: usize,
+    samples_per_step: usize,
+    runs: usize,
+}
+
+impl Job for PgStepBench {
+    fn run<B: Backend>(self, device: B::Device, device_name: String) -> Result<()> {
+        use lopper_core::UnitKind;
+        use lopper_policy::{
+            Budget, Estimator, Init, Optimizer, PgConfig, PgState, Schedule, UnitSpace,
+        };
+        let spec: ModelSpec = self.model.parse()?;
+        let loaded =
+            load::<B>(&spec, &device).with_context(|| format!("loading `{}`", self.model))?;
+        let model = &loaded.model;
+        let vocab = model.shape().vocab_size as u64;
+        let rows: Vec<Vec<u32>> = (0..self.batch_size as u64)
+            .map(|r| {
+                (0..self.seq_len as u64)
+                    .map(|t| ((t * 7919 + r * 104_729 + 13) % vocab) as u32)
+                    .collect()
+            })
+            .collect();
+        let tokens = model.tokens(&rows)?;
+        let space = UnitSpace::new(model.shape(), &[UnitKind::KvGroup, UnitKind::Channel])?;
+        let k = self.samples_per_step;
+        // One step's forward work: K losses (the estimator and projection are host-side and tiny).
+        let step = |plans: &[lopper_core::MaskPlan], sliced: bool| -> Result<f64> {
+            let mut total = 0.0;
+            for p in plans {
+                total += if sliced {
+                    lopper_surgery::mean_loss_kept(model, p, tokens.clone())?
+                } else {
+                    let masks = lopper_model::Masks::from_plan(p, &device)?;
+                    model.mean_loss(tokens.clone(), Some(&masks))?
+                };
+            }
+            Ok(total)
+        };
+        let time = |plans: &[lopper_core::MaskPlan], sliced: bool| -> Result<f64> {
+            step(plans, sliced)?; // warm-up
+            let mut t = Vec::new();
+            for _ in 0..self.runs {
+                let start = Instant::now();
+                step(plans, sliced)?;
+                B::sync(&device)?;
+                t.push(start.elapsed().as_secs_f64());
+            }
+            Ok(median(t))
+        };
+        let dense_plans = vec![lopper_core::MaskPlan::keep_all(model.shape()); k];
+        let dense = time(&dense_plans, true)?;
+        println!(
+            "pg step on {device_name}: {} masks x {}x{} tokens, median of {} steps",
+            k, self.batch_size, self.seq_len, self.runs
+        );
+        println!(
+            "| sparsity | kept params | step (sliced) s | vs dense | step (masked, no slicing) s | vs dense |"
+        );
+        println!("|---:|---:|---:|---:|---:|---:|");
+        println!("| 0 (dense) | 1.000 | {dense:.3} | 1.00 | {dense:.3} | 1.00 |");
+        for &s in &self.sparsities {
+            if s == 0.0 {
+                continue;
+            }
+            let cfg = PgConfig {
+                sparsity: s,
+                units: vec![UnitKind::KvGroup, UnitKind::Channel],
+                budget: Budget::PerType,
+                estimator: Estimator::Ref,
+                optimizer: Optimizer::Sgd,
+                lr_heads: 1e-3,
+                lr_channels: 1e-3,
+                lr_layers: 1e-3,
+                schedule: Schedule::Cosine,
+                steps: 1,
+                samples_per_step: k,
+                batch_size: self.batch_size,
+                ma_window: 5.0,
+                seed: 1,
+            };
+            let mut state = PgState::new(cfg, &space, &Init::Uniform)?;
+            let plans: Vec<_> = (0..k).map(|_| space.plan_of(&state.sample())).collect();
+            let kept = plans.iter().map(|p| p.kept_param_ratio()).sum::<f64>() / k as f64;
+            let sliced = time(&plans, true)?;
+            let masked = time(&plans, false)?;
+            println!(
+                "| {s} | {kept:.3} | {sliced:.3} | {:.2} | {masked:.3} | {:.2} |",
+                sliced / dense,
+                masked / dense
+            );
+        }
+        Ok(())
     }
 }
 

@@ -291,7 +291,9 @@ impl<B: Backend> Rope<B> {
             head_dim: hd,
             chunks,
         };
-        for &h in heads {
+        // Zero heads (a removed attention block) need no table; a zero-sized tensor would also
+        // fail on some backends.
+        for &h in heads.iter().filter(|&&h| h > 0) {
             rope.tables_for(h);
         }
         rope

@@ -1,0 +1,181 @@
+//! Pruning the real default model: calibration from the staged C4 sample, a short
+//! policy-gradient search, surgery, and the surgery == masking invariant on real weights.
+
+mod common;
+
+use common::{DEVICE, default_model, shared_data_dirs};
+use lopper_core::{MaskPlan, UnitKind};
+use lopper_data::{Sampler, load_documents, sample};
+use lopper_model::Masks;
+use lopper_policy::{Budget, Estimator, Hooks, Init, Optimizer, PgConfig, PgState, UnitSpace};
+
+fn values(t: burn::tensor::Tensor<common::B, 3>) -> Vec<f32> {
+    t.into_data().to_vec().unwrap()
+}
+
+#[test]
+fn c4_calibration_windows_are_real_tokens() {
+    let m = default_model();
+    let (path, docs) = load_documents("c4", &shared_data_dirs()).unwrap();
+    assert_eq!(docs.len(), 1000, "{}", path.display());
+    let encode = |t: &str| m.tokenizer.encode(t).map_err(|e| e.to_string());
+    let calib = sample(
+        "c4",
+        &path,
+        &docs[..60],
+        &encode,
+        Sampler::ConcatChunks,
+        20,
+        128,
+        42,
+    )
+    .unwrap();
+    assert_eq!(calib.windows.len(), 20);
+    assert!(calib.windows.iter().all(|w| w.len() == 128));
+    let again = sample(
+        "c4",
+        &path,
+        &docs[..60],
+        &encode,
+        Sampler::ConcatChunks,
+        20,
+        128,
+        42,
+    )
+    .unwrap();
+    assert_eq!(calib.windows, again.windows);
+    let wanda = sample(
+        "c4",
+        &path,
+        &docs[..60],
+        &encode,
+        Sampler::RandomWindows,
+        5,
+        256,
+        1,
+    )
+    .unwrap();
+    assert!(wanda.windows.iter().all(|w| w.len() == 256));
+}
+
+#[test]
+fn a_short_pg_search_on_the_real_model_gives_a_plan_surgery_can_cut() {
+    let m = default_model();
+    let model = &m.model;
+    let (path, docs) = load_documents("c4", &shared_data_dirs()).unwrap();
+    let encode = |t: &str| m.tokenizer.encode(t).map_err(|e| e.to_string());
+    let calib = sample(
+        "c4",
+        &path,
+        &docs[..20],
+        &encode,
+        Sampler::ConcatChunks,
+        4,
+        32,
+        42,
+    )
+    .unwrap();
+    let scores = lopper_importance::wanda_sp(model, &calib.windows, 2).unwrap();
+    let units = [UnitKind::KvGroup, UnitKind::Channel];
+    let space = UnitSpace::new(model.shape(), &units).unwrap();
+    let cfg = PgConfig {
+        sparsity: 0.3,
+        units: units.to_vec(),
+        budget: Budget::PerType,
+        estimator: Estimator::Ref,
+        optimizer: Optimizer::Sgd,
+        lr_heads: 0.05,
+        lr_channels: 0.05,
+        lr_layers: 0.05,
+        schedule: lopper_policy::Schedule::Cosine,
+        steps: 2,
+        samples_per_step: 2,
+        batch_size: 2,
+        ma_window: 5.0,
+        seed: 42,
+    };
+    let mut state = PgState::new(cfg, &space, &Init::Scores { scores }).unwrap();
+    let mut losses = Vec::new();
+    let done = lopper_policy::search(
+        model,
+        &calib.windows,
+        &space,
+        &mut state,
+        Hooks {
+            on_step: &mut |r, _| {
+                losses.extend(r.losses.clone());
+                Ok(())
+            },
+            should_stop: &|| false,
+            checkpoint: &mut |_| Ok(()),
+            checkpoint_every: 0,
+        },
+    )
+    .unwrap();
+    assert!(done);
+    assert_eq!(losses.len(), 4);
+    // Sampled masks at 30% sparsity hurt, but not beyond reason (dense C4 loss is about 3).
+    assert!(
+        losses.iter().all(|&l| l.is_finite() && l > 2.0 && l < 12.0),
+        "{losses:?}"
+    );
+    let plan = state.final_plan(&space).unwrap();
+    assert!(
+        (plan.kept_param_ratio() - 0.7).abs() < 0.01,
+        "{}",
+        plan.kept_param_ratio()
+    );
+    // Surgery == masking on the real weights.
+    let tokens = model.tokens(&calib.windows[..1]).unwrap();
+    let masked = values(
+        model
+            .forward_masked(
+                tokens.clone(),
+                Some(&Masks::from_plan(&plan, &DEVICE).unwrap()),
+            )
+            .unwrap(),
+    );
+    let pruned = lopper_surgery::prune(model, &plan).unwrap();
+    let cut = values(pruned.forward(tokens));
+    let d = masked
+        .iter()
+        .zip(&cut)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f32::max);
+    assert!(d < 1e-3, "surgery differs from masking by {d}");
+    assert_eq!(pruned.shape(), &plan.pruned_shape());
+}
+
+#[test]
+fn surgery_of_the_real_model_drops_layers_and_blocks() {
+    let model = &default_model().model;
+    let s = model.shape();
+    let mut plan = MaskPlan::keep_all(s);
+    plan.layers[3].kv_groups.clear();
+    plan.layers[7].channels.truncate(700);
+    plan.layers[12].kv_groups = vec![1];
+    plan.layers[20] = lopper_core::LayerPlan {
+        kv_groups: vec![],
+        channels: vec![],
+    };
+    let tokens = model
+        .tokens(&[(0..24).map(|t| 100 + t * 37).collect()])
+        .unwrap();
+    let masked = values(
+        model
+            .forward_masked(
+                tokens.clone(),
+                Some(&Masks::from_plan(&plan, &DEVICE).unwrap()),
+            )
+            .unwrap(),
+    );
+    let pruned = lopper_surgery::prune(model, &plan).unwrap();
+    assert_eq!(pruned.layers.len(), 29);
+    let cut = values(pruned.forward(tokens));
+    let d = masked
+        .iter()
+        .zip(&cut)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f32::max);
+    assert!(d < 1e-3, "{d}");
+}
