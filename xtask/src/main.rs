@@ -39,7 +39,7 @@ enum Cmd {
     /// Evaluate a model: perplexity with an explicit, recorded protocol.
     Eval(eval::EvalArgs),
     /// Prune a model: search a plan (policy gradient or a metric), cut the model, export it.
-    Prune(prune::PruneArgs),
+    Prune(Box<prune::PruneArgs>),
     /// Apply a plan to a model and write it in a format other tools load.
     Export(prune::ExportArgs),
     /// Benchmarks (tables on stdout).
@@ -83,7 +83,7 @@ fn run() -> Result<()> {
         }
         Cmd::Info { model, json } => info::run(&model, json),
         Cmd::Eval(args) => eval::run(args),
-        Cmd::Prune(args) => prune::run(args),
+        Cmd::Prune(args) => prune::run(*args),
         Cmd::Export(args) => prune::export(args),
         Cmd::Bench(cmd) => bench::run(cmd),
     }
