@@ -527,9 +527,13 @@ pub struct ExportArgs {
     /// A plan.json made for this model (leave out to export the model as it is).
     #[arg(long)]
     plan: Option<PathBuf>,
-    /// hf (lopper directory: safetensors + config.json + tokenizer.json).
+    /// hf (lopper directory: safetensors + config.json + tokenizer.json) or gguf (llama.cpp).
     #[arg(long, default_value = "hf")]
     format: String,
+    /// GGUF tensor type of 2-D weights: f32, f16 or q8_0 (norms stay f32; rows that are not a
+    /// multiple of 32 fall back from q8_0 to f16).
+    #[arg(long, default_value = "f16")]
+    gguf_type: String,
     /// Replace an existing --out folder.
     #[arg(long)]
     force: bool,
@@ -541,8 +545,13 @@ pub struct ExportArgs {
 pub fn export(args: ExportArgs) -> Result<()> {
     let format = match args.format.as_str() {
         "hf" => ExportFormat::Hf,
-        "gguf" => bail!("--format gguf is not implemented yet; use --format hf"),
-        o => bail!("--format `{o}`: use hf"),
+        "gguf" => ExportFormat::Gguf(match args.gguf_type.as_str() {
+            "f32" => lopper_model::gguf::GgmlType::F32,
+            "f16" => lopper_model::gguf::GgmlType::F16,
+            "q8_0" => lopper_model::gguf::GgmlType::Q8_0,
+            o => bail!("--gguf-type `{o}`: use f32, f16 or q8_0"),
+        }),
+        o => bail!("--format `{o}`: use hf or gguf"),
     };
     if args.out.exists() && !args.force {
         bail!(

@@ -382,3 +382,73 @@ fn prune_refuses_bad_settings_before_any_work() {
         assert!(!out.exists(), "{args:?} created the output");
     }
 }
+
+#[test]
+fn export_writes_gguf_and_refuses_bad_plans() {
+    let root = tempfile::tempdir().unwrap();
+    let (model, _) = tiny_model_dir(root.path());
+    let shape = lopper_core::ModelShape::tiny();
+    let mut plan = lopper_core::MaskPlan::keep_all(&shape);
+    plan.layers[1].channels.truncate(20);
+    let plan_path = root.path().join("plan.json");
+    plan.save(&plan_path).unwrap();
+    let out = root.path().join("g");
+    let o = out.to_str().unwrap();
+    let p = plan_path.to_str().unwrap();
+    let (ok, _, err) = xtask(&[
+        "export",
+        "--model",
+        &model,
+        "--plan",
+        p,
+        "--format",
+        "gguf",
+        "--gguf-type",
+        "q8_0",
+        "--out",
+        o,
+    ]);
+    // The word-level test tokenizer cannot be written to GGUF: a named error, nothing written.
+    assert!(
+        !ok && err.contains("byte-level BPE") && !out.exists(),
+        "{err}"
+    );
+    let (ok, _, err) = xtask(&[
+        "export", "--model", &model, "--plan", p, "--format", "hf", "--out", o,
+    ]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = xtask(&["export", "--model", &model, "--plan", p, "--out", o]);
+    assert!(!ok && err.contains("--force"), "{err}");
+    // A plan for another model.
+    let mut other = lopper_core::ModelShape::tiny();
+    other.layers[0].ffn_hidden = 40;
+    lopper_core::MaskPlan::keep_all(&other)
+        .save(&plan_path)
+        .unwrap();
+    let (ok, _, err) = xtask(&[
+        "export", "--model", &model, "--plan", p, "--out", o, "--force",
+    ]);
+    assert!(!ok && err.contains("another model"), "{err}");
+    // Plans that remove everything, or list a unit twice, are refused when read.
+    let mut empty = lopper_core::MaskPlan::keep_all(&shape);
+    for l in &mut empty.layers {
+        l.kv_groups.clear();
+        l.channels.clear();
+    }
+    std::fs::write(&plan_path, serde_json::to_string(&empty).unwrap()).unwrap();
+    let (ok, _, err) = xtask(&[
+        "export", "--model", &model, "--plan", p, "--out", o, "--force",
+    ]);
+    assert!(!ok && err.contains("removes every layer"), "{err}");
+    let mut dup = lopper_core::MaskPlan::keep_all(&shape);
+    dup.layers[0].kv_groups = vec![1, 1];
+    std::fs::write(&plan_path, serde_json::to_string(&dup).unwrap()).unwrap();
+    let (ok, _, err) = xtask(&[
+        "export", "--model", &model, "--plan", p, "--out", o, "--force",
+    ]);
+    assert!(!ok && !err.contains("panicked"), "{err}");
+    let (ok, _, err) = xtask(&[
+        "export", "--model", &model, "--plan", p, "--format", "onnx", "--out", o, "--force",
+    ]);
+    assert!(!ok && err.contains("hf or gguf"), "{err}");
+}

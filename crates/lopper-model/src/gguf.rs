@@ -580,6 +580,30 @@ impl GgufBuilder {
         self
     }
 
+    /// Adds a tensor stored as `ty` (F32, F16 or Q8_0) from a row-major host tensor. Q8_0 needs
+    /// rows of a multiple of 32 values; other rows, and 1-D tensors, are stored as F16 / F32.
+    /// Returns the type used.
+    pub fn tensor(&mut self, name: &str, shape: &[usize], data: &[f32], ty: GgmlType) -> GgmlType {
+        let row = shape.last().copied().unwrap_or(0);
+        let ty = match ty {
+            _ if shape.len() < 2 => GgmlType::F32,
+            GgmlType::Q8_0 if row % 32 != 0 => GgmlType::F16,
+            GgmlType::Q8_0 | GgmlType::F16 => ty,
+            _ => GgmlType::F32,
+        };
+        let bytes = match ty {
+            GgmlType::F16 => data
+                .iter()
+                .flat_map(|&v| f16::from_f32(v).to_le_bytes())
+                .collect(),
+            GgmlType::Q8_0 => quantize_q8_0(data),
+            _ => data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        };
+        let dims = shape.iter().rev().map(|&d| d as u64).collect();
+        self.tensors.push((name.into(), dims, ty, bytes));
+        ty
+    }
+
     /// The file's bytes.
     pub fn to_bytes(&self) -> Vec<u8> {
         const ALIGN: usize = 32;
@@ -614,6 +638,21 @@ impl GgufBuilder {
         }
         out
     }
+}
+
+/// Q8_0 blocks of 32 values: an f16 scale `d = max|x| / 127`, then 32 `i8` `round(x / d)`.
+pub fn quantize_q8_0(data: &[f32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(data.len() / 32 * 34);
+    for block in data.chunks(32) {
+        let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+        out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
+        for &v in block {
+            out.push((v * inv).round().clamp(-127.0, 127.0) as i8 as u8);
+        }
+    }
+    out
 }
 
 fn write_str(out: &mut Vec<u8>, s: &str) {
@@ -670,6 +709,15 @@ fn write_value(out: &mut Vec<u8>, v: &Value) {
 /// permuted to llama.cpp's layout, per-layer arrays where layers differ. No tokenizer metadata:
 /// add it with [`GgufBuilder::meta`].
 pub fn llama_gguf(shape: &lopper_core::ModelShape, weights: &crate::HostWeights) -> GgufBuilder {
+    llama_gguf_typed(shape, weights, GgmlType::F32)
+}
+
+/// [`llama_gguf`] with 2-D weights stored as `ty` (F32, F16 or Q8_0; see [`GgufBuilder::tensor`]).
+pub fn llama_gguf_typed(
+    shape: &lopper_core::ModelShape,
+    weights: &crate::HostWeights,
+    ty: GgmlType,
+) -> GgufBuilder {
     use crate::weights::{hf_to_gguf_name, permute_qk_rows};
     let mut b = GgufBuilder::default();
     let n = shape.n_layers();
@@ -725,9 +773,9 @@ pub fn llama_gguf(shape: &lopper_core::ModelShape, weights: &crate::HostWeights)
         match heads {
             Some(h) => {
                 let p = permute_qk_rows(t, h, true);
-                b.tensor_f32(&g, &p.shape, &p.data)
+                b.tensor(&g, &p.shape, &p.data, ty)
             }
-            None => b.tensor_f32(&g, &t.shape, &t.data),
+            None => b.tensor(&g, &t.shape, &t.data, ty),
         };
     }
     b

@@ -235,6 +235,10 @@ pub fn resolve(spec: &ModelSpec, home: &Path, hub: &HubOptions) -> Result<ModelF
         ModelSpec::Default => Ok(ModelFiles::Gguf(ensure_default_model(home)?)),
         ModelSpec::Path(p) => {
             if p.is_dir() {
+                // A lopper GGUF export folder.
+                if !p.join("config.json").is_file() && p.join("model.gguf").is_file() {
+                    return Ok(ModelFiles::Gguf(p.join("model.gguf")));
+                }
                 if !p.join("config.json").is_file() {
                     return Err(Error::Resolve(format!(
                         "{} is a directory without config.json; pass a Hugging Face model directory or a .gguf file",

@@ -43,6 +43,96 @@ impl Tokenizer {
         })
     }
 
+    /// The `tokenizer.ggml.*` GGUF metadata of this tokenizer (byte-level BPE only), as
+    /// llama.cpp reads it: tokens by id, token types (1 normal, 3 control, 4 user-defined),
+    /// merges, BOS/EOS ids, and the pre-tokenizer (`smollm` when digits are split first).
+    pub fn gguf_metadata(&self) -> Result<Vec<(String, crate::gguf::Value)>> {
+        use crate::gguf::Value as V;
+        let err = |msg: String| Error::Tokenizer {
+            what: "GGUF export".into(),
+            msg,
+        };
+        let doc: Json = serde_json::from_str(&self.json).map_err(|e| err(e.to_string()))?;
+        let model = &doc["model"];
+        if model["type"] != "BPE" {
+            return Err(err(format!(
+                "only byte-level BPE tokenizers can be written to GGUF, this one is {}",
+                model["type"]
+            )));
+        }
+        let mut tokens: Vec<Option<String>> = Vec::new();
+        let mut put = |id: usize, t: &str| {
+            if tokens.len() <= id {
+                tokens.resize(id + 1, None);
+            }
+            tokens[id] = Some(t.to_string());
+        };
+        for (t, id) in model["vocab"].as_object().into_iter().flatten() {
+            put(id.as_u64().unwrap_or(0) as usize, t);
+        }
+        let mut types = Vec::new();
+        let added = doc["added_tokens"].as_array().cloned().unwrap_or_default();
+        for a in &added {
+            put(
+                a["id"].as_u64().unwrap_or(0) as usize,
+                a["content"].as_str().unwrap_or(""),
+            );
+        }
+        let tokens: Vec<String> = tokens
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| t.ok_or_else(|| err(format!("token id {i} has no token"))))
+            .collect::<Result<_>>()?;
+        types.resize(tokens.len(), 1i64);
+        for a in &added {
+            let id = a["id"].as_u64().unwrap_or(0) as usize;
+            types[id] = if a["special"].as_bool().unwrap_or(false) {
+                3
+            } else {
+                4
+            };
+        }
+        let merges: Vec<V> = model["merges"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|m| match m {
+                Json::String(s) => Ok(V::Str(s.clone())),
+                Json::Array(p) if p.len() == 2 => Ok(V::Str(format!(
+                    "{} {}",
+                    p[0].as_str().unwrap_or(""),
+                    p[1].as_str().unwrap_or("")
+                ))),
+                o => Err(err(format!("unreadable merge {o}"))),
+            })
+            .collect::<Result<_>>()?;
+        let digits = doc["pre_tokenizer"].to_string().contains("\"Digits\"");
+        let mut out = vec![
+            ("tokenizer.ggml.model".to_string(), V::Str("gpt2".into())),
+            (
+                "tokenizer.ggml.pre".to_string(),
+                V::Str(if digits { "smollm" } else { "gpt2" }.into()),
+            ),
+            (
+                "tokenizer.ggml.tokens".to_string(),
+                V::Array(tokens.into_iter().map(V::Str).collect()),
+            ),
+            (
+                "tokenizer.ggml.token_type".to_string(),
+                V::Array(types.into_iter().map(V::I).collect()),
+            ),
+            ("tokenizer.ggml.merges".to_string(), V::Array(merges)),
+        ];
+        if let Some(b) = self.bos_id {
+            out.push(("tokenizer.ggml.bos_token_id".into(), V::U(b as u64)));
+        }
+        if let Some(e) = self.eos_id {
+            out.push(("tokenizer.ggml.eos_token_id".into(), V::U(e as u64)));
+        }
+        out.push(("tokenizer.ggml.add_bos_token".into(), V::Bool(false)));
+        Ok(out)
+    }
+
     /// Rebuilds the tokenizer from GGUF metadata (`tokenizer.ggml.*`). Supported: byte-level BPE
     /// (`tokenizer.ggml.model = gpt2`) with the GPT-2 pre-tokenizer, and SmolLM's variant that
     /// first splits every digit (`tokenizer.ggml.pre = smollm`), as llama.cpp does.

@@ -9,6 +9,7 @@ use burn::tensor::backend::Backend;
 
 use crate::error::{Error, Result};
 use lopper_core::{MaskPlan, ModelShape};
+use lopper_model::gguf::{GgmlType, Value, llama_gguf_typed};
 use lopper_model::{Llama, Tokenizer, hf_config_json};
 
 /// Output formats.
@@ -17,6 +18,9 @@ pub enum ExportFormat {
     /// The lopper directory: `model.safetensors` (F32, HF names), `config.json`, `shape.json`,
     /// `tokenizer.json`, `lopper.json`.
     Hf,
+    /// `model.gguf` (llama architecture, per-layer arrays where layers differ, tokenizer
+    /// metadata, 2-D weights in the given type: F32, F16 or Q8_0) and `lopper.json`.
+    Gguf(GgmlType),
 }
 
 /// How to export.
@@ -148,6 +152,27 @@ pub fn export_with<B: Backend>(
             files.push(("config.json", json_bytes(&config_json(shape, tokenizer))));
             files.push(("shape.json", json_bytes(shape)));
             files.push(("tokenizer.json", tokenizer.to_json().as_bytes().to_vec()));
+        }
+        ExportFormat::Gguf(ty) => {
+            if !matches!(ty, GgmlType::F32 | GgmlType::F16 | GgmlType::Q8_0) {
+                return Err(Error::Unsupported(format!(
+                    "GGUF tensor type {ty:?} cannot be written; use f32, f16 or q8_0"
+                )));
+            }
+            let mut b = llama_gguf_typed(shape, &model.to_host_weights(), ty);
+            b.meta("general.name", Value::Str("lopper-pruned".into()));
+            b.meta(
+                "general.file_type",
+                Value::U(match ty {
+                    GgmlType::F16 => 1,
+                    GgmlType::Q8_0 => 7,
+                    _ => 0,
+                }),
+            );
+            for (k, v) in tokenizer.gguf_metadata()? {
+                b.meta(&k, v);
+            }
+            files.push(("model.gguf", b.to_bytes()));
         }
     }
     let mut record = serde_json::json!({

@@ -29,6 +29,31 @@ fn tiny_tokenizer() -> Tokenizer {
     Tokenizer::from_json(json.to_string(), "tiny test tokenizer").unwrap()
 }
 
+/// A byte-level BPE tokenizer over 128 ids: printable ASCII as itself, id 0 = the merge "ab",
+/// the other ids placeholders.
+fn bpe_tokenizer() -> Tokenizer {
+    let vocab: serde_json::Map<String, serde_json::Value> = (0..128u32)
+        .map(|i| {
+            let t = match i {
+                0 => "ab".to_string(),
+                33..=126 => char::from_u32(i).unwrap().to_string(),
+                _ => format!("<p{i}>"),
+            };
+            (t, i.into())
+        })
+        .collect();
+    let bl = serde_json::json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
+    let json = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null,
+        "added_tokens": [{"id": 1, "content": "<p1>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}],
+        "normalizer": null, "pre_tokenizer": bl, "post_processor": null, "decoder": bl,
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                  "vocab": vocab, "merges": [["a", "b"]]}
+    });
+    Tokenizer::from_json(json.to_string(), "tiny bpe").unwrap()
+}
+
 fn tokens(model: &Llama<B>) -> Tensor<B, 2, burn::tensor::Int> {
     let rows: Vec<Vec<u32>> = (0..2)
         .map(|r| {
@@ -313,6 +338,47 @@ fn a_full_disk_mid_write_leaves_nothing_under_the_final_name() {
             std::fs::read_dir(root.path()).unwrap().count(),
             0,
             "temporary folder left behind"
+        );
+    }
+}
+
+#[test]
+fn gguf_export_round_trips_at_every_tensor_type() {
+    let model = tiny();
+    let root = tempfile::tempdir().unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64(9);
+    let plan = random_plan(model.shape(), 0.7, &mut rng);
+    let pruned = prune(&model, &plan).unwrap();
+    let want = values(pruned.forward(tokens(&model)));
+    for (ty, tol) in [
+        (lopper_model::gguf::GgmlType::F32, 0.0),
+        (lopper_model::gguf::GgmlType::F16, 2e-2),
+        (lopper_model::gguf::GgmlType::Q8_0, 1e-1),
+    ] {
+        let out = root.path().join(format!("{ty:?}"));
+        let o = ExportOptions {
+            format: ExportFormat::Gguf(ty),
+            force: false,
+            provenance: serde_json::Value::Null,
+        };
+        export(&pruned, &bpe_tokenizer(), Some(&plan), &o, &out).unwrap();
+        // A lopper GGUF folder loads by its path.
+        let spec: lopper_model::ModelSpec = out.to_str().unwrap().parse().unwrap();
+        let files =
+            lopper_model::resolve(&spec, root.path(), &lopper_model::HubOptions::from_env())
+                .unwrap();
+        let back = load_files::<B>(&files, "test", &D).unwrap();
+        assert_eq!(back.model.shape(), pruned.shape());
+        let got = values(back.model.forward(tokens(&model)));
+        let d = max_diff(&got, &want);
+        assert!(d <= tol, "{ty:?}: {d}");
+        assert_eq!(
+            back.tokenizer.encode("abxyz<p1>").unwrap(),
+            vec![0, 120, 121, 122, 1]
+        );
+        assert_eq!(
+            bpe_tokenizer().encode("abxyz<p1>").unwrap(),
+            vec![0, 120, 121, 122, 1]
         );
     }
 }
