@@ -31,6 +31,28 @@ pub enum BenchCmd {
         #[arg(long, default_value = "cpu")]
         device: DeviceChoice,
     },
+    /// Surgery's real effect: uniform and random heterogeneous plans at each sparsity, cut, and
+    /// timed next to the dense model in the same run.
+    Pruned {
+        /// `default`, a .gguf file, a model directory, or hub:ORG/NAME[@REV].
+        #[arg(long, default_value = "default")]
+        model: String,
+        /// Fractions of prunable parameters removed, comma-separated.
+        #[arg(long, default_value = "0.2,0.3,0.5")]
+        sparsity: String,
+        /// Batch shapes as BATCHxSEQ, comma-separated.
+        #[arg(long, default_value = "8x128,1x2048")]
+        shapes: String,
+        /// Timed runs per row (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Seed of the random plans.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// cpu, cuda or cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: DeviceChoice,
+    },
     /// Time of one policy-gradient step (K sampled masks scored) at a sparsity, next to a dense
     /// step and to a step that masks without slicing, all in the same run.
     PgStep {
@@ -86,6 +108,28 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
                 },
             )
         }
+        BenchCmd::Pruned {
+            model,
+            sparsity,
+            shapes,
+            runs,
+            seed,
+            device,
+        } => {
+            let sparsities = parse_sparsities(&sparsity)?;
+            let shapes = parse_shapes(&shapes)?;
+            anyhow::ensure!(runs > 0, "--runs must be at least 1");
+            run_on(
+                device,
+                PrunedBench {
+                    model,
+                    sparsities,
+                    shapes,
+                    runs,
+                    seed,
+                },
+            )
+        }
         BenchCmd::PgStep {
             model,
             sparsity,
@@ -123,6 +167,194 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
                 },
             )
         }
+    }
+}
+
+fn parse_sparsities(s: &str) -> Result<Vec<f64>> {
+    let v = s
+        .split(',')
+        .map(|s| {
+            s.trim()
+                .parse::<f64>()
+                .context("--sparsity takes numbers like 0.5")
+        })
+        .collect::<Result<Vec<f64>>>()?;
+    anyhow::ensure!(
+        v.iter().all(|s| (0.0..1.0).contains(s)),
+        "--sparsity values must lie in [0, 1)"
+    );
+    Ok(v)
+}
+
+fn parse_shapes(s: &str) -> Result<Vec<(usize, usize)>> {
+    s.split(',')
+        .map(|s| {
+            let (b, t) = s.trim().split_once('x').context("shapes look like 8x128")?;
+            Ok((b.parse()?, t.parse()?))
+        })
+        .collect::<Result<Vec<(usize, usize)>>>()
+        .context("parsing --shapes")
+}
+
+/// Median seconds of `runs` forwards (after one warm-up) of `model` on a `batch x seq` input.
+fn time_forward<B: Backend>(
+    model: &Llama<B>,
+    device: &B::Device,
+    batch: usize,
+    seq: usize,
+    runs: usize,
+) -> Result<f64> {
+    let vocab = model.shape().vocab_size;
+    let ids: Vec<Vec<u32>> = (0..batch)
+        .map(|b| {
+            (0..seq)
+                .map(|t| ((b * 7919 + t * 104_729) % vocab) as u32)
+                .collect()
+        })
+        .collect();
+    let tokens = model.tokens(&ids)?;
+    let mut times = Vec::new();
+    for i in 0..=runs {
+        let t = time_once::<B>(device, || {
+            let _ = model.forward(tokens.clone()).narrow(2, 0, 1).into_data();
+        });
+        if i > 0 {
+            times.push(t);
+        }
+    }
+    Ok(median(times))
+}
+
+struct PrunedBench {
+    model: String,
+    sparsities: Vec<f64>,
+    shapes: Vec<(usize, usize)>,
+    runs: usize,
+    seed: u64,
+}
+
+impl Job for PrunedBench {
+    fn run<B: Backend>(self, device: B::Device, device_name: String) -> Result<()> {
+        use lopper_core::{UnitScores, keep_count};
+        use rand::{Rng, SeedableRng};
+        let spec: ModelSpec = self.model.parse()?;
+        let loaded =
+            load::<B>(&spec, &device).with_context(|| format!("loading `{}`", self.model))?;
+        let dense = &loaded.model;
+        let shape = dense.shape().clone();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(self.seed);
+        // Plans: uniform (per-layer top-k of a constant score = the first units) and random
+        // heterogeneous (global random scores, global top-k per type).
+        let mut plans = Vec::new();
+        for &s in &self.sparsities {
+            let keep = 1.0 - s;
+            let flat = UnitScores {
+                method: "uniform".into(),
+                kv_groups: shape
+                    .layers
+                    .iter()
+                    .map(|l| vec![1.0; l.n_kv_heads])
+                    .collect(),
+                channels: shape
+                    .layers
+                    .iter()
+                    .map(|l| vec![1.0; l.ffn_hidden])
+                    .collect(),
+            };
+            plans.push(("uniform", s, flat.plan_per_layer(&shape, keep)?));
+            let mut global =
+                |n_per: &dyn Fn(&lopper_core::LayerShape) -> usize| -> Vec<Vec<usize>> {
+                    let all: Vec<(usize, usize)> = shape
+                        .layers
+                        .iter()
+                        .enumerate()
+                        .flat_map(|(l, ls)| (0..n_per(ls)).map(move |i| (l, i)))
+                        .collect();
+                    let scores: Vec<f64> = all.iter().map(|_| rng.random::<f64>()).collect();
+                    let mut kept = vec![Vec::new(); shape.n_layers()];
+                    for i in lopper_core::top_k(&scores, keep_count(keep, all.len())) {
+                        kept[all[i].0].push(all[i].1);
+                    }
+                    kept
+                };
+            let groups = global(&|l| l.n_kv_heads);
+            let channels = global(&|l| l.ffn_hidden);
+            let mut plan = lopper_core::MaskPlan::keep_all(&shape);
+            for (l, lp) in plan.layers.iter_mut().enumerate() {
+                lp.kv_groups = groups[l].clone();
+                lp.channels = channels[l].clone();
+            }
+            plan.validate()?;
+            plans.push(("random heterogeneous", s, plan));
+        }
+        let bar = ProgressBar::new(((plans.len() + 1) * self.shapes.len()) as u64).with_style(
+            ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len}, eta {eta}")?,
+        );
+        bar.set_message("dense");
+        let mut dense_t = Vec::new();
+        for &(b, t) in &self.shapes {
+            dense_t.push(time_forward(dense, &device, b, t, self.runs)?);
+            bar.inc(1);
+        }
+        let mut rows = Vec::new();
+        for (kind, s, plan) in &plans {
+            bar.set_message(format!("{kind} {s}"));
+            let small = lopper_surgery::prune(dense, plan)?;
+            let mut t = Vec::new();
+            for &(b, q) in &self.shapes {
+                t.push(time_forward(&small, &device, b, q, self.runs)?);
+                bar.inc(1);
+            }
+            rows.push((kind, s, small.shape().clone(), t));
+        }
+        bar.finish_and_clear();
+        println!(
+            "pruned-model benchmark: {} on {device_name}; median of {} runs after 1 warm-up; speedup = dense time / pruned time in this run",
+            loaded.info.spec, self.runs
+        );
+        let shape_cols: Vec<String> = self
+            .shapes
+            .iter()
+            .map(|(b, t)| format!("{b}x{t} tok/s | speedup"))
+            .collect();
+        println!(
+            "| plan | sparsity | params | weights MiB (f32) | FLOPs/token ratio | {} | speedup / FLOP reduction ({}x{}) |",
+            shape_cols.join(" | "),
+            self.shapes[0].0,
+            self.shapes[0].1
+        );
+        println!(
+            "|---|---:|---:|---:|---:|{}---:|",
+            "---:|---:|".repeat(self.shapes.len())
+        );
+        let ctx = self.shapes[0].1;
+        let fl = |s: &lopper_core::ModelShape| s.flops_per_token(ctx) as f64;
+        let tps = |i: usize, secs: f64| (self.shapes[i].0 * self.shapes[i].1) as f64 / secs;
+        let cells = |t: &[f64]| -> String {
+            t.iter()
+                .enumerate()
+                .map(|(i, &x)| format!("{:.0} | {:.2}", tps(i, x), dense_t[i] / x))
+                .collect::<Vec<_>>()
+                .join(" | ")
+        };
+        println!(
+            "| dense | 0 | {} | {:.0} | 1.000 | {} | 1.00 |",
+            shape.num_params(),
+            shape.num_params() as f64 * 4.0 / 1048576.0,
+            cells(&dense_t)
+        );
+        for (kind, s, sh, t) in rows {
+            let ratio = fl(&sh) / fl(&shape);
+            let speedup = dense_t[0] / t[0];
+            println!(
+                "| {kind} | {s} | {} | {:.0} | {ratio:.3} | {} | {:.2} |",
+                sh.num_params(),
+                sh.num_params() as f64 * 4.0 / 1048576.0,
+                cells(&t),
+                speedup * ratio
+            );
+        }
+        Ok(())
     }
 }
 

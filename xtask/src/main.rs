@@ -6,6 +6,7 @@ mod backend;
 mod bench;
 mod eval;
 mod info;
+mod logits;
 mod prune;
 
 use anyhow::Result;
@@ -42,6 +43,8 @@ enum Cmd {
     Prune(Box<prune::PruneArgs>),
     /// Apply a plan to a model and write it in a format other tools load.
     Export(prune::ExportArgs),
+    /// A model's next-token logits on a text or token ids (top 5, or all as JSON).
+    Logits(logits::LogitsArgs),
     /// Benchmarks (tables on stdout).
     #[command(subcommand)]
     Bench(bench::BenchCmd),
@@ -85,6 +88,7 @@ fn run() -> Result<()> {
         Cmd::Eval(args) => eval::run(args),
         Cmd::Prune(args) => prune::run(*args),
         Cmd::Export(args) => prune::export(args),
+        Cmd::Logits(args) => logits::run(args),
         Cmd::Bench(cmd) => bench::run(cmd),
     }
 }

@@ -452,3 +452,60 @@ fn export_writes_gguf_and_refuses_bad_plans() {
     ]);
     assert!(!ok && err.contains("hf or gguf"), "{err}");
 }
+
+#[test]
+fn logits_and_the_pruned_benchmark_run_on_the_tiny_model() {
+    let root = tempfile::tempdir().unwrap();
+    let (model, _) = tiny_model_dir(root.path());
+    let out = root.path().join("l.json");
+    let (ok, stdout, err) = xtask(&[
+        "logits",
+        "--model",
+        &model,
+        "--ids",
+        "1,5,9",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok && stdout.contains("3 tokens"), "{err}");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    assert_eq!(v["logits"].as_array().unwrap().len(), 3);
+    assert_eq!(v["logits"][0].as_array().unwrap().len(), 128);
+    let (ok, _, err) = xtask(&["logits", "--model", &model, "--ids", "1,x"]);
+    assert!(!ok && err.contains("`x`"), "{err}");
+    let (ok, stdout, err) = xtask(&[
+        "bench",
+        "pruned",
+        "--model",
+        &model,
+        "--sparsity",
+        "0.5",
+        "--shapes",
+        "2x8",
+        "--runs",
+        "1",
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        stdout.contains("| dense |")
+            && stdout.contains("| uniform | 0.5 |")
+            && stdout.contains("random heterogeneous"),
+        "{stdout}"
+    );
+    let (ok, stdout, err) = xtask(&[
+        "bench",
+        "pg-step",
+        "--model",
+        &model,
+        "--sparsity",
+        "0.5",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "8",
+        "--runs",
+        "1",
+    ]);
+    assert!(ok && stdout.contains("| 0.5 |"), "{err}{stdout}");
+}

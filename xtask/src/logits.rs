@@ -1,0 +1,85 @@
+//! `cargo xtask logits`: a model's next-token logits on a text or token ids (sanity checks, and
+//! comparisons with other runtimes such as llama.cpp).
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use burn::tensor::backend::Backend;
+use clap::Args;
+use lopper_model::{ModelSpec, load};
+
+use crate::backend::{DeviceChoice, Job, run_on};
+
+#[derive(Debug, Args)]
+pub struct LogitsArgs {
+    /// `default`, a .gguf file, a model directory, or hub:ORG/NAME[@REV].
+    #[arg(long, default_value = "default")]
+    model: String,
+    /// Text to tokenise (no special tokens added).
+    #[arg(long, conflicts_with = "ids")]
+    text: Option<String>,
+    /// Comma-separated token ids.
+    #[arg(long)]
+    ids: Option<String>,
+    /// Write `{"ids": [...], "logits": [[...vocab] per position]}` here.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: DeviceChoice,
+}
+
+pub fn run(args: LogitsArgs) -> Result<()> {
+    anyhow::ensure!(
+        args.text.is_some() || args.ids.is_some(),
+        "give --text or --ids"
+    );
+    run_on(args.device, LogitsJob(args))
+}
+
+struct LogitsJob(LogitsArgs);
+
+impl Job for LogitsJob {
+    fn run<B: Backend>(self, device: B::Device, _device_name: String) -> Result<()> {
+        let a = &self.0;
+        let spec: ModelSpec = a.model.parse()?;
+        let loaded = load::<B>(&spec, &device).with_context(|| format!("loading `{}`", a.model))?;
+        let ids: Vec<u32> = match (&a.text, &a.ids) {
+            (Some(t), _) => loaded.tokenizer.encode(t)?,
+            (None, Some(s)) => s
+                .split(',')
+                .map(|x| {
+                    x.trim()
+                        .parse::<u32>()
+                        .with_context(|| format!("--ids: `{x}` is not a token id"))
+                })
+                .collect::<Result<_>>()?,
+            _ => unreachable!("checked before"),
+        };
+        let tokens = loaded.model.tokens(std::slice::from_ref(&ids))?;
+        let logits = loaded.model.forward(tokens);
+        let [_, seq, vocab] = logits.dims();
+        let v: Vec<f32> = logits
+            .into_data()
+            .convert::<f32>()
+            .to_vec()
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        let last = &v[(seq - 1) * vocab..];
+        let mut top: Vec<usize> = (0..vocab).collect();
+        top.sort_by(|&x, &y| last[y].total_cmp(&last[x]));
+        println!("{} tokens; top next tokens:", ids.len());
+        for &t in &top[..5] {
+            println!(
+                "  {t:>6} {:>10.4} {:?}",
+                last[t],
+                loaded.tokenizer.id_to_token(t as u32).unwrap_or_default()
+            );
+        }
+        if let Some(p) = &a.out {
+            let rows: Vec<&[f32]> = v.chunks(vocab).collect();
+            let j = serde_json::json!({"ids": ids, "logits": rows});
+            lopper_core::write_atomic(p, j.to_string().as_bytes())?;
+        }
+        Ok(())
+    }
+}
