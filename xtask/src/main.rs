@@ -7,6 +7,7 @@ mod bench;
 mod eval;
 mod info;
 mod logits;
+mod plots;
 mod prune;
 
 use anyhow::Result;

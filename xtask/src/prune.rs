@@ -98,7 +98,8 @@ pub struct PruneArgs {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: DeviceChoice,
-    /// Run folder: plan.json, model/, curve.jsonl, report.md, eval.json, checkpoint.json.
+    /// Run folder: plan.json, model/, curve.jsonl, report.md, loss.png, kept_per_layer.png,
+    /// eval.json, checkpoint.json.
     #[arg(long)]
     out: PathBuf,
 }
@@ -418,6 +419,15 @@ fn finish<B: Backend>(
     plan.meta
         .insert("kept_param_ratio".into(), plan.kept_param_ratio().into());
     write_json(&a.out.join("plan.json"), &plan)?;
+    crate::plots::kept_per_layer(&a.out.join("kept_per_layer.png"), &plan)?;
+    let curve_path = a.out.join("curve.jsonl");
+    if curve_path.is_file() {
+        let records: Vec<lopper_policy::StepRecord> = std::fs::read_to_string(&curve_path)?
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        crate::plots::loss_curve(&a.out.join("loss.png"), &records)?;
+    }
     let pruned = lopper_surgery::prune(model, &plan)?;
     let model_dir = a.out.join("model");
     lopper_surgery::export(

@@ -1,0 +1,181 @@
+//! PNG plots of a pruning run (plotters, with an embedded DejaVu Sans so no system font is needed).
+
+use std::path::Path;
+use std::sync::Once;
+
+use anyhow::{Result, anyhow};
+use lopper_core::MaskPlan;
+use lopper_policy::StepRecord;
+use plotters::prelude::*;
+
+static FONT: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
+
+fn font() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, FONT);
+    });
+}
+
+/// Renders with `draw` into `path` (through a temporary file and a rename).
+fn render(
+    path: &Path,
+    size: (u32, u32),
+    draw: impl FnOnce(&DrawingArea<BitMapBackend, plotters::coord::Shift>) -> Result<()>,
+) -> Result<()> {
+    font();
+    let tmp = path.with_extension("tmp.png");
+    {
+        let root = BitMapBackend::new(&tmp, size).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| anyhow!("{e}"))?;
+        draw(&root)?;
+        root.present()
+            .map_err(|e| anyhow!("writing {}: {e}", path.display()))?;
+    }
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+/// Sampled-mask loss (each step, and its 20-step moving average) and the baseline over steps.
+pub fn loss_curve(path: &Path, curve: &[StepRecord]) -> Result<()> {
+    let pts: Vec<(f64, f64, f64)> = curve
+        .iter()
+        .filter(|r| r.loss.is_finite())
+        .map(|r| (r.step as f64, r.loss, r.baseline))
+        .collect();
+    if pts.is_empty() {
+        return Ok(());
+    }
+    let lo = pts
+        .iter()
+        .map(|p| p.1.min(p.2))
+        .fold(f64::INFINITY, f64::min);
+    let hi = pts
+        .iter()
+        .map(|p| p.1.max(p.2))
+        .fold(f64::NEG_INFINITY, f64::max);
+    let pad = ((hi - lo) * 0.05).max(1e-3);
+    let last = pts.last().map_or(1.0, |p| p.0).max(1.0);
+    render(path, (900, 500), |root| {
+        let mut chart = ChartBuilder::on(root)
+            .caption(
+                "policy-gradient search: loss of sampled masks",
+                ("sans-serif", 22),
+            )
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(60)
+            .build_cartesian_2d(0f64..last, (lo - pad)..(hi + pad))
+            .map_err(|e| anyhow!("{e}"))?;
+        chart
+            .configure_mesh()
+            .x_desc("step")
+            .y_desc("loss (nats/token)")
+            .label_style(("sans-serif", 14))
+            .draw()
+            .map_err(|e| anyhow!("{e}"))?;
+        chart
+            .draw_series(LineSeries::new(
+                pts.iter().map(|p| (p.0, p.1)),
+                RGBColor(170, 190, 230),
+            ))
+            .map_err(|e| anyhow!("{e}"))?
+            .label("sampled-mask loss")
+            .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], RGBColor(170, 190, 230)));
+        let w = 20usize;
+        let avg: Vec<(f64, f64)> = (0..pts.len())
+            .map(|i| {
+                let s = i.saturating_sub(w - 1);
+                let m = pts[s..=i].iter().map(|p| p.1).sum::<f64>() / (i - s + 1) as f64;
+                (pts[i].0, m)
+            })
+            .collect();
+        chart
+            .draw_series(LineSeries::new(avg, BLUE.stroke_width(2)))
+            .map_err(|e| anyhow!("{e}"))?
+            .label("loss, 20-step mean")
+            .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], BLUE.stroke_width(2)));
+        chart
+            .draw_series(LineSeries::new(
+                pts.iter().map(|p| (p.0, p.2)),
+                RED.stroke_width(2),
+            ))
+            .map_err(|e| anyhow!("{e}"))?
+            .label("baseline")
+            .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], RED.stroke_width(2)));
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .label_font(("sans-serif", 14))
+            .draw()
+            .map_err(|e| anyhow!("{e}"))?;
+        Ok(())
+    })
+}
+
+/// Kept fraction of KV groups and of MLP channels in every source layer.
+pub fn kept_per_layer(path: &Path, plan: &MaskPlan) -> Result<()> {
+    let n = plan.layers.len();
+    let frac = |k: usize, t: usize| if t == 0 { 0.0 } else { k as f64 / t as f64 };
+    let heads: Vec<(f64, f64)> = plan
+        .layers
+        .iter()
+        .zip(&plan.source.layers)
+        .enumerate()
+        .map(|(i, (lp, ls))| (i as f64, frac(lp.kv_groups.len(), ls.n_kv_heads)))
+        .collect();
+    let chans: Vec<(f64, f64)> = plan
+        .layers
+        .iter()
+        .zip(&plan.source.layers)
+        .enumerate()
+        .map(|(i, (lp, ls))| (i as f64, frac(lp.channels.len(), ls.ffn_hidden)))
+        .collect();
+    render(path, (900, 500), |root| {
+        let mut chart = ChartBuilder::on(root)
+            .caption(
+                format!(
+                    "kept per layer (kept parameters {:.3})",
+                    plan.kept_param_ratio()
+                ),
+                ("sans-serif", 22),
+            )
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(60)
+            .build_cartesian_2d(-0.5f64..(n as f64 - 0.5), 0f64..1.05)
+            .map_err(|e| anyhow!("{e}"))?;
+        chart
+            .configure_mesh()
+            .x_desc("layer")
+            .y_desc("kept fraction")
+            .label_style(("sans-serif", 14))
+            .draw()
+            .map_err(|e| anyhow!("{e}"))?;
+        for (data, color, label) in [
+            (heads, RED, "KV groups (with their query heads)"),
+            (chans, BLUE, "MLP channels"),
+        ] {
+            chart
+                .draw_series(LineSeries::new(data.clone(), color.stroke_width(2)))
+                .map_err(|e| anyhow!("{e}"))?
+                .label(label)
+                .legend(move |(x, y)| {
+                    PathElement::new([(x, y), (x + 20, y)], color.stroke_width(2))
+                });
+            chart
+                .draw_series(data.into_iter().map(|p| Circle::new(p, 3, color.filled())))
+                .map_err(|e| anyhow!("{e}"))?;
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::LowerRight)
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .label_font(("sans-serif", 14))
+            .draw()
+            .map_err(|e| anyhow!("{e}"))?;
+        Ok(())
+    })
+}
