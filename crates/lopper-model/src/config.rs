@@ -195,12 +195,8 @@ pub fn shape_from_hf_config(path: &Path) -> Result<ModelShape> {
             "model_type `{t}` is not supported; lopper reads LLaMA-family models"
         )));
     }
-    if c.attention_bias || c.mlp_bias {
-        return Err(err(
-            "attention_bias / mlp_bias = true is not supported (LLaMA has no projection biases)"
-                .into(),
-        ));
-    }
+    // attention_bias / mlp_bias: the bias tensors are read when present (see `Llama::from_weights`).
+    let _ = (c.attention_bias, c.mlp_bias);
     let req =
         |v: Option<usize>, k: &str| v.ok_or_else(|| err(format!("required key `{k}` is missing")));
     let n_layers = req(c.num_hidden_layers, "num_hidden_layers")?;

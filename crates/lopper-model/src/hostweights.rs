@@ -68,6 +68,9 @@ impl<B: Backend> Llama<B> {
                         p(&format!("self_attn.{name}.weight")),
                         host(lin.weight.val()).transposed(),
                     );
+                    if let Some(b) = &lin.bias {
+                        put(p(&format!("self_attn.{name}.bias")), host(b.val()));
+                    }
                 }
             }
             if let (Some(n), Some(m)) = (&l.post_attention_layernorm, &l.mlp) {
@@ -81,6 +84,9 @@ impl<B: Backend> Llama<B> {
                         p(&format!("mlp.{name}.weight")),
                         host(lin.weight.val()).transposed(),
                     );
+                    if let Some(b) = &lin.bias {
+                        put(p(&format!("mlp.{name}.bias")), host(b.val()));
+                    }
                 }
             }
         }

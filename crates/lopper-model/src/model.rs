@@ -393,11 +393,11 @@ fn param<B: Backend, const D: usize>(t: HostTensor, device: &B::Device) -> Param
     Param::from_tensor(Tensor::from_data(TensorData::new(t.data, t.shape), device))
 }
 
-fn linear<B: Backend>(w: HostTensor, device: &B::Device) -> Linear<B> {
+fn linear<B: Backend>(w: HostTensor, bias: Option<HostTensor>, device: &B::Device) -> Linear<B> {
     // HF stores [out, in]; burn's Linear multiplies by [in, out].
     Linear {
         weight: param(w.transposed(), device),
-        bias: None,
+        bias: bias.map(|b| param(b, device)),
     }
 }
 
@@ -410,6 +410,17 @@ impl<B: Backend> Llama<B> {
     ) -> Result<Self> {
         shape.validate()?;
         let load = |name: &str| load_checked(weights, shape, name);
+        // A projection: its weight, and its bias when the checkpoint has one (LLaMA has none;
+        // FLAP-style compensation adds o_proj / down_proj biases).
+        let lin = |name: &str| -> Result<Linear<B>> {
+            let w = load(&format!("{name}.weight"))?;
+            let bias_name = format!("{name}.bias");
+            let b = match weights.tensor(&bias_name)? {
+                Some(b) => Some(load_checked(weights, shape, &bias_name).map(|_| b)?),
+                None => None,
+            };
+            Ok(linear(w, b, device))
+        };
         let norm = |name: &str| -> Result<RmsNorm<B>> {
             Ok(RmsNorm {
                 weight: param(load(name)?, device),
@@ -424,10 +435,10 @@ impl<B: Backend> Llama<B> {
                 (
                     Some(norm(&p("input_layernorm.weight"))?),
                     Some(Attention {
-                        q_proj: linear(load(&p("self_attn.q_proj.weight"))?, device),
-                        k_proj: linear(load(&p("self_attn.k_proj.weight"))?, device),
-                        v_proj: linear(load(&p("self_attn.v_proj.weight"))?, device),
-                        o_proj: linear(load(&p("self_attn.o_proj.weight"))?, device),
+                        q_proj: lin(&p("self_attn.q_proj"))?,
+                        k_proj: lin(&p("self_attn.k_proj"))?,
+                        v_proj: lin(&p("self_attn.v_proj"))?,
+                        o_proj: lin(&p("self_attn.o_proj"))?,
                         n_heads: l.n_heads,
                         n_kv_heads: l.n_kv_heads,
                         head_dim: l.head_dim,
@@ -440,9 +451,9 @@ impl<B: Backend> Llama<B> {
                 (
                     Some(norm(&p("post_attention_layernorm.weight"))?),
                     Some(Mlp {
-                        gate_proj: linear(load(&p("mlp.gate_proj.weight"))?, device),
-                        up_proj: linear(load(&p("mlp.up_proj.weight"))?, device),
-                        down_proj: linear(load(&p("mlp.down_proj.weight"))?, device),
+                        gate_proj: lin(&p("mlp.gate_proj"))?,
+                        up_proj: lin(&p("mlp.up_proj"))?,
+                        down_proj: lin(&p("mlp.down_proj"))?,
                     }),
                 )
             } else {
@@ -461,7 +472,7 @@ impl<B: Backend> Llama<B> {
         let lm_head = if shape.tie_word_embeddings {
             None
         } else {
-            Some(linear(load("lm_head.weight")?, device))
+            Some(linear(load("lm_head.weight")?, None, device))
         };
         tracing::debug!(params = shape.num_params(), source = %weights.describe(), "model built");
         Ok(Self {

@@ -310,6 +310,10 @@ impl WeightSource for RandomWeights {
     }
 
     fn tensor(&self, name: &str) -> Result<Option<HostTensor>> {
+        // Random models are bias-free, like LLaMA.
+        if name.ends_with(".bias") {
+            return Ok(None);
+        }
         let Some(dims) = expected_dims(&self.shape, name) else {
             return Ok(None);
         };
@@ -344,6 +348,11 @@ pub fn expected_dims(shape: &ModelShape, name: &str) -> Option<Vec<usize>> {
         "lm_head.weight" if !shape.tie_word_embeddings => return Some(vec![shape.vocab_size, d]),
         "model.norm.weight" => return Some(vec![d]),
         _ => {}
+    }
+    if let Some(w) = name.strip_suffix(".bias") {
+        // A projection's optional bias: one value per output feature.
+        let wd = expected_dims(shape, &format!("{w}.weight"))?;
+        return (w.contains("_proj")).then(|| vec![wd[0]]);
     }
     let rest = name.strip_prefix("model.layers.")?;
     let (layer, tail) = rest.split_once('.')?;

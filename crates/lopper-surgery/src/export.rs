@@ -147,9 +147,35 @@ pub fn export_with<B: Backend>(
     let mut files: Vec<(&str, Vec<u8>)> = Vec::new();
     match opts.format {
         ExportFormat::Hf => {
-            let weights = model.to_host_weights();
+            let mut weights = model.to_host_weights();
+            let mut config = config_json(shape, tokenizer);
+            if weights.tensors.keys().any(|k| k.ends_with(".bias")) {
+                // Stock transformers has one switch for all attention projections and one for
+                // all MLP projections: turn both on and give the others zero biases.
+                config["attention_bias"] = true.into();
+                config["mlp_bias"] = true.into();
+                let missing: Vec<(String, usize)> = weights
+                    .tensors
+                    .iter()
+                    .filter_map(|(k, t)| {
+                        let stem = k.strip_suffix(".weight")?;
+                        (stem.contains("layers.") && stem.ends_with("_proj"))
+                            .then(|| (format!("{stem}.bias"), t.shape[0]))
+                    })
+                    .filter(|(b, _)| !weights.tensors.contains_key(b))
+                    .collect();
+                for (name, n) in missing {
+                    weights.tensors.insert(
+                        name,
+                        lopper_model::HostTensor {
+                            shape: vec![n],
+                            data: vec![0.0; n],
+                        },
+                    );
+                }
+            }
             files.push(("model.safetensors", weights.safetensors_bytes()?));
-            files.push(("config.json", json_bytes(&config_json(shape, tokenizer))));
+            files.push(("config.json", json_bytes(&config)));
             files.push(("shape.json", json_bytes(shape)));
             files.push(("tokenizer.json", tokenizer.to_json().as_bytes().to_vec()));
         }

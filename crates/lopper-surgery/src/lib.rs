@@ -6,7 +6,7 @@ mod slice;
 
 pub use error::{Error, Result};
 pub use export::{ExportFormat, ExportOptions, export};
-pub use slice::{forward_kept, mean_loss_kept, prune, slice_layer};
+pub use slice::{InputMeans, forward_kept, mean_loss_kept, prune, prune_compensated, slice_layer};
 
 #[cfg(test)]
 mod tests;

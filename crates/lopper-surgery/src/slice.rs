@@ -174,3 +174,106 @@ pub fn mean_loss_kept<B: Backend>(
     let logits = forward_kept(model, plan, tokens.clone())?;
     Ok(mean_of(next_token_nll(logits, tokens))?)
 }
+
+/// Per-layer means over calibration tokens of the inputs of `o_proj` (per column, `n_heads *
+/// head_dim`) and `down_proj` (per channel); empty for a layer without the block.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InputMeans {
+    /// `o_proj` input means per layer.
+    pub o_proj: Vec<Vec<f64>>,
+    /// `down_proj` input means per layer.
+    pub down_proj: Vec<Vec<f64>>,
+}
+
+/// `bias[out] += sum over removed input columns j of mean[j] * W[j, out]` (burn layout `[in, out]`).
+fn compensate<B: Backend>(lin: &Linear<B>, removed: &[usize], means: &[f64]) -> Result<Linear<B>> {
+    let [n_in, n_out] = lin.weight.dims();
+    if means.len() != n_in {
+        return Err(lopper_model::Error::Input(format!(
+            "bias compensation: {} input means for a projection of {n_in} inputs",
+            means.len()
+        ))
+        .into());
+    }
+    let w: Vec<f32> = lin
+        .weight
+        .val()
+        .into_data()
+        .convert::<f32>()
+        .to_vec()
+        .map_err(|e| lopper_model::Error::Input(format!("{e:?}")))?;
+    let mut b = vec![0f64; n_out];
+    for &j in removed {
+        let m = means[j];
+        for (o, bo) in b.iter_mut().enumerate() {
+            *bo += m * w[j * n_out + o] as f64;
+        }
+    }
+    let device = lin.weight.device();
+    let add = Tensor::<B, 1>::from_data(
+        TensorData::new(
+            b.into_iter().map(|x| x as f32).collect::<Vec<f32>>(),
+            [n_out],
+        ),
+        &device,
+    );
+    let bias = match &lin.bias {
+        Some(old) => old.val() + add,
+        None => add,
+    };
+    Ok(Linear {
+        weight: lin.weight.clone(),
+        bias: Some(Param::from_tensor(bias)),
+    })
+}
+
+/// [`prune`] with FLAP-style bias compensation: the mean contribution of every removed input
+/// of `o_proj` / `down_proj` over the calibration tokens (`means`, from the dense model) is
+/// added to that projection's bias, so the layer's output mean on the calibration set is kept.
+/// A block removed whole has no projection left to carry it; its contribution is dropped.
+pub fn prune_compensated<B: Backend>(
+    model: &Llama<B>,
+    plan: &MaskPlan,
+    means: &InputMeans,
+) -> Result<Llama<B>> {
+    plan.validate_against(model.shape())?;
+    let n = model.shape().n_layers();
+    if means.o_proj.len() != n || means.down_proj.len() != n {
+        return Err(lopper_model::Error::Input(format!(
+            "bias compensation: input means for {} layers, the model has {n}",
+            means.o_proj.len()
+        ))
+        .into());
+    }
+    let mut compensated = Vec::with_capacity(n);
+    for (i, layer) in model.layers.iter().enumerate() {
+        let (lp, ls) = (&plan.layers[i], &plan.source.layers[i]);
+        let mut l = layer.clone();
+        if let Some(a) = &mut l.self_attn {
+            let (kept_q, _) = head_dims(&lp.kv_groups, ls);
+            let removed: Vec<usize> = (0..ls.n_heads * ls.head_dim)
+                .filter(|c| kept_q.binary_search(c).is_err())
+                .collect();
+            if !removed.is_empty() && !lp.kv_groups.is_empty() {
+                a.o_proj = compensate(&a.o_proj, &removed, &means.o_proj[i])?;
+            }
+        }
+        if let Some(m) = &mut l.mlp {
+            let removed: Vec<usize> = (0..ls.ffn_hidden)
+                .filter(|c| lp.channels.binary_search(c).is_err())
+                .collect();
+            if !removed.is_empty() && !lp.channels.is_empty() {
+                m.down_proj = compensate(&m.down_proj, &removed, &means.down_proj[i])?;
+            }
+        }
+        compensated.push(l);
+    }
+    let with_bias = Llama::from_parts(
+        model.embed_tokens.clone(),
+        compensated,
+        model.norm.clone(),
+        model.lm_head.clone(),
+        model.shape().clone(),
+    )?;
+    prune(&with_bias, plan)
+}

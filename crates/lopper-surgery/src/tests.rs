@@ -382,3 +382,98 @@ fn gguf_export_round_trips_at_every_tensor_type() {
         );
     }
 }
+
+#[test]
+fn bias_compensation_keeps_each_projection_output_mean_on_the_calibration_set() {
+    let model = tiny();
+    let mut rng = ChaCha8Rng::seed_from_u64(21);
+    let plan = loop {
+        let p = random_plan(model.shape(), 0.6, &mut rng);
+        if p.layers
+            .iter()
+            .all(|l| !l.kv_groups.is_empty() && !l.channels.is_empty())
+        {
+            break p;
+        }
+    };
+    // Calibration inputs of every o_proj / down_proj in the dense model.
+    let t = tokens(&model);
+    let mut taps: Vec<(usize, lopper_model::Tap, Vec<f32>, usize)> = Vec::new();
+    model
+        .forward_tapped(t, None, |i, p, x| {
+            let [_, w] = x.dims();
+            taps.push((i, p, x.clone().into_data().to_vec().unwrap(), w));
+        })
+        .unwrap();
+    let n_layers = model.shape().n_layers();
+    let mut means = InputMeans {
+        o_proj: vec![vec![]; n_layers],
+        down_proj: vec![vec![]; n_layers],
+    };
+    for (i, p, x, w) in &taps {
+        let rows = x.len() / w;
+        let m: Vec<f64> = (0..*w)
+            .map(|c| (0..rows).map(|r| x[r * w + c] as f64).sum::<f64>() / rows as f64)
+            .collect();
+        match p {
+            lopper_model::Tap::OProjInput => means.o_proj[*i] = m,
+            lopper_model::Tap::DownProjInput => means.down_proj[*i] = m,
+        }
+    }
+    let pruned = prune_compensated(&model, &plan, &means).unwrap();
+    // For each layer: mean over tokens of the dense projection output equals the mean of the
+    // pruned projection (kept inputs) plus its bias, on the same calibration inputs.
+    let out_mean = |lin: &burn::nn::Linear<B>, x: &[f32], w: usize, cols: &[usize]| -> Vec<f64> {
+        let rows = x.len() / w;
+        let xs: Vec<f32> = (0..rows)
+            .flat_map(|r| cols.iter().map(move |&c| x[r * w + c]))
+            .collect();
+        let xt =
+            Tensor::<B, 2>::from_data(burn::tensor::TensorData::new(xs, [rows, cols.len()]), &D);
+        let y: Vec<f32> = lin.forward(xt).mean_dim(0).into_data().to_vec().unwrap();
+        y.into_iter().map(f64::from).collect()
+    };
+    for (i, p, x, w) in &taps {
+        let (lp, ls) = (&plan.layers[*i], &plan.source.layers[*i]);
+        let (dense_lin, small_lin, kept) = match p {
+            lopper_model::Tap::OProjInput => {
+                let kept: Vec<usize> = lp
+                    .kv_groups
+                    .iter()
+                    .flat_map(|&g| g * ls.n_rep() * 8..(g + 1) * ls.n_rep() * 8)
+                    .collect();
+                (
+                    &model.layers[*i].self_attn.as_ref().unwrap().o_proj,
+                    &pruned.layers[*i].self_attn.as_ref().unwrap().o_proj,
+                    kept,
+                )
+            }
+            lopper_model::Tap::DownProjInput => (
+                &model.layers[*i].mlp.as_ref().unwrap().down_proj,
+                &pruned.layers[*i].mlp.as_ref().unwrap().down_proj,
+                lp.channels.clone(),
+            ),
+        };
+        let all: Vec<usize> = (0..*w).collect();
+        let dense = out_mean(dense_lin, x, *w, &all);
+        let small = out_mean(small_lin, x, *w, &kept);
+        let d = dense
+            .iter()
+            .zip(&small)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max);
+        assert!(d < 1e-5, "layer {i} {p:?}: output means differ by {d}");
+        assert!(small_lin.bias.is_some());
+    }
+    // The compensated model round-trips through the HF export (biases included).
+    let root = tempfile::tempdir().unwrap();
+    let out = root.path().join("c");
+    export(&pruned, &tiny_tokenizer(), Some(&plan), &opts(false), &out).unwrap();
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["attention_bias"], true);
+    assert_eq!(
+        values(reload(&out).forward(tokens(&model))),
+        values(pruned.forward(tokens(&model)))
+    );
+}
