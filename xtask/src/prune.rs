@@ -89,6 +89,10 @@ pub struct PruneArgs {
     /// Stop (as Ctrl-C does: checkpoint, then exit with an error) once this many steps are done.
     #[arg(long, hide = true)]
     stop_after: Option<usize>,
+    /// FLAP-style bias compensation at surgery: the calibration mean of every removed o_proj /
+    /// down_proj input goes into that projection's bias (the exported model then has biases).
+    #[arg(long)]
+    bias_compensation: bool,
     /// Continue the run in --out from its checkpoint.
     #[arg(long)]
     resume: bool,
@@ -367,11 +371,20 @@ impl Job for PruneJob {
                 .insert("allocation".into(), "per-layer uniform".into());
             p
         };
+        let means = if a.bias_compensation {
+            let n = calib.windows.len().min(64);
+            let (o_proj, down_proj) =
+                lopper_importance::input_means(model, &calib.windows[..n], a.batch_size)?;
+            Some(lopper_surgery::InputMeans { o_proj, down_proj })
+        } else {
+            None
+        };
         finish(
             a,
             model,
             tok,
             plan,
+            means.as_ref(),
             &resolved,
             curve_summary,
             self.eval_tasks.as_deref(),
@@ -409,6 +422,7 @@ fn finish<B: Backend>(
     model: &Llama<B>,
     tok: &Tokenizer,
     mut plan: MaskPlan,
+    means: Option<&lopper_surgery::InputMeans>,
     resolved: &serde_json::Value,
     curve: CurveSummary,
     eval_tasks: Option<&[crate::eval::Task]>,
@@ -428,7 +442,12 @@ fn finish<B: Backend>(
             .collect();
         crate::plots::loss_curve(&a.out.join("loss.png"), &records)?;
     }
-    let pruned = lopper_surgery::prune(model, &plan)?;
+    let pruned = match means {
+        Some(m) => lopper_surgery::prune_compensated(model, &plan, m)?,
+        None => lopper_surgery::prune(model, &plan)?,
+    };
+    plan.meta
+        .insert("bias_compensation".into(), means.is_some().into());
     let model_dir = a.out.join("model");
     lopper_surgery::export(
         &pruned,

@@ -246,7 +246,13 @@ fn prune_pg_on_the_tiny_model_writes_a_complete_run_folder() {
     let out = root.path().join("run");
     let out_s = out.to_str().unwrap();
     let mut args = prune_args(&model, &calib, out_s, "5");
-    args.extend(["--eval", "wikitext2", "--eval-limit", "2"]);
+    args.extend([
+        "--eval",
+        "wikitext2",
+        "--eval-limit",
+        "2",
+        "--bias-compensation",
+    ]);
     let (ok, stdout, err) = Command::new(env!("CARGO_BIN_EXE_xtask"))
         .args(&args)
         .env("LOPPER_LOG", "warn")
@@ -297,6 +303,11 @@ fn prune_pg_on_the_tiny_model_writes_a_complete_run_folder() {
     ]);
     assert!(ok, "{err}");
     let v: serde_json::Value = serde_json::from_str(&info).unwrap();
+    // Bias compensation: the exported model carries o_proj / down_proj biases (and zero ones).
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("model/config.json")).unwrap())
+            .unwrap();
+    assert_eq!(cfg["mlp_bias"], true);
     assert_eq!(v["params"]["total"], plan.pruned_shape().num_params());
     // Running again into the same folder is refused without --resume/--force.
     let (ok, _, err) = xtask(&prune_args(&model, &calib, out_s, "5"));

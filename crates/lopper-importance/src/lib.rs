@@ -40,6 +40,26 @@ pub fn input_sq_means<B: Backend>(
     windows: &[Vec<u32>],
     batch_size: usize,
 ) -> Result<InputStats> {
+    input_column_means(model, windows, batch_size, |x| x.powi_scalar(2))
+}
+
+/// Mean over calibration tokens of every input column of `o_proj` and `down_proj` (what
+/// FLAP-style bias compensation adds back for removed columns).
+pub fn input_means<B: Backend>(
+    model: &Llama<B>,
+    windows: &[Vec<u32>],
+    batch_size: usize,
+) -> Result<InputStats> {
+    input_column_means(model, windows, batch_size, |x| x)
+}
+
+/// Mean over calibration tokens of `f(x)` for every input column of `o_proj` and `down_proj`.
+fn input_column_means<B: Backend>(
+    model: &Llama<B>,
+    windows: &[Vec<u32>],
+    batch_size: usize,
+    f: impl Fn(Tensor<B, 2>) -> Tensor<B, 2>,
+) -> Result<InputStats> {
     if windows.is_empty() || batch_size == 0 {
         return Err(Error::Invalid(
             "importance metrics need at least one calibration window and a batch size of at least 1".into(),
@@ -54,7 +74,7 @@ pub fn input_sq_means<B: Backend>(
         let [b, s] = t.dims();
         tokens += b * s;
         model.forward_tapped(t, None, |i, point, x| {
-            let sq = x.clone().powi_scalar(2).sum_dim(0);
+            let sq = f(x.clone()).sum_dim(0);
             let slot = match point {
                 Tap::OProjInput => &mut attn[i],
                 Tap::DownProjInput => &mut mlp[i],
