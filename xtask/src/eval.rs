@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use burn::tensor::backend::Backend;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -11,9 +11,6 @@ use lopper_data::{BosPolicy, DataDirs, McTask, PerplexityCorpus, windows};
 use lopper_model::{Llama, ModelSpec, Tokenizer, load, lopper_home};
 
 use crate::backend::{DeviceChoice, Job, run_on};
-
-/// Tasks of the evaluation issue not built yet.
-const NOT_YET: &[&str] = &["c4"];
 
 #[derive(Debug, Clone, Copy)]
 pub enum Task {
@@ -55,16 +52,11 @@ pub struct EvalArgs {
 pub fn parse_tasks(list: &str) -> Result<Vec<Task>> {
     let mut tasks = Vec::new();
     for t in list.split(',').map(str::trim).filter(|t| !t.is_empty()) {
-        if NOT_YET.contains(&t) {
-            bail!(
-                "task `{t}` is not implemented yet (this build evaluates wikitext2, ptb, ptb_valid, boolq, piqa, hellaswag, arc_easy, arc_challenge, openbookqa, winogrande, lambada)"
-            );
-        }
         match McTask::from_task(t) {
             _ if t == "lambada" => tasks.push(Task::Lambada),
             Some(m) => tasks.push(Task::Mc(m)),
             None => tasks.push(Task::Ppl(PerplexityCorpus::from_task(t).map_err(|_| {
-                anyhow::anyhow!("unknown task `{t}`; tasks are wikitext2, ptb, ptb_valid, boolq, piqa, hellaswag, arc_easy, arc_challenge, openbookqa, winogrande, lambada")
+                anyhow::anyhow!("unknown task `{t}`; tasks are wikitext2, ptb, ptb_valid, c4, boolq, piqa, hellaswag, arc_easy, arc_challenge, openbookqa, winogrande, lambada")
             })?)),
         }
     }
@@ -291,8 +283,37 @@ pub fn evaluate<B: Backend>(
                 }
             }
         }
+        if let Some(avg) = llm_pruner_average(&results) {
+            table.push(format!(
+                "| 7-task average (LLM-Pruner convention: acc for boolq, piqa, winogrande, arc_easy; acc_norm for hellaswag, arc_challenge, openbookqa) | {avg:.4} | |"
+            ));
+            results.insert(
+                "llm_pruner_average".into(),
+                serde_json::json!({"value": avg, "metrics": LLM_PRUNER_CONVENTION}),
+            );
+        }
         Ok((results, table))
     }
+}
+
+/// The metric the LLM-Pruner / FLAP / PG tables report per task.
+const LLM_PRUNER_CONVENTION: &[(&str, &str)] = &[
+    ("boolq", "acc"),
+    ("piqa", "acc"),
+    ("hellaswag", "acc_norm"),
+    ("winogrande", "acc"),
+    ("arc_easy", "acc"),
+    ("arc_challenge", "acc_norm"),
+    ("openbookqa", "acc_norm"),
+];
+
+/// The mean of the seven tasks' metrics in the LLM-Pruner convention, when all seven were run.
+pub fn llm_pruner_average(results: &serde_json::Map<String, serde_json::Value>) -> Option<f64> {
+    let vals: Option<Vec<f64>> = LLM_PRUNER_CONVENTION
+        .iter()
+        .map(|(t, m)| results.get(*t)?.get(*m)?.as_f64())
+        .collect();
+    vals.map(|v| v.iter().sum::<f64>() / v.len() as f64)
 }
 
 fn bar(len: usize, name: &str, unit: &str) -> Result<ProgressBar> {

@@ -151,18 +151,25 @@ fn eval_refuses_bad_settings_before_any_work() {
     assert!(!ok && err.contains("unknown task `wikitext3`"), "{err}");
     let (ok, _, err) = xtask(&["eval", "--tasks", "wikitext2", "--limit", "0"]);
     assert!(!ok && err.contains("--limit 0"), "{err}");
-    let (ok, _, err) = xtask(&["eval", "--tasks", "c4"]);
-    assert!(!ok && err.contains("not implemented yet"), "{err}");
     let (ok, _, err) = xtask(&["eval", "--tasks", "wikitext2", "--bos", "sometimes"]);
     assert!(!ok && err.contains("unknown BOS policy"), "{err}");
 }
 
 #[test]
-fn eval_scores_a_multiple_choice_task() {
+fn eval_scores_multiple_choice_tasks_c4_and_the_seven_task_average() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("mc.json");
     let o = Command::new(env!("CARGO_BIN_EXE_xtask"))
-        .args(["eval", "--tasks", "arc_easy", "--limit", "3", "--out"])
+        .args([
+            "eval",
+            "--tasks",
+            "arc_easy,boolq,piqa,hellaswag,winogrande,arc_challenge,openbookqa,c4",
+            "--limit",
+            "3",
+            "--seq-len",
+            "32",
+            "--out",
+        ])
         .arg(&out)
         .env("LOPPER_DATA_DIR", data_dir())
         .env("LOPPER_LOG", "warn")
@@ -176,6 +183,20 @@ fn eval_scores_a_multiple_choice_task() {
     for k in ["acc", "acc_stderr", "acc_norm", "acc_norm_stderr"] {
         assert!(r[k].is_number(), "{k}: {r}");
     }
+    let res = &v["results"];
+    let want = (["boolq", "piqa", "winogrande", "arc_easy"]
+        .iter()
+        .map(|t| res[*t]["acc"].as_f64().unwrap())
+        .sum::<f64>()
+        + ["hellaswag", "arc_challenge", "openbookqa"]
+            .iter()
+            .map(|t| res[*t]["acc_norm"].as_f64().unwrap())
+            .sum::<f64>())
+        / 7.0;
+    assert!((res["llm_pruner_average"]["value"].as_f64().unwrap() - want).abs() < 1e-12);
+    assert_eq!(res["c4"]["windows"], 3);
+    assert!(res["c4"]["ppl"].as_f64().unwrap().is_finite());
+    assert_eq!(res["c4"]["rows"], 1000);
 }
 
 /// A tiny random model directory (word-level tokenizer over `t0`..`t127`) and a calibration

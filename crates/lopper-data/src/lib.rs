@@ -24,7 +24,7 @@ pub enum Error {
         tried: Vec<PathBuf>,
     },
     /// A task name lopper does not know.
-    #[error("unknown task `{0}`; perplexity tasks are: wikitext2, ptb, ptb_valid")]
+    #[error("unknown task `{0}`; perplexity tasks are: wikitext2, ptb, ptb_valid, c4")]
     UnknownTask(String),
     /// A file could not be read.
     #[error("{path}: {source}")]
@@ -86,6 +86,9 @@ pub enum PerplexityCorpus {
     Ptb,
     /// Penn Treebank, validation split.
     PtbValid,
+    /// The staged C4 sample (1,000 documents of C4 `en`, not the official validation shard):
+    /// document texts joined with " ", as SparseGPT/Wanda join C4 validation documents.
+    C4,
 }
 
 impl PerplexityCorpus {
@@ -95,6 +98,7 @@ impl PerplexityCorpus {
             "wikitext2" => Ok(Self::Wikitext2),
             "ptb" => Ok(Self::Ptb),
             "ptb_valid" => Ok(Self::PtbValid),
+            "c4" => Ok(Self::C4),
             other => Err(Error::UnknownTask(other.into())),
         }
     }
@@ -105,6 +109,7 @@ impl PerplexityCorpus {
             Self::Wikitext2 => "wikitext2",
             Self::Ptb => "ptb",
             Self::PtbValid => "ptb_valid",
+            Self::C4 => "c4",
         }
     }
 
@@ -113,6 +118,7 @@ impl PerplexityCorpus {
             Self::Wikitext2 => ("wikitext2", "wiki.test.raw"),
             Self::Ptb => ("ptb", "ptb.test.txt"),
             Self::PtbValid => ("ptb", "ptb.valid.txt"),
+            Self::C4 => ("c4", "c4-sample.00000-of-00001.json.gz"),
         }
     }
 
@@ -137,6 +143,8 @@ impl PerplexityCorpus {
                 .lines()
                 .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
                 .collect(),
+            // C4 rows are JSON documents; see `load`.
+            Self::C4 => text.lines().map(String::from).collect(),
         }
     }
 
@@ -144,12 +152,17 @@ impl PerplexityCorpus {
     pub fn joiner(self) -> &'static str {
         match self {
             Self::Wikitext2 => "\n\n",
-            Self::Ptb | Self::PtbValid => " ",
+            Self::Ptb | Self::PtbValid | Self::C4 => " ",
         }
     }
 
     /// Reads the split from `dirs` and returns (file, joined text, row count).
     pub fn load(self, dirs: &DataDirs) -> Result<(PathBuf, String, usize)> {
+        if self == Self::C4 {
+            let (path, docs) = calib::load_documents("c4", dirs)?;
+            let n = docs.len();
+            return Ok((path, docs.join(self.joiner()), n));
+        }
         let (name, file) = self.location();
         let path = dirs.find(name, file)?;
         let text = std::fs::read_to_string(&path).map_err(|source| Error::Io {
