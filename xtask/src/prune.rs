@@ -38,7 +38,8 @@ pub struct PruneArgs {
     /// per-type (each unit type keeps the same fraction) or params (one parameter budget).
     #[arg(long, default_value = "per-type")]
     budget: String,
-    /// wanda-sp, uniform, random, or a scores JSON file (UnitScores) from another method.
+    /// wanda-sp, magnitude, uniform, random, a scores JSON file (UnitScores) from another
+    /// method, or a plan.json (kept units score 1, removed 0; then sigmap per layer).
     #[arg(long, default_value = "wanda-sp")]
     init: String,
     /// ref: (L-b)(m-s)/sqrt(s(1-s)) as the reference code; score: the exact score function.
@@ -71,6 +72,15 @@ pub struct PruneArgs {
     /// Learning rate of the keep-probabilities (all unit types).
     #[arg(long, default_value_t = 2e-3)]
     lr: f64,
+    /// Learning rate of KV-group probabilities (default: --lr).
+    #[arg(long)]
+    lr_heads: Option<f64>,
+    /// Learning rate of channel probabilities (default: --lr).
+    #[arg(long)]
+    lr_channels: Option<f64>,
+    /// Learning rate of layer probabilities (default: --lr).
+    #[arg(long)]
+    lr_layers: Option<f64>,
     /// cosine (to 0, reference) or constant.
     #[arg(long, default_value = "cosine")]
     schedule: String,
@@ -137,9 +147,9 @@ impl PruneArgs {
                 "adam" => Optimizer::Adam,
                 o => bail!("--optimizer `{o}`: use sgd or adam"),
             },
-            lr_heads: self.lr,
-            lr_channels: self.lr,
-            lr_layers: self.lr,
+            lr_heads: self.lr_heads.unwrap_or(self.lr),
+            lr_channels: self.lr_channels.unwrap_or(self.lr),
+            lr_layers: self.lr_layers.unwrap_or(self.lr),
             schedule: match self.schedule.as_str() {
                 "cosine" => Schedule::Cosine,
                 "constant" => Schedule::Constant,
@@ -296,10 +306,14 @@ impl Job for PruneJob {
                         let text = std::fs::read_to_string(file).with_context(|| {
                             format!("--init `{file}` is neither wanda-sp, magnitude, uniform, random nor a readable scores file")
                         })?;
-                        let scores: UnitScores =
-                            serde_json::from_str(&text).with_context(|| {
-                                format!("--init {file}: not a UnitScores JSON file")
-                            })?;
+                        let scores = match serde_json::from_str::<UnitScores>(&text) {
+                            Ok(s) => s,
+                            Err(_) => plan_scores(&text, &shape).with_context(|| {
+                                format!(
+                                    "--init {file}: neither a UnitScores nor a mask plan JSON file"
+                                )
+                            })?,
+                        };
                         Init::Scores { scores }
                     }
                 };
@@ -392,6 +406,37 @@ impl Job for PruneJob {
             started,
         )
     }
+}
+
+/// Scores from a plan: 1 for kept units, 0 for removed ones (then `sigmap` per layer, like the
+/// reference's init from another method's mask).
+fn plan_scores(json: &str, shape: &lopper_core::ModelShape) -> Result<UnitScores> {
+    let plan = MaskPlan::from_json(json)?;
+    plan.validate_against(shape)?;
+    let bit = |keep: bool| if keep { 1.0 } else { 0.0 };
+    Ok(UnitScores {
+        method: "plan".into(),
+        kv_groups: plan
+            .layers
+            .iter()
+            .zip(&shape.layers)
+            .map(|(lp, ls)| {
+                (0..ls.n_kv_heads)
+                    .map(|g| bit(lp.kv_groups.contains(&g)))
+                    .collect()
+            })
+            .collect(),
+        channels: plan
+            .layers
+            .iter()
+            .zip(&shape.layers)
+            .map(|(lp, ls)| {
+                (0..ls.ffn_hidden)
+                    .map(|c| bit(lp.channels.binary_search(&c).is_ok()))
+                    .collect()
+            })
+            .collect(),
+    })
 }
 
 /// Drops curve lines at or after `step` (a resumed run rewrites them).

@@ -362,6 +362,13 @@ fn an_interrupted_prune_resumes_to_the_same_plan() {
     assert!(!ok && err.contains("differ"), "{err}");
     let mut resume = prune_args(&model, &calib, part_s, "8");
     resume.push("--resume");
+    // A plan can seed another run (--init PLAN), with per-type learning rates.
+    let seeded = root.path().join("seeded");
+    let full_plan = full.join("plan.json");
+    let mut args = prune_args(&model, &calib, seeded.to_str().unwrap(), "2");
+    args.extend(["--init", full_plan.to_str().unwrap(), "--lr-heads", "0.001"]);
+    let (ok, _, err) = xtask(&args);
+    assert!(ok, "{err}");
     let (ok, _, err) = xtask(&resume);
     assert!(ok, "{err}");
     let read = |d: &std::path::Path, f: &str| std::fs::read_to_string(d.join(f)).unwrap();
