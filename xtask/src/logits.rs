@@ -67,6 +67,11 @@ impl Job for LogitsJob {
         let last = &v[(seq - 1) * vocab..];
         let mut top: Vec<usize> = (0..vocab).collect();
         top.sort_by(|&x, &y| last[y].total_cmp(&last[x]));
+        if let Some(p) = &a.out {
+            let rows: Vec<&[f32]> = v.chunks(vocab).collect();
+            let j = serde_json::json!({"ids": ids, "logits": rows});
+            lopper_core::write_atomic(p, j.to_string().as_bytes())?;
+        }
         println!("{} tokens; top next tokens:", ids.len());
         for &t in &top[..5] {
             println!(
@@ -74,11 +79,6 @@ impl Job for LogitsJob {
                 last[t],
                 loaded.tokenizer.id_to_token(t as u32).unwrap_or_default()
             );
-        }
-        if let Some(p) = &a.out {
-            let rows: Vec<&[f32]> = v.chunks(vocab).collect();
-            let j = serde_json::json!({"ids": ids, "logits": rows});
-            lopper_core::write_atomic(p, j.to_string().as_bytes())?;
         }
         Ok(())
     }
