@@ -89,14 +89,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
             warmup,
             device,
         } => {
-            let shapes = shapes
-                .split(',')
-                .map(|s| {
-                    let (b, t) = s.trim().split_once('x').context("shapes look like 8x128")?;
-                    Ok((b.parse()?, t.parse()?))
-                })
-                .collect::<Result<Vec<(usize, usize)>>>()
-                .context("parsing --shapes")?;
+            let shapes = parse_shapes(&shapes)?;
             anyhow::ensure!(runs > 0, "--runs must be at least 1");
             run_on(
                 device,
@@ -139,18 +132,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
             runs,
             device,
         } => {
-            let sparsities = sparsity
-                .split(',')
-                .map(|s| {
-                    s.trim()
-                        .parse::<f64>()
-                        .context("--sparsity takes numbers like 0.5")
-                })
-                .collect::<Result<Vec<f64>>>()?;
-            anyhow::ensure!(
-                sparsities.iter().all(|s| (0.0..1.0).contains(s)),
-                "--sparsity values must lie in [0, 1)"
-            );
+            let sparsities = parse_sparsities(&sparsity)?;
             anyhow::ensure!(
                 runs > 0 && batch_size > 0 && seq_len > 1 && samples_per_step > 0,
                 "--runs, --batch-size, --samples-per-step must be >= 1 and --seq-len >= 2"

@@ -679,23 +679,67 @@ impl<B: Backend> Llama<B> {
         Ok(model)
     }
 
-    /// Checks that every tensor has the dims its shape implies.
-    fn check_against_shape(&self) -> Result<()> {
-        let s = &self.shape;
-        let (h, v) = (s.hidden_size, s.vocab_size);
-        let mismatch = |name: String, expected: Vec<usize>, got: Vec<usize>| Error::TensorShape {
-            name,
-            source_desc: "the assembled model".into(),
-            expected,
-            got,
-        };
-        let check = |name: String, expected: Vec<usize>, got: Vec<usize>| {
-            if expected == got {
-                Ok(())
-            } else {
-                Err(mismatch(name, expected, got))
+    /// Every parameter's Hugging Face name and dims in Hugging Face layout (`[out, in]`).
+    pub fn named_dims(&self) -> Vec<(String, Vec<usize>)> {
+        let mut out = vec![
+            (
+                "model.embed_tokens.weight".to_string(),
+                self.embed_tokens.weight.dims().to_vec(),
+            ),
+            (
+                "model.norm.weight".to_string(),
+                self.norm.weight.dims().to_vec(),
+            ),
+        ];
+        let mut lin = |name: String, l: &Linear<B>| {
+            let [i, o] = l.weight.dims();
+            out.push((format!("{name}.weight"), vec![o, i]));
+            if let Some(b) = &l.bias {
+                out.push((format!("{name}.bias"), b.dims().to_vec()));
             }
         };
+        if let Some(head) = &self.lm_head {
+            lin("lm_head".into(), head);
+        }
+        let mut norms = Vec::new();
+        for (i, layer) in self.layers.iter().enumerate() {
+            let p = |t: &str| format!("model.layers.{i}.{t}");
+            if let Some(a) = &layer.self_attn {
+                for (n, l) in [
+                    ("q_proj", &a.q_proj),
+                    ("k_proj", &a.k_proj),
+                    ("v_proj", &a.v_proj),
+                    ("o_proj", &a.o_proj),
+                ] {
+                    lin(p(&format!("self_attn.{n}")), l);
+                }
+            }
+            if let Some(m) = &layer.mlp {
+                for (n, l) in [
+                    ("gate_proj", &m.gate_proj),
+                    ("up_proj", &m.up_proj),
+                    ("down_proj", &m.down_proj),
+                ] {
+                    lin(p(&format!("mlp.{n}")), l);
+                }
+            }
+            for (n, norm) in [
+                ("input_layernorm", &layer.input_layernorm),
+                ("post_attention_layernorm", &layer.post_attention_layernorm),
+            ] {
+                if let Some(norm) = norm {
+                    norms.push((p(&format!("{n}.weight")), norm.weight.dims().to_vec()));
+                }
+            }
+        }
+        out.extend(norms);
+        out
+    }
+
+    /// Checks that every tensor has the dims its shape implies, that blocks are present exactly
+    /// where the shape has them, and that attention head counts match.
+    fn check_against_shape(&self) -> Result<()> {
+        let s = &self.shape;
         if self.layers.len() != s.n_layers() {
             return Err(Error::Input(format!(
                 "{} decoder layers for a shape of {} layers",
@@ -703,103 +747,42 @@ impl<B: Backend> Llama<B> {
                 s.n_layers()
             )));
         }
-        check(
-            "model.embed_tokens.weight".into(),
-            vec![v, h],
-            self.embed_tokens.weight.dims().to_vec(),
-        )?;
-        check(
-            "model.norm.weight".into(),
-            vec![h],
-            self.norm.weight.dims().to_vec(),
-        )?;
         if s.tie_word_embeddings != self.lm_head.is_none() {
             return Err(Error::Input(
                 "the LM head does not match tie_word_embeddings".into(),
             ));
         }
-        if let Some(head) = &self.lm_head {
-            check(
-                "lm_head.weight".into(),
-                vec![h, v],
-                head.weight.dims().to_vec(),
-            )?;
-        }
         for (i, (layer, ls)) in self.layers.iter().zip(&s.layers).enumerate() {
-            let p = |t: &str| format!("model.layers.{i}.{t}");
-            match (&layer.input_layernorm, &layer.self_attn) {
-                (Some(n), Some(a)) if ls.has_attn() => {
-                    let (q, kv) = (ls.n_heads * ls.head_dim, ls.n_kv_heads * ls.head_dim);
-                    check(
-                        p("input_layernorm.weight"),
-                        vec![h],
-                        n.weight.dims().to_vec(),
-                    )?;
-                    check(
-                        p("self_attn.q_proj"),
-                        vec![h, q],
-                        a.q_proj.weight.dims().to_vec(),
-                    )?;
-                    check(
-                        p("self_attn.k_proj"),
-                        vec![h, kv],
-                        a.k_proj.weight.dims().to_vec(),
-                    )?;
-                    check(
-                        p("self_attn.v_proj"),
-                        vec![h, kv],
-                        a.v_proj.weight.dims().to_vec(),
-                    )?;
-                    check(
-                        p("self_attn.o_proj"),
-                        vec![q, h],
-                        a.o_proj.weight.dims().to_vec(),
-                    )?;
-                    if (a.n_heads, a.n_kv_heads, a.head_dim)
-                        != (ls.n_heads, ls.n_kv_heads, ls.head_dim)
-                    {
-                        return Err(Error::Input(format!(
-                            "layer {i}: attention head counts differ from the shape"
-                        )));
-                    }
-                }
-                (None, None) if !ls.has_attn() => {}
-                _ => {
-                    return Err(Error::Input(format!(
-                        "layer {i}: attention block presence does not match the shape"
-                    )));
-                }
+            let attn = layer.input_layernorm.is_some() && layer.self_attn.is_some();
+            let mlp = layer.post_attention_layernorm.is_some() && layer.mlp.is_some();
+            let attn_absent = layer.input_layernorm.is_none() && layer.self_attn.is_none();
+            let mlp_absent = layer.post_attention_layernorm.is_none() && layer.mlp.is_none();
+            if !(attn && ls.has_attn() || attn_absent && !ls.has_attn())
+                || !(mlp && ls.has_mlp() || mlp_absent && !ls.has_mlp())
+            {
+                return Err(Error::Input(format!(
+                    "layer {i}: attention / MLP block presence does not match the shape"
+                )));
             }
-            match (&layer.post_attention_layernorm, &layer.mlp) {
-                (Some(n), Some(m)) if ls.has_mlp() => {
-                    let f = ls.ffn_hidden;
-                    check(
-                        p("post_attention_layernorm.weight"),
-                        vec![h],
-                        n.weight.dims().to_vec(),
-                    )?;
-                    check(
-                        p("mlp.gate_proj"),
-                        vec![h, f],
-                        m.gate_proj.weight.dims().to_vec(),
-                    )?;
-                    check(
-                        p("mlp.up_proj"),
-                        vec![h, f],
-                        m.up_proj.weight.dims().to_vec(),
-                    )?;
-                    check(
-                        p("mlp.down_proj"),
-                        vec![f, h],
-                        m.down_proj.weight.dims().to_vec(),
-                    )?;
-                }
-                (None, None) if !ls.has_mlp() => {}
-                _ => {
-                    return Err(Error::Input(format!(
-                        "layer {i}: MLP block presence does not match the shape"
-                    )));
-                }
+            if let Some(a) = &layer.self_attn
+                && (a.n_heads, a.n_kv_heads, a.head_dim) != (ls.n_heads, ls.n_kv_heads, ls.head_dim)
+            {
+                return Err(Error::Input(format!(
+                    "layer {i}: attention head counts differ from the shape"
+                )));
+            }
+        }
+        for (name, got) in self.named_dims() {
+            let expected = crate::weights::expected_dims(s, &name).ok_or_else(|| {
+                Error::Input(format!("tensor `{name}` has no place in the shape"))
+            })?;
+            if expected != got {
+                return Err(Error::TensorShape {
+                    name,
+                    source_desc: "the assembled model".into(),
+                    expected,
+                    got,
+                });
             }
         }
         Ok(())

@@ -477,3 +477,34 @@ fn bias_compensation_keeps_each_projection_output_mean_on_the_calibration_set() 
         values(pruned.forward(tokens(&model)))
     );
 }
+
+#[test]
+fn parts_that_do_not_fit_the_shape_are_refused() {
+    let model = tiny();
+    let plan = MaskPlan::from_removed(model.shape(), &[PruneUnit::KvGroup { layer: 0, group: 1 }])
+        .unwrap();
+    // The dense layers under the pruned shape: layer 0's q_proj is too wide.
+    let e = Llama::from_parts(
+        model.embed_tokens.clone(),
+        model.layers.clone(),
+        model.norm.clone(),
+        model.lm_head.clone(),
+        plan.pruned_shape(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("model.layers.0") || e.contains("layer 0"), "{e}");
+    // A missing block.
+    let mut layers = model.layers.clone();
+    layers[2].mlp = None;
+    let e = Llama::from_parts(
+        model.embed_tokens.clone(),
+        layers,
+        model.norm.clone(),
+        None,
+        model.shape().clone(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("layer 2"), "{e}");
+}
