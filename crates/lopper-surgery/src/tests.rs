@@ -501,7 +501,7 @@ fn parts_that_do_not_fit_the_shape_are_refused() {
         model.embed_tokens.clone(),
         layers,
         model.norm.clone(),
-        None,
+        model.lm_head.clone(),
         model.shape().clone(),
     )
     .unwrap_err()
