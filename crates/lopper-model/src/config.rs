@@ -10,7 +10,7 @@ use crate::gguf::{GgufFile, Value};
 use lopper_core::{LayerShape, ModelShape, RopeConfig, RopeScaling};
 
 /// Architectures whose GGUF tensors and keys follow llama's layout.
-const LLAMA_LIKE: &[&str] = &["llama", "mistral"];
+const LLAMA_LIKE: &[&str] = &["llama", "mistral", "deci"];
 
 /// Reads the [`ModelShape`] from a GGUF file's llama-architecture metadata, including per-layer
 /// arrays for head counts and MLP width (how llama.cpp expresses heterogeneous layers).
@@ -72,7 +72,21 @@ pub fn shape_from_gguf(file: &GgufFile) -> Result<ModelShape> {
     };
     let heads = per_layer("attention.head_count", None)?;
     let kv_heads = per_layer("attention.head_count_kv", None).unwrap_or_else(|_| heads.clone());
-    let ffn = per_layer("feed_forward_length", None)?;
+    let mut ffn = per_layer("feed_forward_length", None)?;
+    if let Some(i) = (0..n_layers).find(|&i| heads[i] > 0 && kv_heads[i] == 0) {
+        return Err(err(format!(
+            "layer {i} has {} query heads and no KV head (deci's linear attention), which lopper does not model",
+            heads[i]
+        )));
+    }
+    // Layers lopper wrote with a zero placeholder MLP (see `llama_gguf_typed`).
+    if let Some(Value::Array(flags)) = file.get("lopper.mlp_removed") {
+        for (i, f) in flags.iter().enumerate().take(n_layers) {
+            if f.as_bool() == Some(true) {
+                ffn[i] = 0;
+            }
+        }
+    }
     let max_heads = heads.iter().copied().max().unwrap_or(0);
     let head_dim = match file
         .get(&key("attention.key_length"))

@@ -721,9 +721,31 @@ pub fn llama_gguf_typed(
     use crate::weights::{hf_to_gguf_name, permute_qk_rows};
     let mut b = GgufBuilder::default();
     let n = shape.n_layers();
-    let per_layer = |f: &dyn Fn(&lopper_core::LayerShape) -> usize| -> Value {
-        let v: Vec<usize> = shape.layers.iter().map(f).collect();
-        if v.windows(2).all(|w| w[0] == w[1]) {
+    // Heterogeneous layers are written as llama.cpp's `deci` architecture (the LLaMA decoder
+    // with per-layer head counts and MLP widths, 0 heads = no attention block); uniform ones as
+    // plain `llama`, which every GGUF reader knows.
+    let uniform = shape.layers.windows(2).all(|w| w[0] == w[1])
+        && shape.layers.iter().all(|l| l.has_attn() && l.has_mlp());
+    let arch = if uniform { "llama" } else { "deci" };
+    // llama.cpp's deci graph drops a layer's attention output when its MLP width is 0
+    // (`continue` before the residual add), so a layer with attention and no MLP gets a
+    // one-channel MLP of zeros instead (it adds exactly 0), flagged in `lopper.mlp_removed`
+    // so that lopper reads the layer back without an MLP.
+    let placeholder: Vec<bool> = shape
+        .layers
+        .iter()
+        .map(|l| l.has_attn() && !l.has_mlp())
+        .collect();
+    let ffn_of =
+        |i: usize, l: &lopper_core::LayerShape| if placeholder[i] { 1 } else { l.ffn_hidden };
+    let per_layer = |f: &dyn Fn(usize, &lopper_core::LayerShape) -> usize| -> Value {
+        let v: Vec<usize> = shape
+            .layers
+            .iter()
+            .enumerate()
+            .map(|(i, l)| f(i, l))
+            .collect();
+        if uniform {
             Value::U(v[0] as u64)
         } else {
             Value::Array(v.into_iter().map(|x| Value::U(x as u64)).collect())
@@ -734,29 +756,54 @@ pub fn llama_gguf_typed(
         .iter()
         .find(|l| l.has_attn())
         .map_or(0, |l| l.head_dim);
-    b.meta("general.architecture", Value::Str("llama".into()))
+    let k = |key: &str| format!("{arch}.{key}");
+    b.meta("general.architecture", Value::Str(arch.into()))
         .meta("general.alignment", Value::U(32))
-        .meta("llama.block_count", Value::U(n as u64))
+        .meta(&k("block_count"), Value::U(n as u64))
         .meta(
-            "llama.context_length",
+            &k("context_length"),
             Value::U(shape.max_position_embeddings as u64),
         )
-        .meta("llama.embedding_length", Value::U(shape.hidden_size as u64))
-        .meta("llama.feed_forward_length", per_layer(&|l| l.ffn_hidden))
-        .meta("llama.attention.head_count", per_layer(&|l| l.n_heads))
+        .meta(&k("embedding_length"), Value::U(shape.hidden_size as u64))
+        .meta(&k("feed_forward_length"), per_layer(&|i, l| ffn_of(i, l)))
+        .meta(&k("attention.head_count"), per_layer(&|_, l| l.n_heads))
         .meta(
-            "llama.attention.head_count_kv",
-            per_layer(&|l| l.n_kv_heads),
+            &k("attention.head_count_kv"),
+            per_layer(&|_, l| l.n_kv_heads),
         )
-        .meta("llama.attention.key_length", Value::U(head_dim as u64))
-        .meta("llama.attention.value_length", Value::U(head_dim as u64))
+        .meta(&k("attention.key_length"), Value::U(head_dim as u64))
+        .meta(&k("attention.value_length"), Value::U(head_dim as u64))
         .meta(
-            "llama.attention.layer_norm_rms_epsilon",
+            &k("attention.layer_norm_rms_epsilon"),
             Value::F(shape.norm_eps),
         )
-        .meta("llama.rope.freq_base", Value::F(shape.rope.theta))
-        .meta("llama.rope.dimension_count", Value::U(head_dim as u64))
-        .meta("llama.vocab_size", Value::U(shape.vocab_size as u64));
+        .meta(&k("rope.freq_base"), Value::F(shape.rope.theta))
+        .meta(&k("rope.dimension_count"), Value::U(head_dim as u64))
+        .meta(&k("vocab_size"), Value::U(shape.vocab_size as u64));
+    if placeholder.iter().any(|&p| p) {
+        b.meta(
+            "lopper.mlp_removed",
+            Value::Array(placeholder.iter().map(|&p| Value::Bool(p)).collect()),
+        );
+        let h = shape.hidden_size;
+        for (i, _) in placeholder.iter().enumerate().filter(|(_, p)| **p) {
+            b.tensor(
+                &format!("blk.{i}.ffn_norm.weight"),
+                &[h],
+                &vec![1.0; h],
+                GgmlType::F32,
+            );
+            for t in ["ffn_gate", "ffn_up"] {
+                b.tensor(&format!("blk.{i}.{t}.weight"), &[1, h], &vec![0.0; h], ty);
+            }
+            b.tensor(
+                &format!("blk.{i}.ffn_down.weight"),
+                &[h, 1],
+                &vec![0.0; h],
+                ty,
+            );
+        }
+    }
     for (name, t) in &weights.tensors {
         let Some(g) = hf_to_gguf_name(name) else {
             continue;
