@@ -207,9 +207,21 @@ fn heterogeneous_shapes_round_trip_through_gguf_arrays() {
     let f = GgufFile::open(&p).unwrap();
     // Heterogeneous layers are llama.cpp's `deci` architecture, with per-layer arrays; the
     // layer with attention and no MLP carries a zero one-channel MLP that lopper reads as none.
-    assert_eq!(f.get("general.architecture").unwrap().as_str(), Some("deci"));
-    assert!(f.get("deci.attention.head_count").unwrap().as_array().is_some());
-    let ffn = f.get("deci.feed_forward_length").unwrap().as_array().unwrap();
+    assert_eq!(
+        f.get("general.architecture").unwrap().as_str(),
+        Some("deci")
+    );
+    assert!(
+        f.get("deci.attention.head_count")
+            .unwrap()
+            .as_array()
+            .is_some()
+    );
+    let ffn = f
+        .get("deci.feed_forward_length")
+        .unwrap()
+        .as_array()
+        .unwrap();
     assert_eq!(ffn[2].as_u64(), Some(1));
     assert!(f.tensor_info("blk.2.ffn_down.weight").is_some());
     assert_eq!(shape_from_gguf(&f).unwrap(), shape);
