@@ -6,6 +6,7 @@ use std::sync::Once;
 use anyhow::{Result, anyhow};
 use lopper_core::MaskPlan;
 use lopper_policy::StepRecord;
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 
 static FONT: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
@@ -36,6 +37,33 @@ fn render(
     Ok(())
 }
 
+type Chart<'a, 'b> =
+    ChartContext<'a, BitMapBackend<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
+
+/// A captioned chart with labelled axes over `(x, y)` ranges.
+fn axes<'a, 'b>(
+    root: &'a DrawingArea<BitMapBackend<'b>, plotters::coord::Shift>,
+    caption: String,
+    (x, y): (std::ops::Range<f64>, std::ops::Range<f64>),
+    (x_desc, y_desc): (&str, &str),
+) -> Result<Chart<'a, 'b>> {
+    let mut chart = ChartBuilder::on(root)
+        .caption(caption, ("sans-serif", 22))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(x, y)
+        .map_err(|e| anyhow!("{e}"))?;
+    chart
+        .configure_mesh()
+        .x_desc(x_desc)
+        .y_desc(y_desc)
+        .label_style(("sans-serif", 14))
+        .draw()
+        .map_err(|e| anyhow!("{e}"))?;
+    Ok(chart)
+}
+
 /// Sampled-mask loss (each step, and its 20-step moving average) and the baseline over steps.
 pub fn loss_curve(path: &Path, curve: &[StepRecord]) -> Result<()> {
     let pts: Vec<(f64, f64, f64)> = curve
@@ -57,23 +85,12 @@ pub fn loss_curve(path: &Path, curve: &[StepRecord]) -> Result<()> {
     let pad = ((hi - lo) * 0.05).max(1e-3);
     let last = pts.last().map_or(1.0, |p| p.0).max(1.0);
     render(path, (900, 500), |root| {
-        let mut chart = ChartBuilder::on(root)
-            .caption(
-                "policy-gradient search: loss of sampled masks",
-                ("sans-serif", 22),
-            )
-            .margin(12)
-            .x_label_area_size(40)
-            .y_label_area_size(60)
-            .build_cartesian_2d(0f64..last, (lo - pad)..(hi + pad))
-            .map_err(|e| anyhow!("{e}"))?;
-        chart
-            .configure_mesh()
-            .x_desc("step")
-            .y_desc("loss (nats/token)")
-            .label_style(("sans-serif", 14))
-            .draw()
-            .map_err(|e| anyhow!("{e}"))?;
+        let mut chart = axes(
+            root,
+            "policy-gradient search: loss of sampled masks".into(),
+            (0f64..last, (lo - pad)..(hi + pad)),
+            ("step", "loss (nats/token)"),
+        )?;
         chart
             .draw_series(LineSeries::new(
                 pts.iter().map(|p| (p.0, p.1)),
@@ -133,26 +150,15 @@ pub fn kept_per_layer(path: &Path, plan: &MaskPlan) -> Result<()> {
         .map(|(i, (lp, ls))| (i as f64, frac(lp.channels.len(), ls.ffn_hidden)))
         .collect();
     render(path, (900, 500), |root| {
-        let mut chart = ChartBuilder::on(root)
-            .caption(
-                format!(
-                    "kept per layer (kept parameters {:.3})",
-                    plan.kept_param_ratio()
-                ),
-                ("sans-serif", 22),
-            )
-            .margin(12)
-            .x_label_area_size(40)
-            .y_label_area_size(60)
-            .build_cartesian_2d(-0.5f64..(n as f64 - 0.5), 0f64..1.05)
-            .map_err(|e| anyhow!("{e}"))?;
-        chart
-            .configure_mesh()
-            .x_desc("layer")
-            .y_desc("kept fraction")
-            .label_style(("sans-serif", 14))
-            .draw()
-            .map_err(|e| anyhow!("{e}"))?;
+        let mut chart = axes(
+            root,
+            format!(
+                "kept per layer (kept parameters {:.3})",
+                plan.kept_param_ratio()
+            ),
+            (-0.5f64..(n as f64 - 0.5), 0f64..1.05),
+            ("layer", "kept fraction"),
+        )?;
         for (data, color, label) in [
             (heads, RED, "KV groups (with their query heads)"),
             (chans, BLUE, "MLP channels"),

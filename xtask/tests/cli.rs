@@ -206,14 +206,7 @@ fn tiny_model_dir(root: &std::path::Path) -> (String, String) {
     type B = burn_flex::Flex;
     let model =
         lopper_model::Llama::<B>::random(&ModelShape::tiny(), 11, &burn_flex::FlexDevice).unwrap();
-    let vocab: serde_json::Map<String, serde_json::Value> =
-        (0..128).map(|i| (format!("t{i}"), i.into())).collect();
-    let json = serde_json::json!({
-        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
-        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null,
-        "decoder": null, "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "t0"}
-    });
-    let tok = lopper_model::Tokenizer::from_json(json.to_string(), "tiny").unwrap();
+    let tok = lopper_model::Tokenizer::word_level(128);
     let dir = root.join("tiny");
     let opts = lopper_surgery::ExportOptions {
         format: lopper_surgery::ExportFormat::Hf,

@@ -26,6 +26,20 @@ impl Tokenizer {
         Self::from_json(json, &path.display().to_string())
     }
 
+    /// A word-level tokenizer over `t0` .. `t{n-1}` (whitespace-split; unknown words are `t0`):
+    /// the tokenizer of synthetic models such as [`lopper_core::ModelShape::tiny`].
+    pub fn word_level(n: usize) -> Self {
+        let vocab: serde_json::Map<String, Json> =
+            (0..n).map(|i| (format!("t{i}"), json!(i))).collect();
+        let doc = json!({
+            "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+            "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null,
+            "decoder": null, "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "t0"}
+        });
+        Self::from_json(doc.to_string(), "word-level tokenizer")
+            .expect("a valid word-level tokenizer")
+    }
+
     /// Parses a `tokenizer.json` held in memory; `what` names it in errors.
     pub fn from_json(json: String, what: &str) -> Result<Self> {
         let inner: tokenizers::Tokenizer = json.parse().map_err(|e| Error::Tokenizer {

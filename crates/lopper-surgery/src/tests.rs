@@ -19,14 +19,7 @@ fn tiny() -> Llama<B> {
 
 /// A word-level tokenizer over the tiny model's 128 ids (`t0` .. `t127`).
 fn tiny_tokenizer() -> Tokenizer {
-    let vocab: serde_json::Map<String, serde_json::Value> =
-        (0..128).map(|i| (format!("t{i}"), i.into())).collect();
-    let json = serde_json::json!({
-        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
-        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null,
-        "decoder": null, "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "t0"}
-    });
-    Tokenizer::from_json(json.to_string(), "tiny test tokenizer").unwrap()
+    Tokenizer::word_level(128)
 }
 
 /// A byte-level BPE tokenizer over 128 ids: printable ASCII as itself, id 0 = the merge "ab",
