@@ -274,20 +274,23 @@ impl Job for PrunedBench {
         );
         bar.set_message("dense");
         let mut dense_t = Vec::new();
+        reset_peak_rss();
         for &(b, t) in &self.shapes {
             dense_t.push(time_forward(dense, &device, b, t, self.runs)?);
             bar.inc(1);
         }
+        let dense_peak = peak_rss_mib();
         let mut rows = Vec::new();
         for (kind, s, plan) in &plans {
             bar.set_message(format!("{kind} {s}"));
             let small = lopper_surgery::prune(dense, plan)?;
             let mut t = Vec::new();
+            reset_peak_rss();
             for &(b, q) in &self.shapes {
                 t.push(time_forward(&small, &device, b, q, self.runs)?);
                 bar.inc(1);
             }
-            rows.push((kind, s, small.shape().clone(), t));
+            rows.push((kind, s, small.shape().clone(), t, peak_rss_mib()));
         }
         bar.finish_and_clear();
         println!(
@@ -300,13 +303,13 @@ impl Job for PrunedBench {
             .map(|(b, t)| format!("{b}x{t} tok/s | speedup"))
             .collect();
         println!(
-            "| plan | sparsity | params | weights MiB (f32) | FLOPs/token ratio | {} | speedup / FLOP reduction ({}x{}) |",
+            "| plan | sparsity | params | weights MiB (f32) | peak RSS MiB | FLOPs/token ratio | {} | speedup / FLOP reduction ({}x{}) |",
             shape_cols.join(" | "),
             self.shapes[0].0,
             self.shapes[0].1
         );
         println!(
-            "|---|---:|---:|---:|---:|{}---:|",
+            "|---|---:|---:|---:|---:|---:|{}---:|",
             "---:|---:|".repeat(self.shapes.len())
         );
         let ctx = self.shapes[0].1;
@@ -319,25 +322,50 @@ impl Job for PrunedBench {
                 .collect::<Vec<_>>()
                 .join(" | ")
         };
+        let mib = |v: Option<f64>| v.map_or("n/a".to_string(), |m| format!("{m:.0}"));
         println!(
-            "| dense | 0 | {} | {:.0} | 1.000 | {} | 1.00 |",
+            "| dense | 0 | {} | {:.0} | {} | 1.000 | {} | 1.00 |",
             shape.num_params(),
             shape.num_params() as f64 * 4.0 / 1048576.0,
+            mib(dense_peak),
             cells(&dense_t)
         );
-        for (kind, s, sh, t) in rows {
+        for (kind, s, sh, t, peak) in rows {
             let ratio = fl(&sh) / fl(&shape);
             let speedup = dense_t[0] / t[0];
             println!(
-                "| {kind} | {s} | {} | {:.0} | {ratio:.3} | {} | {:.2} |",
+                "| {kind} | {s} | {} | {:.0} | {} | {ratio:.3} | {} | {:.2} |",
                 sh.num_params(),
                 sh.num_params() as f64 * 4.0 / 1048576.0,
+                mib(peak),
                 cells(&t),
                 speedup * ratio
             );
         }
+        println!(
+            "\npeak RSS: the process's peak resident memory while that row's forwards ran (host memory; the dense model stays resident throughout, so pruned rows include it)"
+        );
         Ok(())
     }
+}
+
+/// Resets the kernel's peak-RSS counter of this process (Linux; a no-op elsewhere).
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// Peak resident memory of this process since the last reset, MiB (Linux only).
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb / 1024.0)
 }
 
 struct PgStepBench {
