@@ -56,3 +56,14 @@ fn wikitext2_perplexity_is_the_mean_of_the_models_own_token_nlls() {
         p.ppl
     );
 }
+
+#[test]
+fn the_staged_datasets_match_their_manifests() {
+    let dirs = shared_data_dirs();
+    for m in lopper_data::Manifest::all() {
+        let paths = m
+            .verify(&dirs)
+            .unwrap_or_else(|e| panic!("{}: {e}", m.name));
+        assert_eq!(paths.len(), m.files.len());
+    }
+}

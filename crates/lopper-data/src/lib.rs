@@ -5,8 +5,10 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 mod calib;
+mod manifest;
 mod mc;
 pub use calib::{CalibInfo, Calibration, Sampler, load_documents, sample};
+pub use manifest::{HubLocation, Manifest, ManifestFile};
 pub use mc::{McDoc, McTask, load_lambada};
 
 /// Errors of dataset resolution and reading.
