@@ -9,72 +9,41 @@ use lopper_data::{Sampler, load_documents, sample};
 use lopper_model::Masks;
 use lopper_policy::{Budget, Estimator, Hooks, Init, Optimizer, PgConfig, PgState, UnitSpace};
 
+/// `n` windows of `len` tokens drawn from the first `docs` C4 documents.
+fn c4_windows(
+    docs: usize,
+    sampler: Sampler,
+    n: usize,
+    len: usize,
+    seed: u64,
+) -> lopper_data::Calibration {
+    let m = default_model();
+    let (path, all) = load_documents("c4", &shared_data_dirs()).unwrap();
+    let encode = |t: &str| m.tokenizer.encode(t).map_err(|e| e.to_string());
+    sample("c4", &path, &all[..docs], &encode, sampler, n, len, seed).unwrap()
+}
+
 fn values(t: burn::tensor::Tensor<common::B, 3>) -> Vec<f32> {
     t.into_data().to_vec().unwrap()
 }
 
 #[test]
 fn c4_calibration_windows_are_real_tokens() {
-    let m = default_model();
     let (path, docs) = load_documents("c4", &shared_data_dirs()).unwrap();
     assert_eq!(docs.len(), 1000, "{}", path.display());
-    let encode = |t: &str| m.tokenizer.encode(t).map_err(|e| e.to_string());
-    let calib = sample(
-        "c4",
-        &path,
-        &docs[..60],
-        &encode,
-        Sampler::ConcatChunks,
-        20,
-        128,
-        42,
-    )
-    .unwrap();
+    let calib = c4_windows(60, Sampler::ConcatChunks, 20, 128, 42);
     assert_eq!(calib.windows.len(), 20);
     assert!(calib.windows.iter().all(|w| w.len() == 128));
-    let again = sample(
-        "c4",
-        &path,
-        &docs[..60],
-        &encode,
-        Sampler::ConcatChunks,
-        20,
-        128,
-        42,
-    )
-    .unwrap();
+    let again = c4_windows(60, Sampler::ConcatChunks, 20, 128, 42);
     assert_eq!(calib.windows, again.windows);
-    let wanda = sample(
-        "c4",
-        &path,
-        &docs[..60],
-        &encode,
-        Sampler::RandomWindows,
-        5,
-        256,
-        1,
-    )
-    .unwrap();
+    let wanda = c4_windows(60, Sampler::RandomWindows, 5, 256, 1);
     assert!(wanda.windows.iter().all(|w| w.len() == 256));
 }
 
 #[test]
 fn a_short_pg_search_on_the_real_model_gives_a_plan_surgery_can_cut() {
-    let m = default_model();
-    let model = &m.model;
-    let (path, docs) = load_documents("c4", &shared_data_dirs()).unwrap();
-    let encode = |t: &str| m.tokenizer.encode(t).map_err(|e| e.to_string());
-    let calib = sample(
-        "c4",
-        &path,
-        &docs[..20],
-        &encode,
-        Sampler::ConcatChunks,
-        4,
-        32,
-        42,
-    )
-    .unwrap();
+    let model = &default_model().model;
+    let calib = c4_windows(20, Sampler::ConcatChunks, 4, 32, 42);
     let scores = lopper_importance::wanda_sp(model, &calib.windows, 2).unwrap();
     let units = [UnitKind::KvGroup, UnitKind::Channel];
     let space = UnitSpace::new(model.shape(), &units).unwrap();

@@ -135,20 +135,24 @@ pub fn loss_curve(path: &Path, curve: &[StepRecord]) -> Result<()> {
 pub fn kept_per_layer(path: &Path, plan: &MaskPlan) -> Result<()> {
     let n = plan.layers.len();
     let frac = |k: usize, t: usize| if t == 0 { 0.0 } else { k as f64 / t as f64 };
-    let heads: Vec<(f64, f64)> = plan
-        .layers
-        .iter()
-        .zip(&plan.source.layers)
-        .enumerate()
-        .map(|(i, (lp, ls))| (i as f64, frac(lp.kv_groups.len(), ls.n_kv_heads)))
-        .collect();
-    let chans: Vec<(f64, f64)> = plan
-        .layers
-        .iter()
-        .zip(&plan.source.layers)
-        .enumerate()
-        .map(|(i, (lp, ls))| (i as f64, frac(lp.channels.len(), ls.ffn_hidden)))
-        .collect();
+    // (layer, kept fraction) of one unit kind, from (kept, total) per layer.
+    let series = |count: &dyn Fn(
+        &lopper_core::LayerPlan,
+        &lopper_core::LayerShape,
+    ) -> (usize, usize)|
+     -> Vec<(f64, f64)> {
+        plan.layers
+            .iter()
+            .zip(&plan.source.layers)
+            .enumerate()
+            .map(|(i, (lp, ls))| {
+                let (k, t) = count(lp, ls);
+                (i as f64, frac(k, t))
+            })
+            .collect()
+    };
+    let heads = series(&|lp, ls| (lp.kv_groups.len(), ls.n_kv_heads));
+    let chans = series(&|lp, ls| (lp.channels.len(), ls.ffn_hidden));
     render(path, (900, 500), |root| {
         let mut chart = axes(
             root,
