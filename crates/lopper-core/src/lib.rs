@@ -8,6 +8,6 @@ mod units;
 
 pub use error::{Error, Result};
 pub use plan::{LayerPlan, MASK_PLAN_FORMAT_VERSION, MaskPlan, write_atomic};
-pub use scores::{UnitScores, keep_count, top_k};
+pub use scores::{Allocation, UnitScores, check_keep, keep_count, plan_drop_layers, top_k};
 pub use shape::{LayerShape, ModelShape, RopeConfig, RopeScaling};
 pub use units::{PruneUnit, UnitCost, UnitKind};

@@ -3,7 +3,57 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::{Error, LayerPlan, MaskPlan, ModelShape, Result};
+use crate::{Error, LayerPlan, MaskPlan, ModelShape, PruneUnit, Result, UnitKind};
+
+/// How per-unit scores become a plan at a requested keep fraction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Allocation {
+    /// Every layer keeps `round(keep * n)` KV groups and channels (scores compared within a layer).
+    PerLayer,
+    /// Each unit type keeps `round(keep * n)` units over the whole model (scores compared across
+    /// layers, so layers end up with different widths).
+    Global,
+    /// KV groups and channels ranked together, each weighing its parameter count; the best
+    /// prefix whose kept parameters come closest to `keep` of the pool is kept (FLAP's AL-AM
+    /// structure; the scores must be comparable across types and layers, e.g. standardised).
+    GlobalParams,
+}
+
+impl Allocation {
+    /// The name used on the command line and in outputs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Allocation::PerLayer => "per-layer",
+            Allocation::Global => "global",
+            Allocation::GlobalParams => "global-params",
+        }
+    }
+}
+
+impl std::str::FromStr for Allocation {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "per-layer" => Ok(Allocation::PerLayer),
+            "global" => Ok(Allocation::Global),
+            "global-params" => Ok(Allocation::GlobalParams),
+            o => Err(Error::InvalidPlan(format!(
+                "unknown allocation `{o}`; use per-layer, global or global-params"
+            ))),
+        }
+    }
+}
+
+/// Checks a keep fraction: in (0, 1].
+pub fn check_keep(keep: f64) -> Result<()> {
+    if !(keep > 0.0 && keep <= 1.0) {
+        return Err(Error::InvalidPlan(format!(
+            "keep fraction {keep} is impossible: the sparsity must be in [0, 1) (0.3 removes 30%)"
+        )));
+    }
+    Ok(())
+}
 
 /// Importance of every KV group and MLP channel, per layer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -61,10 +111,108 @@ impl UnitScores {
         Ok(())
     }
 
+    /// The plan that keeps the best units under `allocation`, recorded in the plan's meta.
+    pub fn plan(&self, shape: &ModelShape, keep: f64, allocation: Allocation) -> Result<MaskPlan> {
+        let mut plan = match allocation {
+            Allocation::PerLayer => self.plan_per_layer(shape, keep)?,
+            Allocation::Global => self.plan_global(shape, keep)?,
+            Allocation::GlobalParams => self.plan_global_params(shape, keep)?,
+        };
+        plan.meta
+            .insert("allocation".into(), allocation.name().into());
+        plan.meta
+            .insert("method".into(), self.method.clone().into());
+        Ok(plan)
+    }
+
+    /// The score of a KV group or channel unit.
+    fn of(&self, u: PruneUnit) -> f64 {
+        match u {
+            PruneUnit::KvGroup { layer, group } => self.kv_groups[layer][group],
+            PruneUnit::Channel { layer, index } => self.channels[layer][index],
+            _ => unreachable!("only KV groups and channels carry scores"),
+        }
+    }
+
+    fn plan_of_kept(
+        shape: &ModelShape,
+        kept: impl IntoIterator<Item = PruneUnit>,
+    ) -> Result<MaskPlan> {
+        let mut layers: Vec<LayerPlan> = shape
+            .layers
+            .iter()
+            .map(|_| LayerPlan {
+                kv_groups: Vec::new(),
+                channels: Vec::new(),
+            })
+            .collect();
+        for u in kept {
+            match u {
+                PruneUnit::KvGroup { layer, group } => layers[layer].kv_groups.push(group),
+                PruneUnit::Channel { layer, index } => layers[layer].channels.push(index),
+                _ => {}
+            }
+        }
+        for l in &mut layers {
+            l.kv_groups.sort_unstable();
+            l.channels.sort_unstable();
+        }
+        let plan = MaskPlan {
+            layers,
+            ..MaskPlan::keep_all(shape)
+        };
+        plan.validate()?;
+        Ok(plan)
+    }
+
+    /// Global per-type allocation: the `round(keep * n)` best units of each type over all layers.
+    fn plan_global(&self, shape: &ModelShape, keep: f64) -> Result<MaskPlan> {
+        self.check(shape)?;
+        check_keep(keep)?;
+        let mut kept = Vec::new();
+        for kind in [UnitKind::KvGroup, UnitKind::Channel] {
+            let units = shape.units(kind);
+            let vals: Vec<f64> = units.iter().map(|&u| self.of(u)).collect();
+            kept.extend(
+                top_k(&vals, keep_count(keep, units.len()))
+                    .into_iter()
+                    .map(|i| units[i]),
+            );
+        }
+        Self::plan_of_kept(shape, kept)
+    }
+
+    /// Joint ranking weighted by parameters (FLAP AL-AM).
+    fn plan_global_params(&self, shape: &ModelShape, keep: f64) -> Result<MaskPlan> {
+        self.check(shape)?;
+        check_keep(keep)?;
+        let units: Vec<PruneUnit> = [UnitKind::KvGroup, UnitKind::Channel]
+            .iter()
+            .flat_map(|&k| shape.units(k))
+            .collect();
+        let vals: Vec<f64> = units.iter().map(|&u| self.of(u)).collect();
+        let mut order: Vec<usize> = (0..units.len()).collect();
+        order.sort_by(|&a, &b| vals[b].total_cmp(&vals[a]).then(a.cmp(&b)));
+        let cost: Vec<f64> = order
+            .iter()
+            .map(|&i| shape.unit_cost(units[i], 0).params as f64)
+            .collect();
+        let target = keep * cost.iter().sum::<f64>();
+        let (mut best, mut best_gap, mut cum) = (0, target, 0.0);
+        for (n, c) in cost.iter().enumerate() {
+            cum += c;
+            if (cum - target).abs() < best_gap {
+                (best, best_gap) = (n + 1, (cum - target).abs());
+            }
+        }
+        Self::plan_of_kept(shape, order[..best].iter().map(|&i| units[i]))
+    }
+
     /// The plan keeping, in every layer, the `round(keep * n)` best KV groups and channels
     /// (per-layer uniform allocation).
     pub fn plan_per_layer(&self, shape: &ModelShape, keep: f64) -> Result<MaskPlan> {
         self.check(shape)?;
+        check_keep(keep)?;
         let layers = shape
             .layers
             .iter()
@@ -81,6 +229,50 @@ impl UnitScores {
         plan.validate()?;
         Ok(plan)
     }
+}
+
+/// The plan that removes whole layers, taken in `removal_order` (most removable first), as long
+/// as each further removal brings the removed fraction of the decoder linear parameters closer
+/// to `1 - keep`; at least one layer is always kept. Records `method` and the allocation.
+pub fn plan_drop_layers(
+    shape: &ModelShape,
+    removal_order: &[usize],
+    keep: f64,
+    method: &str,
+) -> Result<MaskPlan> {
+    check_keep(keep)?;
+    let h = shape.hidden_size;
+    let layer_params =
+        |l: usize| shape.layers[l].attn_params(h) as f64 + shape.layers[l].mlp_params(h) as f64;
+    let total = shape.decoder_linear_params() as f64;
+    let target = (1.0 - keep) * total;
+    let (mut removed, mut gone) = (Vec::new(), 0.0);
+    for &l in removal_order {
+        if l >= shape.n_layers() || removed.contains(&l) {
+            return Err(Error::InvalidPlan(format!(
+                "layer removal order names layer {l} twice or out of range ({} layers)",
+                shape.n_layers()
+            )));
+        }
+        let next = gone + layer_params(l);
+        if removed.len() + 1 >= shape.n_layers() || (next - target).abs() >= (gone - target).abs() {
+            break;
+        }
+        gone = next;
+        removed.push(l);
+    }
+    let units: Vec<PruneUnit> = removed
+        .iter()
+        .map(|&layer| PruneUnit::Layer { layer })
+        .collect();
+    let mut plan = MaskPlan::from_removed(shape, &units)?;
+    plan.meta.insert("method".into(), method.into());
+    plan.meta.insert("allocation".into(), "layers".into());
+    plan.meta.insert(
+        "removed_layers".into(),
+        serde_json::Value::from(removed.clone()),
+    );
+    Ok(plan)
 }
 
 #[cfg(test)]
@@ -116,5 +308,90 @@ mod tests {
         let mut bad = scores.clone();
         bad.channels[1].pop();
         assert!(bad.plan_per_layer(&s, 0.5).is_err());
+    }
+
+    /// Scores where layer `l`'s units score `l` plus a small index term, so global allocations
+    /// must favour the last layers.
+    fn layered(s: &ModelShape) -> UnitScores {
+        UnitScores {
+            method: "layered".into(),
+            kv_groups: (0..s.n_layers())
+                .map(|l| {
+                    (0..s.layers[l].n_kv_heads)
+                        .map(|g| l as f64 + 0.1 * g as f64)
+                        .collect()
+                })
+                .collect(),
+            channels: (0..s.n_layers())
+                .map(|l| {
+                    (0..s.layers[l].ffn_hidden)
+                        .map(|c| l as f64 + 1e-3 * c as f64)
+                        .collect()
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn global_allocation_keeps_the_best_units_of_each_type_anywhere() {
+        let s = ModelShape::tiny(); // 3 layers, 2 KV groups and 48 channels each
+        let p = layered(&s).plan(&s, 0.5, Allocation::Global).unwrap();
+        // 3 of 6 KV groups: layer 2 (both) then layer 1 group 1.
+        assert_eq!(p.layers[2].kv_groups, vec![0, 1]);
+        assert_eq!(p.layers[1].kv_groups, vec![1]);
+        assert!(p.layers[0].kv_groups.is_empty());
+        // 72 of 144 channels: all of layer 2, the top 24 of layer 1.
+        assert_eq!(p.layers[2].channels.len(), 48);
+        assert_eq!(p.layers[1].channels, (24..48).collect::<Vec<_>>());
+        assert_eq!(p.meta["allocation"], "global");
+    }
+
+    #[test]
+    fn global_params_allocation_meets_the_parameter_budget() {
+        let s = ModelShape::tiny();
+        for keep in [0.2, 0.5, 0.8] {
+            let p = layered(&s)
+                .plan(&s, keep, Allocation::GlobalParams)
+                .unwrap();
+            // The kept parameters are within one KV group (the largest unit) of the target.
+            let group = s
+                .unit_cost(PruneUnit::KvGroup { layer: 0, group: 0 }, 0)
+                .params as f64;
+            let total = s.decoder_linear_params() as f64;
+            let gap = (p.kept_param_ratio() - keep).abs() * total;
+            assert!(gap <= group / 2.0 + 1e-9, "keep {keep}: gap {gap}");
+            // Ranking is joint: a kept unit never scores below a removed one.
+            let sc = layered(&s);
+            let kept_min = p
+                .layers
+                .iter()
+                .enumerate()
+                .flat_map(|(l, lp)| lp.channels.iter().map(move |&c| (l, c)))
+                .map(|(l, c)| sc.channels[l][c])
+                .fold(f64::INFINITY, f64::min);
+            let removed_max = p
+                .removed_units()
+                .into_iter()
+                .filter_map(|u| match u {
+                    PruneUnit::Channel { layer, index } => Some(sc.channels[layer][index]),
+                    _ => None,
+                })
+                .fold(f64::NEG_INFINITY, f64::max);
+            assert!(kept_min >= removed_max);
+        }
+        assert!(layered(&s).plan(&s, 0.0, Allocation::Global).is_err());
+        assert!(layered(&s).plan(&s, 1.5, Allocation::PerLayer).is_err());
+    }
+
+    #[test]
+    fn dropping_layers_follows_the_order_and_the_budget() {
+        let s = ModelShape::tiny();
+        let p = plan_drop_layers(&s, &[1, 0, 2], 0.6, "t").unwrap();
+        // 40% of 3 equal layers: one layer (33%) is closer than two (67%).
+        assert_eq!(p.kept_layers(), vec![0, 2]);
+        let p = plan_drop_layers(&s, &[2, 1, 0], 0.01, "t").unwrap();
+        assert_eq!(p.kept_layers().len(), 1, "one layer is always kept");
+        assert!(plan_drop_layers(&s, &[1, 1], 0.3, "t").is_err());
+        assert!(plan_drop_layers(&s, &[5], 0.3, "t").is_err());
     }
 }

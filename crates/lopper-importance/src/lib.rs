@@ -13,6 +13,12 @@ pub enum Error {
     /// Model errors.
     #[error(transparent)]
     Model(#[from] lopper_model::Error),
+    /// Plan errors.
+    #[error(transparent)]
+    Plan(#[from] lopper_core::Error),
+    /// Surgery errors.
+    #[error(transparent)]
+    Surgery(#[from] lopper_surgery::Error),
     /// Settings that cannot work.
     #[error("{0}")]
     Invalid(String),
@@ -20,6 +26,23 @@ pub enum Error {
 
 /// Result alias of this crate.
 pub type Result<T> = std::result::Result<T, Error>;
+
+mod method;
+mod structure;
+pub use method::{Method, MethodPlan, MethodSettings, method_plan};
+pub use structure::{
+    Flap, InputMoments, SlebRound, block_influence, block_influence_order, flap, input_moments,
+    random, sleb, standardise,
+};
+
+pub(crate) fn check_calibration(windows: &[Vec<u32>], batch_size: usize) -> Result<()> {
+    if windows.is_empty() || batch_size == 0 {
+        return Err(Error::Invalid(
+            "importance metrics need at least one calibration window and a batch size of at least 1".into(),
+        ));
+    }
+    Ok(())
+}
 
 fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Result<Vec<f64>> {
     let v: Vec<f32> = t
@@ -60,11 +83,7 @@ fn input_column_means<B: Backend>(
     batch_size: usize,
     f: impl Fn(Tensor<B, 2>) -> Tensor<B, 2>,
 ) -> Result<InputStats> {
-    if windows.is_empty() || batch_size == 0 {
-        return Err(Error::Invalid(
-            "importance metrics need at least one calibration window and a batch size of at least 1".into(),
-        ));
-    }
+    check_calibration(windows, batch_size)?;
     let n_layers = model.shape().n_layers();
     let mut attn: Vec<Option<Tensor<B, 2>>> = vec![None; n_layers];
     let mut mlp: Vec<Option<Tensor<B, 2>>> = vec![None; n_layers];
