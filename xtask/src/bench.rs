@@ -6,7 +6,6 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use burn::tensor::backend::Backend;
 use clap::Subcommand;
-use indicatif::{ProgressBar, ProgressStyle};
 use lopper_model::{Llama, ModelSpec, load};
 
 use crate::backend::{DeviceChoice, Job, run_on};
@@ -269,9 +268,10 @@ impl Job for PrunedBench {
             plan.validate()?;
             plans.push(("random heterogeneous", s, plan));
         }
-        let bar = ProgressBar::new(((plans.len() + 1) * self.shapes.len()) as u64).with_style(
-            ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len}, eta {eta}")?,
-        );
+        let bar = crate::progress::bar(
+            ((plans.len() + 1) * self.shapes.len()) as u64,
+            "{msg} [{bar:30}] {pos}/{len}, eta {eta}",
+        )?;
         bar.set_message("dense");
         let mut dense_t = Vec::new();
         reset_peak_rss();
@@ -500,10 +500,10 @@ impl Job for ForwardBench {
             load::<B>(&spec, &device).with_context(|| format!("loading `{}`", self.model))?;
         let model: &Llama<B> = &loaded.model;
         let shape = model.shape().clone();
-        let bar = ProgressBar::new((self.shapes.len() * (self.runs + self.warmup)) as u64)
-            .with_style(ProgressStyle::with_template(
-                "{msg} [{bar:30}] {pos}/{len} runs, eta {eta}",
-            )?);
+        let bar = crate::progress::bar(
+            (self.shapes.len() * (self.runs + self.warmup)) as u64,
+            "{msg} [{bar:30}] {pos}/{len} runs, eta {eta}",
+        )?;
         let mut rows = Vec::new();
         for &(batch, seq) in &self.shapes {
             bar.set_message(format!("forward {batch}x{seq}"));

@@ -6,7 +6,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use burn::tensor::backend::Backend;
 use clap::Args;
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 use lopper_data::{BosPolicy, DataDirs, McTask, PerplexityCorpus, windows};
 use lopper_model::{Llama, ModelSpec, Tokenizer, load, lopper_home};
 
@@ -317,9 +317,10 @@ pub fn llm_pruner_average(results: &serde_json::Map<String, serde_json::Value>) 
 }
 
 fn bar(len: usize, name: &str, unit: &str) -> Result<ProgressBar> {
-    let b = ProgressBar::new(len as u64).with_style(ProgressStyle::with_template(&format!(
-        "{{msg}} [{{bar:30}}] {{pos}}/{{len}} {unit}, eta {{eta}}"
-    ))?);
+    let b = crate::progress::bar(
+        len as u64,
+        &format!("{{msg}} [{{bar:30}}] {{pos}}/{{len}} {unit}, eta {{eta}}"),
+    )?;
     b.set_message(name.to_string());
     Ok(b)
 }

@@ -4,10 +4,13 @@
 
 mod backend;
 mod bench;
+mod compare;
 mod eval;
 mod info;
 mod logits;
+mod methods;
 mod plots;
+mod progress;
 mod prune;
 
 use anyhow::Result;
@@ -42,6 +45,8 @@ enum Cmd {
     Eval(eval::EvalArgs),
     /// Prune a model: search a plan (policy gradient or a metric), cut the model, export it.
     Prune(Box<prune::PruneArgs>),
+    /// Compare pruning methods at several sparsities under one protocol (cached per cell).
+    Compare(Box<compare::CompareArgs>),
     /// Apply a plan to a model and write it in a format other tools load.
     Export(prune::ExportArgs),
     /// A model's next-token logits on a text or token ids (top 5, or all as JSON).
@@ -63,7 +68,7 @@ fn run() -> Result<()> {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(|| progress::LogWriter)
         .with_target(false)
         .init();
     let cli = Cli::parse();
@@ -89,6 +94,7 @@ fn run() -> Result<()> {
         Cmd::Eval(args) => eval::run(args),
         Cmd::Prune(args) => prune::run(*args),
         Cmd::Export(args) => prune::export(args),
+        Cmd::Compare(args) => compare::run(*args),
         Cmd::Logits(args) => logits::run(args),
         Cmd::Bench(cmd) => bench::run(cmd),
     }

@@ -189,3 +189,101 @@ pub fn kept_per_layer(path: &Path, plan: &MaskPlan) -> Result<()> {
         Ok(())
     })
 }
+
+/// One line per named series of `(x, y)` points, with markers; `log_y` draws y on a log10 axis
+/// (ticks labelled with the plain values). Series with no finite positive point are skipped.
+pub fn series(
+    path: &Path,
+    caption: &str,
+    (x_desc, y_desc): (&str, &str),
+    data: &[(String, Vec<(f64, f64)>)],
+    log_y: bool,
+) -> Result<()> {
+    let tr = |y: f64| if log_y { y.log10() } else { y };
+    let data: Vec<(&str, Vec<(f64, f64)>)> = data
+        .iter()
+        .map(|(l, pts)| {
+            let pts: Vec<(f64, f64)> = pts
+                .iter()
+                .filter(|p| p.1.is_finite() && (!log_y || p.1 > 0.0))
+                .map(|&(x, y)| (x, tr(y)))
+                .collect();
+            (l.as_str(), pts)
+        })
+        .filter(|(_, p)| !p.is_empty())
+        .collect();
+    if data.is_empty() {
+        return Ok(());
+    }
+    let all = || data.iter().flat_map(|(_, p)| p.iter().copied());
+    let (x0, x1) = all().fold((f64::INFINITY, f64::NEG_INFINITY), |a, p| {
+        (a.0.min(p.0), a.1.max(p.0))
+    });
+    let (y0, y1) = all().fold((f64::INFINITY, f64::NEG_INFINITY), |a, p| {
+        (a.0.min(p.1), a.1.max(p.1))
+    });
+    let (xp, yp) = (((x1 - x0) * 0.05).max(0.01), ((y1 - y0) * 0.08).max(0.02));
+    let palette = [
+        RGBColor(0, 0, 0),
+        RGBColor(31, 119, 180),
+        RGBColor(255, 127, 14),
+        RGBColor(44, 160, 44),
+        RGBColor(214, 39, 40),
+        RGBColor(148, 103, 189),
+        RGBColor(140, 86, 75),
+        RGBColor(227, 119, 194),
+        RGBColor(127, 127, 127),
+        RGBColor(188, 189, 34),
+    ];
+    render(path, (900, 560), |root| {
+        let mut chart = ChartBuilder::on(root)
+            .caption(caption, ("sans-serif", 22))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(70)
+            .build_cartesian_2d((x0 - xp)..(x1 + xp), (y0 - yp)..(y1 + yp))
+            .map_err(|e| anyhow!("{e}"))?;
+        let fmt = |v: &f64| {
+            if log_y {
+                let p = 10f64.powf(*v);
+                if p >= 100.0 {
+                    format!("{p:.0}")
+                } else {
+                    format!("{p:.1}")
+                }
+            } else {
+                format!("{v:.3}")
+            }
+        };
+        chart
+            .configure_mesh()
+            .x_desc(x_desc)
+            .y_desc(y_desc)
+            .y_label_formatter(&fmt)
+            .label_style(("sans-serif", 14))
+            .draw()
+            .map_err(|e| anyhow!("{e}"))?;
+        for (i, (label, pts)) in data.iter().enumerate() {
+            let color = palette[i % palette.len()];
+            chart
+                .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
+                .map_err(|e| anyhow!("{e}"))?
+                .label(*label)
+                .legend(move |(x, y)| {
+                    PathElement::new([(x, y), (x + 20, y)], color.stroke_width(2))
+                });
+            chart
+                .draw_series(pts.iter().map(|&p| Circle::new(p, 4, color.filled())))
+                .map_err(|e| anyhow!("{e}"))?;
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperLeft)
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .label_font(("sans-serif", 14))
+            .draw()
+            .map_err(|e| anyhow!("{e}"))?;
+        Ok(())
+    })
+}

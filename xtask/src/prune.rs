@@ -1,21 +1,16 @@
 //! `cargo xtask prune` and `cargo xtask export`: search a plan, cut the model, write it out.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use burn::tensor::backend::Backend;
 use clap::Args;
-use indicatif::{ProgressBar, ProgressStyle};
-use lopper_core::{MaskPlan, UnitKind, UnitScores};
-use lopper_data::{DataDirs, Sampler};
-use lopper_model::{Llama, ModelSpec, Tokenizer, load, lopper_home};
-use lopper_policy::{
-    Budget, Estimator, Hooks, Init, Optimizer, PgConfig, PgState, Schedule, UnitSpace,
-};
+use lopper_core::{MaskPlan, UnitKind};
+use lopper_data::Sampler;
+use lopper_importance::{Method, MethodSettings};
+use lopper_model::{Llama, ModelSpec, Tokenizer, load};
+use lopper_policy::{Budget, Estimator, Optimizer, PgConfig, Schedule};
 use lopper_surgery::{ExportFormat, ExportOptions};
 
 use crate::backend::{DeviceChoice, Job, run_on};
@@ -26,9 +21,18 @@ pub struct PruneArgs {
     /// `default`, a .gguf file, a model directory, or hub:ORG/NAME[@REV].
     #[arg(long, default_value = "default")]
     model: String,
-    /// pg (policy gradient), wanda-sp, magnitude (per-layer uniform metric plans).
+    /// pg (policy gradient) or a metric method: magnitude (L2), magnitude-l1, random, wanda-sp,
+    /// flap, block-influence (ShortGPT), sleb.
     #[arg(long, default_value = "pg")]
     method: String,
+    /// Metric methods: per-layer (every layer keeps the same fraction), global (per type over
+    /// all layers) or global-params (all units ranked together by parameter weight, FLAP's
+    /// AL-AM). Default: the method's own (global-params for flap, per-layer otherwise).
+    #[arg(long)]
+    allocation: Option<lopper_core::Allocation>,
+    /// Calibration windows metric methods (and the metric init of pg) read.
+    #[arg(long, default_value_t = 64)]
+    metric_samples: usize,
     /// Fraction of the prunable parameters to REMOVE (0.3 keeps 70%).
     #[arg(long)]
     sparsity: f64,
@@ -38,8 +42,9 @@ pub struct PruneArgs {
     /// per-type (each unit type keeps the same fraction) or params (one parameter budget).
     #[arg(long, default_value = "per-type")]
     budget: String,
-    /// wanda-sp, magnitude, uniform, random, a scores JSON file (UnitScores) from another
-    /// method, or a plan.json (kept units score 1, removed 0; then sigmap per layer).
+    /// wanda-sp, magnitude, magnitude-l1, flap, uniform, random (sigmap of N(0,1)), a scores
+    /// JSON file (UnitScores, e.g. a metric run's scores.json), or a plan.json (kept units
+    /// score 1, removed 0; then sigmap per layer).
     #[arg(long, default_value = "wanda-sp")]
     init: String,
     /// ref: (L-b)(m-s)/sqrt(s(1-s)) as the reference code; score: the exact score function.
@@ -101,8 +106,9 @@ pub struct PruneArgs {
     stop_after: Option<usize>,
     /// FLAP-style bias compensation at surgery: the calibration mean of every removed o_proj /
     /// down_proj input goes into that projection's bias (the exported model then has biases).
-    #[arg(long)]
-    bias_compensation: bool,
+    /// `--bias-compensation` or `--bias-compensation true|false`; default on for flap only.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    bias_compensation: Option<bool>,
     /// Continue the run in --out from its checkpoint.
     #[arg(long)]
     resume: bool,
@@ -112,8 +118,8 @@ pub struct PruneArgs {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: DeviceChoice,
-    /// Run folder: plan.json, model/, curve.jsonl, report.md, loss.png, kept_per_layer.png,
-    /// eval.json, checkpoint.json.
+    /// Run folder: plan.json, model/, report.md, kept_per_layer.png, eval.json; pg adds
+    /// curve.jsonl, loss.png, checkpoint.json; metric methods add scores.json.
     #[arg(long)]
     out: PathBuf,
 }
@@ -167,11 +173,7 @@ impl PruneArgs {
 }
 
 pub fn run(args: PruneArgs) -> Result<()> {
-    anyhow::ensure!(
-        ["pg", "wanda-sp", "magnitude"].contains(&args.method.as_str()),
-        "--method `{}` is not available; use pg, wanda-sp or magnitude",
-        args.method
-    );
+    crate::methods::check_method(&args.method)?;
     // Validate everything before loading anything.
     let cfg = args.pg_config()?;
     let sampler: Sampler = args.sampler.parse()?;
@@ -221,7 +223,7 @@ struct PruneJob {
     eval_tasks: Option<Vec<crate::eval::Task>>,
 }
 
-fn write_json(path: &Path, v: &impl serde::Serialize) -> Result<()> {
+pub fn write_json(path: &Path, v: &impl serde::Serialize) -> Result<()> {
     let mut s = serde_json::to_string_pretty(v)?;
     s.push('\n');
     lopper_core::write_atomic(path, s.as_bytes())?;
@@ -235,24 +237,14 @@ impl Job for PruneJob {
         let spec: ModelSpec = a.model.parse()?;
         let loaded = load::<B>(&spec, &device).with_context(|| format!("loading `{}`", a.model))?;
         let (model, tok) = (&loaded.model, &loaded.tokenizer);
-        let dirs = DataDirs::from_env(&lopper_home());
-        let (path, docs) = lopper_data::load_documents(&a.calib, &dirs)?;
-        let encode = |t: &str| tok.encode(t).map_err(|e| e.to_string());
-        let calib = lopper_data::sample(
+        let calib = crate::methods::draw_calibration(
+            tok,
             &a.calib,
-            &path,
-            &docs,
-            &encode,
             self.sampler,
             a.calib_samples,
             a.seq_len,
             a.seed,
         )?;
-        tracing::info!(
-            windows = calib.windows.len(),
-            seq_len = a.seq_len,
-            "calibration data drawn"
-        );
         let resolved = serde_json::json!({
             "command": std::env::args().collect::<Vec<_>>().join(" "),
             "model": loaded.info,
@@ -263,136 +255,68 @@ impl Job for PruneJob {
             "device": device_name,
             "checkpoint_every": a.checkpoint_every,
         });
-        let shape = model.shape().clone();
         let keep = 1.0 - a.sparsity;
-        let metric = |name: &str| -> Result<UnitScores> {
-            let t = Instant::now();
-            let s = match name {
-                "wanda-sp" => {
-                    let n = calib.windows.len().min(64);
-                    lopper_importance::wanda_sp(model, &calib.windows[..n], a.batch_size)?
-                }
-                "magnitude" => lopper_importance::magnitude(model, lopper_importance::Norm::L2)?,
-                other => bail!("unknown metric `{other}`"),
-            };
-            tracing::info!(
-                metric = name,
-                seconds = t.elapsed().as_secs_f64(),
-                "scores computed"
-            );
-            Ok(s)
+        let settings = MethodSettings {
+            batch_size: a.batch_size,
+            seed: a.seed,
+            allocation: a.allocation,
+            bias_compensation: a.bias_compensation,
+            sleb_barrier: 1,
         };
         let mut curve_summary = None;
-        let plan = if a.method == "pg" {
-            let space = UnitSpace::new(&shape, &self.cfg.units)?;
-            let ckpt = a.out.join("checkpoint.json");
-            let mut state = if a.resume {
-                let s = PgState::load(&ckpt, &space)?;
-                anyhow::ensure!(
-                    s.config == self.cfg,
-                    "--resume: the settings differ from the checkpoint's ({}); resume with the same flags",
-                    serde_json::to_string(&s.config)?
-                );
-                tracing::info!(step = s.step, "resuming");
-                s
-            } else {
-                let init = match a.init.as_str() {
-                    "uniform" => Init::Uniform,
-                    "random" => Init::Random,
-                    "wanda-sp" | "magnitude" => Init::Scores {
-                        scores: metric(&a.init)?,
-                    },
-                    file => {
-                        let text = std::fs::read_to_string(file).with_context(|| {
-                            format!("--init `{file}` is neither wanda-sp, magnitude, uniform, random nor a readable scores file")
-                        })?;
-                        let scores = match serde_json::from_str::<UnitScores>(&text) {
-                            Ok(s) => s,
-                            Err(_) => plan_scores(&text, &shape).with_context(|| {
-                                format!(
-                                    "--init {file}: neither a UnitScores nor a mask plan JSON file"
-                                )
-                            })?,
-                        };
-                        Init::Scores { scores }
-                    }
-                };
-                let mut s = PgState::new(self.cfg.clone(), &space, &init)?;
-                s.meta = resolved.clone();
-                s
-            };
-            let curve_path = a.out.join("curve.jsonl");
-            keep_curve_until(&curve_path, state.step)?;
-            let mut curve = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&curve_path)
-                .with_context(|| format!("opening {}", curve_path.display()))?;
-            let stop = Arc::new(AtomicBool::new(false));
-            {
-                let stop = stop.clone();
-                // A second Ctrl-C while the checkpoint is written is ignored; SIGKILL loses at
-                // most --checkpoint-every steps.
-                let _ = ctrlc::set_handler(move || stop.store(true, Ordering::SeqCst));
-            }
-            let bar = ProgressBar::new(self.cfg.steps as u64).with_style(
-                ProgressStyle::with_template("pg [{bar:30}] step {pos}/{len} {msg} eta {eta}")?,
+        let (plan, mut compensation) = if a.method == "pg" {
+            anyhow::ensure!(
+                a.allocation.is_none(),
+                "--allocation is for metric methods; pg allocates globally through its budget (--budget)"
             );
-            bar.set_position(state.step as u64);
-            let mut first_loss = None;
-            let mut last = None;
-            let finished = lopper_policy::search(
+            let (plan, curve) = crate::methods::run_pg(
                 model,
                 &calib.windows,
-                &space,
-                &mut state,
-                Hooks {
-                    on_step: &mut |r, _| {
-                        writeln!(curve, "{}", serde_json::to_string(r).expect("serialisable"))
-                            .and_then(|_| curve.flush())
-                            .map_err(|e| {
-                                lopper_policy::Error::Config(format!("writing curve.jsonl: {e}"))
-                            })?;
-                        bar.set_position(r.step as u64 + 1);
-                        bar.set_message(format!("loss {:.4} baseline {:.4}", r.loss, r.baseline));
-                        first_loss.get_or_insert(r.loss);
-                        last = Some(r.clone());
-                        Ok(())
-                    },
-                    should_stop: &|| {
-                        stop.load(Ordering::SeqCst)
-                            || a.stop_after.is_some_and(|n| bar.position() as usize >= n)
-                    },
-                    checkpoint: &mut |s| s.save(&ckpt),
+                &self.cfg,
+                || {
+                    crate::methods::pg_init(
+                        &a.init,
+                        model,
+                        &calib.windows,
+                        a.metric_samples,
+                        &settings,
+                    )
+                },
+                &crate::methods::PgRun {
+                    dir: &a.out,
+                    resume: a.resume,
+                    stop_after: a.stop_after,
                     checkpoint_every: a.checkpoint_every,
+                    meta: &resolved,
                 },
             )?;
-            bar.finish_and_clear();
-            if !finished {
-                bail!(
-                    "interrupted at step {}; checkpoint written to {}; continue with the same command and --resume",
-                    state.step,
-                    ckpt.display()
-                );
+            curve_summary = curve;
+            (plan, None)
+        } else {
+            let method: Method = a.method.parse()?;
+            let mp = crate::methods::metric_plan(
+                model,
+                &calib.windows,
+                method,
+                keep,
+                a.metric_samples,
+                &settings,
+            )?;
+            if let Some(scores) = &mp.scores {
+                write_json(&a.out.join("scores.json"), scores)?;
             }
-            curve_summary = Some((first_loss, last));
-            state.final_plan(&space)?
-        } else {
-            let scores = metric(&a.method)?;
-            let mut p = scores.plan_per_layer(&shape, keep)?;
-            p.meta.insert("method".into(), a.method.clone().into());
-            p.meta
-                .insert("allocation".into(), "per-layer uniform".into());
-            p
+            (mp.plan, mp.compensation)
         };
-        let means = if a.bias_compensation {
-            let n = calib.windows.len().min(64);
-            let (o_proj, down_proj) =
-                lopper_importance::input_means(model, &calib.windows[..n], a.batch_size)?;
-            Some(lopper_surgery::InputMeans { o_proj, down_proj })
-        } else {
-            None
-        };
+        if compensation.is_none() && a.bias_compensation == Some(true) {
+            let n = calib.windows.len().min(a.metric_samples);
+            compensation = Some(lopper_importance::input_means(
+                model,
+                &calib.windows[..n],
+                a.batch_size,
+            )?);
+        }
+        let means = compensation
+            .map(|(o_proj, down_proj)| lopper_surgery::InputMeans { o_proj, down_proj });
         finish(
             a,
             model,
@@ -408,59 +332,6 @@ impl Job for PruneJob {
     }
 }
 
-/// Scores from a plan: 1 for kept units, 0 for removed ones (then `sigmap` per layer, like the
-/// reference's init from another method's mask).
-fn plan_scores(json: &str, shape: &lopper_core::ModelShape) -> Result<UnitScores> {
-    let plan = MaskPlan::from_json(json)?;
-    plan.validate_against(shape)?;
-    let bit = |keep: bool| if keep { 1.0 } else { 0.0 };
-    Ok(UnitScores {
-        method: "plan".into(),
-        kv_groups: plan
-            .layers
-            .iter()
-            .zip(&shape.layers)
-            .map(|(lp, ls)| {
-                (0..ls.n_kv_heads)
-                    .map(|g| bit(lp.kv_groups.contains(&g)))
-                    .collect()
-            })
-            .collect(),
-        channels: plan
-            .layers
-            .iter()
-            .zip(&shape.layers)
-            .map(|(lp, ls)| {
-                (0..ls.ffn_hidden)
-                    .map(|c| bit(lp.channels.binary_search(&c).is_ok()))
-                    .collect()
-            })
-            .collect(),
-    })
-}
-
-/// Drops curve lines at or after `step` (a resumed run rewrites them).
-fn keep_curve_until(path: &Path, step: usize) -> Result<()> {
-    if !path.is_file() {
-        return Ok(());
-    }
-    let text = std::fs::read_to_string(path)?;
-    let kept: String = text
-        .lines()
-        .filter(|l| {
-            serde_json::from_str::<serde_json::Value>(l)
-                .ok()
-                .and_then(|v| v["step"].as_u64())
-                .is_some_and(|s| (s as usize) < step)
-        })
-        .map(|l| format!("{l}\n"))
-        .collect();
-    lopper_core::write_atomic(path, kept.as_bytes())?;
-    Ok(())
-}
-
-type CurveSummary = Option<(Option<f64>, Option<lopper_policy::StepRecord>)>;
-
 #[allow(clippy::too_many_arguments)]
 fn finish<B: Backend>(
     a: &PruneArgs,
@@ -469,7 +340,7 @@ fn finish<B: Backend>(
     mut plan: MaskPlan,
     means: Option<&lopper_surgery::InputMeans>,
     resolved: &serde_json::Value,
-    curve: CurveSummary,
+    curve: crate::methods::CurveSummary,
     eval_tasks: Option<&[crate::eval::Task]>,
     device_name: &str,
     started: Instant,

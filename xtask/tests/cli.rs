@@ -541,3 +541,156 @@ fn logits_and_the_pruned_benchmark_run_on_the_tiny_model() {
     ]);
     assert!(ok && stdout.contains("| 0.5 |"), "{err}{stdout}");
 }
+
+fn xtask_with_data(args: &[&str]) -> (bool, String, String) {
+    let o = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .args(args)
+        .env("LOPPER_LOG", "warn")
+        .env("LOPPER_DATA_DIR", data_dir())
+        .output()
+        .unwrap();
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn metric_methods_prune_the_tiny_model() {
+    let root = tempfile::tempdir().unwrap();
+    let (model, calib) = tiny_model_dir(root.path());
+    let run = |method: &str, extra: &[&str]| {
+        let out = root.path().join(method);
+        let mut args = prune_args(&model, &calib, out.to_str().unwrap(), "1");
+        args.retain(|a| *a != "--steps" && *a != "1" && *a != "--lr" && *a != "0.05");
+        args.extend(["--method", method]);
+        args.extend(extra);
+        let (ok, stdout, err) = xtask(&args);
+        (ok, stdout, err, out)
+    };
+    // FLAP: global parameter-weighted allocation and bias compensation by default.
+    let (ok, _, err, out) = run("flap", &[]);
+    assert!(ok, "{err}");
+    let plan = lopper_core::MaskPlan::load(&out.join("plan.json")).unwrap();
+    assert_eq!(plan.meta["allocation"], "global-params");
+    assert!((plan.kept_param_ratio() - 0.5).abs() < 0.1);
+    let scores: lopper_core::UnitScores =
+        serde_json::from_str(&std::fs::read_to_string(out.join("scores.json")).unwrap()).unwrap();
+    assert_eq!(scores.method, "flap");
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("model/config.json")).unwrap())
+            .unwrap();
+    assert_eq!(cfg["mlp_bias"], true);
+    // ... which can be switched off, and the allocation chosen.
+    let (ok, _, err, out) = run(
+        "wanda-sp",
+        &["--allocation", "global", "--bias-compensation", "false"],
+    );
+    assert!(ok, "{err}");
+    let plan = lopper_core::MaskPlan::load(&out.join("plan.json")).unwrap();
+    assert_eq!(plan.meta["allocation"], "global");
+    // SLEB on 3 layers (first and last protected): removes layer 1 at sparsity 0.5.
+    let (ok, _, err, out) = run("sleb", &[]);
+    assert!(ok, "{err}");
+    let plan = lopper_core::MaskPlan::load(&out.join("plan.json")).unwrap();
+    assert_eq!(plan.kept_layers(), vec![0, 2]);
+    // Layer methods refuse an allocation.
+    let (ok, _, err, _) = run("block-influence", &["--allocation", "global"]);
+    assert!(!ok && err.contains("allocation"), "{err}");
+}
+
+fn compare_args<'a>(
+    model: &'a str,
+    calib: &'a str,
+    out: &'a str,
+    methods: &'a str,
+) -> Vec<&'a str> {
+    vec![
+        "compare",
+        "--model",
+        model,
+        "--methods",
+        methods,
+        "--sparsity",
+        "0.3,0.5",
+        "--tasks",
+        "wikitext2,boolq",
+        "--seq-lens",
+        "16,32",
+        "--limit",
+        "2",
+        "--calib",
+        calib,
+        "--calib-samples",
+        "8",
+        "--calib-seq-len",
+        "16",
+        "--batch-size",
+        "2",
+        "--pg-steps",
+        "3",
+        "--pg-batch-size",
+        "2",
+        "--out",
+        out,
+    ]
+}
+
+#[test]
+fn compare_fills_the_table_and_reuses_finished_cells() {
+    let root = tempfile::tempdir().unwrap();
+    let (model, calib) = tiny_model_dir(root.path());
+    let out = root.path().join("cmp");
+    let o = out.to_str().unwrap();
+    let (ok, stdout, err) = xtask_with_data(&compare_args(
+        &model,
+        &calib,
+        o,
+        "dense,flap,block-influence,pg",
+    ));
+    assert!(ok, "{err}");
+    assert!(stdout.contains("| flap (+bias) | 0.3 |"), "{stdout}");
+    let results: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+    let cells = results["cells"].as_array().unwrap();
+    assert_eq!(cells.len(), 1 + 3 * 2);
+    for c in cells {
+        for k in ["wikitext2@16", "wikitext2@32"] {
+            assert!(c["results"][k]["ppl"].as_f64().unwrap().is_finite(), "{c}");
+        }
+        assert!(c["results"]["boolq"]["acc"].as_f64().is_some());
+        let s = c["sparsity"].as_f64().unwrap();
+        let kept = c["kept_param_ratio"].as_f64().unwrap();
+        assert!((kept - (1.0 - s)).abs() < 0.2, "{c}");
+    }
+    assert!(out.join("ppl_vs_sparsity.png").is_file());
+    assert!(out.join("cells/pg@0.5/curve.jsonl").is_file());
+    // A second run reuses every cell; adding a method computes only its cells.
+    let stamp = |p: &str| {
+        std::fs::metadata(out.join("cells").join(p).join("cell.json"))
+            .unwrap()
+            .modified()
+            .unwrap()
+    };
+    let before = stamp("pg@0.3");
+    let (ok, _, err) = xtask_with_data(&compare_args(
+        &model,
+        &calib,
+        o,
+        "dense,flap,block-influence,pg,random",
+    ));
+    assert!(ok, "{err}");
+    assert_eq!(stamp("pg@0.3"), before);
+    let results: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+    assert_eq!(results["cells"].as_array().unwrap().len(), 9);
+    // Other settings in the same folder are refused.
+    let mut other = compare_args(&model, &calib, o, "dense");
+    other.extend(["--seed", "3"]);
+    let (ok, _, err) = xtask_with_data(&other);
+    assert!(!ok && err.contains("other settings"), "{err}");
+    // Bad lists fail before any work.
+    let (ok, _, err) = xtask(&compare_args(&model, &calib, o, "dense,obs"));
+    assert!(!ok && err.contains("obs"), "{err}");
+}

@@ -1,0 +1,632 @@
+//! `cargo xtask compare`: every method at every sparsity under one protocol, cached per cell.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use burn::tensor::backend::Backend;
+use clap::Args;
+use lopper_core::MaskPlan;
+use lopper_data::{BosPolicy, Calibration, Sampler};
+use lopper_importance::{Method, MethodSettings};
+use lopper_model::{Llama, ModelSpec, load};
+use lopper_policy::{Budget, Estimator, Optimizer, PgConfig, Schedule};
+use serde::{Deserialize, Serialize};
+
+use crate::backend::{DeviceChoice, Job, run_on};
+use crate::eval::{EvalSettings, Task, evaluate, parse_tasks};
+
+#[derive(Debug, Clone, Args)]
+pub struct CompareArgs {
+    /// `default`, a .gguf file, a model directory, or hub:ORG/NAME[@REV].
+    #[arg(long, default_value = "default")]
+    model: String,
+    /// Methods: dense, pg, magnitude, magnitude-l1, random, wanda-sp, flap, block-influence, sleb.
+    #[arg(
+        long,
+        default_value = "dense,magnitude,wanda-sp,flap,block-influence,sleb,pg"
+    )]
+    methods: String,
+    /// Sparsities (fractions of the prunable parameters removed).
+    #[arg(long, default_value = "0.2,0.3,0.5")]
+    sparsity: String,
+    /// Evaluation tasks (as `cargo xtask eval --tasks`); perplexity tasks run at every --seq-lens.
+    #[arg(long, default_value = "wikitext2,ptb")]
+    tasks: String,
+    /// Window lengths of the perplexity tasks.
+    #[arg(long, default_value = "128,2048")]
+    seq_lens: String,
+    /// First N windows of each perplexity task, first N examples of each multiple-choice task.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Seed of calibration sampling, the random method and the policy-gradient search.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Calibration data shared by every method: c4, wikitext2, ptb or a file.
+    #[arg(long, default_value = "c4")]
+    calib: String,
+    /// Calibration windows (the policy-gradient search cycles through all of them).
+    #[arg(long, default_value_t = 256)]
+    calib_samples: usize,
+    /// concat-chunks (PG reference) or random-windows (Wanda/SparseGPT).
+    #[arg(long, default_value = "concat-chunks")]
+    sampler: String,
+    /// Tokens per calibration window.
+    #[arg(long, default_value_t = 128)]
+    calib_seq_len: usize,
+    /// Calibration windows the metric methods read (the first N).
+    #[arg(long, default_value_t = 64)]
+    metric_samples: usize,
+    /// Windows per forward pass (metrics and evaluation).
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// Policy-gradient steps.
+    #[arg(long, default_value_t = 1000)]
+    pg_steps: usize,
+    /// Policy-gradient learning rate.
+    #[arg(long, default_value_t = 0.01)]
+    pg_lr: f64,
+    /// Policy-gradient optimizer: adam or sgd.
+    #[arg(long, default_value = "adam")]
+    pg_optimizer: String,
+    /// Windows per policy-gradient step.
+    #[arg(long, default_value_t = 8)]
+    pg_batch_size: usize,
+    /// Policy-gradient initialisation (as `prune --init`).
+    #[arg(long, default_value = "wanda-sp")]
+    pg_init: String,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: DeviceChoice,
+    /// Delete DIR first (otherwise finished cells are reused).
+    #[arg(long)]
+    force: bool,
+    /// Output folder: results.json, results.md, ppl_vs_sparsity.png, accuracy_vs_sparsity.png,
+    /// settings.json, cells/<method>@<sparsity>/.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+/// The settings every cell depends on; a folder made with other settings is refused.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Settings {
+    model: String,
+    tasks: String,
+    seq_lens: Vec<usize>,
+    limit: Option<usize>,
+    seed: u64,
+    calib: String,
+    calib_samples: usize,
+    sampler: String,
+    calib_seq_len: usize,
+    metric_samples: usize,
+    batch_size: usize,
+    pg: PgConfig,
+    pg_init: String,
+}
+
+/// One finished cell, as cached in `cells/<id>/cell.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Cell {
+    method: String,
+    sparsity: f64,
+    kept_param_ratio: f64,
+    params: u64,
+    allocation: String,
+    bias_compensation: bool,
+    /// Task results keyed `wikitext2@128`, `boolq`, ..., as `cargo xtask eval` writes them.
+    results: serde_json::Map<String, serde_json::Value>,
+    llm_pruner_average: Option<f64>,
+    seconds_plan: f64,
+    seconds_eval: f64,
+    device: String,
+}
+
+fn parse_list<T: std::str::FromStr>(s: &str, what: &str) -> Result<Vec<T>>
+where
+    T::Err: std::fmt::Display,
+{
+    let v: Vec<T> = s
+        .split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(|t| {
+            t.parse::<T>()
+                .map_err(|e| anyhow::anyhow!("{what} `{t}`: {e}"))
+        })
+        .collect::<Result<_>>()?;
+    anyhow::ensure!(!v.is_empty(), "{what} is empty");
+    Ok(v)
+}
+
+fn cell_id(method: &str, sparsity: f64) -> String {
+    if method == "dense" {
+        "dense".into()
+    } else {
+        format!("{method}@{sparsity}")
+    }
+}
+
+pub fn run(args: CompareArgs) -> Result<()> {
+    let methods: Vec<String> = parse_list(&args.methods, "--methods")?;
+    for m in &methods {
+        if m != "dense" {
+            crate::methods::check_method(m)
+                .with_context(|| format!("--methods: `{m}` (or dense)"))?;
+        }
+    }
+    let sparsities: Vec<f64> = parse_list(&args.sparsity, "--sparsity")?;
+    for &s in &sparsities {
+        anyhow::ensure!(
+            (0.0..1.0).contains(&s),
+            "--sparsity {s} is impossible: give fractions in [0, 1) (0.3 removes 30%)"
+        );
+    }
+    let tasks = parse_tasks(&args.tasks)?;
+    let seq_lens: Vec<usize> = parse_list(&args.seq_lens, "--seq-lens")?;
+    anyhow::ensure!(
+        seq_lens.iter().all(|&l| l >= 2),
+        "--seq-lens must be at least 2"
+    );
+    anyhow::ensure!(args.limit != Some(0), "--limit 0 evaluates nothing");
+    anyhow::ensure!(
+        args.batch_size > 0 && args.calib_samples > 0,
+        "--batch-size and --calib-samples must be at least 1"
+    );
+    let sampler: Sampler = args.sampler.parse()?;
+    // The sparsity is set per cell; the stored settings carry a fixed placeholder.
+    let pg = PgConfig {
+        sparsity: 0.5,
+        units: vec![
+            lopper_core::UnitKind::KvGroup,
+            lopper_core::UnitKind::Channel,
+        ],
+        budget: Budget::PerType,
+        estimator: Estimator::Ref,
+        optimizer: match args.pg_optimizer.as_str() {
+            "adam" => Optimizer::Adam,
+            "sgd" => Optimizer::Sgd,
+            o => bail!("--pg-optimizer `{o}`: use adam or sgd"),
+        },
+        lr_heads: args.pg_lr,
+        lr_channels: args.pg_lr,
+        lr_layers: args.pg_lr,
+        schedule: Schedule::Cosine,
+        steps: args.pg_steps,
+        samples_per_step: 2,
+        batch_size: args.pg_batch_size,
+        ma_window: 5.0,
+        seed: args.seed,
+    };
+    pg.validate()?;
+    let settings = Settings {
+        model: args.model.clone(),
+        tasks: args.tasks.clone(),
+        seq_lens: seq_lens.clone(),
+        limit: args.limit,
+        seed: args.seed,
+        calib: args.calib.clone(),
+        calib_samples: args.calib_samples,
+        sampler: args.sampler.clone(),
+        calib_seq_len: args.calib_seq_len,
+        metric_samples: args.metric_samples,
+        batch_size: args.batch_size,
+        pg,
+        pg_init: args.pg_init.clone(),
+    };
+    let settings_path = args.out.join("settings.json");
+    if args.force && args.out.exists() {
+        std::fs::remove_dir_all(&args.out)
+            .with_context(|| format!("removing {}", args.out.display()))?;
+    }
+    if settings_path.is_file() {
+        let old: Settings = serde_json::from_str(&std::fs::read_to_string(&settings_path)?)
+            .with_context(|| format!("reading {}", settings_path.display()))?;
+        if old != settings {
+            bail!(
+                "{} holds a comparison made with other settings ({}); use the same settings to add or resume cells, another --out, or --force to start over",
+                args.out.display(),
+                settings_path.display()
+            );
+        }
+    } else if args.out.exists() && std::fs::read_dir(&args.out)?.next().is_some() {
+        bail!(
+            "{} exists and is not a comparison folder; choose another --out or pass --force",
+            args.out.display()
+        );
+    }
+    std::fs::create_dir_all(args.out.join("cells"))?;
+    crate::prune::write_json(&settings_path, &settings)?;
+    let mut cells: Vec<(String, f64)> = Vec::new();
+    for m in &methods {
+        if m == "dense" {
+            cells.push((m.clone(), 0.0));
+        } else {
+            cells.extend(sparsities.iter().map(|&s| (m.clone(), s)));
+        }
+    }
+    let device = args.device;
+    run_on(
+        device,
+        CompareJob {
+            args,
+            settings,
+            cells,
+            tasks,
+            sampler,
+        },
+    )
+}
+
+struct CompareJob {
+    args: CompareArgs,
+    settings: Settings,
+    cells: Vec<(String, f64)>,
+    tasks: Vec<Task>,
+    sampler: Sampler,
+}
+
+impl Job for CompareJob {
+    fn run<B: Backend>(self, device: B::Device, device_name: String) -> Result<()> {
+        let a = &self.args;
+        let st = &self.settings;
+        let spec: ModelSpec = a.model.parse()?;
+        let loaded = load::<B>(&spec, &device).with_context(|| format!("loading `{}`", a.model))?;
+        let (model, tok) = (&loaded.model, &loaded.tokenizer);
+        let mut calib: Option<Calibration> = None;
+        let bar = crate::progress::bar(
+            self.cells.len() as u64,
+            "cells [{bar:30}] {pos}/{len} {msg} eta {eta}",
+        )?;
+        let mut done: Vec<Cell> = Vec::new();
+        for (method, sparsity) in &self.cells {
+            let id = cell_id(method, *sparsity);
+            let dir = a.out.join("cells").join(&id);
+            let cell_path = dir.join("cell.json");
+            bar.set_message(id.clone());
+            if cell_path.is_file() {
+                let cell: Cell = serde_json::from_str(&std::fs::read_to_string(&cell_path)?)
+                    .with_context(|| format!("reading {}", cell_path.display()))?;
+                tracing::info!(cell = id, "cached");
+                done.push(cell);
+                bar.inc(1);
+                continue;
+            }
+            std::fs::create_dir_all(&dir)?;
+            if calib.is_none() && method != "dense" {
+                calib = Some(crate::methods::draw_calibration(
+                    tok,
+                    &st.calib,
+                    self.sampler,
+                    st.calib_samples,
+                    st.calib_seq_len,
+                    st.seed,
+                )?);
+            }
+            let cell = self.cell(
+                model,
+                tok,
+                calib.as_ref(),
+                method,
+                *sparsity,
+                &dir,
+                &device_name,
+            )?;
+            crate::prune::write_json(&cell_path, &cell)?;
+            done.push(cell);
+            bar.inc(1);
+        }
+        bar.finish_and_clear();
+        write_results(&a.out, st, &done, &device_name)?;
+        println!("{}", std::fs::read_to_string(a.out.join("results.md"))?);
+        Ok(())
+    }
+}
+
+impl CompareJob {
+    #[allow(clippy::too_many_arguments)]
+    fn cell<B: Backend>(
+        &self,
+        model: &Llama<B>,
+        tok: &lopper_model::Tokenizer,
+        calib: Option<&Calibration>,
+        method: &str,
+        sparsity: f64,
+        dir: &Path,
+        device_name: &str,
+    ) -> Result<Cell> {
+        let st = &self.settings;
+        let t = Instant::now();
+        let keep = 1.0 - sparsity;
+        let settings = MethodSettings {
+            batch_size: st.batch_size,
+            seed: st.seed,
+            ..MethodSettings::default()
+        };
+        let windows = || calib.map_or(&[][..], |c| &c.windows[..]);
+        let (plan, means): (Option<MaskPlan>, _) = match method {
+            "dense" => (None, None),
+            "pg" => {
+                let cfg = PgConfig {
+                    sparsity,
+                    ..st.pg.clone()
+                };
+                let meta = serde_json::json!({"compare": st, "sparsity": sparsity});
+                let (plan, _) = crate::methods::run_pg(
+                    model,
+                    windows(),
+                    &cfg,
+                    || {
+                        crate::methods::pg_init(
+                            &st.pg_init,
+                            model,
+                            windows(),
+                            st.metric_samples,
+                            &settings,
+                        )
+                    },
+                    &crate::methods::PgRun {
+                        dir,
+                        resume: dir.join("checkpoint.json").is_file(),
+                        stop_after: None,
+                        checkpoint_every: 25,
+                        meta: &meta,
+                    },
+                )?;
+                (Some(plan), None)
+            }
+            m => {
+                let mp = crate::methods::metric_plan(
+                    model,
+                    windows(),
+                    m.parse::<Method>()?,
+                    keep,
+                    st.metric_samples,
+                    &settings,
+                )?;
+                (Some(mp.plan), mp.compensation)
+            }
+        };
+        let seconds_plan = t.elapsed().as_secs_f64();
+        let (pruned, allocation) = match &plan {
+            None => (None, "none".to_string()),
+            Some(p) => {
+                crate::prune::write_json(&dir.join("plan.json"), p)?;
+                let pruned = match &means {
+                    Some((o, d)) => lopper_surgery::prune_compensated(
+                        model,
+                        p,
+                        &lopper_surgery::InputMeans {
+                            o_proj: o.clone(),
+                            down_proj: d.clone(),
+                        },
+                    )?,
+                    None => lopper_surgery::prune(model, p)?,
+                };
+                let alloc = p
+                    .meta
+                    .get("allocation")
+                    .and_then(|v| v.as_str())
+                    .unwrap_or("global (pg)");
+                (Some(pruned), alloc.to_string())
+            }
+        };
+        let eval_model = pruned.as_ref().unwrap_or(model);
+        let t = Instant::now();
+        let mut results = serde_json::Map::new();
+        let (ppl, mc): (Vec<Task>, Vec<Task>) =
+            self.tasks.iter().partition(|t| matches!(t, Task::Ppl(_)));
+        for (i, &seq_len) in st.seq_lens.iter().enumerate() {
+            let mut tasks = ppl.clone();
+            if i == 0 {
+                tasks.extend(mc.iter().copied());
+            }
+            if tasks.is_empty() {
+                continue;
+            }
+            let es = EvalSettings {
+                seq_len,
+                bos: BosPolicy::None,
+                limit: st.limit,
+                batch_size: if seq_len > 512 {
+                    1.max(st.batch_size / 8)
+                } else {
+                    st.batch_size
+                },
+            };
+            let (r, _) = evaluate(eval_model, tok, &tasks, &es)?;
+            for (k, v) in r {
+                let key = if ppl
+                    .iter()
+                    .any(|t| matches!(t, Task::Ppl(c) if c.name() == k))
+                {
+                    format!("{k}@{seq_len}")
+                } else {
+                    k
+                };
+                results.insert(key, v);
+            }
+        }
+        let llm_pruner_average = crate::eval::llm_pruner_average(&results);
+        let shape = eval_model.shape();
+        let cell = Cell {
+            method: method.into(),
+            sparsity,
+            kept_param_ratio: plan.as_ref().map_or(1.0, |p| p.kept_param_ratio()),
+            params: shape.num_params(),
+            allocation,
+            bias_compensation: means.is_some(),
+            results,
+            llm_pruner_average,
+            seconds_plan,
+            seconds_eval: t.elapsed().as_secs_f64(),
+            device: device_name.into(),
+        };
+        tracing::info!(
+            method,
+            sparsity,
+            seconds = seconds_plan + cell.seconds_eval,
+            "cell finished"
+        );
+        Ok(cell)
+    }
+}
+
+/// The metric of a task in the LLM-Pruner convention.
+fn task_metric(task: &str) -> &'static str {
+    match task {
+        "hellaswag" | "arc_challenge" | "openbookqa" => "acc_norm",
+        _ => "acc",
+    }
+}
+
+/// Column keys of the table, in task order: perplexity tasks at each length, then the rest.
+fn columns(st: &Settings) -> Result<Vec<(String, String)>> {
+    let mut cols = Vec::new();
+    let tasks = parse_tasks(&st.tasks)?;
+    for t in &tasks {
+        if let Task::Ppl(c) = t {
+            for l in &st.seq_lens {
+                cols.push((format!("{}@{l}", c.name()), "ppl".to_string()));
+            }
+        }
+    }
+    for t in &tasks {
+        match t {
+            Task::Mc(m) => cols.push((m.name().to_string(), task_metric(m.name()).to_string())),
+            Task::Lambada => cols.push(("lambada".into(), "acc".into())),
+            Task::Ppl(_) => {}
+        }
+    }
+    Ok(cols)
+}
+
+fn write_results(out: &Path, st: &Settings, cells: &[Cell], device: &str) -> Result<()> {
+    let cols = columns(st)?;
+    let has_avg = cells.iter().any(|c| c.llm_pruner_average.is_some());
+    let mut md = String::from("# lopper compare\n\n");
+    md += &format!(
+        "Model `{}`; calibration {} ({} windows of {} tokens, {} sampler, seed {}; metric methods read the first {}); evaluation limit {}; device {device}. Perplexity: `cargo xtask eval` protocol (BOS none). Accuracy: acc for boolq, piqa, winogrande, arc_easy, lambada; acc_norm for hellaswag, arc_challenge, openbookqa (LLM-Pruner convention). PG: {} steps, {:?} lr {}, batch {}, init {}.\n\n",
+        st.model,
+        st.calib,
+        st.calib_samples,
+        st.calib_seq_len,
+        st.sampler,
+        st.seed,
+        st.metric_samples,
+        st.limit
+            .map_or("none (full sets)".into(), |l| l.to_string()),
+        st.pg.steps,
+        st.pg.optimizer,
+        st.pg.lr_heads,
+        st.pg.batch_size,
+        st.pg_init,
+    );
+    md += "| method | sparsity | allocation | kept params | params |";
+    for (k, m) in &cols {
+        md += &format!(" {k} ({m}) |");
+    }
+    if has_avg {
+        md += " 7-task avg |";
+    }
+    md += " plan s | eval s |\n|---|---:|---|---:|---:|";
+    md += &"---:|".repeat(cols.len() + usize::from(has_avg));
+    md += "---:|---:|\n";
+    for c in cells {
+        md += &format!(
+            "| {}{} | {} | {} | {:.4} | {} |",
+            c.method,
+            if c.bias_compensation { " (+bias)" } else { "" },
+            c.sparsity,
+            c.allocation,
+            c.kept_param_ratio,
+            c.params
+        );
+        for (k, m) in &cols {
+            let v = c
+                .results
+                .get(k)
+                .and_then(|r| r.get(m))
+                .and_then(|v| v.as_f64());
+            md += &match v {
+                Some(v) if m == "ppl" => format!(" {v:.2} |"),
+                Some(v) => format!(" {v:.4} |"),
+                None => " – |".into(),
+            };
+        }
+        if has_avg {
+            md += &c
+                .llm_pruner_average
+                .map_or(" – |".into(), |v| format!(" {v:.4} |"));
+        }
+        md += &format!(" {:.1} | {:.1} |\n", c.seconds_plan, c.seconds_eval);
+    }
+    // Best method per sparsity on the first perplexity column.
+    if let Some((k, _)) = cols.iter().find(|(_, m)| m == "ppl") {
+        md += &format!("\nBest {k} perplexity per sparsity:\n\n");
+        let mut by_s: BTreeMap<String, (String, f64)> = BTreeMap::new();
+        for c in cells.iter().filter(|c| c.method != "dense") {
+            if let Some(v) = c.results.get(k).and_then(|r| r["ppl"].as_f64()) {
+                let e = by_s
+                    .entry(format!("{}", c.sparsity))
+                    .or_insert((c.method.clone(), v));
+                if v < e.1 {
+                    *e = (c.method.clone(), v);
+                }
+            }
+        }
+        for (s, (m, v)) in by_s {
+            md += &format!("- sparsity {s}: {m} ({v:.2})\n");
+        }
+    }
+    lopper_core::write_atomic(&out.join("results.md"), md.as_bytes())?;
+    crate::prune::write_json(
+        &out.join("results.json"),
+        &serde_json::json!({"settings": st, "cells": cells}),
+    )?;
+    // Plots: one line per method over sparsity (dense at 0 joins every line).
+    let dense = cells.iter().find(|c| c.method == "dense");
+    let line = |value: &dyn Fn(&Cell) -> Option<f64>| -> Vec<(String, Vec<(f64, f64)>)> {
+        let mut by: BTreeMap<&str, Vec<(f64, f64)>> = BTreeMap::new();
+        for c in cells.iter().filter(|c| c.method != "dense") {
+            if let Some(v) = value(c) {
+                by.entry(&c.method).or_default().push((c.sparsity, v));
+            }
+        }
+        by.into_iter()
+            .map(|(m, mut pts)| {
+                if let Some(v) = dense.and_then(value) {
+                    pts.push((0.0, v));
+                }
+                pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+                (m.to_string(), pts)
+            })
+            .collect()
+    };
+    if let Some((k, _)) = cols.iter().find(|(_, m)| m == "ppl") {
+        crate::plots::series(
+            &out.join("ppl_vs_sparsity.png"),
+            &format!("{k} perplexity vs sparsity"),
+            (
+                "sparsity (fraction of prunable parameters removed)",
+                "perplexity (log scale)",
+            ),
+            &line(&|c| c.results.get(k).and_then(|r| r["ppl"].as_f64())),
+            true,
+        )?;
+    }
+    if has_avg {
+        crate::plots::series(
+            &out.join("accuracy_vs_sparsity.png"),
+            "7-task average accuracy vs sparsity",
+            (
+                "sparsity (fraction of prunable parameters removed)",
+                "average accuracy",
+            ),
+            &line(&|c| c.llm_pruner_average),
+            false,
+        )?;
+    }
+    Ok(())
+}

@@ -1,0 +1,273 @@
+//! The pruning methods as the commands run them: the policy-gradient search with its run
+//! folder (checkpoint, curve, progress bar), and the metric methods of `lopper-importance`.
+
+use std::io::Write;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use burn::tensor::backend::Backend;
+use lopper_core::{MaskPlan, ModelShape, UnitScores};
+use lopper_importance::{Method, MethodPlan, MethodSettings};
+use lopper_model::Llama;
+use lopper_policy::{Hooks, Init, PgConfig, PgState, UnitSpace};
+
+/// Every `--method` name: `pg` and the metric methods.
+pub fn method_names() -> String {
+    std::iter::once("pg")
+        .chain(Method::NAMES.iter().copied())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Checks a `--method` name before anything is loaded.
+pub fn check_method(name: &str) -> Result<()> {
+    if name != "pg" && name.parse::<Method>().is_err() {
+        bail!(
+            "--method `{name}` is not available; use one of {}",
+            method_names()
+        );
+    }
+    Ok(())
+}
+
+/// A metric method's plan, timed and logged. `windows` is the calibration set; metric methods
+/// read at most `metric_samples` of its windows.
+pub fn metric_plan<B: Backend>(
+    model: &Llama<B>,
+    windows: &[Vec<u32>],
+    method: Method,
+    keep: f64,
+    metric_samples: usize,
+    settings: &MethodSettings,
+) -> Result<MethodPlan> {
+    let t = Instant::now();
+    let n = windows.len().min(metric_samples);
+    let mp = lopper_importance::method_plan(model, &windows[..n], method, keep, settings, |m| {
+        tracing::info!("{m}")
+    })?;
+    tracing::info!(
+        method = method.name(),
+        windows = n,
+        seconds = t.elapsed().as_secs_f64(),
+        "metric plan computed"
+    );
+    Ok(mp)
+}
+
+/// The policy-gradient initialisation named by `--init`: uniform, random, a metric method with
+/// per-unit scores, a UnitScores JSON file, or a plan.json.
+pub fn pg_init<B: Backend>(
+    name: &str,
+    model: &Llama<B>,
+    windows: &[Vec<u32>],
+    metric_samples: usize,
+    settings: &MethodSettings,
+) -> Result<Init> {
+    let shape = model.shape();
+    Ok(match name {
+        "uniform" => Init::Uniform,
+        "random" => Init::Random,
+        m if m.parse::<Method>().is_ok() => {
+            let method: Method = m.parse()?;
+            if method.removes_layers() {
+                bail!(
+                    "--init {m}: a layer-removal method has no per-unit scores; start from its plan instead (`--init DIR/plan.json`)"
+                );
+            }
+            let mp = metric_plan(model, windows, method, 0.5, metric_samples, settings)?;
+            Init::Scores {
+                scores: mp.scores.expect("unit methods give scores"),
+            }
+        }
+        file => {
+            let text = std::fs::read_to_string(file).with_context(|| {
+                format!(
+                    "--init `{file}` is neither uniform, random, a method ({}) nor a readable scores or plan file",
+                    Method::NAMES.join(", ")
+                )
+            })?;
+            let scores = match serde_json::from_str::<UnitScores>(&text) {
+                Ok(s) => s,
+                Err(_) => plan_scores(&text, shape).with_context(|| {
+                    format!("--init {file}: neither a UnitScores nor a mask plan JSON file")
+                })?,
+            };
+            Init::Scores { scores }
+        }
+    })
+}
+
+/// Scores from a plan: 1 for kept units, 0 for removed ones (then `sigmap` per layer, like the
+/// reference's init from another method's mask).
+fn plan_scores(json: &str, shape: &ModelShape) -> Result<UnitScores> {
+    let plan = MaskPlan::from_json(json)?;
+    plan.validate_against(shape)?;
+    let bit = |keep: bool| if keep { 1.0 } else { 0.0 };
+    Ok(UnitScores {
+        method: "plan".into(),
+        kv_groups: plan
+            .layers
+            .iter()
+            .zip(&shape.layers)
+            .map(|(lp, ls)| {
+                (0..ls.n_kv_heads)
+                    .map(|g| bit(lp.kv_groups.contains(&g)))
+                    .collect()
+            })
+            .collect(),
+        channels: plan
+            .layers
+            .iter()
+            .zip(&shape.layers)
+            .map(|(lp, ls)| {
+                (0..ls.ffn_hidden)
+                    .map(|c| bit(lp.channels.binary_search(&c).is_ok()))
+                    .collect()
+            })
+            .collect(),
+    })
+}
+
+/// The first sampled-mask loss and the last step of a finished search.
+pub type CurveSummary = Option<(Option<f64>, Option<lopper_policy::StepRecord>)>;
+
+/// Where and how a policy-gradient search keeps its state.
+pub struct PgRun<'a> {
+    /// Folder of `checkpoint.json` and `curve.jsonl`.
+    pub dir: &'a Path,
+    /// Continue from `dir/checkpoint.json` (its settings must equal `cfg`).
+    pub resume: bool,
+    /// Stop as Ctrl-C does once this many steps are done (tests).
+    pub stop_after: Option<usize>,
+    /// Checkpoint every N steps.
+    pub checkpoint_every: usize,
+    /// Resolved settings stored in the checkpoint.
+    pub meta: &'a serde_json::Value,
+}
+
+/// Runs (or resumes) the policy-gradient search and returns its final plan. Every step goes to
+/// `curve.jsonl`; the state is checkpointed every `checkpoint_every` steps and on Ctrl-C, after
+/// which this returns an error that says how to resume.
+pub fn run_pg<B: Backend>(
+    model: &Llama<B>,
+    windows: &[Vec<u32>],
+    cfg: &PgConfig,
+    init: impl FnOnce() -> Result<Init>,
+    run: &PgRun,
+) -> Result<(MaskPlan, CurveSummary)> {
+    let space = UnitSpace::new(model.shape(), &cfg.units)?;
+    let ckpt = run.dir.join("checkpoint.json");
+    let mut state = if run.resume {
+        let s = PgState::load(&ckpt, &space)?;
+        anyhow::ensure!(
+            s.config == *cfg,
+            "--resume: the settings differ from the checkpoint's ({}); resume with the same flags",
+            serde_json::to_string(&s.config)?
+        );
+        tracing::info!(step = s.step, "resuming");
+        s
+    } else {
+        let mut s = PgState::new(cfg.clone(), &space, &init()?)?;
+        s.meta = run.meta.clone();
+        s
+    };
+    let curve_path = run.dir.join("curve.jsonl");
+    keep_curve_until(&curve_path, state.step)?;
+    let mut curve = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&curve_path)
+        .with_context(|| format!("opening {}", curve_path.display()))?;
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        // A second Ctrl-C while the checkpoint is written is ignored; SIGKILL loses at most
+        // `checkpoint_every` steps. Only the first handler of a process is installed.
+        let _ = ctrlc::set_handler(move || stop.store(true, Ordering::SeqCst));
+    }
+    let bar = crate::progress::bar(
+        cfg.steps as u64,
+        "pg [{bar:30}] step {pos}/{len} {msg} eta {eta}",
+    )?;
+    bar.set_position(state.step as u64);
+    let mut first_loss = None;
+    let mut last = None;
+    let finished = lopper_policy::search(
+        model,
+        windows,
+        &space,
+        &mut state,
+        Hooks {
+            on_step: &mut |r, _| {
+                writeln!(curve, "{}", serde_json::to_string(r).expect("serialisable"))
+                    .and_then(|_| curve.flush())
+                    .map_err(|e| {
+                        lopper_policy::Error::Config(format!("writing curve.jsonl: {e}"))
+                    })?;
+                bar.set_position(r.step as u64 + 1);
+                bar.set_message(format!("loss {:.4} baseline {:.4}", r.loss, r.baseline));
+                first_loss.get_or_insert(r.loss);
+                last = Some(r.clone());
+                Ok(())
+            },
+            should_stop: &|| {
+                stop.load(Ordering::SeqCst)
+                    || run.stop_after.is_some_and(|n| bar.position() as usize >= n)
+            },
+            checkpoint: &mut |s| s.save(&ckpt),
+            checkpoint_every: run.checkpoint_every,
+        },
+    )?;
+    bar.finish_and_clear();
+    if !finished {
+        bail!(
+            "interrupted at step {}; checkpoint written to {}; run the same command again{} to continue",
+            state.step,
+            ckpt.display(),
+            if run.resume { "" } else { " with --resume" }
+        );
+    }
+    Ok((state.final_plan(&space)?, Some((first_loss, last))))
+}
+
+/// Drops curve lines at or after `step` (a resumed run rewrites them).
+fn keep_curve_until(path: &Path, step: usize) -> Result<()> {
+    if !path.is_file() {
+        return Ok(());
+    }
+    let text = std::fs::read_to_string(path)?;
+    let kept: String = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v["step"].as_u64())
+                .is_some_and(|s| (s as usize) < step)
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    lopper_core::write_atomic(path, kept.as_bytes())?;
+    Ok(())
+}
+
+/// Draws the calibration windows (`--calib`, `--sampler`, ...) with the model's tokenizer.
+pub fn draw_calibration(
+    tok: &lopper_model::Tokenizer,
+    calib: &str,
+    sampler: lopper_data::Sampler,
+    samples: usize,
+    seq_len: usize,
+    seed: u64,
+) -> Result<lopper_data::Calibration> {
+    let dirs = lopper_data::DataDirs::from_env(&lopper_model::lopper_home());
+    let (path, docs) = lopper_data::load_documents(calib, &dirs)?;
+    let encode = |t: &str| tok.encode(t).map_err(|e| e.to_string());
+    let c = lopper_data::sample(
+        calib, &path, &docs, &encode, sampler, samples, seq_len, seed,
+    )?;
+    tracing::info!(windows = c.windows.len(), seq_len, "calibration data drawn");
+    Ok(c)
+}
