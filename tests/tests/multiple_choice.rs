@@ -131,6 +131,32 @@ fn continuation_tokens_follow_lm_evals_split_and_score_on_the_real_model() {
     );
     assert!(one.iter().all(|l| l.0 < 0.0));
     assert!(!one[1].1, "` a banana` is not the greedy continuation");
+    // Against the direct computation (full logits of each request on its own), with two
+    // single-token answers that share one model input and a multi-token continuation.
+    let reqs: Vec<(String, String)> = vec![
+        ("Is water wet? Answer:".into(), " yes".into()),
+        ("Is water wet? Answer:".into(), " no".into()),
+        ("The capital of France is".into(), " a large city".into()),
+    ];
+    let got = lopper_eval::loglikelihoods(&d.model, tok, &reqs, 2, |_| {}).unwrap();
+    for ((ctx, cont), g) in reqs.iter().zip(&got) {
+        let (c, k) = lopper_eval::encode_pair(tok, ctx, cont).unwrap();
+        let full = [c, k.clone()].concat();
+        let t = d.model.tokens(&[full.clone()]).unwrap();
+        let nll: Vec<f32> = lopper_model::next_token_nll(d.model.forward(t.clone()), t)
+            .into_data()
+            .to_vec()
+            .unwrap();
+        let want: f64 = -nll[nll.len() - k.len()..]
+            .iter()
+            .map(|&x| x as f64)
+            .sum::<f64>();
+        assert!(
+            (g.0 - want).abs() < 1e-3,
+            "{ctx:?}{cont:?}: {} vs {want}",
+            g.0
+        );
+    }
 }
 
 #[test]

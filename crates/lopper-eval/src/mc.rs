@@ -2,6 +2,7 @@
 //! lm-evaluation-harness 0.4 semantics.
 
 use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor, TensorData};
 use lopper_model::{Error, Llama, Result, Tokenizer, nll_from_logits};
 use serde::Serialize;
 
@@ -34,9 +35,13 @@ pub fn encode_pair(
 }
 
 /// For each request: the sum of log-probabilities of the continuation given its context, and
-/// whether every continuation token is the model's greedy (argmax) choice. `batch_size`
-/// sequences per forward (sorted by length, right-padded: padding after a sequence cannot change
-/// its logits in a causal model). `progress(done)` is called after each batch.
+/// whether every continuation token is the model's greedy (argmax) choice.
+///
+/// Work saved without changing any number: requests whose model input (context and continuation
+/// without its last token) is identical share one sequence (BoolQ's "yes"/"no", single-token
+/// answers); sequences run `batch_size` at a time, sorted by length and right-padded (padding
+/// after a sequence cannot change its logits in a causal model); the LM head and the softmax run
+/// only at the positions that predict continuation tokens. `progress(done)` counts requests.
 pub fn loglikelihoods<B: Backend>(
     model: &Llama<B>,
     tok: &Tokenizer,
@@ -44,8 +49,9 @@ pub fn loglikelihoods<B: Backend>(
     batch_size: usize,
     mut progress: impl FnMut(usize),
 ) -> Result<Vec<(f64, bool)>> {
-    // (request index, scored tokens, continuation length)
-    let mut items = Vec::with_capacity(requests.len());
+    // Unique model inputs, and per input the requests it serves: (request, targets).
+    let mut index: std::collections::HashMap<Vec<u32>, usize> = std::collections::HashMap::new();
+    let mut inputs: Vec<(Vec<u32>, Vec<(usize, Vec<u32>)>)> = Vec::new();
     for (i, (ctx, cont)) in requests.iter().enumerate() {
         let (c, k) = encode_pair(tok, ctx, cont)?;
         if k.is_empty() {
@@ -58,31 +64,49 @@ pub fn loglikelihoods<B: Backend>(
             full.drain(..full.len() - (MAX_LEN + 1));
         }
         let cont_len = k.len().min(full.len() - 1);
-        items.push((i, full, cont_len));
+        let targets = full[full.len() - cont_len..].to_vec();
+        full.pop();
+        let slot = *index.entry(full.clone()).or_insert_with(|| {
+            inputs.push((full, Vec::new()));
+            inputs.len() - 1
+        });
+        inputs[slot].1.push((i, targets));
     }
-    items.sort_by_key(|(_, f, _)| std::cmp::Reverse(f.len()));
+    inputs.sort_by_key(|(f, _)| std::cmp::Reverse(f.len()));
     let mut out = vec![(0f64, false); requests.len()];
     let mut done = 0;
-    for batch in items.chunks(batch_size.max(1)) {
-        let len = batch
-            .iter()
-            .map(|(_, f, _)| f.len())
-            .max()
-            .unwrap_or(2)
-            .max(2);
+    let device = model.device();
+    for batch in inputs.chunks(batch_size.max(1)) {
+        let len = batch.iter().map(|(f, _)| f.len()).max().unwrap_or(1);
         let rows: Vec<Vec<u32>> = batch
             .iter()
-            .map(|(_, f, _)| {
+            .map(|(f, _)| {
                 let mut r = f.clone();
                 r.resize(len, 0);
                 r
             })
             .collect();
-        let tokens = model.tokens(&rows)?;
-        let logits = model
-            .forward_masked(tokens.clone(), None)?
-            .narrow(1, 0, len - 1);
-        let targets = tokens.narrow(1, 1, len - 1);
+        // Flat hidden-state rows that predict a continuation token, and those tokens.
+        let (mut at, mut want) = (Vec::new(), Vec::new());
+        for (row, (f, reqs)) in batch.iter().enumerate() {
+            for (_, targets) in reqs {
+                // Target j of k predicts from input position len(f) - k + j.
+                let start = f.len() - targets.len();
+                for (j, &t) in targets.iter().enumerate() {
+                    at.push((row * len + start + j) as i64);
+                    want.push(t as i64);
+                }
+            }
+        }
+        let hidden = model.forward_hidden(model.tokens(&rows)?, None)?;
+        let picked = hidden.select(
+            0,
+            Tensor::<B, 1, Int>::from_data(TensorData::new(at.clone(), [at.len()]), &device),
+        );
+        let logits = model.head(picked).unsqueeze_dim::<3>(0);
+        let targets =
+            Tensor::<B, 1, Int>::from_data(TensorData::new(want.clone(), [want.len()]), &device)
+                .unsqueeze_dim::<2>(0);
         let nll: Vec<f32> = nll_from_logits(logits.clone(), targets)
             .into_data()
             .convert::<f32>()
@@ -94,15 +118,17 @@ pub fn loglikelihoods<B: Backend>(
             .convert::<i64>()
             .to_vec()
             .expect("converted to i64");
-        for (row, (i, full, cont_len)) in batch.iter().enumerate() {
-            // Target j of the row is predicted at index j - 1.
-            let n = full.len();
-            let at = |j: usize| row * (len - 1) + j - 1;
-            let s: f64 = (n - cont_len..n).map(|j| nll[at(j)] as f64).sum();
-            let is_greedy = (n - cont_len..n).all(|j| greedy[at(j)] == full[j] as i64);
-            out[*i] = (-s, is_greedy);
+        let mut k = 0;
+        for (_, reqs) in batch {
+            for (i, targets) in reqs {
+                let n = targets.len();
+                let s: f64 = nll[k..k + n].iter().map(|&x| x as f64).sum();
+                let is_greedy = (k..k + n).all(|j| greedy[j] == want[j]);
+                out[*i] = (-s, is_greedy);
+                k += n;
+                done += 1;
+            }
         }
-        done += batch.len();
         progress(done);
     }
     Ok(out)

@@ -561,14 +561,58 @@ impl<B: Backend> Llama<B> {
         self.run(tokens, masks, |_, _| {}, |_, l| Cow::Borrowed(l), on_tap)
     }
 
+    /// The final-normed hidden state of every position (what the LM head reads), under
+    /// optional masks; with [`Llama::head`] on the rows that matter, this skips the LM head and
+    /// the softmax at positions nobody scores.
+    ///
+    /// # Shapes
+    /// - `tokens`: `[batch, seq]` -> `[batch * seq, hidden]` (row `b * seq + t`)
+    pub fn forward_hidden(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        masks: Option<&Masks<B>>,
+    ) -> Result<Tensor<B, 2>> {
+        self.run_hidden(
+            tokens,
+            masks,
+            |_, _| {},
+            |_, l| Cow::Borrowed(l),
+            |_, _, _| {},
+        )
+    }
+
+    /// The LM head: logits of final-normed hidden states.
+    ///
+    /// # Shapes
+    /// - `x`: `[rows, hidden]` -> `[rows, vocab]`
+    pub fn head(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        match &self.lm_head {
+            Some(head) => head.forward(x),
+            None => x.matmul(self.embed_tokens.weight.val().transpose()),
+        }
+    }
+
     fn run<'a>(
+        &'a self,
+        tokens: Tensor<B, 2, Int>,
+        masks: Option<&Masks<B>>,
+        on_hidden: impl FnMut(usize, &Tensor<B, 2>),
+        layer_for: impl FnMut(usize, &'a DecoderLayer<B>) -> Cow<'a, DecoderLayer<B>>,
+        on_tap: impl FnMut(usize, Tap, &Tensor<B, 2>),
+    ) -> Result<Tensor<B, 3>> {
+        let [batch, seq] = tokens.dims();
+        let x = self.run_hidden(tokens, masks, on_hidden, layer_for, on_tap)?;
+        Ok(self.head(x).reshape([batch, seq, self.shape.vocab_size]))
+    }
+
+    fn run_hidden<'a>(
         &'a self,
         tokens: Tensor<B, 2, Int>,
         masks: Option<&Masks<B>>,
         mut on_hidden: impl FnMut(usize, &Tensor<B, 2>),
         mut layer_for: impl FnMut(usize, &'a DecoderLayer<B>) -> Cow<'a, DecoderLayer<B>>,
         mut on_tap: impl FnMut(usize, Tap, &Tensor<B, 2>),
-    ) -> Result<Tensor<B, 3>> {
+    ) -> Result<Tensor<B, 2>> {
         if let Some(m) = masks {
             m.check(self.shape())?;
         }
@@ -601,11 +645,7 @@ impl<B: Backend> Llama<B> {
         }
         let x = self.norm.forward(x);
         on_hidden(self.layers.len(), &x);
-        let logits = match &self.lm_head {
-            Some(head) => head.forward(x),
-            None => x.matmul(self.embed_tokens.weight.val().transpose()),
-        };
-        Ok(logits.reshape([batch, seq, self.shape.vocab_size]))
+        Ok(x)
     }
 
     fn rope_inv_freq(&self) -> Vec<f64> {
