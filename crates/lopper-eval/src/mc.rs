@@ -34,6 +34,9 @@ pub fn encode_pair(
     Ok((ctx_enc, whole[split..].to_vec()))
 }
 
+/// One model input and the requests it serves: (request index, continuation tokens).
+type SharedInput = (Vec<u32>, Vec<(usize, Vec<u32>)>);
+
 /// For each request: the sum of log-probabilities of the continuation given its context, and
 /// whether every continuation token is the model's greedy (argmax) choice.
 ///
@@ -51,7 +54,7 @@ pub fn loglikelihoods<B: Backend>(
 ) -> Result<Vec<(f64, bool)>> {
     // Unique model inputs, and per input the requests it serves: (request, targets).
     let mut index: std::collections::HashMap<Vec<u32>, usize> = std::collections::HashMap::new();
-    let mut inputs: Vec<(Vec<u32>, Vec<(usize, Vec<u32>)>)> = Vec::new();
+    let mut inputs: Vec<SharedInput> = Vec::new();
     for (i, (ctx, cont)) in requests.iter().enumerate() {
         let (c, k) = encode_pair(tok, ctx, cont)?;
         if k.is_empty() {
