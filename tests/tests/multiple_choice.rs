@@ -142,7 +142,7 @@ fn continuation_tokens_follow_lm_evals_split_and_score_on_the_real_model() {
     for ((ctx, cont), g) in reqs.iter().zip(&got) {
         let (c, k) = lopper_eval::encode_pair(tok, ctx, cont).unwrap();
         let full = [c, k.clone()].concat();
-        let t = d.model.tokens(&[full.clone()]).unwrap();
+        let t = d.model.tokens(std::slice::from_ref(&full)).unwrap();
         let nll: Vec<f32> = lopper_model::next_token_nll(d.model.forward(t.clone()), t)
             .into_data()
             .to_vec()

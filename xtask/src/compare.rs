@@ -40,6 +40,12 @@ pub struct CompareArgs {
     /// First N windows of each perplexity task, first N examples of each multiple-choice task.
     #[arg(long)]
     limit: Option<usize>,
+    /// Overrides --limit for perplexity tasks.
+    #[arg(long)]
+    ppl_limit: Option<usize>,
+    /// Overrides --limit for multiple-choice tasks and lambada.
+    #[arg(long)]
+    mc_limit: Option<usize>,
     /// Seed of calibration sampling, the random method and the policy-gradient search.
     #[arg(long, default_value_t = 42)]
     seed: u64,
@@ -94,7 +100,8 @@ struct Settings {
     model: String,
     tasks: String,
     seq_lens: Vec<usize>,
-    limit: Option<usize>,
+    ppl_limit: Option<usize>,
+    mc_limit: Option<usize>,
     seed: u64,
     calib: String,
     calib_samples: usize,
@@ -140,6 +147,53 @@ where
     Ok(v)
 }
 
+/// A `--methods` entry: `dense`, or `NAME[:INIT][+bias]`: `pg:flap` is the policy-gradient
+/// search started from FLAP's scores (instead of `--pg-init`), `+bias` adds FLAP-style bias
+/// compensation at surgery (FLAP has it already).
+#[derive(Debug, Clone, PartialEq)]
+struct Spec {
+    base: String,
+    init: Option<String>,
+    bias: Option<bool>,
+}
+
+impl Spec {
+    fn parse(s: &str) -> Result<Self> {
+        let (rest, bias) = match s.strip_suffix("+bias") {
+            Some(r) => (r, Some(true)),
+            None => (s, None),
+        };
+        let (base, init) = match rest.split_once(':') {
+            Some((b, i)) => (b, Some(i.to_string())),
+            None => (rest, None),
+        };
+        if base == "dense" {
+            anyhow::ensure!(
+                init.is_none() && bias.is_none(),
+                "--methods: `{s}`: dense takes no init or +bias"
+            );
+        } else {
+            crate::methods::check_method(base)
+                .with_context(|| format!("--methods: `{s}` (or dense)"))?;
+        }
+        anyhow::ensure!(
+            init.is_none() || base == "pg",
+            "--methods: `{s}`: only pg takes an initialisation (pg:flap, pg:magnitude, ...)"
+        );
+        if let Ok(m) = base.parse::<Method>() {
+            anyhow::ensure!(
+                !(m.removes_layers() && bias.is_some()),
+                "--methods: `{s}`: layer removal leaves no projection for a compensation bias"
+            );
+        }
+        Ok(Self {
+            base: base.into(),
+            init,
+            bias,
+        })
+    }
+}
+
 fn cell_id(method: &str, sparsity: f64) -> String {
     if method == "dense" {
         "dense".into()
@@ -151,10 +205,7 @@ fn cell_id(method: &str, sparsity: f64) -> String {
 pub fn run(args: CompareArgs) -> Result<()> {
     let methods: Vec<String> = parse_list(&args.methods, "--methods")?;
     for m in &methods {
-        if m != "dense" {
-            crate::methods::check_method(m)
-                .with_context(|| format!("--methods: `{m}` (or dense)"))?;
-        }
+        Spec::parse(m)?;
     }
     let sparsities: Vec<f64> = parse_list(&args.sparsity, "--sparsity")?;
     for &s in &sparsities {
@@ -169,7 +220,12 @@ pub fn run(args: CompareArgs) -> Result<()> {
         seq_lens.iter().all(|&l| l >= 2),
         "--seq-lens must be at least 2"
     );
-    anyhow::ensure!(args.limit != Some(0), "--limit 0 evaluates nothing");
+    for l in [args.limit, args.ppl_limit, args.mc_limit] {
+        anyhow::ensure!(
+            l != Some(0),
+            "a limit of 0 evaluates nothing; give a positive limit or leave it out"
+        );
+    }
     anyhow::ensure!(
         args.batch_size > 0 && args.calib_samples > 0,
         "--batch-size and --calib-samples must be at least 1"
@@ -204,7 +260,8 @@ pub fn run(args: CompareArgs) -> Result<()> {
         model: args.model.clone(),
         tasks: args.tasks.clone(),
         seq_lens: seq_lens.clone(),
-        limit: args.limit,
+        ppl_limit: args.ppl_limit.or(args.limit),
+        mc_limit: args.mc_limit.or(args.limit),
         seed: args.seed,
         calib: args.calib.clone(),
         calib_samples: args.calib_samples,
@@ -344,8 +401,13 @@ impl CompareJob {
             seed: st.seed,
             ..MethodSettings::default()
         };
+        let spec = Spec::parse(method)?;
+        let settings = MethodSettings {
+            bias_compensation: spec.bias,
+            ..settings
+        };
         let windows = || calib.map_or(&[][..], |c| &c.windows[..]);
-        let (plan, means): (Option<MaskPlan>, _) = match method {
+        let (plan, mut means): (Option<MaskPlan>, _) = match spec.base.as_str() {
             "dense" => (None, None),
             "pg" => {
                 let cfg = PgConfig {
@@ -359,7 +421,7 @@ impl CompareJob {
                     &cfg,
                     || {
                         crate::methods::pg_init(
-                            &st.pg_init,
+                            spec.init.as_deref().unwrap_or(&st.pg_init),
                             model,
                             windows(),
                             st.metric_samples,
@@ -388,6 +450,14 @@ impl CompareJob {
                 (Some(mp.plan), mp.compensation)
             }
         };
+        if means.is_none() && spec.bias == Some(true) {
+            let n = windows().len().min(st.metric_samples);
+            means = Some(lopper_importance::input_means(
+                model,
+                &windows()[..n],
+                st.batch_size,
+            )?);
+        }
         let seconds_plan = t.elapsed().as_secs_f64();
         let (pruned, allocation) = match &plan {
             None => (None, "none".to_string()),
@@ -417,18 +487,20 @@ impl CompareJob {
         let mut results = serde_json::Map::new();
         let (ppl, mc): (Vec<Task>, Vec<Task>) =
             self.tasks.iter().partition(|t| matches!(t, Task::Ppl(_)));
-        for (i, &seq_len) in st.seq_lens.iter().enumerate() {
-            let mut tasks = ppl.clone();
-            if i == 0 {
-                tasks.extend(mc.iter().copied());
-            }
-            if tasks.is_empty() {
-                continue;
-            }
+        let mut runs: Vec<(Vec<Task>, usize, Option<usize>)> = st
+            .seq_lens
+            .iter()
+            .filter(|_| !ppl.is_empty())
+            .map(|&l| (ppl.clone(), l, st.ppl_limit))
+            .collect();
+        if !mc.is_empty() {
+            runs.push((mc.clone(), st.seq_lens[0], st.mc_limit));
+        }
+        for (tasks, seq_len, limit) in runs {
             let es = EvalSettings {
                 seq_len,
                 bos: BosPolicy::None,
-                limit: st.limit,
+                limit,
                 batch_size: if seq_len > 512 {
                     1.max(st.batch_size / 8)
                 } else {
@@ -507,7 +579,7 @@ fn write_results(out: &Path, st: &Settings, cells: &[Cell], device: &str) -> Res
     let has_avg = cells.iter().any(|c| c.llm_pruner_average.is_some());
     let mut md = String::from("# lopper compare\n\n");
     md += &format!(
-        "Model `{}`; calibration {} ({} windows of {} tokens, {} sampler, seed {}; metric methods read the first {}); evaluation limit {}; device {device}. Perplexity: `cargo xtask eval` protocol (BOS none). Accuracy: acc for boolq, piqa, winogrande, arc_easy, lambada; acc_norm for hellaswag, arc_challenge, openbookqa (LLM-Pruner convention). PG: {} steps, {:?} lr {}, batch {}, init {}.\n\n",
+        "Model `{}`; calibration {} ({} windows of {} tokens, {} sampler, seed {}; metric methods read the first {}); perplexity windows: {}; multiple-choice examples: {}; device {device}. Perplexity: `cargo xtask eval` protocol (BOS none). Accuracy: acc for boolq, piqa, winogrande, arc_easy, lambada; acc_norm for hellaswag, arc_challenge, openbookqa (LLM-Pruner convention). PG: {} steps, {:?} lr {}, batch {}, init {}.\n\n",
         st.model,
         st.calib,
         st.calib_samples,
@@ -515,8 +587,10 @@ fn write_results(out: &Path, st: &Settings, cells: &[Cell], device: &str) -> Res
         st.sampler,
         st.seed,
         st.metric_samples,
-        st.limit
-            .map_or("none (full sets)".into(), |l| l.to_string()),
+        st.ppl_limit
+            .map_or("all".into(), |l| format!("the first {l}")),
+        st.mc_limit
+            .map_or("all".into(), |l| format!("the first {l}")),
         st.pg.steps,
         st.pg.optimizer,
         st.pg.lr_heads,

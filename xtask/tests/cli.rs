@@ -665,7 +665,15 @@ fn compare_fills_the_table_and_reuses_finished_cells() {
         assert!((kept - (1.0 - s)).abs() < 0.2, "{c}");
     }
     assert!(out.join("ppl_vs_sparsity.png").is_file());
-    assert!(out.join("cells/pg@0.5/curve.jsonl").is_file());
+    assert!(
+        out.join("cells/pg:magnitude+bias@0.5/curve.jsonl")
+            .is_file()
+    );
+    let pg = cells
+        .iter()
+        .find(|c| c["method"] == "pg:magnitude+bias")
+        .unwrap();
+    assert_eq!(pg["bias_compensation"], true);
     // A second run reuses every cell; adding a method computes only its cells.
     let stamp = |p: &str| {
         std::fs::metadata(out.join("cells").join(p).join("cell.json"))
@@ -691,6 +699,58 @@ fn compare_fills_the_table_and_reuses_finished_cells() {
     let (ok, _, err) = xtask_with_data(&other);
     assert!(!ok && err.contains("other settings"), "{err}");
     // Bad lists fail before any work.
-    let (ok, _, err) = xtask(&compare_args(&model, &calib, o, "dense,obs"));
-    assert!(!ok && err.contains("obs"), "{err}");
+    for (bad, want) in [
+        ("dense,obs", "obs"),
+        ("sleb+bias", "layer removal"),
+        ("flap:magnitude", "only pg"),
+    ] {
+        let (ok, _, err) = xtask(&compare_args(&model, &calib, o, bad));
+        assert!(!ok && err.contains(want), "{bad}: {err}");
+    }
+}
+
+#[test]
+fn compare_two_methods_on_the_real_model() {
+    let root = tempfile::tempdir().unwrap();
+    let out = root.path().join("cmp");
+    let (ok, stdout, err) = xtask_with_data(&[
+        "compare",
+        "--methods",
+        "flap,pg",
+        "--sparsity",
+        "0.3",
+        "--tasks",
+        "wikitext2,boolq",
+        "--seq-lens",
+        "128",
+        "--limit",
+        "4",
+        "--calib-samples",
+        "16",
+        "--metric-samples",
+        "16",
+        "--pg-steps",
+        "3",
+        "--pg-batch-size",
+        "2",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let results: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+    let cells = results["cells"].as_array().unwrap();
+    assert_eq!(cells.len(), 2);
+    for c in cells {
+        let kept = c["kept_param_ratio"].as_f64().unwrap();
+        assert!((kept - 0.7).abs() < 0.01, "{c}");
+        let ppl = c["results"]["wikitext2@128"]["ppl"].as_f64().unwrap();
+        // Pruning 30% hurts, but the model still predicts far better than uniform (49,152).
+        assert!(ppl > 45.0 && ppl < 20_000.0, "{c}");
+        assert_eq!(c["results"]["boolq"]["n"], 4);
+    }
+    assert!(
+        stdout.contains("Best wikitext2@128 perplexity per sparsity"),
+        "{stdout}"
+    );
 }

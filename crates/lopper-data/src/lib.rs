@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 mod calib;
+pub mod hub;
 mod manifest;
 mod mc;
 pub use calib::{CalibInfo, Calibration, Sampler, load_documents, sample};
@@ -16,7 +17,7 @@ pub use mc::{McDoc, McTask, load_lambada};
 #[non_exhaustive]
 pub enum Error {
     /// The dataset's files were found nowhere.
-    #[error("dataset `{name}`: {file} not found; looked in {}. Set LOPPER_DATA_DIR to a folder holding `{name}/{file}`, or pass the folder explicitly", tried.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "))]
+    #[error("dataset `{name}`: {file} not found; looked in {}{}. Set LOPPER_DATA_DIR to a folder holding `{name}/{file}`, or pass the folder explicitly", tried.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "), hub.as_ref().map(|h| format!(", then the Hugging Face hub ({h})")).unwrap_or_default())]
     NotFound {
         /// Dataset name.
         name: String,
@@ -24,6 +25,8 @@ pub enum Error {
         file: String,
         /// Folders tried, in order.
         tried: Vec<PathBuf>,
+        /// Why the hub step failed, when it was tried.
+        hub: Option<String>,
     },
     /// A task name lopper does not know.
     #[error("unknown task `{0}`; perplexity tasks are: wikitext2, ptb, ptb_valid, c4")]
@@ -50,31 +53,47 @@ pub type Result<T> = std::result::Result<T, Error>;
 pub struct DataDirs {
     /// Folders that hold `<name>/` dataset folders, in order of preference.
     pub roots: Vec<PathBuf>,
+    /// Where files rebuilt from the Hugging Face hub are staged (`None`: no hub step).
+    pub hub: Option<PathBuf>,
 }
 
 impl DataDirs {
-    /// `$LOPPER_DATA_DIR`, then `<lopper home>/datasets`.
+    /// `$LOPPER_DATA_DIR`, then `<lopper home>/datasets`, then the hub (staging into the lopper
+    /// home; `LOPPER_NO_HUB=1` or `HF_HUB_OFFLINE=1` turns the hub step off).
     pub fn from_env(lopper_home: &Path) -> Self {
         let mut roots = Vec::new();
         if let Some(d) = std::env::var_os("LOPPER_DATA_DIR").filter(|d| !d.is_empty()) {
             roots.push(PathBuf::from(d));
         }
-        roots.push(lopper_home.join("datasets"));
-        Self { roots }
+        let home = lopper_home.join("datasets");
+        roots.push(home.clone());
+        let off = |v: &str| std::env::var_os(v).is_some_and(|x| x == "1");
+        Self {
+            roots,
+            hub: (!off("LOPPER_NO_HUB") && !off("HF_HUB_OFFLINE")).then_some(home),
+        }
     }
 
-    /// The path of `file` of dataset `name`: `<root>/<name>/<file>` under the first root that has it.
+    /// The path of `file` of dataset `name`: `<root>/<name>/<file>` under the first root that
+    /// has it, else the file rebuilt from the hub's parquet conversion (see [`hub`]).
     pub fn find(&self, name: &str, file: &str) -> Result<PathBuf> {
         let tried: Vec<PathBuf> = self.roots.iter().map(|r| r.join(name)).collect();
-        tried
-            .iter()
-            .map(|d| d.join(file))
-            .find(|p| p.is_file())
-            .ok_or_else(|| Error::NotFound {
-                name: name.into(),
-                file: file.into(),
-                tried,
-            })
+        if let Some(p) = tried.iter().map(|d| d.join(file)).find(|p| p.is_file()) {
+            return Ok(p);
+        }
+        let hub = match &self.hub {
+            Some(root) => match hub::materialize(name, file, root) {
+                Ok(p) => return Ok(p),
+                Err(why) => Some(why),
+            },
+            None => None,
+        };
+        Err(Error::NotFound {
+            name: name.into(),
+            file: file.into(),
+            tried,
+            hub,
+        })
     }
 }
 
@@ -300,6 +319,7 @@ mod tests {
     fn missing_datasets_list_where_they_were_looked_for() {
         let dirs = DataDirs {
             roots: vec!["/nonexistent/a".into(), "/nonexistent/b".into()],
+            hub: None,
         };
         let e = PerplexityCorpus::Wikitext2
             .load(&dirs)

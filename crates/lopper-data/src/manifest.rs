@@ -164,6 +164,7 @@ mod tests {
         std::fs::write(dir.path().join("ptb/ptb.test.txt"), "not ptb").unwrap();
         let dirs = DataDirs {
             roots: vec![dir.path().to_owned()],
+            hub: None,
         };
         let e = Manifest::get("ptb")
             .unwrap()

@@ -417,6 +417,7 @@ mod load_tests {
         std::fs::write(dir.join("main_test.jsonl"), format!("{good}\n{{broken\n")).unwrap();
         let dirs = DataDirs {
             roots: vec![root.path().to_owned()],
+            hub: None,
         };
         let e = McTask::Openbookqa.load(&dirs).unwrap_err().to_string();
         assert!(

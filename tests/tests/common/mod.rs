@@ -69,5 +69,5 @@ pub fn shared_data_dirs() -> lopper_data::DataDirs {
         .into_iter()
         .collect();
     roots.push(beside);
-    lopper_data::DataDirs { roots }
+    lopper_data::DataDirs { roots, hub: None }
 }
