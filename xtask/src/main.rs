@@ -12,6 +12,7 @@ mod methods;
 mod plots;
 mod progress;
 mod prune;
+mod sparse;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};

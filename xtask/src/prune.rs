@@ -20,108 +20,112 @@ use crate::eval::{EvalSettings, evaluate, parse_tasks, print_table};
 pub struct PruneArgs {
     /// `default`, a .gguf file, a model directory, or hub:ORG/NAME[@REV].
     #[arg(long, default_value = "default")]
-    model: String,
+    pub model: String,
     /// pg (policy gradient) or a metric method: magnitude (L2), magnitude-l1, random, wanda-sp,
-    /// flap, block-influence (ShortGPT), sleb.
+    /// flap, block-influence (ShortGPT), sleb; or a one-shot unstructured / N:M method: alps,
+    /// sparsegpt, wanda (and magnitude with --pattern).
     #[arg(long, default_value = "pg")]
-    method: String,
+    pub method: String,
+    /// One-shot methods: unstructured (a --sparsity fraction of every matrix) or N:M (2:4, 4:8).
+    #[arg(long)]
+    pub pattern: Option<String>,
     /// Metric methods: per-layer (every layer keeps the same fraction), global (per type over
     /// all layers) or global-params (all units ranked together by parameter weight, FLAP's
     /// AL-AM). Default: the method's own (global-params for flap, per-layer otherwise).
     #[arg(long)]
-    allocation: Option<lopper_core::Allocation>,
+    pub allocation: Option<lopper_core::Allocation>,
     /// Calibration windows metric methods (and the metric init of pg) read.
     #[arg(long, default_value_t = 64)]
-    metric_samples: usize,
+    pub metric_samples: usize,
     /// Fraction of the prunable parameters to REMOVE (0.3 keeps 70%).
     #[arg(long)]
-    sparsity: f64,
+    pub sparsity: f64,
     /// Units searched: heads (KV groups), channels, layers.
     #[arg(long, default_value = "heads,channels")]
-    units: String,
+    pub units: String,
     /// per-type (each unit type keeps the same fraction) or params (one parameter budget).
     #[arg(long, default_value = "per-type")]
-    budget: String,
+    pub budget: String,
     /// wanda-sp, magnitude, magnitude-l1, flap, uniform, random (sigmap of N(0,1)), a scores
     /// JSON file (UnitScores, e.g. a metric run's scores.json), or a plan.json (kept units
     /// score 1, removed 0; then sigmap per layer).
     #[arg(long, default_value = "wanda-sp")]
-    init: String,
+    pub init: String,
     /// ref: (L-b)(m-s)/sqrt(s(1-s)) as the reference code; score: the exact score function.
     #[arg(long, default_value = "ref")]
-    estimator: String,
+    pub estimator: String,
     /// sgd (reference) or adam.
     #[arg(long, default_value = "sgd")]
-    optimizer: String,
+    pub optimizer: String,
     /// Calibration data: c4, wikitext2, ptb, or a .json.gz/.jsonl/.txt file.
     #[arg(long, default_value = "c4")]
-    calib: String,
+    pub calib: String,
     /// Calibration windows.
     #[arg(long, default_value_t = 256)]
-    calib_samples: usize,
+    pub calib_samples: usize,
     /// concat-chunks (PG reference) or random-windows (Wanda/SparseGPT).
     #[arg(long, default_value = "concat-chunks")]
-    sampler: String,
+    pub sampler: String,
     /// Tokens per calibration window.
     #[arg(long, default_value_t = 128)]
-    seq_len: usize,
+    pub seq_len: usize,
     /// Windows per step (and per forward of the metric init).
     #[arg(long, default_value_t = 4)]
-    batch_size: usize,
+    pub batch_size: usize,
     /// Policy-gradient steps.
     #[arg(long, default_value_t = 40)]
-    steps: usize,
+    pub steps: usize,
     /// Masks sampled per step (K).
     #[arg(long, default_value_t = 2)]
-    samples_per_step: usize,
+    pub samples_per_step: usize,
     /// Learning rate of the keep-probabilities (all unit types).
     #[arg(long, default_value_t = 2e-3)]
-    lr: f64,
+    pub lr: f64,
     /// Learning rate of KV-group probabilities (default: --lr).
     #[arg(long)]
-    lr_heads: Option<f64>,
+    pub lr_heads: Option<f64>,
     /// Learning rate of channel probabilities (default: --lr).
     #[arg(long)]
-    lr_channels: Option<f64>,
+    pub lr_channels: Option<f64>,
     /// Learning rate of layer probabilities (default: --lr).
     #[arg(long)]
-    lr_layers: Option<f64>,
+    pub lr_layers: Option<f64>,
     /// cosine (to 0, reference) or constant.
     #[arg(long, default_value = "cosine")]
-    schedule: String,
+    pub schedule: String,
     /// Seed of calibration sampling and mask sampling.
     #[arg(long, default_value_t = 42)]
-    seed: u64,
+    pub seed: u64,
     /// Checkpoint every N steps (and on Ctrl-C).
     #[arg(long, default_value_t = 10)]
-    checkpoint_every: usize,
+    pub checkpoint_every: usize,
     /// Evaluate the pruned model on these tasks (as `cargo xtask eval --tasks`).
     #[arg(long)]
-    eval: Option<String>,
+    pub eval: Option<String>,
     /// Limit for --eval tasks (first N windows / examples).
     #[arg(long)]
-    eval_limit: Option<usize>,
+    pub eval_limit: Option<usize>,
     /// Stop (as Ctrl-C does: checkpoint, then exit with an error) once this many steps are done.
     #[arg(long, hide = true)]
-    stop_after: Option<usize>,
+    pub stop_after: Option<usize>,
     /// FLAP-style bias compensation at surgery: the calibration mean of every removed o_proj /
     /// down_proj input goes into that projection's bias (the exported model then has biases).
     /// `--bias-compensation` or `--bias-compensation true|false`; default on for flap only.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
-    bias_compensation: Option<bool>,
+    pub bias_compensation: Option<bool>,
     /// Continue the run in --out from its checkpoint.
     #[arg(long)]
-    resume: bool,
+    pub resume: bool,
     /// Replace an existing --out folder.
     #[arg(long)]
-    force: bool,
+    pub force: bool,
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
-    device: DeviceChoice,
+    pub device: DeviceChoice,
     /// Run folder: plan.json, model/, report.md, kept_per_layer.png, eval.json; pg adds
     /// curve.jsonl, loss.png, checkpoint.json; metric methods add scores.json.
     #[arg(long)]
-    out: PathBuf,
+    pub out: PathBuf,
 }
 
 fn parse_units(s: &str) -> Result<Vec<UnitKind>> {
@@ -172,8 +176,41 @@ impl PruneArgs {
     }
 }
 
+/// The one-shot (unstructured / N:M) method and pattern, when `--method` or `--pattern` asks
+/// for one: alps, sparsegpt, wanda, or magnitude with a `--pattern`.
+fn one_shot(
+    a: &PruneArgs,
+) -> Result<Option<(lopper_sparse::SparseMethod, lopper_sparse::Pattern)>> {
+    let is_one_shot = ["alps", "sparsegpt", "wanda"].contains(&a.method.as_str())
+        || (a.pattern.is_some() && a.method == "magnitude");
+    if !is_one_shot {
+        anyhow::ensure!(
+            a.pattern.is_none(),
+            "--pattern is for the one-shot methods alps, sparsegpt, wanda and magnitude; {} prunes whole units",
+            a.method
+        );
+        return Ok(None);
+    }
+    let pattern = lopper_sparse::Pattern::parse(
+        a.pattern.as_deref().unwrap_or("unstructured"),
+        a.sparsity,
+    )?;
+    anyhow::ensure!(
+        (pattern.sparsity() - a.sparsity).abs() < 1e-9,
+        "--pattern {} zeroes {} of the weights but --sparsity is {}; pass --sparsity {}",
+        a.pattern.as_deref().unwrap_or(""),
+        pattern.sparsity(),
+        a.sparsity,
+        pattern.sparsity()
+    );
+    Ok(Some((a.method.parse()?, pattern)))
+}
+
 pub fn run(args: PruneArgs) -> Result<()> {
-    crate::methods::check_method(&args.method)?;
+    let sparse = one_shot(&args)?;
+    if sparse.is_none() {
+        crate::methods::check_method(&args.method)?;
+    }
     // Validate everything before loading anything.
     let cfg = args.pg_config()?;
     let sampler: Sampler = args.sampler.parse()?;
@@ -212,11 +249,13 @@ pub fn run(args: PruneArgs) -> Result<()> {
             cfg,
             sampler,
             eval_tasks,
+            sparse,
         },
     )
 }
 
 struct PruneJob {
+    sparse: Option<(lopper_sparse::SparseMethod, lopper_sparse::Pattern)>,
     args: PruneArgs,
     cfg: PgConfig,
     sampler: Sampler,
@@ -255,6 +294,20 @@ impl Job for PruneJob {
             "device": device_name,
             "checkpoint_every": a.checkpoint_every,
         });
+        if let Some((method, pattern)) = self.sparse {
+            return crate::sparse::run(
+                a,
+                model,
+                tok,
+                &calib.windows,
+                method,
+                pattern,
+                &resolved,
+                self.eval_tasks.as_deref(),
+                &device_name,
+                started,
+            );
+        }
         let keep = 1.0 - a.sparsity;
         let settings = MethodSettings {
             batch_size: a.batch_size,

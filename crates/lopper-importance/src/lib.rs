@@ -93,10 +93,14 @@ fn input_column_means<B: Backend>(
         let [b, s] = t.dims();
         tokens += b * s;
         model.forward_tapped(t, None, |i, point, x| {
+            if !matches!(point, Tap::OProjInput | Tap::DownProjInput) {
+                return;
+            }
             let sq = f(x.clone()).sum_dim(0);
             let slot = match point {
                 Tap::OProjInput => &mut attn[i],
                 Tap::DownProjInput => &mut mlp[i],
+                _ => return,
             };
             *slot = Some(match slot.take() {
                 Some(acc) => acc + sq,

@@ -62,12 +62,13 @@ pub fn input_moments<B: Backend>(
         tokens += b * s;
         let mut parts: Vec<(usize, usize, Tensor<B, 2>, Tensor<B, 2>)> = Vec::new();
         model.forward_tapped(t, None, |i, point, x| {
-            let mean = x.clone().mean_dim(0);
-            let m2 = (x.clone() - mean.clone()).powi_scalar(2).sum_dim(0);
             let slot = match point {
                 Tap::OProjInput => 0,
                 Tap::DownProjInput => 1,
+                _ => return,
             };
+            let mean = x.clone().mean_dim(0);
+            let m2 = (x.clone() - mean.clone()).powi_scalar(2).sum_dim(0);
             parts.push((i, slot, mean, m2));
         })?;
         for (i, slot, mean, m2) in parts {

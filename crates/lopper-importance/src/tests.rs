@@ -33,6 +33,7 @@ fn wanda_sp_matches_a_hand_computation_from_the_taps() {
                 match p {
                     Tap::OProjInput => o_in = Some(v),
                     Tap::DownProjInput => d_in = Some(v),
+                    _ => {}
                 }
             }
         })

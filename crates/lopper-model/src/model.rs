@@ -149,6 +149,10 @@ impl<B: Backend> Mlp<B> {
 /// Points inside a decoder layer where [`Llama::forward_tapped`] shows activations.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Tap {
+    /// The input of `q_proj`/`k_proj`/`v_proj`: the attention norm's output, `[batch * seq, hidden]`.
+    AttnInput,
+    /// The input of `gate_proj`/`up_proj`: the MLP norm's output, `[batch * seq, hidden]`.
+    MlpInput,
     /// The input of `o_proj`: per-head attention outputs, `[batch * seq, n_heads * head_dim]`.
     OProjInput,
     /// The input of `down_proj`: `silu(gate) * up`, `[batch * seq, ffn_hidden]`.
@@ -182,8 +186,10 @@ impl<B: Backend> DecoderLayer<B> {
         if let (Some(norm), Some(attn)) = (&self.input_layernorm, &self.self_attn) {
             let scale = masks.map_or(1.0, |m| m.attn);
             if scale != 0.0 {
+                let xin = norm.forward(x.clone());
+                tap(Tap::AttnInput, &xin);
                 let y = attn.forward_tapped(
-                    norm.forward(x.clone()),
+                    xin,
                     batch,
                     seq,
                     rope,
@@ -196,11 +202,12 @@ impl<B: Backend> DecoderLayer<B> {
         if let (Some(norm), Some(mlp)) = (&self.post_attention_layernorm, &self.mlp) {
             let scale = masks.map_or(1.0, |m| m.mlp);
             if scale != 0.0 {
-                let y = mlp.forward_tapped(
-                    norm.forward(x.clone()),
-                    masks.and_then(|m| m.channels.as_ref()),
-                    &mut |t| tap(Tap::DownProjInput, t),
-                );
+                let xin = norm.forward(x.clone());
+                tap(Tap::MlpInput, &xin);
+                let y =
+                    mlp.forward_tapped(xin, masks.and_then(|m| m.channels.as_ref()), &mut |t| {
+                        tap(Tap::DownProjInput, t)
+                    });
                 x = if scale == 1.0 { x + y } else { x + y * scale };
             }
         }
@@ -590,6 +597,20 @@ impl<B: Backend> Llama<B> {
             Some(head) => head.forward(x),
             None => x.matmul(self.embed_tokens.weight.val().transpose()),
         }
+    }
+
+    /// [`Llama::forward_layers`] and [`Llama::forward_tapped`] at once: layer `i` may be
+    /// replaced (e.g. by its already-pruned version) and its linear inputs are tapped.
+    ///
+    /// # Shapes
+    /// - `tokens`: `[batch, seq]`; `x`: `[batch * seq, width]`; output: `[batch, seq, vocab]`
+    pub fn forward_layers_tapped<'a>(
+        &'a self,
+        tokens: Tensor<B, 2, Int>,
+        layer_for: impl FnMut(usize, &'a DecoderLayer<B>) -> Cow<'a, DecoderLayer<B>>,
+        on_tap: impl FnMut(usize, Tap, &Tensor<B, 2>),
+    ) -> Result<Tensor<B, 3>> {
+        self.run(tokens, None, |_, _| {}, layer_for, on_tap)
     }
 
     fn run<'a>(

@@ -394,8 +394,13 @@ fn bias_compensation_keeps_each_projection_output_mean_on_the_calibration_set() 
     let mut taps: Vec<(usize, lopper_model::Tap, Vec<f32>, usize)> = Vec::new();
     model
         .forward_tapped(t, None, |i, p, x| {
-            let [_, w] = x.dims();
-            taps.push((i, p, x.clone().into_data().to_vec().unwrap(), w));
+            if matches!(
+                p,
+                lopper_model::Tap::OProjInput | lopper_model::Tap::DownProjInput
+            ) {
+                let [_, w] = x.dims();
+                taps.push((i, p, x.clone().into_data().to_vec().unwrap(), w));
+            }
         })
         .unwrap();
     let n_layers = model.shape().n_layers();
@@ -411,6 +416,7 @@ fn bias_compensation_keeps_each_projection_output_mean_on_the_calibration_set() 
         match p {
             lopper_model::Tap::OProjInput => means.o_proj[*i] = m,
             lopper_model::Tap::DownProjInput => means.down_proj[*i] = m,
+            _ => {}
         }
     }
     let pruned = prune_compensated(&model, &plan, &means).unwrap();
@@ -446,6 +452,7 @@ fn bias_compensation_keeps_each_projection_output_mean_on_the_calibration_set() 
                 &pruned.layers[*i].mlp.as_ref().unwrap().down_proj,
                 lp.channels.clone(),
             ),
+            _ => continue,
         };
         let all: Vec<usize> = (0..*w).collect();
         let dense = out_mean(dense_lin, x, *w, &all);

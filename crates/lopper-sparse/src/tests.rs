@@ -1,0 +1,380 @@
+use faer::Mat;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use super::solve::*;
+use super::*;
+
+fn randn(rng: &mut ChaCha8Rng, r: usize, c: usize) -> Mat<f64> {
+    Mat::from_fn(r, c, |_, _| {
+        // Box-Muller.
+        let (u, v): (f64, f64) = (rng.random::<f64>().max(1e-12), rng.random::<f64>());
+        (-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()
+    })
+}
+
+/// A well-conditioned Gram matrix `X^T X` of `n` correlated samples.
+fn gram(rng: &mut ChaCha8Rng, n: usize, d: usize) -> Mat<f64> {
+    let x = randn(rng, n, d);
+    let mix = randn(rng, d, d);
+    let x = &x * &mix;
+    x.transpose() * &x
+}
+
+fn zeros_of(w: &Mat<f64>) -> usize {
+    (0..w.nrows())
+        .flat_map(|i| (0..w.ncols()).map(move |j| (i, j)))
+        .filter(|&(i, j)| w[(i, j)] == 0.0)
+        .count()
+}
+
+/// The least-squares optimum on a fixed support, by the normal equations row by row:
+/// `W[r, S] = (H_SS)^-1 (H W0^T)_S`.
+fn optimum_on_support(
+    w0: &Mat<f64>,
+    h: &Mat<f64>,
+    keep: &dyn Fn(usize, usize) -> bool,
+) -> Mat<f64> {
+    let (rows, cols) = (w0.nrows(), w0.ncols());
+    let hw = h * w0.transpose();
+    let mut w = Mat::zeros(rows, cols);
+    for r in 0..rows {
+        let s: Vec<usize> = (0..cols).filter(|&j| keep(r, j)).collect();
+        let hs = Mat::from_fn(s.len(), s.len(), |a, b| h[(s[a], s[b])]);
+        let rhs = Mat::from_fn(s.len(), 1, |a, _| hw[(s[a], r)]);
+        let inv = {
+            use faer::linalg::solvers::DenseSolveCore;
+            hs.llt(faer::Side::Lower).unwrap().inverse()
+        };
+        let sol = &inv * &rhs;
+        for (a, &j) in s.iter().enumerate() {
+            w[(r, j)] = sol[(a, 0)];
+        }
+    }
+    w
+}
+
+#[test]
+fn n_m_projection_keeps_exactly_n_of_every_m() {
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    let w = randn(&mut rng, 6, 16);
+    let h = gram(&mut rng, 64, 16);
+    for (n, m) in [(2, 4), (4, 8), (1, 4)] {
+        let p = Pattern::NM { n, m };
+        for out in [
+            magnitude(&w, p),
+            wanda(&w, &h, p),
+            sparsegpt(&w, &h, p, 0.01, 8).unwrap(),
+        ] {
+            for r in 0..6 {
+                for g in (0..16).step_by(m) {
+                    let nz = (g..g + m).filter(|&j| out[(r, j)] != 0.0).count();
+                    assert_eq!(nz, n, "{n}:{m} row {r} group {g}");
+                }
+            }
+        }
+        let (a, _) = alps(&w, &h, p, &AlpsSettings::default()).unwrap();
+        for r in 0..6 {
+            for g in (0..16).step_by(m) {
+                assert!((g..g + m).filter(|&j| a[(r, j)] != 0.0).count() <= n);
+            }
+        }
+    }
+    // The largest magnitudes of each group survive.
+    let w = Mat::from_fn(1, 4, |_, j| [0.1, -3.0, 2.0, 0.5][j]);
+    let out = magnitude(&w, Pattern::NM { n: 2, m: 4 });
+    assert_eq!(
+        (0..4).map(|j| out[(0, j)]).collect::<Vec<_>>(),
+        vec![0.0, -3.0, 2.0, 0.0]
+    );
+}
+
+#[test]
+fn magnitude_and_wanda_hit_the_requested_sparsity_exactly() {
+    let mut rng = ChaCha8Rng::seed_from_u64(2);
+    let w = randn(&mut rng, 10, 20);
+    let h = gram(&mut rng, 50, 20);
+    for sp in [0.3, 0.5, 0.7] {
+        let p = Pattern::Unstructured(sp);
+        assert_eq!(zeros_of(&magnitude(&w, p)), (sp * 200.0).round() as usize);
+        let wd = wanda(&w, &h, p);
+        assert_eq!(zeros_of(&wd), 10 * (sp * 20.0).round() as usize);
+        // Wanda's budget is per output row.
+        for r in 0..10 {
+            assert_eq!(
+                (0..20).filter(|&j| wd[(r, j)] == 0.0).count(),
+                (sp * 20.0).round() as usize
+            );
+        }
+    }
+    // Wanda weighs by the input norm: a large weight on a dead input goes first.
+    let w = Mat::from_fn(1, 2, |_, j| [5.0, 1.0][j]);
+    let h = Mat::from_fn(2, 2, |i, j| if i == j { [1e-4, 1.0][i] } else { 0.0 });
+    let out = wanda(&w, &h, Pattern::Unstructured(0.5));
+    assert_eq!((out[(0, 0)], out[(0, 1)]), (0.0, 1.0));
+}
+
+#[test]
+fn conjugate_gradient_on_a_fixed_support_equals_the_direct_solve() {
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    let (nin, nout) = (12, 3);
+    let h = gram(&mut rng, 60, nin);
+    let b0 = randn(&mut rng, nin, nout);
+    let rhs = &h * &b0;
+    let keep: Vec<bool> = (0..nin * nout).map(|i| i % 3 != 0).collect();
+    let mut b = Mat::zeros(nin, nout);
+    cg_on_support(&h, &rhs, &mut b, &keep, 200, 1e-14);
+    // Direct: per column, solve H_SS b_S = rhs_S.
+    let w0 = b0.transpose().to_owned();
+    let want = optimum_on_support(&w0, &h, &|r, j| keep[j * nout + r]);
+    for i in 0..nin {
+        for o in 0..nout {
+            assert!(
+                (b[(i, o)] - want[(o, i)]).abs() < 1e-6,
+                "({i},{o}): {} vs {}",
+                b[(i, o)],
+                want[(o, i)]
+            );
+        }
+    }
+}
+
+#[test]
+fn admm_reaches_the_optimum_of_the_known_support() {
+    // W0 already sparse: the optimum of min ||X W^T - X W0^T||^2 with W0's sparsity is W0 itself
+    // on W0's support, which ADMM must find and keep.
+    let mut rng = ChaCha8Rng::seed_from_u64(4);
+    let (out, inp) = (4, 16);
+    let dense = randn(&mut rng, out, inp);
+    let w0 = Mat::from_fn(out, inp, |i, j| {
+        if (i + j) % 2 == 0 {
+            dense[(i, j)] * 3.0
+        } else {
+            0.0
+        }
+    });
+    let h = gram(&mut rng, 200, inp);
+    let s = AlpsSettings {
+        damp: 0.0,
+        ..AlpsSettings::default()
+    };
+    let (w, trace) = alps(&w0, &h, Pattern::Unstructured(0.5), &s).unwrap();
+    assert!(trace.iterations >= 1);
+    for i in 0..out {
+        for j in 0..inp {
+            assert!(
+                (w[(i, j)] - w0[(i, j)]).abs() < 1e-6,
+                "({i},{j}) {} vs {}",
+                w[(i, j)],
+                w0[(i, j)]
+            );
+        }
+    }
+    assert!(relative_error(&w, &w0, &h) < 1e-12);
+    // On a dense target, ALPS's result is the least-squares optimum on its own support (the CG
+    // refit converged) and beats magnitude pruning's reconstruction.
+    let w0 = randn(&mut rng, out, inp);
+    let s = AlpsSettings {
+        damp: 0.0,
+        cg_iter: 100,
+        cg_rtol: 1e-12,
+        ..AlpsSettings::default()
+    };
+    let (w, _) = alps(&w0, &h, Pattern::Unstructured(0.5), &s).unwrap();
+    assert_eq!(zeros_of(&w), 32);
+    let opt = optimum_on_support(&w0, &h, &|r, j| w[(r, j)] != 0.0);
+    for i in 0..out {
+        for j in 0..inp {
+            assert!((w[(i, j)] - opt[(i, j)]).abs() < 1e-6);
+        }
+    }
+    let e_alps = relative_error(&w, &w0, &h);
+    let e_mag = relative_error(&magnitude(&w0, Pattern::Unstructured(0.5)), &w0, &h);
+    assert!(e_alps < e_mag, "alps {e_alps} vs magnitude {e_mag}");
+}
+
+#[test]
+fn sparsegpt_matches_a_direct_obs_sweep_on_a_tiny_layer() {
+    // Reference: the OBS column sweep with explicit inverses, no Cholesky and no blocks. Column
+    // j is fixed using the inverse of H over the columns not yet fixed, F_j = {j, j+1, ...}:
+    // e = (w_j - q_j) / [H_Fj^-1]_00 and w_t -= e [H_Fj^-1]_(0, t-j); the group's mask is chosen
+    // at its first column by w_c^2 / [H_Fc^-1]_00. SparseGPT reads all of these from one
+    // Cholesky factor of H^-1 and updates lazily in blocks; the results must agree.
+    use faer::linalg::solvers::DenseSolveCore;
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    let (rows, cols) = (3, 8);
+    let w0 = randn(&mut rng, rows, cols);
+    let h = gram(&mut rng, 40, cols);
+    let hd = damped(&h, 0.01).unwrap();
+    let inv_from = |j: usize| -> Mat<f64> {
+        let sub = Mat::from_fn(cols - j, cols - j, |a, b| hd[(j + a, j + b)]);
+        sub.llt(faer::Side::Lower).unwrap().inverse()
+    };
+    let invs: Vec<Mat<f64>> = (0..cols).map(inv_from).collect();
+    for (pattern, m) in [
+        (Pattern::NM { n: 1, m: 2 }, 2),
+        (Pattern::NM { n: 2, m: 4 }, 4),
+    ] {
+        let Pattern::NM { n, .. } = pattern else {
+            unreachable!()
+        };
+        // Block 3 does not align with the groups: lazy updates cross group boundaries.
+        let got = sparsegpt(&w0, &h, pattern, 0.01, 3).unwrap();
+        for r in 0..rows {
+            let mut w: Vec<f64> = (0..cols).map(|j| w0[(r, j)]).collect();
+            let mut keep = vec![true; cols];
+            for j in 0..cols {
+                if j % m == 0 {
+                    let score: Vec<f64> =
+                        (j..j + m).map(|c| w[c].powi(2) / invs[c][(0, 0)]).collect();
+                    let mut order: Vec<usize> = (0..m).collect();
+                    order.sort_by(|&a, &b| score[b].total_cmp(&score[a]).then(a.cmp(&b)));
+                    for (rank, &o) in order.iter().enumerate() {
+                        keep[j + o] = rank < n;
+                    }
+                }
+                let q = if keep[j] { w[j] } else { 0.0 };
+                let e = (w[j] - q) / invs[j][(0, 0)];
+                for t in j + 1..cols {
+                    w[t] -= e * invs[j][(0, t - j)];
+                }
+                w[j] = q;
+            }
+            for j in 0..cols {
+                assert!(
+                    (got[(r, j)] - w[j]).abs() < 1e-9,
+                    "{pattern:?} ({r},{j}): {} vs {}",
+                    got[(r, j)],
+                    w[j]
+                );
+            }
+        }
+    }
+    // Unstructured: the block's threshold is global over the block and the sparsity exact.
+    let got = sparsegpt(&w0, &h, Pattern::Unstructured(0.5), 0.01, 4).unwrap();
+    assert_eq!(zeros_of(&got), 12);
+}
+
+#[test]
+fn patterns_and_methods_parse_with_clear_errors() {
+    assert_eq!(
+        Pattern::parse("2:4", 0.0).unwrap(),
+        Pattern::NM { n: 2, m: 4 }
+    );
+    assert_eq!(Pattern::parse("unstructured", 0.7).unwrap().sparsity(), 0.7);
+    assert!(
+        Pattern::parse("4:2", 0.0)
+            .unwrap_err()
+            .to_string()
+            .contains("N:M")
+    );
+    assert!(
+        Pattern::parse("unstructured", 1.2)
+            .unwrap_err()
+            .to_string()
+            .contains("sparsity")
+    );
+    assert!(
+        "obs"
+            .parse::<SparseMethod>()
+            .unwrap_err()
+            .to_string()
+            .contains("alps")
+    );
+    let mut rng = ChaCha8Rng::seed_from_u64(6);
+    let h = gram(&mut rng, 20, 6);
+    assert!(
+        damped(&h, -1.0)
+            .unwrap_err()
+            .to_string()
+            .contains("damping")
+    );
+    let w = randn(&mut rng, 2, 6);
+    let e = prune_matrix(
+        &w,
+        &h,
+        SparseMethod::Wanda,
+        Pattern::NM { n: 2, m: 4 },
+        &SparseSettings::default(),
+    );
+    assert!(e.unwrap_err().to_string().contains("divide"));
+}
+
+#[test]
+fn the_model_driver_prunes_every_linear_of_the_tiny_model() {
+    type B = burn_flex::Flex;
+    let model =
+        Llama::<B>::random(&lopper_core::ModelShape::tiny(), 9, &burn_flex::FlexDevice).unwrap();
+    let windows: Vec<Vec<u32>> = (0..4)
+        .map(|r| {
+            (0..16)
+                .map(|t| ((t * 7 + r * 13 + 3) % 128) as u32)
+                .collect()
+        })
+        .collect();
+    let mut seen = 0;
+    for method in [
+        SparseMethod::Magnitude,
+        SparseMethod::Wanda,
+        SparseMethod::SparseGpt,
+        SparseMethod::Alps,
+    ] {
+        let (pruned, reports) = prune_model(
+            &model,
+            &windows,
+            method,
+            Pattern::Unstructured(0.5),
+            &SparseSettings {
+                batch_size: 2,
+                ..Default::default()
+            },
+            |_| seen += 1,
+        )
+        .unwrap();
+        assert_eq!(reports.len(), 3 * 7);
+        for r in &reports {
+            assert!((r.sparsity - 0.5).abs() < 0.02, "{method:?} {r:?}");
+            assert!(r.rel_error.is_finite() && r.rel_error > 0.0);
+        }
+        // The pruned model has the dense shape and runs.
+        assert_eq!(pruned.shape(), model.shape());
+        let t = pruned.tokens(&windows).unwrap();
+        assert!(pruned.mean_loss(t, None).unwrap().is_finite());
+        if method == SparseMethod::Alps {
+            // Reconstruction-aware solvers beat magnitude on every linear of the first layer.
+            let (_, mag) = prune_model(
+                &model,
+                &windows,
+                SparseMethod::Magnitude,
+                Pattern::Unstructured(0.5),
+                &SparseSettings {
+                    batch_size: 2,
+                    ..Default::default()
+                },
+                |_| {},
+            )
+            .unwrap();
+            for (a, m) in reports.iter().zip(&mag).take(7) {
+                assert!(
+                    a.rel_error <= m.rel_error + 1e-9,
+                    "{} {} vs {}",
+                    a.name,
+                    a.rel_error,
+                    m.rel_error
+                );
+            }
+        }
+    }
+    assert_eq!(seen, 4 * 21);
+    assert!(
+        prune_model(
+            &model,
+            &[],
+            SparseMethod::Wanda,
+            Pattern::Unstructured(0.5),
+            &SparseSettings::default(),
+            |_| {}
+        )
+        .is_err()
+    );
+}

@@ -1,0 +1,124 @@
+//! `cargo xtask prune --method alps|sparsegpt|wanda|magnitude --pattern ...`: one-shot
+//! unstructured / N:M pruning; the model keeps its shape with zeros in it.
+
+use std::time::Instant;
+
+use anyhow::Result;
+use burn::tensor::backend::Backend;
+use lopper_model::{Llama, Tokenizer};
+use lopper_sparse::{LinearReport, Pattern, SparseMethod, SparseSettings};
+use lopper_surgery::{ExportFormat, ExportOptions};
+
+use crate::eval::{EvalSettings, evaluate, print_table};
+use crate::prune::{PruneArgs, write_json};
+
+#[allow(clippy::too_many_arguments)]
+pub fn run<B: Backend>(
+    a: &PruneArgs,
+    model: &Llama<B>,
+    tok: &Tokenizer,
+    windows: &[Vec<u32>],
+    method: SparseMethod,
+    pattern: Pattern,
+    resolved: &serde_json::Value,
+    eval_tasks: Option<&[crate::eval::Task]>,
+    device_name: &str,
+    started: Instant,
+) -> Result<()> {
+    let n_linears = model
+        .layers
+        .iter()
+        .map(|l| 4 * usize::from(l.self_attn.is_some()) + 3 * usize::from(l.mlp.is_some()))
+        .sum::<usize>();
+    let bar = crate::progress::bar(
+        n_linears as u64,
+        "one-shot [{bar:30}] {pos}/{len} linears {msg} eta {eta}",
+    )?;
+    let settings = SparseSettings {
+        batch_size: a.batch_size,
+        ..SparseSettings::default()
+    };
+    let t = Instant::now();
+    let (pruned, reports) =
+        lopper_sparse::prune_model(model, windows, method, pattern, &settings, |r| {
+            bar.inc(1);
+            bar.set_message(format!(
+                "layer {} {} err {:.4}",
+                r.layer, r.name, r.rel_error
+            ));
+        })?;
+    bar.finish_and_clear();
+    let solve_seconds = t.elapsed().as_secs_f64();
+    let (zeros, total) = reports.iter().fold((0.0, 0.0), |(z, n), r| {
+        let size = (r.shape[0] * r.shape[1]) as f64;
+        (z + r.sparsity * size, n + size)
+    });
+    let overall = zeros / total;
+    write_json(
+        &a.out.join("sparsity.json"),
+        &serde_json::json!({
+            "method": method, "pattern": pattern, "overall_sparsity": overall,
+            "solve_seconds": solve_seconds, "linears": reports, "resolved": resolved,
+        }),
+    )?;
+    lopper_surgery::export(
+        &pruned,
+        tok,
+        None,
+        &ExportOptions {
+            format: ExportFormat::Hf,
+            force: true,
+            provenance: resolved.clone(),
+        },
+        &a.out.join("model"),
+    )?;
+    let mut report = format!(
+        "# lopper prune: {} ({}) at sparsity {:.4}\n\nCommand: `{}`\n\nOverall sparsity of the decoder linears: {overall:.4}; solve time {solve_seconds:.1} s on {device_name}.\n\n",
+        a.method,
+        match pattern {
+            Pattern::Unstructured(_) => "unstructured".to_string(),
+            Pattern::NM { n, m } => format!("{n}:{m}"),
+        },
+        pattern.sparsity(),
+        resolved["command"].as_str().unwrap_or(""),
+    );
+    report += "| layer | linear | shape | sparsity | rel. reconstruction error | seconds |\n|---:|---|---|---:|---:|---:|\n";
+    for r in &reports {
+        report += &row(r);
+    }
+    if let Some(tasks) = eval_tasks {
+        let es = EvalSettings {
+            seq_len: 128,
+            bos: lopper_data::BosPolicy::None,
+            limit: a.eval_limit,
+            batch_size: 8,
+        };
+        let (results, table) = evaluate(&pruned, tok, tasks, &es)?;
+        write_json(
+            &a.out.join("eval.json"),
+            &serde_json::json!({"protocol": es.protocol(device_name), "results": results}),
+        )?;
+        report += "\n## Evaluation\n\n| task | result | seconds |\n|---|---|---:|\n";
+        for row in &table {
+            report += row;
+            report += "\n";
+        }
+        print_table(&table);
+    }
+    report += &format!("\nWall time: {:.1} s.\n", started.elapsed().as_secs_f64());
+    lopper_core::write_atomic(&a.out.join("report.md"), report.as_bytes())?;
+    println!(
+        "{}: {overall:.4} of the decoder linear weights are zero; mean relative reconstruction error {:.4}; model in {}",
+        a.method,
+        reports.iter().map(|r| r.rel_error).sum::<f64>() / reports.len().max(1) as f64,
+        a.out.join("model").display()
+    );
+    Ok(())
+}
+
+fn row(r: &LinearReport) -> String {
+    format!(
+        "| {} | {} | {}x{} | {:.4} | {:.5} | {:.2} |\n",
+        r.layer, r.name, r.shape[0], r.shape[1], r.sparsity, r.rel_error, r.seconds
+    )
+}
