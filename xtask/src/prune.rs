@@ -191,10 +191,8 @@ fn one_shot(
         );
         return Ok(None);
     }
-    let pattern = lopper_sparse::Pattern::parse(
-        a.pattern.as_deref().unwrap_or("unstructured"),
-        a.sparsity,
-    )?;
+    let pattern =
+        lopper_sparse::Pattern::parse(a.pattern.as_deref().unwrap_or("unstructured"), a.sparsity)?;
     anyhow::ensure!(
         (pattern.sparsity() - a.sparsity).abs() < 1e-9,
         "--pattern {} zeroes {} of the weights but --sparsity is {}; pass --sparsity {}",

@@ -754,3 +754,92 @@ fn compare_two_methods_on_the_real_model() {
         "{stdout}"
     );
 }
+
+#[test]
+fn one_shot_sparsegpt_2_4_on_the_real_model() {
+    let root = tempfile::tempdir().unwrap();
+    let out = root.path().join("sgpt");
+    let (ok, stdout, err) = xtask_with_data(&[
+        "prune",
+        "--method",
+        "sparsegpt",
+        "--pattern",
+        "2:4",
+        "--sparsity",
+        "0.5",
+        "--calib-samples",
+        "4",
+        "--eval",
+        "wikitext2",
+        "--eval-limit",
+        "4",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        stdout.contains("0.5000 of the decoder linear weights are zero"),
+        "{stdout}"
+    );
+    let s: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("sparsity.json")).unwrap()).unwrap();
+    let linears = s["linears"].as_array().unwrap();
+    assert_eq!(linears.len(), 30 * 7);
+    for l in linears {
+        assert_eq!(l["sparsity"], 0.5, "{l}");
+        let e = l["rel_error"].as_f64().unwrap();
+        assert!(e > 0.0 && e < 1.0, "{l}");
+    }
+    let eval: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("eval.json")).unwrap()).unwrap();
+    let ppl = eval["results"]["wikitext2"]["ppl"].as_f64().unwrap();
+    assert!(ppl > 40.0 && ppl < 1000.0, "{ppl}");
+    // --sparsity must agree with the pattern; --pattern is for one-shot methods only.
+    for (args, want) in [
+        (
+            vec![
+                "prune",
+                "--method",
+                "wanda",
+                "--pattern",
+                "2:4",
+                "--sparsity",
+                "0.3",
+                "--out",
+                "x",
+            ],
+            "--sparsity 0.5",
+        ),
+        (
+            vec![
+                "prune",
+                "--method",
+                "flap",
+                "--pattern",
+                "2:4",
+                "--sparsity",
+                "0.5",
+                "--out",
+                "x",
+            ],
+            "--pattern is for",
+        ),
+        (
+            vec![
+                "prune",
+                "--method",
+                "alps",
+                "--pattern",
+                "4:2",
+                "--sparsity",
+                "0.5",
+                "--out",
+                "x",
+            ],
+            "N:M",
+        ),
+    ] {
+        let (ok, _, err) = xtask(&args);
+        assert!(!ok && err.contains(want), "{args:?}: {err}");
+    }
+}

@@ -172,6 +172,30 @@ pub struct DecoderLayer<B: Backend> {
     pub mlp: Option<Mlp<B>>,
 }
 
+/// Runs single decoder layers on a fixed batch geometry ([`Llama::stepper`]).
+#[derive(Debug)]
+pub struct LayerStepper<B: Backend> {
+    rope: Rope<B>,
+    batch: usize,
+    seq: usize,
+}
+
+impl<B: Backend> LayerStepper<B> {
+    /// `layer` (of the model that made the stepper, or a changed copy of one) applied to the
+    /// residual stream `x`, with its linear inputs tapped.
+    ///
+    /// # Shapes
+    /// - `x`: `[batch * seq, hidden]` -> `[batch * seq, hidden]`
+    pub fn forward(
+        &self,
+        layer: &DecoderLayer<B>,
+        x: Tensor<B, 2>,
+        mut on_tap: impl FnMut(Tap, &Tensor<B, 2>),
+    ) -> Tensor<B, 2> {
+        layer.forward(x, self.batch, self.seq, &self.rope, None, &mut on_tap)
+    }
+}
+
 impl<B: Backend> DecoderLayer<B> {
     fn forward(
         &self,
@@ -599,18 +623,37 @@ impl<B: Backend> Llama<B> {
         }
     }
 
-    /// [`Llama::forward_layers`] and [`Llama::forward_tapped`] at once: layer `i` may be
-    /// replaced (e.g. by its already-pruned version) and its linear inputs are tapped.
+    /// The token embeddings of a batch, the residual stream entering layer 0.
     ///
     /// # Shapes
-    /// - `tokens`: `[batch, seq]`; `x`: `[batch * seq, width]`; output: `[batch, seq, vocab]`
-    pub fn forward_layers_tapped<'a>(
-        &'a self,
-        tokens: Tensor<B, 2, Int>,
-        layer_for: impl FnMut(usize, &'a DecoderLayer<B>) -> Cow<'a, DecoderLayer<B>>,
-        on_tap: impl FnMut(usize, Tap, &Tensor<B, 2>),
-    ) -> Result<Tensor<B, 3>> {
-        self.run(tokens, None, |_, _| {}, layer_for, on_tap)
+    /// - `tokens`: `[batch, seq]` -> `[batch * seq, hidden]`
+    pub fn embed(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 2> {
+        let [batch, seq] = tokens.dims();
+        self.embed_tokens
+            .forward(tokens)
+            .reshape([batch * seq, self.shape.hidden_size])
+    }
+
+    /// Runs decoder layers one at a time on batches of `batch` sequences of `seq` tokens (what
+    /// layer-wise methods need: cache the residual stream, change a layer, go on).
+    pub fn stepper(&self, batch: usize, seq: usize) -> LayerStepper<B> {
+        let head_counts: Vec<usize> = self
+            .shape
+            .layers
+            .iter()
+            .flat_map(|l| [l.n_heads, l.n_kv_heads])
+            .collect();
+        LayerStepper {
+            rope: Rope::new(
+                &self.rope_inv_freq(),
+                batch,
+                seq,
+                &head_counts,
+                &self.device(),
+            ),
+            batch,
+            seq,
+        }
     }
 
     fn run<'a>(

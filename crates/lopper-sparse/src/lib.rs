@@ -1,6 +1,5 @@
 #![doc = include_str!("../README.md")]
 
-use std::borrow::Cow;
 use std::time::Instant;
 
 use burn::module::Param;
@@ -8,7 +7,7 @@ use burn::nn::Linear;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use faer::Mat;
-use lopper_model::{DecoderLayer, Llama, Tap};
+use lopper_model::{DecoderLayer, LayerStepper, Llama, Tap};
 
 pub mod solve;
 pub use solve::AlpsSettings;
@@ -171,13 +170,13 @@ pub fn prune_matrix(
     pattern: Pattern,
     s: &SparseSettings,
 ) -> Result<(Mat<f64>, usize)> {
-    if let Pattern::NM { m, .. } = pattern {
-        if w0.ncols() % m != 0 {
-            return Err(Error::Invalid(format!(
-                "{m} does not divide the {} inputs of a layer; pick M that divides every width",
-                w0.ncols()
-            )));
-        }
+    if let Pattern::NM { m, .. } = pattern
+        && !w0.ncols().is_multiple_of(m)
+    {
+        return Err(Error::Invalid(format!(
+            "{m} does not divide the {} inputs of a layer; pick M that divides every width",
+            w0.ncols()
+        )));
     }
     Ok(match method {
         SparseMethod::Magnitude => (solve::magnitude(w0, pattern), 0),
@@ -251,33 +250,31 @@ pub fn prune_model<B: Backend>(
     let n = model.shape().n_layers();
     let mut pruned: Vec<DecoderLayer<B>> = Vec::with_capacity(n);
     let mut reports = Vec::new();
+    // The residual stream entering the current layer, per calibration batch, computed by the
+    // already-pruned layers: each layer runs twice (dense with taps, then pruned), not the
+    // whole prefix again.
+    let mut streams: Vec<(LayerStepper<B>, Tensor<B, 2>)> = Vec::new();
+    for batch in windows.chunks(settings.batch_size) {
+        let t = model.tokens(batch)?;
+        let [b, seq] = t.dims();
+        streams.push((model.stepper(b, seq), model.embed(t)));
+    }
     for l in 0..n {
         let mut grams: [Option<Tensor<B, 2>>; 4] = [None, None, None, None];
-        for batch in windows.chunks(settings.batch_size) {
-            let done = &pruned;
-            model.forward_layers_tapped(
-                model.tokens(batch)?,
-                |i, layer| match done.get(i) {
-                    Some(p) => Cow::Owned(p.clone()),
-                    None => Cow::Borrowed(layer),
-                },
-                |i, tap, x| {
-                    if i != l {
-                        return;
-                    }
-                    let slot = match tap {
-                        Tap::AttnInput => 0,
-                        Tap::OProjInput => 1,
-                        Tap::MlpInput => 2,
-                        Tap::DownProjInput => 3,
-                    };
-                    let g = x.clone().transpose().matmul(x.clone());
-                    grams[slot] = Some(match grams[slot].take() {
-                        Some(acc) => acc + g,
-                        None => g,
-                    });
-                },
-            )?;
+        for (stepper, x) in &streams {
+            stepper.forward(&model.layers[l], x.clone(), |tap, x| {
+                let slot = match tap {
+                    Tap::AttnInput => 0,
+                    Tap::OProjInput => 1,
+                    Tap::MlpInput => 2,
+                    Tap::DownProjInput => 3,
+                };
+                let g = x.clone().transpose().matmul(x.clone());
+                grams[slot] = Some(match grams[slot].take() {
+                    Some(acc) => acc + g,
+                    None => g,
+                });
+            });
         }
         let grams: Vec<Option<Mat<f64>>> = grams
             .into_iter()
@@ -304,6 +301,9 @@ pub fn prune_model<B: Backend>(
             dst.gate_proj = run(&m.gate_proj, 2, "gate_proj")?;
             dst.up_proj = run(&m.up_proj, 2, "up_proj")?;
             dst.down_proj = run(&m.down_proj, 3, "down_proj")?;
+        }
+        for (stepper, x) in &mut streams {
+            *x = stepper.forward(&layer, x.clone(), |_, _| {});
         }
         pruned.push(layer);
     }

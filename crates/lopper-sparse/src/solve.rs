@@ -84,7 +84,7 @@ pub fn wanda(w: &Mat<f64>, h: &Mat<f64>, pattern: Pattern) -> Mat<f64> {
 
 /// `H + damp * mean(diag H) * I`, with dead inputs (`H_jj = 0`) given `H_jj = 1`.
 pub fn damped(h: &Mat<f64>, damp: f64) -> Result<Mat<f64>> {
-    if !(damp >= 0.0) {
+    if damp.is_nan() || damp < 0.0 {
         return Err(Error::Invalid(format!(
             "damping {damp} is impossible; use a non-negative fraction of the mean diagonal (0.01)"
         )));
@@ -154,19 +154,19 @@ pub fn sparsegpt(
         }
         for c in 0..count {
             let j = b0 + c;
-            if let Pattern::NM { n, m } = pattern {
-                if j % m == 0 {
-                    let g = m.min(cols - j);
-                    for r in 0..rows {
-                        let s: Vec<f64> = (0..g)
-                            .map(|t| w[(r, j + t)].powi(2) / u[(j + t, j + t)].powi(2))
-                            .collect();
-                        let idx: Vec<usize> = (0..g).collect();
-                        let mut k = vec![false; g];
-                        keep_top(&s, &idx, n, &mut k);
-                        for t in 0..g {
-                            keep[r * count + c + t] = k[t];
-                        }
+            if let Pattern::NM { n, m } = pattern
+                && j.is_multiple_of(m)
+            {
+                let g = m.min(cols - j);
+                for r in 0..rows {
+                    let s: Vec<f64> = (0..g)
+                        .map(|t| w[(r, j + t)].powi(2) / u[(j + t, j + t)].powi(2))
+                        .collect();
+                    let idx: Vec<usize> = (0..g).collect();
+                    let mut k = vec![false; g];
+                    keep_top(&s, &idx, n, &mut k);
+                    for t in 0..g {
+                        keep[r * count + c + t] = k[t];
                     }
                 }
             }
