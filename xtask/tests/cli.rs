@@ -786,7 +786,9 @@ fn one_shot_sparsegpt_2_4_on_the_real_model() {
     let linears = s["linears"].as_array().unwrap();
     assert_eq!(linears.len(), 30 * 7);
     for l in linears {
-        assert_eq!(l["sparsity"], 0.5, "{l}");
+        // 2:4 zeroes exactly half; a kept weight may itself be 0 in the quantised checkpoint.
+        let sp = l["sparsity"].as_f64().unwrap();
+        assert!((0.5..0.501).contains(&sp), "{l}");
         let e = l["rel_error"].as_f64().unwrap();
         assert!(e > 0.0 && e < 1.0, "{l}");
     }
