@@ -795,7 +795,8 @@ fn one_shot_sparsegpt_2_4_on_the_real_model() {
     let eval: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("eval.json")).unwrap()).unwrap();
     let ppl = eval["results"]["wikitext2"]["ppl"].as_f64().unwrap();
-    assert!(ppl > 40.0 && ppl < 1000.0, "{ppl}");
+    // 2:4 with 4 calibration windows costs a lot (508 measured), far from uniform (49,152).
+    assert!(ppl > 45.0 && ppl < 5000.0, "{ppl}");
     // --sparsity must agree with the pattern; --pattern is for one-shot methods only.
     for (args, want) in [
         (
