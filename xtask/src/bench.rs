@@ -77,10 +77,100 @@ pub enum BenchCmd {
         #[arg(long, default_value = "cpu")]
         device: DeviceChoice,
     },
+    /// The one-shot solvers (magnitude, Wanda, SparseGPT, ALPS) on synthetic layers of the given
+    /// shapes (host, f64): seconds per matrix, ALPS iterations and milliseconds per iteration,
+    /// relative reconstruction error; one table, same run.
+    Solvers {
+        /// Matrix shapes as OUTxIN, comma-separated (the default model's q, gate/up, down).
+        #[arg(long, default_value = "576x576,1536x576,576x1536")]
+        shapes: String,
+        /// Calibration tokens behind each Gram matrix.
+        #[arg(long, default_value_t = 2048)]
+        tokens: usize,
+        /// unstructured or N:M.
+        #[arg(long, default_value = "unstructured")]
+        pattern: String,
+        /// Sparsity of the unstructured pattern.
+        #[arg(long, default_value_t = 0.5)]
+        sparsity: f64,
+    },
+}
+
+/// `bench solvers`: synthetic correlated inputs, so that the problems are not trivially diagonal.
+fn bench_solvers(shapes: &str, tokens: usize, pattern: &str, sparsity: f64) -> Result<()> {
+    use lopper_sparse::faer::Mat;
+    use lopper_sparse::{Pattern, SparseMethod, SparseSettings};
+    let pattern = Pattern::parse(pattern, sparsity)?;
+    let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+    let mut normal = move || {
+        // xorshift64*, then a sum of 4 uniforms (approximately normal, enough for a benchmark).
+        (0..4)
+            .map(|_| {
+                state ^= state >> 12;
+                state ^= state << 25;
+                state ^= state >> 27;
+                (state.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 11) as f64 / (1u64 << 53) as f64
+            })
+            .sum::<f64>()
+            - 2.0
+    };
+    println!(
+        "| shape (out x in) | method | seconds | ALPS iterations | ms / iteration | rel. error |"
+    );
+    println!("|---|---|---:|---:|---:|---:|");
+    for s in shapes.split(',') {
+        let (o, i) = s
+            .split_once('x')
+            .and_then(|(o, i)| {
+                Some((
+                    o.trim().parse::<usize>().ok()?,
+                    i.trim().parse::<usize>().ok()?,
+                ))
+            })
+            .ok_or_else(|| anyhow::anyhow!("--shapes: `{s}` is not OUTxIN"))?;
+        let w0 = Mat::from_fn(o, i, |_, _| normal());
+        let z = Mat::from_fn(tokens, i, |_, _| normal());
+        let mix = Mat::from_fn(i, i, |a, b| {
+            if a == b {
+                1.0
+            } else {
+                0.1 * normal() / (i as f64).sqrt()
+            }
+        });
+        let x = &z * &mix;
+        let h = x.transpose() * &x;
+        for method in [
+            SparseMethod::Magnitude,
+            SparseMethod::Wanda,
+            SparseMethod::SparseGpt,
+            SparseMethod::Alps,
+        ] {
+            let t = Instant::now();
+            let (w, iters) =
+                lopper_sparse::prune_matrix(&w0, &h, method, pattern, &SparseSettings::default())?;
+            let secs = t.elapsed().as_secs_f64();
+            let per = if iters > 0 {
+                format!("{:.1}", 1e3 * secs / iters as f64)
+            } else {
+                "–".into()
+            };
+            println!(
+                "| {o}x{i} | {method:?} | {secs:.3} | {iters} | {per} | {:.5} |",
+                lopper_sparse::solve::relative_error(&w, &w0, &h)
+            );
+        }
+    }
+    Ok(())
 }
 
 pub fn run(cmd: BenchCmd) -> Result<()> {
     match cmd {
+        BenchCmd::Solvers {
+            shapes,
+            tokens,
+            pattern,
+            sparsity,
+        } => bench_solvers(&shapes, tokens, &pattern, sparsity),
         BenchCmd::Forward {
             model,
             shapes,

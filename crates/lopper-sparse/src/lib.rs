@@ -10,6 +10,8 @@ use faer::Mat;
 use lopper_model::{DecoderLayer, LayerStepper, Llama, Tap};
 
 pub mod solve;
+/// The linear-algebra crate of the solver API ([`prune_matrix`] takes `faer::Mat`).
+pub use faer;
 pub use solve::AlpsSettings;
 
 /// Errors of one-shot sparse pruning.
