@@ -846,3 +846,14 @@ fn one_shot_sparsegpt_2_4_on_the_real_model() {
         assert!(!ok && err.contains(want), "{args:?}: {err}");
     }
 }
+
+#[test]
+fn bench_solvers_prints_a_row_per_method_and_shape() {
+    let (ok, out, err) = xtask(&["bench", "solvers", "--shapes", "8x16,4x8", "--tokens", "64"]);
+    assert!(ok, "{err}");
+    for m in ["Magnitude", "Wanda", "SparseGpt", "Alps"] {
+        assert_eq!(out.matches(&format!("| {m} |")).count(), 2, "{out}");
+    }
+    let (ok, _, err) = xtask(&["bench", "solvers", "--shapes", "8y16"]);
+    assert!(!ok && err.contains("OUTxIN"), "{err}");
+}
