@@ -647,7 +647,7 @@ fn compare_fills_the_table_and_reuses_finished_cells() {
         &model,
         &calib,
         o,
-        "dense,flap,block-influence,pg",
+        "dense,flap,block-influence,pg:magnitude+bias",
     ));
     assert!(ok, "{err}");
     assert!(stdout.contains("| flap (+bias) | 0.3 |"), "{stdout}");
@@ -665,9 +665,14 @@ fn compare_fills_the_table_and_reuses_finished_cells() {
         assert!((kept - (1.0 - s)).abs() < 0.2, "{c}");
     }
     assert!(out.join("ppl_vs_sparsity.png").is_file());
+    let listing: Vec<String> = std::fs::read_dir(out.join("cells"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
     assert!(
         out.join("cells/pg:magnitude+bias@0.5/curve.jsonl")
-            .is_file()
+            .is_file(),
+        "{listing:?}"
     );
     let pg = cells
         .iter()
@@ -681,15 +686,15 @@ fn compare_fills_the_table_and_reuses_finished_cells() {
             .modified()
             .unwrap()
     };
-    let before = stamp("pg@0.3");
+    let before = stamp("pg:magnitude+bias@0.3");
     let (ok, _, err) = xtask_with_data(&compare_args(
         &model,
         &calib,
         o,
-        "dense,flap,block-influence,pg,random",
+        "dense,flap,block-influence,pg:magnitude+bias,random",
     ));
     assert!(ok, "{err}");
-    assert_eq!(stamp("pg@0.3"), before);
+    assert_eq!(stamp("pg:magnitude+bias@0.3"), before);
     let results: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
     assert_eq!(results["cells"].as_array().unwrap().len(), 9);
