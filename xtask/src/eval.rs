@@ -148,6 +148,44 @@ impl Job for EvalJob {
     }
 }
 
+/// Evaluates a pruned model at 128 tokens for `prune --eval`: writes `eval.json` (with `model`
+/// and the protocol), prints the table and appends it to `report` under `heading`.
+#[allow(clippy::too_many_arguments)]
+pub fn eval_into_report<B: Backend>(
+    model: &Llama<B>,
+    tokenizer: &Tokenizer,
+    tasks: &[Task],
+    limit: Option<usize>,
+    out: &std::path::Path,
+    model_info: serde_json::Value,
+    device_name: &str,
+    report: &mut String,
+) -> Result<()> {
+    let settings = EvalSettings {
+        seq_len: 128,
+        bos: BosPolicy::None,
+        limit,
+        batch_size: 8,
+    };
+    let (results, table) = evaluate(model, tokenizer, tasks, &settings)?;
+    crate::prune::write_json(
+        out,
+        &serde_json::json!({
+            "model": model_info,
+            "protocol": settings.protocol(device_name),
+            "results": results,
+        }),
+    )?;
+    *report +=
+        "\n## Evaluation of the pruned model\n\n| task | result | seconds |\n|---|---|---:|\n";
+    for row in &table {
+        *report += row;
+        *report += "\n";
+    }
+    print_table(&table);
+    Ok(())
+}
+
 /// Prints the markdown table of [`evaluate`].
 pub fn print_table(table: &[String]) {
     println!("| task | result | seconds |");

@@ -14,7 +14,7 @@ use lopper_policy::{Budget, Estimator, Optimizer, PgConfig, Schedule};
 use lopper_surgery::{ExportFormat, ExportOptions};
 
 use crate::backend::{DeviceChoice, Job, run_on};
-use crate::eval::{EvalSettings, evaluate, parse_tasks, print_table};
+use crate::eval::parse_tasks;
 
 #[derive(Debug, Clone, Args)]
 pub struct PruneArgs {
@@ -476,28 +476,16 @@ fn finish<B: Backend>(
         serde_json::to_string(&resolved["calibration"])?
     );
     if let Some(tasks) = eval_tasks {
-        let settings = EvalSettings {
-            seq_len: 128,
-            bos: lopper_data::BosPolicy::None,
-            limit: a.eval_limit,
-            batch_size: 8,
-        };
-        let (results, table) = evaluate(&pruned, tok, tasks, &settings)?;
-        write_json(
+        crate::eval::eval_into_report(
+            &pruned,
+            tok,
+            tasks,
+            a.eval_limit,
             &a.out.join("eval.json"),
-            &serde_json::json!({
-                "model": {"plan": "plan.json", "params": small.num_params()},
-                "protocol": settings.protocol(device_name),
-                "results": results,
-            }),
+            serde_json::json!({"plan": "plan.json", "params": small.num_params()}),
+            device_name,
+            &mut report,
         )?;
-        report +=
-            "\n## Evaluation of the pruned model\n\n| task | result | seconds |\n|---|---|---:|\n";
-        for row in &table {
-            report += row;
-            report += "\n";
-        }
-        print_table(&table);
     }
     report += &format!(
         "\nWall time: {:.1} s on {device_name}.\n",

@@ -9,7 +9,6 @@ use lopper_model::{Llama, Tokenizer};
 use lopper_sparse::{LinearReport, Pattern, SparseMethod, SparseSettings};
 use lopper_surgery::{ExportFormat, ExportOptions};
 
-use crate::eval::{EvalSettings, evaluate, print_table};
 use crate::prune::{PruneArgs, write_json};
 
 #[allow(clippy::too_many_arguments)]
@@ -87,23 +86,16 @@ pub fn run<B: Backend>(
         report += &row(r);
     }
     if let Some(tasks) = eval_tasks {
-        let es = EvalSettings {
-            seq_len: 128,
-            bos: lopper_data::BosPolicy::None,
-            limit: a.eval_limit,
-            batch_size: 8,
-        };
-        let (results, table) = evaluate(&pruned, tok, tasks, &es)?;
-        write_json(
+        crate::eval::eval_into_report(
+            &pruned,
+            tok,
+            tasks,
+            a.eval_limit,
             &a.out.join("eval.json"),
-            &serde_json::json!({"protocol": es.protocol(device_name), "results": results}),
+            serde_json::json!({"sparsity": "sparsity.json"}),
+            device_name,
+            &mut report,
         )?;
-        report += "\n## Evaluation\n\n| task | result | seconds |\n|---|---|---:|\n";
-        for row in &table {
-            report += row;
-            report += "\n";
-        }
-        print_table(&table);
     }
     report += &format!("\nWall time: {:.1} s.\n", started.elapsed().as_secs_f64());
     lopper_core::write_atomic(&a.out.join("report.md"), report.as_bytes())?;

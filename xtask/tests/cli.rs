@@ -3,9 +3,15 @@
 use std::process::Command;
 
 fn xtask(args: &[&str]) -> (bool, String, String) {
+    xtask_env(args, &[])
+}
+
+/// Runs the CLI with extra environment variables: (success, stdout, stderr).
+fn xtask_env(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
         .args(args)
         .env("LOPPER_LOG", "warn")
+        .envs(env.iter().copied())
         .output()
         .unwrap();
     (
@@ -267,19 +273,7 @@ fn prune_pg_on_the_tiny_model_writes_a_complete_run_folder() {
         "2",
         "--bias-compensation",
     ]);
-    let (ok, stdout, err) = Command::new(env!("CARGO_BIN_EXE_xtask"))
-        .args(&args)
-        .env("LOPPER_LOG", "warn")
-        .env("LOPPER_DATA_DIR", data_dir())
-        .output()
-        .map(|o| {
-            (
-                o.status.success(),
-                String::from_utf8_lossy(&o.stdout).into_owned(),
-                String::from_utf8_lossy(&o.stderr).into_owned(),
-            )
-        })
-        .unwrap();
+    let (ok, stdout, err) = xtask_with_data(&args);
     assert!(ok, "{err}");
     assert!(stdout.contains("kept 0.5"), "{stdout}");
     let plan = lopper_core::MaskPlan::load(&out.join("plan.json")).unwrap();
@@ -543,17 +537,7 @@ fn logits_and_the_pruned_benchmark_run_on_the_tiny_model() {
 }
 
 fn xtask_with_data(args: &[&str]) -> (bool, String, String) {
-    let o = Command::new(env!("CARGO_BIN_EXE_xtask"))
-        .args(args)
-        .env("LOPPER_LOG", "warn")
-        .env("LOPPER_DATA_DIR", data_dir())
-        .output()
-        .unwrap();
-    (
-        o.status.success(),
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    )
+    xtask_env(args, &[("LOPPER_DATA_DIR", &data_dir())])
 }
 
 #[test]

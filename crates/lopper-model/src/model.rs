@@ -637,12 +637,7 @@ impl<B: Backend> Llama<B> {
     /// Runs decoder layers one at a time on batches of `batch` sequences of `seq` tokens (what
     /// layer-wise methods need: cache the residual stream, change a layer, go on).
     pub fn stepper(&self, batch: usize, seq: usize) -> LayerStepper<B> {
-        let head_counts: Vec<usize> = self
-            .shape
-            .layers
-            .iter()
-            .flat_map(|l| [l.n_heads, l.n_kv_heads])
-            .collect();
+        let head_counts = self.head_counts();
         LayerStepper {
             rope: Rope::new(
                 &self.rope_inv_freq(),
@@ -683,12 +678,7 @@ impl<B: Backend> Llama<B> {
         let [batch, seq] = tokens.dims();
         let device = tokens.device();
         let inv_freq: Vec<f64> = self.rope_inv_freq();
-        let head_counts: Vec<usize> = self
-            .shape
-            .layers
-            .iter()
-            .flat_map(|l| [l.n_heads, l.n_kv_heads])
-            .collect();
+        let head_counts = self.head_counts();
         let rope = Rope::new(&inv_freq, batch, seq, &head_counts, &device);
         let hidden = self.shape.hidden_size;
         let mut x = self
@@ -710,6 +700,15 @@ impl<B: Backend> Llama<B> {
         let x = self.norm.forward(x);
         on_hidden(self.layers.len(), &x);
         Ok(x)
+    }
+
+    /// Query and KV head counts of every layer (the RoPE tables are built per count).
+    fn head_counts(&self) -> Vec<usize> {
+        self.shape
+            .layers
+            .iter()
+            .flat_map(|l| [l.n_heads, l.n_kv_heads])
+            .collect()
     }
 
     fn rope_inv_freq(&self) -> Vec<f64> {
