@@ -64,6 +64,18 @@ fn axes<'a, 'b>(
     Ok(chart)
 }
 
+/// The series legend, framed on a translucent white box.
+fn legend<'a, 'b: 'a>(chart: &mut Chart<'a, 'b>, position: SeriesLabelPosition) -> Result<()> {
+    chart
+        .configure_series_labels()
+        .position(position)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 14))
+        .draw()
+        .map_err(|e| anyhow!("{e}"))
+}
+
 /// Sampled-mask loss (each step, and its 20-step moving average) and the baseline over steps.
 pub fn loss_curve(path: &Path, curve: &[StepRecord]) -> Result<()> {
     let pts: Vec<(f64, f64, f64)> = curve
@@ -120,13 +132,7 @@ pub fn loss_curve(path: &Path, curve: &[StepRecord]) -> Result<()> {
             .map_err(|e| anyhow!("{e}"))?
             .label("baseline")
             .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], RED.stroke_width(2)));
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .label_font(("sans-serif", 14))
-            .draw()
-            .map_err(|e| anyhow!("{e}"))?;
+        legend(&mut chart, SeriesLabelPosition::UpperRight)?;
         Ok(())
     })
 }
@@ -178,14 +184,7 @@ pub fn kept_per_layer(path: &Path, plan: &MaskPlan) -> Result<()> {
                 .draw_series(data.into_iter().map(|p| Circle::new(p, 3, color.filled())))
                 .map_err(|e| anyhow!("{e}"))?;
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::LowerRight)
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .label_font(("sans-serif", 14))
-            .draw()
-            .map_err(|e| anyhow!("{e}"))?;
+        legend(&mut chart, SeriesLabelPosition::LowerRight)?;
         Ok(())
     })
 }
@@ -276,14 +275,7 @@ pub fn series(
                 .draw_series(pts.iter().map(|&p| Circle::new(p, 4, color.filled())))
                 .map_err(|e| anyhow!("{e}"))?;
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperLeft)
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .label_font(("sans-serif", 14))
-            .draw()
-            .map_err(|e| anyhow!("{e}"))?;
+        legend(&mut chart, SeriesLabelPosition::UpperLeft)?;
         Ok(())
     })
 }
