@@ -172,6 +172,18 @@ pub fn prune_matrix(
     pattern: Pattern,
     s: &SparseSettings,
 ) -> Result<(Mat<f64>, usize)> {
+    prune_matrix_with(w0, h, None, method, pattern, s)
+}
+
+/// [`prune_matrix`] reusing an ALPS factorisation of `h` (linears that share an input share it).
+fn prune_matrix_with(
+    w0: &Mat<f64>,
+    h: &Mat<f64>,
+    factor: Option<&solve::AlpsFactor>,
+    method: SparseMethod,
+    pattern: Pattern,
+    s: &SparseSettings,
+) -> Result<(Mat<f64>, usize)> {
     if let Pattern::NM { m, .. } = pattern
         && !w0.ncols().is_multiple_of(m)
     {
@@ -185,7 +197,10 @@ pub fn prune_matrix(
         SparseMethod::Wanda => (solve::wanda(w0, h, pattern), 0),
         SparseMethod::SparseGpt => (solve::sparsegpt(w0, h, pattern, s.damp, s.block)?, 0),
         SparseMethod::Alps => {
-            let (w, t) = solve::alps(w0, h, pattern, &s.alps)?;
+            let (w, t) = match factor {
+                Some(f) => solve::alps_factored(w0, f, pattern, &s.alps)?,
+                None => solve::alps(w0, h, pattern, &s.alps)?,
+            };
             (w, t.iterations)
         }
     })
@@ -194,7 +209,7 @@ pub fn prune_matrix(
 /// The pruned copy of `lin` (burn layout `[in, out]`), and its report.
 fn prune_linear<B: Backend>(
     lin: &Linear<B>,
-    h: &Mat<f64>,
+    (h, factor): (&Mat<f64>, Option<&solve::AlpsFactor>),
     (layer, name): (usize, &'static str),
     method: SparseMethod,
     pattern: Pattern,
@@ -202,7 +217,7 @@ fn prune_linear<B: Backend>(
 ) -> Result<(Linear<B>, LinearReport)> {
     let t = Instant::now();
     let w0 = host_mat(lin.weight.val(), true)?; // [out, in]
-    let (w, iterations) = prune_matrix(&w0, h, method, pattern, s)?;
+    let (w, iterations) = prune_matrix_with(&w0, h, factor, method, pattern, s)?;
     let (out, inp) = (w.nrows(), w.ncols());
     let zeros = (0..out * inp)
         .filter(|&i| w[(i / inp, i % inp)] == 0.0)
@@ -282,13 +297,30 @@ pub fn prune_model<B: Backend>(
             .into_iter()
             .map(|g| g.map(|g| host_mat(g, false)).transpose())
             .collect::<Result<_>>()?;
+        // ALPS factors each input's Gram matrix once for all the linears reading it.
+        let factors: Vec<Option<solve::AlpsFactor>> = grams
+            .iter()
+            .map(|g| match (g, method) {
+                (Some(h), SparseMethod::Alps) => {
+                    solve::AlpsFactor::new(h, settings.alps.damp).map(Some)
+                }
+                _ => Ok(None),
+            })
+            .collect::<Result<_>>()?;
         let src = &model.layers[l];
         let mut layer = src.clone();
         let mut run = |lin: &Linear<B>, g: usize, name: &'static str| -> Result<Linear<B>> {
             let h = grams[g].as_ref().ok_or_else(|| {
                 Error::Invalid(format!("layer {l}: no calibration inputs reached {name}"))
             })?;
-            let (p, r) = prune_linear(lin, h, (l, name), method, pattern, settings)?;
+            let (p, r) = prune_linear(
+                lin,
+                (h, factors[g].as_ref()),
+                (l, name),
+                method,
+                pattern,
+                settings,
+            )?;
             on_linear(&r);
             reports.push(r);
             Ok(p)

@@ -6,47 +6,98 @@ use faer::{Mat, Side};
 
 use crate::{Error, Pattern, Result};
 
-/// Keep-mask of the `k` largest `score`s among `idx` (ties to the lower position).
-fn keep_top(score: &[f64], idx: &[usize], k: usize, keep: &mut [bool]) {
-    let mut order: Vec<usize> = idx.to_vec();
-    if k < order.len() {
-        // Linear-time selection; the order is total, so the first k are exactly the best k.
-        order.select_nth_unstable_by(k, |&a, &b| score[b].total_cmp(&score[a]).then(a.cmp(&b)));
-        order.truncate(k);
+/// Keep the `k` largest of `vals` (ties to the lower position), writing `keep`; `scratch` is
+/// reused between calls. Linear time: one selection finds the k-th largest value, then everything
+/// above it and the first ties are kept.
+fn keep_top_slice(vals: &[f64], k: usize, keep: &mut [bool], scratch: &mut Vec<f64>) {
+    let n = vals.len();
+    if k >= n {
+        keep.fill(true);
+        return;
     }
-    for i in order {
-        keep[i] = true;
+    keep.fill(false);
+    if k == 0 {
+        return;
+    }
+    if n <= 8 {
+        // Small groups (N:M): rank directly.
+        for i in 0..n {
+            let above = (0..n)
+                .filter(|&j| vals[j] > vals[i] || (vals[j] == vals[i] && j < i))
+                .count();
+            keep[i] = above < k;
+        }
+        return;
+    }
+    scratch.clear();
+    scratch.extend_from_slice(vals);
+    let (_, thr, _) = scratch.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
+    let thr = *thr;
+    let mut taken = 0;
+    for (kp, v) in keep.iter_mut().zip(vals) {
+        if v.total_cmp(&thr).is_gt() {
+            *kp = true;
+            taken += 1;
+        }
+    }
+    for (kp, v) in keep.iter_mut().zip(vals) {
+        if taken == k {
+            break;
+        }
+        if v.total_cmp(&thr).is_eq() {
+            *kp = true;
+            taken += 1;
+        }
+    }
+}
+
+/// [`mask`] into a caller's buffers (the ADMM loop calls it every iteration).
+fn mask_into(
+    score: &[f64],
+    rows: usize,
+    cols: usize,
+    pattern: Pattern,
+    per_row: bool,
+    keep: &mut [bool],
+    scratch: &mut Vec<f64>,
+) {
+    match pattern {
+        Pattern::Unstructured(sp) => {
+            if per_row {
+                let k = ((1.0 - sp) * cols as f64).round() as usize;
+                for (s, kp) in score.chunks(cols).zip(keep.chunks_mut(cols)) {
+                    keep_top_slice(s, k, kp, scratch);
+                }
+            } else {
+                let k = ((1.0 - sp) * (rows * cols) as f64).round() as usize;
+                keep_top_slice(score, k, keep, scratch);
+            }
+        }
+        Pattern::NM { n, m } => {
+            for (s, kp) in score.chunks(cols).zip(keep.chunks_mut(cols)) {
+                for (g, kg) in s.chunks(m).zip(kp.chunks_mut(m)) {
+                    keep_top_slice(g, n, kg, scratch);
+                }
+            }
+        }
     }
 }
 
 /// The keep-mask of a `[rows, cols]` score matrix (row-major) under `pattern`, where
 /// `per_row` chooses between one budget per row and one for the whole matrix (unstructured).
-/// N:M groups run along the columns (the input dimension) of every row.
+/// N:M groups run along the columns (the input dimension) of every row. Among equal scores the
+/// lower position is kept.
 pub fn mask(score: &[f64], rows: usize, cols: usize, pattern: Pattern, per_row: bool) -> Vec<bool> {
     let mut keep = vec![false; rows * cols];
-    match pattern {
-        Pattern::Unstructured(sp) => {
-            if per_row {
-                let k = ((1.0 - sp) * cols as f64).round() as usize;
-                for r in 0..rows {
-                    let idx: Vec<usize> = (r * cols..(r + 1) * cols).collect();
-                    keep_top(score, &idx, k, &mut keep);
-                }
-            } else {
-                let k = ((1.0 - sp) * (rows * cols) as f64).round() as usize;
-                let idx: Vec<usize> = (0..rows * cols).collect();
-                keep_top(score, &idx, k, &mut keep);
-            }
-        }
-        Pattern::NM { n, m } => {
-            for r in 0..rows {
-                for g in (0..cols).step_by(m) {
-                    let idx: Vec<usize> = (r * cols + g..r * cols + (g + m).min(cols)).collect();
-                    keep_top(score, &idx, n, &mut keep);
-                }
-            }
-        }
-    }
+    mask_into(
+        score,
+        rows,
+        cols,
+        pattern,
+        per_row,
+        &mut keep,
+        &mut Vec::new(),
+    );
     keep
 }
 
@@ -158,16 +209,13 @@ pub fn sparsegpt(
                 && j.is_multiple_of(m)
             {
                 let g = m.min(cols - j);
+                let mut k = vec![false; g];
                 for r in 0..rows {
                     let s: Vec<f64> = (0..g)
                         .map(|t| w[(r, j + t)].powi(2) / u[(j + t, j + t)].powi(2))
                         .collect();
-                    let idx: Vec<usize> = (0..g).collect();
-                    let mut k = vec![false; g];
-                    keep_top(&s, &idx, n, &mut k);
-                    for t in 0..g {
-                        keep[r * count + c + t] = k[t];
-                    }
+                    keep_top_slice(&s, n, &mut k, &mut Vec::new());
+                    keep[r * count + c..r * count + c + g].copy_from_slice(&k);
                 }
             }
             let d = u[(j, j)];
@@ -235,28 +283,83 @@ pub struct AlpsTrace {
     pub rho: f64,
 }
 
-/// Projection of a `[in, out]` matrix (row-major values) onto the pattern: global top-k of
-/// `|.|` (unstructured) or top-n of every group of `m` inputs in each output column.
-fn project_b(b: &Mat<f64>, pattern: Pattern) -> Vec<bool> {
-    // Work in [out, in] so that N:M groups run along the inputs of each output.
-    let (nin, nout) = (b.nrows(), b.ncols());
-    let s: Vec<f64> = (0..nout * nin)
-        .map(|i| b[(i % nin, i / nin)].abs())
-        .collect();
-    let k = mask(&s, nout, nin, pattern, false);
-    // Back to [in, out] order.
-    (0..nin * nout)
-        .map(|i| k[(i % nout) * nin + i / nout])
-        .collect()
+/// The per-input-matrix part of ALPS, shared by every linear that reads the same input (q, k
+/// and v; gate and up): damping, the Jacobi scaling `d = sqrt(diag H) + 1e-8`, the scaled
+/// `Hn = D^-1 H D^-1` and its eigen-decomposition `Hn = Q diag(lam) Q^T`.
+#[derive(Debug)]
+pub struct AlpsFactor {
+    d: Vec<f64>,
+    hn: Mat<f64>,
+    q: Mat<f64>,
+    lam: Vec<f64>,
+}
+
+impl AlpsFactor {
+    /// Factors the Gram matrix `h` (`[in, in]`) with damping `damp` (fraction of the mean
+    /// diagonal).
+    pub fn new(h: &Mat<f64>, damp: f64) -> Result<Self> {
+        let nin = h.nrows();
+        let hd = damped(h, damp)?;
+        let d: Vec<f64> = (0..nin).map(|i| hd[(i, i)].sqrt() + 1e-8).collect();
+        let hn = Mat::from_fn(nin, nin, |i, j| hd[(i, j)] / (d[i] * d[j]));
+        let eig = hn
+            .self_adjoint_eigen(Side::Lower)
+            .map_err(|e| Error::Invalid(format!("eigen-decomposition failed: {e:?}")))?;
+        let q = eig.U().to_owned();
+        let lam: Vec<f64> = (0..nin).map(|i| eig.S().column_vector()[i]).collect();
+        Ok(Self { d, hn, q, lam })
+    }
+}
+
+/// `dst = src` masked by `keep` (column `o` of a `[in, out]` matrix owns `keep[o*in..]`).
+fn masked_into(dst: &mut Mat<f64>, src: &Mat<f64>, keep: &[bool]) {
+    let nin = src.nrows();
+    for o in 0..src.ncols() {
+        let k = &keep[o * nin..(o + 1) * nin];
+        for ((x, &s), &kp) in dst
+            .col_as_slice_mut(o)
+            .iter_mut()
+            .zip(src.col_as_slice(o))
+            .zip(k)
+        {
+            *x = if kp { s } else { 0.0 };
+        }
+    }
 }
 
 fn masked(b: &Mat<f64>, keep: &[bool]) -> Mat<f64> {
-    let c = b.ncols();
-    Mat::from_fn(
-        b.nrows(),
-        c,
-        |i, j| if keep[i * c + j] { b[(i, j)] } else { 0.0 },
-    )
+    let mut m = Mat::zeros(b.nrows(), b.ncols());
+    masked_into(&mut m, b, keep);
+    m
+}
+
+/// Buffers of the projection step: `|.|` in `[out, in]` row-major order (which is the
+/// column-major order of the `[in, out]` matrix `B`), the keep-mask, selection scratch.
+struct Projector {
+    pattern: Pattern,
+    abs: Vec<f64>,
+    scratch: Vec<f64>,
+}
+
+impl Projector {
+    /// Projection of a `[in, out]` matrix onto the pattern: top-k of `|.|` over the whole
+    /// matrix (unstructured) or top-n of every group of `m` inputs of each output.
+    fn project(&mut self, b: &Mat<f64>, keep: &mut [bool]) {
+        let (nin, nout) = (b.nrows(), b.ncols());
+        self.abs.clear();
+        for o in 0..nout {
+            self.abs.extend(b.col_as_slice(o).iter().map(|x| x.abs()));
+        }
+        mask_into(
+            &self.abs,
+            nout,
+            nin,
+            self.pattern,
+            false,
+            keep,
+            &mut self.scratch,
+        );
+    }
 }
 
 /// ALPS (Meng et al. 2024): Jacobi-scaled problem in `B = (W D)^T` with `Hn = D^-1 H D^-1`,
@@ -270,50 +373,91 @@ pub fn alps(
     pattern: Pattern,
     s: &AlpsSettings,
 ) -> Result<(Mat<f64>, AlpsTrace)> {
+    alps_factored(w0, &AlpsFactor::new(h, s.damp)?, pattern, s)
+}
+
+/// [`alps`] on an already factored input (see [`AlpsFactor`]). Each iteration costs two
+/// `in x in x out` products (`Q^T rhs`, `Q t`) written into preallocated buffers; everything
+/// else is linear in the matrix size.
+pub fn alps_factored(
+    w0: &Mat<f64>,
+    f: &AlpsFactor,
+    pattern: Pattern,
+    s: &AlpsSettings,
+) -> Result<(Mat<f64>, AlpsTrace)> {
+    use faer::Accum;
+    use faer::linalg::matmul::matmul;
     let (nout, nin) = (w0.nrows(), w0.ncols());
-    let hd = damped(h, s.damp)?;
-    let d: Vec<f64> = (0..nin).map(|i| hd[(i, i)].sqrt() + 1e-8).collect();
-    let hn = Mat::from_fn(nin, nin, |i, j| hd[(i, j)] / (d[i] * d[j]));
+    if f.d.len() != nin {
+        return Err(Error::Invalid(format!(
+            "the factored input has {} features but the matrix has {nin} inputs",
+            f.d.len()
+        )));
+    }
+    let par = faer::get_global_parallelism();
+    let (d, hn, q, lam) = (&f.d, &f.hn, &f.q, &f.lam);
     let b0 = Mat::from_fn(nin, nout, |i, o| w0[(o, i)] * d[i]);
-    let hb0 = &hn * &b0;
-    let eig = hn
-        .self_adjoint_eigen(Side::Lower)
-        .map_err(|e| Error::Invalid(format!("eigen-decomposition failed: {e:?}")))?;
-    let q = eig.U().to_owned();
-    let lam: Vec<f64> = (0..nin).map(|i| eig.S().column_vector()[i]).collect();
-    let qt = q.transpose().to_owned();
-    let solve = |rhs: &Mat<f64>, rho: f64| -> Mat<f64> {
-        let mut t = &qt * rhs;
-        for i in 0..nin {
-            let f = 1.0 / (lam[i] + rho);
-            for o in 0..nout {
-                t[(i, o)] *= f;
-            }
-        }
-        &q * &t
+    let hb0 = hn * &b0;
+    let mut proj = Projector {
+        pattern,
+        abs: Vec::with_capacity(nin * nout),
+        scratch: Vec::with_capacity(nin * nout),
     };
-    let keep0 = project_b(&b0, pattern);
+    let mut keep0 = vec![false; nin * nout];
+    proj.project(&b0, &mut keep0);
     let k = keep0.iter().filter(|&&x| x).count().max(1);
     let init_d = masked(&b0, &keep0);
     let (mut dm, mut v) = (init_d.clone(), Mat::<f64>::zeros(nin, nout));
     let mut b = b0.clone();
+    let (mut rhs, mut t, mut z) = (
+        Mat::<f64>::zeros(nin, nout),
+        Mat::<f64>::zeros(nin, nout),
+        Mat::<f64>::zeros(nin, nout),
+    );
     let mut support = keep0.clone();
+    let mut keep = vec![false; nin * nout];
     let mut rho = s.rho;
     let mut increased = false;
     let mut flips_since = 0usize;
     let mut iterations = 0;
     for it in 1..=s.max_iter {
         iterations = it;
-        let rhs = Mat::from_fn(nin, nout, |i, o| hb0[(i, o)] - v[(i, o)] + rho * dm[(i, o)]);
-        b = solve(&rhs, rho);
-        let z = Mat::from_fn(nin, nout, |i, o| b[(i, o)] + v[(i, o)] / rho);
-        let keep = project_b(&z, pattern);
+        for o in 0..nout {
+            let (hb, vv, dd) = (hb0.col_as_slice(o), v.col_as_slice(o), dm.col_as_slice(o));
+            for (i, r) in rhs.col_as_slice_mut(o).iter_mut().enumerate() {
+                *r = hb[i] - vv[i] + rho * dd[i];
+            }
+        }
+        // B = Q diag(1 / (lam + rho)) Q^T rhs.
+        matmul(
+            t.as_mut(),
+            Accum::Replace,
+            q.transpose(),
+            rhs.as_ref(),
+            1.0,
+            par,
+        );
+        let inv: Vec<f64> = lam.iter().map(|l| 1.0 / (l + rho)).collect();
+        for o in 0..nout {
+            for (x, f) in t.col_as_slice_mut(o).iter_mut().zip(&inv) {
+                *x *= f;
+            }
+        }
+        matmul(b.as_mut(), Accum::Replace, q.as_ref(), t.as_ref(), 1.0, par);
+        for o in 0..nout {
+            let (bb, vv) = (b.col_as_slice(o), v.col_as_slice(o));
+            for (i, x) in z.col_as_slice_mut(o).iter_mut().enumerate() {
+                *x = bb[i] + vv[i] / rho;
+            }
+        }
+        proj.project(&z, &mut keep);
         flips_since += keep.iter().zip(&support).filter(|(a, b)| a != b).count();
-        support = keep;
-        dm = masked(&z, &support);
-        for i in 0..nin {
-            for o in 0..nout {
-                v[(i, o)] += rho * (b[(i, o)] - dm[(i, o)]);
+        std::mem::swap(&mut support, &mut keep);
+        masked_into(&mut dm, &z, &support);
+        for o in 0..nout {
+            let (bb, dd) = (b.col_as_slice(o), dm.col_as_slice(o));
+            for (i, x) in v.col_as_slice_mut(o).iter_mut().enumerate() {
+                *x += rho * (bb[i] - dd[i]);
             }
         }
         if it % 3 == 0 {
@@ -334,8 +478,8 @@ pub fn alps(
                     rho /= 5.0;
                     b = b0.clone();
                     dm = init_d.clone();
-                    v = Mat::zeros(nin, nout);
-                    support = keep0.clone();
+                    v.fill(0.0);
+                    support.copy_from_slice(&keep0);
                 }
             } else if increased {
                 break;
@@ -346,15 +490,16 @@ pub fn alps(
             flips_since = 0;
         }
     }
-    let keep = project_b(&b, pattern);
+    proj.project(&b, &mut keep);
     let mut bs = masked(&b, &keep);
-    cg_on_support(&hn, &hb0, &mut bs, &keep, s.cg_iter, s.cg_rtol);
+    cg_on_support(hn, &hb0, &mut bs, &keep, s.cg_iter, s.cg_rtol);
     let w = Mat::from_fn(nout, nin, |o, i| bs[(i, o)] / d[i]);
     Ok((w, AlpsTrace { iterations, rho }))
 }
 
 /// Conjugate gradient on `A B = R0` restricted to the support `keep` (residuals and directions
-/// are masked), one independent system per column of `B`, warm-started at `b`.
+/// are masked), one independent system per column of `B`, warm-started at `b`. Column `o` of
+/// `B` owns `keep[o * rows..(o + 1) * rows]`.
 pub fn cg_on_support(
     a: &Mat<f64>,
     rhs: &Mat<f64>,
@@ -363,40 +508,44 @@ pub fn cg_on_support(
     iters: usize,
     rtol: f64,
 ) {
-    let (n, cols) = (b.nrows(), b.ncols());
-    let msk = |m: &Mat<f64>| masked(m, keep);
-    let ab = a * &*b;
-    let mut r = msk(&Mat::from_fn(n, cols, |i, j| rhs[(i, j)] - ab[(i, j)]));
+    let cols = b.ncols();
+    let dot = |x: &[f64], y: &[f64]| x.iter().zip(y).map(|(a, b)| a * b).sum::<f64>();
+    let mut r = masked(&(rhs - &(a * &*b)), keep);
     let mut p = r.clone();
-    let col_dot =
-        |x: &Mat<f64>, y: &Mat<f64>, j: usize| (0..n).map(|i| x[(i, j)] * y[(i, j)]).sum::<f64>();
-    let mut rr: Vec<f64> = (0..cols).map(|j| col_dot(&r, &r, j)).collect();
+    let mut rr: Vec<f64> = (0..cols)
+        .map(|j| dot(r.col_as_slice(j), r.col_as_slice(j)))
+        .collect();
+    let mrhs = masked(rhs, keep);
     let tol: Vec<f64> = (0..cols)
-        .map(|j| rtol * rtol * col_dot(&msk(rhs), &msk(rhs), j).max(1e-300))
+        .map(|j| rtol * rtol * dot(mrhs.col_as_slice(j), mrhs.col_as_slice(j)).max(1e-300))
         .collect();
     for _ in 0..iters {
         if (0..cols).all(|j| rr[j] <= tol[j]) {
             break;
         }
-        let ap = msk(&(a * &p));
+        let ap = masked(&(a * &p), keep);
         for j in 0..cols {
             if rr[j] <= tol[j] {
                 continue;
             }
-            let pap = col_dot(&p, &ap, j);
+            let pap = dot(p.col_as_slice(j), ap.col_as_slice(j));
             if pap <= 0.0 {
                 continue;
             }
             let alpha = rr[j] / pap;
-            for i in 0..n {
-                b[(i, j)] += alpha * p[(i, j)];
-                r[(i, j)] -= alpha * ap[(i, j)];
+            let (pj, apj) = (p.col_as_slice(j), ap.col_as_slice(j));
+            for (x, pv) in b.col_as_slice_mut(j).iter_mut().zip(pj) {
+                *x += alpha * pv;
             }
-            let new = col_dot(&r, &r, j);
+            for (x, av) in r.col_as_slice_mut(j).iter_mut().zip(apj) {
+                *x -= alpha * av;
+            }
+            let new = dot(r.col_as_slice(j), r.col_as_slice(j));
             let beta = new / rr[j];
             rr[j] = new;
-            for i in 0..n {
-                p[(i, j)] = r[(i, j)] + beta * p[(i, j)];
+            let rj = r.col_as_slice(j);
+            for (x, rv) in p.col_as_slice_mut(j).iter_mut().zip(rj) {
+                *x = rv + beta * *x;
             }
         }
     }

@@ -126,7 +126,7 @@ fn conjugate_gradient_on_a_fixed_support_equals_the_direct_solve() {
     cg_on_support(&h, &rhs, &mut b, &keep, 200, 1e-14);
     // Direct: per column, solve H_SS b_S = rhs_S.
     let w0 = b0.transpose().to_owned();
-    let want = optimum_on_support(&w0, &h, &|r, j| keep[j * nout + r]);
+    let want = optimum_on_support(&w0, &h, &|r, j| keep[r * nin + j]);
     for i in 0..nin {
         for o in 0..nout {
             assert!(
