@@ -22,7 +22,10 @@ pub struct CompareArgs {
     /// `default`, a .gguf file, a model directory, or hub:ORG/NAME[@REV].
     #[arg(long, default_value = "default")]
     model: String,
-    /// Methods: dense, pg, magnitude, magnitude-l1, random, wanda-sp, flap, block-influence, sleb.
+    /// Methods: dense, pg, magnitude, magnitude-l1, random, wanda-sp, flap, block-influence, sleb
+    /// (structured; `pg:INIT` picks the search's initialisation, `NAME+bias` adds bias
+    /// compensation), and the one-shot unstructured / N:M methods alps, sparsegpt, wanda,
+    /// magnitude:unstructured (`alps:2:4` for N:M: one cell at the pattern's sparsity).
     #[arg(
         long,
         default_value = "dense,magnitude,wanda-sp,flap,block-influence,sleb,pg"
@@ -40,9 +43,10 @@ pub struct CompareArgs {
     /// First N windows of each perplexity task, first N examples of each multiple-choice task.
     #[arg(long)]
     limit: Option<usize>,
-    /// Overrides --limit for perplexity tasks.
+    /// Overrides --limit for perplexity tasks: one value, or one per --seq-lens entry
+    /// (`--seq-lens 128,2048 --ppl-limit 400,16`).
     #[arg(long)]
-    ppl_limit: Option<usize>,
+    ppl_limit: Option<String>,
     /// Overrides --limit for multiple-choice tasks and lambada.
     #[arg(long)]
     mc_limit: Option<usize>,
@@ -61,7 +65,7 @@ pub struct CompareArgs {
     /// Tokens per calibration window.
     #[arg(long, default_value_t = 128)]
     calib_seq_len: usize,
-    /// Calibration windows the metric methods read (the first N).
+    /// Calibration windows the metric and one-shot methods read (the first N).
     #[arg(long, default_value_t = 64)]
     metric_samples: usize,
     /// Windows per forward pass (metrics and evaluation).
@@ -101,6 +105,9 @@ struct Settings {
     tasks: String,
     seq_lens: Vec<usize>,
     ppl_limit: Option<usize>,
+    /// Per --seq-lens entry, when --ppl-limit gave one per length.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    ppl_limits: Vec<usize>,
     mc_limit: Option<usize>,
     seed: u64,
     calib: String,
@@ -125,6 +132,10 @@ struct Cell {
     /// Task results keyed `wikitext2@128`, `boolq`, ..., as `cargo xtask eval` writes them.
     results: serde_json::Map<String, serde_json::Value>,
     llm_pruner_average: Option<f64>,
+    /// One-shot methods: mean relative reconstruction error of the decoder linears (per linear in
+    /// the cell's sparsity.json).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    rel_error: Option<f64>,
     seconds_plan: f64,
     seconds_eval: f64,
     device: String,
@@ -150,11 +161,17 @@ where
 /// A `--methods` entry: `dense`, or `NAME[:INIT][+bias]`: `pg:flap` is the policy-gradient
 /// search started from FLAP's scores (instead of `--pg-init`), `+bias` adds FLAP-style bias
 /// compensation at surgery (FLAP has it already).
+///
+/// One-shot methods (weights zeroed in place, no structure removed): `alps`, `sparsegpt`,
+/// `wanda` (unstructured at each --sparsity), `NAME:unstructured`, and `NAME:N:M` (one cell at
+/// the pattern's sparsity); `magnitude:unstructured` is unstructured magnitude pruning.
 #[derive(Debug, Clone, PartialEq)]
 struct Spec {
     base: String,
     init: Option<String>,
     bias: Option<bool>,
+    /// One-shot method and its pattern (`unstructured` or `N:M`).
+    oneshot: Option<(lopper_sparse::SparseMethod, String)>,
 }
 
 impl Spec {
@@ -167,6 +184,27 @@ impl Spec {
             Some((b, i)) => (b, Some(i.to_string())),
             None => (rest, None),
         };
+        let oneshot = match (base, &init) {
+            ("alps" | "sparsegpt" | "wanda", _) | ("magnitude", Some(_)) => {
+                let pattern = init.clone().unwrap_or_else(|| "unstructured".into());
+                lopper_sparse::Pattern::parse(&pattern, 0.5)
+                    .with_context(|| format!("--methods: `{s}`"))?;
+                anyhow::ensure!(
+                    bias.is_none(),
+                    "--methods: `{s}`: one-shot methods keep every projection; +bias does not apply"
+                );
+                Some((base.parse::<lopper_sparse::SparseMethod>()?, pattern))
+            }
+            _ => None,
+        };
+        if oneshot.is_some() {
+            return Ok(Self {
+                base: base.into(),
+                init: None,
+                bias: None,
+                oneshot,
+            });
+        }
         if base == "dense" {
             anyhow::ensure!(
                 init.is_none() && bias.is_none(),
@@ -190,7 +228,16 @@ impl Spec {
             base: base.into(),
             init,
             bias,
+            oneshot: None,
         })
+    }
+
+    /// The one-shot pattern at `sparsity` (N:M patterns fix their own).
+    fn pattern(&self, sparsity: f64) -> Result<Option<lopper_sparse::Pattern>> {
+        self.oneshot
+            .as_ref()
+            .map(|(_, p)| lopper_sparse::Pattern::parse(p, sparsity).map_err(Into::into))
+            .transpose()
     }
 }
 
@@ -220,7 +267,21 @@ pub fn run(args: CompareArgs) -> Result<()> {
         seq_lens.iter().all(|&l| l >= 2),
         "--seq-lens must be at least 2"
     );
-    for l in [args.limit, args.ppl_limit, args.mc_limit] {
+    let ppl_limits: Vec<usize> = match &args.ppl_limit {
+        Some(l) => parse_list(l, "--ppl-limit")?,
+        None => Vec::new(),
+    };
+    anyhow::ensure!(
+        ppl_limits.len() <= 1 || ppl_limits.len() == seq_lens.len(),
+        "--ppl-limit gives {} limits for {} --seq-lens; give one, or one per length",
+        ppl_limits.len(),
+        seq_lens.len()
+    );
+    anyhow::ensure!(
+        !ppl_limits.contains(&0),
+        "a limit of 0 evaluates nothing; give a positive limit or leave it out"
+    );
+    for l in [args.limit, args.mc_limit] {
         anyhow::ensure!(
             l != Some(0),
             "a limit of 0 evaluates nothing; give a positive limit or leave it out"
@@ -260,7 +321,16 @@ pub fn run(args: CompareArgs) -> Result<()> {
         model: args.model.clone(),
         tasks: args.tasks.clone(),
         seq_lens: seq_lens.clone(),
-        ppl_limit: args.ppl_limit.or(args.limit),
+        ppl_limit: match ppl_limits[..] {
+            [l] => Some(l),
+            [] => args.limit,
+            _ => None,
+        },
+        ppl_limits: if ppl_limits.len() > 1 {
+            ppl_limits
+        } else {
+            Vec::new()
+        },
         mc_limit: args.mc_limit.or(args.limit),
         seed: args.seed,
         calib: args.calib.clone(),
@@ -299,6 +369,8 @@ pub fn run(args: CompareArgs) -> Result<()> {
     for m in &methods {
         if m == "dense" {
             cells.push((m.clone(), 0.0));
+        } else if let Some(lopper_sparse::Pattern::NM { n, m: g }) = Spec::parse(m)?.pattern(0.5)? {
+            cells.push((m.clone(), 1.0 - n as f64 / g as f64));
         } else {
             cells.extend(sparsities.iter().map(|&s| (m.clone(), s)));
         }
@@ -407,7 +479,26 @@ impl CompareJob {
             ..settings
         };
         let windows = || calib.map_or(&[][..], |c| &c.windows[..]);
+        // One-shot methods: (pruned model, overall sparsity, mean relative error).
+        let oneshot = match (&spec.oneshot, spec.pattern(sparsity)?) {
+            (Some((sm, _)), Some(pattern)) => {
+                let n = windows().len().min(st.metric_samples);
+                let (pruned, reports) = crate::sparse::solve(
+                    model,
+                    &windows()[..n],
+                    *sm,
+                    pattern,
+                    st.batch_size,
+                    &dir.join("sparsity.json"),
+                    &serde_json::json!({"compare": st, "method": method, "sparsity": sparsity}),
+                )?;
+                let (overall, err) = crate::sparse::summary(&reports);
+                Some((pruned, overall, err))
+            }
+            _ => None,
+        };
         let (plan, mut means): (Option<MaskPlan>, _) = match spec.base.as_str() {
+            _ if oneshot.is_some() => (None, None),
             "dense" => (None, None),
             "pg" => {
                 let cfg = PgConfig {
@@ -459,9 +550,18 @@ impl CompareJob {
             )?);
         }
         let seconds_plan = t.elapsed().as_secs_f64();
-        let (pruned, allocation) = match &plan {
-            None => (None, "none".to_string()),
-            Some(p) => {
+        let (pruned, allocation) = match (&plan, &oneshot) {
+            (None, Some((m, _, _))) => (
+                Some(m.clone()),
+                if spec.base == "wanda" {
+                    "per output row"
+                } else {
+                    "per matrix"
+                }
+                .to_string(),
+            ),
+            (None, None) => (None, "none".to_string()),
+            (Some(p), _) => {
                 crate::prune::write_json(&dir.join("plan.json"), p)?;
                 let pruned = match &means {
                     Some((o, d)) => lopper_surgery::prune_compensated(
@@ -491,7 +591,14 @@ impl CompareJob {
             .seq_lens
             .iter()
             .filter(|_| !ppl.is_empty())
-            .map(|&l| (ppl.clone(), l, st.ppl_limit))
+            .enumerate()
+            .map(|(i, &l)| {
+                (
+                    ppl.clone(),
+                    l,
+                    st.ppl_limits.get(i).copied().or(st.ppl_limit),
+                )
+            })
             .collect();
         if !mc.is_empty() {
             runs.push((mc.clone(), st.seq_lens[0], st.mc_limit));
@@ -525,12 +632,17 @@ impl CompareJob {
         let cell = Cell {
             method: method.into(),
             sparsity,
-            kept_param_ratio: plan.as_ref().map_or(1.0, |p| p.kept_param_ratio()),
+            kept_param_ratio: match (&plan, &oneshot) {
+                (Some(p), _) => p.kept_param_ratio(),
+                (None, Some((_, overall, _))) => 1.0 - overall,
+                (None, None) => 1.0,
+            },
             params: shape.num_params(),
             allocation,
             bias_compensation: means.is_some(),
             results,
             llm_pruner_average,
+            rel_error: oneshot.as_ref().map(|o| o.2),
             seconds_plan,
             seconds_eval: t.elapsed().as_secs_f64(),
             device: device_name.into(),
@@ -577,6 +689,7 @@ fn columns(st: &Settings) -> Result<Vec<(String, String)>> {
 fn write_results(out: &Path, st: &Settings, cells: &[Cell], device: &str) -> Result<()> {
     let cols = columns(st)?;
     let has_avg = cells.iter().any(|c| c.llm_pruner_average.is_some());
+    let has_err = cells.iter().any(|c| c.rel_error.is_some());
     let mut md = String::from("# lopper compare\n\n");
     md += &format!(
         "Model `{}`; calibration {} ({} windows of {} tokens, {} sampler, seed {}; metric methods read the first {}); perplexity windows: {}; multiple-choice examples: {}; device {device}. Perplexity: `cargo xtask eval` protocol (BOS none). Accuracy: acc for boolq, piqa, winogrande, arc_easy, lambada; acc_norm for hellaswag, arc_challenge, openbookqa (LLM-Pruner convention). PG: {} steps, {:?} lr {}, batch {}, init {}.\n\n",
@@ -587,8 +700,17 @@ fn write_results(out: &Path, st: &Settings, cells: &[Cell], device: &str) -> Res
         st.sampler,
         st.seed,
         st.metric_samples,
-        st.ppl_limit
-            .map_or("all".into(), |l| format!("the first {l}")),
+        if st.ppl_limits.is_empty() {
+            st.ppl_limit
+                .map_or("all".into(), |l| format!("the first {l}"))
+        } else {
+            st.seq_lens
+                .iter()
+                .zip(&st.ppl_limits)
+                .map(|(s, l)| format!("the first {l} at {s}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        },
         st.mc_limit
             .map_or("all".into(), |l| format!("the first {l}")),
         st.pg.steps,
@@ -597,6 +719,9 @@ fn write_results(out: &Path, st: &Settings, cells: &[Cell], device: &str) -> Res
         st.pg.batch_size,
         st.pg_init,
     );
+    if has_err {
+        md += "One-shot methods (alps, sparsegpt, wanda, NAME:PATTERN) zero individual weights of the decoder linears: their sparsity is the fraction of those weights set to zero, the model keeps its shape, and `rel. err` is the mean over the linears of ||XW^T - XW0^T||^2 / ||XW0^T||^2 on the calibration inputs (per linear in cells/<id>/sparsity.json).\n\n";
+    }
     md += "| method | sparsity | allocation | kept params | params |";
     for (k, m) in &cols {
         md += &format!(" {k} ({m}) |");
@@ -604,8 +729,11 @@ fn write_results(out: &Path, st: &Settings, cells: &[Cell], device: &str) -> Res
     if has_avg {
         md += " 7-task avg |";
     }
+    if has_err {
+        md += " rel. err |";
+    }
     md += " plan s | eval s |\n|---|---:|---|---:|---:|";
-    md += &"---:|".repeat(cols.len() + usize::from(has_avg));
+    md += &"---:|".repeat(cols.len() + usize::from(has_avg) + usize::from(has_err));
     md += "---:|---:|\n";
     for c in cells {
         md += &format!(
@@ -633,6 +761,9 @@ fn write_results(out: &Path, st: &Settings, cells: &[Cell], device: &str) -> Res
             md += &c
                 .llm_pruner_average
                 .map_or(" – |".into(), |v| format!(" {v:.4} |"));
+        }
+        if has_err {
+            md += &c.rel_error.map_or(" – |".into(), |v| format!(" {v:.5} |"));
         }
         md += &format!(" {:.1} | {:.1} |\n", c.seconds_plan, c.seconds_eval);
     }

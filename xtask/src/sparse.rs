@@ -24,42 +24,18 @@ pub fn run<B: Backend>(
     device_name: &str,
     started: Instant,
 ) -> Result<()> {
-    let n_linears = model
-        .layers
-        .iter()
-        .map(|l| 4 * usize::from(l.self_attn.is_some()) + 3 * usize::from(l.mlp.is_some()))
-        .sum::<usize>();
-    let bar = crate::progress::bar(
-        n_linears as u64,
-        "one-shot [{bar:30}] {pos}/{len} linears {msg} eta {eta}",
-    )?;
-    let settings = SparseSettings {
-        batch_size: a.batch_size,
-        ..SparseSettings::default()
-    };
     let t = Instant::now();
-    let (pruned, reports) =
-        lopper_sparse::prune_model(model, windows, method, pattern, &settings, |r| {
-            bar.inc(1);
-            bar.set_message(format!(
-                "layer {} {} err {:.4}",
-                r.layer, r.name, r.rel_error
-            ));
-        })?;
-    bar.finish_and_clear();
-    let solve_seconds = t.elapsed().as_secs_f64();
-    let (zeros, total) = reports.iter().fold((0.0, 0.0), |(z, n), r| {
-        let size = (r.shape[0] * r.shape[1]) as f64;
-        (z + r.sparsity * size, n + size)
-    });
-    let overall = zeros / total;
-    write_json(
+    let (pruned, reports) = solve(
+        model,
+        windows,
+        method,
+        pattern,
+        a.batch_size,
         &a.out.join("sparsity.json"),
-        &serde_json::json!({
-            "method": method, "pattern": pattern, "overall_sparsity": overall,
-            "solve_seconds": solve_seconds, "linears": reports, "resolved": resolved,
-        }),
+        resolved,
     )?;
+    let solve_seconds = t.elapsed().as_secs_f64();
+    let (overall, mean_err) = summary(&reports);
     lopper_surgery::export(
         &pruned,
         tok,
@@ -102,10 +78,65 @@ pub fn run<B: Backend>(
     println!(
         "{}: {overall:.4} of the decoder linear weights are zero; mean relative reconstruction error {:.4}; model in {}",
         a.method,
-        reports.iter().map(|r| r.rel_error).sum::<f64>() / reports.len().max(1) as f64,
+        mean_err,
         a.out.join("model").display()
     );
     Ok(())
+}
+
+/// Solves every decoder linear with a progress bar and writes `sparsity_json` (per-linear
+/// sparsity, relative reconstruction error and seconds; overall sparsity; `resolved` settings).
+pub fn solve<B: Backend>(
+    model: &Llama<B>,
+    windows: &[Vec<u32>],
+    method: SparseMethod,
+    pattern: Pattern,
+    batch_size: usize,
+    sparsity_json: &std::path::Path,
+    resolved: &serde_json::Value,
+) -> Result<(Llama<B>, Vec<LinearReport>)> {
+    let n_linears = model
+        .layers
+        .iter()
+        .map(|l| 4 * usize::from(l.self_attn.is_some()) + 3 * usize::from(l.mlp.is_some()))
+        .sum::<usize>();
+    let bar = crate::progress::bar(
+        n_linears as u64,
+        "one-shot [{bar:30}] {pos}/{len} linears {msg} eta {eta}",
+    )?;
+    let settings = SparseSettings {
+        batch_size,
+        ..SparseSettings::default()
+    };
+    let t = Instant::now();
+    let (pruned, reports) =
+        lopper_sparse::prune_model(model, windows, method, pattern, &settings, |r| {
+            bar.inc(1);
+            bar.set_message(format!(
+                "layer {} {} err {:.4}",
+                r.layer, r.name, r.rel_error
+            ));
+        })?;
+    bar.finish_and_clear();
+    let (overall, _) = summary(&reports);
+    write_json(
+        sparsity_json,
+        &serde_json::json!({
+            "method": method, "pattern": pattern, "overall_sparsity": overall,
+            "solve_seconds": t.elapsed().as_secs_f64(), "linears": reports, "resolved": resolved,
+        }),
+    )?;
+    Ok((pruned, reports))
+}
+
+/// Overall sparsity of the decoder linears (weighted by size) and their mean relative error.
+pub fn summary(reports: &[LinearReport]) -> (f64, f64) {
+    let (zeros, total) = reports.iter().fold((0.0, 0.0), |(z, n), r| {
+        let size = (r.shape[0] * r.shape[1]) as f64;
+        (z + r.sparsity * size, n + size)
+    });
+    let err = reports.iter().map(|r| r.rel_error).sum::<f64>() / reports.len().max(1) as f64;
+    (zeros / total.max(1.0), err)
 }
 
 fn row(r: &LinearReport) -> String {

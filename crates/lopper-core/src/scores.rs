@@ -125,6 +125,72 @@ impl UnitScores {
         Ok(plan)
     }
 
+    /// [`UnitScores::plan`] with the layers in `protected` kept whole (LLM-Pruner's skipped first
+    /// and last layers), the others pruned harder so that the model still loses `1 - keep` of
+    /// its prunable parameters. Per-layer allocation keeps `keep'` of every unprotected layer,
+    /// where `(1 - keep') * P_unprotected = (1 - keep) * P_all`; global allocations rank the
+    /// protected units first. An impossible budget (the protected layers alone hold more than
+    /// `keep`) is an error.
+    pub fn plan_protected(
+        &self,
+        shape: &ModelShape,
+        keep: f64,
+        allocation: Allocation,
+        protected: &[usize],
+    ) -> Result<MaskPlan> {
+        if protected.is_empty() {
+            return self.plan(shape, keep, allocation);
+        }
+        self.check(shape)?;
+        check_keep(keep)?;
+        if let Some(&l) = protected.iter().find(|&&l| l >= shape.n_layers()) {
+            return Err(Error::InvalidPlan(format!(
+                "protected layer {l} does not exist in a {}-layer model",
+                shape.n_layers()
+            )));
+        }
+        let (mut all, mut prot) = (0.0, 0.0);
+        for kind in [UnitKind::KvGroup, UnitKind::Channel] {
+            for u in shape.units(kind) {
+                let c = shape.unit_cost(u, 0).params as f64;
+                all += c;
+                if protected.contains(&u.layer()) {
+                    prot += c;
+                }
+            }
+        }
+        let inner_keep = 1.0 - (1.0 - keep) * all / (all - prot).max(1.0);
+        if !(inner_keep > 0.0) || prot / all > keep + 1e-12 {
+            return Err(Error::InvalidPlan(format!(
+                "keeping layers {protected:?} whole ({:.1}% of the prunable parameters) leaves too little to remove {:.1}%; lower the sparsity or protect fewer layers",
+                100.0 * prot / all,
+                100.0 * (1.0 - keep)
+            )));
+        }
+        let mut plan = match allocation {
+            Allocation::PerLayer => {
+                let mut plan = self.plan(shape, inner_keep, allocation)?;
+                for &l in protected {
+                    plan.layers[l].kv_groups = (0..shape.layers[l].n_kv_heads).collect();
+                    plan.layers[l].channels = (0..shape.layers[l].ffn_hidden).collect();
+                }
+                plan.validate()?;
+                plan
+            }
+            _ => {
+                let mut s = self.clone();
+                for &l in protected {
+                    s.kv_groups[l].fill(f64::MAX);
+                    s.channels[l].fill(f64::MAX);
+                }
+                s.plan(shape, keep, allocation)?
+            }
+        };
+        plan.meta
+            .insert("protected_layers".into(), serde_json::json!(protected));
+        Ok(plan)
+    }
+
     /// The score of a KV group or channel unit.
     fn of(&self, u: PruneUnit) -> f64 {
         match u {

@@ -27,8 +27,12 @@ pub enum Error {
 /// Result alias of this crate.
 pub type Result<T> = std::result::Result<T, Error>;
 
+pub mod bip;
+pub mod gradient;
 mod method;
 mod structure;
+pub use bip::llm_bip;
+pub use gradient::{IfsoSettings, SpsaSettings, Taylor, ifso, llm_pruner, mini_llm};
 pub use method::{Method, MethodPlan, MethodSettings, method_plan};
 pub use structure::{
     Flap, InputMoments, SlebRound, block_influence, block_influence_order, flap, input_moments,
@@ -250,5 +254,7 @@ fn finish_norm(sum: f64, norm: Norm) -> f64 {
     }
 }
 
+#[cfg(test)]
+mod gradient_tests;
 #[cfg(test)]
 mod tests;

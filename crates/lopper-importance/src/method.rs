@@ -5,7 +5,7 @@ use burn::tensor::backend::Backend;
 use lopper_core::{Allocation, MaskPlan, UnitScores};
 use lopper_model::Llama;
 
-use crate::{Error, InputStats, Norm, Result};
+use crate::{Error, IfsoSettings, InputStats, Norm, Result, SpsaSettings, Taylor};
 
 /// The forward-only structured pruning methods.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,6 +23,14 @@ pub enum Method {
     BlockInfluence,
     /// SLEB: greedy layer removal by calibration loss.
     Sleb,
+    /// LLM-Pruner: Taylor importance from autodiff gradients of the calibration loss.
+    LlmPruner,
+    /// LLM-BIP: block-output change, bounded in one forward pass.
+    LlmBip,
+    /// MINI-LLM: weight x SPSA gradient x activation, forward passes only.
+    MiniLlm,
+    /// IFSO: influence-function estimate of the loss change after retraining.
+    Ifso,
 }
 
 impl Method {
@@ -35,6 +43,10 @@ impl Method {
         "flap",
         "block-influence",
         "sleb",
+        "llm-pruner",
+        "llm-bip",
+        "mini-llm",
+        "ifso",
     ];
 
     /// The command-line name.
@@ -47,6 +59,10 @@ impl Method {
             Method::Flap => "flap",
             Method::BlockInfluence => "block-influence",
             Method::Sleb => "sleb",
+            Method::LlmPruner => "llm-pruner",
+            Method::LlmBip => "llm-bip",
+            Method::MiniLlm => "mini-llm",
+            Method::Ifso => "ifso",
         }
     }
 
@@ -63,7 +79,7 @@ impl Method {
     /// The allocation the method's paper uses.
     pub fn default_allocation(self) -> Option<Allocation> {
         match self {
-            Method::Flap => Some(Allocation::GlobalParams),
+            Method::Flap | Method::Ifso => Some(Allocation::GlobalParams),
             Method::BlockInfluence | Method::Sleb => None,
             _ => Some(Allocation::PerLayer),
         }
@@ -81,6 +97,10 @@ impl std::str::FromStr for Method {
             "flap" => Method::Flap,
             "block-influence" => Method::BlockInfluence,
             "sleb" => Method::Sleb,
+            "llm-pruner" => Method::LlmPruner,
+            "llm-bip" => Method::LlmBip,
+            "mini-llm" => Method::MiniLlm,
+            "ifso" => Method::Ifso,
             o => {
                 return Err(Error::Invalid(format!(
                     "unknown method `{o}`; metric methods are {}",
@@ -104,6 +124,15 @@ pub struct MethodSettings {
     pub bias_compensation: Option<bool>,
     /// SLEB never removes the first and last `sleb_barrier` layers (1 in the reference).
     pub sleb_barrier: usize,
+    /// Unit methods: the first and last this many layers are kept whole (LLM-Pruner's
+    /// block-wise range); `None` takes the method's own (1 for llm-pruner, 0 otherwise).
+    pub skip_layers: Option<usize>,
+    /// LLM-Pruner's Taylor variant.
+    pub taylor: Taylor,
+    /// MINI-LLM's SPSA estimate.
+    pub spsa: SpsaSettings,
+    /// IFSO's damping and batches.
+    pub ifso: IfsoSettings,
 }
 
 impl Default for MethodSettings {
@@ -114,6 +143,10 @@ impl Default for MethodSettings {
             allocation: None,
             bias_compensation: None,
             sleb_barrier: 1,
+            skip_layers: None,
+            taylor: Taylor::default(),
+            spsa: SpsaSettings::default(),
+            ifso: IfsoSettings::default(),
         }
     }
 }
@@ -151,6 +184,12 @@ pub fn method_plan<B: Backend>(
                 method.name()
             )));
         }
+        if settings.skip_layers.is_some_and(|k| k > 0) {
+            return Err(Error::Invalid(format!(
+                "{} removes whole layers; --skip-layers applies to unit methods",
+                method.name()
+            )));
+        }
         if settings.bias_compensation == Some(true) {
             return Err(Error::Invalid(format!(
                 "{} removes whole layers, which leaves no projection to carry a compensation bias; leave bias compensation off",
@@ -171,10 +210,52 @@ pub fn method_plan<B: Backend>(
             let f = crate::flap(model, windows, settings.batch_size)?;
             (Some(f.scores), Some(f.means))
         }
+        Method::LlmPruner => (
+            Some(crate::llm_pruner(
+                model,
+                windows,
+                settings.batch_size,
+                settings.taylor,
+            )?),
+            None,
+        ),
+        Method::LlmBip => (
+            Some(crate::llm_bip(model, windows, settings.batch_size)?),
+            None,
+        ),
+        Method::MiniLlm => {
+            let spsa = SpsaSettings {
+                seed: settings.seed,
+                ..settings.spsa
+            };
+            (
+                Some(crate::mini_llm(model, windows, settings.batch_size, &spsa)?),
+                None,
+            )
+        }
+        Method::Ifso => (
+            Some(crate::ifso(
+                model,
+                windows,
+                settings.batch_size,
+                &settings.ifso,
+            )?),
+            None,
+        ),
         Method::BlockInfluence | Method::Sleb => (None, None),
     };
     if let (Some(scores), Some(alloc)) = (scores, allocation) {
-        let plan = scores.plan(shape, keep, alloc)?;
+        let skip = settings
+            .skip_layers
+            .unwrap_or(usize::from(method == Method::LlmPruner));
+        let n = shape.n_layers();
+        if 2 * skip >= n && skip > 0 {
+            return Err(Error::Invalid(format!(
+                "--skip-layers {skip} keeps all {n} layers whole; nothing is left to prune"
+            )));
+        }
+        let protected: Vec<usize> = (0..skip).chain(n.saturating_sub(skip)..n).collect();
+        let plan = scores.plan_protected(shape, keep, alloc, &protected)?;
         if compensate && means.is_none() {
             means = Some(crate::input_means(model, windows, settings.batch_size)?);
         }

@@ -194,6 +194,26 @@ impl<B: Backend> LayerStepper<B> {
     ) -> Tensor<B, 2> {
         layer.forward(x, self.batch, self.seq, &self.rope, None, &mut on_tap)
     }
+
+    /// [`LayerStepper::forward`] under one layer's masks.
+    ///
+    /// # Shapes
+    /// - `x`: `[batch * seq, hidden]` -> `[batch * seq, hidden]`
+    pub fn forward_masked(
+        &self,
+        layer: &DecoderLayer<B>,
+        x: Tensor<B, 2>,
+        masks: &LayerMasks<B>,
+    ) -> Tensor<B, 2> {
+        layer.forward(
+            x,
+            self.batch,
+            self.seq,
+            &self.rope,
+            Some(masks),
+            &mut |_, _| {},
+        )
+    }
 }
 
 impl<B: Backend> DecoderLayer<B> {
