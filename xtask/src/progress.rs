@@ -25,3 +25,19 @@ impl Write for LogWriter {
         std::io::stderr().flush()
     }
 }
+
+/// Peak resident memory of this process so far, in MiB (`VmHWM` of /proc/self/status; `None`
+/// where the kernel does not report it).
+pub fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+/// `; peak resident memory N MiB` when known.
+pub fn peak_rss_note() -> String {
+    peak_rss_mib().map_or(String::new(), |m| {
+        format!("; peak resident memory {m:.0} MiB")
+    })
+}

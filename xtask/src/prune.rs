@@ -22,7 +22,8 @@ pub struct PruneArgs {
     #[arg(long, default_value = "default")]
     pub model: String,
     /// pg (policy gradient) or a metric method: magnitude (L2), magnitude-l1, random, wanda-sp,
-    /// flap, block-influence (ShortGPT), sleb; or a one-shot unstructured / N:M method: alps,
+    /// flap, block-influence (ShortGPT), sleb, llm-pruner (Taylor, autodiff), llm-bip,
+    /// mini-llm (SPSA, forward only), ifso; or a one-shot unstructured / N:M method: alps,
     /// sparsegpt, wanda (and magnitude with --pattern).
     #[arg(long, default_value = "pg")]
     pub method: String,
@@ -37,6 +38,27 @@ pub struct PruneArgs {
     /// Calibration windows metric methods (and the metric init of pg) read.
     #[arg(long, default_value_t = 64)]
     pub metric_samples: usize,
+    /// Unit metric methods: keep the first and last N layers whole and prune the others harder
+    /// to the same overall sparsity (LLM-Pruner's layer range). Default: 1 for llm-pruner,
+    /// 0 otherwise.
+    #[arg(long)]
+    pub skip_layers: Option<usize>,
+    /// llm-pruner: element1 (|w g|, the reference default) or element2 (|w g - w F w / 2|
+    /// with the Fisher diagonal from one backward pass per calibration window).
+    #[arg(long, default_value = "element1")]
+    pub taylor: String,
+    /// mini-llm: SPSA perturbation directions per calibration batch.
+    #[arg(long, default_value_t = 4)]
+    pub spsa_samples: usize,
+    /// mini-llm: SPSA perturbation size.
+    #[arg(long, default_value_t = 1e-3)]
+    pub spsa_eps: f64,
+    /// ifso: lambda of H_ww^-1 ~ I / lambda (scales all scores alike; must be positive).
+    #[arg(long, default_value_t = 1e-4)]
+    pub ifso_lambda: f64,
+    /// ifso: calibration mini-batches averaged.
+    #[arg(long, default_value_t = 2)]
+    pub ifso_batches: usize,
     /// Fraction of the prunable parameters to REMOVE (0.3 keeps 70%).
     #[arg(long)]
     pub sparsity: f64,
@@ -46,7 +68,8 @@ pub struct PruneArgs {
     /// per-type (each unit type keeps the same fraction) or params (one parameter budget).
     #[arg(long, default_value = "per-type")]
     pub budget: String,
-    /// wanda-sp, magnitude, magnitude-l1, flap, uniform, random (sigmap of N(0,1)), a scores
+    /// A unit metric method (wanda-sp, magnitude, magnitude-l1, flap, llm-pruner, llm-bip,
+    /// mini-llm, ifso), uniform, random (sigmap of N(0,1)), a scores
     /// JSON file (UnitScores, e.g. a metric run's scores.json), or a plan.json (kept units
     /// score 1, removed 0; then sigmap per layer).
     #[arg(long, default_value = "wanda-sp")]
@@ -313,6 +336,17 @@ impl Job for PruneJob {
             allocation: a.allocation,
             bias_compensation: a.bias_compensation,
             sleb_barrier: 1,
+            skip_layers: a.skip_layers,
+            taylor: a.taylor.parse()?,
+            spsa: lopper_importance::SpsaSettings {
+                samples: a.spsa_samples,
+                eps: a.spsa_eps,
+                seed: a.seed,
+            },
+            ifso: lopper_importance::IfsoSettings {
+                lambda: a.ifso_lambda,
+                batches: a.ifso_batches,
+            },
         };
         let mut curve_summary = None;
         let (plan, mut compensation) = if a.method == "pg" {
@@ -488,8 +522,9 @@ fn finish<B: Backend>(
         )?;
     }
     report += &format!(
-        "\nWall time: {:.1} s on {device_name}.\n",
-        started.elapsed().as_secs_f64()
+        "\nWall time: {:.1} s on {device_name}{}.\n",
+        started.elapsed().as_secs_f64(),
+        crate::progress::peak_rss_note()
     );
     lopper_core::write_atomic(&a.out.join("report.md"), report.as_bytes())?;
     println!(

@@ -73,7 +73,11 @@ pub fn run<B: Backend>(
             &mut report,
         )?;
     }
-    report += &format!("\nWall time: {:.1} s.\n", started.elapsed().as_secs_f64());
+    report += &format!(
+        "\nWall time: {:.1} s{}.\n",
+        started.elapsed().as_secs_f64(),
+        crate::progress::peak_rss_note()
+    );
     lopper_core::write_atomic(&a.out.join("report.md"), report.as_bytes())?;
     println!(
         "{}: {overall:.4} of the decoder linear weights are zero; mean relative reconstruction error {:.4}; model in {}",

@@ -160,7 +160,7 @@ impl UnitScores {
             }
         }
         let inner_keep = 1.0 - (1.0 - keep) * all / (all - prot).max(1.0);
-        if !(inner_keep > 0.0) || prot / all > keep + 1e-12 {
+        if inner_keep <= 0.0 || inner_keep.is_nan() || prot / all > keep + 1e-12 {
             return Err(Error::InvalidPlan(format!(
                 "keeping layers {protected:?} whole ({:.1}% of the prunable parameters) leaves too little to remove {:.1}%; lower the sparsity or protect fewer layers",
                 100.0 * prot / all,

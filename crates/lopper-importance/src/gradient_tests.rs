@@ -172,7 +172,9 @@ fn spsa_estimates_converge_to_the_true_gradient() {
     );
     // Seeded: the same seed gives the same estimate.
     assert!((cosine(&est(8), &est(8)) - 1.0).abs() < 1e-12);
-    eprintln!("SPSA cosine to the autodiff gradient: 8 directions {few:.3}, 2048 directions {many:.3}");
+    eprintln!(
+        "SPSA cosine to the autodiff gradient: 8 directions {few:.3}, 2048 directions {many:.3}"
+    );
 }
 
 #[test]
