@@ -582,6 +582,34 @@ fn metric_methods_prune_the_tiny_model() {
     // Layer methods refuse an allocation.
     let (ok, _, err, _) = run("block-influence", &["--allocation", "global"]);
     assert!(!ok && err.contains("allocation"), "{err}");
+    // Gradient-informed and bound methods. LLM-Pruner keeps the first and last layers whole by
+    // default, which on 3 layers cannot remove half of the model: a clear error, then the flag.
+    let (ok, _, err, _) = run("llm-pruner", &[]);
+    assert!(!ok && err.contains("lower the sparsity"), "{err}");
+    for (method, extra) in [
+        (
+            "llm-pruner",
+            &["--skip-layers", "0", "--taylor", "element2", "--force"][..],
+        ),
+        ("llm-bip", &[][..]),
+        ("mini-llm", &["--spsa-samples", "2"][..]),
+        ("ifso", &["--ifso-batches", "1"][..]),
+    ] {
+        let (ok, _, err, out) = run(method, extra);
+        assert!(ok, "{method}: {err}");
+        let plan = lopper_core::MaskPlan::load(&out.join("plan.json")).unwrap();
+        assert!((plan.kept_param_ratio() - 0.5).abs() < 0.1, "{method}");
+        let scores: lopper_core::UnitScores =
+            serde_json::from_str(&std::fs::read_to_string(out.join("scores.json")).unwrap())
+                .unwrap();
+        assert!(scores.method.starts_with(method), "{}", scores.method);
+        let report = std::fs::read_to_string(out.join("report.md")).unwrap();
+        assert!(report.contains("peak resident memory"), "{report}");
+    }
+    let (ok, _, err, _) = run("ifso", &["--ifso-lambda=-1", "--force"]);
+    assert!(!ok && err.contains("lambda"), "{err}");
+    let (ok, _, err, _) = run("llm-pruner", &["--taylor", "third", "--force"]);
+    assert!(!ok && err.contains("element1"), "{err}");
 }
 
 fn compare_args<'a>(
@@ -675,13 +703,40 @@ fn compare_fills_the_table_and_reuses_finished_cells() {
         &model,
         &calib,
         o,
-        "dense,flap,block-influence,pg:magnitude+bias,random",
+        "dense,flap,block-influence,pg:magnitude+bias,random,llm-bip,wanda,alps:2:4",
     ));
     assert!(ok, "{err}");
     assert_eq!(stamp("pg:magnitude+bias@0.3"), before);
     let results: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
-    assert_eq!(results["cells"].as_array().unwrap().len(), 9);
+    let cells = results["cells"].as_array().unwrap();
+    // random and llm-bip at both sparsities, wanda (unstructured) at both, alps:2:4 once.
+    assert_eq!(cells.len(), 9 + 2 + 2 + 1);
+    for c in cells
+        .iter()
+        .filter(|c| c["method"] == "wanda" || c["method"] == "alps:2:4")
+    {
+        let err = c["rel_error"].as_f64().unwrap();
+        assert!(err > 0.0 && err < 1.0, "{c}");
+        // One-shot: the model keeps its shape, a fraction of its linear weights is zero.
+        let s = c["sparsity"].as_f64().unwrap();
+        assert!(
+            (c["kept_param_ratio"].as_f64().unwrap() - (1.0 - s)).abs() < 0.01,
+            "{c}"
+        );
+        assert!(
+            c["results"]["wikitext2@16"]["ppl"]
+                .as_f64()
+                .unwrap()
+                .is_finite()
+        );
+    }
+    assert!(
+        cells
+            .iter()
+            .any(|c| c["method"] == "alps:2:4" && c["sparsity"] == 0.5)
+    );
+    assert!(out.join("cells/alps:2:4@0.5/sparsity.json").is_file());
     // Other settings in the same folder are refused.
     let mut other = compare_args(&model, &calib, o, "dense");
     other.extend(["--seed", "3"]);
@@ -692,6 +747,8 @@ fn compare_fills_the_table_and_reuses_finished_cells() {
         ("dense,obs", "obs"),
         ("sleb+bias", "layer removal"),
         ("flap:magnitude", "only pg"),
+        ("alps:3:2", "N:M"),
+        ("wanda+bias", "+bias"),
     ] {
         let (ok, _, err) = xtask(&compare_args(&model, &calib, o, bad));
         assert!(!ok && err.contains(want), "{bad}: {err}");
