@@ -22,8 +22,8 @@ pub struct CompareArgs {
     /// `default`, a .gguf file, a model directory, or hub:ORG/NAME[@REV].
     #[arg(long, default_value = "default")]
     model: String,
-    /// Methods: dense, pg, magnitude, magnitude-l1, random, wanda-sp, flap, block-influence, sleb
-    /// (structured; `pg:INIT` picks the search's initialisation, `NAME+bias` adds bias
+    /// Methods: dense, pg, magnitude, magnitude-l1, random, wanda-sp, flap, block-influence, sleb,
+    /// llm-pruner, llm-bip, mini-llm, ifso (structured; `pg:INIT` picks the search's initialisation, `NAME+bias` adds bias
     /// compensation), and the one-shot unstructured / N:M methods alps, sparsegpt, wanda,
     /// magnitude:unstructured (`alps:2:4` for N:M: one cell at the pattern's sparsity).
     #[arg(
