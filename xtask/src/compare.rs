@@ -379,6 +379,7 @@ pub fn run(args: CompareArgs) -> Result<()> {
     run_on(
         device,
         CompareJob {
+            scores: Default::default(),
             args,
             settings,
             cells,
@@ -388,7 +389,28 @@ pub fn run(args: CompareArgs) -> Result<()> {
     )
 }
 
+/// Unit scores and compensation means per method spec, computed by the first cell that needs
+/// them.
+type ScoreCache = std::cell::RefCell<
+    BTreeMap<
+        String,
+        (
+            lopper_core::UnitScores,
+            Option<lopper_importance::InputStats>,
+        ),
+    >,
+>;
+
+/// The cache key of a spec: its base method and bias flag.
+fn method_spec(spec: &Spec) -> String {
+    match spec.bias {
+        Some(true) => format!("{}+bias", spec.base),
+        _ => spec.base.clone(),
+    }
+}
+
 struct CompareJob {
+    scores: ScoreCache,
     args: CompareArgs,
     settings: Settings,
     cells: Vec<(String, f64)>,
@@ -530,15 +552,38 @@ impl CompareJob {
                 (Some(plan), None)
             }
             m => {
-                let mp = crate::methods::metric_plan(
-                    model,
-                    windows(),
-                    m.parse::<Method>()?,
-                    keep,
-                    st.metric_samples,
-                    &settings,
-                )?;
-                (Some(mp.plan), mp.compensation)
+                let method = m.parse::<Method>()?;
+                // Unit scores do not depend on the sparsity: score once per method spec.
+                let cached = self.scores.borrow().get(&method_spec(&spec)).cloned();
+                match cached {
+                    Some((scores, comp)) if !method.removes_layers() => {
+                        let plan = lopper_importance::plan_from_scores(
+                            model.shape(),
+                            method,
+                            &scores,
+                            keep,
+                            &settings,
+                        )?;
+                        tracing::info!(method = m, "scores reused from an earlier cell");
+                        (Some(plan), comp)
+                    }
+                    _ => {
+                        let mp = crate::methods::metric_plan(
+                            model,
+                            windows(),
+                            method,
+                            keep,
+                            st.metric_samples,
+                            &settings,
+                        )?;
+                        if let Some(sc) = &mp.scores {
+                            self.scores
+                                .borrow_mut()
+                                .insert(method_spec(&spec), (sc.clone(), mp.compensation.clone()));
+                        }
+                        (Some(mp.plan), mp.compensation)
+                    }
+                }
             }
         };
         if means.is_none() && spec.bias == Some(true) {

@@ -33,7 +33,7 @@ mod method;
 mod structure;
 pub use bip::llm_bip;
 pub use gradient::{IfsoSettings, SpsaSettings, Taylor, ifso, llm_pruner, mini_llm};
-pub use method::{Method, MethodPlan, MethodSettings, method_plan};
+pub use method::{Method, MethodPlan, MethodSettings, method_plan, plan_from_scores};
 pub use structure::{
     Flap, InputMoments, SlebRound, block_influence, block_influence_order, flap, input_moments,
     random, sleb, standardise,

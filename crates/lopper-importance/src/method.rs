@@ -164,6 +164,38 @@ pub struct MethodPlan {
     pub compensation: Option<InputStats>,
 }
 
+/// The plan of a unit method's `scores` at `keep`, under the method's allocation and protected
+/// layers (what [`method_plan`] does after scoring; scores do not depend on `keep`, so one
+/// scoring serves every sparsity).
+pub fn plan_from_scores(
+    shape: &lopper_core::ModelShape,
+    method: Method,
+    scores: &UnitScores,
+    keep: f64,
+    settings: &MethodSettings,
+) -> Result<MaskPlan> {
+    let alloc = settings
+        .allocation
+        .or(method.default_allocation())
+        .ok_or_else(|| {
+            Error::Invalid(format!(
+                "{} removes whole layers and has no unit scores",
+                method.name()
+            ))
+        })?;
+    let skip = settings
+        .skip_layers
+        .unwrap_or(usize::from(method == Method::LlmPruner));
+    let n = shape.n_layers();
+    if 2 * skip >= n && skip > 0 {
+        return Err(Error::Invalid(format!(
+            "--skip-layers {skip} keeps all {n} layers whole; nothing is left to prune"
+        )));
+    }
+    let protected: Vec<usize> = (0..skip).chain(n.saturating_sub(skip)..n).collect();
+    Ok(scores.plan_protected(shape, keep, alloc, &protected)?)
+}
+
 /// Runs `method` on the dense `model` and returns its plan keeping `keep` of the prunable
 /// parameters. `windows` is the calibration set (unused by magnitude and random);
 /// `on_progress(message)` reports long steps (SLEB rounds).
@@ -244,18 +276,8 @@ pub fn method_plan<B: Backend>(
         ),
         Method::BlockInfluence | Method::Sleb => (None, None),
     };
-    if let (Some(scores), Some(alloc)) = (scores, allocation) {
-        let skip = settings
-            .skip_layers
-            .unwrap_or(usize::from(method == Method::LlmPruner));
-        let n = shape.n_layers();
-        if 2 * skip >= n && skip > 0 {
-            return Err(Error::Invalid(format!(
-                "--skip-layers {skip} keeps all {n} layers whole; nothing is left to prune"
-            )));
-        }
-        let protected: Vec<usize> = (0..skip).chain(n.saturating_sub(skip)..n).collect();
-        let plan = scores.plan_protected(shape, keep, alloc, &protected)?;
+    if let (Some(scores), Some(_)) = (scores, allocation) {
+        let plan = plan_from_scores(shape, method, &scores, keep, settings)?;
         if compensate && means.is_none() {
             means = Some(crate::input_means(model, windows, settings.batch_size)?);
         }

@@ -362,7 +362,13 @@ fn every_method_meets_its_sparsity() {
     for name in Method::NAMES {
         let m: Method = name.parse().unwrap();
         for keep in [0.5, 0.8] {
-            let mp = method_plan(&model, &w, m, keep, &MethodSettings::default(), |_| {}).unwrap();
+            // LLM-Pruner's protected first and last layers are tested on their own (layer
+            // methods accept a skip of 0).
+            let settings = MethodSettings {
+                skip_layers: Some(0),
+                ..MethodSettings::default()
+            };
+            let mp = method_plan(&model, &w, m, keep, &settings, |_| {}).unwrap();
             let p = &mp.plan;
             p.validate_against(&shape).unwrap();
             assert!(p.meta.contains_key("method") && p.meta.contains_key("allocation"));
