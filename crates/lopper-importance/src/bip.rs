@@ -49,6 +49,15 @@ pub(crate) struct BlockTerms<B: Backend> {
     pub channel_sq: Option<Tensor<B, 2>>,
 }
 
+/// The MLP side of the bound: `K1` per token `[n, 1]`, `K2` and `max |gamma|` (`[1, 1]`), and
+/// the norm's epsilon.
+struct Lipschitz<B: Backend> {
+    k1: Tensor<B, 2>,
+    k2: Tensor<B, 2>,
+    gamma_max: Tensor<B, 2>,
+    eps: f32,
+}
+
 /// The bound terms of `layer` for the residual stream `x` entering it, given its taps. Without
 /// an MLP the attention change reaches the output unchanged (`U = |dh|`).
 pub(crate) fn block_terms<B: Backend>(
@@ -59,7 +68,7 @@ pub(crate) fn block_terms<B: Backend>(
 ) -> BlockTerms<B> {
     let tap = |t: Tap| taps.iter().find(|(p, _)| *p == t).map(|(_, v)| v.clone());
     // MLP: exact channel terms, and the Lipschitz terms of the bound.
-    let mut lip: Option<(Tensor<B, 2>, Tensor<B, 2>, Tensor<B, 2>, f32)> = None;
+    let mut lip: Option<Lipschitz<B>> = None;
     let mut channel_sq = None;
     if let (Some(mlp), Some(norm2), Some(u0), Some(act)) = (
         layer.mlp.as_ref(),
@@ -86,7 +95,12 @@ pub(crate) fn block_terms<B: Backend>(
         .sum_dim(1); // [n, 1]
         let k2 = (a * b * c.clone()).sum().reshape([1, 1]) * (SILU_SLOPE + 1.0) as f32;
         let gamma_max = norm2.weight.val().abs().max().reshape([1, 1]);
-        lip = Some((k1, k2, gamma_max, norm2.eps as f32));
+        lip = Some(Lipschitz {
+            k1,
+            k2,
+            gamma_max,
+            eps: norm2.eps as f32,
+        });
         channel_sq = Some(act.powi_scalar(2) * c.powi_scalar(2));
     }
     let mut group_bound = None;
@@ -106,11 +120,11 @@ pub(crate) fn block_terms<B: Backend>(
                 let dn = dh.powi_scalar(2).sum_dim(1).sqrt(); // [n, 1]
                 match &lip {
                     None => dn,
-                    Some((k1, k2, gamma_max, eps)) => {
+                    Some(lp) => {
                         let lo = (h_norm.clone() - dn.clone()).clamp_min(0.0);
-                        let s_min = (lo.powi_scalar(2) / d as f32 + *eps).sqrt();
-                        let r = dn.clone() * gamma_max.clone() / s_min;
-                        dn + r.clone() * k1.clone() + r.powi_scalar(2) * k2.clone()
+                        let s_min = (lo.powi_scalar(2) / d as f32 + lp.eps).sqrt();
+                        let r = dn.clone() * lp.gamma_max.clone() / s_min;
+                        dn + r.clone() * lp.k1.clone() + r.powi_scalar(2) * lp.k2.clone()
                     }
                 }
             })

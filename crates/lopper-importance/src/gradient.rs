@@ -36,6 +36,9 @@ const INPUT_OF: [usize; 7] = [0, 0, 0, 1, 2, 2, 3];
 /// its inputs (o, down: rows).
 const UNIT_ON_OUTPUTS: [bool; 7] = [true, true, true, false, true, true, false];
 
+/// Per-layer values of every KV group and every channel: `(kv_groups, channels)`.
+pub type UnitValues = (Vec<Vec<f64>>, Vec<Vec<f64>>);
+
 /// One tensor per projection of each layer (burn layout `[in, out]`), `None` where the block is
 /// absent.
 pub type PerLinear<B> = Vec<[Option<Tensor<B, 2>>; 7]>;
@@ -195,10 +198,7 @@ pub fn linear_grads<B: Backend>(
 /// Per-unit sums of a per-weight salience (burn `[in, out]` per linear): a KV group sums its
 /// query heads' q columns and o rows and its k / v columns; a channel sums its gate and up
 /// columns and its down row (LLM-Pruner's dependency groups, group reduction `sum`).
-pub fn unit_sums<B: Backend>(
-    shape: &ModelShape,
-    salience: &PerLinear<B>,
-) -> Result<(Vec<Vec<f64>>, Vec<Vec<f64>>)> {
+pub fn unit_sums<B: Backend>(shape: &ModelShape, salience: &PerLinear<B>) -> Result<UnitValues> {
     let mut kv = Vec::new();
     let mut ch = Vec::new();
     for (ls, sal) in shape.layers.iter().zip(salience) {
@@ -357,10 +357,7 @@ fn uniform_masks<B: Backend>(
 }
 
 /// `d loss / d mask` per KV group (summed over the group's query heads) and per channel.
-fn mask_grads<B: Backend>(
-    ad: &Llama<Autodiff<B>>,
-    batch: &[Vec<u32>],
-) -> Result<(Vec<Vec<f64>>, Vec<Vec<f64>>)> {
+fn mask_grads<B: Backend>(ad: &Llama<Autodiff<B>>, batch: &[Vec<u32>]) -> Result<UnitValues> {
     let shape = ad.shape();
     let masks = uniform_masks::<Autodiff<B>>(shape, 1.0, true, &ad.device());
     let loss = ad.token_nll(tokens(ad, batch)?, Some(&masks))?.mean();
@@ -482,7 +479,7 @@ pub fn ifso<B: Backend>(
             .iter()
             .map(|x| std::array::from_fn(|k| x[k].clone().map(|t| t.inner())))
             .collect();
-        let at = |sign: f32| -> Result<(Vec<Vec<f64>>, Vec<Vec<f64>>)> {
+        let at = |sign: f32| -> Result<UnitValues> {
             let w = axpy(&w_inner, &u, sign * r2 as f32);
             let w: PerLinear<Autodiff<B>> = w
                 .into_iter()

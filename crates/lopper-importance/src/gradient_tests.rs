@@ -172,9 +172,6 @@ fn spsa_estimates_converge_to_the_true_gradient() {
     );
     // Seeded: the same seed gives the same estimate.
     assert!((cosine(&est(8), &est(8)) - 1.0).abs() < 1e-12);
-    eprintln!(
-        "SPSA cosine to the autodiff gradient: 8 directions {few:.3}, 2048 directions {many:.3}"
-    );
 }
 
 #[test]
@@ -211,7 +208,6 @@ fn bip_bound_holds_on_random_inputs() {
                 tight = tight.max((exact[t] / u) as f64);
             }
             assert!(tight > 0.0, "the bound is not vacuous-zero");
-            eprintln!("layer {l} scale {scale} group {g}: max |dY| / bound = {tight:.3}");
         }
         // Channels: the score is exact.
         let ch = hv(&terms.channel_sq.unwrap());
