@@ -30,6 +30,12 @@
 //! importance is `I_g = sqrt(sum_t U_t^2)`, an upper bound of the Frobenius norm of the block
 //! output change over the calibration tokens. Both scores measure the same quantity (block
 //! output change), so they can also be ranked together.
+//!
+//! The bound is valid but loose: every SwiGLU channel is charged for the worst-case alignment
+//! of the perturbation with its weights, so on the default model's real activations `U` is
+//! 150x (layer 3) to 5000x (layer 11) the exact change (measured by the end-to-end test). Within
+//! a layer it orders KV groups like a per-token weighted `|O_g W_o[g, :]|`; across unit types
+//! it over-weights KV groups, which is why the default allocation is per layer.
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, s};
@@ -42,7 +48,7 @@ use crate::{Result, host};
 const SILU_SLOPE: f64 = 1.1;
 
 /// Per-token quantities of one layer on one batch.
-pub(crate) struct BlockTerms<B: Backend> {
+pub struct BlockTerms<B: Backend> {
     /// The bound `U_t` per KV group: `[tokens, groups]` (`None` without attention).
     pub group_bound: Option<Tensor<B, 2>>,
     /// `a_j(t)^2 |W_down[:, j]|^2`: `[tokens, ffn]` (`None` without an MLP).
@@ -60,7 +66,7 @@ struct Lipschitz<B: Backend> {
 
 /// The bound terms of `layer` for the residual stream `x` entering it, given its taps. Without
 /// an MLP the attention change reaches the output unchanged (`U = |dh|`).
-pub(crate) fn block_terms<B: Backend>(
+pub fn block_terms<B: Backend>(
     layer: &lopper_model::DecoderLayer<B>,
     ls: &lopper_core::LayerShape,
     x: &Tensor<B, 2>,
