@@ -48,6 +48,7 @@ use crate::{Result, host};
 const SILU_SLOPE: f64 = 1.1;
 
 /// Per-token quantities of one layer on one batch.
+#[derive(Debug)]
 pub struct BlockTerms<B: Backend> {
     /// The bound `U_t` per KV group: `[tokens, groups]` (`None` without attention).
     pub group_bound: Option<Tensor<B, 2>>,
