@@ -830,6 +830,9 @@ fn write_results(out: &Path, st: &Settings, cells: &[Cell], device: &str) -> Res
             md += &format!("- sparsity {s}: {m} ({v:.2})\n");
         }
     }
+    if has_err {
+        md += &per_layer_errors(out, cells)?;
+    }
     lopper_core::write_atomic(&out.join("results.md"), md.as_bytes())?;
     crate::prune::write_json(
         &out.join("results.json"),
@@ -879,4 +882,48 @@ fn write_results(out: &Path, st: &Settings, cells: &[Cell], device: &str) -> Res
         )?;
     }
     Ok(())
+}
+
+/// The per-layer table of the one-shot cells: mean relative reconstruction error of each
+/// layer's linears (from each cell's `sparsity.json`).
+fn per_layer_errors(out: &Path, cells: &[Cell]) -> Result<String> {
+    let mut cols: Vec<(String, Vec<f64>)> = Vec::new();
+    for c in cells.iter().filter(|c| c.rel_error.is_some()) {
+        let path = out
+            .join("cells")
+            .join(cell_id(&c.method, c.sparsity))
+            .join("sparsity.json");
+        let json: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(&path)
+                .with_context(|| format!("reading {}", path.display()))?,
+        )?;
+        let mut per: BTreeMap<u64, (f64, f64)> = BTreeMap::new();
+        for l in json["linears"].as_array().into_iter().flatten() {
+            let (Some(layer), Some(e)) = (l["layer"].as_u64(), l["rel_error"].as_f64()) else {
+                continue;
+            };
+            let slot = per.entry(layer).or_default();
+            *slot = (slot.0 + e, slot.1 + 1.0);
+        }
+        cols.push((
+            format!("{}@{}", c.method, c.sparsity),
+            per.values().map(|(s, n)| s / n).collect(),
+        ));
+    }
+    let n = cols.iter().map(|c| c.1.len()).max().unwrap_or(0);
+    let mut md = String::from(
+        "\nMean relative reconstruction error of each layer's seven linears (one-shot cells):\n\n| layer |",
+    );
+    for (k, _) in &cols {
+        md += &format!(" {k} |");
+    }
+    md += &format!("\n|---:|{}\n", "---:|".repeat(cols.len()));
+    for l in 0..n {
+        md += &format!("| {l} |");
+        for (_, v) in &cols {
+            md += &v.get(l).map_or(" – |".into(), |e| format!(" {e:.4} |"));
+        }
+        md += "\n";
+    }
+    Ok(md)
 }

@@ -737,6 +737,12 @@ fn compare_fills_the_table_and_reuses_finished_cells() {
             .any(|c| c["method"] == "alps:2:4" && c["sparsity"] == 0.5)
     );
     assert!(out.join("cells/alps:2:4@0.5/sparsity.json").is_file());
+    let md = std::fs::read_to_string(out.join("results.md")).unwrap();
+    assert!(
+        md.contains("Mean relative reconstruction error of each layer")
+            && md.contains("| alps:2:4@0.5 |"),
+        "{md}"
+    );
     // Other settings in the same folder are refused.
     let mut other = compare_args(&model, &calib, o, "dense");
     other.extend(["--seed", "3"]);
