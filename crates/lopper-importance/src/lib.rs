@@ -193,57 +193,30 @@ pub enum Norm {
 
 /// Magnitude scores: the norm of all weights a unit owns.
 pub fn magnitude<B: Backend>(model: &Llama<B>, norm: Norm) -> Result<UnitScores> {
-    let shape = model.shape();
-    // Per-column (burn [in, out]: dim 0 = in) or per-row sums of |w| or w^2.
-    let reduce = |w: Tensor<B, 2>, dim: usize| -> Result<Vec<f64>> {
-        let p = match norm {
-            Norm::L1 => w.abs(),
-            Norm::L2 => w.powi_scalar(2),
-        };
-        host(p.sum_dim(dim))
+    let salience = gradient::linear_weights(model)
+        .into_iter()
+        .map(|ws| {
+            ws.map(|w| {
+                w.map(|w| match norm {
+                    Norm::L1 => w.abs(),
+                    Norm::L2 => w.powi_scalar(2),
+                })
+            })
+        })
+        .collect();
+    let (kv, ch) = gradient::unit_sums(model.shape(), &salience)?;
+    let finish = |v: Vec<Vec<f64>>| -> Vec<Vec<f64>> {
+        v.into_iter()
+            .map(|l| l.into_iter().map(|x| finish_norm(x, norm)).collect())
+            .collect()
     };
-    let mut kv_groups = Vec::new();
-    let mut channels = Vec::new();
-    for (layer, ls) in model.layers.iter().zip(&shape.layers) {
-        kv_groups.push(match &layer.self_attn {
-            Some(a) => {
-                // Per output feature of q/k/v (dim 0 sums over inputs), per input row of o_proj.
-                let q = reduce(a.q_proj.weight.val(), 0)?;
-                let k = reduce(a.k_proj.weight.val(), 0)?;
-                let v = reduce(a.v_proj.weight.val(), 0)?;
-                let o = reduce(a.o_proj.weight.val(), 1)?;
-                let (hd, rep) = (ls.head_dim, ls.n_rep());
-                (0..ls.n_kv_heads)
-                    .map(|g| {
-                        let qo: f64 = (g * rep * hd..(g + 1) * rep * hd)
-                            .map(|j| q[j] + o[j])
-                            .sum();
-                        let kv: f64 = (g * hd..(g + 1) * hd).map(|j| k[j] + v[j]).sum();
-                        finish_norm(qo + kv, norm)
-                    })
-                    .collect()
-            }
-            None => Vec::new(),
-        });
-        channels.push(match &layer.mlp {
-            Some(m) => {
-                let g = reduce(m.gate_proj.weight.val(), 0)?;
-                let u = reduce(m.up_proj.weight.val(), 0)?;
-                let d = reduce(m.down_proj.weight.val(), 1)?;
-                (0..ls.ffn_hidden)
-                    .map(|c| finish_norm(g[c] + u[c] + d[c], norm))
-                    .collect()
-            }
-            None => Vec::new(),
-        });
-    }
     Ok(UnitScores {
         method: match norm {
             Norm::L1 => "magnitude-l1".into(),
             Norm::L2 => "magnitude-l2".into(),
         },
-        kv_groups,
-        channels,
+        kv_groups: finish(kv),
+        channels: finish(ch),
     })
 }
 
