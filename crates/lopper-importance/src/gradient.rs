@@ -105,17 +105,26 @@ pub fn with_linear_weights<B: Backend>(
     out
 }
 
-/// `a + scale * b`, per linear.
-fn axpy<B: Backend>(a: &PerLinear<B>, b: &PerLinear<B>, scale: f32) -> PerLinear<B> {
+/// `f(a, b)` for every linear present in both.
+fn zip_linear<B: Backend>(
+    a: &PerLinear<B>,
+    b: &PerLinear<B>,
+    f: impl Fn(Tensor<B, 2>, Tensor<B, 2>) -> Tensor<B, 2>,
+) -> PerLinear<B> {
     a.iter()
         .zip(b)
         .map(|(x, y)| {
             std::array::from_fn(|k| match (&x[k], &y[k]) {
-                (Some(x), Some(y)) => Some(x.clone() + y.clone() * scale),
+                (Some(x), Some(y)) => Some(f(x.clone(), y.clone())),
                 _ => None,
             })
         })
         .collect()
+}
+
+/// `a + scale * b`, per linear.
+fn axpy<B: Backend>(a: &PerLinear<B>, b: &PerLinear<B>, scale: f32) -> PerLinear<B> {
+    zip_linear(a, b, |x, y| x + y * scale)
 }
 
 /// `f(t)` applied to every present tensor.
@@ -300,30 +309,12 @@ pub fn llm_pruner<B: Backend>(
     let (g, f) = calibration_grads(&ad, windows, batch_size, variant == Taylor::Element2)?;
     drop(ad);
     let w = linear_weights(model);
-    let first: PerLinear<B> = w
-        .iter()
-        .zip(&g)
-        .map(|(w, g)| {
-            std::array::from_fn(|k| match (&w[k], &g[k]) {
-                (Some(w), Some(g)) => Some(w.clone() * g.clone()),
-                _ => None,
-            })
-        })
-        .collect();
+    let first = zip_linear(&w, &g, |w, g| w * g);
     let salience = match f {
         None => map_linear(&first, |t| t.abs()),
         Some(f) => {
             // |w g - 1/2 w F w|
-            let second: PerLinear<B> = w
-                .iter()
-                .zip(&f)
-                .map(|(w, f)| {
-                    std::array::from_fn(|k| match (&w[k], &f[k]) {
-                        (Some(w), Some(f)) => Some(w.clone().powi_scalar(2) * f.clone() * 0.5),
-                        _ => None,
-                    })
-                })
-                .collect();
+            let second = zip_linear(&w, &f, |w, f| w.powi_scalar(2) * f * 0.5);
             map_linear(&axpy(&first, &second, -1.0), |t| t.abs())
         }
     };
