@@ -137,6 +137,10 @@ struct Cell {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     rel_error: Option<f64>,
     seconds_plan: f64,
+    /// Peak resident memory of the process while this cell planned (the high-water mark is reset
+    /// before each cell: it includes the dense model and the calibration held in memory).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    plan_peak_mib: Option<f64>,
     seconds_eval: f64,
     device: String,
 }
@@ -488,6 +492,7 @@ impl CompareJob {
         device_name: &str,
     ) -> Result<Cell> {
         let st = &self.settings;
+        let peak_known = crate::progress::reset_peak_rss();
         let t = Instant::now();
         let keep = 1.0 - sparsity;
         let settings = MethodSettings {
@@ -533,8 +538,17 @@ impl CompareJob {
                     windows(),
                     &cfg,
                     || {
+                        let init = spec.init.as_deref().unwrap_or(&st.pg_init);
+                        // A metric scored by an earlier cell of this run starts the search from
+                        // the same scores.
+                        if let Some((scores, _)) = self.scores.borrow().get(init) {
+                            tracing::info!(init, "initial scores reused from an earlier cell");
+                            return Ok(lopper_policy::Init::Scores {
+                                scores: scores.clone(),
+                            });
+                        }
                         crate::methods::pg_init(
-                            spec.init.as_deref().unwrap_or(&st.pg_init),
+                            init,
                             model,
                             windows(),
                             st.metric_samples,
@@ -595,6 +609,7 @@ impl CompareJob {
             )?);
         }
         let seconds_plan = t.elapsed().as_secs_f64();
+        let plan_peak_mib = crate::progress::peak_rss_mib().filter(|_| peak_known);
         let (pruned, allocation) = match (&plan, &oneshot) {
             (None, Some((m, _, _))) => (
                 Some(m.clone()),
@@ -689,6 +704,7 @@ impl CompareJob {
             llm_pruner_average,
             rel_error: oneshot.as_ref().map(|o| o.2),
             seconds_plan,
+            plan_peak_mib,
             seconds_eval: t.elapsed().as_secs_f64(),
             device: device_name.into(),
         };
@@ -764,6 +780,7 @@ fn write_results(out: &Path, st: &Settings, cells: &[Cell], device: &str) -> Res
         st.pg.batch_size,
         st.pg_init,
     );
+    md += "`plan s`: seconds to score and plan (a method scores once; its later sparsities reuse the scores). `plan peak MiB`: peak resident memory of the process during that phase, its high-water mark reset before each cell (includes the dense model and the calibration windows). `eval s`: seconds of the evaluation.\n\n";
     if has_err {
         md += "One-shot methods (alps, sparsegpt, wanda, NAME:PATTERN) zero individual weights of the decoder linears: their sparsity is the fraction of those weights set to zero, the model keeps its shape, and `rel. err` is the mean over the linears of ||XW^T - XW0^T||^2 / ||XW0^T||^2 on the calibration inputs (per linear in cells/<id>/sparsity.json).\n\n";
     }
@@ -777,9 +794,9 @@ fn write_results(out: &Path, st: &Settings, cells: &[Cell], device: &str) -> Res
     if has_err {
         md += " rel. err |";
     }
-    md += " plan s | eval s |\n|---|---:|---|---:|---:|";
+    md += " plan s | plan peak MiB | eval s |\n|---|---:|---|---:|---:|";
     md += &"---:|".repeat(cols.len() + usize::from(has_avg) + usize::from(has_err));
-    md += "---:|---:|\n";
+    md += "---:|---:|---:|\n";
     for c in cells {
         md += &format!(
             "| {}{} | {} | {} | {:.4} | {} |",
@@ -810,7 +827,12 @@ fn write_results(out: &Path, st: &Settings, cells: &[Cell], device: &str) -> Res
         if has_err {
             md += &c.rel_error.map_or(" – |".into(), |v| format!(" {v:.5} |"));
         }
-        md += &format!(" {:.1} | {:.1} |\n", c.seconds_plan, c.seconds_eval);
+        md += &format!(
+            " {:.1} | {} | {:.1} |\n",
+            c.seconds_plan,
+            c.plan_peak_mib.map_or("–".into(), |m| format!("{m:.0}")),
+            c.seconds_eval
+        );
     }
     // Best method per sparsity on the first perplexity column.
     if let Some((k, _)) = cols.iter().find(|(_, m)| m == "ppl") {

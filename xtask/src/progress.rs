@@ -35,6 +35,13 @@ pub fn peak_rss_mib() -> Option<f64> {
     Some(kib / 1024.0)
 }
 
+/// Resets the peak resident memory of this process to its current resident memory (writes `5`
+/// to /proc/self/clear_refs), so that `peak_rss_mib` measures one phase; false where the kernel
+/// does not allow it.
+pub fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
 /// `; peak resident memory N MiB` when known.
 pub fn peak_rss_note() -> String {
     peak_rss_mib().map_or(String::new(), |m| {

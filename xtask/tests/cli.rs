@@ -703,15 +703,24 @@ fn compare_fills_the_table_and_reuses_finished_cells() {
         &model,
         &calib,
         o,
-        "dense,flap,block-influence,pg:magnitude+bias,random,llm-bip,wanda,alps:2:4",
+        "dense,flap,block-influence,pg:magnitude+bias,random,llm-bip,wanda,alps:2:4,magnitude,pg:magnitude",
     ));
     assert!(ok, "{err}");
     assert_eq!(stamp("pg:magnitude+bias@0.3"), before);
+    // pg:magnitude starts from the scores the magnitude cell computed: the same search as
+    // pg:magnitude+bias, which scored on its own in the first run (bias changes only surgery).
+    let layers = |id: &str| {
+        let plan =
+            lopper_core::MaskPlan::load(&out.join("cells").join(id).join("plan.json")).unwrap();
+        serde_json::to_value(&plan.layers).unwrap()
+    };
+    assert_eq!(layers("pg:magnitude@0.3"), layers("pg:magnitude+bias@0.3"));
     let results: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
     let cells = results["cells"].as_array().unwrap();
-    // random and llm-bip at both sparsities, wanda (unstructured) at both, alps:2:4 once.
-    assert_eq!(cells.len(), 9 + 2 + 2 + 1);
+    // random, llm-bip, magnitude and pg:magnitude at both sparsities, wanda (unstructured) at
+    // both, alps:2:4 once.
+    assert_eq!(cells.len(), 9 + 2 + 2 + 2 + 2 + 1);
     for c in cells
         .iter()
         .filter(|c| c["method"] == "wanda" || c["method"] == "alps:2:4")
@@ -738,6 +747,12 @@ fn compare_fills_the_table_and_reuses_finished_cells() {
     );
     assert!(out.join("cells/alps:2:4@0.5/sparsity.json").is_file());
     let md = std::fs::read_to_string(out.join("results.md")).unwrap();
+    // Each computed cell records its planning peak memory (the high-water mark is reset per cell).
+    assert!(md.contains("| plan s | plan peak MiB | eval s |"), "{md}");
+    for c in cells {
+        let peak = c["plan_peak_mib"].as_f64().unwrap();
+        assert!(peak > 1.0 && peak < 100_000.0, "{c}");
+    }
     assert!(
         md.contains("Mean relative reconstruction error of each layer")
             && md.contains("| alps:2:4@0.5 |"),
