@@ -141,6 +141,10 @@ struct Cell {
     /// before each cell: it includes the dense model and the calibration held in memory).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     plan_peak_mib: Option<f64>,
+    /// Resident memory when the cell started planning: `plan_peak_mib` minus this is what the
+    /// method itself added.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    plan_start_mib: Option<f64>,
     seconds_eval: f64,
     device: String,
 }
@@ -493,6 +497,7 @@ impl CompareJob {
     ) -> Result<Cell> {
         let st = &self.settings;
         let peak_known = crate::progress::reset_peak_rss();
+        let plan_start_mib = crate::progress::rss_mib().filter(|_| peak_known);
         let t = Instant::now();
         let keep = 1.0 - sparsity;
         let settings = MethodSettings {
@@ -705,6 +710,7 @@ impl CompareJob {
             rel_error: oneshot.as_ref().map(|o| o.2),
             seconds_plan,
             plan_peak_mib,
+            plan_start_mib,
             seconds_eval: t.elapsed().as_secs_f64(),
             device: device_name.into(),
         };
@@ -780,7 +786,7 @@ fn write_results(out: &Path, st: &Settings, cells: &[Cell], device: &str) -> Res
         st.pg.batch_size,
         st.pg_init,
     );
-    md += "`plan s`: seconds to score and plan (a method scores once; its later sparsities reuse the scores). `plan peak MiB`: peak resident memory of the process during that phase, its high-water mark reset before each cell (includes the dense model and the calibration windows). `eval s`: seconds of the evaluation.\n\n";
+    md += "`plan s`: seconds to score and plan (a method scores once; its later sparsities reuse the scores). `plan peak MiB`: peak resident memory of the process during that phase, its high-water mark reset before each cell; it includes what the process already held (dense model, calibration windows, memory the allocator kept from earlier cells), and `(+N)` is the rise over the resident memory at the cell's start, what the method itself needed. `eval s`: seconds of the evaluation.\n\n";
     if has_err {
         md += "One-shot methods (alps, sparsegpt, wanda, NAME:PATTERN) zero individual weights of the decoder linears: their sparsity is the fraction of those weights set to zero, the model keeps its shape, and `rel. err` is the mean over the linears of ||XW^T - XW0^T||^2 / ||XW0^T||^2 on the calibration inputs (per linear in cells/<id>/sparsity.json).\n\n";
     }
@@ -830,7 +836,11 @@ fn write_results(out: &Path, st: &Settings, cells: &[Cell], device: &str) -> Res
         md += &format!(
             " {:.1} | {} | {:.1} |\n",
             c.seconds_plan,
-            c.plan_peak_mib.map_or("–".into(), |m| format!("{m:.0}")),
+            match (c.plan_peak_mib, c.plan_start_mib) {
+                (Some(p), Some(s)) => format!("{p:.0} (+{:.0})", p - s),
+                (Some(p), None) => format!("{p:.0}"),
+                _ => "–".into(),
+            },
             c.seconds_eval
         );
     }

@@ -26,13 +26,22 @@ impl Write for LogWriter {
     }
 }
 
-/// Peak resident memory of this process so far, in MiB (`VmHWM` of /proc/self/status; `None`
-/// where the kernel does not report it).
-pub fn peak_rss_mib() -> Option<f64> {
+/// A `/proc/self/status` memory line in MiB (`None` where the kernel does not report it).
+fn status_mib(key: &str) -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let line = status.lines().find(|l| l.starts_with(key))?;
     let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib / 1024.0)
+}
+
+/// Peak resident memory of this process so far, in MiB (`VmHWM`).
+pub fn peak_rss_mib() -> Option<f64> {
+    status_mib("VmHWM:")
+}
+
+/// Resident memory of this process now, in MiB (`VmRSS`).
+pub fn rss_mib() -> Option<f64> {
+    status_mib("VmRSS:")
 }
 
 /// Resets the peak resident memory of this process to its current resident memory (writes `5`
