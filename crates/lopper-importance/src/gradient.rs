@@ -186,21 +186,47 @@ fn tokens<B: Backend>(model: &Llama<B>, batch: &[Vec<u32>]) -> Result<Tensor<B, 
     Ok(model.tokens(batch)?)
 }
 
+/// Windows per backward pass. A batch's gradient is accumulated over chunks of at most this
+/// many windows (weighted by their predicted tokens, so the result is the batch's), which bounds
+/// the activations autodiff keeps, the bulk of a backward pass's memory (about 0.3 GiB per
+/// 128-token window on the default model, mostly the 49,152-wide logits), whatever the batch.
+pub const WINDOWS_PER_BACKWARD: usize = 2;
+
+/// The chunks of `batch` that one backward pass each handles, with each chunk's share of the
+/// batch's predicted tokens (the weight of its mean loss in the batch's).
+fn backward_chunks(batch: &[Vec<u32>]) -> impl Iterator<Item = (&[Vec<u32>], f64)> {
+    let predicted = |c: &[Vec<u32>]| c.iter().map(|w| w.len().saturating_sub(1)).sum::<usize>();
+    let total = predicted(batch).max(1) as f64;
+    batch
+        .chunks(WINDOWS_PER_BACKWARD)
+        .map(move |c| (c, predicted(c) as f64 / total))
+}
+
 /// Mean next-token loss of `ad` on `batch` (under `masks`) and its gradient with respect to
-/// every decoder linear weight (on the inner backend).
+/// every decoder linear weight (on the inner backend), accumulated over chunks of
+/// [`WINDOWS_PER_BACKWARD`] windows.
 pub fn linear_grads<B: Backend>(
     ad: &Llama<Autodiff<B>>,
     batch: &[Vec<u32>],
     masks: Option<&Masks<Autodiff<B>>>,
 ) -> Result<(f64, PerLinear<B>)> {
-    let loss = ad.token_nll(tokens(ad, batch)?, masks)?.mean();
-    let value = host(loss.clone().inner())?[0];
-    let grads = loss.backward();
-    let g = ad
-        .layers
-        .iter()
-        .map(|l| layer_linears(l).map(|lin| lin.and_then(|lin| lin.weight.val().grad(&grads))))
-        .collect();
+    let mut value = 0.0;
+    let mut acc: Option<PerLinear<B>> = None;
+    for (chunk, w) in backward_chunks(batch) {
+        let loss = ad.token_nll(tokens(ad, chunk)?, masks)?.mean();
+        value += w * host(loss.clone().inner())?[0];
+        let grads = loss.backward();
+        let g: PerLinear<B> = ad
+            .layers
+            .iter()
+            .map(|l| layer_linears(l).map(|lin| lin.and_then(|lin| lin.weight.val().grad(&grads))))
+            .collect();
+        acc = Some(match acc {
+            Some(a) => axpy(&a, &g, w as f32),
+            None => map_linear(&g, |t| t * w as f32),
+        });
+    }
+    let g = acc.ok_or_else(|| Error::Invalid("a gradient of an empty batch".into()))?;
     Ok((value, g))
 }
 
@@ -298,7 +324,8 @@ fn calibration_grads<B: Backend>(
 /// LLM-Pruner (Ma et al. 2023) Taylor scores of every KV group and channel: gradients of the
 /// calibration loss from burn's autodiff, per-weight salience by `variant`, summed over each
 /// coupled group. Memory: the model, an autodiff copy with one gradient per decoder linear,
-/// and one accumulator (two for element2).
+/// one accumulator (two for element2) and the activations of [`WINDOWS_PER_BACKWARD`] windows,
+/// whatever `batch_size`.
 pub fn llm_pruner<B: Backend>(
     model: &Llama<B>,
     windows: &[Vec<u32>],
@@ -347,31 +374,42 @@ fn uniform_masks<B: Backend>(
     m
 }
 
-/// `d loss / d mask` per KV group (summed over the group's query heads) and per channel.
-fn mask_grads<B: Backend>(ad: &Llama<Autodiff<B>>, batch: &[Vec<u32>]) -> Result<UnitValues> {
+/// `d loss / d mask` per KV group (summed over the group's query heads) and per channel,
+/// accumulated over chunks of [`WINDOWS_PER_BACKWARD`] windows.
+pub(crate) fn mask_grads<B: Backend>(
+    ad: &Llama<Autodiff<B>>,
+    batch: &[Vec<u32>],
+) -> Result<UnitValues> {
     let shape = ad.shape();
-    let masks = uniform_masks::<Autodiff<B>>(shape, 1.0, true, &ad.device());
-    let loss = ad.token_nll(tokens(ad, batch)?, Some(&masks))?.mean();
-    let grads = loss.backward();
-    let mut kv = Vec::new();
-    let mut ch = Vec::new();
-    for (lm, ls) in masks.layers.iter().zip(&shape.layers) {
+    let mut kv: Vec<Vec<f64>> = shape.layers.iter().map(|_| Vec::new()).collect();
+    let mut ch = kv.clone();
+    for (chunk, w) in backward_chunks(batch) {
+        let masks = uniform_masks::<Autodiff<B>>(shape, 1.0, true, &ad.device());
+        let loss = ad.token_nll(tokens(ad, chunk)?, Some(&masks))?.mean();
+        let grads = loss.backward();
         let get = |t: &Option<Tensor<Autodiff<B>, 1>>| -> Result<Vec<f64>> {
             match t.as_ref().and_then(|t| t.grad(&grads)) {
                 Some(g) => host(g),
                 None => Ok(Vec::new()),
             }
         };
-        let heads = get(&lm.heads)?;
-        let rep = ls.n_rep();
-        kv.push(if heads.is_empty() {
-            Vec::new()
-        } else {
-            (0..ls.n_kv_heads)
-                .map(|g| heads[g * rep..(g + 1) * rep].iter().sum())
-                .collect()
-        });
-        ch.push(get(&lm.channels)?);
+        let add = |acc: &mut Vec<f64>, v: Vec<f64>| {
+            acc.resize(v.len(), 0.0);
+            acc.iter_mut().zip(v).for_each(|(a, x)| *a += w * x);
+        };
+        for (l, (lm, ls)) in masks.layers.iter().zip(&shape.layers).enumerate() {
+            let heads = get(&lm.heads)?;
+            let rep = ls.n_rep();
+            let groups = if heads.is_empty() {
+                Vec::new()
+            } else {
+                (0..ls.n_kv_heads)
+                    .map(|g| heads[g * rep..(g + 1) * rep].iter().sum())
+                    .collect()
+            };
+            add(&mut kv[l], groups);
+            add(&mut ch[l], get(&lm.channels)?);
+        }
     }
     Ok((kv, ch))
 }

@@ -5,7 +5,8 @@ use burn_flex::Flex;
 
 use super::*;
 use crate::gradient::{
-    PerLinear, linear_grads, linear_weights, spsa_gradient, with_linear_weights,
+    PerLinear, WINDOWS_PER_BACKWARD, linear_grads, linear_weights, mask_grads, spsa_gradient,
+    with_linear_weights,
 };
 use lopper_core::{Allocation, ModelShape};
 use lopper_model::LayerMasks;
@@ -93,6 +94,62 @@ fn taylor_scores_equal_finite_difference_estimates() {
         (got - want).abs() < 0.02 * want,
         "KV group: autodiff {got} vs finite differences {want}"
     );
+}
+
+#[test]
+fn batch_gradients_accumulate_over_backward_chunks() {
+    // Four windows are two backward passes; the result is the batch's mean-loss gradient, the
+    // mean of the single-window gradients (equal lengths).
+    let (model, w) = (tiny(), windows());
+    assert!(w.len() > WINDOWS_PER_BACKWARD);
+    let ad = gradient::autodiff_copy(&model, true).unwrap();
+    let (loss, g) = linear_grads(&ad, &w, None).unwrap();
+    let per: Vec<(f64, PerLinear<B>)> = w
+        .chunks(1)
+        .map(|x| linear_grads(&ad, x, None).unwrap())
+        .collect();
+    let mean_loss = per.iter().map(|p| p.0).sum::<f64>() / per.len() as f64;
+    assert!(
+        (loss - mean_loss).abs() < 1e-5 * mean_loss,
+        "{loss} vs {mean_loss}"
+    );
+    for (layer, k) in [(0, 0), (0, 3), (1, 4), (1, 6)] {
+        let got = hv(g[layer][k].as_ref().unwrap());
+        let want: Vec<f32> = (0..got.len())
+            .map(|i| {
+                per.iter()
+                    .map(|p| hv(p.1[layer][k].as_ref().unwrap())[i])
+                    .sum::<f32>()
+                    / per.len() as f32
+            })
+            .collect();
+        let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+        assert!(scale > 0.0);
+        for (a, b) in got.iter().zip(&want) {
+            assert!((a - b).abs() < 1e-4 * scale, "{layer}/{k}: {a} vs {b}");
+        }
+    }
+    // The same for the gradients with respect to the unit masks (IFSO).
+    let ad = gradient::autodiff_copy(&model, false).unwrap();
+    let (kv, ch) = mask_grads(&ad, &w).unwrap();
+    let per: Vec<_> = w.chunks(1).map(|x| mask_grads(&ad, x).unwrap()).collect();
+    for l in 0..kv.len() {
+        for (j, got) in kv[l].iter().enumerate() {
+            let want = per.iter().map(|p| p.0[l][j]).sum::<f64>() / per.len() as f64;
+            assert!(
+                (got - want).abs() < 1e-4 * want.abs().max(1e-3),
+                "kv {l}/{j}"
+            );
+        }
+        assert_eq!(ch[l].len(), per[0].1[l].len());
+        for (j, got) in ch[l].iter().enumerate() {
+            let want = per.iter().map(|p| p.1[l][j]).sum::<f64>() / per.len() as f64;
+            assert!(
+                (got - want).abs() < 1e-4 * want.abs().max(1e-3),
+                "ch {l}/{j}"
+            );
+        }
+    }
 }
 
 #[test]
