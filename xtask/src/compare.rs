@@ -92,6 +92,10 @@ pub struct CompareArgs {
     /// Delete DIR first (otherwise finished cells are reused).
     #[arg(long)]
     force: bool,
+    /// Compute nothing: write the results from the finished cells of DIR (a run still going, or
+    /// one that was stopped), listing the missing ones.
+    #[arg(long, conflicts_with = "force")]
+    report_only: bool,
     /// Output folder: results.json, results.md, ppl_vs_sparsity.png, accuracy_vs_sparsity.png,
     /// settings.json, cells/<method>@<sparsity>/.
     #[arg(long)]
@@ -383,6 +387,26 @@ pub fn run(args: CompareArgs) -> Result<()> {
             cells.extend(sparsities.iter().map(|&s| (m.clone(), s)));
         }
     }
+    if args.report_only {
+        let mut done = Vec::new();
+        let mut missing = Vec::new();
+        for (m, sp) in &cells {
+            let id = cell_id(m, *sp);
+            match read_cell(&args.out, &id)? {
+                Some(c) => done.push(c),
+                None => missing.push(id),
+            }
+        }
+        anyhow::ensure!(
+            !done.is_empty(),
+            "{} has none of these cells finished: run without --report-only first",
+            args.out.display()
+        );
+        let device = done[0].device.clone();
+        write_results(&args.out, &settings, &done, &device, &missing)?;
+        println!("{}", std::fs::read_to_string(args.out.join("results.md"))?);
+        return Ok(());
+    }
     let device = args.device;
     run_on(
         device,
@@ -439,14 +463,12 @@ impl Job for CompareJob {
             "cells [{bar:30}] {pos}/{len} {msg} eta {eta}",
         )?;
         let mut done: Vec<Cell> = Vec::new();
-        for (method, sparsity) in &self.cells {
+        for (i, (method, sparsity)) in self.cells.iter().enumerate() {
             let id = cell_id(method, *sparsity);
             let dir = a.out.join("cells").join(&id);
             let cell_path = dir.join("cell.json");
             bar.set_message(id.clone());
-            if cell_path.is_file() {
-                let cell: Cell = serde_json::from_str(&std::fs::read_to_string(&cell_path)?)
-                    .with_context(|| format!("reading {}", cell_path.display()))?;
+            if let Some(cell) = read_cell(&a.out, &id)? {
                 tracing::info!(cell = id, "cached");
                 done.push(cell);
                 bar.inc(1);
@@ -475,9 +497,17 @@ impl Job for CompareJob {
             crate::prune::write_json(&cell_path, &cell)?;
             done.push(cell);
             bar.inc(1);
+            // The table so far: an interrupted run keeps a report of what it finished.
+            let rest: Vec<String> = self.cells[i + 1..]
+                .iter()
+                .map(|(m, sp)| cell_id(m, *sp))
+                .collect();
+            if !rest.is_empty() {
+                write_results(&a.out, st, &done, &device_name, &rest)?;
+            }
         }
         bar.finish_and_clear();
-        write_results(&a.out, st, &done, &device_name)?;
+        write_results(&a.out, st, &done, &device_name, &[])?;
         println!("{}", std::fs::read_to_string(a.out.join("results.md"))?);
         Ok(())
     }
@@ -753,11 +783,42 @@ fn columns(st: &Settings) -> Result<Vec<(String, String)>> {
     Ok(cols)
 }
 
-fn write_results(out: &Path, st: &Settings, cells: &[Cell], device: &str) -> Result<()> {
+/// The finished cell `id` of the comparison in `out`, if there is one.
+fn read_cell(out: &Path, id: &str) -> Result<Option<Cell>> {
+    let path = out.join("cells").join(id).join("cell.json");
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&path)?;
+    Ok(Some(serde_json::from_str(&text).with_context(|| {
+        format!(
+            "reading {} (delete the cell's folder to compute it again)",
+            path.display()
+        )
+    })?))
+}
+
+/// results.json, results.md and the plots from `cells`; `missing` names the cells of the
+/// requested grid not finished yet (a partial table says so).
+fn write_results(
+    out: &Path,
+    st: &Settings,
+    cells: &[Cell],
+    device: &str,
+    missing: &[String],
+) -> Result<()> {
     let cols = columns(st)?;
     let has_avg = cells.iter().any(|c| c.llm_pruner_average.is_some());
     let has_err = cells.iter().any(|c| c.rel_error.is_some());
     let mut md = String::from("# lopper compare\n\n");
+    if !missing.is_empty() {
+        md += &format!(
+            "**Partial**: {} of {} cells finished; missing: {}.\n\n",
+            cells.len(),
+            cells.len() + missing.len(),
+            missing.join(", ")
+        );
+    }
     md += &format!(
         "Model `{}`; calibration {} ({} windows of {} tokens, {} sampler, seed {}; metric methods read the first {}); perplexity windows: {}; multiple-choice examples: {}; device {device}. Perplexity: `cargo xtask eval` protocol (BOS none). Accuracy: acc for boolq, piqa, winogrande, arc_easy, lambada; acc_norm for hellaswag, arc_challenge, openbookqa (LLM-Pruner convention). PG: {} steps, {:?} lr {}, batch {}, init {}.\n\n",
         st.model,
@@ -868,7 +929,7 @@ fn write_results(out: &Path, st: &Settings, cells: &[Cell], device: &str) -> Res
     lopper_core::write_atomic(&out.join("results.md"), md.as_bytes())?;
     crate::prune::write_json(
         &out.join("results.json"),
-        &serde_json::json!({"settings": st, "cells": cells}),
+        &serde_json::json!({"settings": st, "cells": cells, "missing": missing}),
     )?;
     // Plots: one line per method over sparsity (dense at 0 joins every line).
     let dense = cells.iter().find(|c| c.method == "dense");

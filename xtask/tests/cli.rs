@@ -663,6 +663,7 @@ fn compare_fills_the_table_and_reuses_finished_cells() {
     ));
     assert!(ok, "{err}");
     assert!(stdout.contains("| flap (+bias) | 0.3 |"), "{stdout}");
+    assert!(!stdout.contains("**Partial**"), "{stdout}");
     let results: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
     let cells = results["cells"].as_array().unwrap();
@@ -759,6 +760,20 @@ fn compare_fills_the_table_and_reuses_finished_cells() {
             && md.contains("| alps:2:4@0.5 |"),
         "{md}"
     );
+    // --report-only computes nothing: the table of the finished cells, the missing ones listed.
+    let mut report = compare_args(&model, &calib, o, "dense,flap,sleb");
+    report.push("--report-only");
+    let (ok, stdout, err) = xtask_with_data(&report);
+    assert!(ok, "{err}");
+    assert!(
+        stdout.contains("**Partial**: 3 of 5 cells finished; missing: sleb@0.3, sleb@0.5."),
+        "{stdout}"
+    );
+    assert!(!out.join("cells/sleb@0.3").exists());
+    let results: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+    assert_eq!(results["cells"].as_array().unwrap().len(), 3);
+    assert_eq!(results["missing"].as_array().unwrap().len(), 2);
     // Other settings in the same folder are refused.
     let mut other = compare_args(&model, &calib, o, "dense");
     other.extend(["--seed", "3"]);
