@@ -574,21 +574,30 @@ impl CompareJob {
                     &cfg,
                     || {
                         let init = spec.init.as_deref().unwrap_or(&st.pg_init);
-                        // A metric scored by an earlier cell of this run starts the search from
-                        // the same scores.
-                        if let Some((scores, _)) = self.scores.borrow().get(init) {
+                        // A metric scored by an earlier cell of this run (as a method or as an
+                        // initialisation) starts the search from the same scores.
+                        let init_key = format!("init:{init}");
+                        let cache = self.scores.borrow();
+                        if let Some((scores, _)) = cache.get(init).or(cache.get(&init_key)) {
                             tracing::info!(init, "initial scores reused from an earlier cell");
                             return Ok(lopper_policy::Init::Scores {
                                 scores: scores.clone(),
                             });
                         }
-                        crate::methods::pg_init(
+                        drop(cache);
+                        let out = crate::methods::pg_init(
                             init,
                             model,
                             windows(),
                             st.metric_samples,
                             &settings,
-                        )
+                        )?;
+                        if let lopper_policy::Init::Scores { scores } = &out {
+                            self.scores
+                                .borrow_mut()
+                                .insert(init_key, (scores.clone(), None));
+                        }
+                        Ok(out)
                     },
                     &crate::methods::PgRun {
                         dir,
