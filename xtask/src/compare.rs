@@ -369,6 +369,11 @@ pub fn run(args: CompareArgs) -> Result<()> {
                 settings_path.display()
             );
         }
+    } else if args.report_only {
+        bail!(
+            "{} holds no comparison (no settings.json): run without --report-only first",
+            args.out.display()
+        );
     } else if args.out.exists() && std::fs::read_dir(&args.out)?.next().is_some() {
         bail!(
             "{} exists and is not a comparison folder; choose another --out or pass --force",

@@ -774,6 +774,12 @@ fn compare_fills_the_table_and_reuses_finished_cells() {
         serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
     assert_eq!(results["cells"].as_array().unwrap().len(), 3);
     assert_eq!(results["missing"].as_array().unwrap().len(), 2);
+    let elsewhere = root.path().join("nothing");
+    let mut report = compare_args(&model, &calib, elsewhere.to_str().unwrap(), "dense");
+    report.push("--report-only");
+    let (ok, _, err) = xtask_with_data(&report);
+    assert!(!ok && err.contains("holds no comparison"), "{err}");
+    assert!(!elsewhere.exists());
     // Other settings in the same folder are refused.
     let mut other = compare_args(&model, &calib, o, "dense");
     other.extend(["--seed", "3"]);
