@@ -290,8 +290,9 @@ impl std::str::FromStr for Taylor {
     }
 }
 
-/// The calibration gradient `g` (of the mean loss over all `windows`) and, for
-/// [`Taylor::Element2`], the Fisher diagonal from one backward pass per window.
+/// The calibration gradient `g` (of the mean loss over all `windows`, accumulated by
+/// [`linear_grads`]) and, for [`Taylor::Element2`], the Fisher diagonal from one backward pass
+/// per window.
 fn calibration_grads<B: Backend>(
     ad: &Llama<Autodiff<B>>,
     windows: &[Vec<u32>],
@@ -299,26 +300,25 @@ fn calibration_grads<B: Backend>(
     fisher: bool,
 ) -> Result<(PerLinear<B>, Option<PerLinear<B>>)> {
     crate::check_calibration(windows, batch_size)?;
-    let n = windows.len() as f32;
-    let step = if fisher { 1 } else { batch_size };
-    let (mut g, mut f): (Option<PerLinear<B>>, Option<PerLinear<B>>) = (None, None);
-    for batch in windows.chunks(step) {
-        let (_, gb) = linear_grads(ad, batch, None)?;
-        // Equal-length windows: the batch-mean gradient weighted by its share of the windows.
-        let w = batch.len() as f32 / n;
-        g = Some(match g {
-            Some(acc) => axpy(&acc, &gb, w),
-            None => map_linear(&gb, |t| t * w),
-        });
-        if fisher {
-            let sq = map_linear(&gb, |t| t.powi_scalar(2));
-            f = Some(match f {
-                Some(acc) => axpy(&acc, &sq, 1.0 / n),
-                None => map_linear(&sq, |t| t / n),
-            });
-        }
+    if !fisher {
+        return Ok((linear_grads(ad, windows, None)?.1, None));
     }
-    Ok((g.expect("at least one batch"), f))
+    let n = windows.len() as f32;
+    let (mut g, mut f): (Option<PerLinear<B>>, Option<PerLinear<B>>) = (None, None);
+    for window in windows.chunks(1) {
+        let (_, gw) = linear_grads(ad, window, None)?;
+        // Equal-length windows: each window's gradient weighs 1/n in the mean.
+        let sq = map_linear(&gw, |t| t.powi_scalar(2));
+        g = Some(match g {
+            Some(acc) => axpy(&acc, &gw, 1.0 / n),
+            None => map_linear(&gw, |t| t / n),
+        });
+        f = Some(match f {
+            Some(acc) => axpy(&acc, &sq, 1.0 / n),
+            None => map_linear(&sq, |t| t / n),
+        });
+    }
+    Ok((g.expect("at least one window"), f))
 }
 
 /// LLM-Pruner (Ma et al. 2023) Taylor scores of every KV group and channel: gradients of the
