@@ -4,7 +4,7 @@
 mod common;
 
 use burn::tensor::{Tensor, TensorData};
-use common::{B, DEVICE, default_model, shared_data_dirs};
+use common::{B, DEVICE, default_model, data_dirs};
 use lopper_data::{Sampler, load_documents, sample};
 use lopper_importance::gradient::{
     autodiff_copy, linear_grads, linear_weights, with_linear_weights,
@@ -13,7 +13,7 @@ use lopper_model::LayerMasks;
 
 fn windows(n: usize, len: usize) -> Vec<Vec<u32>> {
     let m = default_model();
-    let (path, all) = load_documents("c4", &shared_data_dirs()).unwrap();
+    let (path, all) = load_documents("c4", &data_dirs()).unwrap();
     let encode = |t: &str| m.tokenizer.encode(t).map_err(|e| e.to_string());
     sample(
         "c4",

@@ -3,12 +3,12 @@
 
 mod common;
 
-use common::{default_model, shared_data_dirs};
+use common::{default_model, data_dirs};
 use lopper_data::McTask;
 
 #[test]
 fn every_task_loads_its_official_example_count() {
-    let dirs = shared_data_dirs();
+    let dirs = data_dirs();
     for task in McTask::ALL {
         let (_, docs) = task.load(&dirs).unwrap();
         assert_eq!(docs.len(), task.official_count(), "{}", task.name());
@@ -21,7 +21,7 @@ fn every_task_loads_its_official_example_count() {
 
 #[test]
 fn first_documents_are_built_like_lm_eval() {
-    let dirs = shared_data_dirs();
+    let dirs = data_dirs();
     let first = |t: McTask| t.load(&dirs).unwrap().1.remove(0);
 
     let d = first(McTask::ArcEasy);
@@ -161,7 +161,7 @@ fn continuation_tokens_follow_lm_evals_split_and_score_on_the_real_model() {
 
 #[test]
 fn lambada_splits_off_the_last_word_like_lm_eval() {
-    let (_, reqs) = lopper_data::load_lambada(&shared_data_dirs()).unwrap();
+    let (_, reqs) = lopper_data::load_lambada(&data_dirs()).unwrap();
     assert_eq!(reqs.len(), 5153);
     assert!(reqs[0].0.starts_with("In my palm is a clear stone,"));
     assert!(

@@ -2,12 +2,12 @@
 
 mod common;
 
-use common::{default_model, shared_data_dirs};
+use common::{default_model, data_dirs};
 use lopper_data::{BosPolicy, PerplexityCorpus, windows};
 
 #[test]
 fn corpora_have_the_official_row_counts() {
-    let dirs = shared_data_dirs();
+    let dirs = data_dirs();
     let (_, text, rows) = PerplexityCorpus::Wikitext2.load(&dirs).unwrap();
     assert_eq!(rows, 4358);
     assert!(
@@ -23,7 +23,7 @@ fn corpora_have_the_official_row_counts() {
 fn wikitext2_perplexity_is_the_mean_of_the_models_own_token_nlls() {
     let d = default_model();
     let (_, text, _) = PerplexityCorpus::Wikitext2
-        .load(&shared_data_dirs())
+        .load(&data_dirs())
         .unwrap();
     let ids = d.tokenizer.encode(&text).unwrap();
     let win = windows(&ids, 128, BosPolicy::None, None, Some(3)).unwrap();
@@ -59,7 +59,7 @@ fn wikitext2_perplexity_is_the_mean_of_the_models_own_token_nlls() {
 
 #[test]
 fn the_staged_datasets_match_their_manifests() {
-    let dirs = shared_data_dirs();
+    let dirs = data_dirs();
     for m in lopper_data::Manifest::all() {
         let paths = m
             .verify(&dirs)

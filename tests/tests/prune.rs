@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{DEVICE, default_model, shared_data_dirs};
+use common::{DEVICE, default_model, data_dirs};
 use lopper_core::{MaskPlan, UnitKind};
 use lopper_data::{Sampler, load_documents, sample};
 use lopper_model::Masks;
@@ -18,7 +18,7 @@ fn c4_windows(
     seed: u64,
 ) -> lopper_data::Calibration {
     let m = default_model();
-    let (path, all) = load_documents("c4", &shared_data_dirs()).unwrap();
+    let (path, all) = load_documents("c4", &data_dirs()).unwrap();
     let encode = |t: &str| m.tokenizer.encode(t).map_err(|e| e.to_string());
     sample("c4", &path, &all[..docs], &encode, sampler, n, len, seed).unwrap()
 }
@@ -29,7 +29,7 @@ fn values(t: burn::tensor::Tensor<common::B, 3>) -> Vec<f32> {
 
 #[test]
 fn c4_calibration_windows_are_real_tokens() {
-    let (path, docs) = load_documents("c4", &shared_data_dirs()).unwrap();
+    let (path, docs) = load_documents("c4", &data_dirs()).unwrap();
     assert_eq!(docs.len(), 1000, "{}", path.display());
     let calib = c4_windows(60, Sampler::ConcatChunks, 20, 128, 42);
     assert_eq!(calib.windows.len(), 20);

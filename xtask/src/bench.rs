@@ -77,6 +77,29 @@ pub enum BenchCmd {
         #[arg(long, default_value = "cpu")]
         device: DeviceChoice,
     },
+    /// SLEB's greedy layer removal with its prefix cache (each trial runs only the layers after
+    /// the one it removes) next to the same search run from the embeddings every trial, same
+    /// run, same calibration windows: seconds, trials and the layers each removed.
+    Sleb {
+        /// `default`, a .gguf file, a model directory, or hub:ORG/NAME[@REV].
+        #[arg(long, default_value = "default")]
+        model: String,
+        /// Fraction of decoder parameters removed.
+        #[arg(long, default_value_t = 0.3)]
+        sparsity: f64,
+        /// C4 calibration windows.
+        #[arg(long, default_value_t = 16)]
+        windows: usize,
+        /// Tokens per window.
+        #[arg(long, default_value_t = 128)]
+        seq_len: usize,
+        /// Windows per forward.
+        #[arg(long, default_value_t = 8)]
+        batch_size: usize,
+        /// cpu, cuda or cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: DeviceChoice,
+    },
     /// The one-shot solvers (magnitude, Wanda, SparseGPT, ALPS) on synthetic layers of the given
     /// shapes (host, f64): seconds per matrix, ALPS iterations and milliseconds per iteration,
     /// relative reconstruction error; one table, same run.
@@ -236,6 +259,30 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
                 },
             )
         }
+        BenchCmd::Sleb {
+            model,
+            sparsity,
+            windows,
+            seq_len,
+            batch_size,
+            device,
+        } => {
+            lopper_core::check_keep(1.0 - sparsity)?;
+            anyhow::ensure!(
+                windows > 0 && batch_size > 0 && seq_len > 1,
+                "--windows and --batch-size must be >= 1 and --seq-len >= 2"
+            );
+            run_on(
+                device,
+                SlebBench {
+                    model,
+                    sparsity,
+                    windows,
+                    seq_len,
+                    batch_size,
+                },
+            )
+        }
         BenchCmd::PgStep {
             model,
             sparsity,
@@ -337,6 +384,7 @@ impl Job for PrunedBench {
             load::<B>(&spec, &device).with_context(|| format!("loading `{}`", self.model))?;
         let dense = &loaded.model;
         let shape = dense.shape().clone();
+        crate::guard::bench_shapes(&shape, &self.shapes)?;
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(self.seed);
         // Plans: uniform (per-layer top-k of a constant score = the first units) and random
         // heterogeneous (global random scores, global top-k per type).
@@ -501,6 +549,7 @@ impl Job for PgStepBench {
         let loaded =
             load::<B>(&spec, &device).with_context(|| format!("loading `{}`", self.model))?;
         let model = &loaded.model;
+        crate::guard::bench_shapes(model.shape(), &[(self.batch_size, self.seq_len)])?;
         let vocab = model.shape().vocab_size as u64;
         let rows: Vec<Vec<u32>> = (0..self.batch_size as u64)
             .map(|r| {
@@ -614,6 +663,7 @@ impl Job for ForwardBench {
             load::<B>(&spec, &device).with_context(|| format!("loading `{}`", self.model))?;
         let model: &Llama<B> = &loaded.model;
         let shape = model.shape().clone();
+        crate::guard::bench_shapes(&shape, &self.shapes)?;
         let bar = crate::progress::bar(
             (self.shapes.len() * (self.runs + self.warmup)) as u64,
             "{msg} [{bar:30}] {pos}/{len} runs, eta {eta}",
@@ -661,6 +711,67 @@ impl Job for ForwardBench {
         for (b, s, secs, tps, gflops) in rows {
             println!("| {b} x {s} | {secs:.3} | {tps:.0} | {gflops:.1} |");
         }
+        Ok(())
+    }
+}
+
+struct SlebBench {
+    model: String,
+    sparsity: f64,
+    windows: usize,
+    seq_len: usize,
+    batch_size: usize,
+}
+
+impl Job for SlebBench {
+    fn run<B: Backend>(self, device: B::Device, device_name: String) -> Result<()> {
+        let spec: ModelSpec = self.model.parse()?;
+        let loaded =
+            load::<B>(&spec, &device).with_context(|| format!("loading `{}`", self.model))?;
+        let model = &loaded.model;
+        crate::guard::bench_shapes(model.shape(), &[(self.batch_size, self.seq_len)])?;
+        let calib = crate::methods::draw_calibration(
+            &loaded.tokenizer,
+            "c4",
+            lopper_data::Sampler::ConcatChunks,
+            self.windows,
+            self.seq_len,
+            0,
+        )?;
+        let keep = 1.0 - self.sparsity;
+        let n = model.shape().n_layers();
+        println!(
+            "SLEB at sparsity {} on {device_name}: {} windows x {} tokens, batch {}",
+            self.sparsity, self.windows, self.seq_len, self.batch_size
+        );
+        println!("| search | seconds | trials | layers removed | final loss |");
+        println!("|---|---:|---:|---|---:|");
+        let mut seconds = Vec::new();
+        for (name, cached) in [("prefix cache", true), ("from the embeddings", false)] {
+            let t = Instant::now();
+            let log = |r: &lopper_importance::SlebRound| {
+                tracing::info!(layer = r.layer, loss = r.loss, "{name}: removed");
+            };
+            let (w, b) = (&calib.windows, self.batch_size);
+            let rounds = if cached {
+                lopper_importance::sleb(model, w, b, keep, 1, log)?
+            } else {
+                lopper_importance::sleb_uncached(model, w, b, keep, 1, log)?
+            };
+            let s = t.elapsed().as_secs_f64();
+            // Each round tries every remaining layer between the protected first and last.
+            let trials: usize = (0..=rounds.len()).map(|r| n.saturating_sub(2 + r)).sum();
+            println!(
+                "| {name} | {s:.1} | {trials} | {:?} | {:.4} |",
+                rounds.iter().map(|r| r.layer).collect::<Vec<_>>(),
+                rounds.last().map_or(f64::NAN, |r| r.loss)
+            );
+            seconds.push(s);
+        }
+        println!(
+            "\nspeedup of the prefix cache: {:.2}x",
+            seconds[1] / seconds[0]
+        );
         Ok(())
     }
 }

@@ -455,6 +455,15 @@ struct CompareJob {
     sampler: Sampler,
 }
 
+/// Windows per evaluation forward at `seq_len`: long windows run fewer at a time.
+fn eval_batch(batch_size: usize, seq_len: usize) -> usize {
+    if seq_len > 512 {
+        1.max(batch_size / 8)
+    } else {
+        batch_size
+    }
+}
+
 impl Job for CompareJob {
     fn run<B: Backend>(self, device: B::Device, device_name: String) -> Result<()> {
         let a = &self.args;
@@ -462,6 +471,14 @@ impl Job for CompareJob {
         let spec: ModelSpec = a.model.parse()?;
         let loaded = load::<B>(&spec, &device).with_context(|| format!("loading `{}`", a.model))?;
         let (model, tok) = (&loaded.model, &loaded.tokenizer);
+        // Every forward the cells will run must fit, checked before the first cell.
+        let shape = model.shape();
+        crate::guard::context(shape, st.calib_seq_len, "--calib-seq-len", false)?;
+        crate::guard::forward_fits(shape, st.batch_size, st.calib_seq_len, "calibration")?;
+        for &l in &st.seq_lens {
+            crate::guard::context(shape, l, "--seq-lens", false)?;
+            crate::guard::forward_fits(shape, eval_batch(st.batch_size, l), l, "perplexity")?;
+        }
         let mut calib: Option<Calibration> = None;
         let bar = crate::progress::bar(
             self.cells.len() as u64,
@@ -717,11 +734,8 @@ impl CompareJob {
                 seq_len,
                 bos: BosPolicy::None,
                 limit,
-                batch_size: if seq_len > 512 {
-                    1.max(st.batch_size / 8)
-                } else {
-                    st.batch_size
-                },
+                batch_size: eval_batch(st.batch_size, seq_len),
+                allow_longer_context: false,
             };
             let (r, _) = evaluate(eval_model, tok, &tasks, &es)?;
             for (k, v) in r {

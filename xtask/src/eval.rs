@@ -24,8 +24,8 @@ pub struct EvalArgs {
     /// `default`, a .gguf file, a model directory, or hub:ORG/NAME[@REV].
     #[arg(long, default_value = "default")]
     model: String,
-    /// Comma-separated tasks: wikitext2, ptb, ptb_valid, boolq, piqa, arc_easy, arc_challenge,
-    /// openbookqa, winogrande.
+    /// Comma-separated tasks: wikitext2, ptb, ptb_valid, c4 (perplexity); boolq, piqa,
+    /// hellaswag, arc_easy, arc_challenge, openbookqa, winogrande, lambada (zero-shot).
     #[arg(long, default_value = "wikitext2,ptb")]
     tasks: String,
     /// Window length in tokens (128: LLM-Pruner/FLAP/PG; 2048: SparseGPT/Wanda).
@@ -40,6 +40,9 @@ pub struct EvalArgs {
     /// Windows per forward pass.
     #[arg(long, default_value_t = 8)]
     batch_size: usize,
+    /// Allow --seq-len beyond the model's trained positions (max_position_embeddings).
+    #[arg(long)]
+    allow_longer_context: bool,
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: DeviceChoice,
@@ -71,6 +74,7 @@ pub struct EvalSettings {
     pub bos: BosPolicy,
     pub limit: Option<usize>,
     pub batch_size: usize,
+    pub allow_longer_context: bool,
 }
 
 impl EvalSettings {
@@ -105,6 +109,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
         bos: args.bos.parse()?,
         limit: args.limit,
         batch_size: args.batch_size,
+        allow_longer_context: args.allow_longer_context,
     };
     settings.check()?;
     let device = args.device;
@@ -166,6 +171,7 @@ pub fn eval_into_report<B: Backend>(
         bos: BosPolicy::None,
         limit,
         batch_size: 8,
+        allow_longer_context: false,
     };
     let (results, table) = evaluate(model, tokenizer, tasks, &settings)?;
     crate::prune::write_json(
@@ -203,6 +209,11 @@ pub fn evaluate<B: Backend>(
     a: &EvalSettings,
 ) -> Result<(serde_json::Map<String, serde_json::Value>, Vec<String>)> {
     {
+        if tasks.iter().any(|t| matches!(t, Task::Ppl(_))) {
+            let shape = model.shape();
+            crate::guard::context(shape, a.seq_len, "--seq-len", a.allow_longer_context)?;
+            crate::guard::forward_fits(shape, a.batch_size, a.seq_len, "perplexity")?;
+        }
         let dirs = DataDirs::from_env(&lopper_home());
         let mut results = serde_json::Map::new();
         let mut table = Vec::new();

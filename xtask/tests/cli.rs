@@ -11,6 +11,9 @@ fn xtask_env(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
         .args(args)
         .env("LOPPER_LOG", "warn")
+        // Data comes from the checkout's datasets/ alone: no variable, no hub.
+        .env_remove("LOPPER_DATA_DIR")
+        .env("LOPPER_NO_HUB", "1")
         .envs(env.iter().copied())
         .output()
         .unwrap();
@@ -111,10 +114,6 @@ fn setup_without_python_says_what_to_do() {
     );
 }
 
-fn data_dir() -> String {
-    std::env::var("LOPPER_DATA_DIR")
-        .unwrap_or_else(|_| format!("{}/../../shared/datasets", env!("CARGO_MANIFEST_DIR")))
-}
 
 #[test]
 fn eval_writes_results_and_protocol_as_json() {
@@ -134,7 +133,8 @@ fn eval_writes_results_and_protocol_as_json() {
             "--out",
         ])
         .arg(&out)
-        .env("LOPPER_DATA_DIR", data_dir())
+        .env_remove("LOPPER_DATA_DIR")
+        .env("LOPPER_NO_HUB", "1")
         .env("LOPPER_LOG", "warn")
         .output()
         .unwrap();
@@ -177,7 +177,8 @@ fn eval_scores_multiple_choice_tasks_c4_and_the_seven_task_average() {
             "--out",
         ])
         .arg(&out)
-        .env("LOPPER_DATA_DIR", data_dir())
+        .env_remove("LOPPER_DATA_DIR")
+        .env("LOPPER_NO_HUB", "1")
         .env("LOPPER_LOG", "warn")
         .output()
         .unwrap();
@@ -273,7 +274,7 @@ fn prune_pg_on_the_tiny_model_writes_a_complete_run_folder() {
         "2",
         "--bias-compensation",
     ]);
-    let (ok, stdout, err) = xtask_with_data(&args);
+    let (ok, stdout, err) = xtask(&args);
     assert!(ok, "{err}");
     assert!(stdout.contains("kept 0.5"), "{stdout}");
     let plan = lopper_core::MaskPlan::load(&out.join("plan.json")).unwrap();
@@ -536,9 +537,6 @@ fn logits_and_the_pruned_benchmark_run_on_the_tiny_model() {
     assert!(ok && stdout.contains("| 0.5 |"), "{err}{stdout}");
 }
 
-fn xtask_with_data(args: &[&str]) -> (bool, String, String) {
-    xtask_env(args, &[("LOPPER_DATA_DIR", &data_dir())])
-}
 
 #[test]
 fn metric_methods_prune_the_tiny_model() {
@@ -655,7 +653,7 @@ fn compare_fills_the_table_and_reuses_finished_cells() {
     let (model, calib) = tiny_model_dir(root.path());
     let out = root.path().join("cmp");
     let o = out.to_str().unwrap();
-    let (ok, stdout, err) = xtask_with_data(&compare_args(
+    let (ok, stdout, err) = xtask(&compare_args(
         &model,
         &calib,
         o,
@@ -700,7 +698,7 @@ fn compare_fills_the_table_and_reuses_finished_cells() {
             .unwrap()
     };
     let before = stamp("pg:magnitude+bias@0.3");
-    let (ok, _, err) = xtask_with_data(&compare_args(
+    let (ok, _, err) = xtask(&compare_args(
         &model,
         &calib,
         o,
@@ -763,7 +761,7 @@ fn compare_fills_the_table_and_reuses_finished_cells() {
     // --report-only computes nothing: the table of the finished cells, the missing ones listed.
     let mut report = compare_args(&model, &calib, o, "dense,flap,sleb");
     report.push("--report-only");
-    let (ok, stdout, err) = xtask_with_data(&report);
+    let (ok, stdout, err) = xtask(&report);
     assert!(ok, "{err}");
     assert!(
         stdout.contains("**Partial**: 3 of 5 cells finished; missing: sleb@0.3, sleb@0.5."),
@@ -777,13 +775,13 @@ fn compare_fills_the_table_and_reuses_finished_cells() {
     let elsewhere = root.path().join("nothing");
     let mut report = compare_args(&model, &calib, elsewhere.to_str().unwrap(), "dense");
     report.push("--report-only");
-    let (ok, _, err) = xtask_with_data(&report);
+    let (ok, _, err) = xtask(&report);
     assert!(!ok && err.contains("holds no comparison"), "{err}");
     assert!(!elsewhere.exists());
     // Other settings in the same folder are refused.
     let mut other = compare_args(&model, &calib, o, "dense");
     other.extend(["--seed", "3"]);
-    let (ok, _, err) = xtask_with_data(&other);
+    let (ok, _, err) = xtask(&other);
     assert!(!ok && err.contains("other settings"), "{err}");
     // Bad lists fail before any work.
     for (bad, want) in [
@@ -802,7 +800,7 @@ fn compare_fills_the_table_and_reuses_finished_cells() {
 fn compare_two_methods_on_the_real_model() {
     let root = tempfile::tempdir().unwrap();
     let out = root.path().join("cmp");
-    let (ok, stdout, err) = xtask_with_data(&[
+    let (ok, stdout, err) = xtask(&[
         "compare",
         "--methods",
         "flap,pg",
@@ -848,7 +846,7 @@ fn compare_two_methods_on_the_real_model() {
 fn one_shot_sparsegpt_2_4_on_the_real_model() {
     let root = tempfile::tempdir().unwrap();
     let out = root.path().join("sgpt");
-    let (ok, stdout, err) = xtask_with_data(&[
+    let (ok, stdout, err) = xtask(&[
         "prune",
         "--method",
         "sparsegpt",
@@ -945,4 +943,121 @@ fn bench_solvers_prints_a_row_per_method_and_shape() {
     }
     let (ok, _, err) = xtask(&["bench", "solvers", "--shapes", "8y16"]);
     assert!(!ok && err.contains("OUTxIN"), "{err}");
+}
+
+#[test]
+fn contexts_beyond_the_model_positions_are_refused_before_any_work() {
+    let (ok, _, err) = xtask(&[
+        "eval",
+        "--model",
+        "default",
+        "--tasks",
+        "wikitext2",
+        "--seq-len",
+        "100000",
+        "--limit",
+        "1",
+    ]);
+    assert!(
+        !ok && err.contains("--seq-len 100000")
+            && err.contains("8192 positions")
+            && err.contains("--allow-longer-context"),
+        "{err}"
+    );
+    let root = tempfile::tempdir().unwrap();
+    let (model, calib) = tiny_model_dir(root.path());
+    let out = root.path().join("long");
+    let mut args = prune_args(&model, &calib, out.to_str().unwrap(), "1");
+    let at = args.iter().position(|a| *a == "16").unwrap();
+    args[at] = "65";
+    let (ok, _, err) = xtask(&args);
+    assert!(!ok && err.contains("64 positions"), "{err}");
+    assert!(!out.join("plan.json").exists());
+}
+
+#[test]
+fn batches_that_cannot_fit_in_memory_are_refused_with_the_figure_and_the_flag() {
+    let limit = [("LOPPER_MEMORY_LIMIT", "200MiB")];
+    let (ok, _, err) = xtask_env(
+        &[
+            "eval",
+            "--model",
+            "default",
+            "--tasks",
+            "wikitext2",
+            "--seq-len",
+            "2048",
+            "--batch-size",
+            "8",
+        ],
+        &limit,
+    );
+    assert!(
+        !ok && err.contains("needs about")
+            && err.contains("200.0 MiB is available (LOPPER_MEMORY_LIMIT)")
+            && err.contains("--seq-len"),
+        "{err}"
+    );
+    // A batch that is too large alone: the message names the batch size that fits.
+    let (ok, _, err) = xtask_env(
+        &[
+            "eval", "--model", "default", "--tasks", "wikitext2", "--seq-len", "128",
+            "--batch-size", "64",
+        ],
+        &[("LOPPER_MEMORY_LIMIT", "1G")],
+    );
+    assert!(!ok && err.contains("lower --batch-size to"), "{err}");
+    let (ok, _, err) = xtask_env(
+        &["bench", "forward", "--model", "default", "--shapes", "8x128"],
+        &[("LOPPER_MEMORY_LIMIT", "64MiB")],
+    );
+    assert!(!ok && err.contains("bench 8x128"), "{err}");
+    let (ok, _, err) = xtask_env(
+        &["eval", "--model", "default", "--tasks", "wikitext2"],
+        &[("LOPPER_MEMORY_LIMIT", "a lot")],
+    );
+    assert!(!ok && err.contains("not a byte count"), "{err}");
+    // The tiny model's prune refuses the same way, before any output.
+    let root = tempfile::tempdir().unwrap();
+    let (model, calib) = tiny_model_dir(root.path());
+    let out = root.path().join("small");
+    let args = prune_args(&model, &calib, out.to_str().unwrap(), "1");
+    let (ok, _, err) = xtask_env(&args, &[("LOPPER_MEMORY_LIMIT", "16K")]);
+    assert!(!ok && err.contains("calibration: a forward of 2 x 16"), "{err}");
+    assert!(!out.join("plan.json").exists());
+}
+
+#[test]
+fn a_degenerate_plan_is_kept_with_a_warning_in_the_report() {
+    let root = tempfile::tempdir().unwrap();
+    let (model, calib) = tiny_model_dir(root.path());
+    let out = root.path().join("thin");
+    let mut args = prune_args(&model, &calib, out.to_str().unwrap(), "1");
+    args.retain(|a| !["--steps", "1", "--lr", "0.05", "0.5", "--sparsity"].contains(a));
+    args.extend(["--method", "magnitude", "--allocation", "global", "--sparsity", "0.8"]);
+    let (ok, _, err) = xtask(&args);
+    assert!(ok, "{err}");
+    let report = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(
+        report.contains("## Warnings") && report.contains("keep no KV group"),
+        "{report}"
+    );
+    let plan = lopper_core::MaskPlan::load(&out.join("plan.json")).unwrap();
+    assert!(!plan.degeneracies().is_empty());
+    assert!(plan.meta["warnings"].as_array().is_some_and(|w| !w.is_empty()));
+}
+
+#[test]
+fn a_missing_plan_names_the_file_and_the_os_error_once() {
+    let root = tempfile::tempdir().unwrap();
+    let missing = root.path().join("nope.json");
+    let (ok, _, err) = xtask(&[
+        "export",
+        "--plan",
+        missing.to_str().unwrap(),
+        "--out",
+        root.path().join("x").to_str().unwrap(),
+    ]);
+    assert!(!ok && err.contains("nope.json"), "{err}");
+    assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
 }

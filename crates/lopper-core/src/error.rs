@@ -10,6 +10,9 @@ pub enum Error {
     /// A mask plan does not fit the model it is applied to.
     #[error("mask plan does not fit the model: {0}")]
     PlanMismatch(String),
+    /// A setting that cannot work, with the fix.
+    #[error("{0}")]
+    Invalid(String),
     /// A mask plan is malformed on its own (duplicates, unsorted ids, nothing kept).
     #[error("invalid mask plan: {0}")]
     InvalidPlan(String),

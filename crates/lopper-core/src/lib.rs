@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 
 mod error;
+pub mod memory;
 mod plan;
 mod scores;
 mod shape;

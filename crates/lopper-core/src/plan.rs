@@ -135,6 +135,51 @@ impl MaskPlan {
         self.validate()
     }
 
+    /// What makes the pruned model degenerate, one sentence each: no attention block left
+    /// anywhere (the model cannot mix information across positions), or a kept layer with no
+    /// KV group or no MLP channel. Such plans are valid; reports show these as warnings.
+    pub fn degeneracies(&self) -> Vec<String> {
+        let kept = self.kept_layers();
+        let mut out = Vec::new();
+        if !kept.is_empty() && kept.iter().all(|&i| self.layers[i].kv_groups.is_empty()) {
+            out.push(
+                "no kept layer has an attention block: every token is predicted from itself alone"
+                    .to_string(),
+            );
+        }
+        let list = |v: Vec<usize>| {
+            v.iter()
+                .map(usize::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let no_attn: Vec<usize> = kept
+            .iter()
+            .copied()
+            .filter(|&i| self.layers[i].kv_groups.is_empty())
+            .collect();
+        if !no_attn.is_empty() && no_attn.len() < kept.len() {
+            out.push(format!(
+                "{} kept layer(s) keep no KV group (attention removed): {}",
+                no_attn.len(),
+                list(no_attn)
+            ));
+        }
+        let no_mlp: Vec<usize> = kept
+            .iter()
+            .copied()
+            .filter(|&i| self.layers[i].channels.is_empty())
+            .collect();
+        if !no_mlp.is_empty() {
+            out.push(format!(
+                "{} kept layer(s) keep no MLP channel (MLP removed): {}",
+                no_mlp.len(),
+                list(no_mlp)
+            ));
+        }
+        out
+    }
+
     /// Indices of the source layers that keep at least one block (the layers of the pruned model).
     pub fn kept_layers(&self) -> Vec<usize> {
         self.layers
@@ -411,6 +456,24 @@ mod tests {
         assert_eq!(ps.n_layers(), 3);
         assert!(!ps.layers[1].has_attn() && ps.layers[1].has_mlp());
         ps.validate().unwrap();
+    }
+
+    #[test]
+    fn degenerate_plans_are_named() {
+        let s = ModelShape::tiny();
+        assert!(MaskPlan::keep_all(&s).degeneracies().is_empty());
+        let p = MaskPlan::from_removed(&s, &[PruneUnit::AttnBlock { layer: 1 }]).unwrap();
+        let d = p.degeneracies();
+        assert_eq!(d.len(), 1);
+        assert!(d[0].contains("no KV group") && d[0].ends_with(": 1"), "{d:?}");
+        let attn: Vec<_> = (0..s.n_layers())
+            .map(|layer| PruneUnit::AttnBlock { layer })
+            .collect();
+        let d = MaskPlan::from_removed(&s, &attn).unwrap().degeneracies();
+        assert!(d.len() == 1 && d[0].contains("no kept layer has an attention block"), "{d:?}");
+        let p = MaskPlan::from_removed(&s, &[PruneUnit::MlpBlock { layer: 2 }]).unwrap();
+        let d = p.degeneracies();
+        assert!(d.len() == 1 && d[0].contains("no MLP channel") && d[0].ends_with(": 2"), "{d:?}");
     }
 
     #[test]

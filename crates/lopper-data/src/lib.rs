@@ -17,7 +17,7 @@ pub use mc::{McDoc, McTask, load_lambada};
 #[non_exhaustive]
 pub enum Error {
     /// The dataset's files were found nowhere.
-    #[error("dataset `{name}`: {file} not found; looked in {}{}. Set LOPPER_DATA_DIR to a folder holding `{name}/{file}`, or pass the folder explicitly", tried.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "), hub.as_ref().map(|h| format!(", then the Hugging Face hub ({h})")).unwrap_or_default())]
+    #[error("dataset `{name}`: {file} not found; looked in {}{}. Run `cargo xtask setup` from a lopper checkout (it copies the repository's datasets/ into the lopper home), set LOPPER_DATA_DIR to a folder holding `{name}/{file}`, or allow the hub (unset LOPPER_NO_HUB)", tried.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "), hub.as_ref().map(|h| format!(", then the Hugging Face hub ({h})")).unwrap_or_default())]
     NotFound {
         /// Dataset name.
         name: String,
@@ -57,14 +57,24 @@ pub struct DataDirs {
     pub hub: Option<PathBuf>,
 }
 
+/// The repository's own `datasets/` folder, when this build runs from a checkout (it is looked
+/// up at run time, so an installed binary whose source folder is gone simply skips it).
+pub fn checkout_datasets() -> Option<PathBuf> {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../datasets");
+    p.join("c4.json").is_file().then(|| p.canonicalize().unwrap_or(p))
+}
+
 impl DataDirs {
-    /// `$LOPPER_DATA_DIR`, then `<lopper home>/datasets`, then the hub (staging into the lopper
-    /// home; `LOPPER_NO_HUB=1` or `HF_HUB_OFFLINE=1` turns the hub step off).
+    /// `$LOPPER_DATA_DIR`, then the repository's `datasets/` (in a checkout; see
+    /// [`checkout_datasets`]), then `<lopper home>/datasets` (where `cargo xtask setup` copies
+    /// them), then the hub (staging into the lopper home; `LOPPER_NO_HUB=1` or
+    /// `HF_HUB_OFFLINE=1` turns the hub step off).
     pub fn from_env(lopper_home: &Path) -> Self {
         let mut roots = Vec::new();
         if let Some(d) = std::env::var_os("LOPPER_DATA_DIR").filter(|d| !d.is_empty()) {
             roots.push(PathBuf::from(d));
         }
+        roots.extend(checkout_datasets());
         let home = lopper_home.join("datasets");
         roots.push(home.clone());
         let off = |v: &str| std::env::var_os(v).is_some_and(|x| x == "1");
@@ -72,6 +82,55 @@ impl DataDirs {
             roots,
             hub: (!off("LOPPER_NO_HUB") && !off("HF_HUB_OFFLINE")).then_some(home),
         }
+    }
+
+    /// The repository's own datasets and nothing else (no hub): what the tests read.
+    pub fn checkout() -> Result<Self> {
+        let root = checkout_datasets().ok_or_else(|| {
+            Error::Invalid(format!(
+                "{}/../../datasets is not a lopper checkout's datasets folder; run from a checkout or set LOPPER_DATA_DIR",
+                env!("CARGO_MANIFEST_DIR")
+            ))
+        })?;
+        Ok(Self {
+            roots: vec![root],
+            hub: None,
+        })
+    }
+
+    /// Copies every file of every manifest from the first root that has it into `dest/<name>/`
+    /// (skipping files already there with the right size and hash), checking each against its
+    /// manifest. Returns the files written. `cargo xtask setup` uses it to place the
+    /// repository's datasets in the lopper home, so a binary run from anywhere finds them.
+    pub fn install_into(&self, dest: &Path) -> Result<Vec<PathBuf>> {
+        let target = DataDirs {
+            roots: vec![dest.to_owned()],
+            hub: None,
+        };
+        let mut written = Vec::new();
+        for m in Manifest::all() {
+            if m.verify(&target).is_ok() {
+                continue;
+            }
+            for (src, f) in m.verify(self)?.into_iter().zip(&m.files) {
+                let to = dest.join(&f.path);
+                let bytes = std::fs::read(&src).map_err(|source| Error::Io {
+                    path: src.clone(),
+                    source,
+                })?;
+                if let Some(dir) = to.parent() {
+                    std::fs::create_dir_all(dir).map_err(|source| Error::Io {
+                        path: dir.to_owned(),
+                        source,
+                    })?;
+                }
+                lopper_core::write_atomic(&to, &bytes)
+                    .map_err(|e| Error::Invalid(format!("writing {}: {e}", to.display())))?;
+                written.push(to);
+            }
+            m.verify(&target)?;
+        }
+        Ok(written)
     }
 
     /// The path of `file` of dataset `name`: `<root>/<name>/<file>` under the first root that
@@ -313,6 +372,28 @@ mod tests {
                 .contains("fewer than one window")
         );
         assert!(windows(&t, 4, BosPolicy::Window, None, None).is_err());
+    }
+
+    #[test]
+    fn the_checkout_datasets_install_into_a_home_once() {
+        let repo = DataDirs::checkout().unwrap();
+        let files: usize = Manifest::all().iter().map(|m| m.files.len()).sum();
+        let home = tempfile::tempdir().unwrap();
+        let written = repo.install_into(home.path()).unwrap();
+        assert_eq!(written.len(), files);
+        let installed = DataDirs {
+            roots: vec![home.path().to_owned()],
+            hub: None,
+        };
+        for m in Manifest::all() {
+            m.verify(&installed).unwrap();
+        }
+        // Already there: nothing copied again.
+        assert!(repo.install_into(home.path()).unwrap().is_empty());
+        // A corrupted copy is replaced.
+        let c4 = home.path().join("c4").join(hub::C4_STAGED);
+        std::fs::write(&c4, b"corrupt").unwrap();
+        assert_eq!(repo.install_into(home.path()).unwrap(), vec![c4]);
     }
 
     #[test]

@@ -24,6 +24,23 @@ pub struct Perplexity {
 /// windows per forward. `progress(done)` is called after each batch with the windows done.
 /// Every position of a window predicts the next one; the first token of a window is context
 /// only, so each window of `n` tokens contributes `n - 1` predictions.
+///
+/// ```
+/// use burn_flex::{Flex, FlexDevice};
+/// use lopper_core::ModelShape;
+/// use lopper_model::Llama;
+///
+/// let model = Llama::<Flex>::random(&ModelShape::tiny(), 0, &FlexDevice)?;
+/// let windows: Vec<Vec<u32>> = (0..4)
+///     .map(|w| (0..16).map(|t| (w * 7 + t * 3) % 128).collect())
+///     .collect();
+/// let mut seen = 0;
+/// let p = lopper_eval::perplexity(&model, &windows, 3, None, |done| seen = done)?;
+/// assert_eq!((p.windows, p.tokens, seen), (4, 4 * 15, 4));
+/// assert!((p.ppl.ln() - p.nll_sum / p.tokens as f64).abs() < 1e-9);
+/// assert!(p.ppl > 1.0 && p.ppl.is_finite());
+/// # Ok::<(), lopper_model::Error>(())
+/// ```
 pub fn perplexity<B: Backend>(
     model: &Llama<B>,
     windows: &[Vec<u32>],

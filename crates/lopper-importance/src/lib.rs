@@ -36,7 +36,7 @@ pub use gradient::{IfsoSettings, SpsaSettings, Taylor, ifso, llm_pruner, mini_ll
 pub use method::{Method, MethodPlan, MethodSettings, method_plan, plan_from_scores};
 pub use structure::{
     Flap, InputMoments, SlebRound, block_influence, block_influence_order, flap, input_moments,
-    random, sleb, standardise,
+    random, sleb, sleb_uncached, standardise,
 };
 
 pub(crate) fn check_calibration(windows: &[Vec<u32>], batch_size: usize) -> Result<()> {

@@ -222,7 +222,110 @@ pub fn block_influence_order(bi: &[f64]) -> Vec<usize> {
     order
 }
 
-/// Mean next-token loss of the model without `removed` layers over all `windows`.
+
+/// One SLEB round: the layer removed and the calibration loss without it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SlebRound {
+    /// Layer removed this round.
+    pub layer: usize,
+    /// Calibration loss of the model with every layer removed so far.
+    pub loss: f64,
+}
+
+/// SLEB's greedy block elimination: each round tries removing every remaining layer except
+/// the first and last `barrier` layers, and removes for good the one whose removal leaves the
+/// lowest calibration loss. Rounds stop once another removal would move the removed fraction of
+/// decoder parameters away from `1 - keep` (the rule of [`lopper_core::plan_drop_layers`]).
+///
+/// No work is done twice: the residual stream entering every layer of the current model is
+/// kept per batch ([`PrefixCache`]), so a trial that removes layer `l` runs only the layers
+/// after `l` (and the LM head), and after a round only the layers after the removed one are
+/// recomputed. The result equals running the pruned model from its embeddings each time.
+pub fn sleb<B: Backend>(
+    model: &Llama<B>,
+    windows: &[Vec<u32>],
+    batch_size: usize,
+    keep: f64,
+    barrier: usize,
+    on_round: impl FnMut(&SlebRound),
+) -> Result<Vec<SlebRound>> {
+    sleb_with(model, windows, batch_size, keep, barrier, on_round, true)
+}
+
+/// [`sleb`] without the prefix cache: every trial runs the pruned model from its embeddings.
+/// The reference the cached search is checked and timed against (`cargo xtask bench sleb`).
+pub fn sleb_uncached<B: Backend>(
+    model: &Llama<B>,
+    windows: &[Vec<u32>],
+    batch_size: usize,
+    keep: f64,
+    barrier: usize,
+    on_round: impl FnMut(&SlebRound),
+) -> Result<Vec<SlebRound>> {
+    sleb_with(model, windows, batch_size, keep, barrier, on_round, false)
+}
+
+fn sleb_with<B: Backend>(
+    model: &Llama<B>,
+    windows: &[Vec<u32>],
+    batch_size: usize,
+    keep: f64,
+    barrier: usize,
+    mut on_round: impl FnMut(&SlebRound),
+    cached: bool,
+) -> Result<Vec<SlebRound>> {
+    crate::check_calibration(windows, batch_size)?;
+    lopper_core::check_keep(keep)?;
+    let shape = model.shape();
+    let n = shape.n_layers();
+    let h = shape.hidden_size;
+    let params = |l: usize| (shape.layers[l].attn_params(h) + shape.layers[l].mlp_params(h)) as f64;
+    let target = (1.0 - keep) * shape.decoder_linear_params() as f64;
+    let mut rounds: Vec<SlebRound> = Vec::new();
+    let mut removed: Vec<usize> = Vec::new();
+    let mut gone = 0.0;
+    let mut cache = cached
+        .then(|| PrefixCache::new(model, windows, batch_size))
+        .transpose()?;
+    loop {
+        let candidates: Vec<usize> = (barrier..n.saturating_sub(barrier))
+            .filter(|l| !removed.contains(l))
+            .collect();
+        if candidates.is_empty() || removed.len() + 1 >= n {
+            break;
+        }
+        let mut best: Option<SlebRound> = None;
+        for &l in &candidates {
+            let loss = match &cache {
+                Some(c) => c.loss_without(model, &removed, l)?,
+                None => {
+                    let mut trial = removed.clone();
+                    trial.push(l);
+                    loss_without(model, windows, batch_size, &trial)?
+                }
+            };
+            if best.is_none_or(|b| loss < b.loss) {
+                best = Some(SlebRound { layer: l, loss });
+            }
+        }
+        let best = best.expect("candidates is not empty");
+        let next = gone + params(best.layer);
+        if (next - target).abs() >= (gone - target).abs() {
+            break;
+        }
+        gone = next;
+        removed.push(best.layer);
+        if let Some(c) = &mut cache {
+            c.remove(model, &removed, best.layer);
+        }
+        on_round(&best);
+        rounds.push(best);
+    }
+    Ok(rounds)
+}
+
+/// Mean next-token loss of the model without `removed` layers over all `windows`, each batch
+/// run from its embeddings.
 fn loss_without<B: Backend>(
     model: &Llama<B>,
     windows: &[Vec<u32>],
@@ -243,62 +346,92 @@ fn loss_without<B: Backend>(
     Ok(sum / n as f64)
 }
 
-/// One SLEB round: the layer removed and the calibration loss without it.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct SlebRound {
-    /// Layer removed this round.
-    pub layer: usize,
-    /// Calibration loss of the model with every layer removed so far.
-    pub loss: f64,
+/// Per calibration batch, the residual stream entering each layer of a model from which some
+/// layers are removed; what layer-removal searches reuse between trials.
+struct PrefixCache<B: Backend> {
+    batches: Vec<CachedBatch<B>>,
+    windows: usize,
 }
 
-/// SLEB's greedy block elimination: each round tries removing every remaining layer except
-/// the first and last `barrier` layers, and removes for good the one whose removal leaves the
-/// lowest calibration loss. Rounds stop once another removal would move the removed fraction of
-/// decoder parameters away from `1 - keep` (the rule of [`lopper_core::plan_drop_layers`]).
-pub fn sleb<B: Backend>(
-    model: &Llama<B>,
-    windows: &[Vec<u32>],
-    batch_size: usize,
-    keep: f64,
-    barrier: usize,
-    mut on_round: impl FnMut(&SlebRound),
-) -> Result<Vec<SlebRound>> {
-    crate::check_calibration(windows, batch_size)?;
-    lopper_core::check_keep(keep)?;
-    let shape = model.shape();
-    let n = shape.n_layers();
-    let h = shape.hidden_size;
-    let params = |l: usize| (shape.layers[l].attn_params(h) + shape.layers[l].mlp_params(h)) as f64;
-    let target = (1.0 - keep) * shape.decoder_linear_params() as f64;
-    let mut rounds: Vec<SlebRound> = Vec::new();
-    let mut removed: Vec<usize> = Vec::new();
-    let mut gone = 0.0;
-    loop {
-        let candidates: Vec<usize> = (barrier..n.saturating_sub(barrier))
-            .filter(|l| !removed.contains(l))
-            .collect();
-        if candidates.is_empty() || removed.len() + 1 >= n {
-            break;
+struct CachedBatch<B: Backend> {
+    tokens: Tensor<B, 2, burn::tensor::Int>,
+    rows: usize,
+    stepper: lopper_model::LayerStepper<B>,
+    /// `inputs[i]`: the stream entering layer `i` (`None` for removed layers).
+    inputs: Vec<Option<Tensor<B, 2>>>,
+}
+
+impl<B: Backend> PrefixCache<B> {
+    /// The dense model's streams for every batch.
+    fn new(model: &Llama<B>, windows: &[Vec<u32>], batch_size: usize) -> Result<Self> {
+        let n = model.shape().n_layers();
+        let seq = windows[0].len();
+        let mut batches = Vec::new();
+        for rows in windows.chunks(batch_size) {
+            let tokens = model.tokens(rows)?;
+            let mut b = CachedBatch {
+                stepper: model.stepper(rows.len(), seq),
+                inputs: vec![None; n],
+                rows: rows.len(),
+                tokens: tokens.clone(),
+            };
+            b.refill(model, &[], 0, model.embed(tokens));
+            batches.push(b);
         }
-        let mut best: Option<SlebRound> = None;
-        for &l in &candidates {
-            let mut trial = removed.clone();
-            trial.push(l);
-            let loss = loss_without(model, windows, batch_size, &trial)?;
-            if best.is_none_or(|b| loss < b.loss) {
-                best = Some(SlebRound { layer: l, loss });
+        Ok(Self {
+            batches,
+            windows: windows.len(),
+        })
+    }
+
+    /// Mean calibration loss with `removed` and `extra` gone: each batch starts from the stream
+    /// entering `extra` and runs the kept layers after it.
+    fn loss_without(&self, model: &Llama<B>, removed: &[usize], extra: usize) -> Result<f64> {
+        let mut sum = 0.0;
+        for b in &self.batches {
+            let x = b.inputs[extra]
+                .clone()
+                .expect("a candidate layer is not removed");
+            let x = b.run_from(model, removed, extra + 1, x);
+            sum += lopper_model::mean_of(model.stream_nll(x, b.tokens.clone()))? * b.rows as f64;
+        }
+        Ok(sum / self.windows as f64)
+    }
+
+    /// `layer` is now removed (it is the last entry of `removed`): recompute the streams after it.
+    fn remove(&mut self, model: &Llama<B>, removed: &[usize], layer: usize) {
+        for b in &mut self.batches {
+            let x = b.inputs[layer].take().expect("the layer was kept");
+            b.refill(model, removed, layer + 1, x);
+        }
+    }
+}
+
+impl<B: Backend> CachedBatch<B> {
+    /// Runs the kept layers from `from` on, storing the stream entering each.
+    fn refill(&mut self, model: &Llama<B>, removed: &[usize], from: usize, mut x: Tensor<B, 2>) {
+        for (i, layer) in model.layers.iter().enumerate().skip(from) {
+            if removed.contains(&i) {
+                continue;
+            }
+            self.inputs[i] = Some(x.clone());
+            x = self.stepper.forward(layer, x, |_, _| {});
+        }
+    }
+
+    /// The stream leaving the last layer, running the kept layers from `from` on.
+    fn run_from(
+        &self,
+        model: &Llama<B>,
+        removed: &[usize],
+        from: usize,
+        mut x: Tensor<B, 2>,
+    ) -> Tensor<B, 2> {
+        for (i, layer) in model.layers.iter().enumerate().skip(from) {
+            if !removed.contains(&i) {
+                x = self.stepper.forward(layer, x, |_, _| {});
             }
         }
-        let best = best.expect("candidates is not empty");
-        let next = gone + params(best.layer);
-        if (next - target).abs() >= (gone - target).abs() {
-            break;
-        }
-        gone = next;
-        removed.push(best.layer);
-        on_round(&best);
-        rounds.push(best);
+        x
     }
-    Ok(rounds)
 }

@@ -352,6 +352,17 @@ fn sleb_removes_the_layer_whose_removal_hurts_least() {
     );
     let second = loss_without(&[rounds[0].layer, rounds[1].layer]);
     assert!((rounds[1].loss - second).abs() < 1e-4);
+    // The prefix cache changes no result: the uncached search (every trial from the
+    // embeddings) gives the same rounds, with batches that do not divide the windows too.
+    for batch in [2, 3] {
+        let cached = sleb(&model, &w, batch, 0.6, 1, |_| {}).unwrap();
+        let plain = crate::sleb_uncached(&model, &w, batch, 0.6, 1, |_| {}).unwrap();
+        assert_eq!(cached.len(), plain.len());
+        for (a, b) in cached.iter().zip(&plain) {
+            assert_eq!(a.layer, b.layer);
+            assert!((a.loss - b.loss).abs() < 1e-5, "{a:?} {b:?}");
+        }
+    }
 }
 
 #[test]

@@ -15,7 +15,7 @@ pub use error::{Error, Result};
 pub use hostweights::HostWeights;
 pub use masks::{LayerMasks, Masks};
 pub use model::{
-    Attention, DecoderLayer, LayerStepper, Llama, Mlp, RmsNorm, Rope, Tap, mean_of, next_token_nll,
+    Attention, DecoderLayer, ForwardMemory, LayerStepper, Llama, Mlp, RmsNorm, Rope, Tap, mean_of, next_token_nll,
     nll_from_logits, tokens_tensor,
 };
 pub use resolve::{

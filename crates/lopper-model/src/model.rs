@@ -262,6 +262,60 @@ impl<B: Backend> DecoderLayer<B> {
 /// Query rows per block of the chunked causal attention used for long sequences.
 const ATTN_CHUNK: usize = 256;
 
+/// The activation memory one forward pass (no autodiff) of a model holds at its peak, by part,
+/// in bytes. An estimate from the shape alone, made before any work so that a batch or a
+/// sequence that cannot fit is refused with a figure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ForwardMemory {
+    /// RoPE tables and the causal-mask blocks of chunked attention (they grow with seq^2).
+    pub tables: u64,
+    /// The widest layer's working set: residual stream, projections, SwiGLU.
+    pub layer: u64,
+    /// Attention scores and their softmax (full `seq x seq`, or one block of query rows).
+    pub attention: u64,
+    /// Logits over the vocabulary and the log-sum-exp temporary.
+    pub logits: u64,
+}
+
+impl ForwardMemory {
+    /// A forward of `batch` rows of `seq` tokens of a model of `shape`, in f32.
+    pub fn of(shape: &ModelShape, batch: usize, seq: usize) -> Self {
+        const F32: u64 = 4;
+        let (b, s) = (batch as u64, seq as u64);
+        let chunked = seq > 2 * ATTN_CHUNK;
+        let widest = |f: &dyn Fn(&lopper_core::LayerShape) -> u64| {
+            shape.layers.iter().map(f).max().unwrap_or(0)
+        };
+        let heads = widest(&|l| (l.n_heads * l.head_dim) as u64);
+        let rope = 2 * 2 * b * s * heads;
+        let bias = if chunked { s * (s + ATTN_CHUNK as u64) / 2 } else { 0 };
+        let hidden = shape.hidden_size as u64;
+        let layer = widest(&|l| {
+            let (q, kv) = ((l.n_heads * l.head_dim) as u64, (l.n_kv_heads * l.head_dim) as u64);
+            // x, normed, residual sum; q, k, v, k and v repeated to every head, output, o_proj.
+            let attn = 3 * hidden + 4 * q + 2 * kv + hidden;
+            // gate, up, silu(gate) * up, down_proj.
+            let mlp = 3 * l.ffn_hidden as u64 + hidden;
+            attn.max(mlp) + hidden
+        }) * b
+            * s;
+        let rows = if chunked { ATTN_CHUNK as u64 } else { s };
+        let attention = 2 * b * widest(&|l| l.n_heads as u64) * rows * s;
+        let logits = 2 * b * s * shape.vocab_size as u64;
+        Self {
+            tables: (rope + bias) * F32,
+            layer: layer * F32,
+            attention: attention * F32,
+            logits: logits * F32,
+        }
+    }
+
+    /// The sum of the parts.
+    pub fn total(&self) -> u64 {
+        self.tables + self.layer + self.attention + self.logits
+    }
+}
+
 /// RoPE tables for one head count: cos and sign-folded sin, each `[batch * seq, heads * head_dim]`.
 type CosSin<B> = (Tensor<B, 2>, Tensor<B, 2>);
 
@@ -641,6 +695,20 @@ impl<B: Backend> Llama<B> {
             Some(head) => head.forward(x),
             None => x.matmul(self.embed_tokens.weight.val().transpose()),
         }
+    }
+
+    /// Next-token NLL of every position from the residual stream leaving the last layer: final
+    /// norm, LM head, log-softmax (what layer-wise methods call after running layers with a
+    /// [`LayerStepper`]).
+    ///
+    /// # Shapes
+    /// - `x`: `[batch * seq, hidden]`, `tokens`: `[batch, seq]` -> `[batch, seq - 1]`
+    pub fn stream_nll(&self, x: Tensor<B, 2>, tokens: Tensor<B, 2, Int>) -> Tensor<B, 2> {
+        let [batch, seq] = tokens.dims();
+        let logits = self
+            .head(self.norm.forward(x))
+            .reshape([batch, seq, self.shape.vocab_size]);
+        next_token_nll(logits, tokens)
     }
 
     /// The token embeddings of a batch, the residual stream entering layer 0.

@@ -454,6 +454,21 @@ pub fn shape_for_dir(dir: &Path) -> Result<ModelShape> {
 }
 
 /// Resolves and loads `spec` (the usual entry point).
+///
+/// ```
+/// use burn_flex::{Flex, FlexDevice};
+/// use lopper_model::{ModelSpec, load};
+///
+/// // The default model (SmolLM2-135M-Instruct), installed on first use as `cargo xtask setup`
+/// // installs it; a .gguf path, a model folder or `hub:ORG/NAME` load the same way.
+/// let loaded = load::<Flex>(&"default".parse::<ModelSpec>()?, &FlexDevice)?;
+/// let shape = loaded.model.shape();
+/// assert_eq!((shape.n_layers(), shape.hidden_size, shape.vocab_size), (30, 576, 49152));
+/// let ids = loaded.tokenizer.encode("The capital of France is")?;
+/// let logits = loaded.model.forward(loaded.model.tokens(&[ids.clone()])?);
+/// assert_eq!(logits.dims(), [1, ids.len(), 49152]);
+/// # Ok::<(), lopper_model::Error>(())
+/// ```
 pub fn load<B: Backend>(spec: &ModelSpec, device: &B::Device) -> Result<LoadedModel<B>> {
     let files = resolve(spec, &lopper_home(), &HubOptions::from_env())?;
     load_files(&files, &spec.to_string(), device)

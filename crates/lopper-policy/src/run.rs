@@ -25,6 +25,38 @@ pub struct Hooks<'a> {
 /// scores its sampled masks with forward passes of the model sliced to the kept units
 /// ([`mean_loss_kept`]), so a step's cost falls with sparsity; the model is never modified.
 /// Returns `false` when stopped early (after checkpointing).
+///
+/// ```
+/// use burn_flex::{Flex, FlexDevice};
+/// use lopper_core::ModelShape;
+/// use lopper_model::Llama;
+/// use lopper_policy::{Hooks, Init, PgConfig, PgState, UnitSpace, search};
+///
+/// let model = Llama::<Flex>::random(&ModelShape::tiny(), 0, &FlexDevice)?;
+/// let windows: Vec<Vec<u32>> = (0..8)
+///     .map(|w| (0..16).map(|t| (w * 16 + t * 5) % 128).collect())
+///     .collect();
+/// let mut cfg = PgConfig::new(0.5);
+/// cfg.steps = 3;
+/// let space = UnitSpace::new(model.shape(), &cfg.units)?;
+/// let mut state = PgState::new(cfg, &space, &Init::Uniform)?;
+/// let mut losses = Vec::new();
+/// let finished = search(&model, &windows, &space, &mut state, Hooks {
+///     on_step: &mut |r, _| {
+///         losses.push(r.loss);
+///         Ok(())
+///     },
+///     should_stop: &|| false,
+///     checkpoint: &mut |_| Ok(()),
+///     checkpoint_every: 0,
+/// })?;
+/// assert!(finished && state.step == 3);
+/// assert!(losses.len() == 3 && losses.iter().all(|l| l.is_finite()));
+/// // The final plan keeps half of the KV groups and half of the MLP channels, over all layers.
+/// let plan = state.final_plan(&space)?;
+/// assert!((plan.kept_param_ratio() - 0.5).abs() < 1e-9);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub fn search<B: Backend>(
     model: &Llama<B>,
     windows: &[Vec<u32>],

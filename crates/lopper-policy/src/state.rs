@@ -90,6 +90,28 @@ pub struct PgConfig {
 }
 
 impl PgConfig {
+    /// The command line's defaults at `sparsity`: KV groups and MLP channels, one budget per
+    /// type, the reference estimator with SGD at lr 2e-3 and a cosine schedule, 40 steps of
+    /// 2 masks x 4 windows, baseline window 5, seed 42. Change the fields you need.
+    pub fn new(sparsity: f64) -> Self {
+        Self {
+            sparsity,
+            units: vec![UnitKind::KvGroup, UnitKind::Channel],
+            budget: Budget::PerType,
+            estimator: Estimator::Ref,
+            optimizer: Optimizer::Sgd,
+            lr_heads: 2e-3,
+            lr_channels: 2e-3,
+            lr_layers: 2e-3,
+            schedule: Schedule::Cosine,
+            steps: 40,
+            samples_per_step: 2,
+            batch_size: 4,
+            ma_window: 5.0,
+            seed: 42,
+        }
+    }
+
     /// The kept fraction.
     pub fn keep(&self) -> f64 {
         1.0 - self.sparsity

@@ -110,6 +110,33 @@ pub fn slice_layer<'a, B: Backend>(
 /// The physically pruned model: the plan's shape first, then the kept weights, checked
 /// against that shape. Norms, embeddings, RoPE and the LM head stay; removed layers are dropped
 /// and the rest renumbered.
+///
+/// ```
+/// use burn::tensor::ElementConversion;
+/// use burn_flex::{Flex, FlexDevice};
+/// use lopper_core::{MaskPlan, ModelShape, PruneUnit};
+/// use lopper_model::{Llama, Masks};
+///
+/// let model = Llama::<Flex>::random(&ModelShape::tiny(), 0, &FlexDevice)?;
+/// let removed = [
+///     PruneUnit::KvGroup { layer: 0, group: 1 },
+///     PruneUnit::Channel { layer: 2, index: 5 },
+///     PruneUnit::Layer { layer: 1 },
+/// ];
+/// let plan = MaskPlan::from_removed(model.shape(), &removed)?;
+/// let small = lopper_surgery::prune(&model, &plan)?;
+/// assert_eq!(small.shape().n_layers(), 2);
+/// assert_eq!(small.shape().layers[0].n_kv_heads, 1);
+/// assert!(small.shape().num_params() < model.shape().num_params());
+/// // Surgery equals masking: the cut model computes what the masked dense model computes.
+/// let tokens = model.tokens(&[vec![1, 5, 9, 2, 7, 3]])?;
+/// let masks = Masks::from_plan(&plan, &FlexDevice)?;
+/// let cut = small.forward(tokens.clone());
+/// let masked = model.forward_masked(tokens, Some(&masks))?;
+/// let diff: f32 = (cut - masked).abs().max().into_scalar().elem();
+/// assert!(diff < 1e-4, "{diff}");
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub fn prune<B: Backend>(model: &Llama<B>, plan: &MaskPlan) -> Result<Llama<B>> {
     plan.validate_against(model.shape())?;
     let shape = plan.pruned_shape();

@@ -61,13 +61,7 @@ pub fn cuda_model() -> &'static LoadedModel<burn::backend::Cuda> {
     })
 }
 
-/// `$LOPPER_DATA_DIR` (CI sets it), else the `shared/datasets` folder beside the checkout.
-pub fn shared_data_dirs() -> lopper_data::DataDirs {
-    let beside = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/datasets");
-    let mut roots: Vec<PathBuf> = std::env::var_os("LOPPER_DATA_DIR")
-        .map(PathBuf::from)
-        .into_iter()
-        .collect();
-    roots.push(beside);
-    lopper_data::DataDirs { roots, hub: None }
+/// The repository's own `datasets/` (no environment variable, no hub).
+pub fn data_dirs() -> lopper_data::DataDirs {
+    lopper_data::DataDirs::checkout().expect("the repository's datasets/ folder")
 }
