@@ -9,7 +9,9 @@
 
 use anyhow::Result;
 use lopper::backend::{Flex, FlexDevice};
-use lopper::data::{BosPolicy, DataDirs, PerplexityCorpus, Sampler, load_documents, sample, windows};
+use lopper::data::{
+    BosPolicy, DataDirs, PerplexityCorpus, Sampler, load_documents, sample, windows,
+};
 use lopper::eval::perplexity;
 use lopper::model::{ModelSpec, load, lopper_home};
 use lopper::sparse::{Pattern, SparseMethod, SparseSettings, prune_model};
@@ -43,7 +45,12 @@ fn main() -> Result<()> {
         SparseMethod::SparseGpt,
         Pattern::parse("unstructured", 0.5)?,
         &SparseSettings::default(),
-        |r| println!("layer {} {}: rel. error {:.4}", r.layer, r.name, r.rel_error),
+        |r| {
+            println!(
+                "layer {} {}: rel. error {:.4}",
+                r.layer, r.name, r.rel_error
+            )
+        },
     )?;
     let mean_err = reports.iter().map(|r| r.rel_error).sum::<f64>() / reports.len() as f64;
 

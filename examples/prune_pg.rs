@@ -73,7 +73,10 @@ fn main() -> Result<()> {
         &mut state,
         Hooks {
             on_step: &mut |r, _| {
-                println!("step {}: loss {:.4} baseline {:.4}", r.step, r.loss, r.baseline);
+                println!(
+                    "step {}: loss {:.4} baseline {:.4}",
+                    r.step, r.loss, r.baseline
+                );
                 Ok(())
             },
             should_stop: &|| false,

@@ -4,7 +4,7 @@
 mod common;
 
 use burn::tensor::{Tensor, TensorData};
-use common::{B, DEVICE, default_model, data_dirs};
+use common::{B, DEVICE, data_dirs, default_model};
 use lopper_data::{Sampler, load_documents, sample};
 use lopper_importance::gradient::{
     autodiff_copy, linear_grads, linear_weights, with_linear_weights,

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{default_model, data_dirs};
+use common::{data_dirs, default_model};
 use lopper_data::McTask;
 
 #[test]

@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{default_model, data_dirs};
+use common::{data_dirs, default_model};
 use lopper_data::{BosPolicy, PerplexityCorpus, windows};
 
 #[test]
@@ -22,9 +22,7 @@ fn corpora_have_the_official_row_counts() {
 #[test]
 fn wikitext2_perplexity_is_the_mean_of_the_models_own_token_nlls() {
     let d = default_model();
-    let (_, text, _) = PerplexityCorpus::Wikitext2
-        .load(&data_dirs())
-        .unwrap();
+    let (_, text, _) = PerplexityCorpus::Wikitext2.load(&data_dirs()).unwrap();
     let ids = d.tokenizer.encode(&text).unwrap();
     let win = windows(&ids, 128, BosPolicy::None, None, Some(3)).unwrap();
     assert_eq!(

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{DEVICE, default_model, data_dirs};
+use common::{DEVICE, data_dirs, default_model};
 use lopper_core::{MaskPlan, UnitKind};
 use lopper_data::{Sampler, load_documents, sample};
 use lopper_model::Masks;

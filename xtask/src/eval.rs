@@ -78,6 +78,30 @@ pub struct EvalSettings {
 }
 
 impl EvalSettings {
+    /// What `prune --eval` runs: 128-token windows, 8 per forward.
+    pub fn for_report(limit: Option<usize>, allow_longer_context: bool) -> Self {
+        Self {
+            seq_len: 128,
+            bos: BosPolicy::None,
+            limit,
+            batch_size: 8,
+            allow_longer_context,
+        }
+    }
+
+    /// [`crate::guard`]'s checks for the perplexity tasks among `tasks`, before any work.
+    pub fn guard(&self, shape: &lopper_core::ModelShape, tasks: &[Task]) -> Result<()> {
+        if tasks.iter().any(|t| matches!(t, Task::Ppl(_))) {
+            crate::guard::context(shape, self.seq_len, "--seq-len", self.allow_longer_context)?;
+            // A --limit smaller than the batch runs fewer rows at once.
+            let rows = self
+                .limit
+                .map_or(self.batch_size, |l| l.min(self.batch_size));
+            crate::guard::forward_fits(shape, rows, self.seq_len, "perplexity")?;
+        }
+        Ok(())
+    }
+
     fn check(&self) -> Result<()> {
         anyhow::ensure!(
             self.limit != Some(0),
@@ -160,20 +184,13 @@ pub fn eval_into_report<B: Backend>(
     model: &Llama<B>,
     tokenizer: &Tokenizer,
     tasks: &[Task],
-    limit: Option<usize>,
+    settings: &EvalSettings,
     out: &std::path::Path,
     model_info: serde_json::Value,
     device_name: &str,
     report: &mut String,
 ) -> Result<()> {
-    let settings = EvalSettings {
-        seq_len: 128,
-        bos: BosPolicy::None,
-        limit,
-        batch_size: 8,
-        allow_longer_context: false,
-    };
-    let (results, table) = evaluate(model, tokenizer, tasks, &settings)?;
+    let (results, table) = evaluate(model, tokenizer, tasks, settings)?;
     crate::prune::write_json(
         out,
         &serde_json::json!({
@@ -209,11 +226,7 @@ pub fn evaluate<B: Backend>(
     a: &EvalSettings,
 ) -> Result<(serde_json::Map<String, serde_json::Value>, Vec<String>)> {
     {
-        if tasks.iter().any(|t| matches!(t, Task::Ppl(_))) {
-            let shape = model.shape();
-            crate::guard::context(shape, a.seq_len, "--seq-len", a.allow_longer_context)?;
-            crate::guard::forward_fits(shape, a.batch_size, a.seq_len, "perplexity")?;
-        }
+        a.guard(model.shape(), tasks)?;
         let dirs = DataDirs::from_env(&lopper_home());
         let mut results = serde_json::Map::new();
         let mut table = Vec::new();

@@ -45,8 +45,12 @@ pub fn forward_fits(shape: &ModelShape, batch: usize, seq: usize, what: &str) ->
                 .step_by((seq / 64).max(1))
                 .find(|&s| ForwardMemory::of(shape, 1, s).total() <= usable);
             match s {
-                Some(s) => format!("even one row does not fit: lower --seq-len to about {s} (and --batch-size to 1)"),
-                None => "not even a short sequence fits: free memory or use a machine with more".into(),
+                Some(s) => format!(
+                    "even one row does not fit: lower --seq-len to about {s} (and --batch-size to 1)"
+                ),
+                None => {
+                    "not even a short sequence fits: free memory or use a machine with more".into()
+                }
             }
         }
     };

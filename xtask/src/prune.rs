@@ -95,7 +95,8 @@ pub struct PruneArgs {
     /// Windows per step (and per forward of the metric init).
     #[arg(long, default_value_t = 4)]
     pub batch_size: usize,
-    /// Allow --seq-len beyond the model's trained positions (max_position_embeddings).
+    /// Allow --seq-len (and --eval's 128-token windows) beyond the model's trained positions
+    /// (max_position_embeddings).
     #[arg(long)]
     pub allow_longer_context: bool,
     /// Policy-gradient steps.
@@ -300,8 +301,17 @@ impl Job for PruneJob {
         let spec: ModelSpec = a.model.parse()?;
         let loaded = load::<B>(&spec, &device).with_context(|| format!("loading `{}`", a.model))?;
         let (model, tok) = (&loaded.model, &loaded.tokenizer);
-        crate::guard::context(model.shape(), a.seq_len, "--seq-len", a.allow_longer_context)?;
+        crate::guard::context(
+            model.shape(),
+            a.seq_len,
+            "--seq-len",
+            a.allow_longer_context,
+        )?;
         crate::guard::forward_fits(model.shape(), a.batch_size, a.seq_len, "calibration")?;
+        if let Some(tasks) = &self.eval_tasks {
+            crate::eval::EvalSettings::for_report(a.eval_limit, a.allow_longer_context)
+                .guard(model.shape(), tasks)?;
+        }
         let calib = crate::methods::draw_calibration(
             tok,
             &a.calib,
@@ -533,7 +543,7 @@ fn finish<B: Backend>(
             &pruned,
             tok,
             tasks,
-            a.eval_limit,
+            &crate::eval::EvalSettings::for_report(a.eval_limit, a.allow_longer_context),
             &a.out.join("eval.json"),
             serde_json::json!({"plan": "plan.json", "params": small.num_params()}),
             device_name,

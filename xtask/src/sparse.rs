@@ -66,7 +66,7 @@ pub fn run<B: Backend>(
             &pruned,
             tok,
             tasks,
-            a.eval_limit,
+            &crate::eval::EvalSettings::for_report(a.eval_limit, a.allow_longer_context),
             &a.out.join("eval.json"),
             serde_json::json!({"sparsity": "sparsity.json"}),
             device_name,

@@ -48,9 +48,8 @@ pub fn available_bytes() -> crate::Result<Option<u64>> {
             .ok()
             .and_then(|s| s.trim().parse::<u64>().ok())
     };
-    let cgroup = read("/sys/fs/cgroup/memory.max").map(|max| {
-        max.saturating_sub(read("/sys/fs/cgroup/memory.current").unwrap_or(0))
-    });
+    let cgroup = read("/sys/fs/cgroup/memory.max")
+        .map(|max| max.saturating_sub(read("/sys/fs/cgroup/memory.current").unwrap_or(0)));
     Ok(match (meminfo, cgroup) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),

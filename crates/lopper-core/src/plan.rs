@@ -465,15 +465,24 @@ mod tests {
         let p = MaskPlan::from_removed(&s, &[PruneUnit::AttnBlock { layer: 1 }]).unwrap();
         let d = p.degeneracies();
         assert_eq!(d.len(), 1);
-        assert!(d[0].contains("no KV group") && d[0].ends_with(": 1"), "{d:?}");
+        assert!(
+            d[0].contains("no KV group") && d[0].ends_with(": 1"),
+            "{d:?}"
+        );
         let attn: Vec<_> = (0..s.n_layers())
             .map(|layer| PruneUnit::AttnBlock { layer })
             .collect();
         let d = MaskPlan::from_removed(&s, &attn).unwrap().degeneracies();
-        assert!(d.len() == 1 && d[0].contains("no kept layer has an attention block"), "{d:?}");
+        assert!(
+            d.len() == 1 && d[0].contains("no kept layer has an attention block"),
+            "{d:?}"
+        );
         let p = MaskPlan::from_removed(&s, &[PruneUnit::MlpBlock { layer: 2 }]).unwrap();
         let d = p.degeneracies();
-        assert!(d.len() == 1 && d[0].contains("no MLP channel") && d[0].ends_with(": 2"), "{d:?}");
+        assert!(
+            d.len() == 1 && d[0].contains("no MLP channel") && d[0].ends_with(": 2"),
+            "{d:?}"
+        );
     }
 
     #[test]

@@ -274,7 +274,11 @@ pub fn materialize(name: &str, file: &str, root: &Path) -> std::result::Result<P
             return Ok(staged);
         }
         let repo = &manifest.hub.repo;
-        tracing::info!(repo, file = C4_SHARD, "downloading the C4 calibration shard");
+        tracing::info!(
+            repo,
+            file = C4_SHARD,
+            "downloading the C4 calibration shard"
+        );
         let shard = api()?
             .dataset(repo.clone())
             .get(C4_SHARD)
@@ -336,7 +340,12 @@ mod tests {
             .read_to_string(&mut s)
             .unwrap();
         s.lines()
-            .map(|l| serde_json::from_str::<Value>(l).unwrap()["text"].as_str().unwrap().to_string())
+            .map(|l| {
+                serde_json::from_str::<Value>(l).unwrap()["text"]
+                    .as_str()
+                    .unwrap()
+                    .to_string()
+            })
             .collect()
     }
 
@@ -356,7 +365,10 @@ mod tests {
         // Not a prefix: a uniform sample of 40 of 500 reaches past the first 100 documents.
         assert!(*idx.last().unwrap() > 100, "{idx:?}");
         // Fewer documents than asked for: all of them.
-        assert_eq!(texts(&sample_jsonl_gz(&path, 10_000, 7).unwrap()).len(), 500);
+        assert_eq!(
+            texts(&sample_jsonl_gz(&path, 10_000, 7).unwrap()).len(),
+            500
+        );
     }
 
     #[test]
@@ -374,7 +386,10 @@ mod tests {
         assert_eq!(p, staged);
         assert_eq!(docs.len(), C4_SAMPLE_DOCS);
         // Staged once: a second call reuses the file even without the shard.
-        assert_eq!(stage_c4_sample(Path::new("/nonexistent"), &root).unwrap(), staged);
+        assert_eq!(
+            stage_c4_sample(Path::new("/nonexistent"), &root).unwrap(),
+            staged
+        );
     }
 
     #[test]

@@ -61,7 +61,9 @@ pub struct DataDirs {
 /// up at run time, so an installed binary whose source folder is gone simply skips it).
 pub fn checkout_datasets() -> Option<PathBuf> {
     let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../datasets");
-    p.join("c4.json").is_file().then(|| p.canonicalize().unwrap_or(p))
+    p.join("c4.json")
+        .is_file()
+        .then(|| p.canonicalize().unwrap_or(p))
 }
 
 impl DataDirs {

@@ -222,7 +222,6 @@ pub fn block_influence_order(bi: &[f64]) -> Vec<usize> {
     order
 }
 
-
 /// One SLEB round: the layer removed and the calibration loss without it.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SlebRound {

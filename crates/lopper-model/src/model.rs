@@ -259,6 +259,11 @@ impl<B: Backend> DecoderLayer<B> {
     }
 }
 
+/// Predicting positions whose logits a loss computes at once (a `[NLL_ROWS, vocab]` block).
+/// 1,024 keeps a policy-gradient batch (8 x 128) in one block and bounds a long evaluation's
+/// logits at 200 MB for a 49,152-token vocabulary.
+pub const NLL_ROWS: usize = 1024;
+
 /// Query rows per block of the chunked causal attention used for long sequences.
 const ATTN_CHUNK: usize = 256;
 
@@ -288,10 +293,17 @@ impl ForwardMemory {
         };
         let heads = widest(&|l| (l.n_heads * l.head_dim) as u64);
         let rope = 2 * 2 * b * s * heads;
-        let bias = if chunked { s * (s + ATTN_CHUNK as u64) / 2 } else { 0 };
+        let bias = if chunked {
+            s * (s + ATTN_CHUNK as u64) / 2
+        } else {
+            0
+        };
         let hidden = shape.hidden_size as u64;
         let layer = widest(&|l| {
-            let (q, kv) = ((l.n_heads * l.head_dim) as u64, (l.n_kv_heads * l.head_dim) as u64);
+            let (q, kv) = (
+                (l.n_heads * l.head_dim) as u64,
+                (l.n_kv_heads * l.head_dim) as u64,
+            );
             // x, normed, residual sum; q, k, v, k and v repeated to every head, output, o_proj.
             let attn = 3 * hidden + 4 * q + 2 * kv + hidden;
             // gate, up, silu(gate) * up, down_proj.
@@ -704,11 +716,46 @@ impl<B: Backend> Llama<B> {
     /// # Shapes
     /// - `x`: `[batch * seq, hidden]`, `tokens`: `[batch, seq]` -> `[batch, seq - 1]`
     pub fn stream_nll(&self, x: Tensor<B, 2>, tokens: Tensor<B, 2, Int>) -> Tensor<B, 2> {
+        self.nll_of_normed(self.norm.forward(x), tokens)
+    }
+
+    /// Next-token NLL from final-normed hidden states, the LM head and the log-softmax run on
+    /// at most [`NLL_ROWS`] predicting positions at a time: a loss never holds the whole
+    /// `[tokens, vocab]` logits tensor.
+    ///
+    /// # Shapes
+    /// - `x`: `[batch * seq, hidden]`, `tokens`: `[batch, seq]` -> `[batch, seq - 1]`
+    fn nll_of_normed(&self, x: Tensor<B, 2>, tokens: Tensor<B, 2, Int>) -> Tensor<B, 2> {
+        self.nll_in_blocks(x, tokens, NLL_ROWS)
+    }
+
+    /// [`Llama::nll_of_normed`] with `block` rows per LM-head block.
+    pub(crate) fn nll_in_blocks(
+        &self,
+        x: Tensor<B, 2>,
+        tokens: Tensor<B, 2, Int>,
+        block: usize,
+    ) -> Tensor<B, 2> {
         let [batch, seq] = tokens.dims();
-        let logits = self
-            .head(self.norm.forward(x))
-            .reshape([batch, seq, self.shape.vocab_size]);
-        next_token_nll(logits, tokens)
+        let hidden = self.shape.hidden_size;
+        // Position t of every row predicts token t + 1: drop each row's last position.
+        let x = x
+            .reshape([batch, seq, hidden])
+            .narrow(1, 0, seq - 1)
+            .reshape([batch * (seq - 1), hidden]);
+        let targets = tokens.narrow(1, 1, seq - 1).reshape([batch * (seq - 1), 1]);
+        let rows = batch * (seq - 1);
+        let parts: Vec<Tensor<B, 2>> = (0..rows)
+            .step_by(block)
+            .map(|start| {
+                let n = block.min(rows - start);
+                let logits = self.head(x.clone().narrow(0, start, n));
+                let max = logits.clone().max_dim(1);
+                let lse = (logits.clone() - max.clone()).exp().sum_dim(1).log() + max;
+                lse - logits.gather(1, targets.clone().narrow(0, start, n))
+            })
+            .collect();
+        Tensor::cat(parts, 0).reshape([batch, seq - 1])
     }
 
     /// The token embeddings of a batch, the residual stream entering layer 0.
@@ -831,14 +878,28 @@ impl<B: Backend> Llama<B> {
         tokens: Tensor<B, 2, Int>,
         masks: Option<&Masks<B>>,
     ) -> Result<Tensor<B, 2>> {
+        self.token_nll_layers(tokens, masks, |_, l| Cow::Borrowed(l))
+    }
+
+    /// [`Llama::token_nll`] with `layer_for` as in [`Llama::forward_layers`] (for example the
+    /// layers sliced to a plan's kept units).
+    ///
+    /// # Shapes
+    /// - `tokens`: `[batch, seq]` (seq >= 2) -> `[batch, seq - 1]`
+    pub fn token_nll_layers<'a>(
+        &'a self,
+        tokens: Tensor<B, 2, Int>,
+        masks: Option<&Masks<B>>,
+        layer_for: impl FnMut(usize, &'a DecoderLayer<B>) -> Cow<'a, DecoderLayer<B>>,
+    ) -> Result<Tensor<B, 2>> {
         let [_, seq] = tokens.dims();
         if seq < 2 {
             return Err(Error::Input(format!(
                 "need at least 2 tokens per row to score next-token predictions, got {seq}"
             )));
         }
-        let logits = self.forward_masked(tokens.clone(), masks)?;
-        Ok(next_token_nll(logits, tokens))
+        let x = self.run_hidden(tokens.clone(), masks, |_, _| {}, layer_for, |_, _, _| {})?;
+        Ok(self.nll_of_normed(x, tokens))
     }
 
     /// Mean next-token cross-entropy (nats) over every predicted token of the batch.

@@ -343,3 +343,33 @@ fn chunked_causal_attention_equals_the_fused_kernel() {
         max_diff(&chunked, &fused)
     );
 }
+
+#[test]
+fn the_blocked_loss_equals_the_loss_of_the_full_logits() {
+    let m = tiny();
+    let t = m.tokens(&rows()).unwrap();
+    let full: Vec<f32> = crate::next_token_nll(m.forward(t.clone()), t.clone())
+        .into_data()
+        .to_vec()
+        .unwrap();
+    let vals = |x: Tensor<B, 2>| -> Vec<f32> { x.into_data().to_vec().unwrap() };
+    // 2 rows x 11 predicting positions: blocks of 7 (not dividing 22, crossing a row), 1, 22.
+    let hidden = m.forward_hidden(t.clone(), None).unwrap();
+    for block in [7, 1, 22, 1024] {
+        let got = vals(m.nll_in_blocks(hidden.clone(), t.clone(), block));
+        assert!(max_diff(&full, &got) < 1e-5, "block {block}");
+    }
+    assert!(max_diff(&full, &vals(m.token_nll(t.clone(), None).unwrap())) < 1e-5);
+    // From the residual stream leaving the last layer: final norm, head, loss.
+    let mut last = None;
+    m.forward_with_hidden(t.clone(), None, |i, h| {
+        if i + 1 == m.layers.len() {
+            last = Some(h.clone());
+        }
+    })
+    .unwrap();
+    // `on_hidden(i, x)` sees the stream entering layer i: run the last layer by hand.
+    let stepper = m.stepper(2, 12);
+    let out = stepper.forward(m.layers.last().unwrap(), last.unwrap(), |_, _| {});
+    assert!(max_diff(&full, &vals(m.stream_nll(out, t))) < 1e-5);
+}

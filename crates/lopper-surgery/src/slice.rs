@@ -9,7 +9,7 @@ use burn::tensor::{Int, Tensor, TensorData};
 
 use crate::error::Result;
 use lopper_core::{LayerPlan, LayerShape, MaskPlan};
-use lopper_model::{Attention, DecoderLayer, Llama, Mlp, mean_of, next_token_nll};
+use lopper_model::{Attention, DecoderLayer, Llama, Mlp, mean_of};
 
 fn index<B: Backend>(ids: &[usize], device: &B::Device) -> Tensor<B, 1, Int> {
     let v: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
@@ -191,15 +191,11 @@ pub fn mean_loss_kept<B: Backend>(
     plan: &MaskPlan,
     tokens: Tensor<B, 2, Int>,
 ) -> Result<f64> {
-    let [_, seq] = tokens.dims();
-    if seq < 2 {
-        return Err(lopper_model::Error::Input(format!(
-            "need at least 2 tokens per row to score next-token predictions, got {seq}"
-        ))
-        .into());
-    }
-    let logits = forward_kept(model, plan, tokens.clone())?;
-    Ok(mean_of(next_token_nll(logits, tokens))?)
+    plan.validate_against(model.shape())?;
+    let nll = model.token_nll_layers(tokens, None, |i, layer| {
+        slice_layer(layer, &plan.source.layers[i], &plan.layers[i])
+    })?;
+    Ok(mean_of(nll)?)
 }
 
 /// Per-layer means over calibration tokens of the inputs of `o_proj` (per column, `n_heads *
