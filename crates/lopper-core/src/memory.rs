@@ -22,7 +22,7 @@ pub fn parse_bytes(s: &str) -> Option<u64> {
         _ => (t, 1),
     };
     let v: f64 = num.trim().parse().ok()?;
-    (v.is_finite() && v >= 0.0).then(|| (v * mult as f64) as u64)
+    (v.is_finite() && v >= 0.0).then_some((v * mult as f64) as u64)
 }
 
 /// Memory available to this process in bytes: [`LIMIT_VAR`] if set, else the smaller of the
