@@ -239,7 +239,9 @@ pub struct SlebRound {
 /// No work is done twice: the residual stream entering every layer of the current model is
 /// kept per batch ([`PrefixCache`]), so a trial that removes layer `l` runs only the layers
 /// after `l` (and the LM head), and after a round only the layers after the removed one are
-/// recomputed. The result equals running the pruned model from its embeddings each time.
+/// recomputed. The result equals running the pruned model from its embeddings each time. The
+/// cache holds `layers x windows x seq x hidden` f32 values (566 MiB for the default model at
+/// 64 x 128); when that is over half the memory available, the search runs uncached.
 pub fn sleb<B: Backend>(
     model: &Llama<B>,
     windows: &[Vec<u32>],
@@ -248,7 +250,25 @@ pub fn sleb<B: Backend>(
     barrier: usize,
     on_round: impl FnMut(&SlebRound),
 ) -> Result<Vec<SlebRound>> {
-    sleb_with(model, windows, batch_size, keep, barrier, on_round, true)
+    let shape = model.shape();
+    let tokens: usize = windows.iter().map(Vec::len).sum();
+    let bytes = (shape.n_layers() * tokens * shape.hidden_size * 4) as u64;
+    let available = lopper_core::memory::available_bytes().ok().flatten();
+    let cached = prefix_cache_fits(bytes, available);
+    if !cached {
+        tracing::warn!(
+            cache = %lopper_core::memory::human(bytes),
+            available = %lopper_core::memory::human(available.unwrap_or(0)),
+            "sleb: the prefix cache would not fit; every trial runs from the embeddings"
+        );
+    }
+    sleb_with(model, windows, batch_size, keep, barrier, on_round, cached)
+}
+
+/// Whether a prefix cache of `bytes` may be kept: at most half the memory available (unknown
+/// availability: yes).
+fn prefix_cache_fits(bytes: u64, available: Option<u64>) -> bool {
+    available.is_none_or(|a| bytes <= a / 2)
 }
 
 /// [`sleb`] without the prefix cache: every trial runs the pruned model from its embeddings.
@@ -432,5 +452,15 @@ impl<B: Backend> CachedBatch<B> {
             }
         }
         x
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_prefix_cache_takes_at_most_half_the_memory() {
+        assert!(super::prefix_cache_fits(100, Some(200)));
+        assert!(!super::prefix_cache_fits(101, Some(200)));
+        assert!(super::prefix_cache_fits(u64::MAX, None));
     }
 }
