@@ -9,7 +9,7 @@
 use anyhow::Result;
 use lopper::backend::{Flex, FlexDevice};
 use lopper::data::{BosPolicy, DataDirs, McTask, PerplexityCorpus, windows};
-use lopper::eval::{loglikelihoods, mc_scores, perplexity};
+use lopper::eval::{loglikelihoods, mc_scores_of_requests, perplexity};
 use lopper::model::{ModelSpec, load, lopper_home};
 
 fn main() -> Result<()> {
@@ -39,17 +39,11 @@ fn main() -> Result<()> {
         .flat_map(|d| d.requests.iter().cloned())
         .collect();
     let lls = loglikelihoods(model, tok, &requests, 8, |_| {})?;
-    let mut at = 0;
-    let scored: Vec<(Vec<f64>, Vec<String>, usize)> = docs
-        .iter()
-        .map(|d| {
-            let n = d.requests.len();
-            at += n;
-            let doc_lls = lls[at - n..at].iter().map(|l| l.0).collect();
-            (doc_lls, d.choices.clone(), d.gold)
-        })
-        .collect();
-    let s = mc_scores(&scored);
+    let s = mc_scores_of_requests(
+        &lls,
+        docs.iter()
+            .map(|d| (d.requests.len(), &d.choices[..], d.gold)),
+    );
     println!(
         "arc_easy: acc {:.3} ± {:.3}, acc_norm {:.3} ± {:.3} (n {})",
         s.acc, s.acc_stderr, s.acc_norm, s.acc_norm_stderr, s.n

@@ -303,17 +303,11 @@ pub fn evaluate<B: Backend>(
                         .flat_map(|d| d.requests.iter().cloned())
                         .collect();
                     let lls = score(&requests, mc.name())?;
-                    let mut at = 0;
-                    let scored: Vec<(Vec<f64>, Vec<String>, usize)> = docs
-                        .iter()
-                        .map(|d| {
-                            let n = d.requests.len();
-                            at += n;
-                            let lls = lls[at - n..at].iter().map(|l| l.0).collect();
-                            (lls, d.choices.clone(), d.gold)
-                        })
-                        .collect();
-                    let s = lopper_eval::mc_scores(&scored);
+                    let s = lopper_eval::mc_scores_of_requests(
+                        &lls,
+                        docs.iter()
+                            .map(|d| (d.requests.len(), &d.choices[..], d.gold)),
+                    );
                     let secs = start.elapsed().as_secs_f64();
                     let norm = |v: f64| {
                         if mc.has_acc_norm() {

@@ -4,7 +4,7 @@ use burn::tensor::backend::Backend;
 
 mod mc;
 use lopper_model::{Llama, Masks, Result};
-pub use mc::{MAX_LEN, McScores, encode_pair, loglikelihoods, mc_scores};
+pub use mc::{MAX_LEN, McScores, encode_pair, loglikelihoods, mc_scores, mc_scores_of_requests};
 use serde::Serialize;
 
 /// Perplexity of a set of windows.

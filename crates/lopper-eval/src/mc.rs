@@ -152,6 +152,28 @@ pub struct McScores {
     pub n: usize,
 }
 
+/// [`mc_scores`] from the log-likelihoods of all documents' requests in order (what
+/// [`loglikelihoods`] returns for the concatenated requests): document `i`, given as
+/// `(requests, choice strings, gold)`, owns the next `requests` values of `lls`.
+///
+/// # Panics
+/// If `lls` holds fewer values than the documents' requests together.
+pub fn mc_scores_of_requests<'a>(
+    lls: &[(f64, bool)],
+    docs: impl IntoIterator<Item = (usize, &'a [String], usize)>,
+) -> McScores {
+    let mut at = 0;
+    let scored: Vec<(Vec<f64>, Vec<String>, usize)> = docs
+        .into_iter()
+        .map(|(n, choices, gold)| {
+            let doc_lls = lls[at..at + n].iter().map(|l| l.0).collect();
+            at += n;
+            (doc_lls, choices.to_vec(), gold)
+        })
+        .collect();
+    mc_scores(&scored)
+}
+
 /// `acc` / `acc_norm` from per-choice log-likelihoods: `docs[i] = (lls, choice strings, gold)`.
 pub fn mc_scores(docs: &[(Vec<f64>, Vec<String>, usize)]) -> McScores {
     let argmax = |v: &[f64]| {
@@ -206,5 +228,12 @@ mod tests {
         assert_eq!((s.acc, s.acc_norm, s.n), (0.5, 1.0, 2));
         assert!((s.acc_stderr - 0.5).abs() < 1e-12);
         assert_eq!(s.acc_norm_stderr, 0.0);
+        // The same documents from one flat list of request log-likelihoods.
+        let flat: Vec<(f64, bool)> = docs
+            .iter()
+            .flat_map(|d| d.0.iter().map(|&l| (l, false)))
+            .collect();
+        let grouped = mc_scores_of_requests(&flat, docs.iter().map(|d| (d.0.len(), &d.1[..], d.2)));
+        assert_eq!(grouped, s);
     }
 }
