@@ -242,6 +242,8 @@ pub fn run(args: PruneArgs) -> Result<()> {
     let eval_tasks = args.eval.as_deref().map(parse_tasks).transpose()?;
     anyhow::ensure!(args.calib_samples > 0, "--calib-samples must be at least 1");
     let ckpt = args.out.join("checkpoint.json");
+    // An existing folder is continued (--resume) or replaced (--force), the latter only once the
+    // model is loaded and the run is known to fit (`prepare_out`).
     if args.out.exists() {
         if args.resume {
             anyhow::ensure!(
@@ -249,10 +251,7 @@ pub fn run(args: PruneArgs) -> Result<()> {
                 "--resume: {} has no checkpoint.json to continue from",
                 args.out.display()
             );
-        } else if args.force {
-            std::fs::remove_dir_all(&args.out)
-                .with_context(|| format!("removing {}", args.out.display()))?;
-        } else {
+        } else if !args.force {
             bail!(
                 "{} already exists; pass --resume to continue its run, --force to start over, or choose another --out",
                 args.out.display()
@@ -264,8 +263,6 @@ pub fn run(args: PruneArgs) -> Result<()> {
             args.out.display()
         );
     }
-    std::fs::create_dir_all(&args.out)
-        .with_context(|| format!("creating {}", args.out.display()))?;
     let device = args.device;
     run_on(
         device,
@@ -277,6 +274,16 @@ pub fn run(args: PruneArgs) -> Result<()> {
             sparse,
         },
     )
+}
+
+/// The run folder, after every check passed: an existing one is replaced under `--force` and
+/// kept under `--resume`.
+fn prepare_out(a: &PruneArgs) -> Result<()> {
+    if a.out.exists() && a.force && !a.resume {
+        std::fs::remove_dir_all(&a.out).with_context(|| format!("removing {}", a.out.display()))?;
+    }
+    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    Ok(())
 }
 
 struct PruneJob {
@@ -312,6 +319,7 @@ impl Job for PruneJob {
             crate::eval::EvalSettings::for_report(a.eval_limit, a.allow_longer_context)
                 .guard(model.shape(), tasks)?;
         }
+        prepare_out(a)?;
         let calib = crate::methods::draw_calibration(
             tok,
             &a.calib,

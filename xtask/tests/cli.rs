@@ -972,7 +972,7 @@ fn contexts_beyond_the_model_positions_are_refused_before_any_work() {
     args[at] = "65";
     let (ok, _, err) = xtask(&args);
     assert!(!ok && err.contains("64 positions"), "{err}");
-    assert!(!out.join("plan.json").exists());
+    assert!(!out.exists());
 }
 
 #[test]
@@ -1030,13 +1030,20 @@ fn batches_that_cannot_fit_in_memory_are_refused_with_the_figure_and_the_flag() 
     let root = tempfile::tempdir().unwrap();
     let (model, calib) = tiny_model_dir(root.path());
     let out = root.path().join("small");
-    let args = prune_args(&model, &calib, out.to_str().unwrap(), "1");
+    let mut args = prune_args(&model, &calib, out.to_str().unwrap(), "1");
+    // An earlier run in the folder survives a refused --force run.
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(out.join("plan.json"), "{}").unwrap();
+    args.push("--force");
     let (ok, _, err) = xtask_env(&args, &[("LOPPER_MEMORY_LIMIT", "16K")]);
     assert!(
         !ok && err.contains("calibration: a forward of 2 x 16"),
         "{err}"
     );
-    assert!(!out.join("plan.json").exists());
+    assert_eq!(
+        std::fs::read_to_string(out.join("plan.json")).unwrap(),
+        "{}"
+    );
 }
 
 #[test]
