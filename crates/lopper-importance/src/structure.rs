@@ -428,14 +428,11 @@ impl<B: Backend> PrefixCache<B> {
 
 impl<B: Backend> CachedBatch<B> {
     /// Runs the kept layers from `from` on, storing the stream entering each.
-    fn refill(&mut self, model: &Llama<B>, removed: &[usize], from: usize, mut x: Tensor<B, 2>) {
-        for (i, layer) in model.layers.iter().enumerate().skip(from) {
-            if removed.contains(&i) {
-                continue;
-            }
-            self.inputs[i] = Some(x.clone());
-            x = self.stepper.forward(layer, x, |_, _| {});
-        }
+    fn refill(&mut self, model: &Llama<B>, removed: &[usize], from: usize, x: Tensor<B, 2>) {
+        let inputs = &mut self.inputs;
+        run_kept(&self.stepper, model, removed, from, x, |i, x| {
+            inputs[i] = Some(x.clone())
+        });
     }
 
     /// The stream leaving the last layer, running the kept layers from `from` on.
@@ -444,15 +441,29 @@ impl<B: Backend> CachedBatch<B> {
         model: &Llama<B>,
         removed: &[usize],
         from: usize,
-        mut x: Tensor<B, 2>,
+        x: Tensor<B, 2>,
     ) -> Tensor<B, 2> {
-        for (i, layer) in model.layers.iter().enumerate().skip(from) {
-            if !removed.contains(&i) {
-                x = self.stepper.forward(layer, x, |_, _| {});
-            }
-        }
-        x
+        run_kept(&self.stepper, model, removed, from, x, |_, _| {})
     }
+}
+
+/// The stream leaving the last layer, from `x` entering layer `from` through every later layer
+/// not in `removed`; `on_input(i, x)` sees the stream entering each layer run.
+fn run_kept<B: Backend>(
+    stepper: &lopper_model::LayerStepper<B>,
+    model: &Llama<B>,
+    removed: &[usize],
+    from: usize,
+    mut x: Tensor<B, 2>,
+    mut on_input: impl FnMut(usize, &Tensor<B, 2>),
+) -> Tensor<B, 2> {
+    for (i, layer) in model.layers.iter().enumerate().skip(from) {
+        if !removed.contains(&i) {
+            on_input(i, &x);
+            x = stepper.forward(layer, x, |_, _| {});
+        }
+    }
+    x
 }
 
 #[cfg(test)]

@@ -743,16 +743,14 @@ impl<B: Backend> Llama<B> {
             .reshape([batch, seq, hidden])
             .narrow(1, 0, seq - 1)
             .reshape([batch * (seq - 1), hidden]);
-        let targets = tokens.narrow(1, 1, seq - 1).reshape([batch * (seq - 1), 1]);
         let rows = batch * (seq - 1);
-        let parts: Vec<Tensor<B, 2>> = (0..rows)
+        let targets = tokens.narrow(1, 1, seq - 1).reshape([1, rows]);
+        let parts: Vec<Tensor<B, 1>> = (0..rows)
             .step_by(block)
             .map(|start| {
                 let n = block.min(rows - start);
-                let logits = self.head(x.clone().narrow(0, start, n));
-                let max = logits.clone().max_dim(1);
-                let lse = (logits.clone() - max.clone()).exp().sum_dim(1).log() + max;
-                lse - logits.gather(1, targets.clone().narrow(0, start, n))
+                let logits = self.head(x.clone().narrow(0, start, n)).unsqueeze_dim(0);
+                nll_from_logits(logits, targets.clone().narrow(1, start, n)).reshape([n])
             })
             .collect();
         Tensor::cat(parts, 0).reshape([batch, seq - 1])
