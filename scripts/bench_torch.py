@@ -6,7 +6,9 @@ A plain PyTorch f32 LLaMA forward over the default model's GGUF weights (dequant
 
 Usage (in a scratch venv with torch, numpy and gguf):
     python scripts/bench_torch.py ~/.cache/lopper/models/SmolLM2-135M-Instruct.Q4_1.gguf \
-        --threads 2 --shapes 8x128,1x2048 --runs 5 --warmup 1
+        --threads 2 --shapes 8x128,1x2048 --runs 5 --warmup 1 [--dtype bf16] [--json]
+
+`cargo xtask bench forward --vs-torch PYTHON` runs it with --json in alternating rounds.
 """
 import argparse, json, os, statistics, time
 
@@ -54,6 +56,7 @@ def forward(ids, w, n_layers, n_head, n_kv, eps, theta):
     inv = 1.0 / (theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
     ang = torch.arange(s, dtype=torch.float32)[:, None] * inv[None, :]
     cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
 
     def norm(x, g):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * g
@@ -87,17 +90,22 @@ def main():
     ap.add_argument("--shapes", default="8x128,1x2048")
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--dtype", choices=["f32", "bf16"], default="f32")
+    ap.add_argument("--json", action="store_true", help="end with one JSON line of median seconds")
     ap.add_argument("--golden", default=os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "smollm2_golden.json"))
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     args = load(a.gguf)
+    dtype = {"f32": torch.float32, "bf16": torch.bfloat16}[a.dtype]
+    args = ({k: v.to(dtype) for k, v in args[0].items()},) + args[1:]
     g = json.load(open(a.golden))
     ids = torch.tensor([g["tokenization"]["texts"]["paragraph"]["ids_canonical_digit_split"]])
     with torch.inference_mode():
         logits = forward(ids, *args)
-        loss = F.cross_entropy(logits[0, :-1], ids[0, 1:]).item()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; paragraph loss {loss:.5f} "
+        loss = F.cross_entropy(logits[0, :-1].float(), ids[0, 1:]).item()
+    print(f"torch {torch.__version__}, {a.dtype}, {torch.get_num_threads()} threads; paragraph loss {loss:.5f} "
           f"(golden {g['paragraph_forward']['mean_ce_loss_f64_from_f32_logits']:.5f})")
+    medians = []
     print("| batch x seq | seconds | tokens/s |")
     print("|---|---:|---:|")
     for shp in a.shapes.split(","):
@@ -111,7 +119,10 @@ def main():
                 if r >= a.warmup:
                     times.append(time.perf_counter() - t0)
         m = statistics.median(times)
+        medians.append(m)
         print(f"| {b} x {s} | {m:.3f} | {b * s / m:.0f} |")
+    if a.json:
+        print(json.dumps({"torch": torch.__version__, "dtype": a.dtype, "loss": loss, "seconds": medians}))
 
 
 if __name__ == "__main__":

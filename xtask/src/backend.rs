@@ -38,13 +38,17 @@ pub fn run_on(choice: DeviceChoice, job: impl Job) -> Result<()> {
     match choice {
         DeviceChoice::Cpu => job.run::<burn_flex::Flex>(
             burn_flex::FlexDevice,
-            format!("cpu (flex, {} threads)", threads()),
+            format!(
+                "cpu (flex, {} threads; matrix products: {})",
+                threads(),
+                lopper_kernels::describe()
+            ),
         ),
         DeviceChoice::Cuda(index) => run_cuda(index, job),
     }
 }
 
-fn threads() -> usize {
+pub fn threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 

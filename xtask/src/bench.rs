@@ -29,6 +29,29 @@ pub enum BenchCmd {
         /// cpu, cuda or cuda:N.
         #[arg(long, default_value = "cpu")]
         device: DeviceChoice,
+        /// Also time PyTorch on the same model and shapes, in alternating rounds of this run:
+        /// a Python with torch, numpy and gguf (runs scripts/bench_torch.py).
+        #[arg(long, value_name = "PYTHON")]
+        vs_torch: Option<String>,
+        /// Also time lopper with the BLAS turned off (the portable gemm), in the same rounds.
+        #[arg(long)]
+        portable: bool,
+        /// Alternating rounds (lopper, [portable,] PyTorch); each round times --runs runs.
+        #[arg(long, default_value_t = 2)]
+        rounds: usize,
+    },
+    /// Matrix products on the model's shapes: the portable gemm, the BLAS in f32 and in bf16,
+    /// GFLOP/s side by side in one run.
+    Matmul {
+        /// Products as MxKxN, comma-separated (rows x inner x columns).
+        #[arg(
+            long,
+            default_value = "1024x576x1536,1024x1536x576,1024x576x576,1024x576x49152,128x576x1536"
+        )]
+        shapes: String,
+        /// Timed runs per cell (the median is reported).
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
     },
     /// Surgery's real effect: uniform and random heterogeneous plans at each sparsity, cut, and
     /// timed next to the dense model in the same run.
@@ -224,9 +247,18 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
             runs,
             warmup,
             device,
+            vs_torch,
+            portable,
+            rounds,
         } => {
             let shapes = parse_shapes(&shapes)?;
-            anyhow::ensure!(runs > 0, "--runs must be at least 1");
+            anyhow::ensure!(
+                runs > 0 && rounds > 0,
+                "--runs and --rounds must be at least 1"
+            );
+            if let Some(py) = &vs_torch {
+                check_torch(py)?;
+            }
             run_on(
                 device,
                 ForwardBench {
@@ -234,9 +266,13 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
                     shapes,
                     runs,
                     warmup,
+                    vs_torch,
+                    portable,
+                    rounds,
                 },
             )
         }
+        BenchCmd::Matmul { shapes, runs } => bench_matmul(&shapes, runs),
         BenchCmd::Pruned {
             model,
             sparsity,
@@ -636,6 +672,81 @@ struct ForwardBench {
     shapes: Vec<(usize, usize)>,
     runs: usize,
     warmup: usize,
+    vs_torch: Option<String>,
+    portable: bool,
+    rounds: usize,
+}
+
+/// The reference timing script, from the checkout this xtask was built in.
+fn torch_script() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("scripts")
+        .join("bench_torch.py")
+}
+
+/// Refuses a Python that cannot run the reference before any timing starts.
+fn check_torch(python: &str) -> Result<()> {
+    let out = std::process::Command::new(python)
+        .args(["-c", "import torch, numpy, gguf; print(torch.__version__)"])
+        .output()
+        .with_context(|| format!("cannot run `{python}` (--vs-torch names a Python executable)"))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "`{python}` cannot import torch, numpy and gguf: {}\nmake one with `python3 -m venv /tmp/torch && /tmp/torch/bin/pip install torch numpy gguf`",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(())
+}
+
+/// PyTorch's median seconds per shape over `runs` runs, from one run of the reference script.
+fn torch_times(
+    python: &str,
+    gguf: &std::path::Path,
+    shapes: &[(usize, usize)],
+    runs: usize,
+    warmup: usize,
+) -> Result<Vec<f64>> {
+    let shapes_arg: Vec<String> = shapes.iter().map(|(b, s)| format!("{b}x{s}")).collect();
+    let out = std::process::Command::new(python)
+        .arg(torch_script())
+        .arg(gguf)
+        .args(["--threads", &crate::backend::threads().to_string()])
+        .args(["--shapes", &shapes_arg.join(",")])
+        .args([
+            "--runs",
+            &runs.to_string(),
+            "--warmup",
+            &warmup.to_string(),
+            "--json",
+        ])
+        .output()
+        .with_context(|| format!("running {}", torch_script().display()))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "the PyTorch reference failed: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .context("the PyTorch reference printed no JSON line")?;
+    let v: serde_json::Value = serde_json::from_str(line)?;
+    let secs = v["seconds"]
+        .as_array()
+        .context("no `seconds` in the PyTorch reference's output")?
+        .iter()
+        .map(|x| x.as_f64().context("a non-number in `seconds`"))
+        .collect::<Result<Vec<f64>>>()?;
+    anyhow::ensure!(
+        secs.len() == shapes.len(),
+        "PyTorch timed {} shapes, expected {}",
+        secs.len(),
+        shapes.len()
+    );
+    Ok(secs)
 }
 
 /// Seconds of one call, after the backend has finished its queued work.
@@ -664,55 +775,184 @@ impl Job for ForwardBench {
         let model: &Llama<B> = &loaded.model;
         let shape = model.shape().clone();
         crate::guard::bench_shapes(&shape, &self.shapes)?;
+        let gguf = match &self.vs_torch {
+            None => None,
+            Some(_) if loaded.info.format == "gguf" => Some(loaded.info.path.clone()),
+            Some(_) => anyhow::bail!(
+                "--vs-torch reads the model from a GGUF file; {} is {}",
+                loaded.info.path.display(),
+                loaded.info.format
+            ),
+        };
+        let per_round = self.shapes.len() * (self.runs + self.warmup);
+        let lopper_blocks = 1 + usize::from(self.portable);
         let bar = crate::progress::bar(
-            (self.shapes.len() * (self.runs + self.warmup)) as u64,
+            (self.rounds * lopper_blocks * per_round) as u64,
             "{msg} [{bar:30}] {pos}/{len} runs, eta {eta}",
         )?;
-        let mut rows = Vec::new();
-        for &(batch, seq) in &self.shapes {
-            bar.set_message(format!("forward {batch}x{seq}"));
-            // Deterministic pseudo-text: ids spread over the vocabulary.
-            let ids: Vec<Vec<u32>> = (0..batch)
-                .map(|b| {
-                    (0..seq)
-                        .map(|t| ((b * 7919 + t * 104_729) % shape.vocab_size) as u32)
-                        .collect()
-                })
-                .collect();
-            let tokens = model.tokens(&ids)?;
-            let mut times = Vec::new();
-            for i in 0..self.warmup + self.runs {
-                let t = time_once::<B>(&device, || {
-                    let logits = model.forward(tokens.clone());
-                    // Read one value back so lazy backends really finish.
-                    let _ = logits.narrow(2, 0, 1).into_data();
-                });
-                if i >= self.warmup {
-                    times.push(t);
+        let inputs = self
+            .shapes
+            .iter()
+            .map(|&(batch, seq)| {
+                // Deterministic pseudo-text: ids spread over the vocabulary (the same ids as the
+                // PyTorch reference).
+                let ids: Vec<Vec<u32>> = (0..batch)
+                    .map(|b| {
+                        (0..seq)
+                            .map(|t| ((b * 7919 + t * 104_729) % shape.vocab_size) as u32)
+                            .collect()
+                    })
+                    .collect();
+                model.tokens(&ids)
+            })
+            .collect::<lopper_model::Result<Vec<_>>>()?;
+        let time_block = |label: &str, times: &mut [Vec<f64>]| {
+            for (i, tokens) in inputs.iter().enumerate() {
+                let (batch, seq) = self.shapes[i];
+                bar.set_message(format!("{label} {batch}x{seq}"));
+                for r in 0..self.warmup + self.runs {
+                    let t = time_once::<B>(&device, || {
+                        let logits = model.forward(tokens.clone());
+                        // Read one value back so lazy backends really finish.
+                        let _ = logits.narrow(2, 0, 1).into_data();
+                    });
+                    if r >= self.warmup {
+                        times[i].push(t);
+                    }
+                    bar.inc(1);
                 }
-                bar.inc(1);
             }
-            let med = median(times);
+        };
+        let n = self.shapes.len();
+        let (mut ours, mut portable, mut torch) =
+            (vec![vec![]; n], vec![vec![]; n], vec![vec![]; n]);
+        for _ in 0..self.rounds {
+            time_block("lopper", &mut ours);
+            if self.portable {
+                lopper_kernels::set_blas_enabled(false);
+                time_block("portable", &mut portable);
+                lopper_kernels::set_blas_enabled(true);
+            }
+            if let (Some(py), Some(g)) = (&self.vs_torch, &gguf) {
+                bar.set_message("PyTorch");
+                for (i, t) in torch_times(py, g, &self.shapes, self.runs, self.warmup)?
+                    .into_iter()
+                    .enumerate()
+                {
+                    torch[i].push(t);
+                }
+            }
+        }
+        bar.finish_and_clear();
+        println!("forward benchmark: {} on {device_name}", loaded.info.spec);
+        println!(
+            "median of {} rounds x {} runs after {} warm-up; PyTorch: the median of its per-round medians\n",
+            self.rounds, self.runs, self.warmup
+        );
+        let mut head = "| batch x seq | seconds | tokens/s | GFLOP/s |".to_string();
+        let mut rule = "|---|---:|---:|---:|".to_string();
+        if self.portable {
+            head += " portable tokens/s | BLAS / portable |";
+            rule += "---:|---:|";
+        }
+        if self.vs_torch.is_some() {
+            head += " PyTorch tokens/s | lopper / PyTorch |";
+            rule += "---:|---:|";
+        }
+        println!("{head}\n{rule}");
+        for (i, &(batch, seq)) in self.shapes.iter().enumerate() {
+            let med = median(ours[i].clone());
             let tokens_n = (batch * seq) as f64;
             // Causal attention: position p attends over p + 1 positions.
             let per_key = (shape.flops_per_token(1) - shape.flops_per_token(0)) as f64;
             let flops = tokens_n * shape.flops_per_token(0) as f64
                 + batch as f64 * per_key * (seq * (seq + 1) / 2) as f64;
-            rows.push((batch, seq, med, tokens_n / med, flops / med / 1e9));
-        }
-        bar.finish_and_clear();
-        println!("forward benchmark: {} on {device_name}", loaded.info.spec);
-        println!(
-            "median of {} runs after {} warm-up\n",
-            self.runs, self.warmup
-        );
-        println!("| batch x seq | seconds | tokens/s | GFLOP/s |");
-        println!("|---|---:|---:|---:|");
-        for (b, s, secs, tps, gflops) in rows {
-            println!("| {b} x {s} | {secs:.3} | {tps:.0} | {gflops:.1} |");
+            let mut row = format!(
+                "| {batch} x {seq} | {med:.3} | {:.0} | {:.1} |",
+                tokens_n / med,
+                flops / med / 1e9
+            );
+            if self.portable {
+                let p = median(portable[i].clone());
+                row += &format!(" {:.0} | {:.2}x |", tokens_n / p, p / med);
+            }
+            if self.vs_torch.is_some() {
+                let t = median(torch[i].clone());
+                row += &format!(" {:.0} | {:.2}x |", tokens_n / t, t / med);
+            }
+            println!("{row}");
         }
         Ok(())
     }
+}
+
+/// GFLOP/s of one product shape on each path.
+fn bench_matmul(shapes: &str, runs: usize) -> Result<()> {
+    use burn::tensor::{DType, Distribution, Tensor};
+    use burn_flex::{Flex, FlexDevice};
+    anyhow::ensure!(runs > 0, "--runs must be at least 1");
+    let shapes = shapes
+        .split(',')
+        .map(|s| {
+            let d: Vec<usize> = s
+                .trim()
+                .split('x')
+                .map(|v| v.parse::<usize>())
+                .collect::<std::result::Result<_, _>>()
+                .map_err(|_| anyhow::anyhow!("`{s}`: a shape is MxKxN, e.g. 1024x576x1536"))?;
+            anyhow::ensure!(
+                d.len() == 3 && d.iter().all(|&v| v > 0),
+                "`{s}`: a shape is MxKxN with every size >= 1"
+            );
+            anyhow::ensure!(
+                d[0] * d[1] + d[1] * d[2] + d[0] * d[2] <= 1 << 29,
+                "`{s}` needs more than 2 GiB of operands; choose a smaller shape"
+            );
+            Ok((d[0], d[1], d[2]))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let device = FlexDevice;
+    println!(
+        "matrix products, {} threads; BLAS: {}\n",
+        crate::backend::threads(),
+        lopper_kernels::describe()
+    );
+    let blas = lopper_kernels::blas().is_some();
+    println!(
+        "| m x k x n | portable f32 GFLOP/s | BLAS f32 GFLOP/s | BLAS bf16 GFLOP/s | BLAS f32 / portable |"
+    );
+    println!("|---|---:|---:|---:|---:|");
+    for (m, k, n) in shapes {
+        let a = Tensor::<Flex, 2>::random([m, k], Distribution::Normal(0.0, 1.0), &device);
+        let b = Tensor::<Flex, 2>::random([k, n], Distribution::Normal(0.0, 1.0), &device);
+        let flops = 2.0 * (m * k * n) as f64;
+        let gflops = |f: &dyn Fn()| {
+            f();
+            let t = median((0..runs).map(|_| time_once::<Flex>(&device, f)).collect());
+            flops / t / 1e9
+        };
+        let portable = gflops(&|| drop(a.clone().matmul(b.clone())));
+        let (f32s, bf16s) = if blas {
+            let (ah, bh) = (a.clone().cast(DType::BF16), b.clone().cast(DType::BF16));
+            (
+                format!(
+                    "{:.1}",
+                    gflops(&|| drop(lopper_kernels::matmul(a.clone(), b.clone())))
+                ),
+                format!(
+                    "{:.1}",
+                    gflops(&|| drop(lopper_kernels::matmul(ah.clone(), bh.clone())))
+                ),
+            )
+        } else {
+            ("–".into(), "–".into())
+        };
+        let ratio = f32s
+            .parse::<f64>()
+            .map_or("–".into(), |v| format!("{:.2}x", v / portable));
+        println!("| {m} x {k} x {n} | {portable:.1} | {f32s} | {bf16s} | {ratio} |");
+    }
+    Ok(())
 }
 
 struct SlebBench {

@@ -35,6 +35,9 @@ pub enum Error {
         #[source]
         source: serde_json::Error,
     },
+    /// Installing a file (from PyPI) failed; the message says what to do instead.
+    #[error("{0}")]
+    Setup(String),
     /// A file could not be read or written.
     #[error("{path}: {source}")]
     Io {

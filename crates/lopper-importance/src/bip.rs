@@ -40,6 +40,7 @@
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, s};
 use lopper_core::UnitScores;
+use lopper_kernels::{linear, matmul};
 use lopper_model::{Llama, Tap};
 
 use crate::{Result, host};
@@ -95,8 +96,8 @@ pub fn block_terms<B: Backend>(
             .sum_dim(1)
             .sqrt()
             .transpose();
-        let p = mlp.gate_proj.forward(u0.clone());
-        let q = mlp.up_proj.forward(u0);
+        let p = linear(&mlp.gate_proj, u0.clone());
+        let q = linear(&mlp.up_proj, u0);
         let k1 = (q.abs() * (a.clone() * c.clone() * SILU_SLOPE as f32)
             + p.abs() * (b.clone() * c.clone()))
         .sum_dim(1); // [n, 1]
@@ -113,17 +114,17 @@ pub fn block_terms<B: Backend>(
     let mut group_bound = None;
     if let (Some(attn), Some(oin)) = (layer.self_attn.as_ref(), tap(Tap::OProjInput)) {
         let d = x.dims()[1];
-        let h = x.clone() + attn.o_proj.forward(oin.clone());
+        let h = x.clone() + linear(&attn.o_proj, oin.clone());
         let h_norm = h.powi_scalar(2).sum_dim(1).sqrt(); // [n, 1]
         let wo = attn.o_proj.weight.val(); // [heads * hd, hidden]
         let width = ls.n_rep() * ls.head_dim;
         let groups: Vec<Tensor<B, 2>> = (0..ls.n_kv_heads)
             .map(|g| {
                 let cols = g * width..(g + 1) * width;
-                let dh = oin
-                    .clone()
-                    .slice(s![.., cols.clone()])
-                    .matmul(wo.clone().slice(s![cols, ..]));
+                let dh = matmul(
+                    oin.clone().slice(s![.., cols.clone()]),
+                    wo.clone().slice(s![cols, ..]),
+                );
                 let dn = dh.powi_scalar(2).sum_dim(1).sqrt(); // [n, 1]
                 match &lip {
                     None => dn,

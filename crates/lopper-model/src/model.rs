@@ -17,6 +17,7 @@ use crate::error::{Error, Result};
 use crate::masks::{LayerMasks, Masks};
 use crate::weights::{HostTensor, WeightSource, load_checked};
 use lopper_core::{LayerShape, ModelShape};
+use lopper_kernels::{AttentionShape, RopeTables, causal_attention, linear, matmul};
 
 /// Root-mean-square layer norm: `x / sqrt(mean(x^2) + eps) * weight`.
 #[derive(Module, Debug)]
@@ -83,20 +84,42 @@ impl<B: Backend> Attention<B> {
         tap: &mut dyn FnMut(&Tensor<B, 2>),
     ) -> Tensor<B, 2> {
         let (h, kvh, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
-        let heads = |t: Tensor<B, 2>, n: usize| -> Tensor<B, 4> {
-            t.reshape([batch, seq, n, hd]).swap_dims(1, 2)
+        let q = linear(&self.q_proj, x.clone());
+        let k = linear(&self.k_proj, x.clone());
+        let v = linear(&self.v_proj, x);
+        let shape = AttentionShape {
+            batch,
+            seq,
+            heads: h,
+            kv_heads: kvh,
+            head_dim: hd,
         };
-        let q = heads(rope.apply(self.q_proj.forward(x.clone()), h), h);
-        let k = heads(rope.apply(self.k_proj.forward(x.clone()), kvh), kvh);
-        let v = heads(self.v_proj.forward(x), kvh);
-        let (k, v) = (repeat_kv(k, h / kvh), repeat_kv(v, h / kvh));
-        let mut out = rope.causal_attention(q, k, v); // [b, h, s, hd]
+        // The fused kernel where it applies (CPU, f32, BLAS), else burn's ops.
+        let mut out = match causal_attention(q, k, v, shape, rope.tables()) {
+            Ok(out) => out,
+            Err((q, k, v)) => {
+                let heads = |t: Tensor<B, 2>, n: usize| -> Tensor<B, 4> {
+                    t.reshape([batch, seq, n, hd]).swap_dims(1, 2)
+                };
+                let q = heads(rope.apply(q, h), h);
+                let k = heads(rope.apply(k, kvh), kvh);
+                let v = heads(v, kvh);
+                let (k, v) = (repeat_kv(k, h / kvh), repeat_kv(v, h / kvh));
+                rope.causal_attention(q, k, v) // [b, h, s, hd]
+                    .swap_dims(1, 2)
+                    .reshape([batch * seq, h * hd])
+            }
+        };
         if let Some(m) = head_mask {
-            out = out * m.clone().reshape([1, h, 1, 1]);
+            let per_column = m
+                .clone()
+                .reshape([h, 1])
+                .expand([h, hd])
+                .reshape([1, h * hd]);
+            out = out * per_column;
         }
-        let out = out.swap_dims(1, 2).reshape([batch * seq, h * hd]);
         tap(&out);
-        self.o_proj.forward(out)
+        linear(&self.o_proj, out)
     }
 }
 
@@ -137,12 +160,12 @@ impl<B: Backend> Mlp<B> {
         channel_mask: Option<&Tensor<B, 1>>,
         tap: &mut dyn FnMut(&Tensor<B, 2>),
     ) -> Tensor<B, 2> {
-        let mut a = silu(self.gate_proj.forward(x.clone())) * self.up_proj.forward(x);
+        let mut a = silu(linear(&self.gate_proj, x.clone())) * linear(&self.up_proj, x);
         if let Some(m) = channel_mask {
             a = a * m.clone().unsqueeze_dim(0);
         }
         tap(&a);
-        self.down_proj.forward(a)
+        linear(&self.down_proj, a)
     }
 }
 
@@ -338,7 +361,7 @@ type CosSin<B> = (Tensor<B, 2>, Tensor<B, 2>);
 #[derive(Debug, Clone)]
 pub struct Rope<B: Backend> {
     /// head count -> (cos, sign-folded sin), each `[batch * seq, heads * head_dim]`; built on
-    /// first use for head counts not announced to [`Rope::new`] (layers sliced on the fly).
+    /// the portable path's first use of each head count.
     tables: RefCell<BTreeMap<usize, CosSin<B>>>,
     /// One position's rows, `[seq * head_dim]` each: cos and sign-folded sin.
     cos_pos: Vec<f32>,
@@ -347,21 +370,17 @@ pub struct Rope<B: Backend> {
     seq: usize,
     device: B::Device,
     head_dim: usize,
-    /// For long sequences: (first query row, rows, additive causal bias `[1, 1, rows, end]`).
-    chunks: Vec<(usize, usize, Tensor<B, 4>)>,
+    /// For long sequences on the portable path: (first query row, rows, additive causal bias
+    /// `[1, 1, rows, end]`), built on first use.
+    chunks: std::cell::OnceCell<Vec<(usize, usize, Tensor<B, 4>)>>,
 }
 
 impl<B: Backend> Rope<B> {
-    /// Tables for positions `0..seq` of each of `batch` rows, for every head count in `heads`,
-    /// from the inverse frequencies (`head_dim / 2` values). Angles are computed in f32 like the
-    /// reference implementation.
-    pub fn new(
-        inv_freq: &[f64],
-        batch: usize,
-        seq: usize,
-        heads: &[usize],
-        device: &B::Device,
-    ) -> Self {
+    /// Tables for positions `0..seq` of each of `batch` rows from the inverse frequencies
+    /// (`head_dim / 2` values). Angles are computed in f32 like the reference implementation.
+    /// The per-head-count tensors and causal biases of the portable path are built on its first
+    /// use; the fused attention kernel reads the per-position rows only.
+    pub fn new(inv_freq: &[f64], batch: usize, seq: usize, device: &B::Device) -> Self {
         let half = inv_freq.len();
         let hd = 2 * half;
         // One position's row: cos over hd dims, and sin with rotate-half's sign folded in
@@ -378,27 +397,7 @@ impl<B: Backend> Rope<B> {
                 sin_pos[p * hd + i + half] = sn;
             }
         }
-        let mut chunks = Vec::new();
-        if seq > 2 * ATTN_CHUNK {
-            for start in (0..seq).step_by(ATTN_CHUNK) {
-                let rows = ATTN_CHUNK.min(seq - start);
-                let end = start + rows;
-                let bias: Vec<f32> = (0..rows)
-                    .flat_map(|i| {
-                        (0..end).map(move |j| {
-                            if j > start + i {
-                                f32::NEG_INFINITY
-                            } else {
-                                0.0
-                            }
-                        })
-                    })
-                    .collect();
-                let bias = Tensor::from_data(TensorData::new(bias, [1, 1, rows, end]), device);
-                chunks.push((start, rows, bias));
-            }
-        }
-        let rope = Self {
+        Self {
             tables: RefCell::new(BTreeMap::new()),
             cos_pos,
             sin_pos,
@@ -406,14 +405,44 @@ impl<B: Backend> Rope<B> {
             seq,
             device: device.clone(),
             head_dim: hd,
-            chunks,
-        };
-        // Zero heads (a removed attention block) need no table; a zero-sized tensor would also
-        // fail on some backends.
-        for &h in heads.iter().filter(|&&h| h > 0) {
-            rope.tables_for(h);
+            chunks: std::cell::OnceCell::new(),
         }
-        rope
+    }
+
+    /// The causal biases of the block-causal attention of long sequences.
+    fn chunks(&self) -> &[(usize, usize, Tensor<B, 4>)] {
+        self.chunks.get_or_init(|| {
+            let (seq, device) = (self.seq, &self.device);
+            let mut chunks = Vec::new();
+            if seq > 2 * ATTN_CHUNK {
+                for start in (0..seq).step_by(ATTN_CHUNK) {
+                    let rows = ATTN_CHUNK.min(seq - start);
+                    let end = start + rows;
+                    let bias: Vec<f32> = (0..rows)
+                        .flat_map(|i| {
+                            (0..end).map(move |j| {
+                                if j > start + i {
+                                    f32::NEG_INFINITY
+                                } else {
+                                    0.0
+                                }
+                            })
+                        })
+                        .collect();
+                    let bias = Tensor::from_data(TensorData::new(bias, [1, 1, rows, end]), device);
+                    chunks.push((start, rows, bias));
+                }
+            }
+            chunks
+        })
+    }
+
+    /// One position's rows of the tables, for the fused attention kernel.
+    pub fn tables(&self) -> RopeTables<'_> {
+        RopeTables {
+            cos: &self.cos_pos,
+            sin: &self.sin_pos,
+        }
     }
 
     /// The (cos, sin) tables for `h` heads, built on first use.
@@ -451,7 +480,7 @@ impl<B: Backend> Rope<B> {
         k: Tensor<B, 4>,
         v: Tensor<B, 4>,
     ) -> Tensor<B, 4> {
-        if self.chunks.is_empty() {
+        if self.seq <= 2 * ATTN_CHUNK {
             let options = AttentionModuleOptions {
                 scale: None,
                 softcap: None,
@@ -462,15 +491,15 @@ impl<B: Backend> Rope<B> {
         let [_, _, _, hd] = q.dims();
         let scale = (hd as f64).sqrt().recip();
         let outs = self
-            .chunks
+            .chunks()
             .iter()
             .map(|(start, rows, bias)| {
                 let end = start + rows;
                 let qc = q.clone().narrow(2, *start, *rows);
                 let kc = k.clone().narrow(2, 0, end);
                 let vc = v.clone().narrow(2, 0, end);
-                let scores = qc.matmul(kc.swap_dims(2, 3)) * scale + bias.clone();
-                softmax(scores, 3).matmul(vc)
+                let scores = matmul(qc, kc.swap_dims(2, 3)) * scale + bias.clone();
+                matmul(softmax(scores, 3), vc)
             })
             .collect();
         Tensor::cat(outs, 2)
@@ -510,7 +539,11 @@ fn param<B: Backend, const D: usize>(t: HostTensor, device: &B::Device) -> Param
     Param::from_tensor(Tensor::from_data(TensorData::new(t.data, t.shape), device))
 }
 
-fn linear<B: Backend>(w: HostTensor, bias: Option<HostTensor>, device: &B::Device) -> Linear<B> {
+fn build_linear<B: Backend>(
+    w: HostTensor,
+    bias: Option<HostTensor>,
+    device: &B::Device,
+) -> Linear<B> {
     // HF stores [out, in]; burn's Linear multiplies by [in, out].
     Linear {
         weight: param(w.transposed(), device),
@@ -536,7 +569,7 @@ impl<B: Backend> Llama<B> {
                 Some(b) => Some(load_checked(weights, shape, &bias_name).map(|_| b)?),
                 None => None,
             };
-            Ok(linear(w, b, device))
+            Ok(build_linear(w, b, device))
         };
         let norm = |name: &str| -> Result<RmsNorm<B>> {
             Ok(RmsNorm {
@@ -589,7 +622,7 @@ impl<B: Backend> Llama<B> {
         let lm_head = if shape.tie_word_embeddings {
             None
         } else {
-            Some(linear(load("lm_head.weight")?, None, device))
+            Some(build_linear(load("lm_head.weight")?, None, device))
         };
         tracing::debug!(params = shape.num_params(), source = %weights.describe(), "model built");
         Ok(Self {
@@ -704,8 +737,8 @@ impl<B: Backend> Llama<B> {
     /// - `x`: `[rows, hidden]` -> `[rows, vocab]`
     pub fn head(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
         match &self.lm_head {
-            Some(head) => head.forward(x),
-            None => x.matmul(self.embed_tokens.weight.val().transpose()),
+            Some(head) => linear(head, x),
+            None => matmul(x, self.embed_tokens.weight.val().transpose()),
         }
     }
 
@@ -770,15 +803,8 @@ impl<B: Backend> Llama<B> {
     /// Runs decoder layers one at a time on batches of `batch` sequences of `seq` tokens (what
     /// layer-wise methods need: cache the residual stream, change a layer, go on).
     pub fn stepper(&self, batch: usize, seq: usize) -> LayerStepper<B> {
-        let head_counts = self.head_counts();
         LayerStepper {
-            rope: Rope::new(
-                &self.rope_inv_freq(),
-                batch,
-                seq,
-                &head_counts,
-                &self.device(),
-            ),
+            rope: Rope::new(&self.rope_inv_freq(), batch, seq, &self.device()),
             batch,
             seq,
         }
@@ -811,8 +837,7 @@ impl<B: Backend> Llama<B> {
         let [batch, seq] = tokens.dims();
         let device = tokens.device();
         let inv_freq: Vec<f64> = self.rope_inv_freq();
-        let head_counts = self.head_counts();
-        let rope = Rope::new(&inv_freq, batch, seq, &head_counts, &device);
+        let rope = Rope::new(&inv_freq, batch, seq, &device);
         let hidden = self.shape.hidden_size;
         let mut x = self
             .embed_tokens
@@ -836,14 +861,6 @@ impl<B: Backend> Llama<B> {
     }
 
     /// Query and KV head counts of every layer (the RoPE tables are built per count).
-    fn head_counts(&self) -> Vec<usize> {
-        self.shape
-            .layers
-            .iter()
-            .flat_map(|l| [l.n_heads, l.n_kv_heads])
-            .collect()
-    }
-
     fn rope_inv_freq(&self) -> Vec<f64> {
         let hd = self
             .shape

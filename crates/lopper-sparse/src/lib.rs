@@ -286,7 +286,7 @@ pub fn prune_model<B: Backend>(
                     Tap::MlpInput => 2,
                     Tap::DownProjInput => 3,
                 };
-                let g = x.clone().transpose().matmul(x.clone());
+                let g = lopper_kernels::matmul(x.clone().transpose(), x.clone());
                 grams[slot] = Some(match grams[slot].take() {
                     Some(acc) => acc + g,
                     None => g,

@@ -9,6 +9,8 @@ pub use lopper_eval as eval;
 #[cfg(feature = "importance")]
 pub use lopper_importance as importance;
 #[cfg(feature = "model")]
+pub use lopper_kernels as kernels;
+#[cfg(feature = "model")]
 pub use lopper_model as model;
 #[cfg(feature = "policy")]
 pub use lopper_policy as policy;

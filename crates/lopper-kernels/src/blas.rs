@@ -1,0 +1,419 @@
+//! oneMKL, found and loaded at run time.
+//!
+//! `cargo xtask setup` installs the libraries from the `mkl` wheel on PyPI into the lopper home
+//! ([`install_mkl`]); [`blas`] loads them on first use. Nothing links against MKL at build time,
+//! so a build, a test or a machine without it works the same, on the backend's portable gemm.
+//! MKL runs in its sequential layer: [`crate::matmul`] splits each product over rayon's threads
+//! (the pool burn-flex already uses), so no second thread pool competes for the cores.
+
+use std::ffi::{c_char, c_int, c_void};
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use half::bf16;
+use libloading::Library;
+
+use crate::error::{Error, Result};
+
+/// The pinned PyPI requirement that carries the libraries.
+pub const MKL_REQUIREMENT: &str = "mkl==2026.2.1";
+/// Folder of the libraries inside the wheel.
+const WHEEL_LIB_DIR: &str = "mkl-2026.2.1.data/data/lib";
+/// The libraries lopper installs: the single dynamic library, the LP64 interface, the
+/// sequential layer, the core, and the CPU-specific kernels the core picks from at run time.
+pub const MKL_LIBS: &[&str] = &[
+    "libmkl_rt.so.3",
+    "libmkl_intel_lp64.so.3",
+    "libmkl_sequential.so.3",
+    "libmkl_core.so.3",
+    "libmkl_def.so.3",
+    "libmkl_mc3.so.3",
+    "libmkl_avx2.so.3",
+    "libmkl_avx512.so.3",
+    "libmkl_avx10.so.3",
+];
+/// Environment variable: `off` disables the BLAS; a path (the library or its folder) picks one.
+pub const BLAS_VAR: &str = "LOPPER_BLAS";
+
+/// Where [`install_mkl`] puts the libraries under the lopper home.
+pub fn mkl_dir(home: &Path) -> PathBuf {
+    home.join("blas").join(MKL_REQUIREMENT.replace("==", "-"))
+}
+
+/// Installs oneMKL's libraries under `home` unless they are already there; returns their
+/// folder. The wheel is fetched with pip, the libraries are extracted into a scratch folder
+/// that is renamed into place whole, so an interrupted install leaves nothing half-written.
+pub fn install_mkl(home: &Path) -> Result<PathBuf> {
+    let dest = mkl_dir(home);
+    if installed(&dest) {
+        return Ok(dest);
+    }
+    let parent = dest.parent().expect("mkl_dir has a parent");
+    std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+    let scratch = tempfile::Builder::new()
+        .prefix(".install-")
+        .tempdir_in(parent)
+        .map_err(|e| Error::io(parent, e))?;
+    tracing::info!(requirement = MKL_REQUIREMENT, "downloading oneMKL with pip");
+    let members: Vec<String> = MKL_LIBS
+        .iter()
+        .map(|l| format!("{WHEEL_LIB_DIR}/{l}"))
+        .collect();
+    let members: Vec<&str> = members.iter().map(String::as_str).collect();
+    let fix = format!(
+        "put {} in a folder and set {BLAS_VAR} to it; lopper runs without it, on its portable (slower) matrix products",
+        MKL_LIBS.join(", ")
+    );
+    lopper_core::pypi::fetch_wheel_members(MKL_REQUIREMENT, &members, scratch.path(), &fix)?;
+    let extracted = scratch.path().join(WHEEL_LIB_DIR);
+    if dest.exists() {
+        std::fs::remove_dir_all(&dest).map_err(|e| Error::io(&dest, e))?;
+    }
+    std::fs::rename(&extracted, &dest).map_err(|e| Error::io(&dest, e))?;
+    tracing::info!(path = %dest.display(), "oneMKL installed");
+    Ok(dest)
+}
+
+fn installed(dir: &Path) -> bool {
+    MKL_LIBS
+        .iter()
+        .all(|l| std::fs::metadata(dir.join(l)).is_ok_and(|m| m.len() > 0))
+}
+
+/// A row-major matrix operand of a product: `rows x cols` logically, stored row-major with
+/// leading dimension `ld`, or, when `trans`, stored as its transpose (`cols x rows`, row-major).
+#[derive(Debug, Clone, Copy)]
+pub struct MatRef<'a, T> {
+    /// The storage, starting at the matrix's first element.
+    pub data: &'a [T],
+    /// Logical rows.
+    pub rows: usize,
+    /// Logical columns.
+    pub cols: usize,
+    /// Distance between consecutive stored rows.
+    pub ld: usize,
+    /// Stored transposed.
+    pub trans: bool,
+}
+
+impl<T> MatRef<'_, T> {
+    /// Checks that the stored matrix fits in `data`; the FFI relies on it.
+    fn check(&self, what: &str) -> Result<()> {
+        let (srows, scols) = if self.trans {
+            (self.cols, self.rows)
+        } else {
+            (self.rows, self.cols)
+        };
+        let need = if srows == 0 || scols == 0 {
+            0
+        } else {
+            (srows - 1) * self.ld + scols
+        };
+        if self.ld < scols.max(1) || self.data.len() < need {
+            return Err(Error::Shape(format!(
+                "{what}: a {srows} x {scols} matrix with leading dimension {} needs {need} elements, has {}",
+                self.ld,
+                self.data.len()
+            )));
+        }
+        Ok(())
+    }
+}
+
+type Sgemm = unsafe extern "C" fn(
+    c_int,
+    c_int,
+    c_int,
+    c_int,
+    c_int,
+    c_int,
+    f32,
+    *const f32,
+    c_int,
+    *const f32,
+    c_int,
+    f32,
+    *mut f32,
+    c_int,
+);
+type GemmBf16 = unsafe extern "C" fn(
+    c_int,
+    c_int,
+    c_int,
+    c_int,
+    c_int,
+    c_int,
+    f32,
+    *const u16,
+    c_int,
+    *const u16,
+    c_int,
+    f32,
+    *mut f32,
+    c_int,
+);
+type SetLayer = unsafe extern "C" fn(c_int) -> c_int;
+type VersionString = unsafe extern "C" fn(*mut c_char, c_int);
+
+const ROW_MAJOR: c_int = 101;
+const NO_TRANS: c_int = 111;
+const TRANS: c_int = 112;
+const MKL_THREADING_SEQUENTIAL: c_int = 1;
+const MKL_INTERFACE_LP64: c_int = 0;
+
+/// A loaded BLAS.
+#[derive(Debug)]
+pub struct Blas {
+    sgemm: Sgemm,
+    gemm_bf16: Option<GemmBf16>,
+    /// The library file.
+    pub path: PathBuf,
+    /// The library's own version string.
+    pub version: String,
+    _lib: Library,
+}
+
+static BLAS: OnceLock<std::result::Result<Blas, String>> = OnceLock::new();
+
+/// The BLAS, loaded on first call; `None` (logged once, with the fix) when there is none.
+pub fn blas() -> Option<&'static Blas> {
+    blas_status().ok()
+}
+
+/// The BLAS, or why there is none (`LOPPER_BLAS=off`, not installed, a library that does not
+/// load), for `cargo xtask info` and the benchmarks.
+pub fn blas_status() -> std::result::Result<&'static Blas, &'static str> {
+    BLAS.get_or_init(|| {
+        let r = find_and_load();
+        match &r {
+            Ok(b) => tracing::debug!(path = %b.path.display(), version = %b.version, "BLAS loaded"),
+            Err(why) => tracing::info!("{why}"),
+        }
+        r
+    })
+    .as_ref()
+    .map_err(String::as_str)
+}
+
+/// One line saying which matrix products this process runs.
+pub fn describe() -> String {
+    match blas_status() {
+        Ok(b) => format!(
+            "{} (sequential, split over {} rayon threads)",
+            b.version,
+            rayon::current_num_threads()
+        ),
+        Err(why) => format!("portable gemm: {why}"),
+    }
+}
+
+fn find_and_load() -> std::result::Result<Blas, String> {
+    let candidate = match std::env::var_os(BLAS_VAR).filter(|v| !v.is_empty()) {
+        Some(v) if ["off", "none", "0"].contains(&v.to_string_lossy().as_ref()) => {
+            return Err(format!(
+                "{BLAS_VAR}={} turns the BLAS off",
+                v.to_string_lossy()
+            ));
+        }
+        Some(v) => {
+            let p = PathBuf::from(v);
+            if p.is_dir() { p.join(MKL_LIBS[0]) } else { p }
+        }
+        None => mkl_dir(&lopper_core::lopper_home()).join(MKL_LIBS[0]),
+    };
+    if !candidate.is_file() {
+        return Err(format!(
+            "no BLAS at {} (run `cargo xtask setup` to install oneMKL from PyPI, or set {BLAS_VAR} to a libmkl_rt.so); matrix products run on the portable gemm, about 2.5x slower",
+            candidate.display()
+        ));
+    }
+    load(&candidate).map_err(|e| {
+        format!(
+            "the BLAS at {} does not load ({e}); reinstall it with `cargo xtask setup` or set {BLAS_VAR}=off; matrix products run on the portable gemm",
+            candidate.display()
+        )
+    })
+}
+
+#[allow(unsafe_code)]
+fn load(path: &Path) -> std::result::Result<Blas, String> {
+    // SAFETY: loading a shared library runs its initialisers; oneMKL's are the vendor's own. The
+    // symbols are looked up by their documented names and called with their documented C
+    // signatures (mkl_cblas.h, mkl_service.h).
+    unsafe {
+        let lib = Library::new(path).map_err(|e| e.to_string())?;
+        let sym = |name: &[u8]| -> std::result::Result<*mut c_void, String> {
+            lib.get::<*mut c_void>(name)
+                .map(|s| *s)
+                .map_err(|e| e.to_string())
+        };
+        let set_threading: SetLayer = std::mem::transmute(sym(b"MKL_Set_Threading_Layer\0")?);
+        let set_interface: SetLayer = std::mem::transmute(sym(b"MKL_Set_Interface_Layer\0")?);
+        // Both layers must be chosen before any other call into the library.
+        if set_interface(MKL_INTERFACE_LP64) != MKL_INTERFACE_LP64 {
+            return Err("cannot select the LP64 interface".into());
+        }
+        if set_threading(MKL_THREADING_SEQUENTIAL) != MKL_THREADING_SEQUENTIAL {
+            return Err("cannot select the sequential threading layer".into());
+        }
+        let sgemm: Sgemm = std::mem::transmute(sym(b"cblas_sgemm\0")?);
+        let gemm_bf16: Option<GemmBf16> = sym(b"cblas_gemm_bf16bf16f32\0")
+            .ok()
+            .map(|p| std::mem::transmute::<*mut c_void, GemmBf16>(p));
+        let version = match sym(b"MKL_Get_Version_String\0") {
+            Ok(p) => {
+                let f: VersionString = std::mem::transmute(p);
+                let mut buf = [0 as c_char; 256];
+                f(buf.as_mut_ptr(), buf.len() as c_int);
+                let full = std::ffi::CStr::from_ptr(buf.as_ptr()).to_string_lossy();
+                // "Intel(R) oneAPI Math Kernel Library Version 2026.2-Product Build ..."
+                match full.split("Version ").nth(1) {
+                    Some(v) => format!("oneMKL {}", v.split('-').next().unwrap_or(v).trim()),
+                    None => full.trim().to_string(),
+                }
+            }
+            Err(_) => "oneMKL".into(),
+        };
+        Ok(Blas {
+            sgemm,
+            gemm_bf16,
+            path: path.to_path_buf(),
+            version,
+            _lib: lib,
+        })
+    }
+}
+
+/// The dimensions of `c = a * b` after checking every operand against its storage.
+fn check_product<T, U>(
+    a: &MatRef<'_, T>,
+    b: &MatRef<'_, T>,
+    c: &[U],
+    ldc: usize,
+) -> Result<(c_int, c_int, c_int)> {
+    a.check("left operand")?;
+    b.check("right operand")?;
+    if a.cols != b.rows {
+        return Err(Error::Shape(format!(
+            "inner dimensions differ: {} x {} times {} x {}",
+            a.rows, a.cols, b.rows, b.cols
+        )));
+    }
+    let need = if a.rows == 0 {
+        0
+    } else {
+        (a.rows - 1) * ldc + b.cols
+    };
+    if ldc < b.cols || c.len() < need {
+        return Err(Error::Shape(format!(
+            "output: {} x {} with leading dimension {ldc} needs {need} elements, has {}",
+            a.rows,
+            b.cols,
+            c.len()
+        )));
+    }
+    let int = |v: usize| {
+        c_int::try_from(v).map_err(|_| Error::Shape(format!("{v} exceeds the BLAS's 32-bit sizes")))
+    };
+    for ld in [a.ld, b.ld, ldc] {
+        int(ld)?;
+    }
+    Ok((int(a.rows)?, int(b.cols)?, int(a.cols)?))
+}
+
+fn trans_flag(t: bool) -> c_int {
+    if t { TRANS } else { NO_TRANS }
+}
+
+impl Blas {
+    /// `c = a * b` in f32 (row-major `c` with leading dimension `ldc`).
+    pub fn sgemm(
+        &self,
+        a: MatRef<'_, f32>,
+        b: MatRef<'_, f32>,
+        c: &mut [f32],
+        ldc: usize,
+    ) -> Result<()> {
+        self.sgemm_scaled(1.0, a, b, c, ldc)
+    }
+
+    /// `c = alpha * a * b` in f32.
+    #[allow(unsafe_code)]
+    pub fn sgemm_scaled(
+        &self,
+        alpha: f32,
+        a: MatRef<'_, f32>,
+        b: MatRef<'_, f32>,
+        c: &mut [f32],
+        ldc: usize,
+    ) -> Result<()> {
+        let (m, n, k) = check_product(&a, &b, c, ldc)?;
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
+        // SAFETY: check_product verified that every operand's stored matrix lies inside its
+        // slice and that the dimensions fit the LP64 interface.
+        unsafe {
+            (self.sgemm)(
+                ROW_MAJOR,
+                trans_flag(a.trans),
+                trans_flag(b.trans),
+                m,
+                n,
+                k,
+                alpha,
+                a.data.as_ptr(),
+                a.ld as c_int,
+                b.data.as_ptr(),
+                b.ld as c_int,
+                0.0,
+                c.as_mut_ptr(),
+                ldc as c_int,
+            );
+        }
+        Ok(())
+    }
+
+    /// Whether the library has the bf16 x bf16 -> f32 product.
+    pub fn has_bf16(&self) -> bool {
+        self.gemm_bf16.is_some()
+    }
+
+    /// `c = a * b` with bf16 operands and f32 accumulation and output.
+    #[allow(unsafe_code)]
+    pub fn gemm_bf16(
+        &self,
+        a: MatRef<'_, bf16>,
+        b: MatRef<'_, bf16>,
+        c: &mut [f32],
+        ldc: usize,
+    ) -> Result<()> {
+        let f = self
+            .gemm_bf16
+            .ok_or_else(|| Error::Shape("this BLAS has no bf16 product".into()))?;
+        let (m, n, k) = check_product(&a, &b, c, ldc)?;
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
+        // SAFETY: as in `sgemm`; bf16 is a transparent u16.
+        unsafe {
+            f(
+                ROW_MAJOR,
+                trans_flag(a.trans),
+                trans_flag(b.trans),
+                m,
+                n,
+                k,
+                1.0,
+                a.data.as_ptr().cast(),
+                a.ld as c_int,
+                b.data.as_ptr().cast(),
+                b.ld as c_int,
+                0.0,
+                c.as_mut_ptr(),
+                ldc as c_int,
+            );
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,11 @@
+#![doc = include_str!("../README.md")]
+
+pub mod attention;
+pub mod blas;
+mod error;
+pub mod matmul;
+
+pub use attention::{AttentionShape, RopeTables, causal_attention};
+pub use blas::{Blas, MatRef, blas, blas_status, describe, install_mkl};
+pub use error::{Error, Result};
+pub use matmul::{linear, matmul, portable, products_on_blas, set_blas_enabled};

@@ -1,0 +1,430 @@
+//! Matrix products on burn tensors that run on the BLAS when they can.
+//!
+//! [`matmul`] takes tensors of any backend. When the backend's float primitive is burn-flex's
+//! CPU tensor, the dtype is f32 or bf16, the batch dimensions match and a BLAS is loaded, the
+//! product runs on the BLAS, its rows split over rayon's threads; otherwise it is the backend's
+//! own `matmul`, unchanged. Strided operands (a transposed weight, a narrowed batch) are read
+//! in place through the BLAS's transpose flags and leading dimensions.
+
+use std::any::{Any, TypeId};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use burn::nn::Linear;
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
+use burn_flex::FlexTensor;
+use half::bf16;
+use rayon::prelude::*;
+
+use crate::blas::{Blas, MatRef, blas};
+
+static ON_BLAS: AtomicU64 = AtomicU64::new(0);
+static ENABLED: AtomicBool = AtomicBool::new(true);
+
+/// Turns the BLAS path on or off for the whole process (benchmarks time both paths in one run;
+/// `LOPPER_BLAS=off` is the user's switch). On by default.
+pub fn set_blas_enabled(on: bool) {
+    ENABLED.store(on, Ordering::Relaxed);
+}
+
+thread_local! {
+    static PORTABLE_HERE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with the BLAS path off on this thread (the products `f` starts here run on the
+/// backend's own matmul): tests compare both paths this way without touching other threads.
+pub fn portable<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            PORTABLE_HERE.with(|p| p.set(self.0));
+        }
+    }
+    let _restore = Restore(PORTABLE_HERE.with(|p| p.replace(true)));
+    f()
+}
+
+pub(crate) fn blas_enabled() -> bool {
+    ENABLED.load(Ordering::Relaxed) && !PORTABLE_HERE.with(|p| p.get())
+}
+
+pub(crate) fn count_blas_product() {
+    ON_BLAS.fetch_add(1, Ordering::Relaxed);
+}
+
+/// How many products this process has run on the BLAS (benchmarks and tests read it to show
+/// which path ran).
+pub fn products_on_blas() -> u64 {
+    ON_BLAS.load(Ordering::Relaxed)
+}
+
+/// `x * weight + bias` of a burn `Linear` (weight `[in, out]`), through [`matmul`].
+///
+/// # Shapes
+/// - `x`: `[n, in]` -> `[n, out]`
+pub fn linear<B: Backend>(layer: &Linear<B>, x: Tensor<B, 2>) -> Tensor<B, 2> {
+    let y = matmul(x, layer.weight.val());
+    match &layer.bias {
+        Some(b) => y + b.val().unsqueeze_dim(0),
+        None => y,
+    }
+}
+
+/// `lhs.matmul(rhs)`, on the BLAS where it applies (see the module docs).
+///
+/// # Shapes
+/// - `lhs`: `[..., m, k]`, `rhs`: `[..., k, n]` -> `[..., m, n]`
+pub fn matmul<B: Backend, const D: usize>(lhs: Tensor<B, D>, rhs: Tensor<B, D>) -> Tensor<B, D> {
+    if TypeId::of::<B::FloatTensorPrimitive>() != TypeId::of::<FlexTensor>() {
+        return lhs.matmul(rhs);
+    }
+    let blas = match blas() {
+        Some(b) if blas_enabled() => b,
+        _ => return lhs.matmul(rhs),
+    };
+    let (a, b) = match (into_flex(lhs), into_flex(rhs)) {
+        (Ok(a), Ok(b)) => (a, b),
+        (a, b) => return back::<B, D>(a).matmul(back::<B, D>(b)),
+    };
+    match flex_matmul(blas, &a, &b) {
+        Some(out) => from_flex(out),
+        None => from_flex::<B, D>(a).matmul(from_flex(b)),
+    }
+}
+
+pub(crate) fn into_flex<B: Backend, const D: usize>(
+    t: Tensor<B, D>,
+) -> Result<FlexTensor, Tensor<B, D>> {
+    match t.into_primitive() {
+        TensorPrimitive::Float(p) => {
+            let any: Box<dyn Any> = Box::new(p);
+            any.downcast::<FlexTensor>().map(|b| *b).map_err(|any| {
+                let p = any
+                    .downcast::<B::FloatTensorPrimitive>()
+                    .expect("the value boxed just above");
+                Tensor::from_primitive(TensorPrimitive::Float(*p))
+            })
+        }
+        q => Err(Tensor::from_primitive(q)),
+    }
+}
+
+fn back<B: Backend, const D: usize>(t: Result<FlexTensor, Tensor<B, D>>) -> Tensor<B, D> {
+    match t {
+        Ok(f) => from_flex(f),
+        Err(t) => t,
+    }
+}
+
+pub(crate) fn from_flex<B: Backend, const D: usize>(t: FlexTensor) -> Tensor<B, D> {
+    let any: Box<dyn Any> = Box::new(t);
+    let p = any
+        .downcast::<B::FloatTensorPrimitive>()
+        .expect("called only when the backend's float primitive is FlexTensor");
+    Tensor::from_primitive(TensorPrimitive::Float(*p))
+}
+
+/// How one operand's matrices sit in its storage.
+#[derive(Debug)]
+struct Operand {
+    /// Offset of each batch matrix's first element.
+    offsets: Vec<usize>,
+    rows: usize,
+    cols: usize,
+    ld: usize,
+    trans: bool,
+}
+
+impl Operand {
+    /// `None` when the matrices are neither row- nor column-major with a positive leading
+    /// dimension (the caller then makes the tensor contiguous).
+    fn of(t: &FlexTensor) -> Option<Self> {
+        let layout = t.layout();
+        let dims = layout.shape().to_vec();
+        let strides = layout.strides();
+        let d = dims.len();
+        if d < 2 || strides.iter().any(|&s| s < 0) {
+            return None;
+        }
+        let (rows, cols) = (dims[d - 2], dims[d - 1]);
+        let (sr, sc) = (strides[d - 2] as usize, strides[d - 1] as usize);
+        let (ld, trans) = if (sc == 1 || cols == 1) && (sr >= cols.max(1) || rows == 1) {
+            (if rows == 1 { cols.max(1) } else { sr }, false)
+        } else if (sr == 1 || rows == 1) && (sc >= rows.max(1) || cols == 1) {
+            (if cols == 1 { rows.max(1) } else { sc }, true)
+        } else {
+            return None;
+        };
+        let offsets = batch_offsets(&dims[..d - 2], &strides[..d - 2], layout.start_offset());
+        Some(Self {
+            offsets,
+            rows,
+            cols,
+            ld,
+            trans,
+        })
+    }
+
+    fn mat<'a, T>(&self, data: &'a [T], batch: usize) -> MatRef<'a, T> {
+        MatRef {
+            data: &data[self.offsets[batch].min(data.len())..],
+            rows: self.rows,
+            cols: self.cols,
+            ld: self.ld,
+            trans: self.trans,
+        }
+    }
+}
+
+/// Row-major order of batch matrices: the first dimension varies slowest.
+fn batch_offsets(dims: &[usize], strides: &[isize], start: usize) -> Vec<usize> {
+    let mut offsets = vec![start];
+    for (&n, &s) in dims.iter().zip(strides) {
+        offsets = offsets
+            .iter()
+            .flat_map(|&o| (0..n).map(move |i| o + i * s as usize))
+            .collect();
+    }
+    offsets
+}
+
+/// The product on the BLAS, or `None` when it does not apply (dtype, broadcast batches).
+fn flex_matmul(blas: &Blas, a: &FlexTensor, b: &FlexTensor) -> Option<FlexTensor> {
+    let dtype = a.dtype();
+    if dtype != b.dtype() || !(dtype == DType::F32 || (dtype == DType::BF16 && blas.has_bf16())) {
+        return None;
+    }
+    let (ad, bd) = (a.layout().shape().to_vec(), b.layout().shape().to_vec());
+    let d = ad.len();
+    if d < 2 || bd.len() != d || ad[..d - 2] != bd[..d - 2] || ad[d - 1] != bd[d - 2] {
+        return None;
+    }
+    let contiguous;
+    let (a, oa) = match Operand::of(a) {
+        Some(o) => (a, o),
+        None => {
+            contiguous = a.to_contiguous();
+            (&contiguous, Operand::of(&contiguous)?)
+        }
+    };
+    let contiguous_b;
+    let (b, ob) = match Operand::of(b) {
+        Some(o) => (b, o),
+        None => {
+            contiguous_b = b.to_contiguous();
+            (&contiguous_b, Operand::of(&contiguous_b)?)
+        }
+    };
+    let (m, n) = (oa.rows, ob.cols);
+    let batches = oa.offsets.len();
+    let mut out = vec![0f32; batches * m * n];
+    let ok = if dtype == DType::F32 {
+        run_tasks(&mut out, batches, m, n, |bi, r0, rows, c| {
+            let (x, y) = (
+                oa.mat(a.storage::<f32>(), bi),
+                ob.mat(b.storage::<f32>(), bi),
+            );
+            blas.sgemm(slice_rows(x, r0, rows), y, c, n)
+        })
+    } else {
+        run_tasks(&mut out, batches, m, n, |bi, r0, rows, c| {
+            let (x, y) = (
+                oa.mat(a.storage::<bf16>(), bi),
+                ob.mat(b.storage::<bf16>(), bi),
+            );
+            blas.gemm_bf16(slice_rows(x, r0, rows), y, c, n)
+        })
+    };
+    if let Err(e) = ok {
+        // Unreachable with operands described from their own layouts; fall back, loudly.
+        tracing::warn!("BLAS product refused ({e}); using the portable path");
+        return None;
+    }
+    count_blas_product();
+    let mut shape = ad[..d - 2].to_vec();
+    shape.extend([m, n]);
+    let data = if dtype == DType::F32 {
+        TensorData::new(out, shape)
+    } else {
+        TensorData::new(
+            out.into_iter().map(bf16::from_f32).collect::<Vec<_>>(),
+            shape,
+        )
+    };
+    Some(FlexTensor::from_data(data))
+}
+
+/// Rows `r0..r0 + rows` of a matrix operand.
+fn slice_rows<T>(x: MatRef<'_, T>, r0: usize, rows: usize) -> MatRef<'_, T> {
+    let skip = if x.trans { r0 } else { r0 * x.ld };
+    MatRef {
+        data: &x.data[skip.min(x.data.len())..],
+        rows,
+        ..x
+    }
+}
+
+/// Runs `gemm(batch, first_row, rows, out_rows)` over blocks of output rows in parallel: every
+/// batch matrix whole when there are enough of them to share evenly, else each split into one
+/// block of rows per thread.
+fn run_tasks<F>(out: &mut [f32], batches: usize, m: usize, n: usize, gemm: F) -> crate::Result<()>
+where
+    F: Fn(usize, usize, usize, &mut [f32]) -> crate::Result<()> + Sync,
+{
+    const MIN_ROWS: usize = 16;
+    let threads = rayon::current_num_threads().max(1);
+    let per_batch = if batches.is_multiple_of(threads) {
+        1
+    } else {
+        threads.min(m / MIN_ROWS).max(1)
+    };
+    let rows_per = m.div_ceil(per_batch).max(1);
+    let mut tasks = Vec::with_capacity(batches * per_batch);
+    let mut rest = out;
+    for bi in 0..batches {
+        for r0 in (0..m).step_by(rows_per) {
+            let rows = rows_per.min(m - r0);
+            let (head, tail) = rest.split_at_mut(rows * n);
+            tasks.push((bi, r0, rows, head));
+            rest = tail;
+        }
+    }
+    if tasks.len() == 1 {
+        let (bi, r0, rows, c) = tasks.pop().expect("one task");
+        return gemm(bi, r0, rows, c);
+    }
+    tasks
+        .into_par_iter()
+        .try_for_each(|(bi, r0, rows, c)| gemm(bi, r0, rows, c))
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::tensor::{Distribution, Tensor};
+    use burn_flex::{Flex, FlexDevice};
+
+    use super::*;
+
+    type T<const D: usize> = Tensor<Flex, D>;
+
+    fn rand<const D: usize>(shape: [usize; D]) -> T<D> {
+        Tensor::random(shape, Distribution::Normal(0.0, 1.0), &FlexDevice)
+    }
+
+    /// Largest |a - b| relative to the largest |b|.
+    fn rel_err<const D: usize>(a: T<D>, b: T<D>) -> f32 {
+        let scale = b.clone().abs().max().into_scalar().max(1e-6);
+        (a - b).abs().max().into_scalar() / scale
+    }
+
+    fn check<const D: usize>(a: T<D>, b: T<D>, tol: f32) {
+        let before = products_on_blas();
+        let got = matmul(a.clone(), b.clone());
+        let want = a.matmul(b);
+        assert_eq!(got.dims(), want.dims());
+        let e = rel_err(got, want);
+        assert!(e <= tol, "relative error {e} > {tol}");
+        assert!(
+            products_on_blas() > before,
+            "the product did not run on the BLAS"
+        );
+    }
+
+    #[test]
+    fn the_blas_is_installed() {
+        // `cargo xtask setup` installs it; tests run after setup. LOPPER_BLAS=off opts out.
+        if std::env::var_os(crate::blas::BLAS_VAR).is_none() {
+            let b = crate::blas_status().expect("oneMKL installed by `cargo xtask setup`");
+            assert!(b.version.contains("oneMKL"), "{}", b.version);
+        }
+    }
+
+    #[test]
+    fn equals_the_portable_product_on_odd_shapes() {
+        if crate::blas().is_none() {
+            return; // the_blas_is_installed fails instead
+        }
+        for (m, k, n) in [
+            (1, 1, 1),
+            (7, 13, 5),
+            (130, 577, 33),
+            (1, 576, 1536),
+            (33, 1, 9),
+        ] {
+            check(rand([m, k]), rand([k, n]), 1e-5);
+        }
+        // Batched, with a transposed right operand (the attention scores' k^T).
+        check(
+            rand([2, 3, 17, 9]),
+            rand([2, 3, 11, 9]).swap_dims(2, 3),
+            1e-5,
+        );
+        // A transposed weight (the tied LM head) and a narrowed left operand.
+        check(
+            rand([40, 24]).narrow(0, 3, 31),
+            rand([50, 24]).transpose(),
+            1e-5,
+        );
+        // Narrowed batch rows and keys, as in the chunked attention.
+        let q = rand([1, 2, 300, 8]).narrow(2, 256, 44);
+        let k = rand([1, 2, 300, 8]).narrow(2, 0, 300);
+        check(q, k.swap_dims(2, 3), 1e-5);
+        // Many batches (whole matrices per task) and an odd batch count (rows split).
+        check(rand([6, 20, 7]), rand([6, 7, 3]), 1e-5);
+        check(rand([3, 70, 7]), rand([3, 7, 3]), 1e-5);
+    }
+
+    #[test]
+    fn bf16_products_accumulate_in_f32() {
+        if crate::blas().is_none() {
+            return;
+        }
+        let (a, b) = (rand([64, 300]), rand([300, 40]));
+        let want = a.clone().matmul(b.clone());
+        let before = products_on_blas();
+        let got = matmul(a.cast(DType::BF16), b.cast(DType::BF16)).cast(DType::F32);
+        assert!(products_on_blas() > before);
+        // bf16 inputs carry 8 bits of mantissa: about 2^-8 relative error per product term.
+        let e = rel_err(got, want);
+        assert!(e < 2e-2, "relative error {e}");
+    }
+
+    #[test]
+    fn broadcast_batches_use_the_portable_path() {
+        let (a, b) = (rand([2, 5, 4]), rand([1, 4, 3]));
+        let got = matmul(a.clone(), b.clone());
+        assert!(rel_err(got, a.matmul(b)) < 1e-6);
+    }
+
+    #[test]
+    fn operands_that_overrun_their_storage_are_refused() {
+        let Some(blas) = crate::blas() else { return };
+        let a = [1f32; 6];
+        let b = [1f32; 6];
+        let mut c = [0f32; 4];
+        let mat = |data, rows, cols, ld| MatRef {
+            data,
+            rows,
+            cols,
+            ld,
+            trans: false,
+        };
+        assert!(
+            blas.sgemm(mat(&a, 2, 3, 3), mat(&b, 3, 2, 2), &mut c, 2)
+                .is_ok()
+        );
+        assert_eq!(c, [3.0; 4]);
+        let err = blas
+            .sgemm(mat(&a, 2, 4, 4), mat(&b, 4, 2, 2), &mut c, 2)
+            .unwrap_err();
+        assert!(err.to_string().contains("needs"), "{err}");
+        let err = blas
+            .sgemm(mat(&a, 2, 3, 3), mat(&b, 2, 3, 3), &mut c, 2)
+            .unwrap_err();
+        assert!(err.to_string().contains("inner dimensions"), "{err}");
+        let err = blas
+            .sgemm(mat(&a, 2, 3, 3), mat(&b, 3, 2, 2), &mut c[..3], 2)
+            .unwrap_err();
+        assert!(err.to_string().contains("output"), "{err}");
+    }
+}
