@@ -204,15 +204,34 @@ fn rotate(
 }
 
 /// Softmax over the first `valid` entries of `row` (the keys a query may see); zeros after.
+/// Reductions run on eight lanes so that every loop vectorises.
 fn causal_softmax(row: &mut [f32], valid: usize) {
+    const L: usize = 8;
     let (seen, future) = row.split_at_mut(valid);
     future.fill(0.0);
-    let max = seen.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0f32;
+    let mut lanes = [f32::NEG_INFINITY; L];
+    let mut chunks = seen.chunks_exact(L);
+    for c in &mut chunks {
+        for (m, &x) in lanes.iter_mut().zip(c) {
+            *m = if x > *m { x } else { *m };
+        }
+    }
+    let max = chunks
+        .remainder()
+        .iter()
+        .chain(&lanes)
+        .fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m });
     for x in seen.iter_mut() {
         *x = exp(*x - max);
-        sum += *x;
     }
+    let mut sums = [0f32; L];
+    let mut chunks = seen.chunks_exact(L);
+    for c in &mut chunks {
+        for (s, &x) in sums.iter_mut().zip(c) {
+            *s += x;
+        }
+    }
+    let sum: f32 = sums.iter().chain(chunks.remainder()).sum();
     let inv = sum.recip();
     for x in seen.iter_mut() {
         *x *= inv;
@@ -229,8 +248,16 @@ pub fn exp(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
     let under = x < -87.0;
-    let x = x.clamp(-87.0, 88.0);
-    let n = (x * LOG2E + 0.5).floor();
+    // Selects, not `clamp` (whose NaN rules add branches), so that the loop vectorises.
+    let x = if under { -87.0 } else { x };
+    let x = if x > 88.0 { 88.0 } else { x };
+    // Round to nearest by adding 1.5 * 2^23: the sum's low mantissa bits are then the integer
+    // itself, read back without a float-to-int conversion or a call to `floor` (a libm call on
+    // x86-64's baseline), which both stop vectorisation.
+    const MAGIC: f32 = 12_582_912.0;
+    let t = x * LOG2E + MAGIC;
+    let n = t - MAGIC;
+    let ni = (t.to_bits() as i32).wrapping_sub(0x4B40_0000);
     let r = x - n * LN2_HI - n * LN2_LO;
     let mut p = 1.987_569_1e-4_f32;
     p = p * r + 1.398_199_9e-3;
@@ -239,7 +266,7 @@ pub fn exp(x: f32) -> f32 {
     p = p * r + 1.666_666_5e-1;
     p = p * r + 0.5;
     let e = p * r * r + r + 1.0;
-    let scaled = e * f32::from_bits(((n as i32 + 127) as u32) << 23);
+    let scaled = e * f32::from_bits((ni.wrapping_add(127) as u32) << 23);
     if under { 0.0 } else { scaled }
 }
 

@@ -16,21 +16,20 @@ use libloading::Library;
 use crate::error::{Error, Result};
 
 /// The pinned PyPI requirement that carries the libraries.
-pub const MKL_REQUIREMENT: &str = "mkl==2026.2.1";
+pub const MKL_REQUIREMENT: &str = "mkl==2024.2.0";
 /// Folder of the libraries inside the wheel.
-const WHEEL_LIB_DIR: &str = "mkl-2026.2.1.data/data/lib";
+const WHEEL_LIB_DIR: &str = "mkl-2024.2.0.data/data/lib";
 /// The libraries lopper installs: the single dynamic library, the LP64 interface, the
 /// sequential layer, the core, and the CPU-specific kernels the core picks from at run time.
 pub const MKL_LIBS: &[&str] = &[
-    "libmkl_rt.so.3",
-    "libmkl_intel_lp64.so.3",
-    "libmkl_sequential.so.3",
-    "libmkl_core.so.3",
-    "libmkl_def.so.3",
-    "libmkl_mc3.so.3",
-    "libmkl_avx2.so.3",
-    "libmkl_avx512.so.3",
-    "libmkl_avx10.so.3",
+    "libmkl_rt.so.2",
+    "libmkl_intel_lp64.so.2",
+    "libmkl_sequential.so.2",
+    "libmkl_core.so.2",
+    "libmkl_def.so.2",
+    "libmkl_mc3.so.2",
+    "libmkl_avx2.so.2",
+    "libmkl_avx512.so.2",
 ];
 /// Environment variable: `off` disables the BLAS; a path (the library or its folder) picks one.
 pub const BLAS_VAR: &str = "LOPPER_BLAS";
@@ -266,7 +265,7 @@ fn load(path: &Path) -> std::result::Result<Blas, String> {
                 let mut buf = [0 as c_char; 256];
                 f(buf.as_mut_ptr(), buf.len() as c_int);
                 let full = std::ffi::CStr::from_ptr(buf.as_ptr()).to_string_lossy();
-                // "Intel(R) oneAPI Math Kernel Library Version 2026.2-Product Build ..."
+                // "Intel(R) oneAPI Math Kernel Library Version 2024.2-Product Build ..."
                 match full.split("Version ").nth(1) {
                     Some(v) => format!("oneMKL {}", v.split('-').next().unwrap_or(v).trim()),
                     None => full.trim().to_string(),
