@@ -26,6 +26,7 @@ pub fn run(model: &str, json: bool) -> Result<()> {
             },
             "flops_per_token_at_128": shape.flops_per_token(128),
             "tokenizer": {"vocab_size": loaded.tokenizer.vocab_size(), "bos": loaded.tokenizer.bos_id, "eos": loaded.tokenizer.eos_id},
+            "matmul": lopper_kernels::describe(),
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
@@ -76,6 +77,7 @@ pub fn run(model: &str, json: bool) -> Result<()> {
         loaded.tokenizer.bos_id,
         loaded.tokenizer.eos_id
     );
+    println!("matmul     {}", lopper_kernels::describe());
     println!("\nlayer  q_heads  kv_heads  head_dim  mlp_width");
     let mut rows = shape.layers.iter().enumerate().peekable();
     while let Some((start, l)) = rows.next() {

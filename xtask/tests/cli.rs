@@ -43,6 +43,62 @@ fn info_on_the_default_model_prints_shape_and_counts() {
 }
 
 #[test]
+fn the_blas_can_be_missing_turned_off_or_broken_and_the_commands_still_run() {
+    let logits = |env: &[(&str, &str)]| {
+        let (ok, out, err) = xtask_env(&["logits", "--text", "The capital of France is"], env);
+        assert!(ok, "{err}");
+        (out, err)
+    };
+    let (ok, out, err) = xtask(&["info", "--model", "default"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("matmul     oneMKL 2024.2"), "{out}");
+    let (with_blas, _) = logits(&[]);
+    // Off: the portable gemm, same top tokens.
+    let (ok, out, _) = xtask_env(&["info", "--model", "default"], &[("LOPPER_BLAS", "off")]);
+    assert!(
+        ok && out.contains("portable gemm: LOPPER_BLAS=off"),
+        "{out}"
+    );
+    let (without, _) = logits(&[("LOPPER_BLAS", "off")]);
+    // The top-3 token ids (logits differ in the last digits between the two products).
+    let top = |s: &str| -> Vec<String> {
+        s.lines()
+            .skip_while(|l| !l.contains("top next tokens"))
+            .skip(1)
+            .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+            .take(3)
+            .collect()
+    };
+    assert_eq!(top(&with_blas).len(), 3, "{with_blas}");
+    assert_eq!(top(&with_blas), top(&without), "{with_blas}\n{without}");
+    // Missing: named, with the fix.
+    let (ok, out, _) = xtask_env(
+        &["info", "--model", "default"],
+        &[("LOPPER_BLAS", "/nonexistent/libmkl_rt.so.2")],
+    );
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("no BLAS at /nonexistent/libmkl_rt.so.2") && out.contains("cargo xtask setup"),
+        "{out}"
+    );
+    // Broken: a file that is not a library.
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("libmkl_rt.so.2");
+    std::fs::write(&bad, b"not a shared library").unwrap();
+    let (ok, out, _) = xtask_env(
+        &["info", "--model", "default"],
+        &[("LOPPER_BLAS", bad.to_str().unwrap())],
+    );
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("does not load") && out.contains("portable gemm"),
+        "{out}"
+    );
+    let (broken, _) = logits(&[("LOPPER_BLAS", bad.to_str().unwrap())]);
+    assert_eq!(top(&broken), top(&with_blas));
+}
+
+#[test]
 fn bad_model_ids_are_clear_errors_not_panics() {
     let (ok, _, err) = xtask(&["info", "--model", "/nonexistent/model.gguf"]);
     assert!(!ok);
@@ -77,6 +133,43 @@ fn bench_forward_prints_a_table() {
         out.contains("| 1 x 16 |") && out.contains("| 2 x 8 |"),
         "{out}"
     );
+    // The BLAS and the portable gemm side by side.
+    let (ok, out, err) = xtask(&[
+        "bench",
+        "forward",
+        "--model",
+        "default",
+        "--shapes",
+        "1x16",
+        "--runs",
+        "1",
+        "--warmup",
+        "0",
+        "--rounds",
+        "1",
+        "--portable",
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("portable tokens/s | BLAS / portable |"),
+        "{out}"
+    );
+    assert!(out.contains("matrix products: oneMKL"), "{out}");
+    let (ok, _, err) = xtask(&["bench", "forward", "--vs-torch", "/nonexistent/python3"]);
+    assert!(!ok && err.contains("--vs-torch names a Python"), "{err}");
+}
+
+#[test]
+fn bench_matmul_prints_every_path() {
+    let (ok, out, err) = xtask(&["bench", "matmul", "--shapes", "8x16x4,3x5x7", "--runs", "1"]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("| 8 x 16 x 4 |") && out.contains("| 3 x 5 x 7 |"),
+        "{out}"
+    );
+    assert!(out.contains("BLAS f32 / portable"), "{out}");
+    let (ok, _, err) = xtask(&["bench", "matmul", "--shapes", "8x16"]);
+    assert!(!ok && err.contains("MxKxN"), "{err}");
 }
 
 #[test]
