@@ -119,7 +119,9 @@ impl<T> MatRef<'_, T> {
     }
 }
 
-type Sgemm = unsafe extern "C" fn(
+/// `cblas_?gemm` with row-major operands of element `T` and f32 output (`cblas_sgemm`,
+/// `cblas_gemm_bf16bf16f32`).
+type Gemm<T> = unsafe extern "C" fn(
     c_int,
     c_int,
     c_int,
@@ -127,30 +129,16 @@ type Sgemm = unsafe extern "C" fn(
     c_int,
     c_int,
     f32,
-    *const f32,
+    *const T,
     c_int,
-    *const f32,
-    c_int,
-    f32,
-    *mut f32,
-    c_int,
-);
-type GemmBf16 = unsafe extern "C" fn(
-    c_int,
-    c_int,
-    c_int,
-    c_int,
-    c_int,
-    c_int,
-    f32,
-    *const u16,
-    c_int,
-    *const u16,
+    *const T,
     c_int,
     f32,
     *mut f32,
     c_int,
 );
+type Sgemm = Gemm<f32>;
+type GemmBf16 = Gemm<u16>;
 type SetLayer = unsafe extern "C" fn(c_int) -> c_int;
 type VersionString = unsafe extern "C" fn(*mut c_char, c_int);
 
@@ -159,6 +147,9 @@ const NO_TRANS: c_int = 111;
 const TRANS: c_int = 112;
 const MKL_THREADING_SEQUENTIAL: c_int = 1;
 const MKL_INTERFACE_LP64: c_int = 0;
+const MKL_CBWR_AUTO: c_int = 2;
+const MKL_CBWR_STRICT: c_int = 0x10000;
+const MKL_CBWR_SUCCESS: c_int = 0;
 
 /// A loaded BLAS.
 #[derive(Debug)]
@@ -255,6 +246,13 @@ fn load(path: &Path) -> std::result::Result<Blas, String> {
         if set_threading(MKL_THREADING_SEQUENTIAL) != MKL_THREADING_SEQUENTIAL {
             return Err("cannot select the sequential threading layer".into());
         }
+        // Conditional numerical reproducibility: the same inputs give the same bits whatever
+        // the buffers' alignment (without it MKL's code path may depend on the addresses, and a
+        // resumed search would not be bit-identical to an uninterrupted one).
+        let cbwr: SetLayer = std::mem::transmute(sym(b"MKL_CBWR_Set\0")?);
+        if cbwr(MKL_CBWR_AUTO | MKL_CBWR_STRICT) != MKL_CBWR_SUCCESS {
+            return Err("cannot select reproducible results (MKL_CBWR_Set)".into());
+        }
         let sgemm: Sgemm = std::mem::transmute(sym(b"cblas_sgemm\0")?);
         let gemm_bf16: Option<GemmBf16> = sym(b"cblas_gemm_bf16bf16f32\0")
             .ok()
@@ -337,7 +335,6 @@ impl Blas {
     }
 
     /// `c = alpha * a * b` in f32.
-    #[allow(unsafe_code)]
     pub fn sgemm_scaled(
         &self,
         alpha: f32,
@@ -346,31 +343,7 @@ impl Blas {
         c: &mut [f32],
         ldc: usize,
     ) -> Result<()> {
-        let (m, n, k) = check_product(&a, &b, c, ldc)?;
-        if m == 0 || n == 0 {
-            return Ok(());
-        }
-        // SAFETY: check_product verified that every operand's stored matrix lies inside its
-        // slice and that the dimensions fit the LP64 interface.
-        unsafe {
-            (self.sgemm)(
-                ROW_MAJOR,
-                trans_flag(a.trans),
-                trans_flag(b.trans),
-                m,
-                n,
-                k,
-                alpha,
-                a.data.as_ptr(),
-                a.ld as c_int,
-                b.data.as_ptr(),
-                b.ld as c_int,
-                0.0,
-                c.as_mut_ptr(),
-                ldc as c_int,
-            );
-        }
-        Ok(())
+        call(self.sgemm, alpha, a, b, c, ldc)
     }
 
     /// Whether the library has the bf16 x bf16 -> f32 product.
@@ -379,7 +352,6 @@ impl Blas {
     }
 
     /// `c = a * b` with bf16 operands and f32 accumulation and output.
-    #[allow(unsafe_code)]
     pub fn gemm_bf16(
         &self,
         a: MatRef<'_, bf16>,
@@ -390,29 +362,45 @@ impl Blas {
         let f = self
             .gemm_bf16
             .ok_or_else(|| Error::Shape("this BLAS has no bf16 product".into()))?;
-        let (m, n, k) = check_product(&a, &b, c, ldc)?;
-        if m == 0 || n == 0 {
-            return Ok(());
-        }
-        // SAFETY: as in `sgemm`; bf16 is a transparent u16.
-        unsafe {
-            f(
-                ROW_MAJOR,
-                trans_flag(a.trans),
-                trans_flag(b.trans),
-                m,
-                n,
-                k,
-                1.0,
-                a.data.as_ptr().cast(),
-                a.ld as c_int,
-                b.data.as_ptr().cast(),
-                b.ld as c_int,
-                0.0,
-                c.as_mut_ptr(),
-                ldc as c_int,
-            );
-        }
-        Ok(())
+        call(f, 1.0, a, b, c, ldc)
     }
+}
+
+/// Calls a row-major gemm after [`check_product`]. `T` (the operands' element) and `S` (the
+/// C prototype's) have the same size and layout: f32 and f32, bf16 and u16.
+#[allow(unsafe_code)]
+fn call<T, S>(
+    f: Gemm<S>,
+    alpha: f32,
+    a: MatRef<'_, T>,
+    b: MatRef<'_, T>,
+    c: &mut [f32],
+    ldc: usize,
+) -> Result<()> {
+    const { assert!(std::mem::size_of::<T>() == std::mem::size_of::<S>()) };
+    let (m, n, k) = check_product(&a, &b, c, ldc)?;
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    // SAFETY: check_product verified that every operand's stored matrix lies inside its slice
+    // and that the dimensions fit the LP64 interface; T and S have the same layout.
+    unsafe {
+        f(
+            ROW_MAJOR,
+            trans_flag(a.trans),
+            trans_flag(b.trans),
+            m,
+            n,
+            k,
+            alpha,
+            a.data.as_ptr().cast(),
+            a.ld as c_int,
+            b.data.as_ptr().cast(),
+            b.ld as c_int,
+            0.0,
+            c.as_mut_ptr(),
+            ldc as c_int,
+        );
+    }
+    Ok(())
 }

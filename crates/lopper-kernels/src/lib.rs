@@ -3,9 +3,11 @@
 pub mod attention;
 pub mod blas;
 mod error;
+pub mod loss;
 pub mod matmul;
 
 pub use attention::{AttentionShape, RopeTables, causal_attention};
 pub use blas::{Blas, MatRef, blas, blas_status, describe, install_mkl};
 pub use error::{Error, Result};
+pub use loss::nll;
 pub use matmul::{linear, matmul, portable, products_on_blas, set_blas_enabled};

@@ -782,8 +782,14 @@ impl<B: Backend> Llama<B> {
             .step_by(block)
             .map(|start| {
                 let n = block.min(rows - start);
-                let logits = self.head(x.clone().narrow(0, start, n)).unsqueeze_dim(0);
-                nll_from_logits(logits, targets.clone().narrow(1, start, n)).reshape([n])
+                let logits = self.head(x.clone().narrow(0, start, n));
+                let t = targets.clone().narrow(1, start, n).reshape([n]);
+                match lopper_kernels::nll(logits, t) {
+                    Ok(nll) => nll,
+                    Err((logits, t)) => {
+                        nll_from_logits(logits.unsqueeze_dim(0), t.unsqueeze_dim(0)).reshape([n])
+                    }
+                }
             })
             .collect();
         Tensor::cat(parts, 0).reshape([batch, seq - 1])
