@@ -209,18 +209,7 @@ fn causal_softmax(row: &mut [f32], valid: usize) {
     const L: usize = 8;
     let (seen, future) = row.split_at_mut(valid);
     future.fill(0.0);
-    let mut lanes = [f32::NEG_INFINITY; L];
-    let mut chunks = seen.chunks_exact(L);
-    for c in &mut chunks {
-        for (m, &x) in lanes.iter_mut().zip(c) {
-            *m = if x > *m { x } else { *m };
-        }
-    }
-    let max = chunks
-        .remainder()
-        .iter()
-        .chain(&lanes)
-        .fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m });
+    let max = max_of(seen);
     for x in seen.iter_mut() {
         *x = exp(*x - max);
     }
@@ -236,6 +225,23 @@ fn causal_softmax(row: &mut [f32], valid: usize) {
     for x in seen.iter_mut() {
         *x *= inv;
     }
+}
+
+/// The largest value of `x` (`-inf` when empty), reduced on eight lanes so that it vectorises.
+pub(crate) fn max_of(x: &[f32]) -> f32 {
+    const L: usize = 8;
+    let mut lanes = [f32::NEG_INFINITY; L];
+    let mut chunks = x.chunks_exact(L);
+    for c in &mut chunks {
+        for (m, &v) in lanes.iter_mut().zip(c) {
+            *m = if v > *m { v } else { *m };
+        }
+    }
+    chunks
+        .remainder()
+        .iter()
+        .chain(&lanes)
+        .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m })
 }
 
 /// `e^x` for `x <= 0` (softmax arguments), vectorisable: Cody-Waite range reduction to

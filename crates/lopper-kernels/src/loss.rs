@@ -10,7 +10,7 @@ use burn::tensor::{DType, Int, Tensor, TensorData};
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
-use crate::attention::exp;
+use crate::attention::{exp, max_of};
 use crate::matmul::{blas_enabled, from_flex, into_flex};
 
 /// `logsumexp(logits[r]) - logits[r, targets[r]]` for every row `r`, in f32. Hands the inputs
@@ -59,18 +59,7 @@ pub fn nll<B: Backend>(
 /// `log(sum(exp(row))) - row[target]`, stable (the row maximum subtracted).
 fn row_nll(row: &[f32], target: usize) -> f32 {
     const L: usize = 8;
-    let mut lanes = [f32::NEG_INFINITY; L];
-    let mut chunks = row.chunks_exact(L);
-    for c in &mut chunks {
-        for (m, &x) in lanes.iter_mut().zip(c) {
-            *m = if x > *m { x } else { *m };
-        }
-    }
-    let max = chunks
-        .remainder()
-        .iter()
-        .chain(&lanes)
-        .fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m });
+    let max = max_of(row);
     let mut sums = [0f32; L];
     let mut chunks = row.chunks_exact(L);
     for c in &mut chunks {
