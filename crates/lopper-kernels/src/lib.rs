@@ -5,9 +5,11 @@ pub mod blas;
 mod error;
 pub mod loss;
 pub mod matmul;
+pub mod swiglu;
 
 pub use attention::{AttentionShape, RopeTables, causal_attention};
 pub use blas::{Blas, MatRef, blas, blas_status, describe, install_mkl};
 pub use error::{Error, Result};
 pub use loss::nll;
 pub use matmul::{linear, matmul, portable, products_on_blas, set_blas_enabled};
+pub use swiglu::swiglu;

@@ -17,7 +17,7 @@ use crate::error::{Error, Result};
 use crate::masks::{LayerMasks, Masks};
 use crate::weights::{HostTensor, WeightSource, load_checked};
 use lopper_core::{LayerShape, ModelShape};
-use lopper_kernels::{AttentionShape, RopeTables, causal_attention, linear, matmul};
+use lopper_kernels::{AttentionShape, RopeTables, causal_attention, linear, matmul, swiglu};
 
 /// Root-mean-square layer norm: `x / sqrt(mean(x^2) + eps) * weight`.
 #[derive(Module, Debug)]
@@ -160,7 +160,8 @@ impl<B: Backend> Mlp<B> {
         channel_mask: Option<&Tensor<B, 1>>,
         tap: &mut dyn FnMut(&Tensor<B, 2>),
     ) -> Tensor<B, 2> {
-        let mut a = silu(linear(&self.gate_proj, x.clone())) * linear(&self.up_proj, x);
+        let (gate, up) = (linear(&self.gate_proj, x.clone()), linear(&self.up_proj, x));
+        let mut a = swiglu(gate, up).unwrap_or_else(|(gate, up)| silu(gate) * up);
         if let Some(m) = channel_mask {
             a = a * m.clone().unsqueeze_dim(0);
         }
