@@ -4,6 +4,7 @@ pub mod attention;
 pub mod blas;
 mod error;
 pub mod loss;
+pub mod math;
 pub mod matmul;
 pub mod swiglu;
 

@@ -10,7 +10,7 @@ use burn::tensor::{DType, Int, Tensor, TensorData};
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
-use crate::attention::{exp, max_of};
+use crate::math::{exp, max_of};
 use crate::matmul::{blas_enabled, from_flex, into_flex};
 
 /// `logsumexp(logits[r]) - logits[r, targets[r]]` for every row `r`, in f32. Hands the inputs

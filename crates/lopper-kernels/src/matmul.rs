@@ -7,6 +7,7 @@
 //! in place through the BLAS's transpose flags and leading dimensions.
 
 use std::any::{Any, TypeId};
+use std::borrow::Cow;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use burn::nn::Linear;
@@ -176,6 +177,19 @@ impl Operand {
     }
 }
 
+/// The tensor and how its matrices sit in storage; a copy made contiguous when the BLAS cannot
+/// read its layout in place.
+fn described(t: &FlexTensor) -> Option<(Cow<'_, FlexTensor>, Operand)> {
+    match Operand::of(t) {
+        Some(o) => Some((Cow::Borrowed(t), o)),
+        None => {
+            let c = t.to_contiguous();
+            let o = Operand::of(&c)?;
+            Some((Cow::Owned(c), o))
+        }
+    }
+}
+
 /// Row-major order of batch matrices: the first dimension varies slowest.
 fn batch_offsets(dims: &[usize], strides: &[isize], start: usize) -> Vec<usize> {
     let mut offsets = vec![start];
@@ -199,22 +213,8 @@ fn flex_matmul(blas: &Blas, a: &FlexTensor, b: &FlexTensor) -> Option<FlexTensor
     if d < 2 || bd.len() != d || ad[..d - 2] != bd[..d - 2] || ad[d - 1] != bd[d - 2] {
         return None;
     }
-    let contiguous;
-    let (a, oa) = match Operand::of(a) {
-        Some(o) => (a, o),
-        None => {
-            contiguous = a.to_contiguous();
-            (&contiguous, Operand::of(&contiguous)?)
-        }
-    };
-    let contiguous_b;
-    let (b, ob) = match Operand::of(b) {
-        Some(o) => (b, o),
-        None => {
-            contiguous_b = b.to_contiguous();
-            (&contiguous_b, Operand::of(&contiguous_b)?)
-        }
-    };
+    let (a, oa) = described(a)?;
+    let (b, ob) = described(b)?;
     let (m, n) = (oa.rows, ob.cols);
     let batches = oa.offsets.len();
     let mut out = vec![0f32; batches * m * n];

@@ -8,7 +8,7 @@ use burn::tensor::{DType, Tensor, TensorData};
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
-use crate::attention::exp;
+use crate::math::exp;
 use crate::matmul::{blas_enabled, from_flex, into_flex};
 
 /// `silu(gate) * up` elementwise, `silu(g) = g / (1 + e^-g)`. Hands the inputs back (`Err`)
