@@ -1,5 +1,6 @@
-//! Load a model, score its units with a metric, run a short policy-gradient search started from
-//! those scores, cut the model to the plan, and export it in the Hugging Face layout.
+//! Load a model, plan it with a metric, run a short policy-gradient search started from that
+//! plan (lopper's preset: compensated masks, held-out final choice), cut the model to the chosen
+//! plan with the same compensation, and export it in the Hugging Face layout.
 //!
 //! ```text
 //! cargo run --release -p lopper --example prune_pg [-- MODEL OUT_DIR]
@@ -14,10 +15,10 @@ use std::path::PathBuf;
 use anyhow::Result;
 use lopper::backend::{Flex, FlexDevice};
 use lopper::data::{DataDirs, Sampler, load_documents, sample};
-use lopper::importance::{Method, MethodSettings, method_plan};
+use lopper::importance::{Method, MethodSettings, input_means, method_plan};
 use lopper::model::{ModelSpec, load, lopper_home};
-use lopper::policy::{Hooks, Init, Optimizer, PgConfig, PgState, UnitSpace, search};
-use lopper::surgery::{ExportFormat, ExportOptions, export, prune};
+use lopper::policy::{Hooks, Init, PgConfig, PgState, UnitSpace, choose, search};
+use lopper::surgery::{ExportFormat, ExportOptions, InputMeans, export, prune_compensated};
 
 fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
@@ -47,36 +48,43 @@ fn main() -> Result<()> {
         42,
     )?;
 
-    // Score every KV group and MLP channel with LLM-BIP (one forward pass over 8 windows).
+    // The last 8 windows are held out for the final choice; the rest feed the metric and search.
+    let (windows, held_out) = calib.windows.split_at(24);
+
+    // LLM-BIP's plan at 30% sparsity (one forward pass over 8 windows) and its unit scores.
     let bip: Method = "llm-bip".parse()?;
     let metric = method_plan(
         model,
-        &calib.windows[..8],
+        &windows[..8],
         bip,
         0.7,
         &MethodSettings::default(),
         |_| {},
     )?;
-    let scores = metric.scores.expect("llm-bip scores every unit");
+    let start = Init::Plan {
+        plan: metric.plan,
+        scores: metric.scores,
+    };
 
-    // A short search at 30% sparsity from those scores (the reference runs thousands of steps).
+    // The dense model's calibration means: every sampled mask is scored with bias compensation.
+    let (o_proj, down_proj) = input_means(model, &windows[..8], 4)?;
+    let means = InputMeans { o_proj, down_proj };
+
+    // A short search with lopper's defaults (the reference runs thousands of steps).
     let mut cfg = PgConfig::new(0.3);
-    cfg.optimizer = Optimizer::Adam;
-    (cfg.lr_heads, cfg.lr_channels) = (0.01, 0.01);
     cfg.steps = 5;
+    cfg.held_out = held_out.len();
     let space = UnitSpace::new(model.shape(), &cfg.units)?;
-    let mut state = PgState::new(cfg, &space, &Init::Scores { scores })?;
+    let mut state = PgState::new(cfg, &space, &start)?;
     search(
         model,
-        &calib.windows,
+        windows,
+        Some(&means),
         &space,
         &mut state,
         Hooks {
             on_step: &mut |r, _| {
-                println!(
-                    "step {}: loss {:.4} baseline {:.4}",
-                    r.step, r.loss, r.baseline
-                );
+                println!("step {}: sampled losses {:?}", r.step, r.losses);
                 Ok(())
             },
             should_stop: &|| false,
@@ -85,9 +93,15 @@ fn main() -> Result<()> {
         },
     )?;
 
-    // Cut the model to the final plan and write it out (safetensors + config + tokenizer).
-    let plan = state.final_plan(&space)?;
-    let pruned = prune(model, &plan)?;
+    // The search's plan or the starting plan, whichever is better on the held-out windows.
+    let (plan, choice) = choose(model, held_out, Some(&means), &space, &state)?;
+    if let Some(c) = &choice {
+        println!("held-out losses {:?}: chose {}", c.candidates, c.chosen);
+    }
+
+    // Cut the model to the plan with the compensation the search scored, and write it out
+    // (safetensors + config + tokenizer).
+    let pruned = prune_compensated(model, &plan, &means)?;
     export(
         &pruned,
         tok,

@@ -7,7 +7,7 @@ use common::{DEVICE, data_dirs, default_model};
 use lopper_core::{MaskPlan, UnitKind};
 use lopper_data::{Sampler, load_documents, sample};
 use lopper_model::Masks;
-use lopper_policy::{Budget, Estimator, Hooks, Init, Optimizer, PgConfig, PgState, UnitSpace};
+use lopper_policy::{Hooks, Init, PgConfig, PgState, UnitSpace};
 
 /// `n` windows of `len` tokens drawn from the first `docs` C4 documents.
 fn c4_windows(
@@ -48,26 +48,20 @@ fn a_short_pg_search_on_the_real_model_gives_a_plan_surgery_can_cut() {
     let units = [UnitKind::KvGroup, UnitKind::Channel];
     let space = UnitSpace::new(model.shape(), &units).unwrap();
     let cfg = PgConfig {
-        sparsity: 0.3,
         units: units.to_vec(),
-        budget: Budget::PerType,
-        estimator: Estimator::Ref,
-        optimizer: Optimizer::Sgd,
         lr_heads: 0.05,
         lr_channels: 0.05,
         lr_layers: 0.05,
-        schedule: lopper_policy::Schedule::Cosine,
         steps: 2,
-        samples_per_step: 2,
         batch_size: 2,
-        ma_window: 5.0,
-        seed: 42,
+        ..PgConfig::reference(0.3)
     };
     let mut state = PgState::new(cfg, &space, &Init::Scores { scores }).unwrap();
     let mut losses = Vec::new();
     let done = lopper_policy::search(
         model,
         &calib.windows,
+        None,
         &space,
         &mut state,
         Hooks {

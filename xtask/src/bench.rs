@@ -578,9 +578,7 @@ struct PgStepBench {
 impl Job for PgStepBench {
     fn run<B: Backend>(self, device: B::Device, device_name: String) -> Result<()> {
         use lopper_core::UnitKind;
-        use lopper_policy::{
-            Budget, Estimator, Init, Optimizer, PgConfig, PgState, Schedule, UnitSpace,
-        };
+        use lopper_policy::{Init, PgConfig, PgState, UnitSpace};
         let spec: ModelSpec = self.model.parse()?;
         let loaded =
             load::<B>(&spec, &device).with_context(|| format!("loading `{}`", self.model))?;
@@ -602,7 +600,7 @@ impl Job for PgStepBench {
             let mut total = 0.0;
             for p in plans {
                 total += if sliced {
-                    lopper_surgery::mean_loss_kept(model, p, tokens.clone())?
+                    lopper_surgery::mean_loss_kept(model, p, None, tokens.clone())?
                 } else {
                     let masks = lopper_model::Masks::from_plan(p, &device)?;
                     model.mean_loss(tokens.clone(), Some(&masks))?
@@ -637,20 +635,12 @@ impl Job for PgStepBench {
                 continue;
             }
             let cfg = PgConfig {
-                sparsity: s,
                 units: vec![UnitKind::KvGroup, UnitKind::Channel],
-                budget: Budget::PerType,
-                estimator: Estimator::Ref,
-                optimizer: Optimizer::Sgd,
-                lr_heads: 1e-3,
-                lr_channels: 1e-3,
-                lr_layers: 1e-3,
-                schedule: Schedule::Cosine,
                 steps: 1,
                 samples_per_step: k,
                 batch_size: self.batch_size,
-                ma_window: 5.0,
                 seed: 1,
+                ..PgConfig::reference(s)
             };
             let mut state = PgState::new(cfg, &space, &Init::Uniform)?;
             let plans: Vec<_> = (0..k).map(|_| space.plan_of(&state.sample())).collect();

@@ -11,7 +11,7 @@ use lopper_core::MaskPlan;
 use lopper_data::{BosPolicy, Calibration, Sampler};
 use lopper_importance::{Method, MethodSettings};
 use lopper_model::{Llama, ModelSpec, load};
-use lopper_policy::{Budget, Estimator, Optimizer, PgConfig, Schedule};
+use lopper_policy::{Optimizer, PgConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::backend::{DeviceChoice, Job, run_on};
@@ -71,21 +71,24 @@ pub struct CompareArgs {
     /// Windows per forward pass (metrics and evaluation).
     #[arg(long, default_value_t = 8)]
     batch_size: usize,
-    /// Policy-gradient steps.
-    #[arg(long, default_value_t = 1000)]
-    pg_steps: usize,
-    /// Policy-gradient learning rate.
-    #[arg(long, default_value_t = 0.01)]
-    pg_lr: f64,
-    /// Policy-gradient optimizer: adam or sgd.
-    #[arg(long, default_value = "adam")]
-    pg_optimizer: String,
-    /// Windows per policy-gradient step.
-    #[arg(long, default_value_t = 8)]
-    pg_batch_size: usize,
-    /// Policy-gradient initialisation (as `prune --init`).
-    #[arg(long, default_value = "wanda-sp")]
-    pg_init: String,
+    /// Policy-gradient settings (as `prune --preset`): lopper or reference.
+    #[arg(long, default_value = "lopper")]
+    pg_preset: String,
+    /// Policy-gradient steps (default: the preset's).
+    #[arg(long)]
+    pg_steps: Option<usize>,
+    /// Policy-gradient learning rate (default: the preset's).
+    #[arg(long)]
+    pg_lr: Option<f64>,
+    /// Policy-gradient optimizer: adam or sgd (default: the preset's).
+    #[arg(long)]
+    pg_optimizer: Option<String>,
+    /// Windows per policy-gradient step (default: the preset's).
+    #[arg(long)]
+    pg_batch_size: Option<usize>,
+    /// Policy-gradient initialisation (as `prune --init`; default: the preset's).
+    #[arg(long)]
+    pg_init: Option<String>,
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: DeviceChoice,
@@ -122,6 +125,13 @@ struct Settings {
     batch_size: usize,
     pg: PgConfig,
     pg_init: String,
+    #[serde(default = "reference_preset")]
+    pg_preset: String,
+}
+
+/// Folders made before presets existed ran the reference settings.
+fn reference_preset() -> String {
+    "reference".into()
 }
 
 /// One finished cell, as cached in `cells/<id>/cell.json`.
@@ -230,12 +240,6 @@ impl Spec {
             init.is_none() || base == "pg",
             "--methods: `{s}`: only pg takes an initialisation (pg:flap, pg:magnitude, ...)"
         );
-        if let Ok(m) = base.parse::<Method>() {
-            anyhow::ensure!(
-                !(m.removes_layers() && bias.is_some()),
-                "--methods: `{s}`: layer removal leaves no projection for a compensation bias"
-            );
-        }
         Ok(Self {
             base: base.into(),
             init,
@@ -305,28 +309,27 @@ pub fn run(args: CompareArgs) -> Result<()> {
     );
     let sampler: Sampler = args.sampler.parse()?;
     // The sparsity is set per cell; the stored settings carry a fixed placeholder.
+    let base = match args.pg_preset.as_str() {
+        "lopper" => PgConfig::new(0.5),
+        "reference" => PgConfig::reference(0.5),
+        o => bail!("--pg-preset `{o}`: use lopper or reference"),
+    };
+    let lr = args.pg_lr;
     let pg = PgConfig {
-        sparsity: 0.5,
-        units: vec![
-            lopper_core::UnitKind::KvGroup,
-            lopper_core::UnitKind::Channel,
-        ],
-        budget: Budget::PerType,
-        estimator: Estimator::Ref,
-        optimizer: match args.pg_optimizer.as_str() {
-            "adam" => Optimizer::Adam,
-            "sgd" => Optimizer::Sgd,
-            o => bail!("--pg-optimizer `{o}`: use adam or sgd"),
+        optimizer: match args.pg_optimizer.as_deref() {
+            None => base.optimizer,
+            Some("adam") => Optimizer::Adam,
+            Some("sgd") => Optimizer::Sgd,
+            Some(o) => bail!("--pg-optimizer `{o}`: use adam or sgd"),
         },
-        lr_heads: args.pg_lr,
-        lr_channels: args.pg_lr,
-        lr_layers: args.pg_lr,
-        schedule: Schedule::Cosine,
-        steps: args.pg_steps,
-        samples_per_step: 2,
-        batch_size: args.pg_batch_size,
-        ma_window: 5.0,
+        lr_heads: lr.unwrap_or(base.lr_heads),
+        lr_channels: lr.unwrap_or(base.lr_channels),
+        lr_layers: lr.unwrap_or(base.lr_layers),
+        steps: args.pg_steps.unwrap_or(base.steps),
+        batch_size: args.pg_batch_size.unwrap_or(base.batch_size),
+        held_out: base.held_out.min(args.calib_samples / 4),
         seed: args.seed,
+        ..base
     };
     pg.validate()?;
     let settings = Settings {
@@ -352,7 +355,15 @@ pub fn run(args: CompareArgs) -> Result<()> {
         metric_samples: args.metric_samples,
         batch_size: args.batch_size,
         pg,
-        pg_init: args.pg_init.clone(),
+        pg_init: args.pg_init.clone().unwrap_or_else(|| {
+            if args.pg_preset == "reference" {
+                "wanda-sp"
+            } else {
+                "auto"
+            }
+            .into()
+        }),
+        pg_preset: args.pg_preset.clone(),
     };
     let settings_path = args.out.join("settings.json");
     if args.force && args.out.exists() {
@@ -590,36 +601,15 @@ impl CompareJob {
                     ..st.pg.clone()
                 };
                 let meta = serde_json::json!({"compare": st, "sparsity": sparsity});
-                let (plan, _) = crate::methods::run_pg(
+                let out = crate::methods::run_pg(
                     model,
                     windows(),
                     &cfg,
-                    || {
-                        let init = spec.init.as_deref().unwrap_or(&st.pg_init);
-                        // A metric scored by an earlier cell of this run (as a method or as an
-                        // initialisation) starts the search from the same scores.
-                        let init_key = format!("init:{init}");
-                        let cache = self.scores.borrow();
-                        if let Some((scores, _)) = cache.get(init).or(cache.get(&init_key)) {
-                            tracing::info!(init, "initial scores reused from an earlier cell");
-                            return Ok(lopper_policy::Init::Scores {
-                                scores: scores.clone(),
-                            });
-                        }
-                        drop(cache);
-                        let out = crate::methods::pg_init(
-                            init,
-                            model,
-                            windows(),
-                            st.metric_samples,
-                            &settings,
-                        )?;
-                        if let lopper_policy::Init::Scores { scores } = &out {
-                            self.scores
-                                .borrow_mut()
-                                .insert(init_key, (scores.clone(), None));
-                        }
-                        Ok(out)
+                    &crate::methods::PgInit {
+                        name: spec.init.as_deref().unwrap_or(&st.pg_init),
+                        plan_start: st.pg_preset != "reference",
+                        metric_samples: st.metric_samples,
+                        settings: &settings,
                     },
                     &crate::methods::PgRun {
                         dir,
@@ -629,7 +619,7 @@ impl CompareJob {
                         meta: &meta,
                     },
                 )?;
-                (Some(plan), None)
+                (Some(out.plan), out.means.map(|m| (m.o_proj, m.down_proj)))
             }
             m => {
                 let method = m.parse::<Method>()?;

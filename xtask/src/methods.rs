@@ -13,6 +13,7 @@ use lopper_core::{MaskPlan, ModelShape, UnitScores};
 use lopper_importance::{Method, MethodPlan, MethodSettings};
 use lopper_model::Llama;
 use lopper_policy::{Hooks, Init, PgConfig, PgState, UnitSpace};
+use lopper_surgery::InputMeans;
 
 /// Every `--method` name: `pg` and the metric methods.
 pub fn method_names() -> String {
@@ -57,45 +58,143 @@ pub fn metric_plan<B: Backend>(
     Ok(mp)
 }
 
-/// The policy-gradient initialisation named by `--init`: uniform, random, a metric method with
-/// per-unit scores, a UnitScores JSON file, or a plan.json.
+/// How a policy-gradient search starts: `--init` and the preset's reading of it.
+pub struct PgInit<'a> {
+    /// `--init`: auto, uniform, random, a method, a scores or plan file.
+    pub name: &'a str,
+    /// Start from a method's (or file's) plan, so that step 0's plan is that plan (preset
+    /// lopper); otherwise from the per-layer sigmap of its scores (preset reference).
+    pub plan_start: bool,
+    /// Calibration windows the metric methods read (the first N of the search's).
+    pub metric_samples: usize,
+    /// Settings of the metric methods.
+    pub settings: &'a MethodSettings,
+}
+
+/// Mean loss of `plan` on `windows` as the search scores it (sliced, compensated by `means`).
+fn plan_loss<B: Backend>(
+    model: &Llama<B>,
+    plan: &MaskPlan,
+    windows: &[Vec<u32>],
+    means: Option<&InputMeans>,
+    batch_size: usize,
+) -> Result<f64> {
+    let mut sum = 0.0;
+    for batch in windows.chunks(batch_size) {
+        let l = lopper_surgery::mean_loss_kept(model, plan, means, model.tokens(batch)?)?;
+        sum += l * batch.len() as f64;
+    }
+    Ok(sum / windows.len() as f64)
+}
+
+/// The policy-gradient initialisation of `init` at the kept fraction `keep`. `windows` are the
+/// search's calibration windows; `held_out` (or, without any, the first 16 search windows)
+/// decide `auto`, scored with `means` as the search will score masks.
 pub fn pg_init<B: Backend>(
-    name: &str,
+    init: &PgInit,
     model: &Llama<B>,
     windows: &[Vec<u32>],
-    metric_samples: usize,
-    settings: &MethodSettings,
+    held_out: &[Vec<u32>],
+    means: Option<&InputMeans>,
+    cfg: &PgConfig,
 ) -> Result<Init> {
     let shape = model.shape();
-    Ok(match name {
+    let keep = cfg.keep();
+    let metric = |method: Method, keep: f64| {
+        metric_plan(
+            model,
+            windows,
+            method,
+            keep,
+            init.metric_samples,
+            init.settings,
+        )
+    };
+    Ok(match init.name {
         "uniform" => Init::Uniform,
         "random" => Init::Random,
+        "auto" => {
+            anyhow::ensure!(
+                init.plan_start,
+                "--init auto starts from a method's plan, which --preset reference does not do; name the init (e.g. --init wanda-sp)"
+            );
+            let mut candidates = vec![
+                (Method::Flap, metric(Method::Flap, keep)?),
+                (Method::LlmBip, metric(Method::LlmBip, keep)?),
+            ];
+            if cfg.units.contains(&lopper_core::UnitKind::Layer) {
+                candidates.push((
+                    Method::BlockInfluence,
+                    metric(Method::BlockInfluence, keep)?,
+                ));
+            }
+            let judge = if held_out.is_empty() {
+                &windows[..windows.len().min(16)]
+            } else {
+                held_out
+            };
+            let mut losses = serde_json::Map::new();
+            let mut best: Option<(f64, usize)> = None;
+            for (i, (m, mp)) in candidates.iter().enumerate() {
+                let l = plan_loss(model, &mp.plan, judge, means, cfg.batch_size)?;
+                tracing::info!(init = m.name(), loss = l, "candidate start");
+                losses.insert(m.name().into(), l.into());
+                if best.is_none_or(|(b, _)| l < b) {
+                    best = Some((l, i));
+                }
+            }
+            let (_, i) = best.expect("at least one candidate");
+            let scores = candidates[0].1.scores.clone();
+            let (m, mp) = candidates.swap_remove(i);
+            let mut plan = mp.plan;
+            plan.meta.insert("method".into(), m.name().into());
+            plan.meta.insert("init_candidates".into(), losses.into());
+            Init::Plan { plan, scores }
+        }
         m if m.parse::<Method>().is_ok() => {
             let method: Method = m.parse()?;
-            if method.removes_layers() {
-                bail!(
-                    "--init {m}: a layer-removal method has no per-unit scores; start from its plan instead (`--init DIR/plan.json`)"
-                );
-            }
-            let mp = metric_plan(model, windows, method, 0.5, metric_samples, settings)?;
-            Init::Scores {
-                scores: mp.scores.expect("unit methods give scores"),
+            if init.plan_start {
+                let mp = metric(method, keep)?;
+                let mut plan = mp.plan;
+                plan.meta.insert("method".into(), m.into());
+                Init::Plan {
+                    plan,
+                    scores: mp.scores,
+                }
+            } else {
+                if method.removes_layers() {
+                    bail!(
+                        "--init {m}: a layer-removal method has no per-unit scores; start from its plan instead (`--init DIR/plan.json`, or --preset lopper)"
+                    );
+                }
+                let mp = metric(method, 0.5)?;
+                Init::Scores {
+                    scores: mp.scores.expect("unit methods give scores"),
+                }
             }
         }
         file => {
             let text = std::fs::read_to_string(file).with_context(|| {
                 format!(
-                    "--init `{file}` is neither uniform, random, a method ({}) nor a readable scores or plan file",
+                    "--init `{file}` is neither auto, uniform, random, a method ({}) nor a readable scores or plan file",
                     Method::NAMES.join(", ")
                 )
             })?;
-            let scores = match serde_json::from_str::<UnitScores>(&text) {
-                Ok(s) => s,
-                Err(_) => plan_scores(&text, shape).with_context(|| {
-                    format!("--init {file}: neither a UnitScores nor a mask plan JSON file")
-                })?,
-            };
-            Init::Scores { scores }
+            match serde_json::from_str::<UnitScores>(&text) {
+                Ok(scores) => Init::Scores { scores },
+                Err(_) if init.plan_start => {
+                    let plan = MaskPlan::from_json(&text).with_context(|| {
+                        format!("--init {file}: neither a UnitScores nor a mask plan JSON file")
+                    })?;
+                    plan.validate_against(shape)?;
+                    Init::Plan { plan, scores: None }
+                }
+                Err(_) => Init::Scores {
+                    scores: plan_scores(&text, shape).with_context(|| {
+                        format!("--init {file}: neither a UnitScores nor a mask plan JSON file")
+                    })?,
+                },
+            }
         }
     })
 }
@@ -148,17 +247,44 @@ pub struct PgRun<'a> {
     pub meta: &'a serde_json::Value,
 }
 
-/// Runs (or resumes) the policy-gradient search and returns its final plan. Every step goes to
-/// `curve.jsonl`; the state is checkpointed every `checkpoint_every` steps and on Ctrl-C, after
-/// which this returns an error that says how to resume.
+/// What a finished search hands back.
+pub struct PgOutcome {
+    /// The final plan (the held-out choice, when the config makes one).
+    pub plan: MaskPlan,
+    /// First loss and last step of the search.
+    pub curve: CurveSummary,
+    /// The calibration means the search compensated with (the exported model uses them too).
+    pub means: Option<InputMeans>,
+}
+
+/// Runs (or resumes) the policy-gradient search and returns its final plan. The last
+/// `cfg.held_out` calibration windows are held out for the final choice; the search and the
+/// metric init read the others. Every step goes to `curve.jsonl`; the state is checkpointed
+/// every `checkpoint_every` steps and on Ctrl-C, after which this returns an error that says
+/// how to resume.
 pub fn run_pg<B: Backend>(
     model: &Llama<B>,
     windows: &[Vec<u32>],
     cfg: &PgConfig,
-    init: impl FnOnce() -> Result<Init>,
+    init: &PgInit,
     run: &PgRun,
-) -> Result<(MaskPlan, CurveSummary)> {
+) -> Result<PgOutcome> {
+    anyhow::ensure!(
+        cfg.held_out < windows.len(),
+        "--held-out {} leaves no calibration window for the search out of {}; raise --calib-samples or lower --held-out",
+        cfg.held_out,
+        windows.len()
+    );
+    let (search_windows, held_out) = windows.split_at(windows.len() - cfg.held_out);
     let space = UnitSpace::new(model.shape(), &cfg.units)?;
+    let means = if cfg.compensation {
+        let n = search_windows.len().min(init.metric_samples);
+        let (o_proj, down_proj) =
+            lopper_importance::input_means(model, &search_windows[..n], cfg.batch_size)?;
+        Some(InputMeans { o_proj, down_proj })
+    } else {
+        None
+    };
     let ckpt = run.dir.join("checkpoint.json");
     let mut state = if run.resume {
         let s = PgState::load(&ckpt, &space)?;
@@ -170,7 +296,8 @@ pub fn run_pg<B: Backend>(
         tracing::info!(step = s.step, "resuming");
         s
     } else {
-        let mut s = PgState::new(cfg.clone(), &space, &init()?)?;
+        let start = pg_init(init, model, search_windows, held_out, means.as_ref(), cfg)?;
+        let mut s = PgState::new(cfg.clone(), &space, &start)?;
         s.meta = run.meta.clone();
         s
     };
@@ -197,7 +324,8 @@ pub fn run_pg<B: Backend>(
     let mut last = None;
     let finished = lopper_policy::search(
         model,
-        windows,
+        search_windows,
+        means.as_ref(),
         &space,
         &mut state,
         Hooks {
@@ -230,7 +358,12 @@ pub fn run_pg<B: Backend>(
             if run.resume { "" } else { " with --resume" }
         );
     }
-    Ok((state.final_plan(&space)?, Some((first_loss, last))))
+    let (plan, _) = lopper_policy::choose(model, held_out, means.as_ref(), &space, &state)?;
+    Ok(PgOutcome {
+        plan,
+        curve: Some((first_loss, last)),
+        means,
+    })
 }
 
 /// Drops curve lines at or after `step` (a resumed run rewrites them).

@@ -10,7 +10,7 @@ use lopper_core::{MaskPlan, UnitKind};
 use lopper_data::Sampler;
 use lopper_importance::{Method, MethodSettings};
 use lopper_model::{Llama, ModelSpec, Tokenizer, load};
-use lopper_policy::{Budget, Estimator, Optimizer, PgConfig, Schedule};
+use lopper_policy::{Baseline, Budget, Estimator, Optimizer, PgConfig, Schedule};
 use lopper_surgery::{ExportFormat, ExportOptions};
 
 use crate::backend::{DeviceChoice, Job, run_on};
@@ -62,24 +62,49 @@ pub struct PruneArgs {
     /// Fraction of the prunable parameters to REMOVE (0.3 keeps 70%).
     #[arg(long)]
     pub sparsity: f64,
-    /// Units searched: heads (KV groups), channels, layers.
-    #[arg(long, default_value = "heads,channels")]
-    pub units: String,
+    /// pg settings to start from: `lopper` (the defaults measured best; see the README) or
+    /// `reference` (the paper's code: heads and channels, per-type budget, SGD lr 2e-3, 40 steps
+    /// of 2 masks x 4 windows, moving-average baseline, Wanda-sp sigmap init, no compensation,
+    /// no held-out choice). Every flag below overrides the preset.
+    #[arg(long, default_value = "lopper")]
+    pub preset: String,
+    /// Units searched: heads (KV groups), channels, layers (preset lopper: all three).
+    #[arg(long)]
+    pub units: Option<String>,
     /// per-type (each unit type keeps the same fraction) or params (one parameter budget).
-    #[arg(long, default_value = "per-type")]
-    pub budget: String,
-    /// A unit metric method (wanda-sp, magnitude, magnitude-l1, flap, llm-pruner, llm-bip,
-    /// mini-llm, ifso), uniform, random (sigmap of N(0,1)), a scores
-    /// JSON file (UnitScores, e.g. a metric run's scores.json), or a plan.json (kept units
-    /// score 1, removed 0; then sigmap per layer).
-    #[arg(long, default_value = "wanda-sp")]
-    pub init: String,
+    #[arg(long)]
+    pub budget: Option<String>,
+    /// auto (preset lopper: the plan of FLAP, LLM-BIP or block influence, whichever has the
+    /// lowest held-out loss),
+    /// a metric method (its plan at --sparsity under preset lopper, its scores' per-layer sigmap
+    /// under preset reference: wanda-sp, magnitude, magnitude-l1, flap, llm-pruner, llm-bip,
+    /// mini-llm, ifso; layer methods sleb and block-influence start from their plan), uniform,
+    /// random (sigmap of N(0,1)), a scores JSON file (UnitScores, e.g. a metric run's
+    /// scores.json), or a plan.json (preset lopper: that plan; reference: kept units score 1,
+    /// removed 0, then sigmap per layer).
+    #[arg(long)]
+    pub init: Option<String>,
     /// ref: (L-b)(m-s)/sqrt(s(1-s)) as the reference code; score: the exact score function.
-    #[arg(long, default_value = "ref")]
-    pub estimator: String,
-    /// sgd (reference) or adam.
-    #[arg(long, default_value = "sgd")]
-    pub optimizer: String,
+    #[arg(long)]
+    pub estimator: Option<String>,
+    /// sgd (reference) or adam (lopper).
+    #[arg(long)]
+    pub optimizer: Option<String>,
+    /// Baseline of the estimator: loo (leave-one-out among the step's masks; lopper) or moving
+    /// (moving average across steps; reference).
+    #[arg(long)]
+    pub baseline: Option<String>,
+    /// Sample each step's masks in antithetic pairs (`u` and `1 - u`).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub antithetic: Option<bool>,
+    /// Keep every probability in [F, 1 - F] so a unit driven out can come back (reference 0).
+    #[arg(long)]
+    pub prob_floor: Option<f64>,
+    /// Calibration windows (the last N) held out from the search; the final plan is the
+    /// search's or the initial plan, whichever has the lower loss on them (0: the search's).
+    /// Preset lopper: 16, at most a quarter of --calib-samples.
+    #[arg(long)]
+    pub held_out: Option<usize>,
     /// Calibration data: c4, wikitext2, ptb, or a .json.gz/.jsonl/.txt file.
     #[arg(long, default_value = "c4")]
     pub calib: String,
@@ -92,22 +117,23 @@ pub struct PruneArgs {
     /// Tokens per calibration window.
     #[arg(long, default_value_t = 128)]
     pub seq_len: usize,
-    /// Windows per step (and per forward of the metric init).
-    #[arg(long, default_value_t = 4)]
-    pub batch_size: usize,
+    /// Windows per step and per forward of the metric methods (preset lopper 8, reference 4).
+    #[arg(long)]
+    pub batch_size: Option<usize>,
     /// Allow --seq-len (and --eval's 128-token windows) beyond the model's trained positions
     /// (max_position_embeddings).
     #[arg(long)]
     pub allow_longer_context: bool,
-    /// Policy-gradient steps.
-    #[arg(long, default_value_t = 40)]
-    pub steps: usize,
-    /// Masks sampled per step (K).
-    #[arg(long, default_value_t = 2)]
-    pub samples_per_step: usize,
-    /// Learning rate of the keep-probabilities (all unit types).
-    #[arg(long, default_value_t = 2e-3)]
-    pub lr: f64,
+    /// Policy-gradient steps (preset lopper 60, reference 40).
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Masks sampled per step (K, default 2).
+    #[arg(long)]
+    pub samples_per_step: Option<usize>,
+    /// Learning rate of the keep-probabilities, all unit types (preset lopper 0.01, reference
+    /// 2e-3).
+    #[arg(long)]
+    pub lr: Option<f64>,
     /// Learning rate of KV-group probabilities (default: --lr).
     #[arg(long)]
     pub lr_heads: Option<f64>,
@@ -117,9 +143,9 @@ pub struct PruneArgs {
     /// Learning rate of layer probabilities (default: --lr).
     #[arg(long)]
     pub lr_layers: Option<f64>,
-    /// cosine (to 0, reference) or constant.
-    #[arg(long, default_value = "cosine")]
-    pub schedule: String,
+    /// cosine (to 0, the default) or constant.
+    #[arg(long)]
+    pub schedule: Option<String>,
     /// Seed of calibration sampling and mask sampling.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
@@ -136,8 +162,10 @@ pub struct PruneArgs {
     #[arg(long, hide = true)]
     pub stop_after: Option<usize>,
     /// FLAP-style bias compensation at surgery: the calibration mean of every removed o_proj /
-    /// down_proj input goes into that projection's bias (the exported model then has biases).
-    /// `--bias-compensation` or `--bias-compensation true|false`; default on for flap only.
+    /// down_proj input goes into that projection's bias, and a block removed whole carries its
+    /// mean output into the previous kept projection (the exported model then has biases).
+    /// `--bias-compensation` or `--bias-compensation true|false`; default on for flap and for
+    /// pg under preset lopper, where every sampled mask is scored with it too.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub bias_compensation: Option<bool>,
     /// Continue the run in --out from its checkpoint.
@@ -170,36 +198,71 @@ fn parse_units(s: &str) -> Result<Vec<UnitKind>> {
 
 impl PruneArgs {
     fn pg_config(&self) -> Result<PgConfig> {
+        let base = match self.preset.as_str() {
+            "lopper" => PgConfig::new(self.sparsity),
+            "reference" => PgConfig::reference(self.sparsity),
+            o => bail!("--preset `{o}`: use lopper or reference"),
+        };
+        let lr = self.lr;
         let cfg = PgConfig {
             sparsity: self.sparsity,
-            units: parse_units(&self.units)?,
-            budget: self.budget.parse::<Budget>()?,
-            estimator: match self.estimator.as_str() {
-                "ref" => Estimator::Ref,
-                "score" => Estimator::Score,
-                o => bail!("--estimator `{o}`: use ref or score"),
+            units: match &self.units {
+                Some(u) => parse_units(u)?,
+                None => base.units.clone(),
             },
-            optimizer: match self.optimizer.as_str() {
-                "sgd" => Optimizer::Sgd,
-                "adam" => Optimizer::Adam,
-                o => bail!("--optimizer `{o}`: use sgd or adam"),
+            budget: match &self.budget {
+                Some(b) => b.parse::<Budget>()?,
+                None => base.budget,
             },
-            lr_heads: self.lr_heads.unwrap_or(self.lr),
-            lr_channels: self.lr_channels.unwrap_or(self.lr),
-            lr_layers: self.lr_layers.unwrap_or(self.lr),
-            schedule: match self.schedule.as_str() {
-                "cosine" => Schedule::Cosine,
-                "constant" => Schedule::Constant,
-                o => bail!("--schedule `{o}`: use cosine or constant"),
+            estimator: match self.estimator.as_deref() {
+                None => base.estimator,
+                Some("ref") => Estimator::Ref,
+                Some("score") => Estimator::Score,
+                Some(o) => bail!("--estimator `{o}`: use ref or score"),
             },
-            steps: self.steps,
-            samples_per_step: self.samples_per_step,
-            batch_size: self.batch_size,
-            ma_window: 5.0,
+            optimizer: match self.optimizer.as_deref() {
+                None => base.optimizer,
+                Some("sgd") => Optimizer::Sgd,
+                Some("adam") => Optimizer::Adam,
+                Some(o) => bail!("--optimizer `{o}`: use sgd or adam"),
+            },
+            lr_heads: self.lr_heads.or(lr).unwrap_or(base.lr_heads),
+            lr_channels: self.lr_channels.or(lr).unwrap_or(base.lr_channels),
+            lr_layers: self.lr_layers.or(lr).unwrap_or(base.lr_layers),
+            schedule: match self.schedule.as_deref() {
+                None => base.schedule,
+                Some("cosine") => Schedule::Cosine,
+                Some("constant") => Schedule::Constant,
+                Some(o) => bail!("--schedule `{o}`: use cosine or constant"),
+            },
+            steps: self.steps.unwrap_or(base.steps),
+            samples_per_step: self.samples_per_step.unwrap_or(base.samples_per_step),
+            batch_size: self.batch_size.unwrap_or(base.batch_size),
+            baseline: match &self.baseline {
+                Some(b) => b.parse::<Baseline>()?,
+                None => base.baseline,
+            },
+            antithetic: self.antithetic.unwrap_or(base.antithetic),
+            prob_floor: self.prob_floor.unwrap_or(base.prob_floor),
+            compensation: self.bias_compensation.unwrap_or(base.compensation),
+            // Small calibration sets hold out a quarter at most.
+            held_out: self
+                .held_out
+                .unwrap_or(base.held_out.min(self.calib_samples / 4)),
             seed: self.seed,
+            ..base
         };
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// `--init`, or the preset's.
+    fn init(&self) -> &str {
+        match (&self.init, self.preset.as_str()) {
+            (Some(i), _) => i,
+            (None, "reference") => "wanda-sp",
+            (None, _) => "auto",
+        }
     }
 }
 
@@ -241,6 +304,12 @@ pub fn run(args: PruneArgs) -> Result<()> {
     let sampler: Sampler = args.sampler.parse()?;
     let eval_tasks = args.eval.as_deref().map(parse_tasks).transpose()?;
     anyhow::ensure!(args.calib_samples > 0, "--calib-samples must be at least 1");
+    anyhow::ensure!(
+        args.method != "pg" || cfg.held_out < args.calib_samples,
+        "--held-out {} leaves no calibration window for the search out of --calib-samples {}; raise --calib-samples or lower --held-out",
+        cfg.held_out,
+        args.calib_samples
+    );
     let ckpt = args.out.join("checkpoint.json");
     // An existing folder is continued (--resume) or replaced (--force), the latter only once the
     // model is loaded and the run is known to fit (`prepare_out`).
@@ -314,7 +383,8 @@ impl Job for PruneJob {
             "--seq-len",
             a.allow_longer_context,
         )?;
-        crate::guard::forward_fits(model.shape(), a.batch_size, a.seq_len, "calibration")?;
+        let batch_size = self.cfg.batch_size;
+        crate::guard::forward_fits(model.shape(), batch_size, a.seq_len, "calibration")?;
         if let Some(tasks) = &self.eval_tasks {
             crate::eval::EvalSettings::for_report(a.eval_limit, a.allow_longer_context)
                 .guard(model.shape(), tasks)?;
@@ -333,7 +403,7 @@ impl Job for PruneJob {
             "model": loaded.info,
             "method": a.method,
             "pg": self.cfg,
-            "init": a.init,
+            "init": a.init(),
             "calibration": calib.info,
             "device": device_name,
             "checkpoint_every": a.checkpoint_every,
@@ -354,7 +424,7 @@ impl Job for PruneJob {
         }
         let keep = 1.0 - a.sparsity;
         let settings = MethodSettings {
-            batch_size: a.batch_size,
+            batch_size,
             seed: a.seed,
             allocation: a.allocation,
             bias_compensation: a.bias_compensation,
@@ -377,18 +447,15 @@ impl Job for PruneJob {
                 a.allocation.is_none(),
                 "--allocation is for metric methods; pg allocates globally through its budget (--budget)"
             );
-            let (plan, curve) = crate::methods::run_pg(
+            let out = crate::methods::run_pg(
                 model,
                 &calib.windows,
                 &self.cfg,
-                || {
-                    crate::methods::pg_init(
-                        &a.init,
-                        model,
-                        &calib.windows,
-                        a.metric_samples,
-                        &settings,
-                    )
+                &crate::methods::PgInit {
+                    name: a.init(),
+                    plan_start: a.preset != "reference",
+                    metric_samples: a.metric_samples,
+                    settings: &settings,
                 },
                 &crate::methods::PgRun {
                     dir: &a.out,
@@ -398,8 +465,8 @@ impl Job for PruneJob {
                     meta: &resolved,
                 },
             )?;
-            curve_summary = curve;
-            (plan, None)
+            curve_summary = out.curve;
+            (out.plan, out.means.map(|m| (m.o_proj, m.down_proj)))
         } else {
             let method: Method = a.method.parse()?;
             let mp = crate::methods::metric_plan(
@@ -420,7 +487,7 @@ impl Job for PruneJob {
             compensation = Some(lopper_importance::input_means(
                 model,
                 &calib.windows[..n],
-                a.batch_size,
+                batch_size,
             )?);
         }
         let means = compensation
@@ -529,6 +596,11 @@ fn finish<B: Backend>(
             ls.n_heads,
             lp.channels.len(),
             ls.ffn_hidden
+        );
+    }
+    if let Some(choice) = plan.meta.get("final_choice") {
+        report += &format!(
+            "\nFinal choice on held-out calibration windows (mean loss per candidate; `init` is the starting plan): `{choice}`\n"
         );
     }
     if let Some((first, Some(last))) = curve {

@@ -30,7 +30,7 @@ pub fn run<B: Backend>(
         windows,
         method,
         pattern,
-        a.batch_size,
+        a.batch_size.unwrap_or(4),
         &a.out.join("sparsity.json"),
         resolved,
     )?;

@@ -412,6 +412,34 @@ fn prune_pg_on_the_tiny_model_writes_a_complete_run_folder() {
             .unwrap();
     assert_eq!(cfg["mlp_bias"], true);
     assert_eq!(v["params"]["total"], plan.pruned_shape().num_params());
+    // The default preset starts from the best metric plan (chosen on held-out windows, with
+    // compensation) and reports its final choice between that plan and the search's.
+    let meta = &plan.meta;
+    let choice = &meta["final_choice"];
+    assert!(
+        ["search", "init"].contains(&choice["chosen"].as_str().unwrap()),
+        "{choice}"
+    );
+    assert_eq!(choice["windows"], 3);
+    assert_eq!(
+        choice["init"]["init_candidates"].as_object().unwrap().len(),
+        3
+    );
+    assert!(report.contains("Final choice"), "{report}");
+    // --preset reference: the paper's code settings, no held-out choice, no compensation.
+    let reference = root.path().join("reference");
+    let mut args = prune_args(&model, &calib, reference.to_str().unwrap(), "3");
+    args.extend(["--preset", "reference"]);
+    let (ok, _, err) = xtask(&args);
+    assert!(ok, "{err}");
+    let ck: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(reference.join("checkpoint.json")).unwrap())
+            .unwrap();
+    assert_eq!(ck["config"]["baseline"], "moving");
+    assert_eq!(ck["config"]["held_out"], 0);
+    assert_eq!(ck["config"]["compensation"], false);
+    let plan_r = lopper_core::MaskPlan::load(&reference.join("plan.json")).unwrap();
+    assert!(!plan_r.meta.contains_key("final_choice"));
     // Running again into the same folder is refused without --resume/--force.
     let (ok, _, err) = xtask(&prune_args(&model, &calib, out_s, "5"));
     assert!(
@@ -477,6 +505,8 @@ fn prune_refuses_bad_settings_before_any_work() {
                 "0.3",
                 "--units",
                 "layers",
+                "--budget",
+                "per-type",
                 "--out",
                 o,
             ],
@@ -485,6 +515,36 @@ fn prune_refuses_bad_settings_before_any_work() {
         (
             vec!["prune", "--sparsity", "0.3", "--units", "rows", "--out", o],
             "unknown unit",
+        ),
+        (
+            vec!["prune", "--sparsity", "0.3", "--preset", "fast", "--out", o],
+            "--preset",
+        ),
+        (
+            vec![
+                "prune",
+                "--sparsity",
+                "0.3",
+                "--samples-per-step",
+                "1",
+                "--out",
+                o,
+            ],
+            "--samples-per-step",
+        ),
+        (
+            vec![
+                "prune",
+                "--sparsity",
+                "0.3",
+                "--calib-samples",
+                "8",
+                "--held-out",
+                "8",
+                "--out",
+                o,
+            ],
+            "--held-out",
         ),
         (
             vec!["prune", "--sparsity", "0.3", "--method", "obs", "--out", o],
@@ -799,8 +859,8 @@ fn compare_fills_the_table_and_reuses_finished_cells() {
     ));
     assert!(ok, "{err}");
     assert_eq!(stamp("pg:magnitude+bias@0.3"), before);
-    // pg:magnitude starts from the scores the magnitude cell computed: the same search as
-    // pg:magnitude+bias, which scored on its own in the first run (bias changes only surgery).
+    // pg:magnitude starts from the magnitude plan: the same search as pg:magnitude+bias (the
+    // default preset compensates inside the search either way).
     let layers = |id: &str| {
         let plan =
             lopper_core::MaskPlan::load(&out.join("cells").join(id).join("plan.json")).unwrap();
@@ -879,7 +939,6 @@ fn compare_fills_the_table_and_reuses_finished_cells() {
     // Bad lists fail before any work.
     for (bad, want) in [
         ("dense,obs", "obs"),
-        ("sleb+bias", "layer removal"),
         ("flap:magnitude", "only pg"),
         ("alps:3:2", "N:M"),
         ("wanda+bias", "+bias"),

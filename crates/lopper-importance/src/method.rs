@@ -222,12 +222,6 @@ pub fn method_plan<B: Backend>(
                 method.name()
             )));
         }
-        if settings.bias_compensation == Some(true) {
-            return Err(Error::Invalid(format!(
-                "{} removes whole layers, which leaves no projection to carry a compensation bias; leave bias compensation off",
-                method.name()
-            )));
-        }
     }
     let compensate = settings.bias_compensation.unwrap_or(method == Method::Flap);
     let allocation = settings.allocation.or(method.default_allocation());
@@ -311,10 +305,16 @@ pub fn method_plan<B: Backend>(
         )
     };
     let plan = lopper_core::plan_drop_layers(shape, &order, keep, method.name())?;
+    // A removed layer's mean output goes to the previous kept projection at surgery.
+    let compensation = if compensate {
+        Some(crate::input_means(model, windows, settings.batch_size)?)
+    } else {
+        None
+    };
     Ok(MethodPlan {
         plan,
         scores: None,
         layer_values: Some(values),
-        compensation: None,
+        compensation,
     })
 }

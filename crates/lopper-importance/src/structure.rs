@@ -358,7 +358,7 @@ fn loss_without<B: Backend>(
     let plan = MaskPlan::from_removed(model.shape(), &units)?;
     let (mut sum, mut n) = (0.0, 0usize);
     for batch in windows.chunks(batch_size) {
-        let loss = lopper_surgery::mean_loss_kept(model, &plan, model.tokens(batch)?)?;
+        let loss = lopper_surgery::mean_loss_kept(model, &plan, None, model.tokens(batch)?)?;
         sum += loss * batch.len() as f64;
         n += batch.len();
     }

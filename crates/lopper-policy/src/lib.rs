@@ -4,10 +4,10 @@ mod run;
 mod space;
 mod state;
 
-pub use run::{Hooks, search};
+pub use run::{Choice, Hooks, choose, search};
 pub use space::{Budget, UnitSpace, project, sigmap};
 pub use state::{
-    Estimator, Init, Optimizer, PgConfig, PgState, Schedule, StepRecord, binary_entropy,
+    Baseline, Estimator, Init, Optimizer, PgConfig, PgState, Schedule, StepRecord, binary_entropy,
 };
 
 /// Errors of the policy-gradient search.

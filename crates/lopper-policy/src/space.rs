@@ -172,7 +172,8 @@ impl UnitSpace {
 /// `f(clamp(s - v, 0, 1)) = k` by bisection on `[0, max s]`, stopping when `|f - k| < tol` or
 /// after `max_iter` halvings; when `f(clamp(s)) < k` already, only clamp (the reference never
 /// raises probabilities). With `raise`, the shift may be negative too (bisection on
-/// `[min s - 1, max s]`), which makes it an exact projection from either side.
+/// `[min s - 1, max s]`), which makes it an exact projection from either side. Values are
+/// clamped to `bounds` (the reference: `(0, 1)`).
 /// `f` must fall as `v` grows. Returns the shift used.
 pub fn project(
     s: &mut [f64],
@@ -181,9 +182,13 @@ pub fn project(
     tol: f64,
     max_iter: usize,
     raise: bool,
+    bounds: (f64, f64),
 ) -> f64 {
-    let shifted =
-        |s: &[f64], v: f64| -> Vec<f64> { s.iter().map(|x| (x - v).clamp(0.0, 1.0)).collect() };
+    let shifted = |s: &[f64], v: f64| -> Vec<f64> {
+        s.iter()
+            .map(|x| (x - v).clamp(bounds.0, bounds.1))
+            .collect()
+    };
     let mut v = 0.0;
     let low = if raise {
         s.iter().copied().fold(f64::INFINITY, f64::min) - 1.0

@@ -41,6 +41,32 @@ pub enum Schedule {
     Constant,
 }
 
+/// The baseline subtracted from each sampled mask's loss.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Baseline {
+    /// A moving average of the mean loss across steps (the reference): batch difficulty enters
+    /// every gradient.
+    Moving,
+    /// Leave-one-out: each mask's baseline is the mean loss of the other masks scored on the
+    /// same batch (with K = 2, the difference of the two losses), which removes batch
+    /// difficulty. Needs K >= 2.
+    LeaveOneOut,
+}
+
+impl std::str::FromStr for Baseline {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "moving" => Ok(Self::Moving),
+            "loo" | "leave-one-out" => Ok(Self::LeaveOneOut),
+            o => Err(Error::Config(format!(
+                "unknown --baseline `{o}`: use loo or moving"
+            ))),
+        }
+    }
+}
+
 /// How the keep-probabilities start.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", tag = "type")]
@@ -49,10 +75,22 @@ pub enum Init {
     Uniform,
     /// `sigmap` of standard-normal scores, per layer and type.
     Random,
-    /// `sigmap` of a metric's scores, per layer and type (Wanda-sp by default).
+    /// `sigmap` of a metric's scores, per layer and type (the reference's init).
     Scores {
         /// The scores.
         scores: UnitScores,
+    },
+    /// A plan's keep / remove decisions, so that step 0's final plan *is* this plan: units the
+    /// plan keeps start in `[0.85, 0.98]`, removed ones in `[0.02, 0.15]`, placed within each
+    /// band by their global rank among units of their type in `scores` (when given; layers and
+    /// units without scores sit at the band's middle). A layer the
+    /// plan drops starts low when layers are searched, and its heads and channels then start
+    /// as kept (they matter if the layer comes back).
+    Plan {
+        /// The plan.
+        plan: MaskPlan,
+        /// Scores ordering units within each band.
+        scores: Option<UnitScores>,
     },
 }
 
@@ -87,13 +125,36 @@ pub struct PgConfig {
     pub ma_window: f64,
     /// Seed of mask sampling (and of the random init).
     pub seed: u64,
+    /// Baseline of the estimator.
+    #[serde(default = "moving")]
+    pub baseline: Baseline,
+    /// Sample masks in antithetic pairs (the second from `1 - u` of the first's uniforms).
+    #[serde(default)]
+    pub antithetic: bool,
+    /// Probabilities stay in `[floor, 1 - floor]`, so a unit driven out can come back
+    /// (0: the reference's `[0, 1]`).
+    #[serde(default)]
+    pub prob_floor: f64,
+    /// Score every sampled mask with FLAP-style bias compensation (the exported model gets the
+    /// same biases).
+    #[serde(default)]
+    pub compensation: bool,
+    /// Calibration windows held out from the search; the final plan is the one of the search's
+    /// top-k plan and the initial plan with the lower loss on them (0: the top-k plan).
+    #[serde(default)]
+    pub held_out: usize,
+}
+
+fn moving() -> Baseline {
+    Baseline::Moving
 }
 
 impl PgConfig {
-    /// The command line's defaults at `sparsity`: KV groups and MLP channels, one budget per
+    /// The reference code's settings at `sparsity`: KV groups and MLP channels, one budget per
     /// type, the reference estimator with SGD at lr 2e-3 and a cosine schedule, 40 steps of
-    /// 2 masks x 4 windows, baseline window 5, seed 42. Change the fields you need.
-    pub fn new(sparsity: f64) -> Self {
+    /// 2 masks x 4 windows, moving-average baseline (window 5), probabilities in `[0, 1]`, no
+    /// compensation, no held-out choice, seed 42. Change the fields you need.
+    pub fn reference(sparsity: f64) -> Self {
         Self {
             sparsity,
             units: vec![UnitKind::KvGroup, UnitKind::Channel],
@@ -109,6 +170,35 @@ impl PgConfig {
             batch_size: 4,
             ma_window: 5.0,
             seed: 42,
+            baseline: Baseline::Moving,
+            antithetic: false,
+            prob_floor: 0.0,
+            compensation: false,
+            held_out: 0,
+        }
+    }
+
+    /// lopper's defaults at `sparsity` (what `prune --method pg` runs): KV groups, MLP channels
+    /// and layers under one parameter budget, Adam at lr 0.01 with a cosine schedule,
+    /// leave-one-out baseline over antithetic pairs of 2 masks x 8 windows, probabilities in
+    /// `[0.01, 0.99]`, bias compensation inside the search, and the final plan chosen on 16
+    /// held-out windows. 60 steps.
+    pub fn new(sparsity: f64) -> Self {
+        Self {
+            units: vec![UnitKind::KvGroup, UnitKind::Channel, UnitKind::Layer],
+            budget: Budget::Params,
+            optimizer: Optimizer::Adam,
+            lr_heads: 1e-2,
+            lr_channels: 1e-2,
+            lr_layers: 1e-2,
+            steps: 60,
+            batch_size: 8,
+            baseline: Baseline::LeaveOneOut,
+            antithetic: true,
+            prob_floor: 0.01,
+            compensation: true,
+            held_out: 16,
+            ..Self::reference(sparsity)
         }
     }
 
@@ -140,6 +230,24 @@ impl PgConfig {
             return bad(format!(
                 "the baseline window {} must be at least 1",
                 self.ma_window
+            ));
+        }
+        if self.baseline == Baseline::LeaveOneOut && self.samples_per_step < 2 {
+            return bad(
+                "--baseline loo compares the masks of one step: use --samples-per-step 2 or more (or --baseline moving)"
+                    .into(),
+            );
+        }
+        if self.antithetic && !self.samples_per_step.is_multiple_of(2) {
+            return bad(format!(
+                "--antithetic samples masks in pairs: --samples-per-step {} must be even",
+                self.samples_per_step
+            ));
+        }
+        if !(0.0..0.5).contains(&self.prob_floor) {
+            return bad(format!(
+                "--prob-floor {} must be in [0, 0.5)",
+                self.prob_floor
             ));
         }
         if self.units.contains(&UnitKind::Layer) && self.budget == Budget::PerType {
@@ -202,6 +310,10 @@ pub struct PgState {
     /// Mask-sampling RNG.
     rng: ChaCha8Rng,
     adam: Option<Moments>,
+    /// The plan of an [`Init::Plan`] start fitted to the budget (the step-0 final plan, which
+    /// is that plan when it meets the budget): a candidate of the held-out choice.
+    #[serde(default)]
+    pub init_plan: Option<MaskPlan>,
     /// Free-form run metadata kept with the state (model, calibration, command).
     #[serde(default)]
     pub meta: serde_json::Value,
@@ -256,20 +368,23 @@ impl PgState {
             }
             Init::Scores { scores } => {
                 scores.check(shape)?;
-                per_layer(
-                    &|u| match *u {
-                        PruneUnit::KvGroup { layer, group } => scores.kv_groups[layer][group],
-                        PruneUnit::Channel { layer, index } => scores.channels[layer][index],
-                        _ => 0.0,
-                    },
-                    &mut probs,
-                );
+                per_layer(&|u| unit_score(scores, u), &mut probs);
             }
+            Init::Plan { .. } => {}
         }
         for (u, p) in space.units.iter().zip(&mut probs) {
             if matches!(u, PruneUnit::Layer { .. }) {
                 *p = LAYER_INIT;
             }
+        }
+        let mut init_plan = None;
+        if let Init::Plan { plan, scores } = init {
+            plan.validate_against(shape)?;
+            if let Some(sc) = scores {
+                sc.check(shape)?;
+            }
+            probs = plan_probs(space, plan, scores.as_ref());
+            init_plan = Some(plan.clone());
         }
         let mut state = Self {
             adam: (config.optimizer == Optimizer::Adam).then(|| Moments {
@@ -278,6 +393,7 @@ impl PgState {
             }),
             config,
             probs,
+            init_plan,
             baseline: None,
             step: 0,
             cursor: 0,
@@ -287,12 +403,20 @@ impl PgState {
         // The sampling stream is independent of the init's draws.
         state.rng = ChaCha8Rng::seed_from_u64(state.config.seed ^ 0x9e37_79b9_7f4a_7c15);
         state.project(space);
+        // The starting plan as the budget admits it: the step-0 final plan (the plan itself when
+        // it meets the budget), so that the held-out choice compares plans of equal size.
+        if let Some(p) = &state.init_plan {
+            let mut fitted = state.final_plan(space)?;
+            fitted.meta = p.meta.clone();
+            state.init_plan = Some(fitted);
+        }
         Ok(state)
     }
 
     /// Projects the probabilities onto the budget.
     pub fn project(&mut self, space: &UnitSpace) {
         let keep = self.config.keep();
+        let bounds = (self.config.prob_floor, 1.0 - self.config.prob_floor);
         match self.config.budget {
             Budget::PerType => {
                 for &(_, start, end) in &space.kinds {
@@ -304,6 +428,7 @@ impl PgState {
                         1e-3,
                         20,
                         false,
+                        bounds,
                     );
                 }
             }
@@ -315,6 +440,7 @@ impl PgState {
                     1e-6,
                     60,
                     true,
+                    bounds,
                 );
             }
         }
@@ -334,11 +460,33 @@ impl PgState {
 
     /// Draws one binary mask (`true` = keep) from the current probabilities.
     pub fn sample(&mut self) -> Vec<bool> {
+        let u = self.uniforms();
+        self.mask_of(&u)
+    }
+
+    fn uniforms(&mut self) -> Vec<f64> {
         let rng = &mut self.rng;
-        self.probs
-            .iter()
-            .map(|&s| rng.random::<f64>() < s)
-            .collect()
+        self.probs.iter().map(|_| rng.random::<f64>()).collect()
+    }
+
+    fn mask_of(&self, u: &[f64]) -> Vec<bool> {
+        self.probs.iter().zip(u).map(|(&s, &u)| u < s).collect()
+    }
+
+    /// The K masks of one step: independent draws, or antithetic pairs (`u` and `1 - u`).
+    pub fn sample_step(&mut self) -> Vec<Vec<bool>> {
+        let k = self.config.samples_per_step;
+        if !self.config.antithetic {
+            return (0..k).map(|_| self.sample()).collect();
+        }
+        let mut masks = Vec::with_capacity(k);
+        for _ in 0..k / 2 {
+            let u = self.uniforms();
+            let mirror: Vec<f64> = u.iter().map(|x| 1.0 - x).collect();
+            masks.push(self.mask_of(&u));
+            masks.push(self.mask_of(&mirror));
+        }
+        masks
     }
 
     /// One step: sample K masks, score each with `loss(plan)` (forward passes only), update the
@@ -349,9 +497,8 @@ impl PgState {
         space: &UnitSpace,
         loss: &mut dyn FnMut(&MaskPlan) -> Result<f64>,
     ) -> Result<StepRecord> {
-        let k = self.config.samples_per_step;
-        let masks: Vec<Vec<bool>> = (0..k).map(|_| self.sample()).collect();
-        let mut scored = Vec::with_capacity(k);
+        let masks = self.sample_step();
+        let mut scored = Vec::with_capacity(masks.len());
         for m in masks {
             let plan = space.plan_of(&m);
             let l = if plan.validate().is_ok() {
@@ -375,9 +522,17 @@ impl PgState {
             let b = self.baseline.unwrap_or(mean);
             let b = (1.0 - lambda) * b + lambda * mean;
             self.baseline = Some(b);
-            let norm = 1.0 / (scored.len().saturating_sub(1).max(1)) as f64;
+            let n = scored.len();
+            let loo = self.config.baseline == Baseline::LeaveOneOut && n >= 2;
+            let norm = if loo {
+                1.0 / n as f64
+            } else {
+                1.0 / (n.saturating_sub(1).max(1)) as f64
+            };
+            let total: f64 = scored.iter().map(|x| x.1).sum();
             let mut grad = vec![0.0; self.probs.len()];
             for (m, l) in &scored {
+                let b = if loo { (total - l) / (n - 1) as f64 } else { b };
                 for ((g, &s), &keep) in grad.iter_mut().zip(&self.probs).zip(m) {
                     let var = (s + EPS) * (1.0 - s + EPS);
                     let denom = match self.config.estimator {
@@ -537,6 +692,67 @@ impl PgState {
         }
         Ok(s)
     }
+}
+
+fn unit_score(scores: &UnitScores, u: &PruneUnit) -> f64 {
+    match *u {
+        PruneUnit::KvGroup { layer, group } => scores.kv_groups[layer][group],
+        PruneUnit::Channel { layer, index } => scores.channels[layer][index],
+        _ => 0.0,
+    }
+}
+
+/// Bands of [`Init::Plan`]: kept units start in `KEPT`, removed ones in `REMOVED`.
+const KEPT: (f64, f64) = (0.85, 0.98);
+const REMOVED: (f64, f64) = (0.02, 0.15);
+
+/// The probabilities of an [`Init::Plan`] start (before projection).
+fn plan_probs(space: &UnitSpace, plan: &MaskPlan, scores: Option<&UnitScores>) -> Vec<f64> {
+    let layers_searched = space.has_layers();
+    let dropped: Vec<bool> = plan
+        .layers
+        .iter()
+        .map(|l| l.kv_groups.is_empty() && l.channels.is_empty())
+        .collect();
+    let kept: Vec<bool> = space
+        .units
+        .iter()
+        .map(|u| match *u {
+            PruneUnit::Layer { layer } => !dropped[layer],
+            // With layers searched, the layer unit carries a dropped layer's removal.
+            _ if layers_searched && dropped[u.layer()] => true,
+            PruneUnit::KvGroup { layer, group } => plan.layers[layer].kv_groups.contains(&group),
+            PruneUnit::Channel { layer, index } => {
+                plan.layers[layer].channels.binary_search(&index).is_ok()
+            }
+            _ => true,
+        })
+        .collect();
+    let mut probs = vec![0.0; space.units.len()];
+    for &(kind, start, end) in &space.kinds {
+        // Layers have no scores: each band's middle.
+        let scores = scores.filter(|_| kind != UnitKind::Layer);
+        for (band, keep) in [(KEPT, true), (REMOVED, false)] {
+            let mut idx: Vec<usize> = (start..end).filter(|&i| kept[i] == keep).collect();
+            // Ascending score: the lowest-ranked unit of a band sits at its bottom.
+            if let Some(sc) = scores {
+                idx.sort_by(|&a, &b| {
+                    unit_score(sc, &space.units[a])
+                        .total_cmp(&unit_score(sc, &space.units[b]))
+                        .then(a.cmp(&b))
+                });
+            }
+            let n = idx.len();
+            for (r, &i) in idx.iter().enumerate() {
+                probs[i] = if scores.is_some() && n > 1 {
+                    band.0 + (band.1 - band.0) * r as f64 / (n - 1) as f64
+                } else {
+                    (band.0 + band.1) / 2.0
+                };
+            }
+        }
+    }
+    probs
 }
 
 /// A standard normal draw (Box-Muller), reproducible across platforms.

@@ -1,7 +1,7 @@
 use burn_flex::Flex;
 
 use super::*;
-use lopper_core::{ModelShape, PruneUnit, UnitKind, keep_count, top_k};
+use lopper_core::{MaskPlan, ModelShape, PruneUnit, UnitKind, keep_count, top_k};
 use lopper_model::Llama;
 
 type B = Flex;
@@ -21,8 +21,7 @@ fn config(budget: Budget, units: Vec<UnitKind>) -> PgConfig {
         steps: 8,
         samples_per_step: 2,
         batch_size: 2,
-        ma_window: 5.0,
-        seed: 42,
+        ..PgConfig::reference(0.5)
     }
 }
 
@@ -35,7 +34,15 @@ fn projection_meets_the_sum_within_bounds() {
     let mut s: Vec<f64> = (0..100)
         .map(|i| (i as f64 * 0.37).sin().abs() * 1.4)
         .collect();
-    let v = project(&mut s, 30.0, &|x: &[f64]| x.iter().sum(), 1e-3, 20, false);
+    let v = project(
+        &mut s,
+        30.0,
+        &|x: &[f64]| x.iter().sum(),
+        1e-3,
+        20,
+        false,
+        (0.0, 1.0),
+    );
     assert!(v > 0.0);
     assert!(s.iter().all(|&x| (0.0..=1.0).contains(&x)));
     assert!(
@@ -47,23 +54,55 @@ fn projection_meets_the_sum_within_bounds() {
     let mut t: Vec<f64> = (0..100)
         .map(|i| (i as f64 * 0.37).sin().abs() * 1.4)
         .collect();
-    project(&mut t, 30.0, &|x: &[f64]| x.iter().sum(), 1e-9, 80, false);
+    project(
+        &mut t,
+        30.0,
+        &|x: &[f64]| x.iter().sum(),
+        1e-9,
+        80,
+        false,
+        (0.0, 1.0),
+    );
     assert!((t.iter().sum::<f64>() - 30.0).abs() < 1e-6);
     // Already feasible (sum below the budget, inside [0, 1]): untouched.
     let mut u = vec![0.2, 0.5, 0.9];
     let before = u.clone();
     assert_eq!(
-        project(&mut u, 2.0, &|x: &[f64]| x.iter().sum(), 1e-3, 20, false),
+        project(
+            &mut u,
+            2.0,
+            &|x: &[f64]| x.iter().sum(),
+            1e-3,
+            20,
+            false,
+            (0.0, 1.0)
+        ),
         0.0
     );
     assert_eq!(u, before);
     // Out of bounds below the budget: only clamped, never raised.
     let mut w = vec![-0.5, 0.3];
-    project(&mut w, 1.5, &|x: &[f64]| x.iter().sum(), 1e-3, 20, false);
+    project(
+        &mut w,
+        1.5,
+        &|x: &[f64]| x.iter().sum(),
+        1e-3,
+        20,
+        false,
+        (0.0, 1.0),
+    );
     assert_eq!(w, vec![0.0, 0.3]);
     // The exact mode raises them.
     let mut r = vec![0.2, 0.5];
-    project(&mut r, 1.5, &|x: &[f64]| x.iter().sum(), 1e-9, 80, true);
+    project(
+        &mut r,
+        1.5,
+        &|x: &[f64]| x.iter().sum(),
+        1e-9,
+        80,
+        true,
+        (0.0, 1.0),
+    );
     assert!((r.iter().sum::<f64>() - 1.5).abs() < 1e-8 && (r[1] - r[0] - 0.3).abs() < 1e-8);
 }
 
@@ -222,11 +261,23 @@ fn run_to(
     stop_at: Option<usize>,
     ckpt: &mut Option<String>,
 ) {
+    run_with(model, None, space, state, stop_at, ckpt);
+}
+
+fn run_with(
+    model: &Llama<B>,
+    means: Option<&lopper_surgery::InputMeans>,
+    space: &UnitSpace,
+    state: &mut PgState,
+    stop_at: Option<usize>,
+    ckpt: &mut Option<String>,
+) {
     let stop = |s: &PgState| stop_at.is_some_and(|n| s.step >= n);
     let step_ptr = std::cell::Cell::new(state.step);
     search(
         model,
         &windows(),
+        means,
         space,
         state,
         Hooks {
@@ -274,4 +325,263 @@ fn an_interrupted_and_resumed_search_is_bit_identical() {
     // The search moved the probabilities away from their start.
     let start = PgState::new(config(Budget::PerType, fine()), &space, &init).unwrap();
     assert_ne!(start.probs, full.probs);
+}
+
+fn all_units() -> Vec<UnitKind> {
+    vec![UnitKind::KvGroup, UnitKind::Channel, UnitKind::Layer]
+}
+
+/// A plan removing a layer, a KV group and some channels, and a config whose budget is exactly
+/// what that plan removes.
+fn plan_start(shape: &ModelShape, space: &UnitSpace) -> (MaskPlan, PgConfig) {
+    let mut removed = vec![
+        PruneUnit::Layer { layer: 1 },
+        PruneUnit::KvGroup { layer: 0, group: 1 },
+    ];
+    removed.extend((0..20).map(|index| PruneUnit::Channel {
+        layer: 2,
+        index: index * 2,
+    }));
+    let plan = MaskPlan::from_removed(shape, &removed).unwrap();
+    let space_removed: f64 = space
+        .units
+        .iter()
+        .zip(&space.cost)
+        .filter(|(u, _)| match **u {
+            PruneUnit::Layer { .. } => false,
+            PruneUnit::KvGroup { layer, group } => {
+                layer == 1 || !plan.layers[layer].kv_groups.contains(&group)
+            }
+            PruneUnit::Channel { layer, index } => {
+                layer == 1 || plan.layers[layer].channels.binary_search(&index).is_err()
+            }
+            _ => false,
+        })
+        .map(|(_, c)| c)
+        .sum();
+    let mut cfg = PgConfig::new(space_removed / space.pool);
+    cfg.steps = 6;
+    cfg.batch_size = 2;
+    cfg.held_out = 2;
+    (plan, cfg)
+}
+
+fn scores_of(shape: &ModelShape) -> lopper_core::UnitScores {
+    lopper_core::UnitScores {
+        method: "test".into(),
+        kv_groups: shape
+            .layers
+            .iter()
+            .enumerate()
+            .map(|(l, s)| (0..s.n_kv_heads).map(|g| (l * 7 + g * 3) as f64).collect())
+            .collect(),
+        channels: shape
+            .layers
+            .iter()
+            .enumerate()
+            .map(|(l, s)| {
+                (0..s.ffn_hidden)
+                    .map(|c| ((c * 13 + l * 5) % 17) as f64)
+                    .collect()
+            })
+            .collect(),
+    }
+}
+
+#[test]
+fn a_plan_start_makes_step_zero_plan_the_init_plan() {
+    let shape = ModelShape::tiny();
+    let space = UnitSpace::new(&shape, &all_units()).unwrap();
+    let (plan, cfg) = plan_start(&shape, &space);
+    let init = Init::Plan {
+        plan: plan.clone(),
+        scores: Some(scores_of(&shape)),
+    };
+    let state = PgState::new(cfg, &space, &init).unwrap();
+    let start = state.final_plan(&space).unwrap();
+    assert_eq!(start.layers, plan.layers);
+    // Every probability is inside the floor, and kept units sit above removed ones.
+    assert!(state.probs.iter().all(|&p| (0.01..=0.99).contains(&p)));
+    assert!((space.expected_kept(&state.probs) - state.config.keep()).abs() < 1e-4);
+    // Within a band, the scores' order is kept (layer 2's kept channels).
+    let sc = scores_of(&shape);
+    let kept2: Vec<usize> = (0..space.units.len())
+        .filter(|&i| {
+            matches!(space.units[i], PruneUnit::Channel { layer: 2, index } if index % 2 == 1 || index >= 40)
+        })
+        .collect();
+    for &a in &kept2 {
+        for &b in &kept2 {
+            let (PruneUnit::Channel { index: ia, .. }, PruneUnit::Channel { index: ib, .. }) =
+                (space.units[a], space.units[b])
+            else {
+                unreachable!()
+            };
+            if sc.channels[2][ia] < sc.channels[2][ib] {
+                assert!(state.probs[a] <= state.probs[b]);
+            }
+        }
+    }
+}
+
+#[test]
+fn the_leave_one_out_baseline_ignores_batch_difficulty() {
+    // The same masks scored with losses shifted by a per-step constant give the same update
+    // under leave-one-out, and a different one under the moving average.
+    let shape = ModelShape::tiny();
+    let space = UnitSpace::new(&shape, &fine()).unwrap();
+    let loss = |plan: &MaskPlan| -> f64 {
+        plan.layers
+            .iter()
+            .map(|l| l.channels.iter().filter(|&&c| c < 24).count() as f64)
+            .sum::<f64>()
+            * 0.01
+    };
+    for (baseline, invariant) in [(Baseline::LeaveOneOut, true), (Baseline::Moving, false)] {
+        let mut cfg = config(Budget::PerType, fine());
+        cfg.baseline = baseline;
+        let mut a = PgState::new(cfg.clone(), &space, &Init::Random).unwrap();
+        let mut b = PgState::new(cfg, &space, &Init::Random).unwrap();
+        for step in 0..4 {
+            let shift = [0.0, 5.0, -3.0, 9.0][step];
+            a.step(&space, &mut |p| Ok(loss(p))).unwrap();
+            b.step(&space, &mut |p| Ok(loss(p) + shift)).unwrap();
+        }
+        let diff = a
+            .probs
+            .iter()
+            .zip(&b.probs)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f64::max);
+        assert_eq!(diff < 1e-9, invariant, "{baseline:?}: {diff}");
+    }
+}
+
+#[test]
+fn antithetic_pairs_mirror_each_other_and_the_floor_holds() {
+    let shape = ModelShape::tiny();
+    let space = UnitSpace::new(&shape, &fine()).unwrap();
+    let mut cfg = config(Budget::PerType, fine());
+    cfg.sparsity = 0.5;
+    cfg.antithetic = true;
+    cfg.samples_per_step = 4;
+    cfg.prob_floor = 0.05;
+    cfg.lr_channels = 0.5;
+    cfg.lr_heads = 0.5;
+    let mut state = PgState::new(cfg, &space, &Init::Uniform).unwrap();
+    let masks = state.sample_step();
+    assert_eq!(masks.len(), 4);
+    // At p = 0.5 the mirror of u < 0.5 is u > 0.5: the pair are complements.
+    for pair in masks.chunks(2) {
+        assert!(pair[0].iter().zip(&pair[1]).all(|(a, b)| a != b));
+    }
+    assert_ne!(masks[0], masks[2]);
+    for _ in 0..6 {
+        state
+            .step(&space, &mut |p| {
+                Ok(p.layers
+                    .iter()
+                    .map(|l| l.channels.len() as f64)
+                    .sum::<f64>()
+                    * -0.1)
+            })
+            .unwrap();
+    }
+    assert!(state.probs.iter().all(|&p| (0.05..=0.95).contains(&p)));
+    assert!(state.probs.iter().any(|&p| p == 0.95 || p == 0.05));
+    // Odd K with antithetic pairs, and leave-one-out with one mask, are refused.
+    let mut bad = config(Budget::PerType, fine());
+    bad.antithetic = true;
+    bad.samples_per_step = 3;
+    assert!(bad.validate().unwrap_err().to_string().contains("even"));
+    let mut bad = config(Budget::PerType, fine());
+    bad.baseline = Baseline::LeaveOneOut;
+    bad.samples_per_step = 1;
+    assert!(
+        bad.validate()
+            .unwrap_err()
+            .to_string()
+            .contains("--samples-per-step")
+    );
+}
+
+fn random_means(shape: &ModelShape) -> lopper_surgery::InputMeans {
+    let v = |n: usize, l: usize| {
+        (0..n)
+            .map(|i| ((i * 31 + l * 7) % 11) as f64 * 0.1 - 0.5)
+            .collect()
+    };
+    lopper_surgery::InputMeans {
+        o_proj: shape
+            .layers
+            .iter()
+            .enumerate()
+            .map(|(l, s)| v(s.n_heads * s.head_dim, l))
+            .collect(),
+        down_proj: shape
+            .layers
+            .iter()
+            .enumerate()
+            .map(|(l, s)| v(s.ffn_hidden, l))
+            .collect(),
+    }
+}
+
+#[test]
+fn the_default_search_resumes_bit_identically_and_chooses_on_held_out_windows() {
+    let model = Llama::<B>::random(&ModelShape::tiny(), 5, &D).unwrap();
+    let shape = model.shape().clone();
+    let space = UnitSpace::new(&shape, &all_units()).unwrap();
+    let (plan, cfg) = plan_start(&shape, &space);
+    let init = Init::Plan {
+        plan,
+        scores: Some(scores_of(&shape)),
+    };
+    let means = random_means(&shape);
+    let mut full = PgState::new(cfg.clone(), &space, &init).unwrap();
+    let mut ck = None;
+    run_with(&model, Some(&means), &space, &mut full, None, &mut ck);
+    let mut part = PgState::new(cfg.clone(), &space, &init).unwrap();
+    let mut ck2 = None;
+    run_with(&model, Some(&means), &space, &mut part, Some(4), &mut ck2);
+    let mut resumed: PgState = serde_json::from_str(ck2.as_ref().unwrap()).unwrap();
+    run_with(&model, Some(&means), &space, &mut resumed, None, &mut ck2);
+    assert_eq!(resumed.probs, full.probs);
+    assert_eq!(resumed.init_plan, full.init_plan);
+    // The search without means is refused when the config compensates.
+    let mut fresh = PgState::new(cfg, &space, &init).unwrap();
+    let e = search(
+        &model,
+        &windows(),
+        None,
+        &space,
+        &mut fresh,
+        Hooks {
+            on_step: &mut |_, _| Ok(()),
+            should_stop: &|| false,
+            checkpoint: &mut |_| Ok(()),
+            checkpoint_every: 0,
+        },
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("input means"), "{e}");
+    assert_eq!(fresh.step, 0);
+    // The choice picks the candidate with the lower held-out loss, and says so.
+    let held: Vec<Vec<u32>> = windows()[..2].to_vec();
+    let (chosen, choice) = choose(&model, &held, Some(&means), &space, &full).unwrap();
+    let choice = choice.expect("a plan start with held-out windows compares");
+    let loss_of = |p: &MaskPlan| {
+        lopper_surgery::mean_loss_kept(&model, p, Some(&means), model.tokens(&held).unwrap())
+            .unwrap()
+    };
+    let searched = full.final_plan(&space).unwrap();
+    let init_plan = full.init_plan.clone().unwrap();
+    let (ls, li) = (loss_of(&searched), loss_of(&init_plan));
+    assert!(
+        (choice.candidates[0].1 - ls).abs() < 1e-9 && (choice.candidates[1].1 - li).abs() < 1e-9
+    );
+    let expect = if li < ls { &init_plan } else { &searched };
+    assert_eq!(chosen.layers, expect.layers);
+    assert_eq!(choice.chosen, if li < ls { "init" } else { "search" });
+    assert!(chosen.meta.contains_key("final_choice"));
 }

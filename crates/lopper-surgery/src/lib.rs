@@ -6,7 +6,10 @@ mod slice;
 
 pub use error::{Error, Result};
 pub use export::{ExportFormat, ExportOptions, export};
-pub use slice::{InputMeans, forward_kept, mean_loss_kept, prune, prune_compensated, slice_layer};
+pub use slice::{
+    InputMeans, LayerBias, compensation_biases, forward_kept, mean_loss_kept, prune,
+    prune_compensated, slice_layer, slice_layer_biased,
+};
 
 #[cfg(test)]
 mod tests;

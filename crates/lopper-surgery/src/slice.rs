@@ -182,18 +182,31 @@ pub fn forward_kept<B: Backend>(
     )?)
 }
 
-/// Mean next-token cross-entropy (nats) of the model pruned by `plan` ([`forward_kept`]).
+/// Mean next-token cross-entropy (nats) of the model pruned by `plan` ([`forward_kept`]); with
+/// `means`, of the model [`prune_compensated`] would build (the biases of
+/// [`compensation_biases`] added while each layer is sliced).
 ///
 /// # Shapes
 /// - `tokens`: `[batch, seq]` (seq >= 2) -> scalar
 pub fn mean_loss_kept<B: Backend>(
     model: &Llama<B>,
     plan: &MaskPlan,
+    means: Option<&InputMeans>,
     tokens: Tensor<B, 2, Int>,
 ) -> Result<f64> {
     plan.validate_against(model.shape())?;
+    let extra = match means {
+        Some(m) => compensation_biases(model, plan, m)?,
+        None => Vec::new(),
+    };
+    let none = LayerBias::default();
     let nll = model.token_nll_layers(tokens, None, |i, layer| {
-        slice_layer(layer, &plan.source.layers[i], &plan.layers[i])
+        slice_layer_biased(
+            layer,
+            &plan.source.layers[i],
+            &plan.layers[i],
+            extra.get(i).unwrap_or(&none),
+        )
     })?;
     Ok(mean_of(nll)?)
 }
@@ -208,8 +221,39 @@ pub struct InputMeans {
     pub down_proj: Vec<Vec<f64>>,
 }
 
-/// `bias[out] += sum over removed input columns j of mean[j] * W[j, out]` (burn layout `[in, out]`).
-fn compensate<B: Backend>(lin: &Linear<B>, removed: &[usize], means: &[f64]) -> Result<Linear<B>> {
+/// Extra biases of one layer's `o_proj` and `down_proj` (output width = hidden size).
+#[derive(Debug, Clone)]
+pub struct LayerBias<B: Backend> {
+    /// Added to `o_proj`'s bias.
+    pub o_proj: Option<Tensor<B, 1>>,
+    /// Added to `down_proj`'s bias.
+    pub down_proj: Option<Tensor<B, 1>>,
+}
+
+impl<B: Backend> Default for LayerBias<B> {
+    fn default() -> Self {
+        Self {
+            o_proj: None,
+            down_proj: None,
+        }
+    }
+}
+
+fn add_bias<B: Backend>(slot: &mut Option<Tensor<B, 1>>, v: Tensor<B, 1>) {
+    *slot = Some(match slot.take() {
+        Some(old) => old + v,
+        None => v,
+    });
+}
+
+/// `W^T (means restricted to cols)` (+ the projection's own bias when `with_bias`): the mean
+/// output of a projection fed only the columns `cols` (burn layout `[in, out]`).
+fn mean_output<B: Backend>(
+    lin: &Linear<B>,
+    cols: &[usize],
+    means: &[f64],
+    with_bias: bool,
+) -> Result<Tensor<B, 1>> {
     let [n_in, n_out] = lin.weight.dims();
     if means.len() != n_in {
         return Err(lopper_model::Error::Input(format!(
@@ -218,47 +262,33 @@ fn compensate<B: Backend>(lin: &Linear<B>, removed: &[usize], means: &[f64]) -> 
         ))
         .into());
     }
-    let w: Vec<f32> = lin
-        .weight
-        .val()
-        .into_data()
-        .convert::<f32>()
-        .to_vec()
-        .map_err(|e| lopper_model::Error::Input(format!("{e:?}")))?;
-    let mut b = vec![0f64; n_out];
-    for &j in removed {
-        let m = means[j];
-        for (o, bo) in b.iter_mut().enumerate() {
-            *bo += m * w[j * n_out + o] as f64;
-        }
+    let mut v = vec![0f32; n_in];
+    for &j in cols {
+        v[j] = means[j] as f32;
     }
     let device = lin.weight.device();
-    let add = Tensor::<B, 1>::from_data(
-        TensorData::new(
-            b.into_iter().map(|x| x as f32).collect::<Vec<f32>>(),
-            [n_out],
-        ),
-        &device,
-    );
-    let bias = match &lin.bias {
-        Some(old) => old.val() + add,
-        None => add,
-    };
-    Ok(Linear {
-        weight: lin.weight.clone(),
-        bias: Some(Param::from_tensor(bias)),
-    })
+    let v = Tensor::<B, 2>::from_data(TensorData::new(v, [1, n_in]), &device);
+    let mut out = v.matmul(lin.weight.val()).reshape([n_out]);
+    if with_bias && let Some(b) = &lin.bias {
+        out = out + b.val();
+    }
+    Ok(out)
 }
 
-/// [`prune`] with FLAP-style bias compensation: the mean contribution of every removed input
-/// of `o_proj` / `down_proj` over the calibration tokens (`means`, from the dense model) is
-/// added to that projection's bias, so the layer's output mean on the calibration set is kept.
-/// A block removed whole has no projection left to carry it; its contribution is dropped.
-pub fn prune_compensated<B: Backend>(
+/// FLAP-style bias compensation of `plan`, one rule for the search and the exported model. The
+/// calibration means of the dense model's `o_proj` / `down_proj` inputs (`means`) stand in for
+/// what the plan removes:
+/// - a block that keeps some of its heads or channels gets the mean contribution of the removed
+///   ones added to its own projection's bias;
+/// - a block removed whole (all its heads or channels, or its layer) has its whole mean output
+///   carried into the bias of the nearest earlier kept block's projection, so the residual
+///   stream after that block carries the same mean as the dense model's. Before the first kept
+///   block there is no projection to carry it; it is dropped.
+pub fn compensation_biases<B: Backend>(
     model: &Llama<B>,
     plan: &MaskPlan,
     means: &InputMeans,
-) -> Result<Llama<B>> {
+) -> Result<Vec<LayerBias<B>>> {
     plan.validate_against(model.shape())?;
     let n = model.shape().n_layers();
     if means.o_proj.len() != n || means.down_proj.len() != n {
@@ -268,35 +298,118 @@ pub fn prune_compensated<B: Backend>(
         ))
         .into());
     }
-    let mut compensated = Vec::with_capacity(n);
-    for (i, layer) in model.layers.iter().enumerate() {
-        let (lp, ls) = (&plan.layers[i], &plan.source.layers[i]);
-        let mut l = layer.clone();
-        if let Some(a) = &mut l.self_attn {
-            let (kept_q, _) = head_dims(&lp.kv_groups, ls);
-            let removed: Vec<usize> = (0..ls.n_heads * ls.head_dim)
-                .filter(|c| kept_q.binary_search(c).is_err())
-                .collect();
-            if !removed.is_empty() && !lp.kv_groups.is_empty() {
-                a.o_proj = compensate(&a.o_proj, &removed, &means.o_proj[i])?;
-            }
-        }
-        if let Some(m) = &mut l.mlp {
+    let mut out: Vec<LayerBias<B>> = (0..n).map(|_| LayerBias::default()).collect();
+    // Mean outputs of blocks removed whole, waiting for the nearest earlier kept block.
+    let mut carry: Option<Tensor<B, 1>> = None;
+    for i in (0..n).rev() {
+        let (lp, ls, layer) = (&plan.layers[i], &plan.source.layers[i], &model.layers[i]);
+        // Blocks in reverse order within the layer: the MLP comes after the attention.
+        if let Some(m) = &layer.mlp {
             let removed: Vec<usize> = (0..ls.ffn_hidden)
                 .filter(|c| lp.channels.binary_search(c).is_err())
                 .collect();
-            if !removed.is_empty() && !lp.channels.is_empty() {
-                m.down_proj = compensate(&m.down_proj, &removed, &means.down_proj[i])?;
+            if lp.channels.is_empty() {
+                let all: Vec<usize> = (0..ls.ffn_hidden).collect();
+                add_bias(
+                    &mut carry,
+                    mean_output(&m.down_proj, &all, &means.down_proj[i], true)?,
+                );
+            } else {
+                if !removed.is_empty() {
+                    let v = mean_output(&m.down_proj, &removed, &means.down_proj[i], false)?;
+                    add_bias(&mut out[i].down_proj, v);
+                }
+                if let Some(c) = carry.take() {
+                    add_bias(&mut out[i].down_proj, c);
+                }
             }
         }
-        compensated.push(l);
+        if let Some(a) = &layer.self_attn {
+            let width = ls.n_heads * ls.head_dim;
+            if lp.kv_groups.is_empty() {
+                let all: Vec<usize> = (0..width).collect();
+                add_bias(
+                    &mut carry,
+                    mean_output(&a.o_proj, &all, &means.o_proj[i], true)?,
+                );
+            } else {
+                let (kept_q, _) = head_dims(&lp.kv_groups, ls);
+                let removed: Vec<usize> = (0..width)
+                    .filter(|c| kept_q.binary_search(c).is_err())
+                    .collect();
+                if !removed.is_empty() {
+                    let v = mean_output(&a.o_proj, &removed, &means.o_proj[i], false)?;
+                    add_bias(&mut out[i].o_proj, v);
+                }
+                if let Some(c) = carry.take() {
+                    add_bias(&mut out[i].o_proj, c);
+                }
+            }
+        }
     }
-    let with_bias = Llama::from_parts(
+    Ok(out)
+}
+
+fn with_extra_bias<B: Backend>(lin: &Linear<B>, extra: &Option<Tensor<B, 1>>) -> Linear<B> {
+    match extra {
+        None => lin.clone(),
+        Some(v) => Linear {
+            weight: lin.weight.clone(),
+            bias: Some(Param::from_tensor(match &lin.bias {
+                Some(b) => b.val() + v.clone(),
+                None => v.clone(),
+            })),
+        },
+    }
+}
+
+/// [`slice_layer`], then `extra` added to the kept `o_proj` / `down_proj` biases.
+pub fn slice_layer_biased<'a, B: Backend>(
+    layer: &'a DecoderLayer<B>,
+    src: &LayerShape,
+    keep: &LayerPlan,
+    extra: &LayerBias<B>,
+) -> Cow<'a, DecoderLayer<B>> {
+    let sliced = slice_layer(layer, src, keep);
+    if extra.o_proj.is_none() && extra.down_proj.is_none() {
+        return sliced;
+    }
+    let mut l = sliced.into_owned();
+    if let Some(a) = &mut l.self_attn {
+        a.o_proj = with_extra_bias(&a.o_proj, &extra.o_proj);
+    }
+    if let Some(m) = &mut l.mlp {
+        m.down_proj = with_extra_bias(&m.down_proj, &extra.down_proj);
+    }
+    Cow::Owned(l)
+}
+
+/// [`prune`] with FLAP-style bias compensation ([`compensation_biases`]): the exported model
+/// carries the biases the search scored.
+pub fn prune_compensated<B: Backend>(
+    model: &Llama<B>,
+    plan: &MaskPlan,
+    means: &InputMeans,
+) -> Result<Llama<B>> {
+    let extra = compensation_biases(model, plan, means)?;
+    let layers = plan
+        .kept_layers()
+        .into_iter()
+        .map(|i| {
+            slice_layer_biased(
+                &model.layers[i],
+                &plan.source.layers[i],
+                &plan.layers[i],
+                &extra[i],
+            )
+            .into_owned()
+        })
+        .collect();
+    Ok(Llama::from_parts(
         model.embed_tokens.clone(),
-        compensated,
+        layers,
         model.norm.clone(),
         model.lm_head.clone(),
-        model.shape().clone(),
-    )?;
-    prune(&with_bias, plan)
+        plan.pruned_shape(),
+    )?)
 }

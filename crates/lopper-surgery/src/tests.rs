@@ -508,3 +508,86 @@ fn parts_that_do_not_fit_the_shape_are_refused() {
     .to_string();
     assert!(e.contains("layer 2"), "{e}");
 }
+
+fn some_means(shape: &ModelShape) -> InputMeans {
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    let mut v = |n: usize| {
+        (0..n)
+            .map(|_| rng.random::<f64>() - 0.5)
+            .collect::<Vec<f64>>()
+    };
+    InputMeans {
+        o_proj: shape
+            .layers
+            .iter()
+            .map(|s| v(s.n_heads * s.head_dim))
+            .collect(),
+        down_proj: shape.layers.iter().map(|s| v(s.ffn_hidden)).collect(),
+    }
+}
+
+#[test]
+fn the_search_scores_the_compensated_model_it_ships() {
+    let model = tiny();
+    let mut removed = vec![
+        PruneUnit::Layer { layer: 1 },
+        PruneUnit::KvGroup { layer: 0, group: 1 },
+    ];
+    removed.extend((0..48).map(|index| PruneUnit::Channel { layer: 2, index }));
+    removed.extend((0..10).map(|index| PruneUnit::Channel {
+        layer: 0,
+        index: index * 3,
+    }));
+    let plan = MaskPlan::from_removed(model.shape(), &removed).unwrap();
+    let means = some_means(model.shape());
+    let t = tokens(&model);
+    let searched = mean_loss_kept(&model, &plan, Some(&means), t.clone()).unwrap();
+    let shipped = prune_compensated(&model, &plan, &means).unwrap();
+    let exported = lopper_model::mean_of(shipped.token_nll(t.clone(), None).unwrap()).unwrap();
+    assert!(
+        (searched - exported).abs() < 1e-5,
+        "{searched} vs {exported}"
+    );
+    // Compensation changes the loss (the biases are really there).
+    let plain = mean_loss_kept(&model, &plan, None, t).unwrap();
+    assert!((plain - searched).abs() > 1e-4, "{plain} vs {searched}");
+}
+
+#[test]
+fn a_block_removed_whole_carries_its_mean_output_to_the_previous_kept_projection() {
+    let model = tiny();
+    let plan = MaskPlan::from_removed(model.shape(), &[PruneUnit::Layer { layer: 2 }]).unwrap();
+    let means = some_means(model.shape());
+    let extra = compensation_biases(&model, &plan, &means).unwrap();
+    assert!(extra[0].o_proj.is_none() && extra[0].down_proj.is_none());
+    assert!(extra[1].o_proj.is_none() && extra[2].down_proj.is_none());
+    // W^T m over all inputs, burn layout [in, out].
+    let mean_out = |lin: &burn::nn::Linear<B>, m: &[f64]| -> Vec<f64> {
+        let [n_in, n_out] = lin.weight.dims();
+        let w: Vec<f32> = lin.weight.val().into_data().to_vec().unwrap();
+        (0..n_out)
+            .map(|o| (0..n_in).map(|j| m[j] * w[j * n_out + o] as f64).sum())
+            .collect()
+    };
+    let l2 = &model.layers[2];
+    let a = mean_out(&l2.self_attn.as_ref().unwrap().o_proj, &means.o_proj[2]);
+    let d = mean_out(&l2.mlp.as_ref().unwrap().down_proj, &means.down_proj[2]);
+    let got: Vec<f32> = extra[1]
+        .down_proj
+        .clone()
+        .expect("layer 1's down_proj carries layer 2")
+        .into_data()
+        .to_vec()
+        .unwrap();
+    for ((g, a), d) in got.iter().zip(&a).zip(&d) {
+        assert!((*g as f64 - (a + d)).abs() < 1e-4, "{g} vs {}", a + d);
+    }
+    // Layer 0 removed: nothing before it to carry into, so nothing is added anywhere.
+    let plan = MaskPlan::from_removed(model.shape(), &[PruneUnit::Layer { layer: 0 }]).unwrap();
+    let extra = compensation_biases(&model, &plan, &means).unwrap();
+    assert!(
+        extra
+            .iter()
+            .all(|e| e.o_proj.is_none() && e.down_proj.is_none())
+    );
+}
