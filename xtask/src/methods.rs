@@ -71,22 +71,6 @@ pub struct PgInit<'a> {
     pub settings: &'a MethodSettings,
 }
 
-/// Mean loss of `plan` on `windows` as the search scores it (sliced, compensated by `means`).
-fn plan_loss<B: Backend>(
-    model: &Llama<B>,
-    plan: &MaskPlan,
-    windows: &[Vec<u32>],
-    means: Option<&InputMeans>,
-    batch_size: usize,
-) -> Result<f64> {
-    let mut sum = 0.0;
-    for batch in windows.chunks(batch_size) {
-        let l = lopper_surgery::mean_loss_kept(model, plan, means, model.tokens(batch)?)?;
-        sum += l * batch.len() as f64;
-    }
-    Ok(sum / windows.len() as f64)
-}
-
 /// The policy-gradient initialisation of `init` at the kept fraction `keep`. `windows` are the
 /// search's calibration windows; `held_out` (or, without any, the first 16 search windows)
 /// decide `auto`, scored with `means` as the search will score masks.
@@ -136,7 +120,13 @@ pub fn pg_init<B: Backend>(
             let mut losses = serde_json::Map::new();
             let mut best: Option<(f64, usize)> = None;
             for (i, (m, mp)) in candidates.iter().enumerate() {
-                let l = plan_loss(model, &mp.plan, judge, means, cfg.batch_size)?;
+                let l = lopper_surgery::windows_loss_kept(
+                    model,
+                    &mp.plan,
+                    means,
+                    judge,
+                    cfg.batch_size,
+                )?;
                 tracing::info!(init = m.name(), loss = l, "candidate start");
                 losses.insert(m.name().into(), l.into());
                 if best.is_none_or(|(b, _)| l < b) {

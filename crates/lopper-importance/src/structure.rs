@@ -356,13 +356,9 @@ fn loss_without<B: Backend>(
         .map(|&layer| PruneUnit::Layer { layer })
         .collect();
     let plan = MaskPlan::from_removed(model.shape(), &units)?;
-    let (mut sum, mut n) = (0.0, 0usize);
-    for batch in windows.chunks(batch_size) {
-        let loss = lopper_surgery::mean_loss_kept(model, &plan, None, model.tokens(batch)?)?;
-        sum += loss * batch.len() as f64;
-        n += batch.len();
-    }
-    Ok(sum / n as f64)
+    Ok(lopper_surgery::windows_loss_kept(
+        model, &plan, None, windows, batch_size,
+    )?)
 }
 
 /// Per calibration batch, the residual stream entering each layer of a model from which some

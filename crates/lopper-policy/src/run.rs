@@ -9,7 +9,7 @@ use crate::state::{PgState, StepRecord};
 use crate::{Error, Result};
 use lopper_core::MaskPlan;
 use lopper_model::Llama;
-use lopper_surgery::{InputMeans, mean_loss_kept};
+use lopper_surgery::{InputMeans, mean_loss_kept, windows_loss_kept};
 
 /// Callbacks of a search.
 #[allow(missing_debug_implementations)]
@@ -140,12 +140,13 @@ pub fn choose<B: Backend>(
     };
     let means = compensation(state, means)?;
     let loss = |plan: &MaskPlan| -> Result<f64> {
-        let mut sum = 0.0;
-        for batch in held_out.chunks(state.config.batch_size) {
-            let l = mean_loss_kept(model, plan, means, model.tokens(batch)?)?;
-            sum += l * batch.len() as f64;
-        }
-        Ok(sum / held_out.len() as f64)
+        Ok(windows_loss_kept(
+            model,
+            plan,
+            means,
+            held_out,
+            state.config.batch_size,
+        )?)
     };
     let (ls, li) = (loss(&searched)?, loss(init)?);
     tracing::info!(

@@ -8,7 +8,7 @@ pub use error::{Error, Result};
 pub use export::{ExportFormat, ExportOptions, export};
 pub use slice::{
     InputMeans, LayerBias, compensation_biases, forward_kept, mean_loss_kept, prune,
-    prune_compensated, slice_layer, slice_layer_biased,
+    prune_compensated, slice_layer, slice_layer_biased, windows_loss_kept,
 };
 
 #[cfg(test)]

@@ -211,6 +211,28 @@ pub fn mean_loss_kept<B: Backend>(
     Ok(mean_of(nll)?)
 }
 
+/// [`mean_loss_kept`] over all of `windows`, `batch_size` windows per forward pass, each window
+/// weighing the same (windows of one length: the mean over their tokens).
+pub fn windows_loss_kept<B: Backend>(
+    model: &Llama<B>,
+    plan: &MaskPlan,
+    means: Option<&InputMeans>,
+    windows: &[Vec<u32>],
+    batch_size: usize,
+) -> Result<f64> {
+    if windows.is_empty() || batch_size == 0 {
+        return Err(lopper_model::Error::Input(
+            "a loss over no windows (or batches of 0 windows) is undefined".into(),
+        )
+        .into());
+    }
+    let mut sum = 0.0;
+    for batch in windows.chunks(batch_size) {
+        sum += mean_loss_kept(model, plan, means, model.tokens(batch)?)? * batch.len() as f64;
+    }
+    Ok(sum / windows.len() as f64)
+}
+
 /// Per-layer means over calibration tokens of the inputs of `o_proj` (per column, `n_heads *
 /// head_dim`) and `down_proj` (per channel); empty for a layer without the block.
 #[derive(Debug, Clone, PartialEq)]
