@@ -84,6 +84,10 @@ pub struct PruneArgs {
     /// removed 0, then sigmap per layer).
     #[arg(long)]
     pub init: Option<String>,
+    /// Start from the init's plan, so that step 0's plan is that plan (preset lopper), or
+    /// from the per-layer sigmap of its scores (preset reference).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub plan_start: Option<bool>,
     /// ref: (L-b)(m-s)/sqrt(s(1-s)) as the reference code; score: the exact score function.
     #[arg(long)]
     pub estimator: Option<String>,
@@ -258,10 +262,10 @@ impl PruneArgs {
 
     /// `--init`, or the preset's.
     fn init(&self) -> &str {
-        match (&self.init, self.preset.as_str()) {
-            (Some(i), _) => i,
-            (None, "reference") => "wanda-sp",
-            (None, _) => "auto",
+        match (&self.init, self.preset.as_str(), self.plan_start) {
+            (Some(i), _, _) => i,
+            (None, "reference", _) | (None, _, Some(false)) => "wanda-sp",
+            (None, _, _) => "auto",
         }
     }
 }
@@ -453,7 +457,7 @@ impl Job for PruneJob {
                 &self.cfg,
                 &crate::methods::PgInit {
                     name: a.init(),
-                    plan_start: a.preset != "reference",
+                    plan_start: a.plan_start.unwrap_or(a.preset != "reference"),
                     metric_samples: a.metric_samples,
                     settings: &settings,
                 },
