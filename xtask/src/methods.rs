@@ -102,15 +102,32 @@ pub fn pg_init<B: Backend>(
                 init.plan_start,
                 "--init auto starts from a method's plan, which --preset reference does not do; name the init (e.g. --init wanda-sp)"
             );
-            let mut candidates = vec![
-                (Method::Flap, metric(Method::Flap, keep)?),
-                (Method::LlmBip, metric(Method::LlmBip, keep)?),
+            let flap = metric(Method::Flap, keep)?;
+            let scores = flap.scores.clone();
+            let mut candidates: Vec<(String, MaskPlan)> = vec![
+                ("flap".into(), flap.plan),
+                ("llm-bip".into(), metric(Method::LlmBip, keep)?.plan),
             ];
             if cfg.units.contains(&lopper_core::UnitKind::Layer) {
-                candidates.push((
-                    Method::BlockInfluence,
-                    metric(Method::BlockInfluence, keep)?,
-                ));
+                let bi = metric(Method::BlockInfluence, keep)?;
+                let order = lopper_importance::block_influence_order(
+                    bi.layer_values.as_deref().unwrap_or_default(),
+                );
+                candidates.push(("block-influence".into(), bi.plan));
+                // Mixed starts: block influence's layers for part of the budget, FLAP's units
+                // (global-params) for the rest.
+                if let Some(sc) = &scores {
+                    for share in [0.25, 0.5, 0.75] {
+                        let plan = sc.plan_with_layers(
+                            shape,
+                            keep,
+                            lopper_core::Allocation::GlobalParams,
+                            &order,
+                            share,
+                        )?;
+                        candidates.push((format!("flap+block-influence@{share}"), plan));
+                    }
+                }
             }
             let judge = if held_out.is_empty() {
                 &windows[..windows.len().min(16)]
@@ -119,25 +136,18 @@ pub fn pg_init<B: Backend>(
             };
             let mut losses = serde_json::Map::new();
             let mut best: Option<(f64, usize)> = None;
-            for (i, (m, mp)) in candidates.iter().enumerate() {
-                let l = lopper_surgery::windows_loss_kept(
-                    model,
-                    &mp.plan,
-                    means,
-                    judge,
-                    cfg.batch_size,
-                )?;
-                tracing::info!(init = m.name(), loss = l, "candidate start");
-                losses.insert(m.name().into(), l.into());
+            for (i, (name, plan)) in candidates.iter().enumerate() {
+                let l =
+                    lopper_surgery::windows_loss_kept(model, plan, means, judge, cfg.batch_size)?;
+                tracing::info!(init = name.as_str(), loss = l, "candidate start");
+                losses.insert(name.clone(), l.into());
                 if best.is_none_or(|(b, _)| l < b) {
                     best = Some((l, i));
                 }
             }
             let (_, i) = best.expect("at least one candidate");
-            let scores = candidates[0].1.scores.clone();
-            let (m, mp) = candidates.swap_remove(i);
-            let mut plan = mp.plan;
-            plan.meta.insert("method".into(), m.name().into());
+            let (name, mut plan) = candidates.swap_remove(i);
+            plan.meta.insert("method".into(), name.into());
             plan.meta.insert("init_candidates".into(), losses.into());
             Init::Plan { plan, scores }
         }

@@ -191,6 +191,50 @@ impl UnitScores {
         Ok(plan)
     }
 
+    /// A plan that removes both whole layers and units: layers first, in `layer_order`, for
+    /// about `layer_share` of the removed parameters ([`plan_drop_layers`]), then units of the
+    /// remaining layers under `allocation` for the rest, so that the model loses `1 - keep` of
+    /// its prunable parameters in all.
+    pub fn plan_with_layers(
+        &self,
+        shape: &ModelShape,
+        keep: f64,
+        allocation: Allocation,
+        layer_order: &[usize],
+        layer_share: f64,
+    ) -> Result<MaskPlan> {
+        check_keep(keep)?;
+        if !(0.0..=1.0).contains(&layer_share) {
+            return Err(Error::InvalidPlan(format!(
+                "a layer share of {layer_share} is not a fraction"
+            )));
+        }
+        let removal = 1.0 - keep;
+        let layers = plan_drop_layers(shape, layer_order, 1.0 - layer_share * removal, "layers")?;
+        let dropped: Vec<usize> = (0..shape.n_layers())
+            .filter(|l| !layers.kept_layers().contains(l))
+            .collect();
+        let gone = 1.0 - layers.kept_param_ratio();
+        let mut plan = if removal - gone > 1e-9 {
+            let mut plan =
+                self.plan_protected(shape, 1.0 - (removal - gone), allocation, &dropped)?;
+            for &l in &dropped {
+                plan.layers[l].kv_groups.clear();
+                plan.layers[l].channels.clear();
+            }
+            plan
+        } else {
+            layers
+        };
+        plan.validate()?;
+        plan.meta
+            .insert("method".into(), format!("{}+layers", self.method).into());
+        plan.meta
+            .insert("removed_layers".into(), serde_json::json!(dropped));
+        plan.meta.insert("layer_share".into(), layer_share.into());
+        Ok(plan)
+    }
+
     /// The score of a KV group or channel unit.
     fn of(&self, u: PruneUnit) -> f64 {
         match u {
@@ -410,6 +454,44 @@ mod tests {
         assert_eq!(p.layers[2].channels.len(), 48);
         assert_eq!(p.layers[1].channels, (24..48).collect::<Vec<_>>());
         assert_eq!(p.meta["allocation"], "global");
+    }
+
+    #[test]
+    fn mixed_plans_drop_layers_for_their_share_and_units_for_the_rest() {
+        let mut s = ModelShape::tiny();
+        s.layers = vec![s.layers[0].clone(); 8];
+        let sc = UnitScores {
+            method: "m".into(),
+            kv_groups: (0..8).map(|l| vec![l as f64, 10.0 + l as f64]).collect(),
+            channels: (0..8)
+                .map(|l| (0..48).map(|c| (l * 48 + c) as f64).collect())
+                .collect(),
+        };
+        let order = [5, 2, 7, 0, 1, 3, 4, 6];
+        let total = s.decoder_linear_params() as f64;
+        let group = s.unit_cost(PruneUnit::KvGroup { layer: 0, group: 0 }, 0).params as f64;
+        for (share, dropped) in [(0.0, vec![]), (0.5, vec![5, 2]), (1.0, vec![5, 2, 7, 0])] {
+            let p = sc
+                .plan_with_layers(&s, 0.5, Allocation::GlobalParams, &order, share)
+                .unwrap();
+            // The share's layers go whole (units may empty more layers: these scores are
+            // layered).
+            let gone: Vec<usize> = (0..8).filter(|l| !p.kept_layers().contains(l)).collect();
+            let mut want = dropped.clone();
+            want.sort();
+            assert!(want.iter().all(|l| gone.contains(l)), "share {share}: {gone:?}");
+            // Half of the parameters in all, within one KV group.
+            assert!(
+                ((1.0 - p.kept_param_ratio()) * total - 0.5 * total).abs() <= group,
+                "share {share}: {}",
+                p.kept_param_ratio()
+            );
+            assert_eq!(p.meta["removed_layers"], serde_json::json!(want));
+        }
+        assert!(
+            sc.plan_with_layers(&s, 0.5, Allocation::GlobalParams, &order, 1.5)
+                .is_err()
+        );
     }
 
     #[test]
