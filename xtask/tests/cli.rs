@@ -421,9 +421,10 @@ fn prune_pg_on_the_tiny_model_writes_a_complete_run_folder() {
         "{choice}"
     );
     assert_eq!(choice["windows"], 3);
+    // FLAP, LLM-BIP, block influence and three mixes of block influence's layers with FLAP's units.
     assert_eq!(
         choice["init"]["init_candidates"].as_object().unwrap().len(),
-        3
+        6
     );
     assert!(report.contains("Final choice"), "{report}");
     // --preset reference: the paper's code settings, no held-out choice, no compensation.
