@@ -469,7 +469,9 @@ mod tests {
         };
         let order = [5, 2, 7, 0, 1, 3, 4, 6];
         let total = s.decoder_linear_params() as f64;
-        let group = s.unit_cost(PruneUnit::KvGroup { layer: 0, group: 0 }, 0).params as f64;
+        let group = s
+            .unit_cost(PruneUnit::KvGroup { layer: 0, group: 0 }, 0)
+            .params as f64;
         for (share, dropped) in [(0.0, vec![]), (0.5, vec![5, 2]), (1.0, vec![5, 2, 7, 0])] {
             let p = sc
                 .plan_with_layers(&s, 0.5, Allocation::GlobalParams, &order, share)
@@ -479,7 +481,10 @@ mod tests {
             let gone: Vec<usize> = (0..8).filter(|l| !p.kept_layers().contains(l)).collect();
             let mut want = dropped.clone();
             want.sort();
-            assert!(want.iter().all(|l| gone.contains(l)), "share {share}: {gone:?}");
+            assert!(
+                want.iter().all(|l| gone.contains(l)),
+                "share {share}: {gone:?}"
+            );
             // Half of the parameters in all, within one KV group.
             assert!(
                 ((1.0 - p.kept_param_ratio()) * total - 0.5 * total).abs() <= group,
