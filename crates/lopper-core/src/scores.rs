@@ -459,7 +459,7 @@ mod tests {
     #[test]
     fn mixed_plans_drop_layers_for_their_share_and_units_for_the_rest() {
         let mut s = ModelShape::tiny();
-        s.layers = vec![s.layers[0].clone(); 8];
+        s.layers = vec![s.layers[0]; 8];
         let sc = UnitScores {
             method: "m".into(),
             kv_groups: (0..8).map(|l| vec![l as f64, 10.0 + l as f64]).collect(),
