@@ -309,11 +309,8 @@ pub fn run(args: CompareArgs) -> Result<()> {
     );
     let sampler: Sampler = args.sampler.parse()?;
     // The sparsity is set per cell; the stored settings carry a fixed placeholder.
-    let base = match args.pg_preset.as_str() {
-        "lopper" => PgConfig::new(0.5),
-        "reference" => PgConfig::reference(0.5),
-        o => bail!("--pg-preset `{o}`: use lopper or reference"),
-    };
+    let base = PgConfig::preset(&args.pg_preset, 0.5)
+        .with_context(|| format!("--pg-preset `{}`", args.pg_preset))?;
     let lr = args.pg_lr;
     let pg = PgConfig {
         optimizer: match args.pg_optimizer.as_deref() {

@@ -202,11 +202,7 @@ fn parse_units(s: &str) -> Result<Vec<UnitKind>> {
 
 impl PruneArgs {
     fn pg_config(&self) -> Result<PgConfig> {
-        let base = match self.preset.as_str() {
-            "lopper" => PgConfig::new(self.sparsity),
-            "reference" => PgConfig::reference(self.sparsity),
-            o => bail!("--preset `{o}`: use lopper or reference"),
-        };
+        let base = PgConfig::preset(&self.preset, self.sparsity)?;
         let lr = self.lr;
         let cfg = PgConfig {
             sparsity: self.sparsity,

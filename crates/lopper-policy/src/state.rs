@@ -202,6 +202,18 @@ impl PgConfig {
         }
     }
 
+    /// The settings of preset `name` (`lopper`: [`PgConfig::new`]; `reference`:
+    /// [`PgConfig::reference`]) at `sparsity`.
+    pub fn preset(name: &str, sparsity: f64) -> Result<Self> {
+        match name {
+            "lopper" => Ok(Self::new(sparsity)),
+            "reference" => Ok(Self::reference(sparsity)),
+            o => Err(Error::Config(format!(
+                "--preset `{o}`: use lopper or reference"
+            ))),
+        }
+    }
+
     /// The kept fraction.
     pub fn keep(&self) -> f64 {
         1.0 - self.sparsity
