@@ -10,9 +10,11 @@ use faer::Mat;
 use lopper_model::{DecoderLayer, LayerStepper, Llama, Tap};
 
 pub mod solve;
+pub mod structured;
 /// The linear-algebra crate of the solver API ([`prune_matrix`] takes `faer::Mat`).
 pub use faer;
 pub use solve::AlpsSettings;
+pub use structured::{Chosen, ProjectionReport, ReconSettings, reconstruct};
 
 /// Errors of one-shot sparse pruning.
 #[derive(Debug, thiserror::Error)]

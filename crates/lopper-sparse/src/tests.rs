@@ -378,3 +378,189 @@ fn the_model_driver_prunes_every_linear_of_the_tiny_model() {
         .is_err()
     );
 }
+
+mod structured {
+    use burn::module::Param;
+    use burn::tensor::{ElementConversion, Tensor};
+    use lopper_core::{MaskPlan, ModelShape, PruneUnit};
+
+    use crate::structured::{Chosen, ReconSettings, reconstruct};
+    use lopper_model::Llama;
+
+    type B = burn_flex::Flex;
+
+    fn windows(n: usize, len: usize) -> Vec<Vec<u32>> {
+        (0..n)
+            .map(|r| {
+                (0..len)
+                    .map(|t| ((t * 7 + r * 13 + t * t * 3 + r * r) % 128) as u32)
+                    .collect()
+            })
+            .collect()
+    }
+
+    fn max_diff(a: Tensor<B, 3>, b: Tensor<B, 3>) -> (f32, f32) {
+        let scale: f32 = b.clone().abs().max().into_scalar().elem();
+        let d: f32 = (a - b).abs().max().into_scalar().elem();
+        (d, scale)
+    }
+
+    fn model() -> Llama<B> {
+        Llama::<B>::random(&ModelShape::tiny(), 9, &burn_flex::FlexDevice).unwrap()
+    }
+
+    /// Copies `from`'s columns `src` over `dst` in a burn `[in, out]` weight.
+    fn copy_cols(p: &mut Param<Tensor<B, 2>>, src: std::ops::Range<usize>, dst: usize) {
+        let w = p.val();
+        let block = w.clone().narrow(1, src.start, src.len());
+        let rows = w.dims()[0];
+        *p = Param::from_tensor(w.slice_assign([0..rows, dst..dst + src.len()], block));
+    }
+
+    #[test]
+    fn a_plan_that_keeps_everything_gives_the_dense_model() {
+        let model = model();
+        let w = windows(4, 16);
+        let plan = MaskPlan::from_removed(model.shape(), &[]).unwrap();
+        let (out, reports) =
+            reconstruct(&model, &plan, &w, &ReconSettings::default(), |_| {}).unwrap();
+        assert!(reports.is_empty());
+        let t = model.tokens(&w).unwrap();
+        let (d, _) = max_diff(out.forward(t.clone()), model.forward(t));
+        assert_eq!(d, 0.0);
+    }
+
+    #[test]
+    fn least_squares_recovers_an_exactly_reachable_target() {
+        let mut model = model();
+        // Layer 1: KV group 1 (query heads 2, 3; KV head 1) computes what group 0 computes, so
+        // removing it is exactly undone by o_proj. Layer 2: channel 5 copies channel 3.
+        {
+            let a = model.layers[1].self_attn.as_mut().unwrap();
+            copy_cols(&mut a.q_proj.weight, 0..16, 16);
+            copy_cols(&mut a.k_proj.weight, 0..8, 8);
+            copy_cols(&mut a.v_proj.weight, 0..8, 8);
+            let m = model.layers[2].mlp.as_mut().unwrap();
+            copy_cols(&mut m.gate_proj.weight, 3..4, 5);
+            copy_cols(&mut m.up_proj.weight, 3..4, 5);
+        }
+        let removed = [
+            PruneUnit::KvGroup { layer: 1, group: 1 },
+            PruneUnit::Channel { layer: 2, index: 5 },
+        ];
+        let plan = MaskPlan::from_removed(model.shape(), &removed).unwrap();
+        let w = windows(8, 16);
+        let s = ReconSettings {
+            batch_size: 3,
+            damp: 1e-9,
+        };
+        let (ls, reports) = reconstruct(&model, &plan, &w, &s, |_| {}).unwrap();
+        let t = model.tokens(&w).unwrap();
+        let dense = model.forward(t.clone());
+        let (d_ls, scale) = max_diff(ls.forward(t.clone()), dense.clone());
+        let cut = lopper_surgery::prune(&model, &plan).unwrap();
+        let (d_cut, _) = max_diff(cut.forward(t), dense);
+        assert!(d_ls / scale < 1e-6, "ls {d_ls} of {scale}");
+        assert!(d_cut / scale > 1e-3, "the cut alone must differ: {d_cut} of {scale}");
+        // Both refit projections hit their targets; the bias alone cannot.
+        // (Layer 1's down_proj is refit too: only f32 rounding separates its inputs.)
+        for r in &reports {
+            assert!(r.rel_error_ls < 1e-9, "{r:?}");
+            assert_eq!(r.chosen, Chosen::LeastSquares);
+        }
+        for (layer, name) in [(1, "o_proj"), (2, "down_proj")] {
+            let r = reports
+                .iter()
+                .find(|r| r.layer == layer && r.name == name)
+                .unwrap();
+            assert!(r.rel_error_bias > 1e-4, "{r:?}");
+        }
+    }
+
+    #[test]
+    fn least_squares_never_loses_to_the_bias_refit_or_the_cut() {
+        let model = model();
+        let removed = [
+            PruneUnit::KvGroup { layer: 0, group: 1 },
+            PruneUnit::Channel { layer: 0, index: 2 },
+            PruneUnit::Channel { layer: 0, index: 40 },
+            PruneUnit::Layer { layer: 1 },
+            PruneUnit::Channel { layer: 2, index: 7 },
+        ];
+        let plan = MaskPlan::from_removed(model.shape(), &removed).unwrap();
+        let w = windows(6, 16);
+        for damp in [1e-6, 0.01, 1.0] {
+            let s = ReconSettings {
+                batch_size: 4,
+                damp,
+            };
+            let mut seen = 0;
+            let (ls, reports) = reconstruct(&model, &plan, &w, &s, |_| seen += 1).unwrap();
+            // Layer 0's two projections, and layer 2's (after a removed layer) both.
+            assert_eq!(reports.len(), 4);
+            assert_eq!(seen, 4);
+            for r in &reports {
+                assert!(r.rel_error_ls <= r.rel_error_bias + 1e-12, "{r:?}");
+                assert!(r.rel_error_bias <= r.rel_error_cut + 1e-12, "{r:?}");
+            }
+            // The whole model: closer to the dense logits than the plain cut.
+            let t = model.tokens(&w).unwrap();
+            let dense = model.forward(t.clone());
+            let (d_ls, _) = max_diff(ls.forward(t.clone()), dense.clone());
+            let cut = lopper_surgery::prune(&model, &plan).unwrap();
+            let (d_cut, _) = max_diff(cut.forward(t), dense);
+            assert!(d_ls < d_cut, "damp {damp}: ls {d_ls} vs cut {d_cut}");
+            assert_eq!(ls.shape(), &plan.pruned_shape());
+        }
+    }
+
+    #[test]
+    fn rank_deficient_calibration_gives_finite_weights() {
+        let model = model();
+        let removed = [
+            PruneUnit::KvGroup { layer: 0, group: 0 },
+            PruneUnit::Channel { layer: 1, index: 0 },
+        ];
+        let plan = MaskPlan::from_removed(model.shape(), &removed).unwrap();
+        // Four tokens for 40+ kept inputs; and one token repeated (every row of X the same).
+        for w in [vec![vec![3u32, 9, 1, 4]], vec![vec![5u32; 12]; 2]] {
+            let (ls, reports) =
+                reconstruct(&model, &plan, &w, &ReconSettings::default(), |_| {}).unwrap();
+            assert!(!reports.is_empty());
+            for r in &reports {
+                assert!(r.rel_error_ls.is_finite() && r.rel_error_ls <= r.rel_error_bias + 1e-9);
+            }
+            let t = ls.tokens(&windows(2, 8)).unwrap();
+            let y = ls.forward(t);
+            let finite: f32 = y.clone().abs().max().into_scalar().elem();
+            assert!(finite.is_finite(), "{finite}");
+        }
+    }
+
+    #[test]
+    fn impossible_settings_are_refused_before_work() {
+        let model = model();
+        let plan = MaskPlan::from_removed(model.shape(), &[]).unwrap();
+        let w = windows(2, 8);
+        let e = reconstruct(&model, &plan, &[], &ReconSettings::default(), |_| {});
+        assert!(e.unwrap_err().to_string().contains("calibration window"));
+        for damp in [0.0, -1.0, f64::NAN] {
+            let s = ReconSettings {
+                batch_size: 2,
+                damp,
+            };
+            let e = reconstruct(&model, &plan, &w, &s, |_| {});
+            assert!(e.unwrap_err().to_string().contains("damping"));
+        }
+        let other = Llama::<B>::random(
+            &ModelShape {
+                hidden_size: 16,
+                ..ModelShape::tiny()
+            },
+            1,
+            &burn_flex::FlexDevice,
+        )
+        .unwrap();
+        assert!(reconstruct(&other, &plan, &w, &ReconSettings::default(), |_| {}).is_err());
+    }
+}
