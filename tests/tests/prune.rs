@@ -142,3 +142,75 @@ fn surgery_of_the_real_model_drops_layers_and_blocks() {
         .fold(0.0, f32::max);
     assert!(d < 1e-3, "{d}");
 }
+
+/// `n` windows of `len` tokens from C4 documents `docs` (disjoint ranges give disjoint text).
+fn c4_range(docs: std::ops::Range<usize>, n: usize, len: usize) -> Vec<Vec<u32>> {
+    let m = default_model();
+    let (path, all) = load_documents("c4", &data_dirs()).unwrap();
+    let encode = |t: &str| m.tokenizer.encode(t).map_err(|e| e.to_string());
+    sample("c4", &path, &all[docs], &encode, Sampler::ConcatChunks, n, len, 42)
+        .unwrap()
+        .windows
+}
+
+#[test]
+fn least_squares_reconstruction_of_the_real_model_beats_the_cut_and_exports_as_it_is() {
+    let loaded = default_model();
+    let model = &loaded.model;
+    let s = model.shape();
+    let mut plan = MaskPlan::keep_all(s);
+    for l in 4..27 {
+        plan.layers[l].channels.retain(|&c| c % 3 != 1);
+    }
+    for l in 10..20 {
+        plan.layers[l].kv_groups.retain(|&g| g != 2);
+    }
+    plan.layers[25] = lopper_core::LayerPlan {
+        kv_groups: vec![],
+        channels: vec![],
+    };
+    let calib = c4_range(0..300, 32, 128);
+    let held_out = c4_range(600..800, 8, 128);
+    let settings = lopper_sparse::ReconSettings::default();
+    let (ls, reports) = lopper_sparse::reconstruct(model, &plan, &calib, &settings, |_| {}).unwrap();
+    // Layers 0-3 are unchanged: the first refit projection is layer 4's down_proj.
+    assert_eq!((reports[0].layer, reports[0].name), (4, "down_proj"));
+    assert!(reports.iter().all(|r| r.rel_error_ls <= r.rel_error_bias));
+    let (o, d) = lopper_importance::input_means(model, &calib, 4).unwrap();
+    let means = lopper_surgery::InputMeans {
+        o_proj: o,
+        down_proj: d,
+    };
+    let loss = |m: &lopper_model::Llama<common::B>| {
+        let full = MaskPlan::keep_all(m.shape());
+        lopper_surgery::windows_loss_kept(m, &full, None, &held_out, 4).unwrap()
+    };
+    let none = loss(&lopper_surgery::prune(model, &plan).unwrap());
+    let bias = loss(&lopper_surgery::prune_compensated(model, &plan, &means).unwrap());
+    let least = loss(&ls);
+    let dense = loss(model);
+    assert!(least < bias.min(none), "held-out loss: ls {least}, bias {bias}, none {none}");
+    assert!(dense < least, "dense {dense} vs ls {least}");
+    // The exported directory loads back to the same model.
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("model");
+    lopper_surgery::export(
+        &ls,
+        &loaded.tokenizer,
+        Some(&plan),
+        &lopper_surgery::ExportOptions {
+            format: lopper_surgery::ExportFormat::Hf,
+            force: false,
+            provenance: serde_json::json!({}),
+        },
+        &out,
+    )
+    .unwrap();
+    let back = lopper_model::load_files(&lopper_model::ModelFiles::HfDir(out), "ls", &DEVICE)
+        .unwrap()
+        .model;
+    let tokens = model.tokens(&held_out[..2]).unwrap();
+    let (a, b) = (values(ls.forward(tokens.clone())), values(back.forward(tokens)));
+    let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
+    assert!(diff < 1e-4, "{diff}");
+}

@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::backend::{DeviceChoice, Job, run_on};
 use crate::eval::{EvalSettings, Task, evaluate, parse_tasks};
+use crate::reconstruct::Reconstruct;
 
 #[derive(Debug, Clone, Args)]
 pub struct CompareArgs {
@@ -143,6 +144,10 @@ struct Cell {
     params: u64,
     allocation: String,
     bias_compensation: bool,
+    /// What the cut did to the kept weights (cells made before `+ls` existed: from
+    /// `bias_compensation`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    reconstruct: Option<Reconstruct>,
     /// Task results keyed `wikitext2@128`, `boolq`, ..., as `cargo xtask eval` writes them.
     results: serde_json::Map<String, serde_json::Value>,
     llm_pruner_average: Option<f64>,
@@ -180,9 +185,10 @@ where
     Ok(v)
 }
 
-/// A `--methods` entry: `dense`, or `NAME[:INIT][+bias]`: `pg:flap` is the policy-gradient
-/// search started from FLAP's scores (instead of `--pg-init`), `+bias` adds FLAP-style bias
-/// compensation at surgery (FLAP has it already).
+/// A `--methods` entry: `dense`, or `NAME[:INIT][+none|+bias|+ls]`: `pg:flap` is the
+/// policy-gradient search started from FLAP's scores (instead of `--pg-init`), `+bias` adds
+/// FLAP-style bias compensation at surgery (FLAP has it already), `+ls` refits every kept
+/// o_proj / down_proj by least squares on the calibration windows, `+none` cuts only.
 ///
 /// One-shot methods (weights zeroed in place, no structure removed): `alps`, `sparsegpt`,
 /// `wanda` (unstructured at each --sparsity), `NAME:unstructured`, and `NAME:N:M` (one cell at
@@ -192,16 +198,26 @@ struct Spec {
     base: String,
     init: Option<String>,
     bias: Option<bool>,
+    /// `+none`, `+bias` or `+ls`: what the cut does to the kept weights (default: bias where the
+    /// method compensates, none otherwise).
+    recon: Option<Reconstruct>,
     /// One-shot method and its pattern (`unstructured` or `N:M`).
     oneshot: Option<(lopper_sparse::SparseMethod, String)>,
 }
 
 impl Spec {
     fn parse(s: &str) -> Result<Self> {
-        let (rest, bias) = match s.strip_suffix("+bias") {
-            Some(r) => (r, Some(true)),
+        let (rest, recon) = match s.rsplit_once('+') {
+            Some((r, how)) => (
+                r,
+                Some(
+                    how.parse::<Reconstruct>()
+                        .with_context(|| format!("--methods: `{s}`"))?,
+                ),
+            ),
             None => (s, None),
         };
+        let bias = (recon == Some(Reconstruct::Bias)).then_some(true);
         let (base, init) = match rest.split_once(':') {
             Some((b, i)) => (b, Some(i.to_string())),
             None => (rest, None),
@@ -212,8 +228,8 @@ impl Spec {
                 lopper_sparse::Pattern::parse(&pattern, 0.5)
                     .with_context(|| format!("--methods: `{s}`"))?;
                 anyhow::ensure!(
-                    bias.is_none(),
-                    "--methods: `{s}`: one-shot methods keep every projection; +bias does not apply"
+                    recon.is_none(),
+                    "--methods: `{s}`: one-shot methods reconstruct every matrix already; a +suffix does not apply"
                 );
                 Some((base.parse::<lopper_sparse::SparseMethod>()?, pattern))
             }
@@ -224,13 +240,14 @@ impl Spec {
                 base: base.into(),
                 init: None,
                 bias: None,
+                recon: None,
                 oneshot,
             });
         }
         if base == "dense" {
             anyhow::ensure!(
-                init.is_none() && bias.is_none(),
-                "--methods: `{s}`: dense takes no init or +bias"
+                init.is_none() && recon.is_none(),
+                "--methods: `{s}`: dense takes no init or +suffix"
             );
         } else {
             crate::methods::check_method(base)
@@ -244,6 +261,7 @@ impl Spec {
             base: base.into(),
             init,
             bias,
+            recon,
             oneshot: None,
         })
     }
@@ -661,8 +679,11 @@ impl CompareJob {
                 st.batch_size,
             )?);
         }
-        let seconds_plan = t.elapsed().as_secs_f64();
-        let plan_peak_mib = crate::progress::peak_rss_mib().filter(|_| peak_known);
+        let how = spec.recon.unwrap_or(if means.is_some() {
+            Reconstruct::Bias
+        } else {
+            Reconstruct::None
+        });
         let (pruned, allocation) = match (&plan, &oneshot) {
             (None, Some((m, _, _))) => (
                 Some(m.clone()),
@@ -676,17 +697,21 @@ impl CompareJob {
             (None, None) => (None, "none".to_string()),
             (Some(p), _) => {
                 crate::prune::write_json(&dir.join("plan.json"), p)?;
-                let pruned = match &means {
-                    Some((o, d)) => lopper_surgery::prune_compensated(
-                        model,
-                        p,
-                        &lopper_surgery::InputMeans {
-                            o_proj: o.clone(),
-                            down_proj: d.clone(),
-                        },
-                    )?,
-                    None => lopper_surgery::prune(model, p)?,
-                };
+                let means = means.as_ref().map(|(o, d)| lopper_surgery::InputMeans {
+                    o_proj: o.clone(),
+                    down_proj: d.clone(),
+                });
+                let (pruned, recon) = crate::reconstruct::cut(
+                    model,
+                    p,
+                    how,
+                    means.as_ref(),
+                    windows(),
+                    st.batch_size,
+                )?;
+                if let Some(r) = recon {
+                    crate::prune::write_json(&dir.join("reconstruction.json"), &r)?;
+                }
                 let alloc = p
                     .meta
                     .get("allocation")
@@ -695,6 +720,9 @@ impl CompareJob {
                 (Some(pruned), alloc.to_string())
             }
         };
+        // The cut (and its reconstruction) is part of the plan's time and memory.
+        let seconds_plan = t.elapsed().as_secs_f64();
+        let plan_peak_mib = crate::progress::peak_rss_mib().filter(|_| peak_known);
         let eval_model = pruned.as_ref().unwrap_or(model);
         let t = Instant::now();
         let mut results = serde_json::Map::new();
@@ -749,7 +777,8 @@ impl CompareJob {
             },
             params: shape.num_params(),
             allocation,
-            bias_compensation: means.is_some(),
+            bias_compensation: plan.is_some() && how == Reconstruct::Bias,
+            reconstruct: plan.as_ref().map(|_| how),
             results,
             llm_pruner_average,
             rel_error: oneshot.as_ref().map(|o| o.2),
@@ -883,7 +912,11 @@ fn write_results(
         md += &format!(
             "| {}{} | {} | {} | {:.4} | {} |",
             c.method,
-            if c.bias_compensation { " (+bias)" } else { "" },
+            if c.bias_compensation && !c.method.contains('+') {
+                " (+bias)"
+            } else {
+                ""
+            },
             c.sparsity,
             c.allocation,
             c.kept_param_ratio,

@@ -13,6 +13,7 @@ mod methods;
 mod plots;
 mod progress;
 mod prune;
+mod reconstruct;
 mod sparse;
 
 use anyhow::Result;

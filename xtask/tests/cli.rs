@@ -718,6 +718,24 @@ fn metric_methods_prune_the_tiny_model() {
         serde_json::from_str(&std::fs::read_to_string(out.join("model/config.json")).unwrap())
             .unwrap();
     assert_eq!(cfg["mlp_bias"], true);
+    // Least-squares reconstruction at the cut: every refit projection reported, the plan says so.
+    let (ok, _, err, out) = run("flap", &["--reconstruct", "ls", "--force"]);
+    assert!(ok, "{err}");
+    let plan = lopper_core::MaskPlan::load(&out.join("plan.json")).unwrap();
+    assert_eq!(plan.meta["reconstruct"], "ls");
+    let recon: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(out.join("reconstruction.json")).unwrap())
+            .unwrap();
+    assert!(!recon.is_empty());
+    for r in &recon {
+        assert!(r["rel_error_ls"].as_f64().unwrap() <= r["rel_error_bias"].as_f64().unwrap());
+    }
+    let report = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(report.contains("Reconstruction (ls)"), "{report}");
+    for (bad, want) in [("obs", "not implemented"), ("full", "none, bias or ls")] {
+        let (ok, _, err, _) = run("flap", &["--reconstruct", bad, "--force"]);
+        assert!(!ok && err.contains(want) && !err.contains("panicked"), "{err}");
+    }
     // ... which can be switched off, and the allocation chosen.
     let (ok, _, err, out) = run(
         "wanda-sp",
@@ -856,9 +874,10 @@ fn compare_fills_the_table_and_reuses_finished_cells() {
         &model,
         &calib,
         o,
-        "dense,flap,block-influence,pg:magnitude+bias,random,llm-bip,wanda,alps:2:4,magnitude,pg:magnitude",
+        "dense,flap,block-influence,pg:magnitude+bias,random,llm-bip,wanda,alps:2:4,magnitude,pg:magnitude,flap+ls",
     ));
     assert!(ok, "{err}");
+    assert!(out.join("cells/flap+ls@0.5/reconstruction.json").is_file());
     assert_eq!(stamp("pg:magnitude+bias@0.3"), before);
     // pg:magnitude starts from the magnitude plan: the same search as pg:magnitude+bias (the
     // default preset compensates inside the search either way).
@@ -873,7 +892,19 @@ fn compare_fills_the_table_and_reuses_finished_cells() {
     let cells = results["cells"].as_array().unwrap();
     // random, llm-bip, magnitude and pg:magnitude at both sparsities, wanda (unstructured) at
     // both, alps:2:4 once.
-    assert_eq!(cells.len(), 9 + 2 + 2 + 2 + 2 + 1);
+    assert_eq!(cells.len(), 9 + 2 + 2 + 2 + 2 + 1 + 2);
+    // flap+ls refits the same plan as flap: same kept parameters, its own weights.
+    for sp in [0.3, 0.5] {
+        let cell = |m: &str| {
+            cells
+                .iter()
+                .find(|c| c["method"] == m && c["sparsity"] == sp)
+                .unwrap()
+        };
+        assert_eq!(cell("flap")["kept_param_ratio"], cell("flap+ls")["kept_param_ratio"]);
+        assert_eq!(cell("flap+ls")["reconstruct"], "ls");
+        assert_eq!(cell("flap")["reconstruct"], "bias");
+    }
     for c in cells
         .iter()
         .filter(|c| c["method"] == "wanda" || c["method"] == "alps:2:4")
@@ -943,6 +974,8 @@ fn compare_fills_the_table_and_reuses_finished_cells() {
         ("flap:magnitude", "only pg"),
         ("alps:3:2", "N:M"),
         ("wanda+bias", "+bias"),
+        ("flap+obs", "not implemented"),
+        ("flap+best", "none, bias or ls"),
     ] {
         let (ok, _, err) = xtask(&compare_args(&model, &calib, o, bad));
         assert!(!ok && err.contains(want), "{bad}: {err}");
