@@ -443,6 +443,7 @@ pub fn run(args: CompareArgs) -> Result<()> {
         device,
         CompareJob {
             scores: Default::default(),
+            pg_plans: Default::default(),
             args,
             settings,
             cells,
@@ -472,8 +473,19 @@ fn method_spec(spec: &Spec) -> String {
     }
 }
 
+/// Plans of finished pg searches by [`pg_key`]: `pg+none`, `pg` and `pg+ls` at one sparsity run
+/// one search and differ only in the cut.
+type PgCache =
+    std::cell::RefCell<BTreeMap<String, (MaskPlan, Option<lopper_importance::InputStats>)>>;
+
+/// The search a pg spec runs at `sparsity`: its init and bias flag, not its cut.
+fn pg_key(spec: &Spec, init: &str, sparsity: f64) -> String {
+    format!("{}:{init}@{sparsity}/{:?}", spec.base, spec.bias)
+}
+
 struct CompareJob {
     scores: ScoreCache,
+    pg_plans: PgCache,
     args: CompareArgs,
     settings: Settings,
     cells: Vec<(String, f64)>,
@@ -610,6 +622,20 @@ impl CompareJob {
         let (plan, mut means): (Option<MaskPlan>, _) = match spec.base.as_str() {
             _ if oneshot.is_some() => (None, None),
             "dense" => (None, None),
+            "pg" if self.pg_plans.borrow().contains_key(&pg_key(
+                &spec,
+                spec.init.as_deref().unwrap_or(&st.pg_init),
+                sparsity,
+            )) =>
+            {
+                let key = pg_key(&spec, spec.init.as_deref().unwrap_or(&st.pg_init), sparsity);
+                tracing::info!(
+                    method,
+                    "plan of the same search reused from an earlier cell"
+                );
+                let (plan, means) = self.pg_plans.borrow()[&key].clone();
+                (Some(plan), means)
+            }
             "pg" => {
                 let cfg = PgConfig {
                     sparsity,
@@ -634,7 +660,12 @@ impl CompareJob {
                         meta: &meta,
                     },
                 )?;
-                (Some(out.plan), out.means.map(|m| (m.o_proj, m.down_proj)))
+                let means = out.means.map(|m| (m.o_proj, m.down_proj));
+                self.pg_plans.borrow_mut().insert(
+                    pg_key(&spec, spec.init.as_deref().unwrap_or(&st.pg_init), sparsity),
+                    (out.plan.clone(), means.clone()),
+                );
+                (Some(out.plan), means)
             }
             m => {
                 let method = m.parse::<Method>()?;

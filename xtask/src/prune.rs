@@ -713,6 +713,25 @@ pub struct ExportArgs {
     /// multiple of 32 fall back from q8_0 to f16).
     #[arg(long, default_value = "f16")]
     gguf_type: String,
+    /// With --plan: what the cut does to the kept weights, `none`, `bias` or `ls` (as `prune
+    /// --reconstruct`; bias and ls read calibration windows drawn as `prune` draws them).
+    #[arg(long, default_value = "none")]
+    reconstruct: String,
+    /// Calibration data of --reconstruct bias|ls: c4, wikitext2, ptb, or a file.
+    #[arg(long, default_value = "c4")]
+    calib: String,
+    /// Calibration windows of --reconstruct bias|ls.
+    #[arg(long, default_value_t = 256)]
+    calib_samples: usize,
+    /// Tokens per calibration window.
+    #[arg(long, default_value_t = 128)]
+    seq_len: usize,
+    /// Seed of the calibration sampling.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Calibration windows per forward pass.
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
     /// Replace an existing --out folder.
     #[arg(long)]
     force: bool,
@@ -738,14 +757,32 @@ pub fn export(args: ExportArgs) -> Result<()> {
             args.out.display()
         );
     }
+    let how: Reconstruct = args.reconstruct.parse()?;
+    anyhow::ensure!(
+        how == Reconstruct::None || args.plan.is_some(),
+        "--reconstruct {how} reconstructs the cut of a plan: give --plan"
+    );
+    anyhow::ensure!(
+        args.calib_samples > 0 && args.batch_size > 0 && args.seq_len > 1,
+        "--calib-samples and --batch-size must be at least 1 and --seq-len at least 2"
+    );
     let plan = args.plan.as_deref().map(MaskPlan::load).transpose()?;
-    run_on(DeviceChoice::Cpu, ExportJob { args, plan, format })
+    run_on(
+        DeviceChoice::Cpu,
+        ExportJob {
+            args,
+            plan,
+            format,
+            how,
+        },
+    )
 }
 
 struct ExportJob {
     args: ExportArgs,
     plan: Option<MaskPlan>,
     format: ExportFormat,
+    how: Reconstruct,
 }
 
 impl Job for ExportJob {
@@ -753,13 +790,55 @@ impl Job for ExportJob {
         let a = &self.args;
         let spec: ModelSpec = a.model.parse()?;
         let loaded = load::<B>(&spec, &device).with_context(|| format!("loading `{}`", a.model))?;
+        let mut calibration = serde_json::Value::Null;
         let model = match &self.plan {
+            Some(p) if self.how != Reconstruct::None => {
+                p.validate_against(loaded.model.shape())?;
+                crate::guard::context(loaded.model.shape(), a.seq_len, "--seq-len", false)?;
+                crate::guard::forward_fits(
+                    loaded.model.shape(),
+                    a.batch_size,
+                    a.seq_len,
+                    "calibration",
+                )?;
+                let calib = crate::methods::draw_calibration(
+                    &loaded.tokenizer,
+                    &a.calib,
+                    Sampler::ConcatChunks,
+                    a.calib_samples,
+                    a.seq_len,
+                    a.seed,
+                )?;
+                calibration = serde_json::to_value(&calib.info)?;
+                let means = match self.how {
+                    Reconstruct::Bias => {
+                        let (o_proj, down_proj) = lopper_importance::input_means(
+                            &loaded.model,
+                            &calib.windows,
+                            a.batch_size,
+                        )?;
+                        Some(lopper_surgery::InputMeans { o_proj, down_proj })
+                    }
+                    _ => None,
+                };
+                crate::reconstruct::cut(
+                    &loaded.model,
+                    p,
+                    self.how,
+                    means.as_ref(),
+                    &calib.windows,
+                    a.batch_size,
+                )?
+                .0
+            }
             Some(p) => lopper_surgery::prune(&loaded.model, p)?,
             None => loaded.model,
         };
         let provenance = serde_json::json!({
             "command": std::env::args().collect::<Vec<_>>().join(" "),
             "source": loaded.info,
+            "reconstruct": self.how,
+            "calibration": calibration,
         });
         lopper_surgery::export(
             &model,

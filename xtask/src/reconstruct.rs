@@ -113,7 +113,8 @@ pub fn cut<B: Backend>(
 /// The markdown summary of `ls` reports for report.md.
 pub fn summary(reports: &[ProjectionReport]) -> String {
     if reports.is_empty() {
-        return "\nReconstruction (ls): the plan changes nothing; no projection was refit.\n".into();
+        return "\nReconstruction (ls): the plan changes nothing; no projection was refit.\n"
+            .into();
     }
     let mean = |f: &dyn Fn(&ProjectionReport) -> f64| {
         reports.iter().map(f).sum::<f64>() / reports.len() as f64

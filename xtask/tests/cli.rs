@@ -568,7 +568,7 @@ fn prune_refuses_bad_settings_before_any_work() {
 #[test]
 fn export_writes_gguf_and_refuses_bad_plans() {
     let root = tempfile::tempdir().unwrap();
-    let (model, _) = tiny_model_dir(root.path());
+    let (model, calib) = tiny_model_dir(root.path());
     let shape = lopper_core::ModelShape::tiny();
     let mut plan = lopper_core::MaskPlan::keep_all(&shape);
     plan.layers[1].channels.truncate(20);
@@ -601,6 +601,40 @@ fn export_writes_gguf_and_refuses_bad_plans() {
     assert!(ok, "{err}");
     let (ok, _, err) = xtask(&["export", "--model", &model, "--plan", p, "--out", o]);
     assert!(!ok && err.contains("--force"), "{err}");
+    // The cut refit by least squares on calibration text; the export records how.
+    let ls = root.path().join("ls");
+    let (ok, _, err) = xtask(&[
+        "export",
+        "--model",
+        &model,
+        "--plan",
+        p,
+        "--reconstruct",
+        "ls",
+        "--calib",
+        &calib,
+        "--calib-samples",
+        "6",
+        "--seq-len",
+        "16",
+        "--out",
+        ls.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ls.join("lopper.json")).unwrap()).unwrap();
+    assert_eq!(meta["provenance"]["reconstruct"], "ls", "{meta}");
+    let (ok, _, err) = xtask(&[
+        "export",
+        "--model",
+        &model,
+        "--reconstruct",
+        "ls",
+        "--out",
+        o,
+        "--force",
+    ]);
+    assert!(!ok && err.contains("give --plan"), "{err}");
     // A plan for another model.
     let mut other = lopper_core::ModelShape::tiny();
     other.layers[0].ffn_hidden = 40;
@@ -734,7 +768,10 @@ fn metric_methods_prune_the_tiny_model() {
     assert!(report.contains("Reconstruction (ls)"), "{report}");
     for (bad, want) in [("obs", "not implemented"), ("full", "none, bias or ls")] {
         let (ok, _, err, _) = run("flap", &["--reconstruct", bad, "--force"]);
-        assert!(!ok && err.contains(want) && !err.contains("panicked"), "{err}");
+        assert!(
+            !ok && err.contains(want) && !err.contains("panicked"),
+            "{err}"
+        );
     }
     // ... which can be switched off, and the allocation chosen.
     let (ok, _, err, out) = run(
@@ -901,7 +938,10 @@ fn compare_fills_the_table_and_reuses_finished_cells() {
                 .find(|c| c["method"] == m && c["sparsity"] == sp)
                 .unwrap()
         };
-        assert_eq!(cell("flap")["kept_param_ratio"], cell("flap+ls")["kept_param_ratio"]);
+        assert_eq!(
+            cell("flap")["kept_param_ratio"],
+            cell("flap+ls")["kept_param_ratio"]
+        );
         assert_eq!(cell("flap+ls")["reconstruct"], "ls");
         assert_eq!(cell("flap")["reconstruct"], "bias");
     }

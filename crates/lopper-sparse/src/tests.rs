@@ -461,7 +461,10 @@ mod structured {
         let cut = lopper_surgery::prune(&model, &plan).unwrap();
         let (d_cut, _) = max_diff(cut.forward(t), dense);
         assert!(d_ls / scale < 1e-6, "ls {d_ls} of {scale}");
-        assert!(d_cut / scale > 1e-3, "the cut alone must differ: {d_cut} of {scale}");
+        assert!(
+            d_cut / scale > 1e-3,
+            "the cut alone must differ: {d_cut} of {scale}"
+        );
         // Both refit projections hit their targets; the bias alone cannot.
         // (Layer 1's down_proj is refit too: only f32 rounding separates its inputs.)
         for r in &reports {
@@ -483,7 +486,10 @@ mod structured {
         let removed = [
             PruneUnit::KvGroup { layer: 0, group: 1 },
             PruneUnit::Channel { layer: 0, index: 2 },
-            PruneUnit::Channel { layer: 0, index: 40 },
+            PruneUnit::Channel {
+                layer: 0,
+                index: 40,
+            },
             PruneUnit::Layer { layer: 1 },
             PruneUnit::Channel { layer: 2, index: 7 },
         ];
