@@ -4,29 +4,15 @@
 mod common;
 
 use burn::tensor::{Tensor, TensorData};
-use common::{B, DEVICE, data_dirs, default_model};
-use lopper_data::{Sampler, load_documents, sample};
+use common::{B, DEVICE, default_model};
+use lopper_data::Sampler;
 use lopper_importance::gradient::{
     autodiff_copy, linear_grads, linear_weights, with_linear_weights,
 };
 use lopper_model::LayerMasks;
 
 fn windows(n: usize, len: usize) -> Vec<Vec<u32>> {
-    let m = default_model();
-    let (path, all) = load_documents("c4", &data_dirs()).unwrap();
-    let encode = |t: &str| m.tokenizer.encode(t).map_err(|e| e.to_string());
-    sample(
-        "c4",
-        &path,
-        &all[..50],
-        &encode,
-        Sampler::ConcatChunks,
-        n,
-        len,
-        7,
-    )
-    .unwrap()
-    .windows
+    common::c4_windows(0..50, Sampler::ConcatChunks, n, len, 7).windows
 }
 
 fn host(t: Tensor<B, 2>) -> Vec<f32> {

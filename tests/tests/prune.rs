@@ -3,25 +3,11 @@
 
 mod common;
 
-use common::{DEVICE, data_dirs, default_model};
+use common::{DEVICE, c4_windows, data_dirs, default_model};
 use lopper_core::{MaskPlan, UnitKind};
-use lopper_data::{Sampler, load_documents, sample};
+use lopper_data::{Sampler, load_documents};
 use lopper_model::Masks;
 use lopper_policy::{Hooks, Init, PgConfig, PgState, UnitSpace};
-
-/// `n` windows of `len` tokens drawn from the first `docs` C4 documents.
-fn c4_windows(
-    docs: usize,
-    sampler: Sampler,
-    n: usize,
-    len: usize,
-    seed: u64,
-) -> lopper_data::Calibration {
-    let m = default_model();
-    let (path, all) = load_documents("c4", &data_dirs()).unwrap();
-    let encode = |t: &str| m.tokenizer.encode(t).map_err(|e| e.to_string());
-    sample("c4", &path, &all[..docs], &encode, sampler, n, len, seed).unwrap()
-}
 
 fn values(t: burn::tensor::Tensor<common::B, 3>) -> Vec<f32> {
     t.into_data().to_vec().unwrap()
@@ -31,19 +17,19 @@ fn values(t: burn::tensor::Tensor<common::B, 3>) -> Vec<f32> {
 fn c4_calibration_windows_are_real_tokens() {
     let (path, docs) = load_documents("c4", &data_dirs()).unwrap();
     assert_eq!(docs.len(), 1000, "{}", path.display());
-    let calib = c4_windows(60, Sampler::ConcatChunks, 20, 128, 42);
+    let calib = c4_windows(0..60, Sampler::ConcatChunks, 20, 128, 42);
     assert_eq!(calib.windows.len(), 20);
     assert!(calib.windows.iter().all(|w| w.len() == 128));
-    let again = c4_windows(60, Sampler::ConcatChunks, 20, 128, 42);
+    let again = c4_windows(0..60, Sampler::ConcatChunks, 20, 128, 42);
     assert_eq!(calib.windows, again.windows);
-    let wanda = c4_windows(60, Sampler::RandomWindows, 5, 256, 1);
+    let wanda = c4_windows(0..60, Sampler::RandomWindows, 5, 256, 1);
     assert!(wanda.windows.iter().all(|w| w.len() == 256));
 }
 
 #[test]
 fn a_short_pg_search_on_the_real_model_gives_a_plan_surgery_can_cut() {
     let model = &default_model().model;
-    let calib = c4_windows(20, Sampler::ConcatChunks, 4, 32, 42);
+    let calib = c4_windows(0..20, Sampler::ConcatChunks, 4, 32, 42);
     let scores = lopper_importance::wanda_sp(model, &calib.windows, 2).unwrap();
     let units = [UnitKind::KvGroup, UnitKind::Channel];
     let space = UnitSpace::new(model.shape(), &units).unwrap();
@@ -143,25 +129,6 @@ fn surgery_of_the_real_model_drops_layers_and_blocks() {
     assert!(d < 1e-3, "{d}");
 }
 
-/// `n` windows of `len` tokens from C4 documents `docs` (disjoint ranges give disjoint text).
-fn c4_range(docs: std::ops::Range<usize>, n: usize, len: usize) -> Vec<Vec<u32>> {
-    let m = default_model();
-    let (path, all) = load_documents("c4", &data_dirs()).unwrap();
-    let encode = |t: &str| m.tokenizer.encode(t).map_err(|e| e.to_string());
-    sample(
-        "c4",
-        &path,
-        &all[docs],
-        &encode,
-        Sampler::ConcatChunks,
-        n,
-        len,
-        42,
-    )
-    .unwrap()
-    .windows
-}
-
 #[test]
 fn least_squares_reconstruction_of_the_real_model_beats_the_cut_and_exports_as_it_is() {
     let loaded = default_model();
@@ -178,8 +145,8 @@ fn least_squares_reconstruction_of_the_real_model_beats_the_cut_and_exports_as_i
         kv_groups: vec![],
         channels: vec![],
     };
-    let calib = c4_range(0..400, 96, 128);
-    let held_out = c4_range(600..800, 8, 128);
+    let calib = c4_windows(0..400, Sampler::ConcatChunks, 96, 128, 42).windows;
+    let held_out = c4_windows(600..800, Sampler::ConcatChunks, 8, 128, 42).windows;
     let settings = lopper_sparse::ReconSettings::default();
     let (ls, reports) =
         lopper_sparse::reconstruct(model, &plan, &calib, &settings, |_| {}).unwrap();

@@ -65,3 +65,18 @@ pub fn cuda_model() -> &'static LoadedModel<burn::backend::Cuda> {
 pub fn data_dirs() -> lopper_data::DataDirs {
     lopper_data::DataDirs::checkout().expect("the repository's datasets/ folder")
 }
+
+/// `n` calibration windows of `len` tokens drawn from C4 sample documents `docs` (disjoint
+/// ranges give disjoint text), tokenized by the default model.
+pub fn c4_windows(
+    docs: std::ops::Range<usize>,
+    sampler: lopper_data::Sampler,
+    n: usize,
+    len: usize,
+    seed: u64,
+) -> lopper_data::Calibration {
+    let m = default_model();
+    let (path, all) = lopper_data::load_documents("c4", &data_dirs()).unwrap();
+    let encode = |t: &str| m.tokenizer.encode(t).map_err(|e| e.to_string());
+    lopper_data::sample("c4", &path, &all[docs], &encode, sampler, n, len, seed).unwrap()
+}
