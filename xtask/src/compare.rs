@@ -619,21 +619,15 @@ impl CompareJob {
             }
             _ => None,
         };
+        let search_key = pg_key(&spec, spec.init.as_deref().unwrap_or(&st.pg_init), sparsity);
         let (plan, mut means): (Option<MaskPlan>, _) = match spec.base.as_str() {
             _ if oneshot.is_some() => (None, None),
             "dense" => (None, None),
-            "pg" if self.pg_plans.borrow().contains_key(&pg_key(
-                &spec,
-                spec.init.as_deref().unwrap_or(&st.pg_init),
-                sparsity,
-            )) =>
-            {
-                let key = pg_key(&spec, spec.init.as_deref().unwrap_or(&st.pg_init), sparsity);
+            "pg" if let Some((plan, means)) = self.pg_plans.borrow().get(&search_key).cloned() => {
                 tracing::info!(
                     method,
                     "plan of the same search reused from an earlier cell"
                 );
-                let (plan, means) = self.pg_plans.borrow()[&key].clone();
                 (Some(plan), means)
             }
             "pg" => {
@@ -661,10 +655,9 @@ impl CompareJob {
                     },
                 )?;
                 let means = out.means.map(|m| (m.o_proj, m.down_proj));
-                self.pg_plans.borrow_mut().insert(
-                    pg_key(&spec, spec.init.as_deref().unwrap_or(&st.pg_init), sparsity),
-                    (out.plan.clone(), means.clone()),
-                );
+                self.pg_plans
+                    .borrow_mut()
+                    .insert(search_key.clone(), (out.plan.clone(), means.clone()));
                 (Some(out.plan), means)
             }
             m => {

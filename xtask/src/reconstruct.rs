@@ -45,26 +45,6 @@ impl std::fmt::Display for Reconstruct {
     }
 }
 
-/// The refit projections `reconstruct` will report for `plan`: every kept o_proj / down_proj
-/// from the first block the plan changes on.
-fn projections_to_refit(plan: &MaskPlan) -> u64 {
-    let mut changed = false;
-    let mut n = 0;
-    for (lp, ls) in plan.layers.iter().zip(&plan.source.layers) {
-        let attn_cut = lp.kv_groups.len() != ls.n_kv_heads;
-        if !lp.kv_groups.is_empty() && (changed || attn_cut) {
-            n += 1;
-        }
-        changed |= attn_cut;
-        let mlp_cut = lp.channels.len() != ls.ffn_hidden;
-        if !lp.channels.is_empty() && (changed || mlp_cut) {
-            n += 1;
-        }
-        changed |= mlp_cut;
-    }
-    n
-}
-
 /// The model `plan` cuts from `model` under `how`, and the per-projection reports of `ls`.
 /// `means` are required by `bias`; `windows` are the calibration windows `ls` fits on.
 pub fn cut<B: Backend>(
@@ -85,7 +65,10 @@ pub fn cut<B: Backend>(
         }
         Reconstruct::Ls => {
             let bar = crate::progress::bar(
-                projections_to_refit(plan),
+                lopper_sparse::refits(plan)
+                    .iter()
+                    .map(|&(o, d)| u64::from(o) + u64::from(d))
+                    .sum(),
                 "reconstruct [{bar:30}] {pos}/{len} projections {msg} eta {eta}",
             )?;
             let (m, reports) = lopper_sparse::reconstruct(

@@ -312,6 +312,26 @@ fn attention_only<B: Backend>(layer: &DecoderLayer<B>) -> DecoderLayer<B> {
     }
 }
 
+/// Which projections [`reconstruct`] refits, per source layer: `(o_proj, down_proj)`. A kept
+/// block is refit when it is cut itself or any block before it was; layers before the first
+/// change stay dense.
+pub fn refits(plan: &MaskPlan) -> Vec<(bool, bool)> {
+    let mut changed = false;
+    plan.layers
+        .iter()
+        .zip(&plan.source.layers)
+        .map(|(keep, src)| {
+            let attn_cut = keep.kv_groups.len() != src.n_kv_heads;
+            let o = !keep.kv_groups.is_empty() && (changed || attn_cut);
+            changed |= attn_cut;
+            let mlp_cut = keep.channels.len() != src.ffn_hidden;
+            let d = !keep.channels.is_empty() && (changed || mlp_cut);
+            changed |= mlp_cut;
+            (o, d)
+        })
+        .collect()
+}
+
 /// The model `plan` cuts from `model`, with every kept `o_proj` / `down_proj` refit by damped
 /// least squares on `windows` (see the module documentation), and one report per refit
 /// projection (`on_projection` sees each as it is done). One layer's statistics live at a time;
@@ -351,14 +371,12 @@ pub fn reconstruct<B: Backend>(
     }
     let mut reports = Vec::new();
     let mut layers = Vec::new();
-    // Whether the pruned stream may differ from the dense one yet.
-    let mut changed = false;
-    for l in 0..model.shape().n_layers() {
+    let to_refit = refits(plan);
+    for (l, &(refit_o, refit_down)) in to_refit.iter().enumerate() {
         let (src, keep) = (&plan.source.layers[l], &plan.layers[l]);
         let dense_layer = &model.layers[l];
-        let attn_cut = keep.kv_groups.len() != src.n_kv_heads;
-        let mlp_cut = keep.channels.len() != src.ffn_hidden;
-        if !changed && !attn_cut && !mlp_cut {
+        let whole = keep.kv_groups.len() == src.n_kv_heads && keep.channels.len() == src.ffn_hidden;
+        if whole && !refit_o && !refit_down {
             for s in &mut streams {
                 s.dense = s.stepper.forward(dense_layer, s.dense.clone(), |_, _| {});
                 s.pruned = s.dense.clone();
@@ -386,7 +404,7 @@ pub fn reconstruct<B: Backend>(
         let mut layer = lopper_surgery::slice_layer(dense_layer, src, keep).into_owned();
         // Attention: o_proj refit (if the block survives and anything changed before it).
         if let Some(a) = &layer.self_attn
-            && (changed || attn_cut)
+            && refit_o
         {
             let started = Instant::now();
             let probe = attention_only(&layer);
@@ -409,10 +427,9 @@ pub fn reconstruct<B: Backend>(
                 a.o_proj = o;
             }
         }
-        changed |= attn_cut;
         // MLP: down_proj refit against the dense residual after the layer.
         if let Some(m) = &layer.mlp
-            && (changed || mlp_cut)
+            && refit_down
         {
             let started = Instant::now();
             let mut stats = Stats::new(m.down_proj.weight.dims()[0], hidden);
@@ -444,7 +461,6 @@ pub fn reconstruct<B: Backend>(
                 m.down_proj = d;
             }
         }
-        changed |= mlp_cut;
         for s in &mut streams {
             s.pruned = s.stepper.forward(&layer, s.pruned.clone(), |_, _| {});
         }
