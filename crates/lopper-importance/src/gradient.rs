@@ -19,15 +19,7 @@ use rand::{Rng, SeedableRng};
 use crate::{Error, Result, host};
 
 /// The seven projections of a decoder layer, in the order every per-linear array uses.
-pub const LINEARS: [&str; 7] = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
+pub const LINEARS: [&str; 7] = lopper_model::LINEAR_NAMES;
 
 /// Which calibration input each of [`LINEARS`] reads (index into `[attn, o_proj, mlp, down]`).
 const INPUT_OF: [usize; 7] = [0, 0, 0, 1, 2, 2, 3];
@@ -44,38 +36,7 @@ pub type UnitValues = (Vec<Vec<f64>>, Vec<Vec<f64>>);
 pub type PerLinear<B> = Vec<[Option<Tensor<B, 2>>; 7]>;
 
 pub(crate) fn layer_linears<B: Backend>(l: &DecoderLayer<B>) -> [Option<&Linear<B>>; 7] {
-    let a = l.self_attn.as_ref();
-    let m = l.mlp.as_ref();
-    [
-        a.map(|a| &a.q_proj),
-        a.map(|a| &a.k_proj),
-        a.map(|a| &a.v_proj),
-        a.map(|a| &a.o_proj),
-        m.map(|m| &m.gate_proj),
-        m.map(|m| &m.up_proj),
-        m.map(|m| &m.down_proj),
-    ]
-}
-
-fn layer_linears_mut<B: Backend>(l: &mut DecoderLayer<B>) -> [Option<&mut Linear<B>>; 7] {
-    let (mut q, mut k, mut v, mut o) = (None, None, None, None);
-    let (mut g, mut u, mut d) = (None, None, None);
-    if let Some(a) = l.self_attn.as_mut() {
-        (q, k, v, o) = (
-            Some(&mut a.q_proj),
-            Some(&mut a.k_proj),
-            Some(&mut a.v_proj),
-            Some(&mut a.o_proj),
-        );
-    }
-    if let Some(m) = l.mlp.as_mut() {
-        (g, u, d) = (
-            Some(&mut m.gate_proj),
-            Some(&mut m.up_proj),
-            Some(&mut m.down_proj),
-        );
-    }
-    [q, k, v, o, g, u, d]
+    l.linears()
 }
 
 /// Every decoder linear weight of `model`.
@@ -96,7 +57,7 @@ pub fn with_linear_weights<B: Backend>(
 ) -> Llama<B> {
     let mut out = model.clone();
     for (layer, ws) in out.layers.iter_mut().zip(weights) {
-        for (lin, w) in layer_linears_mut(layer).into_iter().zip(ws) {
+        for (lin, w) in layer.linears_mut().into_iter().zip(ws) {
             if let (Some(lin), Some(w)) = (lin, w) {
                 lin.weight = Param::initialized(ParamId::new(), w.set_require_grad(grad));
             }

@@ -15,8 +15,8 @@ pub use error::{Error, Result};
 pub use hostweights::HostWeights;
 pub use masks::{LayerMasks, Masks};
 pub use model::{
-    Attention, DecoderLayer, ForwardMemory, LayerStepper, Llama, Mlp, NLL_ROWS, RmsNorm, Rope, Tap,
-    mean_of, next_token_nll, nll_from_logits, tokens_tensor,
+    Attention, DecoderLayer, ForwardMemory, LINEAR_NAMES, LayerStepper, Llama, Mlp, NLL_ROWS,
+    RmsNorm, Rope, Tap, mean_of, next_token_nll, nll_from_logits, tokens_tensor,
 };
 pub use resolve::{
     HubOptions, LoadedModel, ModelFiles, ModelInfo, ModelSpec, default_model, default_model_path,

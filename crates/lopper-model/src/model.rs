@@ -240,6 +240,56 @@ impl<B: Backend> LayerStepper<B> {
     }
 }
 
+/// The names of a decoder layer's seven projections, in the order of [`DecoderLayer::linears`].
+pub const LINEAR_NAMES: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
+impl<B: Backend> DecoderLayer<B> {
+    /// The seven projections in [`LINEAR_NAMES`] order, `None` where their block is absent.
+    pub fn linears(&self) -> [Option<&Linear<B>>; 7] {
+        let a = self.self_attn.as_ref();
+        let m = self.mlp.as_ref();
+        [
+            a.map(|a| &a.q_proj),
+            a.map(|a| &a.k_proj),
+            a.map(|a| &a.v_proj),
+            a.map(|a| &a.o_proj),
+            m.map(|m| &m.gate_proj),
+            m.map(|m| &m.up_proj),
+            m.map(|m| &m.down_proj),
+        ]
+    }
+
+    /// [`DecoderLayer::linears`], mutable.
+    pub fn linears_mut(&mut self) -> [Option<&mut Linear<B>>; 7] {
+        let (mut q, mut k, mut v, mut o) = (None, None, None, None);
+        let (mut g, mut u, mut d) = (None, None, None);
+        if let Some(a) = self.self_attn.as_mut() {
+            (q, k, v, o) = (
+                Some(&mut a.q_proj),
+                Some(&mut a.k_proj),
+                Some(&mut a.v_proj),
+                Some(&mut a.o_proj),
+            );
+        }
+        if let Some(m) = self.mlp.as_mut() {
+            (g, u, d) = (
+                Some(&mut m.gate_proj),
+                Some(&mut m.up_proj),
+                Some(&mut m.down_proj),
+            );
+        }
+        [q, k, v, o, g, u, d]
+    }
+}
+
 impl<B: Backend> DecoderLayer<B> {
     fn forward(
         &self,
