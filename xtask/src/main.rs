@@ -14,6 +14,7 @@ mod plots;
 mod progress;
 mod prune;
 mod reconstruct;
+mod recover;
 mod sparse;
 
 use anyhow::Result;
@@ -51,6 +52,9 @@ enum Cmd {
     Prune(Box<prune::PruneArgs>),
     /// Compare pruning methods at several sparsities under one protocol (cached per cell).
     Compare(Box<compare::CompareArgs>),
+    /// Recovery after pruning: LoRA or full fine-tuning with cross-entropy and/or distillation
+    /// from the dense teacher; checkpoints, report, export.
+    Recover(Box<recover::RecoverArgs>),
     /// Apply a plan to a model and write it in a format other tools load.
     Export(prune::ExportArgs),
     /// A model's next-token logits on a text or token ids (top 5, or all as JSON).
@@ -146,6 +150,7 @@ fn run() -> Result<()> {
         Cmd::Eval(args) => eval::run(args),
         Cmd::Prune(args) => prune::run(*args),
         Cmd::Export(args) => prune::export(args),
+        Cmd::Recover(args) => recover::run(*args),
         Cmd::Compare(args) => compare::run(*args),
         Cmd::Logits(args) => logits::run(args),
         Cmd::Bench(cmd) => bench::run(cmd),

@@ -367,7 +367,7 @@ pub fn run_pg<B: Backend>(
 }
 
 /// Drops curve lines at or after `step` (a resumed run rewrites them).
-fn keep_curve_until(path: &Path, step: usize) -> Result<()> {
+pub fn keep_curve_until(path: &Path, step: usize) -> Result<()> {
     if !path.is_file() {
         return Ok(());
     }

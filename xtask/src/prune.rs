@@ -328,28 +328,7 @@ pub fn run(args: PruneArgs) -> Result<()> {
         cfg.held_out,
         args.calib_samples
     );
-    let ckpt = args.out.join("checkpoint.json");
-    // An existing folder is continued (--resume) or replaced (--force), the latter only once the
-    // model is loaded and the run is known to fit (`prepare_out`).
-    if args.out.exists() {
-        if args.resume {
-            anyhow::ensure!(
-                ckpt.is_file(),
-                "--resume: {} has no checkpoint.json to continue from",
-                args.out.display()
-            );
-        } else if !args.force {
-            bail!(
-                "{} already exists; pass --resume to continue its run, --force to start over, or choose another --out",
-                args.out.display()
-            );
-        }
-    } else if args.resume {
-        bail!(
-            "--resume: {} does not exist; start the run without --resume",
-            args.out.display()
-        );
-    }
+    check_out(&args.out, args.resume, args.force, "checkpoint.json")?;
     let device = args.device;
     run_on(
         device,
@@ -363,13 +342,38 @@ pub fn run(args: PruneArgs) -> Result<()> {
     )
 }
 
-/// The run folder, after every check passed: an existing one is replaced under `--force` and
-/// kept under `--resume`.
-fn prepare_out(a: &PruneArgs) -> Result<()> {
-    if a.out.exists() && a.force && !a.resume {
-        std::fs::remove_dir_all(&a.out).with_context(|| format!("removing {}", a.out.display()))?;
+/// Checks a run folder before any work: an existing one is continued (`resume`, when it holds
+/// `checkpoint`) or replaced (`force`, by [`prepare_out`] once the run is known to fit).
+pub fn check_out(out: &Path, resume: bool, force: bool, checkpoint: &str) -> Result<()> {
+    if out.exists() {
+        if resume {
+            anyhow::ensure!(
+                out.join(checkpoint).is_file(),
+                "--resume: {} has no {checkpoint} to continue from",
+                out.display()
+            );
+        } else if !force {
+            bail!(
+                "{} already exists; pass --resume to continue its run, --force to start over, or choose another --out",
+                out.display()
+            );
+        }
+    } else if resume {
+        bail!(
+            "--resume: {} does not exist; start the run without --resume",
+            out.display()
+        );
     }
-    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    Ok(())
+}
+
+/// The run folder, after every check passed: an existing one is replaced under `force` and
+/// kept under `resume`.
+pub fn prepare_out(out: &Path, resume: bool, force: bool) -> Result<()> {
+    if out.exists() && force && !resume {
+        std::fs::remove_dir_all(out).with_context(|| format!("removing {}", out.display()))?;
+    }
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     Ok(())
 }
 
@@ -407,7 +411,7 @@ impl Job for PruneJob {
             crate::eval::EvalSettings::for_report(a.eval_limit, a.allow_longer_context)
                 .guard(model.shape(), tasks)?;
         }
-        prepare_out(a)?;
+        prepare_out(&a.out, a.resume, a.force)?;
         let calib = crate::methods::draw_calibration(
             tok,
             &a.calib,

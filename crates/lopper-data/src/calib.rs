@@ -211,17 +211,11 @@ pub fn sample(
                 .collect()
         }
         Sampler::ConcatChunks => {
-            let mut all = Vec::new();
-            for d in docs {
-                all.extend(enc(d)?);
-            }
-            let mut chunks: Vec<Vec<u32>> =
-                all.chunks_exact(seq_len).map(<[u32]>::to_vec).collect();
+            let (mut chunks, tokens) = concat_chunks(docs, &enc, seq_len)?;
             if chunks.len() < samples {
                 return Err(Error::Invalid(format!(
-                    "{} has {} tokens: {} windows of {seq_len}, fewer than the {samples} asked for; lower --calib-samples or --seq-len",
+                    "{} has {tokens} tokens: {} windows of {seq_len}, fewer than the {samples} asked for; lower --calib-samples or --seq-len",
                     path.display(),
-                    all.len(),
                     chunks.len()
                 )));
             }
@@ -241,6 +235,55 @@ pub fn sample(
             seq_len,
             seed,
         },
+    })
+}
+
+/// Every document tokenised and concatenated in order, cut into windows of `seq_len` (the
+/// remainder dropped); and the number of tokens.
+fn concat_chunks(
+    docs: &[String],
+    enc: &dyn Fn(&str) -> Result<Vec<u32>>,
+    seq_len: usize,
+) -> Result<(Vec<Vec<u32>>, usize)> {
+    let mut all = Vec::new();
+    for d in docs {
+        all.extend(enc(d)?);
+    }
+    let chunks = all.chunks_exact(seq_len).map(<[u32]>::to_vec).collect();
+    Ok((chunks, all.len()))
+}
+
+/// Every window of [`Sampler::ConcatChunks`] (no truncation), in the order of `seed`: training
+/// data read in turn, with the tail held out.
+pub fn all_windows(
+    dataset: &str,
+    path: &Path,
+    docs: &[String],
+    encode: &dyn Fn(&str) -> std::result::Result<Vec<u32>, String>,
+    seq_len: usize,
+    seed: u64,
+) -> Result<Calibration> {
+    let enc = |d: &str| encode(d).map_err(|e| Error::Invalid(format!("tokenising: {e}")));
+    let (mut windows, tokens) = concat_chunks(docs, &enc, seq_len.max(1))?;
+    if seq_len < 2 || windows.is_empty() {
+        return Err(Error::Invalid(format!(
+            "{} has {tokens} tokens: no window of {seq_len} tokens (--seq-len must be at least 2 and at most the text's length)",
+            path.display()
+        )));
+    }
+    // The same draw as `sample(.., ConcatChunks, windows.len(), ..)`.
+    windows.shuffle(&mut ChaCha8Rng::seed_from_u64(seed));
+    Ok(Calibration {
+        info: CalibInfo {
+            dataset: dataset.into(),
+            path: path.to_owned(),
+            documents: docs.len(),
+            sampler: Sampler::ConcatChunks,
+            samples: windows.len(),
+            seq_len,
+            seed,
+        },
+        windows,
     })
 }
 
@@ -294,6 +337,12 @@ mod tests {
         want.sort();
         assert_eq!(got, want);
         assert!(sample("t", p, &docs(), &chars, Sampler::ConcatChunks, 9, 4, 1).is_err());
+        // All windows: the same order as the sampler drawing every one of them.
+        let all = all_windows("t", p, &docs(), &chars, 4, 1).unwrap();
+        assert_eq!(all.windows, s.windows);
+        assert_eq!(all.info.samples, 8);
+        assert!(all_windows("t", p, &docs(), &chars, 40, 1).is_err());
+        assert!(all_windows("t", p, &docs(), &chars, 1, 1).is_err());
         assert!(sample("t", p, &docs(), &chars, Sampler::ConcatChunks, 0, 4, 1).is_err());
     }
 

@@ -8,7 +8,7 @@ mod calib;
 pub mod hub;
 mod manifest;
 mod mc;
-pub use calib::{CalibInfo, Calibration, Sampler, load_documents, sample};
+pub use calib::{CalibInfo, Calibration, Sampler, all_windows, load_documents, sample};
 pub use manifest::{HubLocation, Manifest, ManifestFile};
 pub use mc::{McDoc, McTask, load_lambada};
 

@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 
 pub mod attention;
+mod autodiff;
 pub mod blas;
 mod error;
 pub mod loss;

@@ -13,11 +13,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use burn::nn::Linear;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
-use burn_flex::FlexTensor;
+use burn_flex::{Flex, FlexTensor};
 use half::bf16;
 use rayon::prelude::*;
 
 use crate::blas::{Blas, MatRef, blas};
+
+/// `Autodiff<Flex>`'s float primitive (burn-autodiff does not name its type publicly).
+pub(crate) type AutodiffTensor<B> = burn::tensor::ops::FloatTensor<burn::backend::Autodiff<B>>;
 
 static ON_BLAS: AtomicU64 = AtomicU64::new(0);
 static ENABLED: AtomicBool = AtomicBool::new(true);
@@ -76,6 +79,9 @@ pub fn linear<B: Backend>(layer: &Linear<B>, x: Tensor<B, 2>) -> Tensor<B, 2> {
 /// # Shapes
 /// - `lhs`: `[..., m, k]`, `rhs`: `[..., k, n]` -> `[..., m, n]`
 pub fn matmul<B: Backend, const D: usize>(lhs: Tensor<B, D>, rhs: Tensor<B, D>) -> Tensor<B, D> {
+    if TypeId::of::<B::FloatTensorPrimitive>() == TypeId::of::<AutodiffTensor<Flex>>() {
+        return autodiff_matmul(lhs, rhs);
+    }
     if TypeId::of::<B::FloatTensorPrimitive>() != TypeId::of::<FlexTensor>() {
         return lhs.matmul(rhs);
     }
@@ -90,6 +96,63 @@ pub fn matmul<B: Backend, const D: usize>(lhs: Tensor<B, D>, rhs: Tensor<B, D>) 
     match flex_matmul(blas, &a, &b) {
         Some(out) => from_flex(out),
         None => from_flex::<B, D>(a).matmul(from_flex(b)),
+    }
+}
+
+/// The product on `Autodiff<Flex>`: forward and backward products on the BLAS (a recorded op
+/// whose gradients are `grad * rhs^T` and `lhs^T * grad`), or burn's own autodiff matmul where
+/// the BLAS does not apply.
+fn autodiff_matmul<B: Backend, const D: usize>(
+    lhs: Tensor<B, D>,
+    rhs: Tensor<B, D>,
+) -> Tensor<B, D> {
+    let (ld, rd) = (lhs.dims(), rhs.dims());
+    let applies = blas().is_some_and(|b| {
+        blas_enabled()
+            && ld[..D - 2] == rd[..D - 2]
+            && ld[D - 1] == rd[D - 2]
+            && lhs.dtype() == rhs.dtype()
+            && (lhs.dtype() == DType::F32 || (lhs.dtype() == DType::BF16 && b.has_bf16()))
+    });
+    if !applies {
+        return lhs.matmul(rhs);
+    }
+    let (a, b) = (
+        downcast::<B, AutodiffTensor<Flex>, D>(lhs),
+        downcast::<B, AutodiffTensor<Flex>, D>(rhs),
+    );
+    upcast::<B, D, _>(crate::autodiff::blas_matmul(a, b))
+}
+
+fn downcast<B: Backend, T: 'static, const D: usize>(t: Tensor<B, D>) -> T {
+    match t.into_primitive() {
+        TensorPrimitive::Float(p) => {
+            let any: Box<dyn Any> = Box::new(p);
+            *any.downcast::<T>()
+                .expect("checked by the caller's TypeId test")
+        }
+        TensorPrimitive::QFloat(_) => unreachable!("quantized tensors are not AutodiffTensor"),
+    }
+}
+
+fn upcast<B: Backend, const D: usize, T: 'static>(t: T) -> Tensor<B, D> {
+    let any: Box<dyn Any> = Box::new(t);
+    let p = any
+        .downcast::<B::FloatTensorPrimitive>()
+        .expect("called only when the backend's float primitive is T");
+    Tensor::from_primitive(TensorPrimitive::Float(*p))
+}
+
+/// `a * b` of two Flex tensors with equal batch dimensions: on the BLAS where it applies, else
+/// Flex's own product.
+pub(crate) fn flex_product(a: FlexTensor, b: FlexTensor) -> FlexTensor {
+    use burn::tensor::ops::FloatTensorOps;
+    match blas().filter(|_| blas_enabled()) {
+        Some(blas) => match flex_matmul(blas, &a, &b) {
+            Some(out) => out,
+            None => Flex::float_matmul(a, b),
+        },
+        None => Flex::float_matmul(a, b),
     }
 }
 
@@ -372,6 +435,62 @@ mod tests {
         // Many batches (whole matrices per task) and an odd batch count (rows split).
         check(rand([6, 20, 7]), rand([6, 7, 3]), 1e-5);
         check(rand([3, 70, 7]), rand([3, 7, 3]), 1e-5);
+    }
+
+    /// Values and gradients of `loss = sum(c * (a b))` through [`matmul`] on `Autodiff<Flex>`
+    /// against burn's own autodiff product.
+    fn check_autodiff<const D: usize>(a: T<D>, b: T<D>, grads_of: (bool, bool)) {
+        use burn::backend::Autodiff;
+        type A = Autodiff<Flex>;
+        let lift = |t: T<D>, grad: bool| {
+            let t = Tensor::<A, D>::from_inner(t);
+            if grad { t.require_grad() } else { t }
+        };
+        let c = rand::<D>({
+            let (ad, bd) = (a.dims(), b.dims());
+            let mut d = ad;
+            d[D - 1] = bd[D - 1];
+            d
+        });
+        let run = |blas: bool| {
+            let (x, y) = (lift(a.clone(), grads_of.0), lift(b.clone(), grads_of.1));
+            let before = products_on_blas();
+            let out = if blas {
+                matmul(x.clone(), y.clone())
+            } else {
+                x.clone().matmul(y.clone())
+            };
+            let loss = (out.clone() * Tensor::<A, D>::from_inner(c.clone())).sum();
+            let g = loss.backward();
+            let on_blas = products_on_blas() - before;
+            (out.inner(), x.grad(&g), y.grad(&g), on_blas)
+        };
+        let (want, wa, wb, _) = run(false);
+        let (got, ga, gb, on_blas) = run(true);
+        assert!(rel_err(got, want) < 1e-5);
+        // The forward product and one backward product per tracked operand (at least: the
+        // counter is the process's, and other tests run at the same time).
+        assert!(on_blas > grads_of.0 as u64 + grads_of.1 as u64, "{on_blas}");
+        for (g, w) in [(ga, wa), (gb, wb)] {
+            match (g, w) {
+                (Some(g), Some(w)) => assert!(rel_err(g, w) < 1e-5),
+                (None, None) => {}
+                _ => panic!("a gradient is missing on one path"),
+            }
+        }
+    }
+
+    #[test]
+    fn autodiff_products_and_their_gradients_run_on_the_blas() {
+        if crate::blas().is_none() {
+            return;
+        }
+        check_autodiff(rand([37, 53]), rand([53, 29]), (true, true));
+        check_autodiff(rand([8, 16]), rand([16, 5]), (false, true));
+        check_autodiff(rand([8, 16]), rand([16, 5]), (true, false));
+        // A transposed right operand and a batch.
+        check_autodiff(rand([50, 24]), rand([30, 24]).transpose(), (true, true));
+        check_autodiff(rand([2, 3, 17, 9]), rand([2, 3, 9, 11]), (true, true));
     }
 
     #[test]

@@ -5,7 +5,7 @@
 use burn::module::{Module, Param, ParamId};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
-use lopper_model::{LINEAR_NAMES, Llama};
+use lopper_model::{HostTensor, LINEAR_NAMES, Llama};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -99,7 +99,7 @@ impl<B: Backend> LoraAdapters<B> {
 
     /// The adapters in PEFT's layout and names (`lora_A.weight` `[r, in]`, `lora_B.weight`
     /// `[out, r]`), for `adapter_model.safetensors`, with the matching `adapter_config.json`.
-    pub fn peft(&self) -> Result<(Vec<(String, Vec<usize>, Vec<f32>)>, serde_json::Value)> {
+    pub fn peft(&self) -> Result<(Vec<(String, HostTensor)>, serde_json::Value)> {
         let mut tensors = Vec::new();
         let mut targets = std::collections::BTreeSet::new();
         for (i, &(l, k)) in self.slots.iter().enumerate() {
@@ -111,13 +111,13 @@ impl<B: Backend> LoraAdapters<B> {
                 ("lora_A.weight", self.a[i].val().transpose()),
                 ("lora_B.weight", self.b[i].val().transpose()),
             ] {
-                let dims = t.dims().to_vec();
+                let shape = t.dims().to_vec();
                 let data = t
                     .into_data()
                     .convert::<f32>()
                     .to_vec::<f32>()
                     .map_err(|e| Error::Invalid(format!("reading adapter {prefix}: {e:?}")))?;
-                tensors.push((format!("{prefix}.{suffix}"), dims, data));
+                tensors.push((format!("{prefix}.{suffix}"), HostTensor { shape, data }));
             }
         }
         let config = serde_json::json!({

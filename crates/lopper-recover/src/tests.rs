@@ -452,13 +452,14 @@ fn peft_adapters_have_peft_names_and_layouts() {
     let run = Recovery::new(&m, lora(2)).unwrap();
     let (tensors, config) = run.adapters().unwrap().unwrap().peft().unwrap();
     assert_eq!(tensors.len(), 2 * 21);
-    let (name, dims, _) = &tensors[0];
+    let (name, t) = &tensors[0];
     assert_eq!(
         name,
         "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
     );
-    assert_eq!(dims, &vec![2, 32]);
-    let (name, dims, data) = &tensors[13];
+    assert_eq!(t.shape, vec![2, 32]);
+    let (name, t) = &tensors[13];
+    let (dims, data) = (&t.shape, &t.data);
     assert_eq!(
         name,
         "base_model.model.model.layers.0.mlp.down_proj.lora_B.weight"

@@ -418,28 +418,39 @@ fn accumulate<B: Backend, M: AutodiffModule<Ad<B>>>(
             }
             _ => None,
         };
-        let (loss, ce, kd) = objective(&student, tokens, teacher_logits, cfg)?;
-        sums.loss += w * scalar(loss.clone().inner());
-        add(&mut sums.ce, ce.map(|v| w * v));
-        add(&mut sums.kd, kd.map(|v| w * v));
-        let grads = (loss * w).backward();
+        let o = objective(&student, tokens, teacher_logits, cfg)?;
+        sums.loss += w * scalar(o.loss.clone().inner());
+        add(&mut sums.ce, o.ce.map(|v| w * v));
+        add(&mut sums.kd, o.kd.map(|v| w * v));
+        let grads = (o.loss * w).backward();
         acc.accumulate(module, GradientsParams::from_grads(grads, module));
     }
     Ok((acc.grads(), sums))
 }
 
-/// The objective of one micro-batch, and its ce / kd parts.
+/// One micro-batch's objective (on the graph) and the values of its parts.
+struct Objective<B: Backend> {
+    loss: Tensor<Ad<B>, 1>,
+    ce: Option<f64>,
+    kd: Option<f64>,
+}
+
+/// The objective of one micro-batch.
 fn objective<B: Backend>(
     student: &Llama<Ad<B>>,
     tokens: Tensor<Ad<B>, 2, Int>,
     teacher_logits: Option<Tensor<B, 3>>,
     cfg: &RecoverConfig,
-) -> Result<(Tensor<Ad<B>, 1>, Option<f64>, Option<f64>)> {
+) -> Result<Objective<B>> {
     let Some(tl) = teacher_logits else {
         // Cross-entropy only: the chunked NLL, no full logits tensor.
         let ce = student.token_nll(tokens, None)?.mean();
         let v = scalar(ce.clone().inner());
-        return Ok((ce, Some(v), None));
+        return Ok(Objective {
+            loss: ce,
+            ce: Some(v),
+            kd: None,
+        });
     };
     let logits = student.forward(tokens.clone());
     let [b, s, v] = logits.dims();
@@ -447,11 +458,19 @@ fn objective<B: Backend>(
     let kd = kd_loss(rows(logits.clone()), rows_inner(tl, b, s, v), &cfg.distill);
     let kd_v = scalar(kd.clone().inner());
     Ok(match cfg.loss {
-        LossKind::Kd => (kd, None, Some(kd_v)),
+        LossKind::Kd => Objective {
+            loss: kd,
+            ce: None,
+            kd: Some(kd_v),
+        },
         _ => {
             let ce = next_token_nll(logits, tokens).mean();
             let ce_v = scalar(ce.clone().inner());
-            (ce + kd * cfg.distill.weight, Some(ce_v), Some(kd_v))
+            Objective {
+                loss: ce + kd * cfg.distill.weight,
+                ce: Some(ce_v),
+                kd: Some(kd_v),
+            }
         }
     })
 }

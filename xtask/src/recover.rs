@@ -1,0 +1,571 @@
+//! `cargo xtask recover`: LoRA or full fine-tuning of a pruned model, with cross-entropy and/or
+//! distillation from the dense teacher; checkpoints, resume, report, export.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use burn::tensor::backend::Backend;
+use clap::Args;
+use lopper_core::MaskPlan;
+use lopper_model::{Llama, ModelSpec, load};
+use lopper_recover::{Adapt, Distill, RecoverConfig, Recovery, StepRecord};
+use lopper_surgery::{ExportFormat, ExportOptions};
+
+use crate::backend::{DeviceChoice, Job, run_on};
+use crate::prune::write_json;
+
+#[derive(Debug, Args)]
+pub struct RecoverArgs {
+    /// The pruned model to train: a model directory (`prune`'s `model/`), a .gguf file, or
+    /// `default`.
+    #[arg(long)]
+    model: String,
+    /// The dense model it was pruned from (the distillation teacher), or `none` to train on
+    /// cross-entropy alone (required when the model is not a pruned version of a teacher).
+    #[arg(long, default_value = "default")]
+    teacher: String,
+    /// lora (adapters on every kept linear, merged at the end) or full (every weight).
+    #[arg(long, default_value = "lora")]
+    method: String,
+    /// ce (next-token cross-entropy), kd (distillation from the teacher) or ce+kd.
+    #[arg(long, default_value = "kd")]
+    loss: String,
+    /// Training text: c4 (the staged C4 sample) or a file (.json.gz / .jsonl with a `text`
+    /// field, or plain text). Never an evaluation set.
+    #[arg(long, default_value = "c4")]
+    data: String,
+    /// Optimiser steps.
+    #[arg(long, default_value_t = 200)]
+    steps: usize,
+    /// Windows per optimiser step.
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// Windows per forward/backward pass (the gradient of a step is accumulated over them).
+    #[arg(long, default_value_t = 4)]
+    micro_batch: usize,
+    /// Tokens per window.
+    #[arg(long, default_value_t = 128)]
+    seq_len: usize,
+    /// Peak learning rate (AdamW); default 1e-3 for lora, 5e-5 for full.
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Linear warm-up steps (default: a twentieth of --steps).
+    #[arg(long)]
+    warmup: Option<usize>,
+    /// The cosine decay ends at lr times this.
+    #[arg(long, default_value_t = 0.1)]
+    min_lr_ratio: f64,
+    /// AdamW's decoupled weight decay.
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f64,
+    /// Clip the global gradient norm to this (0: no clipping).
+    #[arg(long, default_value_t = 1.0)]
+    clip_norm: f64,
+    /// LoRA rank.
+    #[arg(long, default_value_t = 8)]
+    rank: usize,
+    /// LoRA alpha (the update is alpha / rank * A B).
+    #[arg(long, default_value_t = 16.0)]
+    alpha: f64,
+    /// Distillation temperature.
+    #[arg(long, default_value_t = 1.0)]
+    temperature: f64,
+    /// Distil only the teacher's k most likely tokens per position (default: the full
+    /// vocabulary).
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// Weight of the distillation term in ce+kd.
+    #[arg(long, default_value_t = 1.0)]
+    kd_weight: f64,
+    /// Seed of the window order and of the adapters' initialisation.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Windows of the training text held out (never trained on) for the before/after loss.
+    #[arg(long, default_value_t = 32)]
+    held_out: usize,
+    /// Also evaluate before and after on these tasks (as `eval --tasks`, 128-token windows).
+    #[arg(long)]
+    eval: Option<String>,
+    /// With --eval: only the first N windows / examples of each task.
+    #[arg(long)]
+    eval_limit: Option<usize>,
+    /// Checkpoint every N steps (and on Ctrl-C).
+    #[arg(long, default_value_t = 50)]
+    checkpoint_every: usize,
+    /// Also write the LoRA adapters (PEFT layout) to `adapters/`.
+    #[arg(long)]
+    keep_adapters: bool,
+    /// Stop (checkpointed, as on Ctrl-C) once this many steps are done.
+    #[arg(long)]
+    stop_after: Option<usize>,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: DeviceChoice,
+    /// Output folder.
+    #[arg(long)]
+    out: PathBuf,
+    /// Replace an existing --out folder.
+    #[arg(long)]
+    force: bool,
+    /// Continue the run checkpointed in --out.
+    #[arg(long)]
+    resume: bool,
+}
+
+impl RecoverArgs {
+    fn config(&self) -> Result<RecoverConfig> {
+        let adapt = match self.method.as_str() {
+            "lora" => Adapt::Lora {
+                rank: self.rank,
+                alpha: self.alpha,
+            },
+            "full" => Adapt::Full,
+            o => bail!("--method `{o}`: use lora or full"),
+        };
+        let lr = self.lr.unwrap_or(match adapt {
+            Adapt::Lora { .. } => 1e-3,
+            Adapt::Full => 5e-5,
+        });
+        let cfg = RecoverConfig {
+            adapt,
+            loss: self.loss.parse()?,
+            distill: Distill {
+                temperature: self.temperature,
+                top_k: self.top_k,
+                weight: self.kd_weight,
+            },
+            steps: self.steps,
+            batch_size: self.batch_size,
+            micro_batch: self.micro_batch.min(self.batch_size),
+            lr,
+            warmup: self.warmup.unwrap_or(self.steps / 20),
+            min_lr_ratio: self.min_lr_ratio,
+            weight_decay: self.weight_decay,
+            clip_norm: (self.clip_norm > 0.0).then_some(self.clip_norm),
+            seed: self.seed,
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
+
+/// Evaluation corpora: recovery never trains on them.
+const EVAL_SETS: [&str; 3] = ["wikitext2", "ptb", "ptb_valid"];
+
+pub fn run(args: RecoverArgs) -> Result<()> {
+    let cfg = args.config()?;
+    anyhow::ensure!(
+        !EVAL_SETS.contains(&args.data.as_str()),
+        "--data {}: that is an evaluation set; recovery never trains on evaluation data. Use c4 or a file of training text",
+        args.data
+    );
+    let teacher = (args.teacher != "none").then(|| args.teacher.clone());
+    anyhow::ensure!(
+        teacher.is_some() || !cfg.loss.needs_teacher(),
+        "--loss {} distils from a teacher; give --teacher (the dense model) or use --loss ce",
+        cfg.loss
+    );
+    anyhow::ensure!(args.seq_len >= 2, "--seq-len must be at least 2");
+    anyhow::ensure!(
+        args.held_out > 0,
+        "--held-out must be at least 1: the report compares the loss before and after on windows never trained on"
+    );
+    anyhow::ensure!(
+        args.checkpoint_every > 0,
+        "--checkpoint-every must be at least 1"
+    );
+    let eval_tasks = args
+        .eval
+        .as_deref()
+        .map(crate::eval::parse_tasks)
+        .transpose()?;
+    crate::prune::check_out(
+        &args.out,
+        args.resume,
+        args.force,
+        "recover-checkpoint.json",
+    )?;
+    run_on(
+        args.device,
+        RecoverJob {
+            args,
+            cfg,
+            teacher,
+            eval_tasks,
+        },
+    )
+}
+
+struct RecoverJob {
+    args: RecoverArgs,
+    cfg: RecoverConfig,
+    teacher: Option<String>,
+    eval_tasks: Option<Vec<crate::eval::Task>>,
+}
+
+/// The plan recorded in a lopper model directory's `lopper.json`, if any.
+fn plan_of(model: &str) -> Option<MaskPlan> {
+    let text = std::fs::read_to_string(Path::new(model).join("lopper.json")).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    serde_json::from_value(v.get("plan")?.clone()).ok()
+}
+
+/// Mean next-token loss of `model` on `windows`.
+fn held_out_loss<B: Backend>(model: &Llama<B>, windows: &[Vec<u32>], batch: usize) -> Result<f64> {
+    let p = lopper_eval::perplexity(model, windows, batch, None, |_| {})?;
+    Ok(p.nll_sum / p.tokens as f64)
+}
+
+impl Job for RecoverJob {
+    fn run<B: Backend>(self, device: B::Device, device_name: String) -> Result<()> {
+        let (a, cfg) = (&self.args, self.cfg);
+        let started = Instant::now();
+        let spec: ModelSpec = a.model.parse()?;
+        let student =
+            load::<B>(&spec, &device).with_context(|| format!("loading `{}`", a.model))?;
+        let plan = plan_of(&a.model);
+        let teacher = match &self.teacher {
+            Some(t) => {
+                let spec: ModelSpec = t.parse()?;
+                let teacher =
+                    load::<B>(&spec, &device).with_context(|| format!("loading teacher `{t}`"))?;
+                let (s, d) = (student.model.shape(), teacher.model.shape());
+                anyhow::ensure!(
+                    s.vocab_size == d.vocab_size,
+                    "the teacher `{t}` has a vocabulary of {} tokens and the model {}; distillation needs the same tokenizer. Give the dense model the student was pruned from, or --teacher none --loss ce",
+                    d.vocab_size,
+                    s.vocab_size
+                );
+                let pruned_from_it = match &plan {
+                    Some(p) => p.source == *d,
+                    None => s == d,
+                };
+                anyhow::ensure!(
+                    pruned_from_it,
+                    "`{}` is not a pruned version of the teacher `{t}` ({}); give the dense model it was pruned from, or train without a teacher: --teacher none --loss ce",
+                    a.model,
+                    if plan.is_some() {
+                        "its plan was made for another shape"
+                    } else {
+                        "it has no plan and another shape"
+                    }
+                );
+                Some(teacher.model)
+            }
+            None => None,
+        };
+        let shape = student.model.shape().clone();
+        crate::guard::context(&shape, a.seq_len, "--seq-len", false)?;
+        crate::guard::forward_fits(
+            &shape,
+            cfg.micro_batch,
+            a.seq_len,
+            "training (--micro-batch)",
+        )?;
+        if let Some(tasks) = &self.eval_tasks {
+            crate::eval::EvalSettings::for_report(a.eval_limit, false).guard(&shape, tasks)?;
+        }
+        // Every window of the text, in a seeded order: training reads them in turn, the last
+        // --held-out are never trained on.
+        let dirs = lopper_data::DataDirs::from_env(&lopper_model::lopper_home());
+        let (path, docs) = lopper_data::load_documents(&a.data, &dirs)?;
+        let encode = |t: &str| student.tokenizer.encode(t).map_err(|e| e.to_string());
+        let data = lopper_data::all_windows(&a.data, &path, &docs, &encode, a.seq_len, a.seed)?;
+        let need = cfg.windows_needed() + a.held_out;
+        anyhow::ensure!(
+            data.windows.len() >= need,
+            "--data {} has {} windows of {} tokens; --steps {} x --batch-size {} needs {} plus --held-out {} = {need}. Lower --steps or --batch-size, or give more text",
+            a.data,
+            data.windows.len(),
+            a.seq_len,
+            cfg.steps,
+            cfg.batch_size,
+            cfg.windows_needed(),
+            a.held_out
+        );
+        let held_out = &data.windows[data.windows.len() - a.held_out..];
+        let train = &data.windows[..cfg.windows_needed()];
+        crate::prune::prepare_out(&a.out, a.resume, a.force)?;
+        let meta = serde_json::json!({
+            "command": std::env::args().collect::<Vec<_>>().join(" "),
+            "model": student.info,
+            "teacher": self.teacher,
+            "config": cfg,
+            "data": {
+                "source": a.data,
+                "path": path,
+                "documents": docs.len(),
+                "windows_available": data.windows.len(),
+                "seq_len": a.seq_len,
+                "order_seed": a.seed,
+                "train_windows": format!("the first {} of the seeded order", train.len()),
+                "held_out_windows": format!("the last {} of the seeded order", held_out.len()),
+            },
+            "device": device_name,
+        });
+        write_json(&a.out.join("settings.json"), &meta)?;
+        let batch = cfg.micro_batch.max(1);
+        let before = held_out_loss(&student.model, held_out, batch)?;
+        let teacher_loss = teacher
+            .as_ref()
+            .map(|t| held_out_loss(t, held_out, batch))
+            .transpose()?;
+        let eval_settings = crate::eval::EvalSettings::for_report(a.eval_limit, false);
+        let eval_before = match &self.eval_tasks {
+            Some(tasks) => Some(crate::eval::evaluate(
+                &student.model,
+                &student.tokenizer,
+                tasks,
+                &eval_settings,
+            )?),
+            None => None,
+        };
+        let mut run = if a.resume && Recovery::<B>::has_checkpoint(&a.out) {
+            let r = Recovery::resume(&student.model, cfg, &a.out)?;
+            tracing::info!(step = r.step(), "resuming");
+            r
+        } else {
+            Recovery::new(&student.model, cfg)?
+        };
+        tracing::info!(
+            trainable = run.trainable_params()?,
+            windows = train.len(),
+            held_out = held_out.len(),
+            "recovery: {} with {}",
+            a.method,
+            cfg.loss
+        );
+        let curve_path = a.out.join("curve.jsonl");
+        crate::methods::keep_curve_until(&curve_path, run.step())?;
+        let mut curve = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&curve_path)
+            .with_context(|| format!("opening {}", curve_path.display()))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        {
+            let stop = stop.clone();
+            let _ = ctrlc::set_handler(move || stop.store(true, Ordering::SeqCst));
+        }
+        let bar = crate::progress::bar(
+            cfg.steps as u64,
+            "recover [{bar:30}] step {pos}/{len} {msg} eta {eta}",
+        )?;
+        bar.set_position(run.step() as u64);
+        let train_started = Instant::now();
+        let first_step = run.step();
+        while run.step() < cfg.steps {
+            if stop.load(Ordering::SeqCst) || a.stop_after.is_some_and(|n| run.step() >= n) {
+                run.save(&a.out)?;
+                bar.finish_and_clear();
+                bail!(
+                    "interrupted at step {}; checkpoint written to {}; run the same command again{} to continue",
+                    run.step(),
+                    a.out.display(),
+                    if a.resume { "" } else { " with --resume" }
+                );
+            }
+            let s = run.step();
+            let window = &train[s * cfg.batch_size..(s + 1) * cfg.batch_size];
+            let r = run.train_step(window, teacher.as_ref())?;
+            writeln!(curve, "{}", serde_json::to_string(&r)?)
+                .and_then(|_| curve.flush())
+                .context("writing curve.jsonl")?;
+            bar.set_position(run.step() as u64);
+            bar.set_message(format!("loss {:.4} lr {:.2e}", r.loss, r.lr));
+            if run.step() % a.checkpoint_every == 0 && run.step() < cfg.steps {
+                run.save(&a.out)?;
+            }
+        }
+        bar.finish_and_clear();
+        let train_seconds = train_started.elapsed().as_secs_f64();
+        let records: Vec<StepRecord> = std::fs::read_to_string(&curve_path)?
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        loss_plot(&a.out.join("loss.png"), &records)?;
+        let recovered = run.model()?;
+        let after = held_out_loss(&recovered, held_out, batch)?;
+        let eval_after = match &self.eval_tasks {
+            Some(tasks) => Some(crate::eval::evaluate(
+                &recovered,
+                &student.tokenizer,
+                tasks,
+                &eval_settings,
+            )?),
+            None => None,
+        };
+        if let (Some((b, _)), Some((r, _))) = (&eval_before, &eval_after) {
+            write_json(
+                &a.out.join("eval.json"),
+                &serde_json::json!({
+                    "protocol": eval_settings.protocol(&device_name),
+                    "before": b,
+                    "after": r,
+                }),
+            )?;
+        }
+        let model_dir = a.out.join("model");
+        lopper_surgery::export(
+            &recovered,
+            &student.tokenizer,
+            plan.as_ref(),
+            &ExportOptions {
+                format: ExportFormat::Hf,
+                force: true,
+                provenance: serde_json::json!({"recover": meta}),
+            },
+            &model_dir,
+        )?;
+        if a.keep_adapters
+            && let Some(ad) = run.adapters()?
+        {
+            write_adapters(&a.out.join("adapters"), &ad)?;
+        }
+        let mut report = format!(
+            "# lopper recover: {} with {}\n\nCommand: `{}`\n\n",
+            a.method,
+            cfg.loss,
+            meta["command"].as_str().unwrap_or("")
+        );
+        report += &format!(
+            "Model: `{}` ({} parameters); teacher: `{}`. Trained parameters: {}.\n\n",
+            a.model,
+            shape.num_params(),
+            self.teacher.as_deref().unwrap_or("none"),
+            run.trainable_params()?
+        );
+        report += &format!(
+            "Training data: `{}` ({} documents, {} windows of {} tokens in a seeded order, seed {}); trained on the first {} ({} steps x {} windows, {} tokens), held out the last {}. No evaluation set is read for training.\n\n",
+            path.display(),
+            docs.len(),
+            data.windows.len(),
+            a.seq_len,
+            a.seed,
+            train.len(),
+            cfg.steps,
+            cfg.batch_size,
+            train.len() * (a.seq_len - 1),
+            held_out.len()
+        );
+        report += "| held-out loss (nats/token) | value | perplexity |\n|---|---:|---:|\n";
+        if let Some(t) = teacher_loss {
+            report += &format!("| teacher | {t:.4} | {:.2} |\n", t.exp());
+        }
+        report += &format!(
+            "| before recovery | {before:.4} | {:.2} |\n| after recovery | {after:.4} | {:.2} |\n\n",
+            before.exp(),
+            after.exp()
+        );
+        if let (Some((_, tb)), Some((_, ta))) = (&eval_before, &eval_after) {
+            report +=
+                "## Evaluation before recovery\n\n| task | result | seconds |\n|---|---|---:|\n";
+            for row in tb {
+                report += &format!("{row}\n");
+            }
+            report +=
+                "\n## Evaluation after recovery\n\n| task | result | seconds |\n|---|---|---:|\n";
+            for row in ta {
+                report += &format!("{row}\n");
+            }
+            report += "\n";
+            println!("after recovery:");
+            crate::eval::print_table(ta);
+        }
+        if let (Some(f), Some(l)) = (records.first(), records.last()) {
+            report += &format!(
+                "Training: {} steps; loss {:.4} at the first step, {:.4} at the last; per-step values in `curve.jsonl`, plot in `loss.png`. This session trained {} steps in {train_seconds:.1} s ({:.0} tokens/s).\n",
+                l.step + 1,
+                f.loss,
+                l.loss,
+                cfg.steps - first_step,
+                ((cfg.steps - first_step) * cfg.batch_size * (a.seq_len - 1)) as f64
+                    / train_seconds.max(1e-9)
+            );
+        }
+        report += &format!(
+            "\nWall time: {:.1} s on {device_name}{}.\n",
+            started.elapsed().as_secs_f64(),
+            crate::progress::peak_rss_note()
+        );
+        lopper_core::write_atomic(&a.out.join("report.md"), report.as_bytes())?;
+        // The run is complete: its checkpoint is no longer needed.
+        remove_checkpoint(&a.out);
+        println!(
+            "recovered: held-out loss {before:.4} -> {after:.4} (ppl {:.2} -> {:.2}); model in {}",
+            before.exp(),
+            after.exp(),
+            model_dir.display()
+        );
+        Ok(())
+    }
+}
+
+fn remove_checkpoint(dir: &Path) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with("recover-") {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+}
+
+/// The training loss per step (and its ce / kd parts) with a 20-step moving average.
+fn loss_plot(path: &Path, records: &[StepRecord]) -> Result<()> {
+    let avg = |f: &dyn Fn(&StepRecord) -> Option<f64>| -> Vec<(f64, f64)> {
+        let pts: Vec<(f64, f64)> = records
+            .iter()
+            .filter_map(|r| f(r).map(|v| (r.step as f64, v)))
+            .collect();
+        (0..pts.len())
+            .map(|i| {
+                let s = i.saturating_sub(19);
+                let m = pts[s..=i].iter().map(|p| p.1).sum::<f64>() / (i - s + 1) as f64;
+                (pts[i].0, m)
+            })
+            .collect()
+    };
+    let mut series = vec![("loss (20-step mean)".to_string(), avg(&|r| Some(r.loss)))];
+    if records.iter().any(|r| r.kd.is_some()) && records.iter().any(|r| r.ce.is_some()) {
+        series.push(("ce (20-step mean)".into(), avg(&|r| r.ce)));
+        series.push(("kd (20-step mean)".into(), avg(&|r| r.kd)));
+    }
+    crate::plots::series(
+        path,
+        "recovery: training loss",
+        ("step", "nats/token"),
+        &series,
+        false,
+    )
+}
+
+/// PEFT's `adapter_model.safetensors` and `adapter_config.json`.
+fn write_adapters<B: Backend>(dir: &Path, ad: &lopper_recover::LoraAdapters<B>) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let (tensors, config) = ad.peft()?;
+    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+        .into_iter()
+        .map(|(n, t)| {
+            let bytes = t.data.iter().flat_map(|x| x.to_le_bytes()).collect();
+            (n, t.shape, bytes)
+        })
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = bytes
+        .iter()
+        .map(|(n, d, b)| {
+            Ok((
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, d.clone(), b)?,
+            ))
+        })
+        .collect::<Result<_>>()?;
+    let st = safetensors::serialize(views, None)?;
+    lopper_core::write_atomic(&dir.join("adapter_model.safetensors"), &st)?;
+    write_json(&dir.join("adapter_config.json"), &config)
+}
