@@ -1317,3 +1317,315 @@ fn a_missing_plan_names_the_file_and_the_os_error_once() {
     assert!(!ok && err.contains("nope.json"), "{err}");
     assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
 }
+
+/// The tiny model with a third of layer 1's channels and one KV group of layer 2 cut away
+/// (exported with its plan), and the tiny model itself: a pruned student and its teacher.
+fn tiny_pruned_pair(root: &std::path::Path) -> (String, String, String) {
+    let (teacher, calib) = tiny_model_dir(root);
+    let mut plan = lopper_core::MaskPlan::keep_all(&lopper_core::ModelShape::tiny());
+    plan.layers[1].channels.truncate(32);
+    plan.layers[2].kv_groups.truncate(1);
+    let plan_path = root.join("cut.json");
+    plan.save(&plan_path).unwrap();
+    let student = root.join("student");
+    let (ok, _, err) = xtask(&[
+        "export",
+        "--model",
+        &teacher,
+        "--plan",
+        plan_path.to_str().unwrap(),
+        "--out",
+        student.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    (student.to_str().unwrap().into(), teacher, calib)
+}
+
+/// `recover` on the tiny pair; each `--flag value` of `overrides` replaces the default's (a
+/// flag followed by another flag, or last, is a switch and is appended).
+fn recover_args<'a>(
+    student: &'a str,
+    teacher: &'a str,
+    calib: &'a str,
+    out: &'a str,
+    overrides: &[&'a str],
+) -> Vec<&'a str> {
+    let mut args = vec![
+        "recover",
+        "--model",
+        student,
+        "--teacher",
+        teacher,
+        "--data",
+        calib,
+        "--loss",
+        "ce+kd",
+        "--steps",
+        "6",
+        "--batch-size",
+        "2",
+        "--micro-batch",
+        "1",
+        "--seq-len",
+        "16",
+        "--held-out",
+        "3",
+        "--lr",
+        "0.01",
+        "--checkpoint-every",
+        "2",
+        "--out",
+        out,
+    ];
+    let mut i = 0;
+    while i < overrides.len() {
+        let flag = overrides[i];
+        match overrides.get(i + 1).filter(|v| !v.starts_with("--")) {
+            Some(value) => {
+                match args.iter().position(|a| *a == flag) {
+                    Some(p) => args[p + 1] = value,
+                    None => args.extend([flag, value]),
+                }
+                i += 2;
+            }
+            None => {
+                args.push(flag);
+                i += 1;
+            }
+        }
+    }
+    args
+}
+
+#[test]
+fn recover_trains_the_pruned_tiny_model_and_resumes_bit_identically() {
+    let root = tempfile::tempdir().unwrap();
+    let (student, teacher, calib) = tiny_pruned_pair(root.path());
+    let full = root.path().join("full");
+    let args = recover_args(
+        &student,
+        &teacher,
+        &calib,
+        full.to_str().unwrap(),
+        &["--keep-adapters"],
+    );
+    let (ok, stdout, err) = xtask(&args);
+    assert!(ok, "{err}");
+    assert!(stdout.contains("recovered: held-out loss"), "{stdout}");
+    let read = |d: &std::path::Path, f: &str| std::fs::read(d.join(f)).unwrap();
+    let curve = String::from_utf8(read(&full, "curve.jsonl")).unwrap();
+    let records: Vec<serde_json::Value> = curve
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(records.len(), 6);
+    assert!(
+        records
+            .iter()
+            .all(|r| r["ce"].is_number() && r["kd"].is_number())
+    );
+    let report = String::from_utf8(read(&full, "report.md")).unwrap();
+    for want in [
+        "before recovery",
+        "after recovery",
+        "teacher",
+        "No evaluation set",
+    ] {
+        assert!(report.contains(want), "{want}: {report}");
+    }
+    assert!(full.join("loss.png").is_file());
+    // The recovered model loads, keeps the student's shape and records its plan.
+    let (ok, info, err) = xtask(&[
+        "info",
+        "--model",
+        full.join("model").to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&info).unwrap();
+    let (_, sinfo, _) = xtask(&["info", "--model", &student, "--json"]);
+    let s: serde_json::Value = serde_json::from_str(&sinfo).unwrap();
+    assert_eq!(v["params"]["total"], s["params"]["total"]);
+    let meta: serde_json::Value =
+        serde_json::from_slice(&read(&full.join("model"), "lopper.json")).unwrap();
+    assert!(meta["plan"].is_object() && meta["provenance"]["recover"].is_object());
+    // PEFT adapters: rank 8 on the 3 x 7 linears.
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&read(&full.join("adapters"), "adapter_config.json")).unwrap();
+    assert_eq!(
+        (cfg["r"].as_u64(), cfg["peft_type"].as_str()),
+        (Some(8), Some("LORA"))
+    );
+    let st = read(&full.join("adapters"), "adapter_model.safetensors");
+    let st = safetensors::SafeTensors::deserialize(&st).unwrap();
+    assert_eq!(st.len(), 42);
+    // A finished run keeps no checkpoint.
+    assert!(!full.join("recover-checkpoint.json").exists());
+
+    // Interrupted after 3 steps, then resumed: the same curve and the same weights.
+    let part = root.path().join("part");
+    let part_s = part.to_str().unwrap();
+    let args = recover_args(&student, &teacher, &calib, part_s, &["--stop-after", "3"]);
+    let (ok, _, err) = xtask(&args);
+    assert!(
+        !ok && err.contains("interrupted at step 3") && err.contains("--resume"),
+        "{err}"
+    );
+    assert!(part.join("recover-checkpoint.json").is_file() && !part.join("model").exists());
+    let other = recover_args(
+        &student,
+        &teacher,
+        &calib,
+        part_s,
+        &["--resume", "--rank", "4"],
+    );
+    let (ok, _, err) = xtask(&other);
+    assert!(!ok && err.contains("same flags"), "{err}");
+    let resume = recover_args(&student, &teacher, &calib, part_s, &["--resume"]);
+    let (ok, _, err) = xtask(&resume);
+    assert!(ok, "{err}");
+    let strip_seconds = |d: &std::path::Path| -> Vec<serde_json::Value> {
+        String::from_utf8(read(d, "curve.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+                v.as_object_mut().unwrap().remove("seconds");
+                v
+            })
+            .collect()
+    };
+    assert_eq!(strip_seconds(&full), strip_seconds(&part));
+    assert_eq!(
+        read(&full.join("model"), "model.safetensors"),
+        read(&part.join("model"), "model.safetensors")
+    );
+
+    // Full fine-tuning on cross-entropy alone, with no teacher.
+    let ce = root.path().join("ce");
+    let args = recover_args(
+        &student,
+        "none",
+        &calib,
+        ce.to_str().unwrap(),
+        &[
+            "--loss", "ce", "--method", "full", "--steps", "2", "--lr", "0.001",
+        ],
+    );
+    let (ok, _, err) = xtask(&args);
+    assert!(ok, "{err}");
+    let report = std::fs::read_to_string(ce.join("report.md")).unwrap();
+    assert!(report.contains("teacher: `none`"), "{report}");
+}
+
+#[test]
+fn recover_refuses_bad_input_before_any_work() {
+    let root = tempfile::tempdir().unwrap();
+    let (student, teacher, calib) = tiny_pruned_pair(root.path());
+    // A teacher with another vocabulary, and one of another shape (not what it was cut from).
+    let export = |shape: &lopper_core::ModelShape, name: &str| {
+        let m = lopper_model::Llama::<burn_flex::Flex>::random(shape, 3, &burn_flex::FlexDevice)
+            .unwrap();
+        let tok = lopper_model::Tokenizer::word_level(shape.vocab_size);
+        let dir = root.path().join(name);
+        let opts = lopper_surgery::ExportOptions {
+            format: lopper_surgery::ExportFormat::Hf,
+            force: false,
+            provenance: serde_json::Value::Null,
+        };
+        lopper_surgery::export(&m, &tok, None, &opts, &dir).unwrap();
+        dir.to_str().unwrap().to_string()
+    };
+    let mut wide = lopper_core::ModelShape::tiny();
+    wide.vocab_size = 256;
+    let wide = export(&wide, "wide");
+    let mut other = lopper_core::ModelShape::tiny();
+    other.layers[0].ffn_hidden = 64;
+    let other = export(&other, "other");
+    let out = root.path().join("x");
+    let o = out.to_str().unwrap();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["--data", "wikitext2"], "evaluation set"),
+        (vec!["--teacher", "none"], "--teacher"),
+        (vec!["--teacher", &wide], "vocabulary"),
+        (vec!["--teacher", &other], "--teacher none"),
+        (vec!["--steps", "1000"], "windows"),
+        (vec!["--method", "qlora"], "lora or full"),
+        (vec!["--rank", "0"], "--rank"),
+        (vec!["--lr", "0"], "--lr"),
+        (vec!["--loss", "mse"], "unknown loss"),
+        (vec!["--top-k", "0"], "--top-k"),
+        (vec!["--resume"], "does not exist"),
+    ];
+    for (extra, want) in cases {
+        let args = recover_args(&student, &teacher, &calib, o, &extra);
+        let (ok, _, err) = xtask(&args);
+        assert!(
+            !ok && err.contains(want),
+            "{extra:?}: want `{want}` in {err}"
+        );
+        assert!(!err.contains("panicked"), "{err}");
+        assert!(!out.exists(), "{extra:?} wrote {o}");
+    }
+    // The numbers of too little data.
+    let args = recover_args(&student, &teacher, &calib, o, &["--steps", "1000"]);
+    let (_, _, err) = xtask(&args);
+    assert!(err.contains("2000 plus --held-out 3"), "{err}");
+}
+
+#[test]
+fn recover_on_the_real_model_lowers_the_held_out_loss() {
+    let root = tempfile::tempdir().unwrap();
+    // A crude cut of the default model: every layer loses its last quarter of MLP channels.
+    let (ok, info, err) = xtask(&["info", "--model", "default", "--json"]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&info).unwrap();
+    let shape: lopper_core::ModelShape = serde_json::from_value(v["shape"].clone()).unwrap();
+    let mut plan = lopper_core::MaskPlan::keep_all(&shape);
+    for l in &mut plan.layers {
+        l.channels.truncate(l.channels.len() * 3 / 4);
+    }
+    let plan_path = root.path().join("plan.json");
+    plan.save(&plan_path).unwrap();
+    let student = root.path().join("student");
+    let (ok, _, err) = xtask(&[
+        "export",
+        "--plan",
+        plan_path.to_str().unwrap(),
+        "--out",
+        student.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let out = root.path().join("rec");
+    let (ok, stdout, err) = xtask(&[
+        "recover",
+        "--model",
+        student.to_str().unwrap(),
+        "--steps",
+        "4",
+        "--batch-size",
+        "4",
+        "--micro-batch",
+        "2",
+        "--held-out",
+        "8",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let report = std::fs::read_to_string(out.join("report.md")).unwrap();
+    let loss = |row: &str| -> f64 {
+        let line = report.lines().find(|l| l.starts_with(row)).unwrap();
+        line.split('|').nth(2).unwrap().trim().parse().unwrap()
+    };
+    let (teacher, before, after) = (
+        loss("| teacher"),
+        loss("| before recovery"),
+        loss("| after recovery"),
+    );
+    // Distillation from the dense model wins back part of what the cut lost.
+    assert!(
+        teacher < before && after < before - 0.01,
+        "{stdout}\n{report}"
+    );
+}
