@@ -90,6 +90,22 @@ pub struct CompareArgs {
     /// Policy-gradient initialisation (as `prune --init`; default: the preset's).
     #[arg(long)]
     pg_init: Option<String>,
+    /// `NAME+recover` cells: lora or full (as `recover --method`).
+    #[arg(long, default_value = "lora")]
+    recover_method: String,
+    /// `NAME+recover` cells: ce, kd or ce+kd, with the dense model as the teacher.
+    #[arg(long, default_value = "kd")]
+    recover_loss: String,
+    /// `NAME+recover` cells: optimiser steps on every --calib window of --calib-seq-len tokens
+    /// (not an evaluation set).
+    #[arg(long, default_value_t = 100)]
+    recover_steps: usize,
+    /// `NAME+recover` cells: windows per step.
+    #[arg(long, default_value_t = 8)]
+    recover_batch_size: usize,
+    /// `NAME+recover` cells: peak learning rate (default: recover's for the method).
+    #[arg(long)]
+    recover_lr: Option<f64>,
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: DeviceChoice,
@@ -128,6 +144,10 @@ struct Settings {
     pg_init: String,
     #[serde(default = "reference_preset")]
     pg_preset: String,
+    /// The recovery of `NAME+recover` cells (present only when one is asked for), trained on
+    /// every `calib` window of `calib_seq_len` tokens in the order of `seed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    recover: Option<lopper_recover::RecoverConfig>,
 }
 
 /// Folders made before presets existed ran the reference settings.
@@ -203,10 +223,26 @@ struct Spec {
     recon: Option<Reconstruct>,
     /// One-shot method and its pattern (`unstructured` or `N:M`).
     oneshot: Option<(lopper_sparse::SparseMethod, String)>,
+    /// `+recover`: recovery training after the cut (the compare's `--recover-*` settings).
+    recover: bool,
 }
 
 impl Spec {
-    fn parse(s: &str) -> Result<Self> {
+    fn parse(full: &str) -> Result<Self> {
+        let (s, recover) = match full.strip_suffix("+recover") {
+            Some(r) => (r, true),
+            None => (full, false),
+        };
+        let spec = Self::parse_cut(s)?;
+        anyhow::ensure!(
+            !recover || (spec.oneshot.is_none() && spec.base != "dense"),
+            "--methods: `{full}`: +recover trains a structurally pruned model; it does not apply to dense or one-shot methods"
+        );
+        Ok(Self { recover, ..spec })
+    }
+
+    /// A spec without `+recover`.
+    fn parse_cut(s: &str) -> Result<Self> {
         let (rest, recon) = match s.rsplit_once('+') {
             Some((r, how)) => (
                 r,
@@ -242,6 +278,7 @@ impl Spec {
                 bias: None,
                 recon: None,
                 oneshot,
+                recover: false,
             });
         }
         if base == "dense" {
@@ -263,6 +300,7 @@ impl Spec {
             bias,
             recon,
             oneshot: None,
+            recover: false,
         })
     }
 
@@ -379,6 +417,19 @@ pub fn run(args: CompareArgs) -> Result<()> {
             .into()
         }),
         pg_preset: args.pg_preset.clone(),
+        recover: if methods.iter().any(|m| m.ends_with("+recover")) {
+            crate::recover::check_data(&args.calib).context("+recover trains on --calib")?;
+            Some(crate::recover::compare_config(
+                &args.recover_method,
+                &args.recover_loss,
+                args.recover_steps,
+                args.recover_batch_size,
+                args.recover_lr,
+                args.seed,
+            )?)
+        } else {
+            None
+        },
     };
     let settings_path = args.out.join("settings.json");
     if args.force && args.out.exists() {
@@ -744,7 +795,41 @@ impl CompareJob {
                 (Some(pruned), alloc.to_string())
             }
         };
-        // The cut (and its reconstruction) is part of the plan's time and memory.
+        let pruned = match (pruned, &st.recover) {
+            (Some(p), Some(cfg)) if spec.recover => {
+                let windows =
+                    crate::recover::training_windows(tok, &st.calib, st.calib_seq_len, st.seed)?;
+                anyhow::ensure!(
+                    windows.windows.len() >= cfg.windows_needed(),
+                    "+recover: --calib {} has {} windows of {} tokens; --recover-steps {} x --recover-batch-size {} needs {}",
+                    st.calib,
+                    windows.windows.len(),
+                    st.calib_seq_len,
+                    cfg.steps,
+                    cfg.batch_size,
+                    cfg.windows_needed()
+                );
+                // Its own folder: a pg cell's search writes curve.jsonl and loss.png too.
+                let rdir = dir.join("recover");
+                std::fs::create_dir_all(&rdir)
+                    .with_context(|| format!("creating {}", rdir.display()))?;
+                let trained = crate::recover::train(
+                    &p,
+                    Some(model),
+                    *cfg,
+                    &windows.windows,
+                    &crate::recover::TrainRun {
+                        dir: &rdir,
+                        resume: true,
+                        stop_after: None,
+                        checkpoint_every: 25,
+                    },
+                )?;
+                Some(trained.run.model()?)
+            }
+            (p, _) => p,
+        };
+        // The cut (its reconstruction, and recovery) is part of the plan's time and memory.
         let seconds_plan = t.elapsed().as_secs_f64();
         let plan_peak_mib = crate::progress::peak_rss_mib().filter(|_| peak_known);
         let eval_model = pruned.as_ref().unwrap_or(model);
@@ -915,6 +1000,23 @@ fn write_results(
         st.pg.batch_size,
         st.pg_init,
     );
+    if let Some(r) = &st.recover {
+        md += &format!(
+            "`+recover` cells: after the cut, {} steps of {} windows ({} tokens each, every window of the calibration text in the order of seed {}, each read once; {} tokens in all) of `recover` with {}, loss {}, peak lr {}, the dense model as the teacher; their `plan s` includes it.\n\n",
+            r.steps,
+            r.batch_size,
+            st.calib_seq_len,
+            r.seed,
+            r.windows_needed() * (st.calib_seq_len - 1),
+            match r.adapt {
+                lopper_recover::Adapt::Lora { rank, alpha } =>
+                    format!("LoRA rank {rank}, alpha {alpha}"),
+                lopper_recover::Adapt::Full => "full fine-tuning".into(),
+            },
+            r.loss,
+            r.lr
+        );
+    }
     md += "`plan s`: seconds to score and plan (a method scores once; its later sparsities reuse the scores). `plan peak MiB`: peak resident memory of the process during that phase, its high-water mark reset before each cell; it includes what the process already held (dense model, calibration windows, memory the allocator kept from earlier cells), and `(+N)` is the rise over the resident memory at the cell's start, what the method itself needed. `eval s`: seconds of the evaluation.\n\n";
     if has_err {
         md += "One-shot methods (alps, sparsegpt, wanda, NAME:PATTERN) zero individual weights of the decoder linears: their sparsity is the fraction of those weights set to zero, the model keeps its shape, and `rel. err` is the mean over the linears of ||XW^T - XW0^T||^2 / ||XW0^T||^2 on the calibration inputs (per linear in cells/<id>/sparsity.json).\n\n";

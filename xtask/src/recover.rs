@@ -116,20 +116,54 @@ pub struct RecoverArgs {
     resume: bool,
 }
 
+/// `--method`: LoRA of `rank` and `alpha`, or full.
+fn adapt(method: &str, rank: usize, alpha: f64) -> Result<Adapt> {
+    Ok(match method {
+        "lora" => Adapt::Lora { rank, alpha },
+        "full" => Adapt::Full,
+        o => bail!("--method `{o}`: use lora or full"),
+    })
+}
+
+/// The default peak learning rate of each method.
+fn default_lr(adapt: Adapt) -> f64 {
+    match adapt {
+        Adapt::Lora { .. } => 1e-3,
+        Adapt::Full => 5e-5,
+    }
+}
+
+/// The recovery of `compare`'s `NAME+recover` cells: `recover`'s defaults but for the flags it
+/// takes.
+pub fn compare_config(
+    method: &str,
+    loss: &str,
+    steps: usize,
+    batch_size: usize,
+    lr: Option<f64>,
+    seed: u64,
+) -> Result<RecoverConfig> {
+    let d = RecoverConfig::default();
+    let adapt = adapt(method, 8, 16.0).context("--recover-method")?;
+    let cfg = RecoverConfig {
+        adapt,
+        loss: loss.parse().context("--recover-loss")?,
+        steps,
+        batch_size,
+        micro_batch: d.micro_batch.min(batch_size),
+        lr: lr.unwrap_or(default_lr(adapt)),
+        warmup: steps / 20,
+        seed,
+        ..d
+    };
+    cfg.validate().context("--recover-*")?;
+    Ok(cfg)
+}
+
 impl RecoverArgs {
     fn config(&self) -> Result<RecoverConfig> {
-        let adapt = match self.method.as_str() {
-            "lora" => Adapt::Lora {
-                rank: self.rank,
-                alpha: self.alpha,
-            },
-            "full" => Adapt::Full,
-            o => bail!("--method `{o}`: use lora or full"),
-        };
-        let lr = self.lr.unwrap_or(match adapt {
-            Adapt::Lora { .. } => 1e-3,
-            Adapt::Full => 5e-5,
-        });
+        let adapt = adapt(&self.method, self.rank, self.alpha)?;
+        let lr = self.lr.unwrap_or(default_lr(adapt));
         let cfg = RecoverConfig {
             adapt,
             loss: self.loss.parse()?,
@@ -156,13 +190,35 @@ impl RecoverArgs {
 /// Evaluation corpora: recovery never trains on them.
 const EVAL_SETS: [&str; 3] = ["wikitext2", "ptb", "ptb_valid"];
 
+/// Refuses evaluation corpora as training data.
+pub fn check_data(data: &str) -> Result<()> {
+    anyhow::ensure!(
+        !EVAL_SETS.contains(&data),
+        "--data {data}: that is an evaluation set; recovery never trains on evaluation data. Use c4 or a file of training text"
+    );
+    Ok(())
+}
+
+/// Every window of `seq_len` tokens of the training text `data`, in the order of `seed`:
+/// training reads them in turn.
+pub fn training_windows(
+    tok: &lopper_model::Tokenizer,
+    data: &str,
+    seq_len: usize,
+    seed: u64,
+) -> Result<lopper_data::Calibration> {
+    check_data(data)?;
+    let dirs = lopper_data::DataDirs::from_env(&lopper_model::lopper_home());
+    let (path, docs) = lopper_data::load_documents(data, &dirs)?;
+    let encode = |t: &str| tok.encode(t).map_err(|e| e.to_string());
+    Ok(lopper_data::all_windows(
+        data, &path, &docs, &encode, seq_len, seed,
+    )?)
+}
+
 pub fn run(args: RecoverArgs) -> Result<()> {
     let cfg = args.config()?;
-    anyhow::ensure!(
-        !EVAL_SETS.contains(&args.data.as_str()),
-        "--data {}: that is an evaluation set; recovery never trains on evaluation data. Use c4 or a file of training text",
-        args.data
-    );
+    check_data(&args.data)?;
     let teacher = (args.teacher != "none").then(|| args.teacher.clone());
     anyhow::ensure!(
         teacher.is_some() || !cfg.loss.needs_teacher(),
@@ -269,12 +325,8 @@ impl Job for RecoverJob {
         if let Some(tasks) = &self.eval_tasks {
             crate::eval::EvalSettings::for_report(a.eval_limit, false).guard(&shape, tasks)?;
         }
-        // Every window of the text, in a seeded order: training reads them in turn, the last
-        // --held-out are never trained on.
-        let dirs = lopper_data::DataDirs::from_env(&lopper_model::lopper_home());
-        let (path, docs) = lopper_data::load_documents(&a.data, &dirs)?;
-        let encode = |t: &str| student.tokenizer.encode(t).map_err(|e| e.to_string());
-        let data = lopper_data::all_windows(&a.data, &path, &docs, &encode, a.seq_len, a.seed)?;
+        let data = training_windows(&student.tokenizer, &a.data, a.seq_len, a.seed)?;
+        let (path, documents) = (data.info.path.clone(), data.info.documents);
         let need = cfg.windows_needed() + a.held_out;
         anyhow::ensure!(
             data.windows.len() >= need,
@@ -288,7 +340,7 @@ impl Job for RecoverJob {
             a.held_out
         );
         let held_out = &data.windows[data.windows.len() - a.held_out..];
-        let train = &data.windows[..cfg.windows_needed()];
+        let train_windows = &data.windows[..cfg.windows_needed()];
         crate::prune::prepare_out(&a.out, a.resume, a.force)?;
         let meta = serde_json::json!({
             "command": std::env::args().collect::<Vec<_>>().join(" "),
@@ -298,11 +350,11 @@ impl Job for RecoverJob {
             "data": {
                 "source": a.data,
                 "path": path,
-                "documents": docs.len(),
+                "documents": documents,
                 "windows_available": data.windows.len(),
                 "seq_len": a.seq_len,
                 "order_seed": a.seed,
-                "train_windows": format!("the first {} of the seeded order", train.len()),
+                "train_windows": format!("the first {} of the seeded order", train_windows.len()),
                 "held_out_windows": format!("the last {} of the seeded order", held_out.len()),
             },
             "device": device_name,
@@ -324,70 +376,24 @@ impl Job for RecoverJob {
             )?),
             None => None,
         };
-        let mut run = if a.resume && Recovery::<B>::has_checkpoint(&a.out) {
-            let r = Recovery::resume(&student.model, cfg, &a.out)?;
-            tracing::info!(step = r.step(), "resuming");
-            r
-        } else {
-            Recovery::new(&student.model, cfg)?
-        };
-        tracing::info!(
-            trainable = run.trainable_params()?,
-            windows = train.len(),
-            held_out = held_out.len(),
-            "recovery: {} with {}",
-            a.method,
-            cfg.loss
-        );
-        let curve_path = a.out.join("curve.jsonl");
-        crate::methods::keep_curve_until(&curve_path, run.step())?;
-        let mut curve = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&curve_path)
-            .with_context(|| format!("opening {}", curve_path.display()))?;
-        let stop = Arc::new(AtomicBool::new(false));
-        {
-            let stop = stop.clone();
-            let _ = ctrlc::set_handler(move || stop.store(true, Ordering::SeqCst));
-        }
-        let bar = crate::progress::bar(
-            cfg.steps as u64,
-            "recover [{bar:30}] step {pos}/{len} {msg} eta {eta}",
+        let trained = train(
+            &student.model,
+            teacher.as_ref(),
+            cfg,
+            train_windows,
+            &TrainRun {
+                dir: &a.out,
+                resume: a.resume,
+                stop_after: a.stop_after,
+                checkpoint_every: a.checkpoint_every,
+            },
         )?;
-        bar.set_position(run.step() as u64);
-        let train_started = Instant::now();
-        let first_step = run.step();
-        while run.step() < cfg.steps {
-            if stop.load(Ordering::SeqCst) || a.stop_after.is_some_and(|n| run.step() >= n) {
-                run.save(&a.out)?;
-                bar.finish_and_clear();
-                bail!(
-                    "interrupted at step {}; checkpoint written to {}; run the same command again{} to continue",
-                    run.step(),
-                    a.out.display(),
-                    if a.resume { "" } else { " with --resume" }
-                );
-            }
-            let s = run.step();
-            let window = &train[s * cfg.batch_size..(s + 1) * cfg.batch_size];
-            let r = run.train_step(window, teacher.as_ref())?;
-            writeln!(curve, "{}", serde_json::to_string(&r)?)
-                .and_then(|_| curve.flush())
-                .context("writing curve.jsonl")?;
-            bar.set_position(run.step() as u64);
-            bar.set_message(format!("loss {:.4} lr {:.2e}", r.loss, r.lr));
-            if run.step() % a.checkpoint_every == 0 && run.step() < cfg.steps {
-                run.save(&a.out)?;
-            }
-        }
-        bar.finish_and_clear();
-        let train_seconds = train_started.elapsed().as_secs_f64();
-        let records: Vec<StepRecord> = std::fs::read_to_string(&curve_path)?
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect();
-        loss_plot(&a.out.join("loss.png"), &records)?;
+        let (run, records, train_seconds, first_step) = (
+            trained.run,
+            trained.records,
+            trained.seconds,
+            trained.first_step,
+        );
         let recovered = run.model()?;
         let after = held_out_loss(&recovered, held_out, batch)?;
         let eval_after = match &self.eval_tasks {
@@ -442,14 +448,14 @@ impl Job for RecoverJob {
         report += &format!(
             "Training data: `{}` ({} documents, {} windows of {} tokens in a seeded order, seed {}); trained on the first {} ({} steps x {} windows, {} tokens), held out the last {}. No evaluation set is read for training.\n\n",
             path.display(),
-            docs.len(),
+            documents,
             data.windows.len(),
             a.seq_len,
             a.seed,
-            train.len(),
+            train_windows.len(),
             cfg.steps,
             cfg.batch_size,
-            train.len() * (a.seq_len - 1),
+            train_windows.len() * (a.seq_len - 1),
             held_out.len()
         );
         report += "| held-out loss (nats/token) | value | perplexity |\n|---|---:|---:|\n";
@@ -505,7 +511,119 @@ impl Job for RecoverJob {
     }
 }
 
-fn remove_checkpoint(dir: &Path) {
+/// Where and how [`train`] runs.
+pub struct TrainRun<'a> {
+    /// The folder of `curve.jsonl` and the checkpoint.
+    pub dir: &'a Path,
+    /// Continue from the checkpoint in `dir` when there is one.
+    pub resume: bool,
+    /// Stop (checkpointed) once this many steps are done.
+    pub stop_after: Option<usize>,
+    /// Checkpoint every N steps (and on Ctrl-C).
+    pub checkpoint_every: usize,
+}
+
+/// A finished [`train`].
+pub struct Trained<B: Backend> {
+    pub run: Recovery<B>,
+    /// Every step's record, resumed steps included.
+    pub records: Vec<StepRecord>,
+    /// Seconds this call trained.
+    pub seconds: f64,
+    /// The step this call started from.
+    pub first_step: usize,
+}
+
+/// Trains `student` for `cfg.steps` steps on `windows` (read in order, `cfg.batch_size` per
+/// step), continuing a checkpoint in `run.dir` under `run.resume`: a progress bar, every step
+/// appended to `curve.jsonl`, checkpoints every `run.checkpoint_every` steps and on Ctrl-C
+/// (then an error that says how to resume); loss.png at the end.
+pub fn train<B: Backend>(
+    student: &Llama<B>,
+    teacher: Option<&Llama<B>>,
+    cfg: RecoverConfig,
+    windows: &[Vec<u32>],
+    run: &TrainRun,
+) -> Result<Trained<B>> {
+    anyhow::ensure!(
+        windows.len() >= cfg.windows_needed(),
+        "{} training windows for {} steps of {}",
+        windows.len(),
+        cfg.steps,
+        cfg.batch_size
+    );
+    let mut rec = if run.resume && Recovery::<B>::has_checkpoint(run.dir) {
+        let r = Recovery::resume(student, cfg, run.dir)?;
+        tracing::info!(step = r.step(), "resuming recovery");
+        r
+    } else {
+        Recovery::new(student, cfg)?
+    };
+    tracing::info!(
+        trainable = rec.trainable_params()?,
+        windows = windows.len(),
+        "recovery: {:?} with {}",
+        cfg.adapt,
+        cfg.loss
+    );
+    let curve_path = run.dir.join("curve.jsonl");
+    crate::methods::keep_curve_until(&curve_path, rec.step())?;
+    let mut curve = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&curve_path)
+        .with_context(|| format!("opening {}", curve_path.display()))?;
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        let _ = ctrlc::set_handler(move || stop.store(true, Ordering::SeqCst));
+    }
+    let bar = crate::progress::bar(
+        cfg.steps as u64,
+        "recover [{bar:30}] step {pos}/{len} {msg} eta {eta}",
+    )?;
+    bar.set_position(rec.step() as u64);
+    let started = Instant::now();
+    let first_step = rec.step();
+    while rec.step() < cfg.steps {
+        if stop.load(Ordering::SeqCst) || run.stop_after.is_some_and(|n| rec.step() >= n) {
+            rec.save(run.dir)?;
+            bar.finish_and_clear();
+            bail!(
+                "interrupted at step {}; checkpoint written to {}; run the same command again{} to continue",
+                rec.step(),
+                run.dir.display(),
+                if run.resume { "" } else { " with --resume" }
+            );
+        }
+        let s = rec.step();
+        let batch = &windows[s * cfg.batch_size..(s + 1) * cfg.batch_size];
+        let r = rec.train_step(batch, teacher)?;
+        writeln!(curve, "{}", serde_json::to_string(&r)?)
+            .and_then(|_| curve.flush())
+            .context("writing curve.jsonl")?;
+        bar.set_position(rec.step() as u64);
+        bar.set_message(format!("loss {:.4} lr {:.2e}", r.loss, r.lr));
+        if rec.step() % run.checkpoint_every == 0 && rec.step() < cfg.steps {
+            rec.save(run.dir)?;
+        }
+    }
+    bar.finish_and_clear();
+    let seconds = started.elapsed().as_secs_f64();
+    let records: Vec<StepRecord> = std::fs::read_to_string(&curve_path)?
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    loss_plot(&run.dir.join("loss.png"), &records)?;
+    Ok(Trained {
+        run: rec,
+        records,
+        seconds,
+        first_step,
+    })
+}
+
+pub fn remove_checkpoint(dir: &Path) {
     if let Ok(entries) = std::fs::read_dir(dir) {
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();

@@ -1629,3 +1629,58 @@ fn recover_on_the_real_model_lowers_the_held_out_loss() {
         "{stdout}\n{report}"
     );
 }
+
+#[test]
+fn compare_recovers_cells_with_the_suffix_and_shares_their_search() {
+    let root = tempfile::tempdir().unwrap();
+    let (model, calib) = tiny_model_dir(root.path());
+    let out = root.path().join("cmp");
+    let o = out.to_str().unwrap();
+    let mut args = compare_args(&model, &calib, o, "pg+ls,pg+ls+recover,flap+recover");
+    args.extend([
+        "--recover-steps",
+        "3",
+        "--recover-batch-size",
+        "2",
+        "--recover-lr",
+        "0.01",
+    ]);
+    let (ok, stdout, err) = xtask(&args);
+    assert!(ok, "{err}");
+    assert!(
+        stdout.contains("`+recover` cells: after the cut, 3 steps of 2 windows"),
+        "{stdout}"
+    );
+    let results: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+    let cells = results["cells"].as_array().unwrap();
+    assert_eq!(cells.len(), 6);
+    let ppl = |m: &str, s: f64| {
+        cells
+            .iter()
+            .find(|c| c["method"] == m && c["sparsity"] == s)
+            .unwrap()["results"]["wikitext2@16"]["ppl"]
+            .as_f64()
+            .unwrap()
+    };
+    for s in [0.3, 0.5] {
+        // One search, then two models: the recovered one differs from the cut.
+        assert_ne!(ppl("pg+ls", s), ppl("pg+ls+recover", s));
+        let dir = out.join(format!("cells/pg+ls+recover@{s}"));
+        let lines = std::fs::read_to_string(dir.join("recover/curve.jsonl")).unwrap();
+        assert_eq!(lines.lines().count(), 3);
+        assert!(!dir.join("curve.jsonl").exists(), "the search ran again");
+    }
+    for (methods, want) in [
+        ("dense+recover", "+recover"),
+        ("alps+recover", "+recover"),
+        ("flap+obs+recover", "obs"),
+    ] {
+        let (ok, _, err) = xtask(&compare_args(&model, &calib, o, methods));
+        assert!(!ok && err.contains(want), "{methods}: {err}");
+    }
+    let mut args = compare_args(&model, "wikitext2", o, "flap+recover");
+    args.push("--force");
+    let (ok, _, err) = xtask(&args);
+    assert!(!ok && err.contains("evaluation set"), "{err}");
+}

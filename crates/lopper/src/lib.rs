@@ -14,6 +14,8 @@ pub use lopper_kernels as kernels;
 pub use lopper_model as model;
 #[cfg(feature = "policy")]
 pub use lopper_policy as policy;
+#[cfg(feature = "recover")]
+pub use lopper_recover as recover;
 #[cfg(feature = "sparse")]
 pub use lopper_sparse as sparse;
 #[cfg(feature = "surgery")]
