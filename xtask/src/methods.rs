@@ -301,20 +301,8 @@ pub fn run_pg<B: Backend>(
         s.meta = run.meta.clone();
         s
     };
-    let curve_path = run.dir.join("curve.jsonl");
-    keep_curve_until(&curve_path, state.step)?;
-    let mut curve = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&curve_path)
-        .with_context(|| format!("opening {}", curve_path.display()))?;
-    let stop = Arc::new(AtomicBool::new(false));
-    {
-        let stop = stop.clone();
-        // A second Ctrl-C while the checkpoint is written is ignored; SIGKILL loses at most
-        // `checkpoint_every` steps. Only the first handler of a process is installed.
-        let _ = ctrlc::set_handler(move || stop.store(true, Ordering::SeqCst));
-    }
+    let mut curve = open_curve(run.dir, state.step)?;
+    let stop = ctrl_c_flag();
     let bar = crate::progress::bar(
         cfg.steps as u64,
         "pg [{bar:30}] step {pos}/{len} {msg} eta {eta}",
@@ -366,8 +354,30 @@ pub fn run_pg<B: Backend>(
     })
 }
 
+/// `dir/curve.jsonl` opened for appending, its lines at or after `step` dropped (a resumed run
+/// writes them again).
+pub fn open_curve(dir: &Path, step: usize) -> Result<std::fs::File> {
+    let path = dir.join("curve.jsonl");
+    keep_curve_until(&path, step)?;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))
+}
+
+/// A flag that Ctrl-C sets: long runs check it between steps, checkpoint and stop. A second
+/// Ctrl-C while the checkpoint is written is ignored; SIGKILL loses at most the steps since the
+/// last checkpoint. Only the first handler of a process is installed.
+pub fn ctrl_c_flag() -> Arc<AtomicBool> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let _ = ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst));
+    stop
+}
+
 /// Drops curve lines at or after `step` (a resumed run rewrites them).
-pub fn keep_curve_until(path: &Path, step: usize) -> Result<()> {
+fn keep_curve_until(path: &Path, step: usize) -> Result<()> {
     if !path.is_file() {
         return Ok(());
     }

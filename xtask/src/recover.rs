@@ -3,8 +3,7 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
@@ -566,18 +565,8 @@ pub fn train<B: Backend>(
         cfg.adapt,
         cfg.loss
     );
-    let curve_path = run.dir.join("curve.jsonl");
-    crate::methods::keep_curve_until(&curve_path, rec.step())?;
-    let mut curve = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&curve_path)
-        .with_context(|| format!("opening {}", curve_path.display()))?;
-    let stop = Arc::new(AtomicBool::new(false));
-    {
-        let stop = stop.clone();
-        let _ = ctrlc::set_handler(move || stop.store(true, Ordering::SeqCst));
-    }
+    let mut curve = crate::methods::open_curve(run.dir, rec.step())?;
+    let stop = crate::methods::ctrl_c_flag();
     let bar = crate::progress::bar(
         cfg.steps as u64,
         "recover [{bar:30}] step {pos}/{len} {msg} eta {eta}",
@@ -610,7 +599,7 @@ pub fn train<B: Backend>(
     }
     bar.finish_and_clear();
     let seconds = started.elapsed().as_secs_f64();
-    let records: Vec<StepRecord> = std::fs::read_to_string(&curve_path)?
+    let records: Vec<StepRecord> = std::fs::read_to_string(run.dir.join("curve.jsonl"))?
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect();

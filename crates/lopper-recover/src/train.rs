@@ -316,10 +316,6 @@ impl<B: Backend> Recovery<B> {
             })
         };
         let (trained, optimizer) = (read(&index.trained)?, read(&index.optimizer)?);
-        let load_err = |name: &str, e: burn::record::RecorderError| Error::Checkpoint {
-            path: dir.join(name),
-            why: format!("unreadable ({e}); delete the run folder and start over"),
-        };
         let trainee = match run.trainee.take().expect("fresh") {
             Trainee::Lora {
                 base,
@@ -327,34 +323,31 @@ impl<B: Backend> Recovery<B> {
                 optim,
             } => Trainee::Lora {
                 base,
-                adapters: adapters.load_record(
-                    recorder()
-                        .load(trained, &device)
-                        .map_err(|e| load_err(&index.trained, e))?,
-                ),
-                optim: optim.load_record(
-                    recorder()
-                        .load(optimizer, &device)
-                        .map_err(|e| load_err(&index.optimizer, e))?,
-                ),
+                adapters: adapters.load_record(load(trained, &device, dir, &index.trained)?),
+                optim: optim.load_record(load(optimizer, &device, dir, &index.optimizer)?),
             },
             Trainee::Full { model, optim } => Trainee::Full {
-                model: model.load_record(
-                    recorder()
-                        .load(trained, &device)
-                        .map_err(|e| load_err(&index.trained, e))?,
-                ),
-                optim: optim.load_record(
-                    recorder()
-                        .load(optimizer, &device)
-                        .map_err(|e| load_err(&index.optimizer, e))?,
-                ),
+                model: model.load_record(load(trained, &device, dir, &index.trained)?),
+                optim: optim.load_record(load(optimizer, &device, dir, &index.optimizer)?),
             },
         };
         run.trainee = Some(trainee);
         run.step = index.step;
         Ok(run)
     }
+}
+
+/// A record read back from the bytes of checkpoint file `name` in `dir`.
+fn load<B: Backend, R: burn::record::Record<Ad<B>>>(
+    bytes: Vec<u8>,
+    device: &B::Device,
+    dir: &Path,
+    name: &str,
+) -> Result<R> {
+    Recorder::<Ad<B>>::load(&recorder(), bytes, device).map_err(|e| Error::Checkpoint {
+        path: dir.join(name),
+        why: format!("unreadable ({e}); delete the run folder and start over"),
+    })
 }
 
 fn write(path: &Path, bytes: &[u8]) -> Result<()> {
