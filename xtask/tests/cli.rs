@@ -1628,6 +1628,27 @@ fn recover_on_the_real_model_lowers_the_held_out_loss() {
         teacher < before && after < before - 0.01,
         "{stdout}\n{report}"
     );
+    // The recovered model exports to GGUF like any pruned one, and loads back the same size.
+    let gguf = root.path().join("gguf");
+    let (ok, _, err) = xtask(&[
+        "export",
+        "--model",
+        out.join("model").to_str().unwrap(),
+        "--format",
+        "gguf",
+        "--out",
+        gguf.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let params = |m: &str| -> serde_json::Value {
+        let (ok, info, err) = xtask(&["info", "--model", m, "--json"]);
+        assert!(ok, "{err}");
+        serde_json::from_str::<serde_json::Value>(&info).unwrap()["params"]["total"].clone()
+    };
+    assert_eq!(
+        params(gguf.join("model.gguf").to_str().unwrap()),
+        params(student.to_str().unwrap())
+    );
 }
 
 #[test]
