@@ -9,6 +9,10 @@ Usage (in a scratch venv with torch, numpy and gguf):
         --threads 2 --shapes 8x128,1x2048 --runs 5 --warmup 1 [--dtype bf16] [--json]
 
 `cargo xtask bench forward --vs-torch PYTHON` runs it with --json in alternating rounds.
+
+With --backward it times what lopper's gradient methods run instead: the mean next-token
+cross-entropy of the batch and its gradient with respect to every decoder linear weight (the
+rest frozen), in passes of --chunk windows whose losses are weighted by their share of the batch.
 """
 import argparse, json, os, statistics, time
 
@@ -92,6 +96,8 @@ def main():
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--dtype", choices=["f32", "bf16"], default="f32")
     ap.add_argument("--json", action="store_true", help="end with one JSON line of median seconds")
+    ap.add_argument("--backward", action="store_true", help="time loss + backward to the decoder linears")
+    ap.add_argument("--chunk", type=int, default=2, help="windows per backward pass")
     ap.add_argument("--golden", default=os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "smollm2_golden.json"))
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -112,17 +118,40 @@ def main():
         b, s = map(int, shp.split("x"))
         x = torch.tensor([[(i * 7919 + t * 104729) % 49152 for t in range(s)] for i in range(b)])
         times = []
-        with torch.inference_mode():
+        if a.backward:
+            w = args[0]
+            linears = [k for k in w if k.startswith("blk.") and any(
+                n in k for n in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"))]
+            for k in linears:
+                w[k].requires_grad_(True)
             for r in range(a.warmup + a.runs):
+                for k in linears:
+                    w[k].grad = None
                 t0 = time.perf_counter()
-                forward(x, *args)
+                for c in range(0, b, a.chunk):
+                    xc = x[c:c + a.chunk]
+                    logits = forward(xc, *args)
+                    ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                                         xc[:, 1:].reshape(-1))
+                    (ce * (xc.shape[0] / b)).backward()
                 if r >= a.warmup:
                     times.append(time.perf_counter() - t0)
+            for k in linears:
+                w[k].requires_grad_(False)
+                w[k].grad = None
+        else:
+            with torch.inference_mode():
+                for r in range(a.warmup + a.runs):
+                    t0 = time.perf_counter()
+                    forward(x, *args)
+                    if r >= a.warmup:
+                        times.append(time.perf_counter() - t0)
         m = statistics.median(times)
         medians.append(m)
         print(f"| {b} x {s} | {m:.3f} | {b * s / m:.0f} |")
     if a.json:
-        print(json.dumps({"torch": torch.__version__, "dtype": a.dtype, "loss": loss, "seconds": medians}))
+        print(json.dumps({"torch": torch.__version__, "dtype": a.dtype, "loss": loss, "backward": a.backward,
+                          "seconds": medians}))
 
 
 if __name__ == "__main__":

@@ -39,6 +39,11 @@ pub enum BenchCmd {
         /// Alternating rounds (lopper, [portable,] PyTorch); each round times --runs runs.
         #[arg(long, default_value_t = 2)]
         rounds: usize,
+        /// Time the backward pass instead: the batch's mean next-token loss and its gradient
+        /// with respect to every decoder linear weight (autodiff, as llm-pruner, ifso and
+        /// recover run it), in passes of 2 windows; PyTorch does the same.
+        #[arg(long)]
+        backward: bool,
     },
     /// Matrix products on the model's shapes: the portable gemm, the BLAS in f32 and in bf16,
     /// GFLOP/s side by side in one run.
@@ -250,6 +255,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
             vs_torch,
             portable,
             rounds,
+            backward,
         } => {
             let shapes = parse_shapes(&shapes)?;
             anyhow::ensure!(
@@ -269,6 +275,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
                     vs_torch,
                     portable,
                     rounds,
+                    backward,
                 },
             )
         }
@@ -665,6 +672,7 @@ struct ForwardBench {
     vs_torch: Option<String>,
     portable: bool,
     rounds: usize,
+    backward: bool,
 }
 
 /// The reference timing script, from the checkout this xtask was built in.
@@ -696,6 +704,7 @@ fn torch_times(
     shapes: &[(usize, usize)],
     runs: usize,
     warmup: usize,
+    backward: bool,
 ) -> Result<Vec<f64>> {
     let shapes_arg: Vec<String> = shapes.iter().map(|(b, s)| format!("{b}x{s}")).collect();
     let out = std::process::Command::new(python)
@@ -710,6 +719,15 @@ fn torch_times(
             &warmup.to_string(),
             "--json",
         ])
+        .args(if backward {
+            vec![
+                "--backward".to_string(),
+                "--chunk".into(),
+                lopper_importance::gradient::WINDOWS_PER_BACKWARD.to_string(),
+            ]
+        } else {
+            vec![]
+        })
         .output()
         .with_context(|| format!("running {}", torch_script().display()))?;
     anyhow::ensure!(
@@ -780,61 +798,94 @@ impl Job for ForwardBench {
             (self.rounds * lopper_blocks * per_round) as u64,
             "{msg} [{bar:30}] {pos}/{len} runs, eta {eta}",
         )?;
-        let inputs = self
+        // Deterministic pseudo-text: ids spread over the vocabulary (the same ids as the PyTorch
+        // reference).
+        let rows: Vec<Vec<Vec<u32>>> = self
             .shapes
             .iter()
             .map(|&(batch, seq)| {
-                // Deterministic pseudo-text: ids spread over the vocabulary (the same ids as the
-                // PyTorch reference).
-                let ids: Vec<Vec<u32>> = (0..batch)
+                (0..batch)
                     .map(|b| {
                         (0..seq)
                             .map(|t| ((b * 7919 + t * 104_729) % shape.vocab_size) as u32)
                             .collect()
                     })
-                    .collect();
-                model.tokens(&ids)
+                    .collect()
             })
+            .collect();
+        let inputs = rows
+            .iter()
+            .map(|ids| model.tokens(ids))
             .collect::<lopper_model::Result<Vec<_>>>()?;
-        let time_block = |label: &str, times: &mut [Vec<f64>]| {
+        // The backward pass differentiates a copy on the autodiff backend, made once.
+        let ad = if self.backward {
+            Some(lopper_importance::gradient::autodiff_copy(model, true)?)
+        } else {
+            None
+        };
+        let time_block = |label: &str, times: &mut [Vec<f64>]| -> Result<()> {
             for (i, tokens) in inputs.iter().enumerate() {
                 let (batch, seq) = self.shapes[i];
                 bar.set_message(format!("{label} {batch}x{seq}"));
                 for r in 0..self.warmup + self.runs {
-                    let t = time_once::<B>(&device, || {
-                        let logits = model.forward(tokens.clone());
-                        // Read one value back so lazy backends really finish.
-                        let _ = logits.narrow(2, 0, 1).into_data();
+                    let mut failed = None;
+                    let t = time_once::<B>(&device, || match &ad {
+                        Some(ad) => {
+                            if let Err(e) =
+                                lopper_importance::gradient::linear_grads(ad, &rows[i], None)
+                            {
+                                failed = Some(e);
+                            }
+                        }
+                        None => {
+                            let logits = model.forward(tokens.clone());
+                            // Read one value back so lazy backends really finish.
+                            let _ = logits.narrow(2, 0, 1).into_data();
+                        }
                     });
+                    if let Some(e) = failed {
+                        return Err(e.into());
+                    }
                     if r >= self.warmup {
                         times[i].push(t);
                     }
                     bar.inc(1);
                 }
             }
+            Ok(())
         };
         let n = self.shapes.len();
         let (mut ours, mut portable, mut torch) =
             (vec![vec![]; n], vec![vec![]; n], vec![vec![]; n]);
         for _ in 0..self.rounds {
-            time_block("lopper", &mut ours);
+            time_block("lopper", &mut ours)?;
             if self.portable {
                 lopper_kernels::set_blas_enabled(false);
-                time_block("portable", &mut portable);
+                let r = time_block("portable", &mut portable);
                 lopper_kernels::set_blas_enabled(true);
+                r?;
             }
             if let (Some(py), Some(g)) = (&self.vs_torch, &gguf) {
                 bar.set_message("PyTorch");
-                for (i, t) in torch_times(py, g, &self.shapes, self.runs, self.warmup)?
-                    .into_iter()
-                    .enumerate()
+                for (i, t) in
+                    torch_times(py, g, &self.shapes, self.runs, self.warmup, self.backward)?
+                        .into_iter()
+                        .enumerate()
                 {
                     torch[i].push(t);
                 }
             }
         }
         bar.finish_and_clear();
-        println!("forward benchmark: {} on {device_name}", loaded.info.spec);
+        if self.backward {
+            println!(
+                "backward benchmark (loss and its gradient to every decoder linear weight, {} windows per pass; GFLOP/s counts twice the forward plus the linears' weight gradients): {} on {device_name}",
+                lopper_importance::gradient::WINDOWS_PER_BACKWARD,
+                loaded.info.spec
+            );
+        } else {
+            println!("forward benchmark: {} on {device_name}", loaded.info.spec);
+        }
         println!(
             "median of {} rounds x {} runs after {} warm-up; PyTorch: the median of its per-round medians\n",
             self.rounds, self.runs, self.warmup
@@ -855,8 +906,11 @@ impl Job for ForwardBench {
             let tokens_n = (batch * seq) as f64;
             // Causal attention: position p attends over p + 1 positions.
             let per_key = (shape.flops_per_token(1) - shape.flops_per_token(0)) as f64;
-            let flops = tokens_n * shape.flops_per_token(0) as f64
+            let mut flops = tokens_n * shape.flops_per_token(0) as f64
                 + batch as f64 * per_key * (seq * (seq + 1) / 2) as f64;
+            if self.backward {
+                flops = 2.0 * flops + 2.0 * tokens_n * shape.decoder_linear_params() as f64;
+            }
             let mut row = format!(
                 "| {batch} x {seq} | {med:.3} | {:.0} | {:.1} |",
                 tokens_n / med,

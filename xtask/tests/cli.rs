@@ -155,6 +155,26 @@ fn bench_forward_prints_a_table() {
         "{out}"
     );
     assert!(out.contains("matrix products: oneMKL"), "{out}");
+    // The backward pass, with and without the BLAS.
+    let (ok, out, err) = xtask(&[
+        "bench",
+        "forward",
+        "--backward",
+        "--shapes",
+        "3x8",
+        "--runs",
+        "1",
+        "--warmup",
+        "0",
+        "--rounds",
+        "1",
+        "--portable",
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("backward benchmark") && out.contains("| 3 x 8 |"),
+        "{out}"
+    );
     let (ok, _, err) = xtask(&["bench", "forward", "--vs-torch", "/nonexistent/python3"]);
     assert!(!ok && err.contains("--vs-torch names a Python"), "{err}");
 }
