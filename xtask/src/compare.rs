@@ -825,7 +825,9 @@ impl CompareJob {
                         checkpoint_every: 25,
                     },
                 )?;
-                Some(trained.run.model()?)
+                let recovered = trained.run.model()?;
+                crate::recover::remove_checkpoint(&rdir);
+                Some(recovered)
             }
             (p, _) => p,
         };

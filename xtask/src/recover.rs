@@ -612,6 +612,7 @@ pub fn train<B: Backend>(
     })
 }
 
+/// Deletes a finished run's checkpoint files from `dir`.
 pub fn remove_checkpoint(dir: &Path) {
     if let Ok(entries) = std::fs::read_dir(dir) {
         for e in entries.flatten() {

@@ -1711,6 +1711,7 @@ fn compare_recovers_cells_with_the_suffix_and_shares_their_search() {
         let lines = std::fs::read_to_string(dir.join("recover/curve.jsonl")).unwrap();
         assert_eq!(lines.lines().count(), 3);
         assert!(!dir.join("curve.jsonl").exists(), "the search ran again");
+        assert!(!dir.join("recover/recover-checkpoint.json").exists());
     }
     for (methods, want) in [
         ("dense+recover", "+recover"),
