@@ -181,11 +181,7 @@ fn back<B: Backend, const D: usize>(t: Result<FlexTensor, Tensor<B, D>>) -> Tens
 }
 
 pub(crate) fn from_flex<B: Backend, const D: usize>(t: FlexTensor) -> Tensor<B, D> {
-    let any: Box<dyn Any> = Box::new(t);
-    let p = any
-        .downcast::<B::FloatTensorPrimitive>()
-        .expect("called only when the backend's float primitive is FlexTensor");
-    Tensor::from_primitive(TensorPrimitive::Float(*p))
+    upcast(t)
 }
 
 /// How one operand's matrices sit in its storage.
