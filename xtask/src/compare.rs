@@ -93,8 +93,8 @@ pub struct CompareArgs {
     /// `NAME+recover` cells: lora or full (as `recover --method`).
     #[arg(long, default_value = "lora")]
     recover_method: String,
-    /// `NAME+recover` cells: ce, kd or ce+kd, with the dense model as the teacher.
-    #[arg(long, default_value = "kd")]
+    /// `NAME+recover` cells: ce, kd or ce+kd (the dense model is the teacher).
+    #[arg(long, default_value = "ce")]
     recover_loss: String,
     /// `NAME+recover` cells: optimiser steps on every --calib window of --calib-seq-len tokens
     /// (not an evaluation set).

@@ -152,7 +152,7 @@ impl Default for RecoverConfig {
                 rank: 8,
                 alpha: 16.0,
             },
-            loss: LossKind::Kd,
+            loss: LossKind::Ce,
             distill: Distill::default(),
             steps: 200,
             batch_size: 8,

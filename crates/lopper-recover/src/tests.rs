@@ -427,7 +427,11 @@ fn impossible_settings_and_inputs_are_refused_with_the_flag() {
     .unwrap_err()
     .to_string();
     assert!(e.contains("--rank 40"), "{e}");
-    let mut run = Recovery::new(&m, ok).unwrap();
+    let kd = RecoverConfig {
+        loss: LossKind::Kd,
+        ..ok
+    };
+    let mut run = Recovery::new(&m, kd).unwrap();
     let e = run
         .train_step(&windows(2, 8, 0), None)
         .unwrap_err()
