@@ -48,6 +48,11 @@ pub fn run_on(choice: DeviceChoice, job: impl Job) -> Result<()> {
     }
 }
 
+/// Whether backend `B` keeps its tensors in host memory (the CPU backend).
+pub fn on_host<B: Backend>() -> bool {
+    std::any::TypeId::of::<B::Device>() == std::any::TypeId::of::<burn_flex::FlexDevice>()
+}
+
 pub fn threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }

@@ -6,7 +6,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use burn::tensor::backend::Backend;
 use clap::Subcommand;
-use lopper_model::{Llama, ModelSpec, load};
+use lopper_model::Llama;
 
 use crate::backend::{DeviceChoice, Job, run_on};
 
@@ -17,6 +17,9 @@ pub enum BenchCmd {
         /// `default`, a .gguf file, a model directory, or hub:ORG/NAME[@REV].
         #[arg(long, default_value = "default")]
         model: String,
+        /// Storage type of the weight matrices: f32, bf16 or f16 (activations and reductions stay f32).
+        #[arg(long, default_value = "f32")]
+        dtype: lopper_core::Dtype,
         /// Batch shapes as BATCHxSEQ, comma-separated.
         #[arg(long, default_value = "8x128,1x2048")]
         shapes: String,
@@ -86,6 +89,9 @@ pub enum BenchCmd {
         /// `default`, a .gguf file, a model directory, or hub:ORG/NAME[@REV].
         #[arg(long, default_value = "default")]
         model: String,
+        /// Storage type of the weight matrices: f32, bf16 or f16 (activations and reductions stay f32).
+        #[arg(long, default_value = "f32")]
+        dtype: lopper_core::Dtype,
         /// Fractions of parameters removed by the sampled masks, comma-separated.
         #[arg(long, default_value = "0.5")]
         sparsity: String,
@@ -248,6 +254,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
         } => bench_solvers(&shapes, tokens, &pattern, sparsity),
         BenchCmd::Forward {
             model,
+            dtype,
             shapes,
             runs,
             warmup,
@@ -269,6 +276,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
                 device,
                 ForwardBench {
                     model,
+                    dtype,
                     shapes,
                     runs,
                     warmup,
@@ -328,6 +336,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
         }
         BenchCmd::PgStep {
             model,
+            dtype,
             sparsity,
             batch_size,
             seq_len,
@@ -344,6 +353,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
                 device,
                 PgStepBench {
                     model,
+                    dtype,
                     sparsities,
                     batch_size,
                     seq_len,
@@ -422,9 +432,8 @@ impl Job for PrunedBench {
     fn run<B: Backend>(self, device: B::Device, device_name: String) -> Result<()> {
         use lopper_core::{UnitScores, keep_count};
         use rand::{Rng, SeedableRng};
-        let spec: ModelSpec = self.model.parse()?;
         let loaded =
-            load::<B>(&spec, &device).with_context(|| format!("loading `{}`", self.model))?;
+            crate::loading::load_model::<B>(&self.model, lopper_core::Dtype::F32, &device)?;
         let dense = &loaded.model;
         let shape = dense.shape().clone();
         crate::guard::bench_shapes(&shape, &self.shapes)?;
@@ -575,6 +584,7 @@ fn peak_rss_mib() -> Option<f64> {
 
 struct PgStepBench {
     model: String,
+    dtype: lopper_core::Dtype,
     sparsities: Vec<f64>,
     batch_size: usize,
     seq_len: usize,
@@ -586,9 +596,7 @@ impl Job for PgStepBench {
     fn run<B: Backend>(self, device: B::Device, device_name: String) -> Result<()> {
         use lopper_core::UnitKind;
         use lopper_policy::{Init, PgConfig, PgState, UnitSpace};
-        let spec: ModelSpec = self.model.parse()?;
-        let loaded =
-            load::<B>(&spec, &device).with_context(|| format!("loading `{}`", self.model))?;
+        let loaded = crate::loading::load_model::<B>(&self.model, self.dtype, &device)?;
         let model = &loaded.model;
         crate::guard::bench_shapes(model.shape(), &[(self.batch_size, self.seq_len)])?;
         let vocab = model.shape().vocab_size as u64;
@@ -666,6 +674,7 @@ impl Job for PgStepBench {
 
 struct ForwardBench {
     model: String,
+    dtype: lopper_core::Dtype,
     shapes: Vec<(usize, usize)>,
     runs: usize,
     warmup: usize,
@@ -777,9 +786,7 @@ pub fn median(mut v: Vec<f64>) -> f64 {
 
 impl Job for ForwardBench {
     fn run<B: Backend>(self, device: B::Device, device_name: String) -> Result<()> {
-        let spec: ModelSpec = self.model.parse()?;
-        let loaded =
-            load::<B>(&spec, &device).with_context(|| format!("loading `{}`", self.model))?;
+        let loaded = crate::loading::load_model::<B>(&self.model, self.dtype, &device)?;
         let model: &Llama<B> = &loaded.model;
         let shape = model.shape().clone();
         crate::guard::bench_shapes(&shape, &self.shapes)?;
@@ -1009,9 +1016,8 @@ struct SlebBench {
 
 impl Job for SlebBench {
     fn run<B: Backend>(self, device: B::Device, device_name: String) -> Result<()> {
-        let spec: ModelSpec = self.model.parse()?;
         let loaded =
-            load::<B>(&spec, &device).with_context(|| format!("loading `{}`", self.model))?;
+            crate::loading::load_model::<B>(&self.model, lopper_core::Dtype::F32, &device)?;
         let model = &loaded.model;
         crate::guard::bench_shapes(model.shape(), &[(self.batch_size, self.seq_len)])?;
         let calib = crate::methods::draw_calibration(

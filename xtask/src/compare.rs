@@ -10,7 +10,7 @@ use clap::Args;
 use lopper_core::MaskPlan;
 use lopper_data::{BosPolicy, Calibration, Sampler};
 use lopper_importance::{Method, MethodSettings};
-use lopper_model::{Llama, ModelSpec, load};
+use lopper_model::Llama;
 use lopper_policy::{Optimizer, PgConfig};
 use serde::{Deserialize, Serialize};
 
@@ -23,6 +23,9 @@ pub struct CompareArgs {
     /// `default`, a .gguf file, a model directory, or hub:ORG/NAME[@REV].
     #[arg(long, default_value = "default")]
     model: String,
+    /// Storage type of the weight matrices: f32, bf16 or f16 (activations and reductions stay f32).
+    #[arg(long, default_value = "f32")]
+    pub dtype: lopper_core::Dtype,
     /// Methods: dense, pg, magnitude, magnitude-l1, random, wanda-sp, flap, block-influence, sleb,
     /// llm-pruner, llm-bip, mini-llm, ifso (structured; `pg:INIT` picks the search's initialisation, `NAME+bias` adds bias
     /// compensation), and the one-shot unstructured / N:M methods alps, sparsegpt, wanda,
@@ -557,8 +560,7 @@ impl Job for CompareJob {
     fn run<B: Backend>(self, device: B::Device, device_name: String) -> Result<()> {
         let a = &self.args;
         let st = &self.settings;
-        let spec: ModelSpec = a.model.parse()?;
-        let loaded = load::<B>(&spec, &device).with_context(|| format!("loading `{}`", a.model))?;
+        let loaded = crate::loading::load_model::<B>(&a.model, a.dtype, &device)?;
         let (model, tok) = (&loaded.model, &loaded.tokenizer);
         // Every forward the cells will run must fit, checked before the first cell.
         let shape = model.shape();

@@ -8,7 +8,7 @@ use burn::tensor::backend::Backend;
 use clap::Args;
 use indicatif::ProgressBar;
 use lopper_data::{BosPolicy, DataDirs, McTask, PerplexityCorpus, windows};
-use lopper_model::{Llama, ModelSpec, Tokenizer, load, lopper_home};
+use lopper_model::{Llama, Tokenizer, lopper_home};
 
 use crate::backend::{DeviceChoice, Job, run_on};
 
@@ -24,6 +24,9 @@ pub struct EvalArgs {
     /// `default`, a .gguf file, a model directory, or hub:ORG/NAME[@REV].
     #[arg(long, default_value = "default")]
     model: String,
+    /// Storage type of the weight matrices: f32, bf16 or f16 (activations and reductions stay f32).
+    #[arg(long, default_value = "f32")]
+    pub dtype: lopper_core::Dtype,
     /// Comma-separated tasks: wikitext2, ptb, ptb_valid, c4 (perplexity); boolq, piqa,
     /// hellaswag, arc_easy, arc_challenge, openbookqa, winogrande, lambada (zero-shot).
     #[arg(long, default_value = "wikitext2,ptb")]
@@ -156,8 +159,7 @@ struct EvalJob {
 impl Job for EvalJob {
     fn run<B: Backend>(self, device: B::Device, device_name: String) -> Result<()> {
         let a = &self.args;
-        let spec: ModelSpec = a.model.parse()?;
-        let loaded = load::<B>(&spec, &device).with_context(|| format!("loading `{}`", a.model))?;
+        let loaded = crate::loading::load_model::<B>(&a.model, a.dtype, &device)?;
         let (results, table) = evaluate(
             &loaded.model,
             &loaded.tokenizer,

@@ -3,13 +3,58 @@
 //! figure and the flag that fixes it, instead of letting a run grow until it is killed.
 
 use anyhow::{Result, bail};
+use lopper_core::Dtype;
 use lopper_core::ModelShape;
 use lopper_core::memory::{LIMIT_VAR, available_bytes, human};
-use lopper_model::ForwardMemory;
+use lopper_model::{ForwardMemory, Inspected, ModelFiles, WeightMemory};
 
 /// Share of the available memory a forward may plan to use (the rest is headroom for the
 /// allocator, the tokenizer and the process's other buffers).
 const USABLE: f64 = 0.9;
+
+/// The weights of `model` in `dtype` (and the one tensor in flight while loading) must fit in
+/// the host memory available now; checked before any tensor is read.
+pub fn weights_fit(model: &Inspected, dtype: Dtype, files: &ModelFiles, id: &str) -> Result<()> {
+    let Some(avail) = available_bytes()? else {
+        return Ok(());
+    };
+    let need = weight_memory(model, dtype, files);
+    let usable = (avail as f64 * USABLE) as u64;
+    if need.peak() <= usable {
+        return Ok(());
+    }
+    let narrower = Dtype::ALL
+        .into_iter()
+        .filter(|d| d.bytes() < dtype.bytes())
+        .find(|&d| weight_memory(model, d, files).peak() <= usable);
+    let fix = match narrower {
+        Some(d) => format!("load the weights in {d} (--dtype {d}), or use a machine with more memory"),
+        None => "no storage type fits it: use a machine (or GPU) with more memory; layer offload (--offload cpu, streaming each layer from disk) is not built yet".into(),
+    };
+    bail!(
+        "`{id}`: its {:.2} B parameters need {} in {dtype} ({} of weights, {} more while loading), but {} is available{}; {fix} (`cargo xtask info --model {id} --memory` shows the plan)",
+        (model.shape.num_params() + model.bias_params) as f64 / 1e9,
+        human(need.peak()),
+        human(need.resident()),
+        human(need.loading),
+        human(avail),
+        limit_note(),
+    )
+}
+
+/// [`WeightMemory`] of an inspected model: file sources hand tensors over as f32.
+pub fn weight_memory(model: &Inspected, dtype: Dtype, files: &ModelFiles) -> WeightMemory {
+    let streamed = !matches!(files, ModelFiles::Synthetic(_));
+    WeightMemory::of(&model.shape, dtype, model.bias_params, streamed)
+}
+
+fn limit_note() -> String {
+    if std::env::var_os(LIMIT_VAR).is_some() {
+        format!(" ({LIMIT_VAR})")
+    } else {
+        String::new()
+    }
+}
 
 /// `seq_len` (given by `flag`) must fit the model's trained positions unless the user allowed
 /// longer contexts.
@@ -17,7 +62,7 @@ pub fn context(shape: &ModelShape, seq_len: usize, flag: &str, allow_longer: boo
     let max = shape.max_position_embeddings;
     if seq_len > max && !allow_longer {
         bail!(
-            "{flag} {seq_len} is longer than the {max} positions the model was trained for (max_position_embeddings): its quality there is undefined and attention memory grows with the square of the length; use {flag} {max} or less, or pass --allow-longer-context to run it anyway"
+            "{flag} {seq_len} is longer than the {max} positions the model was trained for (max_position_embeddings, or its attention's sliding window): its quality there is undefined and attention memory grows with the square of the length; use {flag} {max} or less, or pass --allow-longer-context to run it anyway"
         );
     }
     Ok(())
@@ -62,11 +107,7 @@ pub fn forward_fits(shape: &ModelShape, batch: usize, seq: usize, what: &str) ->
         human(need.layer),
         human(need.tables),
         human(avail),
-        if std::env::var_os(LIMIT_VAR).is_some() {
-            format!(" ({LIMIT_VAR})")
-        } else {
-            String::new()
-        },
+        limit_note(),
     )
 }
 

@@ -1,14 +1,31 @@
 //! `cargo xtask info`: shape, parameter counts and file details of a model.
 
 use anyhow::{Context, Result};
-use lopper_core::UnitKind;
-use lopper_model::{ModelSpec, load};
+use lopper_core::memory::{available_bytes, human};
+use lopper_core::{Dtype, UnitKind};
+use lopper_model::{ForwardMemory, HubOptions, ModelSpec, inspect, lopper_home, resolve};
 
-pub fn run(model: &str, json: bool) -> Result<()> {
+/// What `--memory` plans for.
+#[derive(Debug, Clone, Copy)]
+pub struct MemoryQuery {
+    pub dtype: Dtype,
+    pub batch_size: usize,
+    pub seq_len: usize,
+}
+
+pub fn run(model: &str, json: bool, memory: Option<MemoryQuery>) -> Result<()> {
     let spec: ModelSpec = model.parse()?;
-    let loaded = load::<burn_flex::Flex>(&spec, &burn_flex::FlexDevice)
-        .with_context(|| format!("loading model `{model}`"))?;
-    let shape = loaded.model.shape();
+    let files = resolve(&spec, &lopper_home(), &HubOptions::from_env())
+        .with_context(|| format!("model `{model}`"))?;
+    // The shape, tokenizer and file details only: no weight is read.
+    let loaded = inspect(&files, &spec.to_string()).with_context(|| format!("model `{model}`"))?;
+    let shape = &loaded.shape;
+    let plan = memory.map(|q| {
+        let weights = crate::guard::weight_memory(&loaded, q.dtype, &files);
+        let forward = ForwardMemory::of(shape, q.batch_size, q.seq_len);
+        (q, weights, forward)
+    });
+    let available = available_bytes()?;
     if json {
         let v = serde_json::json!({
             "model": loaded.info,
@@ -28,8 +45,20 @@ pub fn run(model: &str, json: bool) -> Result<()> {
             "tokenizer": {"vocab_size": loaded.tokenizer.vocab_size(), "bos": loaded.tokenizer.bos_id, "eos": loaded.tokenizer.eos_id},
             "matmul": lopper_kernels::describe(),
         });
+        let mut v = v;
+        if let Some((q, w, f)) = &plan {
+            v["memory"] = serde_json::json!({
+                "dtype": q.dtype, "batch_size": q.batch_size, "seq_len": q.seq_len,
+                "weights": w.resident(), "loading_extra": w.loading,
+                "forward": f.total(), "host_total": w.peak().max(w.resident() + f.total()),
+                "available": available,
+            });
+        }
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
+    }
+    if let Some((q, w, f)) = &plan {
+        print_plan(q, w, f, available, shape.num_params() + loaded.bias_params);
     }
     let i = &loaded.info;
     println!("model      {}", i.spec);
@@ -96,4 +125,50 @@ pub fn run(model: &str, json: bool) -> Result<()> {
         );
     }
     Ok(())
+}
+
+fn print_plan(
+    q: &MemoryQuery,
+    w: &lopper_model::WeightMemory,
+    f: &ForwardMemory,
+    available: Option<u64>,
+    params: u64,
+) {
+    let total = w.peak().max(w.resident() + f.total());
+    println!(
+        "memory plan ({} weights, forward of {} x {} tokens, on the CPU: all of it in host memory)",
+        q.dtype, q.batch_size, q.seq_len
+    );
+    println!(
+        "  weights        {:>10}  ({:.2} B parameters: matrices in {}, norms and biases f32)",
+        human(w.resident()),
+        params as f64 / 1e9,
+        q.dtype
+    );
+    println!(
+        "  while loading  {:>10}  (the largest tensor's f32 values in flight)",
+        format!("+{}", human(w.loading))
+    );
+    println!(
+        "  forward        {:>10}  (activations: layer {}, attention {}, logits {}, tables {})",
+        format!("+{}", human(f.total())),
+        human(f.layer),
+        human(f.attention),
+        human(f.logits),
+        human(f.tables)
+    );
+    println!("  peak           {:>10}", human(total));
+    match available {
+        Some(a) => println!(
+            "  available      {:>10}  -> {}",
+            human(a),
+            if total as f64 <= a as f64 * 0.9 {
+                "fits"
+            } else {
+                "does NOT fit: commands refuse it before reading any weight"
+            }
+        ),
+        None => println!("  available      unknown on this system"),
+    }
+    println!();
 }

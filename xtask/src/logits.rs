@@ -6,7 +6,6 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use burn::tensor::backend::Backend;
 use clap::Args;
-use lopper_model::{ModelSpec, load};
 
 use crate::backend::{DeviceChoice, Job, run_on};
 
@@ -15,6 +14,9 @@ pub struct LogitsArgs {
     /// `default`, a .gguf file, a model directory, or hub:ORG/NAME[@REV].
     #[arg(long, default_value = "default")]
     model: String,
+    /// Storage type of the weight matrices: f32, bf16 or f16 (activations and reductions stay f32).
+    #[arg(long, default_value = "f32")]
+    pub dtype: lopper_core::Dtype,
     /// Text to tokenise (no special tokens added).
     #[arg(long, conflicts_with = "ids")]
     text: Option<String>,
@@ -42,8 +44,7 @@ struct LogitsJob(LogitsArgs);
 impl Job for LogitsJob {
     fn run<B: Backend>(self, device: B::Device, _device_name: String) -> Result<()> {
         let a = &self.0;
-        let spec: ModelSpec = a.model.parse()?;
-        let loaded = load::<B>(&spec, &device).with_context(|| format!("loading `{}`", a.model))?;
+        let loaded = crate::loading::load_model::<B>(&a.model, a.dtype, &device)?;
         let ids: Vec<u32> = match (&a.text, &a.ids) {
             (Some(t), _) => loaded.tokenizer.encode(t)?,
             (None, Some(s)) => s

@@ -8,6 +8,7 @@ mod compare;
 mod eval;
 mod guard;
 mod info;
+mod loading;
 mod logits;
 mod methods;
 mod plots;
@@ -45,6 +46,19 @@ enum Cmd {
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+        /// Also print the memory plan: weights in --dtype, what loading adds, a forward of
+        /// --batch-size x --seq-len tokens, against the memory available now.
+        #[arg(long)]
+        memory: bool,
+        /// Storage type of the weight matrices for the plan: f32, bf16 or f16.
+        #[arg(long, default_value = "f32")]
+        dtype: lopper_core::Dtype,
+        /// Rows per forward for the plan.
+        #[arg(long, default_value_t = 8)]
+        batch_size: usize,
+        /// Tokens per row for the plan.
+        #[arg(long, default_value_t = 128)]
+        seq_len: usize,
     },
     /// Evaluate a model: perplexity with an explicit, recorded protocol.
     Eval(eval::EvalArgs),
@@ -146,7 +160,22 @@ fn run() -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Info { model, json } => info::run(&model, json),
+        Cmd::Info {
+            model,
+            json,
+            memory,
+            dtype,
+            batch_size,
+            seq_len,
+        } => info::run(
+            &model,
+            json,
+            memory.then_some(info::MemoryQuery {
+                dtype,
+                batch_size,
+                seq_len,
+            }),
+        ),
         Cmd::Eval(args) => eval::run(args),
         Cmd::Prune(args) => prune::run(*args),
         Cmd::Export(args) => prune::export(args),

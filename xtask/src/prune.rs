@@ -9,7 +9,7 @@ use clap::Args;
 use lopper_core::{MaskPlan, UnitKind};
 use lopper_data::Sampler;
 use lopper_importance::{Method, MethodSettings};
-use lopper_model::{Llama, ModelSpec, Tokenizer, load};
+use lopper_model::{Llama, Tokenizer};
 use lopper_policy::{Baseline, Budget, Estimator, Optimizer, PgConfig, Schedule};
 
 use crate::reconstruct::Reconstruct;
@@ -23,6 +23,9 @@ pub struct PruneArgs {
     /// `default`, a .gguf file, a model directory, or hub:ORG/NAME[@REV].
     #[arg(long, default_value = "default")]
     pub model: String,
+    /// Storage type of the weight matrices: f32, bf16 or f16 (activations and reductions stay f32).
+    #[arg(long, default_value = "f32")]
+    pub dtype: lopper_core::Dtype,
     /// pg (policy gradient) or a metric method: magnitude (L2), magnitude-l1, random, wanda-sp,
     /// flap, block-influence (ShortGPT), sleb, llm-pruner (Taylor, autodiff), llm-bip,
     /// mini-llm (SPSA, forward only), ifso; or a one-shot unstructured / N:M method: alps,
@@ -396,8 +399,7 @@ impl Job for PruneJob {
     fn run<B: Backend>(self, device: B::Device, device_name: String) -> Result<()> {
         let a = &self.args;
         let started = Instant::now();
-        let spec: ModelSpec = a.model.parse()?;
-        let loaded = load::<B>(&spec, &device).with_context(|| format!("loading `{}`", a.model))?;
+        let loaded = crate::loading::load_model::<B>(&a.model, a.dtype, &device)?;
         let (model, tok) = (&loaded.model, &loaded.tokenizer);
         crate::guard::context(
             model.shape(),
@@ -792,8 +794,7 @@ struct ExportJob {
 impl Job for ExportJob {
     fn run<B: Backend>(self, device: B::Device, _device_name: String) -> Result<()> {
         let a = &self.args;
-        let spec: ModelSpec = a.model.parse()?;
-        let loaded = load::<B>(&spec, &device).with_context(|| format!("loading `{}`", a.model))?;
+        let loaded = crate::loading::load_model::<B>(&a.model, lopper_core::Dtype::F32, &device)?;
         let mut calibration = serde_json::Value::Null;
         let model = match &self.plan {
             Some(p) if self.how != Reconstruct::None => {

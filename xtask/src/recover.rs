@@ -10,7 +10,7 @@ use anyhow::{Context, Result, bail};
 use burn::tensor::backend::Backend;
 use clap::Args;
 use lopper_core::MaskPlan;
-use lopper_model::{Llama, ModelSpec, load};
+use lopper_model::Llama;
 use lopper_recover::{Adapt, Distill, RecoverConfig, Recovery, StepRecord};
 use lopper_surgery::{ExportFormat, ExportOptions};
 
@@ -281,15 +281,12 @@ impl Job for RecoverJob {
     fn run<B: Backend>(self, device: B::Device, device_name: String) -> Result<()> {
         let (a, cfg) = (&self.args, self.cfg);
         let started = Instant::now();
-        let spec: ModelSpec = a.model.parse()?;
-        let student =
-            load::<B>(&spec, &device).with_context(|| format!("loading `{}`", a.model))?;
+        let student = crate::loading::load_model::<B>(&a.model, lopper_core::Dtype::F32, &device)?;
         let plan = plan_of(&a.model);
         let teacher = match &self.teacher {
             Some(t) => {
-                let spec: ModelSpec = t.parse()?;
-                let teacher =
-                    load::<B>(&spec, &device).with_context(|| format!("loading teacher `{t}`"))?;
+                let teacher = crate::loading::load_model::<B>(t, lopper_core::Dtype::F32, &device)
+                    .with_context(|| format!("loading teacher `{t}`"))?;
                 let (s, d) = (student.model.shape(), teacher.model.shape());
                 anyhow::ensure!(
                     s.vocab_size == d.vocab_size,

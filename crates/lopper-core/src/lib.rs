@@ -1,5 +1,6 @@
 #![doc = include_str!("../README.md")]
 
+mod dtype;
 mod error;
 pub mod memory;
 mod plan;
@@ -8,6 +9,7 @@ mod scores;
 mod shape;
 mod units;
 
+pub use dtype::Dtype;
 pub use error::{Error, Result};
 pub use plan::{LayerPlan, MASK_PLAN_FORMAT_VERSION, MaskPlan, write_atomic};
 pub use pypi::lopper_home;

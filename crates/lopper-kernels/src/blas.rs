@@ -10,7 +10,7 @@ use std::ffi::{c_char, c_int, c_void};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use half::bf16;
+use half::{bf16, f16};
 use libloading::Library;
 
 use crate::error::{Error, Result};
@@ -120,7 +120,7 @@ impl<T> MatRef<'_, T> {
 }
 
 /// `cblas_?gemm` with row-major operands of element `T` and f32 output (`cblas_sgemm`,
-/// `cblas_gemm_bf16bf16f32`).
+/// `cblas_gemm_bf16bf16f32`, `cblas_gemm_f16f16f32`).
 type Gemm<T> = unsafe extern "C" fn(
     c_int,
     c_int,
@@ -138,7 +138,7 @@ type Gemm<T> = unsafe extern "C" fn(
     c_int,
 );
 type Sgemm = Gemm<f32>;
-type GemmBf16 = Gemm<u16>;
+type GemmHalf = Gemm<u16>;
 type SetLayer = unsafe extern "C" fn(c_int) -> c_int;
 type VersionString = unsafe extern "C" fn(*mut c_char, c_int);
 
@@ -155,7 +155,8 @@ const MKL_CBWR_SUCCESS: c_int = 0;
 #[derive(Debug)]
 pub struct Blas {
     sgemm: Sgemm,
-    gemm_bf16: Option<GemmBf16>,
+    gemm_bf16: Option<GemmHalf>,
+    gemm_f16: Option<GemmHalf>,
     /// The library file.
     pub path: PathBuf,
     /// The library's own version string.
@@ -254,9 +255,13 @@ fn load(path: &Path) -> std::result::Result<Blas, String> {
             return Err("cannot select reproducible results (MKL_CBWR_Set)".into());
         }
         let sgemm: Sgemm = std::mem::transmute(sym(b"cblas_sgemm\0")?);
-        let gemm_bf16: Option<GemmBf16> = sym(b"cblas_gemm_bf16bf16f32\0")
-            .ok()
-            .map(|p| std::mem::transmute::<*mut c_void, GemmBf16>(p));
+        let half = |name: &[u8]| {
+            sym(name)
+                .ok()
+                .map(|p| std::mem::transmute::<*mut c_void, GemmHalf>(p))
+        };
+        let gemm_bf16 = half(b"cblas_gemm_bf16bf16f32\0");
+        let gemm_f16 = half(b"cblas_gemm_f16f16f32\0");
         let version = match sym(b"MKL_Get_Version_String\0") {
             Ok(p) => {
                 let f: VersionString = std::mem::transmute(p);
@@ -274,6 +279,7 @@ fn load(path: &Path) -> std::result::Result<Blas, String> {
         Ok(Blas {
             sgemm,
             gemm_bf16,
+            gemm_f16,
             path: path.to_path_buf(),
             version,
             _lib: lib,
@@ -364,10 +370,29 @@ impl Blas {
             .ok_or_else(|| Error::Shape("this BLAS has no bf16 product".into()))?;
         call(f, 1.0, a, b, c, ldc)
     }
+
+    /// Whether the library has the f16 x f16 -> f32 product.
+    pub fn has_f16(&self) -> bool {
+        self.gemm_f16.is_some()
+    }
+
+    /// `c = a * b` with f16 operands and f32 accumulation and output.
+    pub fn gemm_f16(
+        &self,
+        a: MatRef<'_, f16>,
+        b: MatRef<'_, f16>,
+        c: &mut [f32],
+        ldc: usize,
+    ) -> Result<()> {
+        let f = self
+            .gemm_f16
+            .ok_or_else(|| Error::Shape("this BLAS has no f16 product".into()))?;
+        call(f, 1.0, a, b, c, ldc)
+    }
 }
 
 /// Calls a row-major gemm after [`check_product`]. `T` (the operands' element) and `S` (the
-/// C prototype's) have the same size and layout: f32 and f32, bf16 and u16.
+/// C prototype's) have the same size and layout: f32 and f32, bf16 or f16 and u16.
 #[allow(unsafe_code)]
 fn call<T, S>(
     f: Gemm<S>,

@@ -1,9 +1,11 @@
 //! Matrix products on burn tensors that run on the BLAS when they can.
 //!
 //! [`matmul`] takes tensors of any backend. When the backend's float primitive is burn-flex's
-//! CPU tensor, the dtype is f32 or bf16, the batch dimensions match and a BLAS is loaded, the
-//! product runs on the BLAS, its rows split over rayon's threads; otherwise it is the backend's
-//! own `matmul`, unchanged. Strided operands (a transposed weight, a narrowed batch) are read
+//! CPU tensor, the dtype is f32, bf16 or f16, the batch dimensions match and a BLAS is loaded,
+//! the product runs on the BLAS, its rows split over rayon's threads; otherwise it is the
+//! backend's own `matmul`, unchanged. A weight stored narrower than its f32 input (a model
+//! loaded with `--dtype bf16|f16`) multiplies the input rounded to its type, accumulating in f32
+//! and returning f32. Strided operands (a transposed weight, a narrowed batch) are read
 //! in place through the BLAS's transpose flags and leading dimensions.
 
 use std::any::{Any, TypeId};
@@ -14,7 +16,7 @@ use burn::nn::Linear;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
 use burn_flex::{Flex, FlexTensor};
-use half::bf16;
+use half::{bf16, f16};
 use rayon::prelude::*;
 
 use crate::blas::{Blas, MatRef, blas};
@@ -79,6 +81,9 @@ pub fn linear<B: Backend>(layer: &Linear<B>, x: Tensor<B, 2>) -> Tensor<B, 2> {
 /// # Shapes
 /// - `lhs`: `[..., m, k]`, `rhs`: `[..., k, n]` -> `[..., m, n]`
 pub fn matmul<B: Backend, const D: usize>(lhs: Tensor<B, D>, rhs: Tensor<B, D>) -> Tensor<B, D> {
+    if lhs.dtype() != rhs.dtype() {
+        return mixed_matmul(lhs, rhs);
+    }
     if TypeId::of::<B::FloatTensorPrimitive>() == TypeId::of::<AutodiffTensor<Flex>>() {
         return autodiff_matmul(lhs, rhs);
     }
@@ -93,10 +98,116 @@ pub fn matmul<B: Backend, const D: usize>(lhs: Tensor<B, D>, rhs: Tensor<B, D>) 
         (Ok(a), Ok(b)) => (a, b),
         (a, b) => return back::<B, D>(a).matmul(back::<B, D>(b)),
     };
-    match flex_matmul(blas, &a, &b) {
+    match flex_matmul(blas, &a, &b, a.dtype()) {
         Some(out) => from_flex(out),
         None => from_flex::<B, D>(a).matmul(from_flex(b)),
     }
+}
+
+/// A product whose right operand (a weight) is stored in a narrower type than the left one
+/// (f32 activations). On the CPU with a BLAS: the weight is widened to f32 one block of columns
+/// at a time and multiplied by the f32 input with `sgemm` (the exact f32 product of the stored
+/// weight; on this project's AMD CPU faster than the BLAS's own bf16 product, which also
+/// widens internally but the whole operand at once, per thread). Elsewhere: the input is rounded
+/// to the weight's type and burn multiplies in it (what autocast does), the output cast back.
+fn mixed_matmul<B: Backend, const D: usize>(lhs: Tensor<B, D>, rhs: Tensor<B, D>) -> Tensor<B, D> {
+    let (out, narrow) = (lhs.dtype(), rhs.dtype());
+    let blas = blas().filter(|_| {
+        blas_enabled()
+            && D == 2
+            && out == DType::F32
+            && matches!(narrow, DType::BF16 | DType::F16)
+            && TypeId::of::<B::FloatTensorPrimitive>() == TypeId::of::<FlexTensor>()
+    });
+    let (lhs, rhs) = match blas {
+        None => (lhs, rhs),
+        Some(blas) => match (into_flex(lhs), into_flex(rhs)) {
+            (Ok(a), Ok(b)) => match widening_product(blas, &a, &b) {
+                Some(product) => return from_flex(product),
+                None => (from_flex(a), from_flex(b)),
+            },
+            (a, b) => (back(a), back(b)),
+        },
+    };
+    matmul(lhs.cast(narrow), rhs).cast(out)
+}
+
+/// Bytes of f32 weight one task widens at a time.
+const WIDEN_BLOCK_BYTES: usize = 4 << 20;
+
+/// `a * b` for a 2-D f32 `a` and a 2-D bf16/f16 `b`: column blocks of `b` widened to f32 and
+/// multiplied on the BLAS, blocks split over rayon's threads. `None` when it does not apply.
+fn widening_product(blas: &Blas, a: &FlexTensor, b: &FlexTensor) -> Option<FlexTensor> {
+    let (ad, bd) = (a.layout().shape().to_vec(), b.layout().shape().to_vec());
+    if a.dtype() != DType::F32 || ad.len() != 2 || bd.len() != 2 || ad[1] != bd[0] {
+        return None;
+    }
+    let (m, k, n) = (ad[0], ad[1], bd[1]);
+    let (a, oa) = described(a)?;
+    let (b, ob) = described(b)?;
+    let nc = (WIDEN_BLOCK_BYTES / 4 / k.max(1))
+        .clamp(64, n.max(64))
+        .next_multiple_of(16);
+    let blocks: Vec<usize> = (0..n).step_by(nc.max(1)).collect();
+    let widen = |j0: usize, cols: usize| -> Vec<f32> {
+        match b.dtype() {
+            DType::BF16 => widen_block(ob.mat(b.storage::<bf16>(), 0), j0, cols, bf16::to_f32),
+            _ => widen_block(ob.mat(b.storage::<f16>(), 0), j0, cols, f16::to_f32),
+        }
+    };
+    let parts: crate::Result<Vec<Vec<f32>>> = blocks
+        .par_iter()
+        .map(|&j0| {
+            let cols = nc.min(n - j0);
+            let w = widen(j0, cols);
+            let wm = MatRef {
+                data: &w,
+                rows: k,
+                cols,
+                ld: if ob.trans { k } else { cols },
+                trans: ob.trans,
+            };
+            let mut c = vec![0f32; m * cols];
+            blas.sgemm(oa.mat(a.storage::<f32>(), 0), wm, &mut c, cols)?;
+            Ok(c)
+        })
+        .collect();
+    let parts = match parts {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!("BLAS product refused ({e}); using the portable path");
+            return None;
+        }
+    };
+    count_blas_product();
+    let mut out = vec![0f32; m * n];
+    for (&j0, part) in blocks.iter().zip(&parts) {
+        let cols = part.len() / m.max(1);
+        for (r, row) in part.chunks_exact(cols.max(1)).enumerate() {
+            out[r * n + j0..r * n + j0 + cols].copy_from_slice(row);
+        }
+    }
+    Some(FlexTensor::from_data(TensorData::new(out, [m, n])))
+}
+
+/// Columns `j0..j0 + cols` of `b` as f32, stored as `b` stores them: `[k, cols]` row-major, or
+/// `[cols, k]` (the block of a transposed operand) when `b.trans`.
+fn widen_block<T: Copy>(b: MatRef<'_, T>, j0: usize, cols: usize, f: fn(T) -> f32) -> Vec<f32> {
+    let mut w = Vec::with_capacity(b.rows * cols);
+    if b.trans {
+        for j in j0..j0 + cols {
+            w.extend(b.data[j * b.ld..j * b.ld + b.rows].iter().map(|&v| f(v)));
+        }
+    } else {
+        for r in 0..b.rows {
+            w.extend(
+                b.data[r * b.ld + j0..r * b.ld + j0 + cols]
+                    .iter()
+                    .map(|&v| f(v)),
+            );
+        }
+    }
+    w
 }
 
 /// The product on `Autodiff<Flex>`: forward and backward products on the BLAS (a recorded op
@@ -112,7 +223,7 @@ fn autodiff_matmul<B: Backend, const D: usize>(
             && ld[..D - 2] == rd[..D - 2]
             && ld[D - 1] == rd[D - 2]
             && lhs.dtype() == rhs.dtype()
-            && (lhs.dtype() == DType::F32 || (lhs.dtype() == DType::BF16 && b.has_bf16()))
+            && blas_takes(b, lhs.dtype())
     });
     if !applies {
         return lhs.matmul(rhs);
@@ -148,7 +259,7 @@ fn upcast<B: Backend, const D: usize, T: 'static>(t: T) -> Tensor<B, D> {
 pub(crate) fn flex_product(a: FlexTensor, b: FlexTensor) -> FlexTensor {
     use burn::tensor::ops::FloatTensorOps;
     match blas().filter(|_| blas_enabled()) {
-        Some(blas) => match flex_matmul(blas, &a, &b) {
+        Some(blas) => match flex_matmul(blas, &a, &b, a.dtype()) {
             Some(out) => out,
             None => Flex::float_matmul(a, b),
         },
@@ -261,10 +372,21 @@ fn batch_offsets(dims: &[usize], strides: &[isize], start: usize) -> Vec<usize> 
     offsets
 }
 
-/// The product on the BLAS, or `None` when it does not apply (dtype, broadcast batches).
-fn flex_matmul(blas: &Blas, a: &FlexTensor, b: &FlexTensor) -> Option<FlexTensor> {
+/// Whether the BLAS multiplies operands of `dtype` (accumulating in f32).
+fn blas_takes(blas: &Blas, dtype: DType) -> bool {
+    match dtype {
+        DType::F32 => true,
+        DType::BF16 => blas.has_bf16(),
+        DType::F16 => blas.has_f16(),
+        _ => false,
+    }
+}
+
+/// The product on the BLAS, or `None` when it does not apply (dtype, broadcast batches). The
+/// output is `out`: the operands' dtype, or f32 (the accumulator itself).
+fn flex_matmul(blas: &Blas, a: &FlexTensor, b: &FlexTensor, out: DType) -> Option<FlexTensor> {
     let dtype = a.dtype();
-    if dtype != b.dtype() || !(dtype == DType::F32 || (dtype == DType::BF16 && blas.has_bf16())) {
+    if dtype != b.dtype() || !blas_takes(blas, dtype) || !(out == dtype || out == DType::F32) {
         return None;
     }
     let (ad, bd) = (a.layout().shape().to_vec(), b.layout().shape().to_vec());
@@ -276,23 +398,29 @@ fn flex_matmul(blas: &Blas, a: &FlexTensor, b: &FlexTensor) -> Option<FlexTensor
     let (b, ob) = described(b)?;
     let (m, n) = (oa.rows, ob.cols);
     let batches = oa.offsets.len();
-    let mut out = vec![0f32; batches * m * n];
-    let ok = if dtype == DType::F32 {
-        run_tasks(&mut out, batches, m, n, |bi, r0, rows, c| {
+    let mut acc = vec![0f32; batches * m * n];
+    let ok = match dtype {
+        DType::F32 => run_tasks(&mut acc, batches, m, n, |bi, r0, rows, c| {
             let (x, y) = (
                 oa.mat(a.storage::<f32>(), bi),
                 ob.mat(b.storage::<f32>(), bi),
             );
             blas.sgemm(slice_rows(x, r0, rows), y, c, n)
-        })
-    } else {
-        run_tasks(&mut out, batches, m, n, |bi, r0, rows, c| {
+        }),
+        DType::BF16 => run_tasks(&mut acc, batches, m, n, |bi, r0, rows, c| {
             let (x, y) = (
                 oa.mat(a.storage::<bf16>(), bi),
                 ob.mat(b.storage::<bf16>(), bi),
             );
             blas.gemm_bf16(slice_rows(x, r0, rows), y, c, n)
-        })
+        }),
+        _ => run_tasks(&mut acc, batches, m, n, |bi, r0, rows, c| {
+            let (x, y) = (
+                oa.mat(a.storage::<f16>(), bi),
+                ob.mat(b.storage::<f16>(), bi),
+            );
+            blas.gemm_f16(slice_rows(x, r0, rows), y, c, n)
+        }),
     };
     if let Err(e) = ok {
         // Unreachable with operands described from their own layouts; fall back, loudly.
@@ -302,13 +430,16 @@ fn flex_matmul(blas: &Blas, a: &FlexTensor, b: &FlexTensor) -> Option<FlexTensor
     count_blas_product();
     let mut shape = ad[..d - 2].to_vec();
     shape.extend([m, n]);
-    let data = if dtype == DType::F32 {
-        TensorData::new(out, shape)
-    } else {
-        TensorData::new(
-            out.into_iter().map(bf16::from_f32).collect::<Vec<_>>(),
+    let data = match out {
+        DType::F32 => TensorData::new(acc, shape),
+        DType::BF16 => TensorData::new(
+            acc.into_iter().map(bf16::from_f32).collect::<Vec<_>>(),
             shape,
-        )
+        ),
+        _ => TensorData::new(
+            acc.into_iter().map(f16::from_f32).collect::<Vec<_>>(),
+            shape,
+        ),
     };
     Some(FlexTensor::from_data(data))
 }
@@ -502,6 +633,31 @@ mod tests {
         // bf16 inputs carry 8 bits of mantissa: about 2^-8 relative error per product term.
         let e = rel_err(got, want);
         assert!(e < 2e-2, "relative error {e}");
+    }
+
+    #[test]
+    fn a_narrow_weight_multiplies_f32_inputs_into_f32() {
+        let (a, w) = (rand([37, 300]), rand([300, 41]));
+        let want = a.clone().matmul(w.clone());
+        for narrow in [DType::BF16, DType::F16] {
+            // Stored narrow, also as a transposed view (a tied LM head reads its embedding so).
+            let wn = w.clone().cast(narrow);
+            let wt = w.clone().transpose().cast(narrow).transpose();
+            for w in [wn.clone(), wt] {
+                let before = products_on_blas();
+                let got = matmul(a.clone(), w);
+                if crate::blas().is_some() {
+                    assert!(products_on_blas() > before, "{narrow:?}: on the BLAS");
+                }
+                assert_eq!(got.dtype(), DType::F32);
+                let e = rel_err(got.clone(), want.clone());
+                assert!(e < 2e-2, "{narrow:?}: relative error {e}");
+                // The same rounding on both paths: the BLAS (where it has the type) and burn's.
+                let portable = portable(|| matmul(a.clone(), wn.clone()));
+                assert_eq!(portable.dtype(), DType::F32);
+                assert!(rel_err(got, portable) < 5e-3, "{narrow:?}");
+            }
+        }
     }
 
     #[test]

@@ -177,6 +177,10 @@ struct HfConfig {
     #[serde(default)]
     tie_word_embeddings: bool,
     max_position_embeddings: Option<usize>,
+    /// Mistral / Qwen2: attention sees at most this many past positions.
+    sliding_window: Option<usize>,
+    /// Qwen2: whether `sliding_window` is in force (Mistral's is whenever it is set).
+    use_sliding_window: Option<bool>,
     #[serde(default)]
     attention_bias: bool,
     #[serde(default)]
@@ -192,21 +196,32 @@ struct PerLayer {
     intermediate_size: usize,
 }
 
+/// The `model_type`s of `config.json` lopper reads: LLaMA 1/2/3 (and Vicuna, a LLaMA), Mistral
+/// (sliding-window attention is not modelled: the window must cover the context), Qwen2/2.5
+/// (q/k/v biases, read from the checkpoint).
+pub const SUPPORTED_MODEL_TYPES: [&str; 3] = ["llama", "mistral", "qwen2"];
+
 /// Reads a Hugging Face `config.json` into a [`ModelShape`]. Missing required keys, and
 /// features lopper does not model (biases on q/k/v), are errors naming the key.
 pub fn shape_from_hf_config(path: &Path) -> Result<ModelShape> {
+    let text = std::fs::read_to_string(path).map_err(io_err(path))?;
+    shape_from_hf_config_text(&text, path)
+}
+
+/// [`shape_from_hf_config`] of a `config.json` held in memory; `path` names it in errors.
+pub fn shape_from_hf_config_text(text: &str, path: &Path) -> Result<ModelShape> {
     let err = |msg: String| Error::Config {
         path: path.to_owned(),
         msg,
     };
-    let text = std::fs::read_to_string(path).map_err(io_err(path))?;
     let c: HfConfig =
-        serde_json::from_str(&text).map_err(|e| err(format!("not a valid config: {e}")))?;
+        serde_json::from_str(text).map_err(|e| err(format!("not a valid config: {e}")))?;
     if let Some(t) = &c.model_type
-        && !["llama", "mistral"].contains(&t.as_str())
+        && !SUPPORTED_MODEL_TYPES.contains(&t.as_str())
     {
         return Err(err(format!(
-            "model_type `{t}` is not supported; lopper reads LLaMA-family models"
+            "model_type `{t}` is not supported; lopper reads LLaMA-family decoders: {}",
+            SUPPORTED_MODEL_TYPES.join(", ")
         )));
     }
     // attention_bias / mlp_bias: the bias tensors are read when present (see `Llama::from_weights`).
@@ -303,6 +318,16 @@ pub fn shape_from_hf_config(path: &Path) -> Result<ModelShape> {
         max_position_embeddings: c.max_position_embeddings.unwrap_or(2048),
         layers,
     };
+    // lopper's attention is full causal attention, which equals sliding-window attention for
+    // contexts up to the window: the window becomes the longest context, so that the guard of
+    // every command refuses a longer one.
+    let mut shape = shape;
+    if let Some(w) = c.sliding_window
+        && c.use_sliding_window != Some(false)
+        && w < shape.max_position_embeddings
+    {
+        shape.max_position_embeddings = w;
+    }
     shape.validate().map_err(|e| err(e.to_string()))?;
     Ok(shape)
 }

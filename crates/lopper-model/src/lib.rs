@@ -7,22 +7,28 @@ mod hostweights;
 mod masks;
 mod model;
 mod resolve;
+pub mod synthetic;
 mod tokenizer;
 pub mod weights;
 
-pub use config::{hf_config_json, shape_from_gguf, shape_from_hf_config};
+pub use config::{
+    SUPPORTED_MODEL_TYPES, hf_config_json, shape_from_gguf, shape_from_hf_config,
+    shape_from_hf_config_text,
+};
 pub use error::{Error, Result};
 pub use hostweights::HostWeights;
 pub use masks::{LayerMasks, Masks};
 pub use model::{
     Attention, DecoderLayer, ForwardMemory, LINEAR_NAMES, LayerStepper, Llama, Mlp, NLL_ROWS,
-    RmsNorm, Rope, Tap, mean_of, next_token_nll, nll_from_logits, tokens_tensor,
+    RmsNorm, Rope, Tap, WeightMemory, burn_dtype, mean_of, next_token_nll, nll_from_logits,
+    tokens_tensor,
 };
 pub use resolve::{
-    HubOptions, LoadedModel, ModelFiles, ModelInfo, ModelSpec, default_model, default_model_path,
-    ensure_default_model, install_default_model, load, load_files, lopper_home, resolve,
-    sha256_file, shape_for_dir,
+    HubOptions, Inspected, LoadedModel, ModelFiles, ModelInfo, ModelSpec, default_model,
+    default_model_path, ensure_default_model, inspect, install_default_model, load, load_files,
+    load_files_in, load_in, lopper_home, resolve, sha256_file, shape_for_dir,
 };
+pub use synthetic::{SyntheticModel, SyntheticWeights};
 pub use tokenizer::Tokenizer;
 pub use weights::{HostTensor, RandomWeights, WeightSource};
 

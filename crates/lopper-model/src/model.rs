@@ -11,12 +11,12 @@ use burn::tensor::activation::{silu, softmax};
 use burn::tensor::backend::Backend;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{DType, Int, Tensor, TensorData};
 
 use crate::error::{Error, Result};
 use crate::masks::{LayerMasks, Masks};
-use crate::weights::{HostTensor, WeightSource, load_checked};
-use lopper_core::{LayerShape, ModelShape};
+use crate::weights::{HostTensor, WeightSource, load_checked, load_stored};
+use lopper_core::{Dtype, LayerShape, ModelShape};
 use lopper_kernels::{AttentionShape, RopeTables, causal_attention, linear, matmul, swiglu};
 
 /// Root-mean-square layer norm: `x / sqrt(mean(x^2) + eps) * weight`.
@@ -402,6 +402,51 @@ impl ForwardMemory {
     }
 }
 
+/// The memory a model's weights take where they live, in bytes, and what loading adds for a
+/// moment: an estimate from the shape alone, made before any tensor is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WeightMemory {
+    /// Weight matrices (projections, embedding, LM head) in the storage type.
+    pub matrices: u64,
+    /// Norm scales and biases (always f32).
+    pub vectors: u64,
+    /// The largest matrix's f32 values while it is converted (file sources read a tensor as
+    /// f32, then store it; synthetic weights are generated in place: 0).
+    pub loading: u64,
+}
+
+impl WeightMemory {
+    /// The weights of a model of `shape` stored in `dtype`, with `bias_params` bias values;
+    /// `streamed_f32` when the source hands each tensor over as f32 first (files).
+    pub fn of(shape: &ModelShape, dtype: Dtype, bias_params: u64, streamed_f32: bool) -> Self {
+        let matrices = shape.num_params() - shape.norm_params();
+        let largest = shape
+            .layers
+            .iter()
+            .map(|l| (l.n_heads * l.head_dim).max(l.ffn_hidden) as u64 * shape.hidden_size as u64)
+            .max()
+            .unwrap_or(0)
+            .max(shape.embedding_params());
+        // A non-transposed f32 tensor is moved into place; every other one is written once more.
+        let loading = if streamed_f32 { largest * 4 } else { 0 };
+        Self {
+            matrices: matrices * dtype.bytes(),
+            vectors: (shape.norm_params() + bias_params) * 4,
+            loading,
+        }
+    }
+
+    /// What stays resident once loaded.
+    pub fn resident(&self) -> u64 {
+        self.matrices + self.vectors
+    }
+
+    /// The peak while loading.
+    pub fn peak(&self) -> u64 {
+        self.resident() + self.loading
+    }
+}
+
 /// RoPE tables for one head count: cos and sign-folded sin, each `[batch * seq, heads * head_dim]`.
 type CosSin<B> = (Tensor<B, 2>, Tensor<B, 2>);
 
@@ -587,40 +632,65 @@ pub struct Llama<B: Backend> {
 }
 
 fn param<B: Backend, const D: usize>(t: HostTensor, device: &B::Device) -> Param<Tensor<B, D>> {
-    Param::from_tensor(Tensor::from_data(TensorData::new(t.data, t.shape), device))
+    stored(TensorData::new(t.data, t.shape), device)
 }
 
-fn build_linear<B: Backend>(
-    w: HostTensor,
-    bias: Option<HostTensor>,
-    device: &B::Device,
-) -> Linear<B> {
-    // HF stores [out, in]; burn's Linear multiplies by [in, out].
-    Linear {
-        weight: param(w.transposed(), device),
-        bias: bias.map(|b| param(b, device)),
+/// A parameter holding `data` in its own dtype.
+fn stored<B: Backend, const D: usize>(data: TensorData, device: &B::Device) -> Param<Tensor<B, D>> {
+    let dtype = data.dtype;
+    Param::from_tensor(Tensor::from_data(data, (device, dtype)))
+}
+
+/// burn's dtype for a storage type.
+pub fn burn_dtype(d: Dtype) -> DType {
+    match d {
+        Dtype::F32 => DType::F32,
+        Dtype::Bf16 => DType::BF16,
+        Dtype::F16 => DType::F16,
     }
 }
 
 impl<B: Backend> Llama<B> {
-    /// Builds the model of `shape` from `weights`, checking every tensor's presence and shape.
+    /// Builds the model of `shape` from `weights` in f32 ([`Llama::from_weights_in`]).
     pub fn from_weights(
         shape: &ModelShape,
         weights: &dyn WeightSource,
         device: &B::Device,
     ) -> Result<Self> {
+        Self::from_weights_in(shape, weights, device, Dtype::F32)
+    }
+
+    /// Builds the model of `shape` from `weights`, checking every tensor's presence and shape.
+    /// Weight matrices (projections, embedding, LM head) are stored in `dtype`, streamed from
+    /// the source one tensor at a time; norm scales and biases stay f32.
+    pub fn from_weights_in(
+        shape: &ModelShape,
+        weights: &dyn WeightSource,
+        device: &B::Device,
+        dtype: Dtype,
+    ) -> Result<Self> {
         shape.validate()?;
         let load = |name: &str| load_checked(weights, shape, name);
-        // A projection: its weight, and its bias when the checkpoint has one (LLaMA has none;
-        // FLAP-style compensation adds o_proj / down_proj biases).
+        let matrix = |name: &str, transpose: bool| -> Result<Param<Tensor<B, 2>>> {
+            Ok(stored(
+                load_stored(weights, shape, name, dtype, transpose)?,
+                device,
+            ))
+        };
+        // A projection: its weight (HF `[out, in]`, stored `[in, out]` as burn's Linear
+        // multiplies), and its bias when the checkpoint has one (LLaMA has none; Qwen2 has q/k/v
+        // biases; FLAP-style compensation adds o_proj / down_proj biases).
         let lin = |name: &str| -> Result<Linear<B>> {
-            let w = load(&format!("{name}.weight"))?;
+            let weight = matrix(&format!("{name}.weight"), true)?;
             let bias_name = format!("{name}.bias");
-            let b = match weights.tensor(&bias_name)? {
+            let bias = match weights.tensor(&bias_name)? {
                 Some(b) => Some(load_checked(weights, shape, &bias_name).map(|_| b)?),
                 None => None,
             };
-            Ok(build_linear(w, b, device))
+            Ok(Linear {
+                weight,
+                bias: bias.map(|b| param(b, device)),
+            })
         };
         let norm = |name: &str| -> Result<RmsNorm<B>> {
             Ok(RmsNorm {
@@ -668,14 +738,17 @@ impl<B: Backend> Llama<B> {
             });
         }
         let embed_tokens = Embedding {
-            weight: param(load("model.embed_tokens.weight")?, device),
+            weight: matrix("model.embed_tokens.weight", false)?,
         };
         let lm_head = if shape.tie_word_embeddings {
             None
         } else {
-            Some(build_linear(load("lm_head.weight")?, None, device))
+            Some(Linear {
+                weight: matrix("lm_head.weight", true)?,
+                bias: None,
+            })
         };
-        tracing::debug!(params = shape.num_params(), source = %weights.describe(), "model built");
+        tracing::debug!(params = shape.num_params(), %dtype, source = %weights.describe(), "model built");
         Ok(Self {
             embed_tokens,
             layers,
@@ -683,6 +756,15 @@ impl<B: Backend> Llama<B> {
             lm_head,
             shape: shape.clone(),
         })
+    }
+
+    /// The storage type of the weight matrices.
+    pub fn dtype(&self) -> Dtype {
+        match self.embed_tokens.weight.val().dtype() {
+            DType::BF16 => Dtype::Bf16,
+            DType::F16 => Dtype::F16,
+            _ => Dtype::F32,
+        }
     }
 
     /// The model's shape.
@@ -852,9 +934,11 @@ impl<B: Backend> Llama<B> {
     /// - `tokens`: `[batch, seq]` -> `[batch * seq, hidden]`
     pub fn embed(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 2> {
         let [batch, seq] = tokens.dims();
+        // The residual stream is f32 whatever the storage type of the table.
         self.embed_tokens
             .forward(tokens)
             .reshape([batch * seq, self.shape.hidden_size])
+            .cast(DType::F32)
     }
 
     /// Runs decoder layers one at a time on batches of `batch` sequences of `seq` tokens (what
@@ -895,11 +979,7 @@ impl<B: Backend> Llama<B> {
         let device = tokens.device();
         let inv_freq: Vec<f64> = self.rope_inv_freq();
         let rope = Rope::new(&inv_freq, batch, seq, &device);
-        let hidden = self.shape.hidden_size;
-        let mut x = self
-            .embed_tokens
-            .forward(tokens)
-            .reshape([batch * seq, hidden]);
+        let mut x = self.embed(tokens);
         for (i, layer) in self.layers.iter().enumerate() {
             on_hidden(i, &x);
             let layer = layer_for(i, layer);

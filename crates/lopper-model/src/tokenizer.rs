@@ -40,6 +40,38 @@ impl Tokenizer {
             .expect("a valid word-level tokenizer")
     }
 
+    /// A byte-level tokenizer: each UTF-8 byte of the text is one token, ids 0-255 (GPT-2's
+    /// byte-to-character table, no merges); the tokenizer of synthetic models, whose
+    /// vocabularies all have at least 256 entries.
+    pub fn byte_level() -> Self {
+        // GPT-2's table: printable bytes stand for themselves, the others for 256 + n.
+        let mut n = 0;
+        let vocab: serde_json::Map<String, Json> = (0u32..256)
+            .map(|b| {
+                let printable = matches!(b, 33..=126 | 161..=172 | 174..=255);
+                let c = if printable {
+                    char::from_u32(b)
+                } else {
+                    n += 1;
+                    char::from_u32(255 + n)
+                };
+                (c.expect("a valid char").to_string(), json!(b))
+            })
+            .collect();
+        let doc = json!({
+            "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+            "normalizer": null,
+            "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false},
+            "post_processor": null,
+            "decoder": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false},
+            "model": {"type": "BPE", "vocab": vocab, "merges": [], "dropout": null, "unk_token": null,
+                      "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": false,
+                      "byte_fallback": false, "ignore_merges": false}
+        });
+        Self::from_json(doc.to_string(), "byte-level tokenizer")
+            .expect("a valid byte-level tokenizer")
+    }
+
     /// Parses a `tokenizer.json` held in memory; `what` names it in errors.
     pub fn from_json(json: String, what: &str) -> Result<Self> {
         let inner: tokenizers::Tokenizer = json.parse().map_err(|e| Error::Tokenizer {
@@ -277,5 +309,20 @@ impl Tokenizer {
     /// The `tokenizer.json` text (for export next to a pruned model).
     pub fn to_json(&self) -> &str {
         &self.json
+    }
+}
+
+#[cfg(test)]
+mod byte_tests {
+    use super::Tokenizer;
+
+    #[test]
+    fn the_byte_level_tokenizer_maps_each_byte_to_its_value() {
+        let t = Tokenizer::byte_level();
+        let text = "Héllo, world\n\t!";
+        let ids = t.encode(text).unwrap();
+        assert_eq!(ids, text.bytes().map(u32::from).collect::<Vec<_>>());
+        assert_eq!(t.decode(&ids).unwrap(), text);
+        assert_eq!(t.vocab_size(), 256);
     }
 }

@@ -8,9 +8,11 @@ use std::path::{Path, PathBuf};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use burn::tensor::TensorData;
+
 use crate::error::{Error, Result, io_err};
 use crate::gguf::GgufFile;
-use lopper_core::ModelShape;
+use lopper_core::{Dtype, ModelShape};
 
 /// A dense f32 tensor on the host, row-major, in Hugging Face layout (`[out, in]` for matrices).
 #[derive(Debug, Clone, PartialEq)]
@@ -39,6 +41,43 @@ impl HostTensor {
     }
 }
 
+impl HostTensor {
+    /// The values as burn data of `dtype`, transposed (`[r, c]` -> `[c, r]`) when `transpose`:
+    /// one pass, one output buffer (what the model stores, without an f32 transposed copy).
+    pub fn into_data(self, dtype: Dtype, transpose: bool) -> TensorData {
+        fn convert<T: burn::tensor::Element + Default>(
+            t: HostTensor,
+            transpose: bool,
+            f: impl Fn(f32) -> T,
+        ) -> TensorData {
+            if !transpose || t.shape.len() != 2 {
+                let data: Vec<T> = t.data.into_iter().map(f).collect();
+                return TensorData::new(data, t.shape);
+            }
+            let (r, c) = (t.shape[0], t.shape[1]);
+            let mut out = vec![T::default(); r * c];
+            // 64 x 64 tiles keep both the strided reads and the writes in cache.
+            const B: usize = 64;
+            for i0 in (0..r).step_by(B) {
+                for j0 in (0..c).step_by(B) {
+                    for i in i0..(i0 + B).min(r) {
+                        for j in j0..(j0 + B).min(c) {
+                            out[j * r + i] = f(t.data[i * c + j]);
+                        }
+                    }
+                }
+            }
+            TensorData::new(out, [c, r])
+        }
+        match dtype {
+            Dtype::F32 if !transpose => TensorData::new(self.data, self.shape),
+            Dtype::F32 => convert(self, true, |v| v),
+            Dtype::Bf16 => convert(self, transpose, half::bf16::from_f32),
+            Dtype::F16 => convert(self, transpose, half::f16::from_f32),
+        }
+    }
+}
+
 /// A checkpoint that yields tensors by their Hugging Face name
 /// (`model.layers.3.self_attn.q_proj.weight`).
 pub trait WeightSource {
@@ -46,6 +85,13 @@ pub trait WeightSource {
     fn describe(&self) -> String;
     /// The tensor called `name`, or `None` if the checkpoint lacks it.
     fn tensor(&self, name: &str) -> Result<Option<HostTensor>>;
+    /// Tensor `name` as the model stores it: burn data of `dtype`, transposed to `[in, out]`
+    /// when `transpose`. The default converts [`WeightSource::tensor`]'s f32 values in one pass;
+    /// a source that can write the stored form directly (synthetic weights) overrides it, so
+    /// that loading never holds more than one tensor beyond the model.
+    fn stored(&self, name: &str, dtype: Dtype, transpose: bool) -> Result<Option<TensorData>> {
+        Ok(self.tensor(name)?.map(|t| t.into_data(dtype, transpose)))
+    }
 }
 
 /// Hugging Face name -> GGUF name (llama architecture).
@@ -231,6 +277,18 @@ impl SafetensorsWeights {
         }
         Ok(Self { files, index })
     }
+
+    /// Values in the checkpoint's bias tensors (`*.bias`), read from the headers.
+    pub fn bias_params(&self) -> u64 {
+        self.index
+            .iter()
+            .filter(|(name, _)| name.ends_with(".bias"))
+            .filter_map(|(name, &i)| {
+                let st = safetensors::SafeTensors::deserialize(&self.files[i].1).ok()?;
+                Some(st.tensor(name).ok()?.shape().iter().product::<usize>() as u64)
+            })
+            .sum()
+    }
 }
 
 impl WeightSource for SafetensorsWeights {
@@ -376,6 +434,37 @@ pub fn expected_dims(shape: &ModelShape, name: &str) -> Option<Vec<usize>> {
         "mlp.down_proj.weight" if mlp => vec![d, f],
         _ => return None,
     })
+}
+
+/// Loads tensor `name` from `src` as the model stores it ([`WeightSource::stored`]), checking
+/// its shape against `shape` (in Hugging Face layout, before any transposition).
+pub fn load_stored(
+    src: &dyn WeightSource,
+    shape: &ModelShape,
+    name: &str,
+    dtype: Dtype,
+    transpose: bool,
+) -> Result<TensorData> {
+    let expected = expected_dims(shape, name).expect("the model only asks for tensors it has");
+    let t = src
+        .stored(name, dtype, transpose)?
+        .ok_or_else(|| Error::MissingTensor {
+            name: name.into(),
+            source_desc: src.describe(),
+        })?;
+    let mut got = t.shape.to_vec();
+    if transpose && got.len() == 2 {
+        got.reverse();
+    }
+    if got != expected {
+        return Err(Error::TensorShape {
+            name: name.into(),
+            source_desc: src.describe(),
+            expected,
+            got,
+        });
+    }
+    Ok(t)
 }
 
 /// Loads tensor `name` from `src` and checks its shape against `shape`.
