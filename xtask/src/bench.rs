@@ -488,23 +488,29 @@ impl Job for PrunedBench {
         )?;
         bar.set_message("dense");
         let mut dense_t = Vec::new();
-        reset_peak_rss();
+        crate::progress::reset_peak_rss();
         for &(b, t) in &self.shapes {
             dense_t.push(time_forward(dense, &device, b, t, self.runs)?);
             bar.inc(1);
         }
-        let dense_peak = peak_rss_mib();
+        let dense_peak = crate::progress::peak_rss_mib();
         let mut rows = Vec::new();
         for (kind, s, plan) in &plans {
             bar.set_message(format!("{kind} {s}"));
             let small = lopper_surgery::prune(dense, plan)?;
             let mut t = Vec::new();
-            reset_peak_rss();
+            crate::progress::reset_peak_rss();
             for &(b, q) in &self.shapes {
                 t.push(time_forward(&small, &device, b, q, self.runs)?);
                 bar.inc(1);
             }
-            rows.push((kind, s, small.shape().clone(), t, peak_rss_mib()));
+            rows.push((
+                kind,
+                s,
+                small.shape().clone(),
+                t,
+                crate::progress::peak_rss_mib(),
+            ));
         }
         bar.finish_and_clear();
         println!(
@@ -561,25 +567,6 @@ impl Job for PrunedBench {
         );
         Ok(())
     }
-}
-
-/// Resets the kernel's peak-RSS counter of this process (Linux; a no-op elsewhere).
-fn reset_peak_rss() {
-    let _ = std::fs::write("/proc/self/clear_refs", "5");
-}
-
-/// Peak resident memory of this process since the last reset, MiB (Linux only).
-fn peak_rss_mib() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let kb: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()?;
-    Some(kb / 1024.0)
 }
 
 struct PgStepBench {

@@ -168,8 +168,10 @@ impl Job for EvalJob {
         )?;
         let out = serde_json::json!({
             "model": loaded.info,
+            "dtype": a.dtype,
             "protocol": self.settings.protocol(&device_name),
             "results": results,
+            "peak_rss_mib": crate::progress::peak_rss_mib(),
         });
         if let Some(path) = &a.out {
             lopper_core::write_atomic(path, serde_json::to_string_pretty(&out)?.as_bytes())?;

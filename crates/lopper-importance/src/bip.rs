@@ -41,7 +41,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, s};
 use lopper_core::UnitScores;
 use lopper_kernels::{linear, matmul};
-use lopper_model::{Llama, Tap};
+use lopper_model::{Llama, Tap, weight_f32};
 
 use crate::{Result, host};
 
@@ -85,13 +85,10 @@ pub fn block_terms<B: Backend>(
         tap(Tap::DownProjInput),
     ) {
         let col_norm = |w: Tensor<B, 2>| w.powi_scalar(2).sum_dim(0).sqrt(); // [1, ffn]
-        let a = col_norm(mlp.gate_proj.weight.val());
-        let b = col_norm(mlp.up_proj.weight.val());
+        let a = col_norm(weight_f32(&mlp.gate_proj));
+        let b = col_norm(weight_f32(&mlp.up_proj));
         // down_proj is [ffn, hidden] in burn's layout: row norms.
-        let c = mlp
-            .down_proj
-            .weight
-            .val()
+        let c = weight_f32(&mlp.down_proj)
             .powi_scalar(2)
             .sum_dim(1)
             .sqrt()
@@ -116,7 +113,7 @@ pub fn block_terms<B: Backend>(
         let d = x.dims()[1];
         let h = x.clone() + linear(&attn.o_proj, oin.clone());
         let h_norm = h.powi_scalar(2).sum_dim(1).sqrt(); // [n, 1]
-        let wo = attn.o_proj.weight.val(); // [heads * hd, hidden]
+        let wo = weight_f32(&attn.o_proj); // [heads * hd, hidden]
         let width = ls.n_rep() * ls.head_dim;
         let groups: Vec<Tensor<B, 2>> = (0..ls.n_kv_heads)
             .map(|g| {

@@ -39,12 +39,12 @@ pub(crate) fn layer_linears<B: Backend>(l: &DecoderLayer<B>) -> [Option<&Linear<
     l.linears()
 }
 
-/// Every decoder linear weight of `model`.
+/// Every decoder linear weight of `model`, in f32 whatever its storage type.
 pub fn linear_weights<B: Backend>(model: &Llama<B>) -> PerLinear<B> {
     model
         .layers
         .iter()
-        .map(|l| layer_linears(l).map(|lin| lin.map(|lin| lin.weight.val())))
+        .map(|l| layer_linears(l).map(|lin| lin.map(lopper_model::weight_f32)))
         .collect()
 }
 
@@ -180,7 +180,13 @@ pub fn linear_grads<B: Backend>(
         let g: PerLinear<B> = ad
             .layers
             .iter()
-            .map(|l| layer_linears(l).map(|lin| lin.and_then(|lin| lin.weight.val().grad(&grads))))
+            .map(|l| {
+                layer_linears(l).map(|lin| {
+                    // In f32, whatever the weights' storage type.
+                    lin.and_then(|lin| lin.weight.val().grad(&grads))
+                        .map(|g| g.cast(burn::tensor::DType::F32))
+                })
+            })
             .collect();
         acc = Some(match acc {
             Some(a) => axpy(&a, &g, w as f32),

@@ -154,7 +154,7 @@ pub fn wanda_sp<B: Backend>(
     for (i, (layer, ls)) in model.layers.iter().zip(&shape.layers).enumerate() {
         kv_groups.push(match &layer.self_attn {
             Some(a) => {
-                let w = col_abs_mean(a.o_proj.weight.val())?;
+                let w = col_abs_mean(lopper_model::weight_f32(&a.o_proj))?;
                 let cols: Vec<f64> = w
                     .iter()
                     .zip(&attn_sq[i])
@@ -166,7 +166,7 @@ pub fn wanda_sp<B: Backend>(
         });
         channels.push(match &layer.mlp {
             Some(m) => {
-                let w = col_abs_mean(m.down_proj.weight.val())?;
+                let w = col_abs_mean(lopper_model::weight_f32(&m.down_proj))?;
                 w.iter()
                     .zip(&mlp_sq[i])
                     .map(|(w, x)| w * x.sqrt())

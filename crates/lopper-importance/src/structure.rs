@@ -3,7 +3,7 @@
 use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
 use lopper_core::{MaskPlan, ModelShape, PruneUnit, UnitScores};
-use lopper_model::{Llama, Tap};
+use lopper_model::{Llama, Tap, weight_f32};
 use rand::{Rng, SeedableRng};
 
 use crate::{Error, InputStats, Result, group_scores, host};
@@ -125,7 +125,7 @@ pub fn flap<B: Backend>(model: &Llama<B>, windows: &[Vec<u32>], batch_size: usiz
     for (i, (layer, ls)) in model.layers.iter().zip(&shape.layers).enumerate() {
         kv_groups.push(match &layer.self_attn {
             Some(a) => {
-                let w = col_sq(a.o_proj.weight.val())?;
+                let w = col_sq(weight_f32(&a.o_proj))?;
                 let cols: Vec<f64> = w
                     .iter()
                     .zip(&m.var.0[i])
@@ -142,7 +142,7 @@ pub fn flap<B: Backend>(model: &Llama<B>, windows: &[Vec<u32>], batch_size: usiz
         });
         channels.push(match &layer.mlp {
             Some(mlp) => {
-                let w = col_sq(mlp.down_proj.weight.val())?;
+                let w = col_sq(weight_f32(&mlp.down_proj))?;
                 let cols: Vec<f64> = w.iter().zip(&m.var.1[i]).map(|(w, v)| w * v).collect();
                 standardise(&cols)
             }

@@ -9,6 +9,7 @@ use burn::tensor::backend::Backend;
 use crate::error::{Error, Result};
 use crate::model::Llama;
 use crate::weights::{HostTensor, WeightSource};
+use lopper_core::Dtype;
 
 /// Named host tensors in Hugging Face layout.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -104,18 +105,49 @@ impl HostWeights {
 
     /// The tensors as the bytes of one F32 safetensors file.
     pub fn safetensors_bytes(&self) -> Result<Vec<u8>> {
-        let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = self
+        self.safetensors_bytes_in(Dtype::F32)
+    }
+
+    /// [`HostWeights::safetensors_bytes`] with the matrices (2-D tensors) in `dtype`; vectors
+    /// (norm scales, biases) stay F32.
+    pub fn safetensors_bytes_in(&self, dtype: Dtype) -> Result<Vec<u8>> {
+        use safetensors::Dtype as St;
+        let bytes: Vec<(String, Vec<u8>, Vec<usize>, St)> = self
             .tensors
             .iter()
             .map(|(n, t)| {
-                let b: Vec<u8> = t.data.iter().flat_map(|v| v.to_le_bytes()).collect();
-                (n.clone(), b, t.shape.clone())
+                let d = if t.shape.len() == 2 {
+                    dtype
+                } else {
+                    Dtype::F32
+                };
+                let (b, st): (Vec<u8>, St) = match d {
+                    Dtype::F32 => (
+                        t.data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                        St::F32,
+                    ),
+                    Dtype::Bf16 => (
+                        t.data
+                            .iter()
+                            .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes())
+                            .collect(),
+                        St::BF16,
+                    ),
+                    Dtype::F16 => (
+                        t.data
+                            .iter()
+                            .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
+                            .collect(),
+                        St::F16,
+                    ),
+                };
+                (n.clone(), b, t.shape.clone(), st)
             })
             .collect();
         let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = bytes
             .iter()
-            .map(|(n, b, s)| {
-                let v = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+            .map(|(n, b, s, st)| {
+                let v = safetensors::tensor::TensorView::new(*st, s.clone(), b)
                     .expect("consistent sizes");
                 (n.clone(), v)
             })

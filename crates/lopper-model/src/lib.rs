@@ -21,7 +21,7 @@ pub use masks::{LayerMasks, Masks};
 pub use model::{
     Attention, DecoderLayer, ForwardMemory, LINEAR_NAMES, LayerStepper, Llama, Mlp, NLL_ROWS,
     RmsNorm, Rope, Tap, WeightMemory, burn_dtype, mean_of, next_token_nll, nll_from_logits,
-    tokens_tensor,
+    tokens_tensor, weight_f32,
 };
 pub use resolve::{
     HubOptions, Inspected, LoadedModel, ModelFiles, ModelInfo, ModelSpec, default_model,

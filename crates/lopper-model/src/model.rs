@@ -641,6 +641,12 @@ fn stored<B: Backend, const D: usize>(data: TensorData, device: &B::Device) -> P
     Param::from_tensor(Tensor::from_data(data, (device, dtype)))
 }
 
+/// A linear layer's weight (`[in, out]`) as f32, whatever its storage type: what metrics,
+/// reconstruction and compensation compute with (a transient copy for a narrow weight).
+pub fn weight_f32<B: Backend>(lin: &Linear<B>) -> Tensor<B, 2> {
+    lin.weight.val().cast(DType::F32)
+}
+
 /// burn's dtype for a storage type.
 pub fn burn_dtype(d: Dtype) -> DType {
     match d {

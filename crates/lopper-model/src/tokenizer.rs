@@ -61,7 +61,7 @@ impl Tokenizer {
         let doc = json!({
             "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
             "normalizer": null,
-            "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false},
+            "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
             "post_processor": null,
             "decoder": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false},
             "model": {"type": "BPE", "vocab": vocab, "merges": [], "dropout": null, "unk_token": null,

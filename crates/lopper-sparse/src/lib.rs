@@ -237,7 +237,9 @@ fn prune_linear<B: Backend>(
     let data: Vec<f32> = (0..inp * out)
         .map(|k| w[(k % out, k / out)] as f32)
         .collect();
-    let weight = Tensor::<B, 2>::from_data(TensorData::new(data, [inp, out]), &lin.weight.device());
+    // In the layer's own storage type.
+    let weight = Tensor::<B, 2>::from_data(TensorData::new(data, [inp, out]), &lin.weight.device())
+        .cast(lin.weight.val().dtype());
     Ok((
         Linear {
             weight: Param::from_tensor(weight),

@@ -227,14 +227,19 @@ fn theta_of<B: Backend>(lin: &Linear<B>) -> Result<Mat<f64>> {
     }))
 }
 
-fn linear_of<B: Backend>(theta: &Mat<f64>, device: &B::Device) -> Linear<B> {
+/// The refit layer, its weight in `old`'s storage type (the bias is f32, as every bias).
+fn linear_of<B: Backend>(theta: &Mat<f64>, old: &Linear<B>) -> Linear<B> {
+    let device = &old.weight.device();
     let (k, out) = (theta.nrows() - 1, theta.ncols());
     let w: Vec<f32> = (0..k * out)
         .map(|i| theta[(i / out, i % out)] as f32)
         .collect();
     let b: Vec<f32> = (0..out).map(|j| theta[(k, j)] as f32).collect();
     Linear {
-        weight: Param::from_tensor(Tensor::from_data(TensorData::new(w, [k, out]), device)),
+        weight: Param::from_tensor(
+            Tensor::<B, 2>::from_data(TensorData::new(w, [k, out]), device)
+                .cast(old.weight.val().dtype()),
+        ),
         bias: Some(Param::from_tensor(Tensor::from_data(
             TensorData::new(b, [out]),
             device,
@@ -292,7 +297,7 @@ fn refit<B: Backend>(
         seconds: started.elapsed().as_secs_f64(),
     };
     tracing::debug!(?report, "projection reconstructed");
-    Ok((linear_of(theta, &lin.weight.device()), report))
+    Ok((linear_of(theta, lin), report))
 }
 
 /// One calibration batch: its stepper and the two residual streams entering the current layer.

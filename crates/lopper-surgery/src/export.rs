@@ -15,7 +15,8 @@ use lopper_model::{Llama, Tokenizer, hf_config_json};
 /// Output formats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExportFormat {
-    /// The lopper directory: `model.safetensors` (F32, HF names), `config.json`, `shape.json`,
+    /// The lopper directory: `model.safetensors` (HF names; matrices in the model's storage type,
+    /// vectors F32), `config.json`, `shape.json`,
     /// `tokenizer.json`, `lopper.json`.
     Hf,
     /// `model.gguf` (llama architecture, per-layer arrays where layers differ, tokenizer
@@ -174,7 +175,15 @@ pub fn export_with<B: Backend>(
                     );
                 }
             }
-            files.push(("model.safetensors", weights.safetensors_bytes()?));
+            // The matrices in the model's own storage type.
+            let dtype = model.dtype();
+            config["torch_dtype"] = match dtype {
+                lopper_core::Dtype::F32 => "float32",
+                lopper_core::Dtype::Bf16 => "bfloat16",
+                lopper_core::Dtype::F16 => "float16",
+            }
+            .into();
+            files.push(("model.safetensors", weights.safetensors_bytes_in(dtype)?));
             files.push(("config.json", json_bytes(&config)));
             files.push(("shape.json", json_bytes(shape)));
             files.push(("tokenizer.json", tokenizer.to_json().as_bytes().to_vec()));

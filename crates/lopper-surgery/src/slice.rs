@@ -290,7 +290,7 @@ fn mean_output<B: Backend>(
     }
     let device = lin.weight.device();
     let v = Tensor::<B, 2>::from_data(TensorData::new(v, [1, n_in]), &device);
-    let mut out = v.matmul(lin.weight.val()).reshape([n_out]);
+    let mut out = v.matmul(lopper_model::weight_f32(lin)).reshape([n_out]);
     if with_bias && let Some(b) = &lin.bias {
         out = out + b.val();
     }

@@ -1,0 +1,252 @@
+//! Scale: storage types, synthetic models of real shapes, the memory plan and its refusals.
+
+mod common;
+use common::{xtask, xtask_env};
+
+fn json(out: &str) -> serde_json::Value {
+    serde_json::from_str(out).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+fn memory_plan(model: &str, dtype: &str, batch: &str, seq: &str) -> serde_json::Value {
+    let (ok, out, err) = xtask(&[
+        "info",
+        "--model",
+        model,
+        "--memory",
+        "--dtype",
+        dtype,
+        "--batch-size",
+        batch,
+        "--seq-len",
+        seq,
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    json(&out)["memory"].clone()
+}
+
+#[test]
+fn every_builtin_synthetic_model_has_its_shape_and_a_memory_plan_without_loading() {
+    for name in [
+        "llama-3.2-1b",
+        "llama-3.1-8b",
+        "llama-2-7b",
+        "llama-2-13b",
+        "llama-2-70b",
+        "mistral-7b",
+        "qwen2.5-7b",
+    ] {
+        let (ok, out, err) = xtask(&["info", "--model", &format!("synthetic:{name}")]);
+        assert!(ok, "{name}: {err}");
+        assert!(out.contains("format     synthetic"), "{out}");
+    }
+    // 8.03 B parameters: 2 bytes each in bf16, 4 in f32; synthetic weights are generated in
+    // place (nothing extra while loading).
+    let bf16 = memory_plan("synthetic:llama-3.1-8b", "bf16", "1", "128");
+    let w = bf16["weights"].as_f64().unwrap();
+    assert!((w / 16.06e9 - 1.0).abs() < 0.005, "{bf16}");
+    assert_eq!(bf16["loading_extra"], 0);
+    let f32 = memory_plan("synthetic:llama-3.1-8b", "f32", "1", "128");
+    let ratio = f32["weights"].as_f64().unwrap() / w;
+    assert!((ratio - 2.0).abs() < 0.001, "{ratio}");
+    // Files hand tensors over as f32: the largest one (the default model's embedding) in flight.
+    let d = memory_plan("default", "f32", "8", "128");
+    assert_eq!(d["loading_extra"], 49152 * 576 * 4);
+    // The text plan names the parts and the verdict.
+    let (ok, out, _) = xtask(&[
+        "info",
+        "--model",
+        "synthetic:llama-2-70b",
+        "--memory",
+        "--dtype",
+        "bf16",
+    ]);
+    assert!(ok);
+    assert!(
+        out.contains("memory plan") && out.contains("68.98 B parameters"),
+        "{out}"
+    );
+}
+
+#[test]
+fn a_model_that_cannot_fit_is_refused_before_any_weight_is_read() {
+    // 70 B parameters need 128 GiB in bf16: no storage type fits, the message says what would.
+    let (ok, _, err) = xtask(&[
+        "eval",
+        "--model",
+        "synthetic:llama-2-70b",
+        "--dtype",
+        "bf16",
+        "--tasks",
+        "wikitext2",
+        "--limit",
+        "1",
+    ]);
+    assert!(!ok);
+    assert!(
+        err.contains("--offload") && err.contains("info --model synthetic:llama-2-70b --memory"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    // 1.24 B parameters in f32 (4.9 GB) on a 3 GiB machine: bf16 fits, and is named.
+    let (ok, _, err) = xtask_env(
+        &[
+            "eval",
+            "--model",
+            "synthetic:llama-3.2-1b",
+            "--tasks",
+            "wikitext2",
+            "--limit",
+            "1",
+        ],
+        &[("LOPPER_MEMORY_LIMIT", "3G")],
+    );
+    assert!(!ok);
+    assert!(
+        err.contains("--dtype bf16") && err.contains("LOPPER_MEMORY_LIMIT"),
+        "{err}"
+    );
+}
+
+#[test]
+fn bad_synthetic_ids_and_dtypes_are_clear_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let gpt2 = tmp.path().join("config.json");
+    std::fs::write(
+        &gpt2,
+        r#"{"model_type":"gpt2","vocab_size":100,"hidden_size":8,"intermediate_size":16,
+        "num_hidden_layers":1,"num_attention_heads":2,"rms_norm_eps":1e-5}"#,
+    )
+    .unwrap();
+    let gpt2_id = format!("synthetic:{}", gpt2.display());
+    for (model, dtype, want) in [
+        ("synthetic:", "f32", "synthetic:NAME"),
+        ("synthetic:gpt-2", "f32", "llama-3.1-8b"),
+        (gpt2_id.as_str(), "f32", "llama, mistral, qwen2"),
+        ("synthetic:llama-3.2-1b", "f8", "use f32, bf16 or f16"),
+    ] {
+        let (ok, _, err) = xtask(&[
+            "eval",
+            "--model",
+            model,
+            "--dtype",
+            dtype,
+            "--tasks",
+            "wikitext2",
+            "--limit",
+            "1",
+        ]);
+        assert!(!ok, "{model}");
+        assert!(err.contains(want), "{model}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}
+
+/// Runs eval and returns its JSON (results, dtype, peak resident memory).
+fn eval_json(model: &str, dtype: &str, limit: &str, batch: &str) -> serde_json::Value {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("eval.json");
+    let (ok, _, err) = xtask(&[
+        "eval",
+        "--model",
+        model,
+        "--dtype",
+        dtype,
+        "--tasks",
+        "wikitext2",
+        "--limit",
+        limit,
+        "--batch-size",
+        batch,
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{model} {dtype}: {err}");
+    json(&std::fs::read_to_string(&out).unwrap())
+}
+
+#[test]
+fn narrow_weights_keep_the_default_models_perplexity() {
+    let ppl = |v: &serde_json::Value| v["results"]["wikitext2"]["ppl"].as_f64().unwrap();
+    let f32 = eval_json("default", "f32", "8", "8");
+    for (dtype, tol) in [("f16", 0.01), ("bf16", 0.02)] {
+        let v = eval_json("default", dtype, "8", "8");
+        assert_eq!(v["dtype"], dtype);
+        let r = ppl(&v) / ppl(&f32);
+        assert!(
+            (r - 1.0).abs() < tol,
+            "{dtype}: {} vs f32 {}",
+            ppl(&v),
+            ppl(&f32)
+        );
+        assert!(r != 1.0, "{dtype}: the rounding must show");
+    }
+}
+
+#[test]
+fn the_memory_plan_matches_the_measured_peak() {
+    for (model, dtype, limit, batch) in [
+        ("default", "f32", "8", "8"),
+        ("synthetic:llama-3.2-1b", "bf16", "1", "1"),
+    ] {
+        let plan = memory_plan(model, dtype, batch, "128");
+        let planned = plan["host_total"].as_f64().unwrap() / (1u64 << 20) as f64;
+        let measured = eval_json(model, dtype, limit, batch)["peak_rss_mib"]
+            .as_f64()
+            .expect("the peak is read on Linux");
+        let r = measured / planned;
+        assert!(
+            (r - 1.0).abs() < 0.15,
+            "{model} {dtype}: planned {planned:.0} MiB, measured {measured:.0} MiB"
+        );
+    }
+}
+
+#[test]
+fn a_synthetic_config_file_prunes_cuts_and_exports_in_bf16() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tmp.path().join("config.json");
+    // A small Qwen2-style model: q/k/v biases, untied head.
+    std::fs::write(
+        &cfg,
+        r#"{"model_type":"qwen2","vocab_size":300,"hidden_size":64,"intermediate_size":96,
+        "num_hidden_layers":3,"num_attention_heads":4,"num_key_value_heads":2,
+        "rms_norm_eps":1e-6,"rope_theta":1000000.0,"tie_word_embeddings":false,
+        "max_position_embeddings":512}"#,
+    )
+    .unwrap();
+    let model = format!("synthetic:{}", cfg.display());
+    let out = tmp.path().join("run");
+    let (ok, stdout, err) = xtask(&[
+        "prune",
+        "--model",
+        &model,
+        "--dtype",
+        "bf16",
+        "--method",
+        "pg",
+        "--sparsity",
+        "0.3",
+        "--steps",
+        "2",
+        "--calib-samples",
+        "4",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "2",
+        "--eval",
+        "wikitext2",
+        "--eval-limit",
+        "2",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}\n{stdout}");
+    assert!(out.join("plan.json").is_file());
+    let dir = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect::<Vec<_>>();
+    assert!(out.join("model").is_dir(), "{dir:?}");
+}
