@@ -6,7 +6,7 @@ A plain PyTorch f32 LLaMA forward over the default model's GGUF weights (dequant
 
 Usage (in a scratch venv with torch, numpy and gguf):
     python scripts/bench_torch.py ~/.cache/lopper/models/SmolLM2-135M-Instruct.Q4_1.gguf \
-        --threads 2 --shapes 8x128,1x2048 --runs 5 --warmup 1 [--dtype bf16] [--json]
+        --threads 2 --shapes 8x128,1x2048 --runs 5 --warmup 1 [--dtype bf16|f16] [--json]
 
 `cargo xtask bench forward --vs-torch PYTHON` runs it with --json in alternating rounds.
 
@@ -94,7 +94,7 @@ def main():
     ap.add_argument("--shapes", default="8x128,1x2048")
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--dtype", choices=["f32", "bf16"], default="f32")
+    ap.add_argument("--dtype", choices=["f32", "bf16", "f16"], default="f32")
     ap.add_argument("--json", action="store_true", help="end with one JSON line of median seconds")
     ap.add_argument("--backward", action="store_true", help="time loss + backward to the decoder linears")
     ap.add_argument("--chunk", type=int, default=2, help="windows per backward pass")
@@ -102,7 +102,7 @@ def main():
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     args = load(a.gguf)
-    dtype = {"f32": torch.float32, "bf16": torch.bfloat16}[a.dtype]
+    dtype = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}[a.dtype]
     args = ({k: v.to(dtype) for k, v in args[0].items()},) + args[1:]
     g = json.load(open(a.golden))
     ids = torch.tensor([g["tokenization"]["texts"]["paragraph"]["ids_canonical_digit_split"]])

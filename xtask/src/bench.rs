@@ -701,6 +701,7 @@ fn torch_times(
     runs: usize,
     warmup: usize,
     backward: bool,
+    dtype: lopper_core::Dtype,
 ) -> Result<Vec<f64>> {
     let shapes_arg: Vec<String> = shapes.iter().map(|(b, s)| format!("{b}x{s}")).collect();
     let out = std::process::Command::new(python)
@@ -715,6 +716,7 @@ fn torch_times(
             &warmup.to_string(),
             "--json",
         ])
+        .args(["--dtype", dtype.name()])
         .args(if backward {
             vec![
                 "--backward".to_string(),
@@ -861,10 +863,17 @@ impl Job for ForwardBench {
             }
             if let (Some(py), Some(g)) = (&self.vs_torch, &gguf) {
                 bar.set_message("PyTorch");
-                for (i, t) in
-                    torch_times(py, g, &self.shapes, self.runs, self.warmup, self.backward)?
-                        .into_iter()
-                        .enumerate()
+                for (i, t) in torch_times(
+                    py,
+                    g,
+                    &self.shapes,
+                    self.runs,
+                    self.warmup,
+                    self.backward,
+                    self.dtype,
+                )?
+                .into_iter()
+                .enumerate()
                 {
                     torch[i].push(t);
                 }
@@ -878,7 +887,10 @@ impl Job for ForwardBench {
                 loaded.info.spec
             );
         } else {
-            println!("forward benchmark: {} on {device_name}", loaded.info.spec);
+            println!(
+                "forward benchmark: {}, weights in {} (PyTorch: the whole model in it), on {device_name}",
+                loaded.info.spec, self.dtype
+            );
         }
         println!(
             "median of {} rounds x {} runs after {} warm-up; PyTorch: the median of its per-round medians\n",

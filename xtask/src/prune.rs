@@ -709,6 +709,9 @@ pub struct ExportArgs {
     /// `default`, a .gguf file, a model directory, or hub:ORG/NAME[@REV].
     #[arg(long, default_value = "default")]
     model: String,
+    /// Storage type of the weight matrices, kept by `--format hf` (f32, bf16 or f16).
+    #[arg(long, default_value = "f32")]
+    dtype: lopper_core::Dtype,
     /// A plan.json made for this model (leave out to export the model as it is).
     #[arg(long)]
     plan: Option<PathBuf>,
@@ -794,7 +797,7 @@ struct ExportJob {
 impl Job for ExportJob {
     fn run<B: Backend>(self, device: B::Device, _device_name: String) -> Result<()> {
         let a = &self.args;
-        let loaded = crate::loading::load_model::<B>(&a.model, lopper_core::Dtype::F32, &device)?;
+        let loaded = crate::loading::load_model::<B>(&a.model, a.dtype, &device)?;
         let mut calibration = serde_json::Value::Null;
         let model = match &self.plan {
             Some(p) if self.how != Reconstruct::None => {

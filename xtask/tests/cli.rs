@@ -1204,7 +1204,9 @@ fn contexts_beyond_the_model_positions_are_refused_before_any_work() {
 
 #[test]
 fn batches_that_cannot_fit_in_memory_are_refused_with_the_figure_and_the_flag() {
-    let limit = [("LOPPER_MEMORY_LIMIT", "200MiB")];
+    // The limit is the memory available when each check runs: enough for the default model's
+    // weights (621 MiB with loading), not for these forwards.
+    let limit = [("LOPPER_MEMORY_LIMIT", "700MiB")];
     let (ok, _, err) = xtask_env(
         &[
             "eval",
@@ -1221,7 +1223,7 @@ fn batches_that_cannot_fit_in_memory_are_refused_with_the_figure_and_the_flag() 
     );
     assert!(
         !ok && err.contains("needs about")
-            && err.contains("200.0 MiB is available (LOPPER_MEMORY_LIMIT)")
+            && err.contains("700.0 MiB is available (LOPPER_MEMORY_LIMIT)")
             && err.contains("--seq-len"),
         "{err}"
     );
@@ -1243,11 +1245,11 @@ fn batches_that_cannot_fit_in_memory_are_refused_with_the_figure_and_the_flag() 
     assert!(!ok && err.contains("lower --batch-size to"), "{err}");
     let (ok, _, err) = xtask_env(
         &[
-            "bench", "forward", "--model", "default", "--shapes", "8x128",
+            "bench", "forward", "--model", "default", "--shapes", "8x1024",
         ],
-        &[("LOPPER_MEMORY_LIMIT", "64MiB")],
+        &[("LOPPER_MEMORY_LIMIT", "700MiB")],
     );
-    assert!(!ok && err.contains("bench 8x128"), "{err}");
+    assert!(!ok && err.contains("bench 8x1024"), "{err}");
     let (ok, _, err) = xtask_env(
         &["eval", "--model", "default", "--tasks", "wikitext2"],
         &[("LOPPER_MEMORY_LIMIT", "a lot")],
@@ -1262,9 +1264,12 @@ fn batches_that_cannot_fit_in_memory_are_refused_with_the_figure_and_the_flag() 
     std::fs::create_dir_all(&out).unwrap();
     std::fs::write(out.join("plan.json"), "{}").unwrap();
     args.push("--force");
-    let (ok, _, err) = xtask_env(&args, &[("LOPPER_MEMORY_LIMIT", "16K")]);
+    // 64-token windows: the tiny model's weights (141 KiB with loading) fit, the forward not.
+    let at = args.iter().position(|a| *a == "16").unwrap();
+    args[at] = "64";
+    let (ok, _, err) = xtask_env(&args, &[("LOPPER_MEMORY_LIMIT", "300K")]);
     assert!(
-        !ok && err.contains("calibration: a forward of 2 x 16"),
+        !ok && err.contains("calibration: a forward of 2 x 64"),
         "{err}"
     );
     assert_eq!(

@@ -184,6 +184,41 @@ fn narrow_weights_keep_the_default_models_perplexity() {
 }
 
 #[test]
+fn the_default_model_exported_in_f16_keeps_its_perplexity() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("f16");
+    let (ok, _, err) = xtask(&[
+        "export",
+        "--model",
+        "default",
+        "--dtype",
+        "f16",
+        "--format",
+        "hf",
+        "--out",
+        dir.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let config = std::fs::read_to_string(dir.join("config.json")).unwrap();
+    assert!(config.contains("\"torch_dtype\": \"float16\""), "{config}");
+    // Half the weight bytes of f32 (the norm scales stay f32).
+    let bytes = std::fs::metadata(dir.join("model.safetensors"))
+        .unwrap()
+        .len();
+    assert!(
+        (bytes as f64 / (134_515_008.0 * 2.0) - 1.0).abs() < 0.01,
+        "{bytes}"
+    );
+    let ppl = |v: &serde_json::Value| v["results"]["wikitext2"]["ppl"].as_f64().unwrap();
+    let f32 = ppl(&eval_json("default", "f32", "8", "8"));
+    let f16 = ppl(&eval_json(dir.to_str().unwrap(), "f16", "8", "8"));
+    assert!(
+        (f16 / f32 - 1.0).abs() < 0.01,
+        "f16 directory {f16} vs f32 {f32}"
+    );
+}
+
+#[test]
 fn the_memory_plan_matches_the_measured_peak() {
     for (model, dtype, limit, batch) in [
         ("default", "f32", "8", "8"),

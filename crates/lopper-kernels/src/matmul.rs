@@ -16,6 +16,7 @@ use burn::nn::Linear;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
 use burn_flex::{Flex, FlexTensor};
+use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use rayon::prelude::*;
 
@@ -145,14 +146,22 @@ fn widening_product(blas: &Blas, a: &FlexTensor, b: &FlexTensor) -> Option<FlexT
     let (m, k, n) = (ad[0], ad[1], bd[1]);
     let (a, oa) = described(a)?;
     let (b, ob) = described(b)?;
+    // Blocks small enough to stay in cache, and at least one per thread.
+    let per_thread = n.div_ceil(rayon::current_num_threads().max(1));
     let nc = (WIDEN_BLOCK_BYTES / 4 / k.max(1))
-        .clamp(64, n.max(64))
+        .min(per_thread)
+        .max(16)
         .next_multiple_of(16);
     let blocks: Vec<usize> = (0..n).step_by(nc.max(1)).collect();
     let widen = |j0: usize, cols: usize| -> Vec<f32> {
+        // half's slice conversions use the CPU's vector instructions.
         match b.dtype() {
-            DType::BF16 => widen_block(ob.mat(b.storage::<bf16>(), 0), j0, cols, bf16::to_f32),
-            _ => widen_block(ob.mat(b.storage::<f16>(), 0), j0, cols, f16::to_f32),
+            DType::BF16 => widen_block(ob.mat(b.storage::<bf16>(), 0), j0, cols, |s, d| {
+                s.convert_to_f32_slice(d)
+            }),
+            _ => widen_block(ob.mat(b.storage::<f16>(), 0), j0, cols, |s, d| {
+                s.convert_to_f32_slice(d)
+            }),
         }
     };
     let parts: crate::Result<Vec<Vec<f32>>> = blocks
@@ -192,19 +201,20 @@ fn widening_product(blas: &Blas, a: &FlexTensor, b: &FlexTensor) -> Option<FlexT
 
 /// Columns `j0..j0 + cols` of `b` as f32, stored as `b` stores them: `[k, cols]` row-major, or
 /// `[cols, k]` (the block of a transposed operand) when `b.trans`.
-fn widen_block<T: Copy>(b: MatRef<'_, T>, j0: usize, cols: usize, f: fn(T) -> f32) -> Vec<f32> {
-    let mut w = Vec::with_capacity(b.rows * cols);
+fn widen_block<T: Copy>(
+    b: MatRef<'_, T>,
+    j0: usize,
+    cols: usize,
+    f: fn(&[T], &mut [f32]),
+) -> Vec<f32> {
+    let mut w = vec![0f32; b.rows * cols];
     if b.trans {
-        for j in j0..j0 + cols {
-            w.extend(b.data[j * b.ld..j * b.ld + b.rows].iter().map(|&v| f(v)));
+        for (j, out) in (j0..j0 + cols).zip(w.chunks_exact_mut(b.rows.max(1))) {
+            f(&b.data[j * b.ld..j * b.ld + b.rows], out);
         }
     } else {
-        for r in 0..b.rows {
-            w.extend(
-                b.data[r * b.ld + j0..r * b.ld + j0 + cols]
-                    .iter()
-                    .map(|&v| f(v)),
-            );
+        for (r, out) in w.chunks_exact_mut(cols.max(1)).enumerate() {
+            f(&b.data[r * b.ld + j0..r * b.ld + j0 + cols], out);
         }
     }
     w
