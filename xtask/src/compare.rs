@@ -125,10 +125,17 @@ pub struct CompareArgs {
     out: PathBuf,
 }
 
+fn is_f32(d: &lopper_core::Dtype) -> bool {
+    *d == lopper_core::Dtype::F32
+}
+
 /// The settings every cell depends on; a folder made with other settings is refused.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct Settings {
     model: String,
+    /// The weights' storage type (absent in comparisons made before `--dtype`: f32).
+    #[serde(default, skip_serializing_if = "is_f32")]
+    dtype: lopper_core::Dtype,
     tasks: String,
     seq_lens: Vec<usize>,
     ppl_limit: Option<usize>,
@@ -392,6 +399,7 @@ pub fn run(args: CompareArgs) -> Result<()> {
         model: args.model.clone(),
         tasks: args.tasks.clone(),
         seq_lens: seq_lens.clone(),
+        dtype: args.dtype,
         ppl_limit: match ppl_limits[..] {
             [l] => Some(l),
             [] => args.limit,

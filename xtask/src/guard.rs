@@ -31,12 +31,19 @@ pub fn weights_fit(model: &Inspected, dtype: Dtype, files: &ModelFiles, id: &str
         Some(d) => format!("load the weights in {d} (--dtype {d}), or use a machine with more memory"),
         None => "no storage type fits it: use a machine (or GPU) with more memory; layer offload (--offload cpu, streaming each layer from disk) is not built yet".into(),
     };
+    let loading = if need.loading > 0 {
+        format!(
+            " ({} of weights, {} more while loading)",
+            human(need.resident()),
+            human(need.loading)
+        )
+    } else {
+        String::new()
+    };
     bail!(
-        "`{id}`: its {:.2} B parameters need {} in {dtype} ({} of weights, {} more while loading), but {} is available{}; {fix} (`cargo xtask info --model {id} --memory` shows the plan)",
+        "`{id}`: its {:.2} B parameters need {} in {dtype}{loading}, but {} is available{}; {fix} (`cargo xtask info --model {id} --memory` shows the plan)",
         (model.shape.num_params() + model.bias_params) as f64 / 1e9,
         human(need.peak()),
-        human(need.resident()),
-        human(need.loading),
         human(avail),
         limit_note(),
     )

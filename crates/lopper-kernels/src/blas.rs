@@ -365,10 +365,7 @@ impl Blas {
         c: &mut [f32],
         ldc: usize,
     ) -> Result<()> {
-        let f = self
-            .gemm_bf16
-            .ok_or_else(|| Error::Shape("this BLAS has no bf16 product".into()))?;
-        call(f, 1.0, a, b, c, ldc)
+        half_product(self.gemm_bf16, "bf16", a, b, c, ldc)
     }
 
     /// Whether the library has the f16 x f16 -> f32 product.
@@ -384,11 +381,21 @@ impl Blas {
         c: &mut [f32],
         ldc: usize,
     ) -> Result<()> {
-        let f = self
-            .gemm_f16
-            .ok_or_else(|| Error::Shape("this BLAS has no f16 product".into()))?;
-        call(f, 1.0, a, b, c, ldc)
+        half_product(self.gemm_f16, "f16", a, b, c, ldc)
     }
+}
+
+/// A 16-bit product (`f`, `None` when the library lacks it) after [`check_product`].
+fn half_product<T>(
+    f: Option<GemmHalf>,
+    what: &str,
+    a: MatRef<'_, T>,
+    b: MatRef<'_, T>,
+    c: &mut [f32],
+    ldc: usize,
+) -> Result<()> {
+    let f = f.ok_or_else(|| Error::Shape(format!("this BLAS has no {what} product")))?;
+    call(f, 1.0, a, b, c, ldc)
 }
 
 /// Calls a row-major gemm after [`check_product`]. `T` (the operands' element) and `S` (the

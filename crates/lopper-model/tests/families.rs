@@ -55,28 +55,28 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
 
 const FAMILIES: [&str; 4] = ["llama2", "llama3", "mistral", "qwen2"];
 
-#[test]
-fn every_family_matches_transformers_logits() {
+/// lopper's logits of every family in `dtype` within `tol` of the largest reference logit.
+fn check_all(dtype: Dtype, tol: f32) {
     for family in FAMILIES {
-        let (got, want) = logits(family, Dtype::F32);
+        let (got, want) = logits(family, dtype);
         let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
         let d = max_diff(&got, &want);
-        // f32 on both sides, different summation orders; the fixture rounds to 1e-6.
         assert!(
-            d < 1e-4 * scale.max(1.0),
-            "{family}: max |diff| {d} (scale {scale})"
+            d < tol * scale,
+            "{family} {dtype}: max |diff| {d} (scale {scale})"
         );
     }
 }
 
 #[test]
+fn every_family_matches_transformers_logits() {
+    // f32 on both sides, different summation orders; the fixture rounds to 1e-6.
+    check_all(Dtype::F32, 1e-4);
+}
+
+#[test]
 fn every_family_loads_in_bf16_close_to_f32() {
-    for family in FAMILIES {
-        let (got, want) = logits(family, Dtype::Bf16);
-        let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let d = max_diff(&got, &want);
-        assert!(d < 0.05 * scale, "{family}: max |diff| {d} (scale {scale})");
-    }
+    check_all(Dtype::Bf16, 0.05);
 }
 
 #[test]
