@@ -106,6 +106,13 @@ fn bench_forward_prints_a_table() {
         "--warmup", "0",
     ]);
     assert!(ok, "{err}");
+    assert!(out.contains("weights in f32"), "{out}");
+    // bf16 weights: the same table.
+    let (ok, bf16, err) = xtask(&[
+        "bench", "forward", "--model", "default", "--dtype", "bf16", "--shapes", "1x16", "--runs",
+        "1", "--warmup", "0",
+    ]);
+    assert!(ok && bf16.contains("weights in bf16") && bf16.contains("| 1 x 16 |"), "{err}{bf16}");
     assert!(
         out.contains("| batch x seq | seconds | tokens/s | GFLOP/s |"),
         "{out}"
@@ -715,12 +722,16 @@ fn logits_and_the_pruned_benchmark_run_on_the_tiny_model() {
         "pg-step",
         "--model",
         &model,
+        "--dtype",
+        "bf16",
         "--sparsity",
         "0.5",
         "--batch-size",
         "2",
         "--seq-len",
         "8",
+        "--samples-per-step",
+        "2",
         "--runs",
         "1",
     ]);
