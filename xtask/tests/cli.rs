@@ -112,7 +112,10 @@ fn bench_forward_prints_a_table() {
         "bench", "forward", "--model", "default", "--dtype", "bf16", "--shapes", "1x16", "--runs",
         "1", "--warmup", "0",
     ]);
-    assert!(ok && bf16.contains("weights in bf16") && bf16.contains("| 1 x 16 |"), "{err}{bf16}");
+    assert!(
+        ok && bf16.contains("weights in bf16") && bf16.contains("| 1 x 16 |"),
+        "{err}{bf16}"
+    );
     assert!(
         out.contains("| batch x seq | seconds | tokens/s | GFLOP/s |"),
         "{out}"
