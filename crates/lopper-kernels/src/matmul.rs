@@ -4,9 +4,10 @@
 //! CPU tensor, the dtype is f32, bf16 or f16, the batch dimensions match and a BLAS is loaded,
 //! the product runs on the BLAS, its rows split over rayon's threads; otherwise it is the
 //! backend's own `matmul`, unchanged. A weight stored narrower than its f32 input (a model
-//! loaded with `--dtype bf16|f16`) multiplies the input rounded to its type, accumulating in f32
-//! and returning f32. Strided operands (a transposed weight, a narrowed batch) are read
-//! in place through the BLAS's transpose flags and leading dimensions.
+//! loaded with `--dtype bf16|f16`) is widened to f32 one block of columns at a time on the CPU
+//! (the exact f32 product of the stored weight); on other backends the input is rounded to the
+//! weight's type. Either way the output is f32. Strided operands (a transposed weight, a
+//! narrowed batch) are read in place through the BLAS's transpose flags and leading dimensions.
 
 use std::any::{Any, TypeId};
 use std::borrow::Cow;

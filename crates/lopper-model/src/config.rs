@@ -387,6 +387,36 @@ mod tests {
         assert!(matches!(s.rope.scaling, Some(RopeScaling::Llama3 { .. })));
         assert_eq!(s.layers[1].n_kv_heads, 4);
     }
+
+    #[test]
+    fn a_sliding_window_bounds_the_context_and_unknown_families_are_named() {
+        let cfg = |extra: &str| {
+            format!(
+                r#"{{"vocab_size":100,"hidden_size":64,"intermediate_size":96,"num_hidden_layers":2,
+                "num_attention_heads":4,"rms_norm_eps":1e-6,"max_position_embeddings":32768{extra}}}"#
+            )
+        };
+        let p = Path::new("config.json");
+        // Mistral v0.1: a 4096-token window.
+        let m =
+            shape_from_hf_config_text(&cfg(r#","model_type":"mistral","sliding_window":4096"#), p)
+                .unwrap();
+        assert_eq!(m.max_position_embeddings, 4096);
+        // Qwen2 names a window it does not use.
+        let q = shape_from_hf_config_text(
+            &cfg(r#","model_type":"qwen2","sliding_window":4096,"use_sliding_window":false"#),
+            p,
+        )
+        .unwrap();
+        assert_eq!(q.max_position_embeddings, 32768);
+        let e = shape_from_hf_config_text(&cfg(r#","model_type":"gemma""#), p)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("gemma") && e.contains("llama, mistral, qwen2"),
+            "{e}"
+        );
+    }
 }
 
 /// A Hugging Face `config.json` for `shape` that stock `transformers` `LlamaForCausalLM` loads.
