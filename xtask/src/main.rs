@@ -147,17 +147,20 @@ fn run() -> Result<()> {
                 }
                 Err(e) => println!("datasets not installed: {e}"),
             }
-            // Optional: without it every matrix product runs on the portable gemm.
-            match lopper_kernels::install_mkl(&home) {
-                Ok(dir) => println!(
-                    "BLAS ready: {} ({})",
-                    dir.display(),
-                    lopper_kernels::describe()
-                ),
-                Err(e) => println!(
-                    "BLAS not installed ({e}); lopper runs without it, its matrix products about 2.5x slower"
-                ),
+            // Optional: without them every matrix product runs on the portable gemm.
+            let installed = [
+                ("oneMKL", lopper_kernels::install_mkl(&home)),
+                ("oneDNN", lopper_kernels::install_dnnl(&home)),
+            ];
+            for (what, result) in installed {
+                match result {
+                    Ok(dir) => println!("{what} ready: {}", dir.display()),
+                    Err(e) => println!(
+                        "{what} not installed ({e}); lopper runs without it, its matrix products slower"
+                    ),
+                }
             }
+            println!("matrix products: {}", lopper_kernels::describe());
             Ok(())
         }
         Cmd::Info {

@@ -13,6 +13,7 @@ use std::sync::OnceLock;
 use half::{bf16, f16};
 use libloading::Library;
 
+use crate::dnnl::{DNNL_VAR, Dnnl, DnnlGemm};
 use crate::error::{Error, Result};
 
 /// The pinned PyPI requirement that carries the libraries.
@@ -40,43 +41,55 @@ pub fn mkl_dir(home: &Path) -> PathBuf {
 }
 
 /// Installs oneMKL's libraries under `home` unless they are already there; returns their
-/// folder. The wheel is fetched with pip, the libraries are extracted into a scratch folder
-/// that is renamed into place whole, so an interrupted install leaves nothing half-written.
+/// folder.
 pub fn install_mkl(home: &Path) -> Result<PathBuf> {
-    let dest = mkl_dir(home);
-    if installed(&dest) {
-        return Ok(dest);
+    install_wheel_libs(
+        MKL_REQUIREMENT,
+        WHEEL_LIB_DIR,
+        MKL_LIBS,
+        &mkl_dir(home),
+        "oneMKL",
+    )
+}
+
+/// Installs `libs` from folder `wheel_dir` of the wheel `requirement` into `dest` unless they
+/// are already there. The wheel is fetched with pip, the libraries are extracted into a scratch
+/// folder that is renamed into place whole, so an interrupted install leaves nothing
+/// half-written.
+pub(crate) fn install_wheel_libs(
+    requirement: &str,
+    wheel_dir: &str,
+    libs: &[&str],
+    dest: &Path,
+    what: &str,
+) -> Result<PathBuf> {
+    let installed = libs
+        .iter()
+        .all(|l| std::fs::metadata(dest.join(l)).is_ok_and(|m| m.len() > 0));
+    if installed {
+        return Ok(dest.to_path_buf());
     }
-    let parent = dest.parent().expect("mkl_dir has a parent");
+    let parent = dest.parent().expect("library folders have a parent");
     std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
     let scratch = tempfile::Builder::new()
         .prefix(".install-")
         .tempdir_in(parent)
         .map_err(|e| Error::io(parent, e))?;
-    tracing::info!(requirement = MKL_REQUIREMENT, "downloading oneMKL with pip");
-    let members: Vec<String> = MKL_LIBS
-        .iter()
-        .map(|l| format!("{WHEEL_LIB_DIR}/{l}"))
-        .collect();
+    tracing::info!(requirement, "downloading {what} with pip");
+    let members: Vec<String> = libs.iter().map(|l| format!("{wheel_dir}/{l}")).collect();
     let members: Vec<&str> = members.iter().map(String::as_str).collect();
     let fix = format!(
-        "put {} in a folder and set {BLAS_VAR} to it; lopper runs without it, on its portable (slower) matrix products",
-        MKL_LIBS.join(", ")
+        "put {} in a folder and point {BLAS_VAR} (oneMKL) or {DNNL_VAR} (oneDNN) at it; lopper runs without it, on slower matrix products",
+        libs.join(", ")
     );
-    lopper_core::pypi::fetch_wheel_members(MKL_REQUIREMENT, &members, scratch.path(), &fix)?;
-    let extracted = scratch.path().join(WHEEL_LIB_DIR);
+    lopper_core::pypi::fetch_wheel_members(requirement, &members, scratch.path(), &fix)?;
+    let extracted = scratch.path().join(wheel_dir);
     if dest.exists() {
-        std::fs::remove_dir_all(&dest).map_err(|e| Error::io(&dest, e))?;
+        std::fs::remove_dir_all(dest).map_err(|e| Error::io(dest, e))?;
     }
-    std::fs::rename(&extracted, &dest).map_err(|e| Error::io(&dest, e))?;
-    tracing::info!(path = %dest.display(), "oneMKL installed");
-    Ok(dest)
-}
-
-fn installed(dir: &Path) -> bool {
-    MKL_LIBS
-        .iter()
-        .all(|l| std::fs::metadata(dir.join(l)).is_ok_and(|m| m.len() > 0))
+    std::fs::rename(&extracted, dest).map_err(|e| Error::io(dest, e))?;
+    tracing::info!(path = %dest.display(), "{what} installed");
+    Ok(dest.to_path_buf())
 }
 
 /// A row-major matrix operand of a product: `rows x cols` logically, stored row-major with
@@ -151,16 +164,22 @@ const MKL_CBWR_AUTO: c_int = 2;
 const MKL_CBWR_STRICT: c_int = 0x10000;
 const MKL_CBWR_SUCCESS: c_int = 0;
 
-/// A loaded BLAS.
+/// The loaded libraries: oneDNN for f32 and bf16 products where it loads, oneMKL for f16 and
+/// wherever oneDNN is missing. At least one of them is there.
 #[derive(Debug)]
 pub struct Blas {
+    mkl: Option<Mkl>,
+    dnnl: Option<Dnnl>,
+    /// The libraries' own versions, e.g. `oneDNN 3.2.0 + oneMKL 2024.2`.
+    pub version: String,
+}
+
+#[derive(Debug)]
+struct Mkl {
     sgemm: Sgemm,
     gemm_bf16: Option<GemmHalf>,
     gemm_f16: Option<GemmHalf>,
-    /// The library file.
-    pub path: PathBuf,
-    /// The library's own version string.
-    pub version: String,
+    version: String,
     _lib: Library,
 }
 
@@ -177,7 +196,7 @@ pub fn blas_status() -> std::result::Result<&'static Blas, &'static str> {
     BLAS.get_or_init(|| {
         let r = find_and_load();
         match &r {
-            Ok(b) => tracing::debug!(path = %b.path.display(), version = %b.version, "BLAS loaded"),
+            Ok(b) => tracing::debug!(version = %b.version, "BLAS loaded"),
             Err(why) => tracing::info!("{why}"),
         }
         r
@@ -199,13 +218,50 @@ pub fn describe() -> String {
 }
 
 fn find_and_load() -> std::result::Result<Blas, String> {
-    let candidate = match std::env::var_os(BLAS_VAR).filter(|v| !v.is_empty()) {
-        Some(v) if ["off", "none", "0"].contains(&v.to_string_lossy().as_ref()) => {
-            return Err(format!(
-                "{BLAS_VAR}={} turns the BLAS off",
-                v.to_string_lossy()
-            ));
+    if let Some(v) = std::env::var_os(BLAS_VAR)
+        .filter(|v| ["off", "none", "0"].contains(&v.to_string_lossy().as_ref()))
+    {
+        return Err(format!(
+            "{BLAS_VAR}={} turns the BLAS off",
+            v.to_string_lossy()
+        ));
+    }
+    let mkl = find_and_load_mkl();
+    let dnnl = crate::dnnl::find_and_load();
+    match (mkl, dnnl) {
+        (Err(m), Err(d)) => Err(format!(
+            "{m}; {d}; matrix products run on the portable gemm, about 2.5x slower"
+        )),
+        (mkl, dnnl) => {
+            if let Err(why) = &mkl {
+                tracing::info!("{why}; f16 products widen to f32 on oneDNN");
+            }
+            if let Err(why) = &dnnl {
+                tracing::info!("{why}; products run on oneMKL (bf16 about 2.5x slower)");
+            }
+            let (mkl, dnnl) = (mkl.ok(), dnnl.ok());
+            let mut parts = Vec::new();
+            if let Some(d) = &dnnl {
+                parts.push(if d.native_bf16 {
+                    format!("{} (bf16 dot products)", d.version)
+                } else {
+                    d.version.clone()
+                });
+            }
+            if let Some(m) = &mkl {
+                parts.push(m.version.clone());
+            }
+            Ok(Blas {
+                version: parts.join(" + "),
+                mkl,
+                dnnl,
+            })
         }
+    }
+}
+
+fn find_and_load_mkl() -> std::result::Result<Mkl, String> {
+    let candidate = match std::env::var_os(BLAS_VAR).filter(|v| !v.is_empty()) {
         Some(v) => {
             let p = PathBuf::from(v);
             if p.is_dir() { p.join(MKL_LIBS[0]) } else { p }
@@ -214,20 +270,20 @@ fn find_and_load() -> std::result::Result<Blas, String> {
     };
     if !candidate.is_file() {
         return Err(format!(
-            "no BLAS at {} (run `cargo xtask setup` to install oneMKL from PyPI, or set {BLAS_VAR} to a libmkl_rt.so); matrix products run on the portable gemm, about 2.5x slower",
+            "no oneMKL at {} (run `cargo xtask setup` to install it from PyPI, or set {BLAS_VAR} to a libmkl_rt.so)",
             candidate.display()
         ));
     }
     load(&candidate).map_err(|e| {
         format!(
-            "the BLAS at {} does not load ({e}); reinstall it with `cargo xtask setup` or set {BLAS_VAR}=off; matrix products run on the portable gemm",
+            "oneMKL at {} does not load ({e}); reinstall it with `cargo xtask setup` or set {BLAS_VAR}=off",
             candidate.display()
         )
     })
 }
 
 #[allow(unsafe_code)]
-fn load(path: &Path) -> std::result::Result<Blas, String> {
+fn load(path: &Path) -> std::result::Result<Mkl, String> {
     // SAFETY: loading a shared library runs its initialisers; oneMKL's are the vendor's own. The
     // symbols are looked up by their documented names and called with their documented C
     // signatures (mkl_cblas.h, mkl_service.h).
@@ -276,24 +332,23 @@ fn load(path: &Path) -> std::result::Result<Blas, String> {
             }
             Err(_) => "oneMKL".into(),
         };
-        Ok(Blas {
+        Ok(Mkl {
             sgemm,
             gemm_bf16,
             gemm_f16,
-            path: path.to_path_buf(),
             version,
             _lib: lib,
         })
     }
 }
 
-/// The dimensions of `c = a * b` after checking every operand against its storage.
+/// The dimensions `(m, n, k)` of `c = a * b` after checking every operand against its storage.
 fn check_product<T, U>(
     a: &MatRef<'_, T>,
     b: &MatRef<'_, T>,
     c: &[U],
     ldc: usize,
-) -> Result<(c_int, c_int, c_int)> {
+) -> Result<(usize, usize, usize)> {
     a.check("left operand")?;
     b.check("right operand")?;
     if a.cols != b.rows {
@@ -315,17 +370,14 @@ fn check_product<T, U>(
             c.len()
         )));
     }
-    let int = |v: usize| {
-        c_int::try_from(v).map_err(|_| Error::Shape(format!("{v} exceeds the BLAS's 32-bit sizes")))
-    };
-    for ld in [a.ld, b.ld, ldc] {
-        int(ld)?;
-    }
-    Ok((int(a.rows)?, int(b.cols)?, int(a.cols)?))
+    Ok((a.rows, b.cols, a.cols))
 }
 
-fn trans_flag(t: bool) -> c_int {
-    if t { TRANS } else { NO_TRANS }
+/// A row-major gemm of one library, for operands stored as `S` (f32, or u16 for bf16 and f16).
+#[derive(Clone, Copy)]
+enum Routine<'l, S> {
+    Cblas(Gemm<S>),
+    Dnnl(&'l Dnnl, DnnlGemm<S>),
 }
 
 impl Blas {
@@ -349,12 +401,24 @@ impl Blas {
         c: &mut [f32],
         ldc: usize,
     ) -> Result<()> {
-        call(self.sgemm, alpha, a, b, c, ldc)
+        let routine = match (&self.dnnl, &self.mkl) {
+            (Some(d), _) => Routine::Dnnl(d, d.sgemm),
+            (None, Some(m)) => Routine::Cblas(m.sgemm),
+            (None, None) => unreachable!("a Blas holds at least one library"),
+        };
+        call(routine, alpha, a, b, c, ldc)
     }
 
     /// Whether the library has the bf16 x bf16 -> f32 product.
     pub fn has_bf16(&self) -> bool {
-        self.gemm_bf16.is_some()
+        self.dnnl.is_some() || self.mkl.as_ref().is_some_and(|m| m.gemm_bf16.is_some())
+    }
+
+    /// Whether bf16 products run on the CPU's bf16 dot-product instructions (oneDNN on an
+    /// AVX512_BF16 CPU): then a bf16 product is faster than an f32 one, and worth rounding an
+    /// f32 input for.
+    pub fn native_bf16(&self) -> bool {
+        self.dnnl.as_ref().is_some_and(|d| d.native_bf16)
     }
 
     /// `c = a * b` with bf16 operands and f32 accumulation and output.
@@ -365,12 +429,22 @@ impl Blas {
         c: &mut [f32],
         ldc: usize,
     ) -> Result<()> {
-        half_product(self.gemm_bf16, "bf16", a, b, c, ldc)
+        let routine = match (&self.dnnl, &self.mkl) {
+            (Some(d), _) => Routine::Dnnl(d, d.gemm_bf16),
+            (
+                None,
+                Some(Mkl {
+                    gemm_bf16: Some(f), ..
+                }),
+            ) => Routine::Cblas(*f),
+            _ => return Err(Error::Shape("this BLAS has no bf16 product".into())),
+        };
+        call(routine, 1.0, a, b, c, ldc)
     }
 
     /// Whether the library has the f16 x f16 -> f32 product.
     pub fn has_f16(&self) -> bool {
-        self.gemm_f16.is_some()
+        self.mkl.as_ref().is_some_and(|m| m.gemm_f16.is_some())
     }
 
     /// `c = a * b` with f16 operands and f32 accumulation and output.
@@ -381,28 +455,20 @@ impl Blas {
         c: &mut [f32],
         ldc: usize,
     ) -> Result<()> {
-        half_product(self.gemm_f16, "f16", a, b, c, ldc)
+        match &self.mkl {
+            Some(Mkl {
+                gemm_f16: Some(f), ..
+            }) => call(Routine::Cblas(*f), 1.0, a, b, c, ldc),
+            _ => Err(Error::Shape("this BLAS has no f16 product".into())),
+        }
     }
-}
-
-/// A 16-bit product (`f`, `None` when the library lacks it) after [`check_product`].
-fn half_product<T>(
-    f: Option<GemmHalf>,
-    what: &str,
-    a: MatRef<'_, T>,
-    b: MatRef<'_, T>,
-    c: &mut [f32],
-    ldc: usize,
-) -> Result<()> {
-    let f = f.ok_or_else(|| Error::Shape(format!("this BLAS has no {what} product")))?;
-    call(f, 1.0, a, b, c, ldc)
 }
 
 /// Calls a row-major gemm after [`check_product`]. `T` (the operands' element) and `S` (the
 /// C prototype's) have the same size and layout: f32 and f32, bf16 or f16 and u16.
 #[allow(unsafe_code)]
 fn call<T, S>(
-    f: Gemm<S>,
+    routine: Routine<'_, S>,
     alpha: f32,
     a: MatRef<'_, T>,
     b: MatRef<'_, T>,
@@ -414,25 +480,68 @@ fn call<T, S>(
     if m == 0 || n == 0 {
         return Ok(());
     }
-    // SAFETY: check_product verified that every operand's stored matrix lies inside its slice
-    // and that the dimensions fit the LP64 interface; T and S have the same layout.
-    unsafe {
-        f(
-            ROW_MAJOR,
-            trans_flag(a.trans),
-            trans_flag(b.trans),
-            m,
-            n,
-            k,
-            alpha,
-            a.data.as_ptr().cast(),
-            a.ld as c_int,
-            b.data.as_ptr().cast(),
-            b.ld as c_int,
-            0.0,
-            c.as_mut_ptr(),
-            ldc as c_int,
-        );
+    let (pa, pb, pc) = (
+        a.data.as_ptr().cast::<S>(),
+        b.data.as_ptr().cast::<S>(),
+        c.as_mut_ptr(),
+    );
+    match routine {
+        Routine::Cblas(f) => {
+            let int = |v: usize| {
+                c_int::try_from(v)
+                    .map_err(|_| Error::Shape(format!("{v} exceeds oneMKL's 32-bit sizes")))
+            };
+            let (m, n, k) = (int(m)?, int(n)?, int(k)?);
+            let (lda, ldb, ldc) = (int(a.ld)?, int(b.ld)?, int(ldc)?);
+            let flag = |t: bool| if t { TRANS } else { NO_TRANS };
+            // SAFETY: check_product verified that every operand's stored matrix lies inside
+            // its slice; the sizes fit the LP64 interface; T and S have the same layout.
+            unsafe {
+                f(
+                    ROW_MAJOR,
+                    flag(a.trans),
+                    flag(b.trans),
+                    m,
+                    n,
+                    k,
+                    alpha,
+                    pa,
+                    lda,
+                    pb,
+                    ldb,
+                    0.0,
+                    pc,
+                    ldc,
+                );
+            }
+        }
+        Routine::Dnnl(lib, f) => {
+            lib.sequential();
+            let flag = |t: bool| (if t { b'T' } else { b'N' }) as c_char;
+            // SAFETY: as above; oneDNN's sizes are 64-bit and its layout is row-major.
+            let status = unsafe {
+                f(
+                    flag(a.trans),
+                    flag(b.trans),
+                    m as i64,
+                    n as i64,
+                    k as i64,
+                    alpha,
+                    pa,
+                    a.ld as i64,
+                    pb,
+                    b.ld as i64,
+                    0.0,
+                    pc,
+                    ldc as i64,
+                )
+            };
+            if status != 0 {
+                return Err(Error::Shape(format!(
+                    "oneDNN refused a {m} x {k} by {k} x {n} product (status {status})"
+                )));
+            }
+        }
     }
     Ok(())
 }

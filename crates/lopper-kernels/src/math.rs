@@ -1,5 +1,11 @@
-//! Vectorisable elementwise math shared by the fused kernels: a maximum on eight lanes and
-//! `e^x` without libm calls.
+//! Vectorisable elementwise math shared by the fused kernels: a maximum on eight lanes,
+//! `e^x` without libm calls, and the two elementwise loops of the forward pass that are worth
+//! compiling twice (SwiGLU's gate and the rounding of an f32 input to bf16): once for x86-64's
+//! baseline, once for AVX-512, picked at run time by the CPU's features (the binary runs on
+//! any x86-64).
+
+use half::bf16;
+use half::slice::HalfFloatSliceExt;
 
 /// The largest value of `x` (`-inf` when empty), reduced on eight lanes so that it vectorises.
 pub(crate) fn max_of(x: &[f32]) -> f32 {
@@ -21,7 +27,7 @@ pub(crate) fn max_of(x: &[f32]) -> f32 {
 /// `e^x` for `x <= 0` (softmax arguments), vectorisable: Cody-Waite range reduction to
 /// `r` in `[-ln2/2, ln2/2]`, Cephes' degree-6 polynomial for `e^r`, the exponent set by bits.
 /// Relative error below 2.5e-7 where the result is normal; 0 below -87.
-#[inline]
+#[inline(always)]
 pub fn exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     // ln 2 split in two so that n * LN2_HI is exact.
@@ -50,9 +56,113 @@ pub fn exp(x: f32) -> f32 {
     if under { 0.0 } else { scaled }
 }
 
+/// Defines `$name`, which runs the body compiled for AVX-512 on CPUs that have it (the loop
+/// then runs on 16 lanes) and for the baseline elsewhere.
+macro_rules! multiversioned {
+    ($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),*) $body:block) => {
+        $(#[$doc])*
+        pub(crate) fn $name($($arg: $ty),*) {
+            #[inline(always)]
+            fn body($($arg: $ty),*) $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,fma")]
+                fn wide($($arg: $ty),*) {
+                    body($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx512f")
+                    && std::arch::is_x86_feature_detected!("avx512bw")
+                    && std::arch::is_x86_feature_detected!("avx512vl")
+                    && std::arch::is_x86_feature_detected!("avx512dq")
+                    && std::arch::is_x86_feature_detected!("fma")
+                {
+                    // SAFETY: the CPU has every feature `wide` is compiled for (checked above).
+                    #[allow(unsafe_code)]
+                    return unsafe { wide($($arg),*) };
+                }
+            }
+            body($($arg),*)
+        }
+    };
+}
+
+multiversioned! {
+    /// `out = silu(gate) * up` elementwise, `silu(g) = g / (1 + e^-g)`; the three slices have
+    /// one length.
+    fn silu_mul(out: &mut [f32], gate: &[f32], up: &[f32]) {
+        let n = out.len();
+        let (gate, up) = (&gate[..n], &up[..n]);
+        for i in 0..n {
+            let g = gate[i];
+            out[i] = g / (1.0 + exp(-g)) * up[i];
+        }
+    }
+}
+
+multiversioned! {
+    /// `dst = src` rounded to bf16, to nearest even (NaN stays NaN, quieted), as
+    /// `bf16::from_f32` rounds but without its branches, so that the loop vectorises.
+    fn round_to_bf16(dst: &mut [bf16], src: &[f32]) {
+        let dst: &mut [u16] = dst.reinterpret_cast_mut();
+        let src = &src[..dst.len()];
+        for (d, &x) in dst.iter_mut().zip(src) {
+            let b = x.to_bits();
+            let nan = b & 0x7FFF_FFFF > 0x7F80_0000;
+            let rounded = (b.wrapping_add(0x7FFF + ((b >> 16) & 1)) >> 16) as u16;
+            *d = if nan { (b >> 16) as u16 | 0x0040 } else { rounded };
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bf16_rounding_equals_half() {
+        let mut src: Vec<f32> = (0..100_003u32)
+            .map(|i| f32::from_bits(i.wrapping_mul(2_654_435_761)))
+            .collect();
+        src.extend([
+            0.0,
+            -0.0,
+            1.0,
+            f32::MAX,
+            f32::MIN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            -f32::NAN,
+            f32::from_bits(0x3F80_8000), // a tie: rounds to even (down)
+            f32::from_bits(0x3F81_8000), // a tie: rounds to even (up)
+            f32::from_bits(1),           // the smallest subnormal
+        ]);
+        let mut got = vec![bf16::ZERO; src.len()];
+        round_to_bf16(&mut got, &src);
+        for (g, &x) in got.iter().zip(&src) {
+            assert_eq!(
+                g.to_bits(),
+                bf16::from_f32(x).to_bits(),
+                "{x:e} ({:#x})",
+                x.to_bits()
+            );
+        }
+    }
+
+    #[test]
+    fn silu_mul_is_accurate() {
+        let gate: Vec<f32> = (0..1001).map(|i| (i as f32 - 500.0) / 7.0).collect();
+        let up: Vec<f32> = (0..1001).map(|i| 1.0 + i as f32 / 1000.0).collect();
+        let mut out = vec![0f32; gate.len()];
+        silu_mul(&mut out, &gate, &up);
+        for ((&o, &g), &u) in out.iter().zip(&gate).zip(&up) {
+            let want = (g as f64 / (1.0 + (-g as f64).exp()) * u as f64) as f32;
+            assert!(
+                (o - want).abs() <= 1e-6 * want.abs().max(1.0),
+                "{g}: {o} vs {want}"
+            );
+        }
+    }
 
     #[test]
     fn exp_is_accurate_over_the_softmax_range() {

@@ -124,14 +124,50 @@ fn mixed_matmul<B: Backend, const D: usize>(lhs: Tensor<B, D>, rhs: Tensor<B, D>
     let (lhs, rhs) = match blas {
         None => (lhs, rhs),
         Some(blas) => match (into_flex(lhs), into_flex(rhs)) {
-            (Ok(a), Ok(b)) => match widening_product(blas, &a, &b) {
-                Some(product) => return from_flex(product),
-                None => (from_flex(a), from_flex(b)),
-            },
+            (Ok(a), Ok(b)) => {
+                match rounding_product(blas, &a, &b).or_else(|| widening_product(blas, &a, &b)) {
+                    Some(product) => return from_flex(product),
+                    None => (from_flex(a), from_flex(b)),
+                }
+            }
             (a, b) => (back(a), back(b)),
         },
     };
     matmul(lhs.cast(narrow), rhs).cast(out)
+}
+
+/// `a * b` for a 2-D f32 `a` and a 2-D bf16 `b` where the BLAS multiplies bf16 on the CPU's
+/// bf16 dot-product instructions: `a` rounded to bf16 (as PyTorch's bf16 activations are), the
+/// product accumulated in f32. `None` when it does not apply.
+fn rounding_product(blas: &Blas, a: &FlexTensor, b: &FlexTensor) -> Option<FlexTensor> {
+    let (ad, bd) = (a.layout().shape().to_vec(), b.layout().shape().to_vec());
+    if !blas.native_bf16()
+        || a.dtype() != DType::F32
+        || b.dtype() != DType::BF16
+        || ad.len() != 2
+        || bd.len() != 2
+        || ad[1] != bd[0]
+    {
+        return None;
+    }
+    let (m, k) = (ad[0], ad[1]);
+    let (a, oa) = described(a)?;
+    if oa.trans {
+        return None;
+    }
+    let x = oa.mat(a.storage::<f32>(), 0);
+    let mut rounded = vec![bf16::ZERO; m * k];
+    rounded
+        .par_chunks_mut(k.max(1) * 64)
+        .enumerate()
+        .for_each(|(i, out)| {
+            for (r, row) in out.chunks_exact_mut(k.max(1)).enumerate() {
+                let at = (i * 64 + r) * x.ld;
+                crate::math::round_to_bf16(row, &x.data[at..at + k]);
+            }
+        });
+    let a16 = FlexTensor::from_data(TensorData::new(rounded, [m, k]));
+    flex_matmul(blas, &a16, b, DType::F32)
 }
 
 /// Bytes of f32 weight one task widens at a time.

@@ -8,7 +8,7 @@ use burn::tensor::{DType, Tensor, TensorData};
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
-use crate::math::exp;
+use crate::math::silu_mul;
 use crate::matmul::{blas_enabled, from_flex, into_flex};
 
 /// `silu(gate) * up` elementwise, `silu(g) = g / (1 + e^-g)`. Hands the inputs back (`Err`)
@@ -40,11 +40,7 @@ pub fn swiglu<B: Backend>(
     out.par_chunks_mut(CHUNK)
         .zip(g.storage::<f32>().par_chunks(CHUNK))
         .zip(u.storage::<f32>().par_chunks(CHUNK))
-        .for_each(|((o, g), u)| {
-            for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
-                *o = g / (1.0 + exp(-g)) * u;
-            }
-        });
+        .for_each(|((o, g), u)| silu_mul(o, g, u));
     Ok(from_flex(FlexTensor::from_data(TensorData::new(out, dims))))
 }
 
