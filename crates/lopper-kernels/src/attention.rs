@@ -15,12 +15,18 @@ use burn::tensor::{DType, Tensor, TensorData};
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
-use crate::blas::{MatRef, blas};
-use crate::math::{exp, max_of};
+use half::bf16;
+
+use crate::blas::{Blas, MatRef, blas};
+use crate::math::{exp, max_of, round_to_bf16};
 use crate::matmul::{blas_enabled, from_flex, into_flex};
 
 /// Query rows per task: bounds a task's score block at `ROWS x seq`.
 const ROWS: usize = 256;
+
+thread_local! {
+    static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
 
 /// The batch geometry and head layout of one attention call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,6 +41,10 @@ pub struct AttentionShape {
     pub kv_heads: usize,
     /// Dimension of every head.
     pub head_dim: usize,
+    /// The type the two products multiply in: `F32`, or `BF16` (a model stored in bf16: q, k,
+    /// v and the probabilities rounded, as PyTorch's bf16 attention holds them, accumulated in
+    /// f32) where the CPU has bf16 dot products; f32 otherwise. Scores and softmax stay f32.
+    pub products: DType,
 }
 
 /// RoPE tables for positions `0..seq`, `[seq * head_dim]` each, in the rotate-half convention
@@ -71,6 +81,7 @@ pub fn causal_attention<B: Backend>(
         heads,
         kv_heads,
         head_dim: hd,
+        ..
     } = shape;
     let fits = TypeId::of::<B::FloatTensorPrimitive>() == TypeId::of::<FlexTensor>()
         && blas_enabled()
@@ -79,6 +90,7 @@ pub fn causal_attention<B: Backend>(
         && v.dtype() == DType::F32
         && kv_heads > 0
         && heads.is_multiple_of(kv_heads)
+        && hd > 0
         && hd.is_multiple_of(2)
         && q.dims() == [batch * seq, heads * hd]
         && k.dims() == [batch * seq, kv_heads * hd]
@@ -94,69 +106,24 @@ pub fn causal_attention<B: Backend>(
         _ => unreachable!("the float primitive is FlexTensor (checked above)"),
     };
     let (qs, ks, vs) = (q.storage::<f32>(), k.storage::<f32>(), v.storage::<f32>());
-    let (qw, kw) = (heads * hd, kv_heads * hd);
-    let rep = heads / kv_heads;
-    let scale = (hd as f32).sqrt().recip();
+    let qw = heads * hd;
     let tasks: Vec<(usize, usize, usize)> = (0..batch)
         .flat_map(|b| {
             (0..heads).flat_map(move |h| (0..seq).step_by(ROWS).map(move |r0| (b, h, r0)))
         })
         .collect();
-    let blocks: Vec<crate::Result<Vec<f32>>> = tasks
-        .par_iter()
-        .map(|&(b, h, r0)| {
-            let r1 = (r0 + ROWS).min(seq);
-            let rows = r1 - r0;
-            let g = h / rep;
-            let base = b * seq;
-            let qr = rotate(qs, qw, h * hd, base + r0, rows, r0, hd, rope);
-            let kr = rotate(ks, kw, g * hd, base, r1, 0, hd, rope);
-            let mut scores = vec![0f32; rows * r1];
-            blas.sgemm_scaled(
-                scale,
-                MatRef {
-                    data: &qr,
-                    rows,
-                    cols: hd,
-                    ld: hd,
-                    trans: false,
-                },
-                MatRef {
-                    data: &kr,
-                    rows: hd,
-                    cols: r1,
-                    ld: hd,
-                    trans: true,
-                },
-                &mut scores,
-                r1,
-            )?;
-            for (i, row) in scores.chunks_exact_mut(r1).enumerate() {
-                causal_softmax(row, r0 + i + 1);
-            }
-            let mut out = vec![0f32; rows * hd];
-            let vdata = &vs[base * kw + g * hd..];
-            blas.sgemm(
-                MatRef {
-                    data: &scores,
-                    rows,
-                    cols: r1,
-                    ld: r1,
-                    trans: false,
-                },
-                MatRef {
-                    data: vdata,
-                    rows: r1,
-                    cols: hd,
-                    ld: kw,
-                    trans: false,
-                },
-                &mut out,
-                hd,
-            )?;
-            Ok(out)
-        })
-        .collect();
+    let inputs = Inputs {
+        q: qs,
+        k: ks,
+        v: vs,
+        shape,
+        rope,
+    };
+    let blocks = if shape.products == DType::BF16 && blas.native_bf16() {
+        attend::<bf16>(blas, &inputs, &tasks)
+    } else {
+        attend::<f32>(blas, &inputs, &tasks)
+    };
     let mut out = vec![0f32; batch * seq * qw];
     for (&(b, h, r0), block) in tasks.iter().zip(blocks) {
         let block = match block {
@@ -175,56 +142,232 @@ pub fn causal_attention<B: Backend>(
     ))))
 }
 
+/// The projections' outputs and the geometry of one attention call.
+struct Inputs<'a> {
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+    shape: AttentionShape,
+    rope: RopeTables<'a>,
+}
+
+/// The element the two products multiply: f32, or bf16 (rounded inputs, f32 accumulation).
+trait Element: Copy + Default + Send + Sync + 'static {
+    /// `dst = src`, rounded to this type.
+    fn round(dst: &mut [Self], src: &[f32]);
+    /// `c = a * b`, accumulated and stored in f32.
+    fn gemm(
+        blas: &Blas,
+        a: MatRef<'_, Self>,
+        b: MatRef<'_, Self>,
+        c: &mut [f32],
+        ldc: usize,
+    ) -> crate::Result<()>;
+    /// The probabilities as a product operand: `p` itself in f32, a rounded copy in `scratch`
+    /// otherwise.
+    fn operand<'a>(p: &'a [f32], scratch: &'a mut Vec<Self>) -> &'a [Self];
+}
+
+impl Element for f32 {
+    fn round(dst: &mut [f32], src: &[f32]) {
+        dst.copy_from_slice(src);
+    }
+    fn gemm(
+        blas: &Blas,
+        a: MatRef<'_, f32>,
+        b: MatRef<'_, f32>,
+        c: &mut [f32],
+        ldc: usize,
+    ) -> crate::Result<()> {
+        blas.sgemm(a, b, c, ldc)
+    }
+    fn operand<'a>(p: &'a [f32], _: &'a mut Vec<f32>) -> &'a [f32] {
+        p
+    }
+}
+
+impl Element for bf16 {
+    fn round(dst: &mut [bf16], src: &[f32]) {
+        round_to_bf16(dst, src);
+    }
+    fn gemm(
+        blas: &Blas,
+        a: MatRef<'_, bf16>,
+        b: MatRef<'_, bf16>,
+        c: &mut [f32],
+        ldc: usize,
+    ) -> crate::Result<()> {
+        blas.gemm_bf16(a, b, c, ldc)
+    }
+    fn operand<'a>(p: &'a [f32], scratch: &'a mut Vec<bf16>) -> &'a [bf16] {
+        scratch.resize(p.len(), bf16::ZERO);
+        round_to_bf16(scratch, p);
+        scratch
+    }
+}
+
+/// One output block (`[rows, hd]`) per task `(batch row, query head, first query row)`.
+fn attend<T: Element>(
+    blas: &Blas,
+    x: &Inputs<'_>,
+    tasks: &[(usize, usize, usize)],
+) -> Vec<crate::Result<Vec<f32>>> {
+    let AttentionShape {
+        batch,
+        seq,
+        heads,
+        kv_heads,
+        head_dim: hd,
+        ..
+    } = x.shape;
+    let (qw, kw) = (heads * hd, kv_heads * hd);
+    let rep = heads / kv_heads;
+    let scale = (hd as f32).sqrt().recip();
+    // Keys rotated and values copied once per (batch row, KV head), `[batch, kv_heads, seq,
+    // hd]` in the products' type: every query head of the group and every block of query rows
+    // reads them.
+    let mut keys = vec![T::default(); batch * kv_heads * seq * hd];
+    let mut values = vec![T::default(); batch * kv_heads * seq * hd];
+    keys.par_chunks_mut((seq * hd).max(1))
+        .zip(values.par_chunks_mut((seq * hd).max(1)))
+        .enumerate()
+        .for_each(|(i, (kd, vd))| {
+            let (b, g) = (i / kv_heads, i % kv_heads);
+            let mut rotated = vec![0f32; seq * hd];
+            rotate_into(&mut rotated, x.k, kw, g * hd, b * seq, 0, hd, x.rope);
+            T::round(kd, &rotated);
+            for (t, dst) in vd.chunks_exact_mut(hd).enumerate() {
+                T::round(dst, &x.v[(b * seq + t) * kw + g * hd..][..hd]);
+            }
+        });
+    tasks
+        .par_iter()
+        .map(|&(b, h, r0)| {
+            let r1 = (r0 + ROWS).min(seq);
+            let rows = r1 - r0;
+            let g = h / rep;
+            let mut qr = vec![0f32; rows * hd];
+            rotate_into(&mut qr, x.q, qw, h * hd, b * seq + r0, r0, hd, x.rope);
+            // 1/sqrt(hd) folded into q (exact for a power-of-two head dimension).
+            qr.iter_mut().for_each(|v| *v *= scale);
+            let mut q = vec![T::default(); rows * hd];
+            T::round(&mut q, &qr);
+            let at = (b * kv_heads + g) * seq * hd;
+            let mat = |data, rows, cols, trans| MatRef {
+                data,
+                rows,
+                cols,
+                ld: hd,
+                trans,
+            };
+            // Reused per thread: a fresh block this size would be a fresh mapping, zeroed page
+            // by page by the kernel.
+            SCORES.with_borrow_mut(|scores| {
+                scores.resize(rows * r1, 0.0);
+                let scores = &mut scores[..rows * r1];
+                T::gemm(
+                    blas,
+                    mat(&q, rows, hd, false),
+                    mat(&keys[at..at + r1 * hd], hd, r1, true),
+                    scores,
+                    r1,
+                )?;
+                for (i, row) in scores.chunks_exact_mut(r1).enumerate() {
+                    causal_softmax(row, r0 + i + 1);
+                }
+                let mut scratch = Vec::new();
+                let p = T::operand(scores, &mut scratch);
+                let mut out = vec![0f32; rows * hd];
+                T::gemm(
+                    blas,
+                    MatRef {
+                        data: p,
+                        rows,
+                        cols: r1,
+                        ld: r1,
+                        trans: false,
+                    },
+                    mat(&values[at..at + r1 * hd], r1, hd, false),
+                    &mut out,
+                    hd,
+                )?;
+                Ok(out)
+            })
+        })
+        .collect()
+}
+
 /// Rows `row0..row0 + rows` of the head at column `col` of a `[_, width]` buffer, rotated for
 /// positions `pos0..`, into a contiguous `[rows, hd]` buffer.
 #[allow(clippy::too_many_arguments)]
-fn rotate(
+fn rotate_into(
+    dst: &mut [f32],
     src: &[f32],
     width: usize,
     col: usize,
     row0: usize,
-    rows: usize,
     pos0: usize,
     hd: usize,
     rope: RopeTables<'_>,
-) -> Vec<f32> {
-    let half = hd / 2;
-    let mut out = vec![0f32; rows * hd];
-    for (i, dst) in out.chunks_exact_mut(hd).enumerate() {
-        let x = &src[(row0 + i) * width + col..][..hd];
-        let p = (pos0 + i) * hd;
-        let (cos, sin) = (&rope.cos[p..p + hd], &rope.sin[p..p + hd]);
-        let (x1, x2) = x.split_at(half);
-        let (d1, d2) = dst.split_at_mut(half);
-        for j in 0..half {
-            d1[j] = x1[j] * cos[j] + x2[j] * sin[j];
-            d2[j] = x2[j] * cos[half + j] + x1[j] * sin[half + j];
+) {
+    let rows = dst.len() / hd;
+    let p = pos0 * hd;
+    rope_rows(
+        dst,
+        &src[row0 * width + col..],
+        width,
+        &rope.cos[p..p + rows * hd],
+        &rope.sin[p..p + rows * hd],
+        hd,
+    );
+}
+
+crate::math::multiversioned! {
+    /// RoPE (the rotate-half layout): row `i` of `dst` (`[rows, hd]`) is row `i` of `src` (rows
+    /// `width` apart) rotated by row `i` of the tables (`[rows, hd]`).
+    fn rope_rows(dst: &mut [f32], src: &[f32], width: usize, cos: &[f32], sin: &[f32], hd: usize) {
+        let half = hd / 2;
+        for (i, d) in dst.chunks_exact_mut(hd).enumerate() {
+            let x = &src[i * width..][..hd];
+            let (c, s) = (&cos[i * hd..][..hd], &sin[i * hd..][..hd]);
+            let (x1, x2) = x.split_at(half);
+            let (d1, d2) = d.split_at_mut(half);
+            for j in 0..half {
+                d1[j] = x1[j] * c[j] + x2[j] * s[j];
+                d2[j] = x2[j] * c[half + j] + x1[j] * s[half + j];
+            }
         }
     }
-    out
 }
 
 /// Softmax over the first `valid` entries of `row` (the keys a query may see); zeros after.
-/// Reductions run on eight lanes so that every loop vectorises.
 fn causal_softmax(row: &mut [f32], valid: usize) {
-    const L: usize = 8;
     let (seen, future) = row.split_at_mut(valid);
     future.fill(0.0);
-    let max = max_of(seen);
-    for x in seen.iter_mut() {
-        *x = exp(*x - max);
-    }
-    let mut sums = [0f32; L];
-    let mut chunks = seen.chunks_exact(L);
-    for c in &mut chunks {
-        for (s, &x) in sums.iter_mut().zip(c) {
-            *s += x;
+    softmax_in_place(seen);
+}
+
+crate::math::multiversioned! {
+    /// Softmax of `x` in place, the maximum subtracted; reductions run on eight lanes, so that
+    /// every loop vectorises and the result is the same at any vector width.
+    fn softmax_in_place(seen: &mut [f32]) {
+        const L: usize = 8;
+        let max = max_of(seen);
+        for x in seen.iter_mut() {
+            *x = exp(*x - max);
         }
-    }
-    let sum: f32 = sums.iter().chain(chunks.remainder()).sum();
-    let inv = sum.recip();
-    for x in seen.iter_mut() {
-        *x *= inv;
+        let mut sums = [0f32; L];
+        let mut chunks = seen.chunks_exact(L);
+        for c in &mut chunks {
+            for (s, &x) in sums.iter_mut().zip(c) {
+                *s += x;
+            }
+        }
+        let sum: f32 = sums.iter().chain(chunks.remainder()).sum();
+        let inv = sum.recip();
+        for x in seen.iter_mut() {
+            *x *= inv;
+        }
     }
 }
 

@@ -8,6 +8,7 @@ use half::bf16;
 use half::slice::HalfFloatSliceExt;
 
 /// The largest value of `x` (`-inf` when empty), reduced on eight lanes so that it vectorises.
+#[inline(always)]
 pub(crate) fn max_of(x: &[f32]) -> f32 {
     const L: usize = 8;
     let mut lanes = [f32::NEG_INFINITY; L];
@@ -85,6 +86,8 @@ macro_rules! multiversioned {
         }
     };
 }
+
+pub(crate) use multiversioned;
 
 multiversioned! {
     /// `out = silu(gate) * up` elementwise, `silu(g) = g / (1 + e^-g)`; the three slices have

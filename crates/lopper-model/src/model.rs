@@ -93,6 +93,7 @@ impl<B: Backend> Attention<B> {
             heads: h,
             kv_heads: kvh,
             head_dim: hd,
+            products: self.q_proj.weight.val().dtype(),
         };
         // The fused kernel where it applies (CPU, f32, BLAS), else burn's ops.
         let mut out = match causal_attention(q, k, v, shape, rope.tables()) {
