@@ -293,6 +293,19 @@ pub fn run_pg<B: Backend>(
             "--resume: the settings differ from the checkpoint's ({}); resume with the same flags",
             serde_json::to_string(&s.config)?
         );
+        for key in ["model", "dtype", "calibration", "init"] {
+            // Checkpoints from before `--dtype` existed ran in f32.
+            let was = s.meta.get(key).cloned().or_else(|| {
+                (key == "dtype" && s.meta.is_object()).then(|| serde_json::json!("f32"))
+            });
+            let now = run.meta.get(key);
+            anyhow::ensure!(
+                was.is_none() || was.as_ref() == now,
+                "--resume: this run's {key} ({}) is not the checkpoint's ({}); resume with the same --model, --dtype and calibration flags, or start over with --force",
+                now.map_or("none".into(), |v| v.to_string()),
+                was.map_or("none".into(), |v| v.to_string()),
+            );
+        }
         tracing::info!(step = s.step, "resuming");
         s
     } else {

@@ -425,6 +425,7 @@ impl Job for PruneJob {
         let resolved = serde_json::json!({
             "command": std::env::args().collect::<Vec<_>>().join(" "),
             "model": loaded.info,
+            "dtype": a.dtype,
             "method": a.method,
             "pg": self.cfg,
             "init": a.init(),

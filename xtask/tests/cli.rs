@@ -482,6 +482,14 @@ fn an_interrupted_prune_resumes_to_the_same_plan() {
     other.extend(["--resume", "--seed", "7"]);
     let (ok, _, err) = xtask(&other);
     assert!(!ok && err.contains("differ"), "{err}");
+    // So is resuming in another storage type.
+    let mut other = prune_args(&model, &calib, part_s, "8");
+    other.extend(["--resume", "--dtype", "bf16"]);
+    let (ok, _, err) = xtask(&other);
+    assert!(
+        !ok && err.contains("dtype (\"bf16\")") && err.contains("(\"f32\")"),
+        "{err}"
+    );
     let mut resume = prune_args(&model, &calib, part_s, "8");
     resume.push("--resume");
     // A plan can seed another run (--init PLAN), with per-type learning rates.

@@ -384,4 +384,115 @@ mod tests {
         assert!((row[1] - e / (1.0 + e)).abs() < 1e-6);
         assert_eq!(&row[2..], &[0.0, 0.0]);
     }
+
+    /// The attention written out in f64 loops, from the same tables.
+    fn reference(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        s: AttentionShape,
+        rope: RopeTables<'_>,
+    ) -> Vec<f32> {
+        let (hd, half) = (s.head_dim, s.head_dim / 2);
+        let (qw, kw) = (s.heads * hd, s.kv_heads * hd);
+        let rot = |x: &[f32], t: usize| -> Vec<f64> {
+            (0..hd)
+                .map(|i| {
+                    let p = if i < half { i + half } else { i - half };
+                    x[i] as f64 * rope.cos[t * hd + i] as f64
+                        + x[p] as f64 * rope.sin[t * hd + i] as f64
+                })
+                .collect()
+        };
+        let mut out = vec![0f32; s.batch * s.seq * qw];
+        for b in 0..s.batch {
+            for h in 0..s.heads {
+                let g = h / (s.heads / s.kv_heads);
+                for t in 0..s.seq {
+                    let row = b * s.seq + t;
+                    let qr = rot(&q[row * qw + h * hd..][..hd], t);
+                    let scores: Vec<f64> = (0..=t)
+                        .map(|u| {
+                            let kr = rot(&k[(b * s.seq + u) * kw + g * hd..][..hd], u);
+                            qr.iter().zip(&kr).map(|(a, b)| a * b).sum::<f64>() / (hd as f64).sqrt()
+                        })
+                        .collect();
+                    let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let e: Vec<f64> = scores.iter().map(|x| (x - max).exp()).collect();
+                    let sum: f64 = e.iter().sum();
+                    for i in 0..hd {
+                        let acc: f64 = (0..=t)
+                            .map(|u| e[u] / sum * v[(b * s.seq + u) * kw + g * hd + i] as f64)
+                            .sum();
+                        out[row * qw + h * hd + i] = acc as f32;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn equals_the_attention_written_out_in_f32_and_in_bf16() {
+        use burn::tensor::Distribution;
+        use burn_flex::{Flex, FlexDevice};
+        if blas().is_none() {
+            return; // matmul's the_blas_is_installed fails instead
+        }
+        // 300 tokens: two blocks of query rows, the second partial; two query heads per KV head.
+        let (batch, seq, heads, kv_heads, hd) = (2, 300, 4, 2, 16);
+        let rand = |cols: usize| {
+            Tensor::<Flex, 2>::random(
+                [batch * seq, cols],
+                Distribution::Normal(0.0, 1.0),
+                &FlexDevice,
+            )
+        };
+        let (q, k, v) = (rand(heads * hd), rand(kv_heads * hd), rand(kv_heads * hd));
+        let (mut cos, mut sin) = (vec![0f32; seq * hd], vec![0f32; seq * hd]);
+        for t in 0..seq {
+            for i in 0..hd {
+                let angle = t as f32 / 10f32.powf((i % (hd / 2)) as f32 / 4.0);
+                cos[t * hd + i] = angle.cos();
+                sin[t * hd + i] = if i < hd / 2 {
+                    -angle.sin()
+                } else {
+                    angle.sin()
+                };
+            }
+        }
+        let rope = RopeTables {
+            cos: &cos,
+            sin: &sin,
+        };
+        let vals = |t: &Tensor<Flex, 2>| -> Vec<f32> { t.to_data().to_vec().unwrap() };
+        let mut shape = AttentionShape {
+            batch,
+            seq,
+            heads,
+            kv_heads,
+            head_dim: hd,
+            products: DType::F32,
+        };
+        let want = reference(&vals(&q), &vals(&k), &vals(&v), shape, rope);
+        let worst = |got: Vec<f32>| {
+            got.iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max)
+        };
+        let run = |shape| {
+            let out = causal_attention(q.clone(), k.clone(), v.clone(), shape, rope);
+            vals(&out.expect("the fused path applies"))
+        };
+        let e32 = worst(run(shape));
+        assert!(e32 < 1e-5, "f32 products: largest difference {e32}");
+        shape.products = DType::BF16;
+        let e16 = worst(run(shape));
+        // Outputs are averages of unit normals: bf16's 8-bit mantissa costs about 1e-2 at most.
+        assert!(e16 < 3e-2, "bf16 products: largest difference {e16}");
+        if blas().is_some_and(|b| b.native_bf16()) {
+            assert!(e16 > e32, "the bf16 products did not run ({e16} vs {e32})");
+        }
+    }
 }

@@ -573,6 +573,9 @@ mod tests {
         if std::env::var_os(crate::blas::BLAS_VAR).is_none() {
             let b = crate::blas_status().expect("oneMKL installed by `cargo xtask setup`");
             assert!(b.version.contains("oneMKL"), "{}", b.version);
+            if std::env::var_os(crate::dnnl::DNNL_VAR).is_none() {
+                assert!(b.version.contains("oneDNN"), "{}", b.version);
+            }
         }
     }
 
