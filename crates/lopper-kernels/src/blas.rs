@@ -261,13 +261,7 @@ fn find_and_load() -> std::result::Result<Blas, String> {
 }
 
 fn find_and_load_mkl() -> std::result::Result<Mkl, String> {
-    let candidate = match std::env::var_os(BLAS_VAR).filter(|v| !v.is_empty()) {
-        Some(v) => {
-            let p = PathBuf::from(v);
-            if p.is_dir() { p.join(MKL_LIBS[0]) } else { p }
-        }
-        None => mkl_dir(&lopper_core::lopper_home()).join(MKL_LIBS[0]),
-    };
+    let candidate = locate(BLAS_VAR, mkl_dir, MKL_LIBS[0]);
     if !candidate.is_file() {
         return Err(format!(
             "no oneMKL at {} (run `cargo xtask setup` to install it from PyPI, or set {BLAS_VAR} to a libmkl_rt.so)",
@@ -282,6 +276,30 @@ fn find_and_load_mkl() -> std::result::Result<Mkl, String> {
     })
 }
 
+/// The library file named by the environment variable `var` (the file or its folder), else
+/// `lib` in `dir` of the lopper home.
+pub(crate) fn locate(var: &str, dir: fn(&Path) -> PathBuf, lib: &str) -> PathBuf {
+    match std::env::var_os(var).filter(|v| !v.is_empty()) {
+        Some(v) => {
+            let p = PathBuf::from(v);
+            if p.is_dir() { p.join(lib) } else { p }
+        }
+        None => dir(&lopper_core::lopper_home()).join(lib),
+    }
+}
+
+/// The address of symbol `name` (NUL-terminated) in `lib`.
+pub(crate) fn symbol(lib: &Library, name: &[u8]) -> std::result::Result<*mut c_void, String> {
+    // SAFETY: the address is only read out; callers transmute it to the symbol's documented
+    // C signature.
+    #[allow(unsafe_code)]
+    unsafe {
+        lib.get::<*mut c_void>(name)
+            .map(|s| *s)
+            .map_err(|e| e.to_string())
+    }
+}
+
 #[allow(unsafe_code)]
 fn load(path: &Path) -> std::result::Result<Mkl, String> {
     // SAFETY: loading a shared library runs its initialisers; oneMKL's are the vendor's own. The
@@ -289,11 +307,7 @@ fn load(path: &Path) -> std::result::Result<Mkl, String> {
     // signatures (mkl_cblas.h, mkl_service.h).
     unsafe {
         let lib = Library::new(path).map_err(|e| e.to_string())?;
-        let sym = |name: &[u8]| -> std::result::Result<*mut c_void, String> {
-            lib.get::<*mut c_void>(name)
-                .map(|s| *s)
-                .map_err(|e| e.to_string())
-        };
+        let sym = |name: &[u8]| symbol(&lib, name);
         let set_threading: SetLayer = std::mem::transmute(sym(b"MKL_Set_Threading_Layer\0")?);
         let set_interface: SetLayer = std::mem::transmute(sym(b"MKL_Set_Interface_Layer\0")?);
         // Both layers must be chosen before any other call into the library.

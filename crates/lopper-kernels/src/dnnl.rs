@@ -8,7 +8,7 @@
 //! Rust); each calling thread asks it for one thread, since [`crate::matmul`] already splits the
 //! products over rayon's threads.
 
-use std::ffi::{c_char, c_int, c_uint, c_void};
+use std::ffi::{c_char, c_int, c_uint};
 use std::path::{Path, PathBuf};
 
 use libloading::Library;
@@ -116,11 +116,7 @@ pub(crate) fn find_and_load() -> std::result::Result<Dnnl, String> {
                 v.to_string_lossy()
             ));
         }
-        Some(v) => {
-            let p = PathBuf::from(v);
-            if p.is_dir() { p.join(DNNL_LIB) } else { p }
-        }
-        None => dnnl_dir(&lopper_core::lopper_home()).join(DNNL_LIB),
+        _ => crate::blas::locate(DNNL_VAR, dnnl_dir, DNNL_LIB),
     };
     if !candidate.is_file() {
         return Err(format!(
@@ -143,11 +139,7 @@ fn load(path: &Path) -> std::result::Result<Dnnl, String> {
     // signatures (dnnl.h, omp.h; omp_set_num_threads comes from libgomp, which oneDNN loads).
     unsafe {
         let lib = Library::new(path).map_err(|e| e.to_string())?;
-        let sym = |name: &[u8]| -> std::result::Result<*mut c_void, String> {
-            lib.get::<*mut c_void>(name)
-                .map(|s| *s)
-                .map_err(|e| e.to_string())
-        };
+        let sym = |name: &[u8]| crate::blas::symbol(&lib, name);
         let sgemm: DnnlGemm<f32> = std::mem::transmute(sym(b"dnnl_sgemm\0")?);
         let gemm_bf16: DnnlGemm<u16> = std::mem::transmute(sym(b"dnnl_gemm_bf16bf16f32\0")?);
         let set_num_threads: SetNumThreads = std::mem::transmute(sym(b"omp_set_num_threads\0")?);
