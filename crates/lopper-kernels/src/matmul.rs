@@ -4,9 +4,10 @@
 //! CPU tensor, the dtype is f32, bf16 or f16, the batch dimensions match and a BLAS is loaded,
 //! the product runs on the BLAS, its rows split over rayon's threads; otherwise it is the
 //! backend's own `matmul`, unchanged. A weight stored narrower than its f32 input (a model
-//! loaded with `--dtype bf16|f16`) is widened to f32 one block of columns at a time on the CPU
-//! (the exact f32 product of the stored weight); on other backends the input is rounded to the
-//! weight's type. Either way the output is f32. Strided operands (a transposed weight, a
+//! loaded with `--dtype bf16|f16`) on the CPU: a bf16 weight where the CPU has bf16 dot
+//! products takes the input rounded to bf16 (PyTorch's bf16 linear); otherwise the weight is
+//! widened to f32 one block of columns at a time (the exact f32 product of the stored weight).
+//! On other backends the input is rounded to the weight's type. Either way the output is f32. Strided operands (a transposed weight, a
 //! narrowed batch) are read in place through the BLAS's transpose flags and leading dimensions.
 
 use std::any::{Any, TypeId};
@@ -107,11 +108,11 @@ pub fn matmul<B: Backend, const D: usize>(lhs: Tensor<B, D>, rhs: Tensor<B, D>) 
 }
 
 /// A product whose right operand (a weight) is stored in a narrower type than the left one
-/// (f32 activations). On the CPU with a BLAS: the weight is widened to f32 one block of columns
-/// at a time and multiplied by the f32 input with `sgemm` (the exact f32 product of the stored
-/// weight; on this project's AMD CPU faster than the BLAS's own bf16 product, which also
-/// widens internally but the whole operand at once, per thread). Elsewhere: the input is rounded
-/// to the weight's type and burn multiplies in it (what autocast does), the output cast back.
+/// (f32 activations). On the CPU with a BLAS: [`rounding_product`] where the CPU multiplies
+/// bf16 natively (oneDNN on AVX512_BF16), else [`widening_product`] (oneMKL's own bf16 product
+/// is slower than its f32 one on AMD CPUs and widens its whole operand per thread). Elsewhere:
+/// the input is rounded to the weight's type and burn multiplies in it (what autocast does),
+/// the output cast back.
 fn mixed_matmul<B: Backend, const D: usize>(lhs: Tensor<B, D>, rhs: Tensor<B, D>) -> Tensor<B, D> {
     let (out, narrow) = (lhs.dtype(), rhs.dtype());
     let blas = blas().filter(|_| {
@@ -479,10 +480,11 @@ fn flex_matmul(blas: &Blas, a: &FlexTensor, b: &FlexTensor, out: DType) -> Optio
     shape.extend([m, n]);
     let data = match out {
         DType::F32 => TensorData::new(acc, shape),
-        DType::BF16 => TensorData::new(
-            acc.into_iter().map(bf16::from_f32).collect::<Vec<_>>(),
-            shape,
-        ),
+        DType::BF16 => {
+            let mut narrow = vec![bf16::ZERO; acc.len()];
+            crate::math::round_to_bf16(&mut narrow, &acc);
+            TensorData::new(narrow, shape)
+        }
         _ => TensorData::new(
             acc.into_iter().map(f16::from_f32).collect::<Vec<_>>(),
             shape,
