@@ -6,7 +6,8 @@ use anyhow::{Context, Result};
 use burn::tensor::backend::Backend;
 use lopper_core::Dtype;
 use lopper_model::{
-    HubOptions, LoadedModel, ModelFiles, ModelSpec, inspect, load_files_in, lopper_home, resolve,
+    HubOptions, LoadedModel, ModelFiles, ModelSpec, inspect, load_inspected_in, lopper_home,
+    resolve,
 };
 
 use crate::backend::on_host;
@@ -33,7 +34,7 @@ pub fn load_model<B: Backend>(
         );
     }
     let t = std::time::Instant::now();
-    let loaded = load_files_in(&files, &spec.to_string(), device, dtype)
+    let loaded = load_inspected_in(&files, inspected, device, dtype)
         .with_context(|| format!("loading `{model}`"))?;
     tracing::info!(
         "loaded {model}: {:.2} B parameters, weights in {dtype}, {:.1} s",

@@ -1,10 +1,13 @@
-//! oneMKL, found and loaded at run time.
+//! The matrix-product libraries, found and loaded at run time: oneDNN ([`crate::dnnl`]) for f32
+//! and bf16, oneMKL for f16 and wherever oneDNN is missing.
 //!
-//! `cargo xtask setup` installs the libraries from the `mkl` wheel on PyPI into the lopper home
-//! ([`install_mkl`]); [`blas`] loads them on first use. Nothing links against MKL at build time,
-//! so a build, a test or a machine without it works the same, on the backend's portable gemm.
-//! MKL runs in its sequential layer: [`crate::matmul`] splits each product over rayon's threads
-//! (the pool burn-flex already uses), so no second thread pool competes for the cores.
+//! `cargo xtask setup` installs oneMKL's libraries from the `mkl` wheel on PyPI into the lopper
+//! home ([`install_mkl`]) and oneDNN's from its wheel ([`crate::install_dnnl`]); [`blas`] loads
+//! them on first use. Nothing links against either at build time, so a build, a test or a
+//! machine without them works the same, on the backend's portable gemm. Both run sequentially
+//! on their calling thread (MKL's sequential layer, one OpenMP thread for oneDNN):
+//! [`crate::matmul`] splits each product over rayon's threads (the pool burn-flex already
+//! uses), so no second thread pool competes for the cores.
 
 use std::ffi::{c_char, c_int, c_void};
 use std::path::{Path, PathBuf};

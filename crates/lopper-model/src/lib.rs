@@ -26,7 +26,7 @@ pub use model::{
 pub use resolve::{
     HubOptions, Inspected, LoadedModel, ModelFiles, ModelInfo, ModelSpec, default_model,
     default_model_path, ensure_default_model, inspect, install_default_model, load, load_files,
-    load_files_in, load_in, lopper_home, resolve, sha256_file, shape_for_dir,
+    load_files_in, load_in, load_inspected_in, lopper_home, resolve, sha256_file, shape_for_dir,
 };
 pub use synthetic::{SyntheticModel, SyntheticWeights};
 pub use tokenizer::Tokenizer;

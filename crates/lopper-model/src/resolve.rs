@@ -450,12 +450,24 @@ pub fn load_files_in<B: Backend>(
     device: &B::Device,
     dtype: Dtype,
 ) -> Result<LoadedModel<B>> {
+    load_inspected_in(files, inspect(files, spec)?, device, dtype)
+}
+
+/// [`load_files_in`] after [`inspect`]: the weights of `files` read onto `device` in `dtype`,
+/// with the shape and tokenizer already read (a caller that checked the memory plan first reads
+/// them once).
+pub fn load_inspected_in<B: Backend>(
+    files: &ModelFiles,
+    inspected: Inspected,
+    device: &B::Device,
+    dtype: Dtype,
+) -> Result<LoadedModel<B>> {
     let Inspected {
         shape,
         tokenizer,
         info,
         ..
-    } = inspect(files, spec)?;
+    } = inspected;
     let model = match files {
         ModelFiles::Synthetic(m) => Llama::from_weights_in(&shape, &m.weights(), device, dtype)?,
         ModelFiles::Gguf(path) => {

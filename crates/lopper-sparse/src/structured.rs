@@ -34,6 +34,7 @@ use burn::module::Param;
 use burn::nn::Linear;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
+use faer::linalg::matmul::triangular::BlockStructure;
 use faer::linalg::solvers::Solve;
 use faer::{Mat, Side};
 use lopper_core::MaskPlan;
@@ -127,11 +128,16 @@ impl Stats {
         let t = host_mat(t, false)?;
         // [X 1]
         let a = Mat::from_fn(n, k + 1, |i, j| if j < k { x[(i, j)] } else { 1.0 });
-        faer::linalg::matmul::matmul(
+        // Only the lower triangle of the symmetric Gram matrix: half the products (the
+        // Cholesky solve reads no more; `symmetric` mirrors it where the whole one is needed).
+        faer::linalg::matmul::triangular::matmul(
             self.g.as_mut(),
+            BlockStructure::TriangularLower,
             faer::Accum::Add,
             a.transpose(),
+            BlockStructure::Rectangular,
             a.as_ref(),
+            BlockStructure::Rectangular,
             1.0,
             faer::Par::rayon(0),
         );
@@ -148,9 +154,20 @@ impl Stats {
         Ok(())
     }
 
+    /// The whole Gram matrix (`g` holds its lower triangle).
+    fn symmetric(&self) -> Mat<f64> {
+        Mat::from_fn(self.g.nrows(), self.g.ncols(), |i, j| {
+            if i >= j {
+                self.g[(i, j)]
+            } else {
+                self.g[(j, i)]
+            }
+        })
+    }
+
     /// `||[X 1] theta - T||^2` for `theta = [W; b^T]`.
     fn error(&self, theta: &Mat<f64>) -> f64 {
-        let gt = &self.g * theta;
+        let gt = &self.symmetric() * theta;
         let mut quad = 0.0;
         let mut cross = 0.0;
         for i in 0..theta.nrows() {
