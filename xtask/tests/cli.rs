@@ -32,16 +32,12 @@ fn the_blas_can_be_missing_turned_off_or_broken_and_the_commands_still_run() {
     };
     let (ok, out, err) = xtask(&["info", "--model", "default"]);
     assert!(ok, "{err}");
-    assert!(out.contains("matmul     oneMKL 2024.2"), "{out}");
-    let (with_blas, _) = logits(&[]);
-    // Off: the portable gemm, same top tokens.
-    let (ok, out, _) = xtask_env(&["info", "--model", "default"], &[("LOPPER_BLAS", "off")]);
     assert!(
-        ok && out.contains("portable gemm: LOPPER_BLAS=off"),
+        out.contains("matmul     oneDNN 3.2.0") && out.contains("+ oneMKL 2024.2"),
         "{out}"
     );
-    let (without, _) = logits(&[("LOPPER_BLAS", "off")]);
-    // The top-3 token ids (logits differ in the last digits between the two products).
+    let (with_blas, _) = logits(&[]);
+    // The top-3 token ids (logits differ in the last digits between the products).
     let top = |s: &str| -> Vec<String> {
         s.lines()
             .skip_while(|l| !l.contains("top next tokens"))
@@ -51,32 +47,56 @@ fn the_blas_can_be_missing_turned_off_or_broken_and_the_commands_still_run() {
             .collect()
     };
     assert_eq!(top(&with_blas).len(), 3, "{with_blas}");
+    // Off: the portable gemm, same top tokens.
+    let (ok, out, _) = xtask_env(&["info", "--model", "default"], &[("LOPPER_BLAS", "off")]);
+    assert!(
+        ok && out.contains("portable gemm: LOPPER_BLAS=off"),
+        "{out}"
+    );
+    let (without, _) = logits(&[("LOPPER_BLAS", "off")]);
     assert_eq!(top(&with_blas), top(&without), "{with_blas}\n{without}");
-    // Missing: named, with the fix.
-    let (ok, out, _) = xtask_env(
-        &["info", "--model", "default"],
-        &[("LOPPER_BLAS", "/nonexistent/libmkl_rt.so.2")],
-    );
-    assert!(ok, "{out}");
-    assert!(
-        out.contains("no BLAS at /nonexistent/libmkl_rt.so.2") && out.contains("cargo xtask setup"),
-        "{out}"
-    );
-    // Broken: a file that is not a library.
     let dir = tempfile::tempdir().unwrap();
-    let bad = dir.path().join("libmkl_rt.so.2");
-    std::fs::write(&bad, b"not a shared library").unwrap();
-    let (ok, out, _) = xtask_env(
-        &["info", "--model", "default"],
-        &[("LOPPER_BLAS", bad.to_str().unwrap())],
-    );
-    assert!(ok, "{out}");
-    assert!(
-        out.contains("does not load") && out.contains("portable gemm"),
-        "{out}"
-    );
-    let (broken, _) = logits(&[("LOPPER_BLAS", bad.to_str().unwrap())]);
-    assert_eq!(top(&broken), top(&with_blas));
+    let junk = |name: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, b"not a shared library").unwrap();
+        p.to_str().unwrap().to_string()
+    };
+    let (bad_mkl, bad_dnnl) = (junk("libmkl_rt.so.2"), junk("libdnnl.so.3"));
+    // oneMKL missing or broken, oneDNN off: named, with the fix, then the portable gemm.
+    for (mkl, want) in [
+        (
+            "/nonexistent/libmkl_rt.so.2",
+            "no oneMKL at /nonexistent/libmkl_rt.so.2",
+        ),
+        (bad_mkl.as_str(), "does not load"),
+    ] {
+        let env = [("LOPPER_BLAS", mkl), ("LOPPER_DNNL", "off")];
+        let (ok, out, _) = xtask_env(&["info", "--model", "default"], &env);
+        assert!(
+            ok && out.contains(want)
+                && out.contains("cargo xtask setup")
+                && out.contains("portable gemm"),
+            "{out}"
+        );
+        assert_eq!(top(&logits(&env).0), top(&with_blas), "{mkl}");
+    }
+    // oneDNN missing or broken: named, the products on oneMKL.
+    for (dnnl, want) in [
+        (
+            "/nonexistent/libdnnl.so.3",
+            "no oneDNN at /nonexistent/libdnnl.so.3",
+        ),
+        (bad_dnnl.as_str(), "does not load"),
+    ] {
+        let env = [("LOPPER_DNNL", dnnl)];
+        let (ok, out, _) = xtask_env(&["info", "--model", "default"], &env);
+        assert!(ok && out.contains("matmul     oneMKL 2024.2"), "{out}");
+        assert!(
+            out.contains(want) && out.contains("products run on oneMKL"),
+            "{out}"
+        );
+        assert_eq!(top(&logits(&env).0), top(&with_blas), "{dnnl}");
+    }
 }
 
 #[test]
@@ -145,7 +165,11 @@ fn bench_forward_prints_a_table() {
         out.contains("portable tokens/s | BLAS / portable |"),
         "{out}"
     );
-    assert!(out.contains("matrix products: oneMKL"), "{out}");
+    assert!(
+        out.contains("matrix products: oneDNN 3.2.0 (bf16 dot products) + oneMKL 2024.2")
+            || out.contains("matrix products: oneDNN 3.2.0 + oneMKL 2024.2"),
+        "{out}"
+    );
     // The backward pass, with and without the BLAS.
     let (ok, out, err) = xtask(&[
         "bench",

@@ -175,6 +175,8 @@ pub struct Blas {
     dnnl: Option<Dnnl>,
     /// The libraries' own versions, e.g. `oneDNN 3.2.0 + oneMKL 2024.2`.
     pub version: String,
+    /// Why a library is missing, and what runs instead (empty when both loaded).
+    pub missing: Vec<String>,
 }
 
 #[derive(Debug)]
@@ -212,9 +214,13 @@ pub fn blas_status() -> std::result::Result<&'static Blas, &'static str> {
 pub fn describe() -> String {
     match blas_status() {
         Ok(b) => format!(
-            "{} (sequential, split over {} rayon threads)",
+            "{} (sequential, split over {} rayon threads){}",
             b.version,
-            rayon::current_num_threads()
+            rayon::current_num_threads(),
+            b.missing
+                .iter()
+                .map(|m| format!("; {m}"))
+                .collect::<String>()
         ),
         Err(why) => format!("portable gemm: {why}"),
     }
@@ -236,11 +242,17 @@ fn find_and_load() -> std::result::Result<Blas, String> {
             "{m}; {d}; matrix products run on the portable gemm, about 2.5x slower"
         )),
         (mkl, dnnl) => {
+            let mut missing = Vec::new();
             if let Err(why) = &mkl {
-                tracing::info!("{why}; f16 products widen to f32 on oneDNN");
+                missing.push(format!("{why}; f16 products widen to f32 on oneDNN"));
             }
             if let Err(why) = &dnnl {
-                tracing::info!("{why}; products run on oneMKL (bf16 about 2.5x slower)");
+                missing.push(format!(
+                    "{why}; products run on oneMKL (bf16 about 2.5x slower)"
+                ));
+            }
+            for m in &missing {
+                tracing::info!("{m}");
             }
             let (mkl, dnnl) = (mkl.ok(), dnnl.ok());
             let mut parts = Vec::new();
@@ -256,6 +268,7 @@ fn find_and_load() -> std::result::Result<Blas, String> {
             }
             Ok(Blas {
                 version: parts.join(" + "),
+                missing,
                 mkl,
                 dnnl,
             })

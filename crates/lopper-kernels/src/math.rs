@@ -1,8 +1,9 @@
 //! Vectorisable elementwise math shared by the fused kernels: a maximum on eight lanes,
-//! `e^x` without libm calls, and the two elementwise loops of the forward pass that are worth
-//! compiling twice (SwiGLU's gate and the rounding of an f32 input to bf16): once for x86-64's
-//! baseline, once for AVX-512, picked at run time by the CPU's features (the binary runs on
-//! any x86-64).
+//! `e^x` without libm calls, SwiGLU's gate, the rounding of f32 to bf16, and
+//! `multiversioned!`, which compiles such a loop twice (for x86-64's baseline and for AVX-512)
+//! and picks one at run time by the CPU's features, so the binary runs on any x86-64. Both
+//! copies run the same operations in the same order (reductions on a fixed eight lanes, no
+//! contraction into FMA), only on wider registers.
 
 use half::bf16;
 use half::slice::HalfFloatSliceExt;

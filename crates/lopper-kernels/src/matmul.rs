@@ -719,6 +719,82 @@ mod tests {
         assert!(rel_err(got, a.matmul(b)) < 1e-6);
     }
 
+    /// A resumed run repeats the products of the uninterrupted one bit for bit only if a
+    /// product's result does not depend on where its operands sit in memory.
+    #[test]
+    fn products_do_not_depend_on_the_operands_alignment() {
+        let Some(blas) = crate::blas() else { return };
+        let (m, k, n) = (67, 577, 129);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        use rand::{Rng, SeedableRng};
+        let a: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let b: Vec<f32> = (0..k * n).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let product = |shift: usize| -> (Vec<f32>, Vec<f32>) {
+            // The same matrices, starting `shift` elements into fresh buffers.
+            let mut ab = vec![0f32; shift + m * k];
+            ab[shift..].copy_from_slice(&a);
+            let mut bb = vec![0f32; shift + k * n];
+            bb[shift..].copy_from_slice(&b);
+            let (a16, b16): (Vec<bf16>, Vec<bf16>) = (
+                ab.iter().map(|&v| bf16::from_f32(v)).collect(),
+                bb.iter().map(|&v| bf16::from_f32(v)).collect(),
+            );
+            let mat = |rows, cols| (rows, cols, cols);
+            let (ra, ca, la) = mat(m, k);
+            let (rb, cb, lb) = mat(k, n);
+            let mut c = vec![0f32; m * n];
+            blas.sgemm(
+                MatRef {
+                    data: &ab[shift..],
+                    rows: ra,
+                    cols: ca,
+                    ld: la,
+                    trans: false,
+                },
+                MatRef {
+                    data: &bb[shift..],
+                    rows: rb,
+                    cols: cb,
+                    ld: lb,
+                    trans: false,
+                },
+                &mut c,
+                n,
+            )
+            .unwrap();
+            let mut c16 = vec![0f32; m * n];
+            if blas.has_bf16() {
+                blas.gemm_bf16(
+                    MatRef {
+                        data: &a16[shift..],
+                        rows: ra,
+                        cols: ca,
+                        ld: la,
+                        trans: false,
+                    },
+                    MatRef {
+                        data: &b16[shift..],
+                        rows: rb,
+                        cols: cb,
+                        ld: lb,
+                        trans: false,
+                    },
+                    &mut c16,
+                    n,
+                )
+                .unwrap();
+            }
+            (c, c16)
+        };
+        let first = product(0);
+        for shift in 1..17 {
+            assert!(
+                product(shift) == first,
+                "the product moved with a shift of {shift} elements"
+            );
+        }
+    }
+
     #[test]
     fn operands_that_overrun_their_storage_are_refused() {
         let Some(blas) = crate::blas() else { return };
