@@ -61,9 +61,9 @@ pub fn exp(x: f32) -> f32 {
 /// Defines `$name`, which runs the body compiled for AVX-512 on CPUs that have it (the loop
 /// then runs on 16 lanes) and for the baseline elsewhere.
 macro_rules! multiversioned {
-    ($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),*) $body:block) => {
+    ($(#[$doc:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),*) $body:block) => {
         $(#[$doc])*
-        pub(crate) fn $name($($arg: $ty),*) {
+        $vis fn $name($($arg: $ty),*) {
             #[inline(always)]
             fn body($($arg: $ty),*) $body
             #[cfg(target_arch = "x86_64")]
@@ -93,7 +93,7 @@ pub(crate) use multiversioned;
 multiversioned! {
     /// `out = silu(gate) * up` elementwise, `silu(g) = g / (1 + e^-g)`; the three slices have
     /// one length.
-    fn silu_mul(out: &mut [f32], gate: &[f32], up: &[f32]) {
+    pub(crate) fn silu_mul(out: &mut [f32], gate: &[f32], up: &[f32]) {
         let n = out.len();
         let (gate, up) = (&gate[..n], &up[..n]);
         for i in 0..n {
@@ -106,7 +106,7 @@ multiversioned! {
 multiversioned! {
     /// `dst = src` rounded to bf16, to nearest even (NaN stays NaN, quieted), as
     /// `bf16::from_f32` rounds but without its branches, so that the loop vectorises.
-    fn round_to_bf16(dst: &mut [bf16], src: &[f32]) {
+    pub fn round_to_bf16(dst: &mut [bf16], src: &[f32]) {
         let dst: &mut [u16] = dst.reinterpret_cast_mut();
         let src = &src[..dst.len()];
         for (d, &x) in dst.iter_mut().zip(src) {

@@ -258,14 +258,7 @@ impl WeightSource for SyntheticWeights {
                 .generate(name, |s, d| d.copy_from_slice(s))
                 .map(|(s, d)| TensorData::new(d, s)),
             Dtype::Bf16 => self
-                .generate(name, |s, d: &mut [half::bf16]| {
-                    // Round to nearest even on the bits (the values are finite): the same as
-                    // `bf16::from_f32`, in a loop the compiler vectorises.
-                    for (o, &v) in d.iter_mut().zip(s) {
-                        let b = v.to_bits();
-                        *o = half::bf16::from_bits(((b + 0x7FFF + ((b >> 16) & 1)) >> 16) as u16);
-                    }
-                })
+                .generate(name, |s, d| lopper_kernels::math::round_to_bf16(d, s))
                 .map(|(s, d)| TensorData::new(d, s)),
             Dtype::F16 => self
                 .generate(name, |s, d: &mut [half::f16]| d.convert_from_f32_slice(s))
