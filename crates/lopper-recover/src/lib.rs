@@ -47,6 +47,35 @@ pub enum Adapt {
     Full,
 }
 
+impl Adapt {
+    /// Parameters that train on a model of `shape`: `rank * (in + out)` per kept decoder linear
+    /// for LoRA, every parameter for full fine-tuning. What a checkpoint stores, with AdamW's
+    /// two moments each.
+    pub fn trainable_params(&self, shape: &lopper_core::ModelShape) -> u64 {
+        match *self {
+            Adapt::Full => shape.num_params(),
+            Adapt::Lora { rank, .. } => {
+                let h = shape.hidden_size;
+                let per_layer = |l: &lopper_core::LayerShape| {
+                    let (q, kv, f) = (
+                        l.n_heads * l.head_dim,
+                        l.n_kv_heads * l.head_dim,
+                        l.ffn_hidden,
+                    );
+                    let attn = if l.has_attn() {
+                        (h + q) * 2 + (h + kv) * 2
+                    } else {
+                        0
+                    };
+                    let mlp = if l.has_mlp() { (h + f) * 3 } else { 0 };
+                    (attn + mlp) * rank
+                };
+                shape.layers.iter().map(per_layer).sum::<usize>() as u64
+            }
+        }
+    }
+}
+
 /// What the student is trained to match.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum LossKind {

@@ -74,6 +74,13 @@ fn lora_with_zero_b_leaves_the_model_unchanged_at_step_zero() {
     assert!(a.a.iter().all(|p| p.val().abs().max().into_scalar() > 0.0));
     assert!(a.b.iter().all(|p| p.val().abs().max().into_scalar() == 0.0));
     assert_eq!(run.trainable_params().unwrap(), a.num_params());
+    // What the disk check plans with, from the shape alone.
+    let adapt = lora(4).adapt;
+    assert_eq!(adapt.trainable_params(m.shape()), a.num_params() as u64);
+    assert_eq!(
+        Adapt::Full.trainable_params(m.shape()),
+        burn::module::Module::num_params(&m) as u64
+    );
 }
 
 #[test]

@@ -220,6 +220,9 @@ pub fn export_with<B: Backend>(
         record["kept_param_ratio"] = p.kept_param_ratio().into();
     }
     files.push(("lopper.json", json_bytes(&record)));
+    // The old folder is deleted only once the new one is in place: both must fit.
+    let need = files.iter().map(|(_, b)| b.len() as u64).sum();
+    lopper_core::disk::ensure_disk_space(&parent, need, 0, "the exported model")?;
     for (file, bytes) in &files {
         let path = tmp.path().join(file);
         sink.write(&path, bytes)
