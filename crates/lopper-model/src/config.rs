@@ -185,8 +185,10 @@ struct HfConfig {
     attention_bias: bool,
     #[serde(default)]
     mlp_bias: bool,
-    /// Per-layer widths of heterogeneous (pruned) models, as lopper writes them.
-    per_layer_config: Option<Vec<PerLayer>>,
+    /// Per-layer widths of heterogeneous (pruned) models, as lopper writes them (a list; earlier
+    /// lopper exports named it `per_layer_config`, which transformers now reads as a map).
+    #[serde(alias = "per_layer_config")]
+    lopper_layer_config: Option<Vec<PerLayer>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -199,7 +201,11 @@ struct PerLayer {
 /// The `model_type`s of `config.json` lopper reads: LLaMA 1/2/3 (and Vicuna, a LLaMA), Mistral
 /// (sliding-window attention is not modelled: the window must cover the context), Qwen2/2.5
 /// (q/k/v biases, read from the checkpoint).
-pub const SUPPORTED_MODEL_TYPES: [&str; 3] = ["llama", "mistral", "qwen2"];
+pub const SUPPORTED_MODEL_TYPES: [&str; 4] = ["llama", "mistral", "qwen2", LOPPER_MODEL_TYPE];
+
+/// The `model_type` of lopper's heterogeneous exports: a LLaMA whose layers differ in width
+/// (`lopper_layer_config`), loaded by transformers through the modelling file shipped with it.
+pub const LOPPER_MODEL_TYPE: &str = "lopper_llama";
 
 /// Reads a Hugging Face `config.json` into a [`ModelShape`]. Missing required keys, and
 /// features lopper does not model (biases on q/k/v), are errors naming the key.
@@ -283,7 +289,7 @@ pub fn shape_from_hf_config_text(text: &str, path: &Path) -> Result<ModelShape> 
         None if heads > 0 && hidden % heads == 0 => hidden / heads,
         None => return Err(err("required key `head_dim` is missing".into())),
     };
-    let layers = match &c.per_layer_config {
+    let layers = match &c.lopper_layer_config {
         None => vec![
             LayerShape {
                 n_heads: heads,
@@ -304,7 +310,7 @@ pub fn shape_from_hf_config_text(text: &str, path: &Path) -> Result<ModelShape> 
             .collect(),
         Some(per) => {
             return Err(err(format!(
-                "`per_layer_config` has {} entries for num_hidden_layers = {n_layers}",
+                "`lopper_layer_config` has {} entries for num_hidden_layers = {n_layers}",
                 per.len()
             )));
         }

@@ -12,8 +12,8 @@ mod tokenizer;
 pub mod weights;
 
 pub use config::{
-    SUPPORTED_MODEL_TYPES, hf_config_json, shape_from_gguf, shape_from_hf_config,
-    shape_from_hf_config_text,
+    LOPPER_MODEL_TYPE, SUPPORTED_MODEL_TYPES, hf_config_json, shape_from_gguf,
+    shape_from_hf_config, shape_from_hf_config_text,
 };
 pub use error::{Error, Result};
 pub use hostweights::HostWeights;

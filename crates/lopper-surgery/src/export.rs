@@ -53,9 +53,16 @@ impl FileSink for Disk {
     }
 }
 
-/// The `config.json` of `shape`: loadable by stock `transformers` when every layer is alike;
-/// otherwise the largest widths plus `per_layer_config` (one entry per layer with its
-/// `num_attention_heads`, `num_key_value_heads` and `intermediate_size`; 0 marks a removed block).
+/// The modelling file shipped with heterogeneous exports (named by `auto_map` in their
+/// `config.json`): transformers' own LLaMA layers, each built with its layer's sizes.
+pub const MODELING_FILE: &str = "modeling_lopper.py";
+const MODELING_SOURCE: &str = include_str!("../assets/modeling_lopper.py");
+
+/// The `config.json` of `shape`: stock `transformers` LLaMA when every layer is alike;
+/// otherwise model type `lopper_llama` with the largest widths plus `lopper_layer_config` (one
+/// entry per layer with its `num_attention_heads`, `num_key_value_heads` and
+/// `intermediate_size`; 0 marks a removed block) and an `auto_map` naming [`MODELING_FILE`], so
+/// that `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` loads it.
 pub fn config_json(shape: &ModelShape, tokenizer: &Tokenizer) -> serde_json::Value {
     if let Some(v) = hf_config_json(shape, tokenizer.bos_id, tokenizer.eos_id) {
         return v;
@@ -81,7 +88,13 @@ pub fn config_json(shape: &ModelShape, tokenizer: &Tokenizer) -> serde_json::Val
     };
     let mut v = hf_config_json(&uniform, tokenizer.bos_id, tokenizer.eos_id)
         .expect("a uniform shape with both blocks is expressible");
-    v["per_layer_config"] = shape
+    v["model_type"] = lopper_model::LOPPER_MODEL_TYPE.into();
+    v["architectures"] = serde_json::json!(["LopperLlamaForCausalLM"]);
+    v["auto_map"] = serde_json::json!({
+        "AutoConfig": "modeling_lopper.LopperLlamaConfig",
+        "AutoModelForCausalLM": "modeling_lopper.LopperLlamaForCausalLM",
+    });
+    v["lopper_layer_config"] = shape
         .layers
         .iter()
         .map(|l| {
@@ -187,6 +200,9 @@ pub fn export_with<B: Backend>(
             files.push(("config.json", json_bytes(&config)));
             files.push(("shape.json", json_bytes(shape)));
             files.push(("tokenizer.json", tokenizer.to_json().as_bytes().to_vec()));
+            if config.get("auto_map").is_some() {
+                files.push((MODELING_FILE, MODELING_SOURCE.as_bytes().to_vec()));
+            }
         }
         ExportFormat::Gguf(ty) => {
             if !matches!(ty, GgmlType::F32 | GgmlType::F16 | GgmlType::Q8_0) {

@@ -246,7 +246,9 @@ fn export_round_trips_heterogeneous_and_uniform_models() {
     );
     let cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
-    assert!(cfg.get("per_layer_config").is_none());
+    assert!(cfg.get("lopper_layer_config").is_none() && cfg.get("auto_map").is_none());
+    assert_eq!(cfg["model_type"], "llama");
+    assert!(!out.join(crate::export::MODELING_FILE).exists());
     assert_eq!(cfg["num_hidden_layers"], 2);
     assert_eq!(
         values(reload(&out).forward(tokens(&model))),
@@ -259,15 +261,48 @@ fn heterogeneous_config_lists_every_layer() {
     let model = tiny();
     let plan = MaskPlan::from_removed(model.shape(), &[PruneUnit::AttnBlock { layer: 1 }]).unwrap();
     let cfg = config_json(&plan.pruned_shape(), &tiny_tokenizer());
-    let per = cfg["per_layer_config"].as_array().unwrap();
+    let per = cfg["lopper_layer_config"].as_array().unwrap();
     assert_eq!(per.len(), 3);
     assert_eq!(per[1]["num_attention_heads"], 0);
     assert_eq!(per[1]["intermediate_size"], 48);
-    // lopper reads the per-layer sizes back without shape.json.
+    // transformers loads it through the shipped modelling file (trust_remote_code).
+    assert_eq!(cfg["model_type"], "lopper_llama");
+    assert_eq!(cfg["architectures"][0], "LopperLlamaForCausalLM");
+    assert_eq!(
+        cfg["auto_map"]["AutoModelForCausalLM"],
+        "modeling_lopper.LopperLlamaForCausalLM"
+    );
+    // lopper reads the per-layer sizes back without shape.json, also under the key that
+    // earlier exports used.
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("config.json");
     std::fs::write(&p, cfg.to_string()).unwrap();
     assert_eq!(shape_from_hf_config(&p).unwrap(), plan.pruned_shape());
+    let mut old = cfg.clone();
+    old["per_layer_config"] = old["lopper_layer_config"].take();
+    old.as_object_mut().unwrap().remove("lopper_layer_config");
+    old["model_type"] = "llama".into();
+    std::fs::write(&p, old.to_string()).unwrap();
+    assert_eq!(shape_from_hf_config(&p).unwrap(), plan.pruned_shape());
+    // The export ships the modelling file that auto_map names, and lopper loads it back.
+    let model_dir = dir.path().join("m");
+    let pruned = prune(&model, &plan).unwrap();
+    export(
+        &pruned,
+        &tiny_tokenizer(),
+        Some(&plan),
+        &opts(false),
+        &model_dir,
+    )
+    .unwrap();
+    let source = std::fs::read_to_string(model_dir.join(crate::export::MODELING_FILE)).unwrap();
+    for class in ["LopperLlamaConfig", "LopperLlamaForCausalLM"] {
+        assert!(source.contains(&format!("class {class}(")), "{class}");
+    }
+    assert_eq!(
+        values(reload(&model_dir).forward(tokens(&model))),
+        values(pruned.forward(tokens(&model)))
+    );
 }
 
 #[test]
