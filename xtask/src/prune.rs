@@ -753,7 +753,9 @@ pub struct ExportArgs {
     /// A plan.json made for this model (leave out to export the model as it is).
     #[arg(long)]
     plan: Option<PathBuf>,
-    /// hf (lopper directory: safetensors + config.json + tokenizer.json) or gguf (llama.cpp).
+    /// hf (lopper directory: safetensors + config.json + tokenizer.json; transformers loads it,
+    /// with trust_remote_code when layers differ), vllm (the same files with vLLM's DeciLM
+    /// `nemotron-nas` config: `vllm serve DIR --trust-remote-code`) or gguf (llama.cpp).
     #[arg(long, default_value = "hf")]
     format: String,
     /// GGUF tensor type of 2-D weights: f32, f16 or q8_0 (norms stay f32; rows that are not a
@@ -796,7 +798,8 @@ pub fn export(args: ExportArgs) -> Result<()> {
             "q8_0" => lopper_model::gguf::GgmlType::Q8_0,
             o => bail!("--gguf-type `{o}`: use f32, f16 or q8_0"),
         }),
-        o => bail!("--format `{o}`: use hf or gguf"),
+        "vllm" => ExportFormat::Vllm,
+        o => bail!("--format `{o}`: use hf, vllm or gguf"),
     };
     if args.out.exists() && !args.force {
         bail!(
@@ -836,6 +839,17 @@ impl Job for ExportJob {
     fn run<B: Backend>(self, device: B::Device, _device_name: String) -> Result<()> {
         let a = &self.args;
         let loaded = crate::loading::load_model::<B>(&a.model, a.dtype, &device)?;
+        if self.format == ExportFormat::Vllm {
+            // A shape vLLM's DeciLM cannot hold is refused before the cut and its calibration.
+            let shape = match &self.plan {
+                Some(p) => {
+                    p.validate_against(loaded.model.shape())?;
+                    p.pruned_shape()
+                }
+                None => loaded.model.shape().clone(),
+            };
+            lopper_surgery::deci_config_json(&shape, &loaded.tokenizer)?;
+        }
         let mut calibration = serde_json::Value::Null;
         let model = match &self.plan {
             Some(p) if self.how != Reconstruct::None => {

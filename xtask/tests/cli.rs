@@ -644,6 +644,23 @@ fn export_writes_gguf_and_refuses_bad_plans() {
     assert!(ok, "{err}");
     let (ok, _, err) = xtask(&["export", "--model", &model, "--plan", p, "--out", o]);
     assert!(!ok && err.contains("--force"), "{err}");
+    // vLLM's DeciLM layout: the plan keeps every query head, so it fits.
+    let v = root.path().join("vllm");
+    let (ok, _, err) = xtask(&[
+        "export",
+        "--model",
+        &model,
+        "--plan",
+        p,
+        "--format",
+        "vllm",
+        "--out",
+        v.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(v.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["block_configs"][1]["ffn"]["intermediate_size"], 20);
     // The cut refit by least squares on calibration text; the export records how.
     let ls = root.path().join("ls");
     let (ok, _, err) = xtask(&[
@@ -709,7 +726,7 @@ fn export_writes_gguf_and_refuses_bad_plans() {
     let (ok, _, err) = xtask(&[
         "export", "--model", &model, "--plan", p, "--format", "onnx", "--out", o, "--force",
     ]);
-    assert!(!ok && err.contains("hf or gguf"), "{err}");
+    assert!(!ok && err.contains("hf, vllm or gguf"), "{err}");
 }
 
 #[test]

@@ -22,6 +22,10 @@ pub enum ExportFormat {
     /// `model.gguf` (llama architecture, per-layer arrays where layers differ, tokenizer
     /// metadata, 2-D weights in the given type: F32, F16 or Q8_0) and `lopper.json`.
     Gguf(GgmlType),
+    /// The [`ExportFormat::Hf`] files with vLLM's DeciLM (`nemotron-nas`) `config.json`: one
+    /// `block_configs` entry per layer and [`DECI_CONFIG_FILE`]. Plans whose attention layers
+    /// keep different numbers of query heads do not fit it and are refused.
+    Vllm,
 }
 
 /// How to export.
@@ -58,6 +62,11 @@ impl FileSink for Disk {
 pub const MODELING_FILE: &str = "modeling_lopper.py";
 const MODELING_SOURCE: &str = include_str!("../assets/modeling_lopper.py");
 
+/// The configuration class shipped with `--format vllm` exports (named by `auto_map`): it gives
+/// vLLM's DeciLM model the attribute access to `block_configs` it reads.
+pub const DECI_CONFIG_FILE: &str = "configuration_decilm.py";
+const DECI_CONFIG_SOURCE: &str = include_str!("../assets/configuration_decilm.py");
+
 /// The `config.json` of `shape`: stock `transformers` LLaMA when every layer is alike;
 /// otherwise model type `lopper_llama` with the largest widths plus `lopper_layer_config` (one
 /// entry per layer with its `num_attention_heads`, `num_key_value_heads` and
@@ -67,6 +76,75 @@ pub fn config_json(shape: &ModelShape, tokenizer: &Tokenizer) -> serde_json::Val
     if let Some(v) = hf_config_json(shape, tokenizer.bos_id, tokenizer.eos_id) {
         return v;
     }
+    let mut v = widest_config_json(shape, tokenizer);
+    v["model_type"] = lopper_model::LOPPER_MODEL_TYPE.into();
+    v["architectures"] = serde_json::json!(["LopperLlamaForCausalLM"]);
+    v["auto_map"] = serde_json::json!({
+        "AutoConfig": "modeling_lopper.LopperLlamaConfig",
+        "AutoModelForCausalLM": "modeling_lopper.LopperLlamaForCausalLM",
+    });
+    v["lopper_layer_config"] = shape
+        .layers
+        .iter()
+        .map(|l| {
+            serde_json::json!({
+                "num_attention_heads": l.n_heads,
+                "num_key_value_heads": l.n_kv_heads,
+                "intermediate_size": l.ffn_hidden,
+            })
+        })
+        .collect();
+    v
+}
+
+/// vLLM's DeciLM (`nemotron-nas`) `config.json` of `shape`: the LLaMA keys, and per layer
+/// `{attention: {no_op, replace_with_linear, n_heads_in_group}, ffn: {no_op,
+/// replace_with_linear, intermediate_size}}`. DeciLM gives every attention layer
+/// `num_attention_heads` query heads (and `num_attention_heads / n_heads_in_group` key/value
+/// heads), so a shape whose attention layers keep different numbers of query heads is refused.
+pub fn deci_config_json(shape: &ModelShape, tokenizer: &Tokenizer) -> Result<serde_json::Value> {
+    let attn: Vec<(usize, &lopper_core::LayerShape)> = shape
+        .layers
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l.has_attn())
+        .collect();
+    let heads = attn.first().map_or(1, |(_, l)| l.n_heads);
+    if let Some((i, l)) = attn.iter().find(|(_, l)| l.n_heads != heads) {
+        return Err(Error::Unsupported(format!(
+            "--format vllm: vLLM's DeciLM (nemotron-nas) keeps the same query heads in every attention layer, but layer {} has {heads} and layer {i} {} (the plan removed key/value groups in some layers only); export with --format hf (transformers, trust_remote_code) or gguf, or prune with --units channels,layers",
+            attn[0].0, l.n_heads
+        )));
+    }
+    let mut v = widest_config_json(shape, tokenizer);
+    v["model_type"] = "nemotron-nas".into();
+    v["architectures"] = serde_json::json!(["DeciLMForCausalLM"]);
+    v["auto_map"] = serde_json::json!({"AutoConfig": "configuration_decilm.DeciLMConfig"});
+    v["num_attention_heads"] = heads.into();
+    v["block_configs"] = shape
+        .layers
+        .iter()
+        .map(|l| {
+            serde_json::json!({
+                "attention": {
+                    "no_op": !l.has_attn(),
+                    "replace_with_linear": false,
+                    "n_heads_in_group": l.has_attn().then(|| l.n_rep()),
+                },
+                "ffn": {
+                    "no_op": !l.has_mlp(),
+                    "replace_with_linear": false,
+                    "intermediate_size": l.has_mlp().then_some(l.ffn_hidden),
+                },
+            })
+        })
+        .collect();
+    Ok(v)
+}
+
+/// A stock LLaMA `config.json` with the largest widths of `shape`'s layers, the base of the
+/// per-layer formats.
+fn widest_config_json(shape: &ModelShape, tokenizer: &Tokenizer) -> serde_json::Value {
     let max = |f: &dyn Fn(&lopper_core::LayerShape) -> usize| {
         shape.layers.iter().map(f).max().unwrap_or(0)
     };
@@ -86,26 +164,8 @@ pub fn config_json(shape: &ModelShape, tokenizer: &Tokenizer) -> serde_json::Val
         layers: vec![widest; shape.n_layers()],
         ..shape.clone()
     };
-    let mut v = hf_config_json(&uniform, tokenizer.bos_id, tokenizer.eos_id)
-        .expect("a uniform shape with both blocks is expressible");
-    v["model_type"] = lopper_model::LOPPER_MODEL_TYPE.into();
-    v["architectures"] = serde_json::json!(["LopperLlamaForCausalLM"]);
-    v["auto_map"] = serde_json::json!({
-        "AutoConfig": "modeling_lopper.LopperLlamaConfig",
-        "AutoModelForCausalLM": "modeling_lopper.LopperLlamaForCausalLM",
-    });
-    v["lopper_layer_config"] = shape
-        .layers
-        .iter()
-        .map(|l| {
-            serde_json::json!({
-                "num_attention_heads": l.n_heads,
-                "num_key_value_heads": l.n_kv_heads,
-                "intermediate_size": l.ffn_hidden,
-            })
-        })
-        .collect();
-    v
+    hf_config_json(&uniform, tokenizer.bos_id, tokenizer.eos_id)
+        .expect("a uniform shape with both blocks is expressible")
 }
 
 fn json_bytes(v: &impl serde::Serialize) -> Vec<u8> {
@@ -160,9 +220,12 @@ pub fn export_with<B: Backend>(
     let shape = model.shape();
     let mut files: Vec<(&str, Vec<u8>)> = Vec::new();
     match opts.format {
-        ExportFormat::Hf => {
+        ExportFormat::Hf | ExportFormat::Vllm => {
+            let mut config = match opts.format {
+                ExportFormat::Vllm => deci_config_json(shape, tokenizer)?,
+                _ => config_json(shape, tokenizer),
+            };
             let mut weights = model.to_host_weights();
-            let mut config = config_json(shape, tokenizer);
             if weights.tensors.keys().any(|k| k.ends_with(".bias")) {
                 // Stock transformers has one switch for all attention projections and one for
                 // all MLP projections: turn both on and give the others zero biases.
@@ -200,7 +263,9 @@ pub fn export_with<B: Backend>(
             files.push(("config.json", json_bytes(&config)));
             files.push(("shape.json", json_bytes(shape)));
             files.push(("tokenizer.json", tokenizer.to_json().as_bytes().to_vec()));
-            if config.get("auto_map").is_some() {
+            if opts.format == ExportFormat::Vllm {
+                files.push((DECI_CONFIG_FILE, DECI_CONFIG_SOURCE.as_bytes().to_vec()));
+            } else if config.get("auto_map").is_some() {
                 files.push((MODELING_FILE, MODELING_SOURCE.as_bytes().to_vec()));
             }
         }

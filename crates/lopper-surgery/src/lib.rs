@@ -5,7 +5,7 @@ pub mod export;
 mod slice;
 
 pub use error::{Error, Result};
-pub use export::{ExportFormat, ExportOptions, export};
+pub use export::{ExportFormat, ExportOptions, config_json, deci_config_json, export};
 pub use slice::{
     InputMeans, LayerBias, compensation_biases, forward_kept, mean_loss_kept, prune,
     prune_compensated, slice_layer, slice_layer_biased, windows_loss_kept,

@@ -306,6 +306,58 @@ fn heterogeneous_config_lists_every_layer() {
 }
 
 #[test]
+fn vllm_exports_describe_every_layer_as_decilm_blocks_or_are_refused() {
+    let model = tiny();
+    // Layer 0 without attention, layer 2 without MLP, layer 1 with fewer channels: fits.
+    let mut plan = MaskPlan::from_removed(
+        model.shape(),
+        &[
+            PruneUnit::AttnBlock { layer: 0 },
+            PruneUnit::MlpBlock { layer: 2 },
+        ],
+    )
+    .unwrap();
+    plan.layers[1].channels.truncate(20);
+    let shape = plan.pruned_shape();
+    let cfg = crate::deci_config_json(&shape, &tiny_tokenizer()).unwrap();
+    assert_eq!(cfg["model_type"], "nemotron-nas");
+    assert_eq!(cfg["architectures"][0], "DeciLMForCausalLM");
+    assert_eq!(cfg["num_attention_heads"], 4);
+    let blocks = cfg["block_configs"].as_array().unwrap();
+    assert_eq!(blocks.len(), 3);
+    assert_eq!(blocks[0]["attention"]["no_op"], true);
+    assert_eq!(blocks[1]["attention"]["n_heads_in_group"], 2);
+    assert_eq!(blocks[1]["ffn"]["intermediate_size"], 20);
+    assert_eq!(blocks[2]["ffn"]["no_op"], true);
+    let root = tempfile::tempdir().unwrap();
+    let out = root.path().join("vllm");
+    let pruned = prune(&model, &plan).unwrap();
+    let o = ExportOptions {
+        format: ExportFormat::Vllm,
+        ..opts(false)
+    };
+    export(&pruned, &tiny_tokenizer(), Some(&plan), &o, &out).unwrap();
+    assert!(out.join(crate::export::DECI_CONFIG_FILE).is_file());
+    assert!(!out.join(crate::export::MODELING_FILE).exists());
+    assert_eq!(
+        values(reload(&out).forward(tokens(&model))),
+        values(pruned.forward(tokens(&model)))
+    );
+    // A key/value group removed in one layer only: DeciLM keeps every layer's query heads.
+    let plan = MaskPlan::from_removed(model.shape(), &[PruneUnit::KvGroup { layer: 1, group: 0 }])
+        .unwrap();
+    let err = crate::deci_config_json(&plan.pruned_shape(), &tiny_tokenizer()).unwrap_err();
+    assert!(
+        err.to_string().contains("layer 1 2") && err.to_string().contains("--format hf"),
+        "{err}"
+    );
+    let out = root.path().join("refused");
+    let pruned = prune(&model, &plan).unwrap();
+    assert!(export(&pruned, &tiny_tokenizer(), Some(&plan), &o, &out).is_err());
+    assert!(!out.exists());
+}
+
+#[test]
 fn an_existing_output_is_refused_unless_forced() {
     let model = tiny();
     let root = tempfile::tempdir().unwrap();
