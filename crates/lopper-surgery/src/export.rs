@@ -112,7 +112,7 @@ pub fn deci_config_json(shape: &ModelShape, tokenizer: &Tokenizer) -> Result<ser
     let heads = attn.first().map_or(1, |(_, l)| l.n_heads);
     if let Some((i, l)) = attn.iter().find(|(_, l)| l.n_heads != heads) {
         return Err(Error::Unsupported(format!(
-            "--format vllm: vLLM's DeciLM (nemotron-nas) keeps the same query heads in every attention layer, but layer {} has {heads} and layer {i} {} (the plan removed key/value groups in some layers only); export with --format hf (transformers, trust_remote_code) or gguf, or prune with --units channels,layers",
+            "--format vllm: vLLM's DeciLM (nemotron-nas) keeps the same query heads in every attention layer, but layer {} has {heads} and layer {i} {} (the plan removed key/value groups in some layers only); export with --format hf (transformers, trust_remote_code) or gguf",
             attn[0].0, l.n_heads
         )));
     }
