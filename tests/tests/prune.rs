@@ -130,7 +130,7 @@ fn surgery_of_the_real_model_drops_layers_and_blocks() {
 }
 
 #[test]
-fn least_squares_reconstruction_of_the_real_model_beats_the_cut_and_exports_as_it_is() {
+fn least_squares_and_obs_reconstruction_of_the_real_model_beat_the_cut_and_export_as_they_are() {
     let loaded = default_model();
     let model = &loaded.model;
     let s = model.shape();
@@ -148,7 +148,7 @@ fn least_squares_reconstruction_of_the_real_model_beats_the_cut_and_exports_as_i
     let calib = c4_windows(0..400, Sampler::ConcatChunks, 96, 128, 42).windows;
     let held_out = c4_windows(600..800, Sampler::ConcatChunks, 8, 128, 42).windows;
     let settings = lopper_sparse::ReconSettings::default();
-    let (ls, reports) =
+    let (ls, _, reports) =
         lopper_sparse::reconstruct(model, &plan, &calib, &settings, |_| {}).unwrap();
     // Layers 0-17 are unchanged: the first refit projection is layer 18's down_proj.
     assert_eq!((reports[0].layer, reports[0].name), (18, "down_proj"));
@@ -171,6 +171,27 @@ fn least_squares_reconstruction_of_the_real_model_beats_the_cut_and_exports_as_i
         "held-out loss: ls {least}, bias {bias}, none {none}"
     );
     assert!(dense < least, "dense {dense} vs ls {least}");
+    // OBS chooses the units within the plan's per-layer counts, and with the input projections
+    // refit too (biases on every projection) it still beats the compensation.
+    let settings = lopper_sparse::ReconSettings {
+        obs: true,
+        inputs: true,
+        ..settings
+    };
+    let (ls, chosen, reports) =
+        lopper_sparse::reconstruct(model, &plan, &calib, &settings, |_| {}).unwrap();
+    assert_eq!(reports.len(), lopper_sparse::projections(&plan, &settings));
+    assert_eq!(ls.shape(), &chosen.pruned_shape());
+    assert_eq!(chosen.pruned_shape(), plan.pruned_shape());
+    assert_ne!(
+        chosen.layers, plan.layers,
+        "OBS chose other units somewhere"
+    );
+    let obs = loss(&ls);
+    assert!(
+        obs < bias.min(none),
+        "held-out loss: obs {obs}, bias {bias}"
+    );
     // The exported directory loads back to the same model.
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("model");

@@ -215,10 +215,11 @@ where
     Ok(v)
 }
 
-/// A `--methods` entry: `dense`, or `NAME[:INIT][+none|+bias|+ls]`: `pg:flap` is the
+/// A `--methods` entry: `dense`, or `NAME[:INIT][+none|+bias|+ls|+obs]`: `pg:flap` is the
 /// policy-gradient search started from FLAP's scores (instead of `--pg-init`), `+bias` adds
 /// FLAP-style bias compensation at surgery (FLAP has it already), `+ls` refits every kept
-/// o_proj / down_proj by least squares on the calibration windows, `+none` cuts only.
+/// o_proj / down_proj by least squares on the calibration windows, `+obs` also lets OBS choose
+/// which KV groups and channels go within the plan's per-layer counts, `+none` cuts only.
 ///
 /// One-shot methods (weights zeroed in place, no structure removed): `alps`, `sparsegpt`,
 /// `wanda` (unstructured at each --sparsity), `NAME:unstructured`, and `NAME:N:M` (one cell at
@@ -228,7 +229,7 @@ struct Spec {
     base: String,
     init: Option<String>,
     bias: Option<bool>,
-    /// `+none`, `+bias` or `+ls`: what the cut does to the kept weights (default: bias where the
+    /// `+none`, `+bias`, `+ls` or `+obs`: what the cut does to the kept weights (default: bias where the
     /// method compensates, none otherwise).
     recon: Option<Reconstruct>,
     /// One-shot method and its pattern (`unstructured` or `N:M`).
@@ -786,14 +787,22 @@ impl CompareJob {
                     o_proj: o.clone(),
                     down_proj: d.clone(),
                 });
-                let (pruned, recon) = crate::reconstruct::cut(
+                let done = crate::reconstruct::cut(
                     model,
                     p,
                     how,
                     means.as_ref(),
                     windows(),
                     st.batch_size,
+                    false,
                 )?;
+                if let Some(chosen) = &done.chosen {
+                    let mut p = p.clone();
+                    done.update(&mut p);
+                    debug_assert_eq!(chosen.layers, p.layers);
+                    crate::prune::write_json(&dir.join("plan.json"), &p)?;
+                }
+                let (pruned, recon) = (done.model, done.reports);
                 if let Some(r) = recon {
                     crate::prune::write_json(&dir.join("reconstruction.json"), &r)?;
                 }

@@ -181,10 +181,19 @@ pub struct PruneArgs {
     /// `bias` (FLAP's bias compensation) or `ls` (every kept o_proj / down_proj refit, layer by
     /// layer, by damped least squares so the pruned residual stream follows the dense one on the
     /// calibration windows; on the default model at 30% it gives 21% lower WikiText-2
-    /// perplexity than `bias` for pg and 34% for flap, for about two more CPU minutes).
+    /// perplexity than `bias` for pg and 34% for flap, for about two more CPU minutes), or
+    /// `obs` (`ls`, with each layer's removed KV groups and MLP channels chosen by OBS within
+    /// the plan's per-layer counts: greedily, by their exact cost to the layer's least-squares
+    /// objective).
     /// Default: ls.
     #[arg(long)]
     pub reconstruct: Option<String>,
+    /// With --reconstruct ls|obs, also refit each changed layer's input projections (q/k/v,
+    /// gate/up) so that from the pruned model's inputs they give what the dense layer's give from
+    /// the dense inputs. Off by default: on the default model at 30% it did not lower WikiText-2
+    /// perplexity (docs/methods.md section 5).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value_t = false)]
+    pub refit_inputs: bool,
     /// Continue the run in --out from its checkpoint.
     #[arg(long)]
     pub resume: bool,
@@ -314,6 +323,13 @@ pub fn run(args: PruneArgs) -> Result<()> {
     }
     // Validate everything before loading anything.
     let cfg = args.pg_config()?;
+    if args.refit_inputs {
+        let how: Reconstruct = args.reconstruct.as_deref().unwrap_or("ls").parse()?;
+        anyhow::ensure!(
+            matches!(how, Reconstruct::Ls | Reconstruct::Obs),
+            "--refit-inputs refits by least squares: it needs --reconstruct ls or obs, not {how}"
+        );
+    }
     if let Some(r) = &args.reconstruct {
         r.parse::<Reconstruct>()?;
         anyhow::ensure!(
@@ -620,16 +636,22 @@ fn finish<B: Backend>(
             .collect();
         crate::plots::loss_curve(&a.out.join("loss.png"), &records)?;
     }
-    let (pruned, recon) = crate::reconstruct::cut(
+    let done = crate::reconstruct::cut(
         model,
         &plan,
         cut.how,
         cut.means,
         cut.windows,
         cut.batch_size,
+        a.refit_inputs,
     )?;
+    done.update(&mut plan);
+    let (pruned, recon) = (done.model, done.reports);
     plan.meta
         .insert("reconstruct".into(), cut.how.to_string().into());
+    if a.refit_inputs {
+        plan.meta.insert("refit_inputs".into(), true.into());
+    }
     plan.meta.insert(
         "bias_compensation".into(),
         (cut.how == Reconstruct::Bias).into(),
@@ -696,7 +718,7 @@ fn finish<B: Backend>(
         );
     }
     if let Some(r) = &recon {
-        report += &crate::reconstruct::summary(r);
+        report += &crate::reconstruct::summary(cut.how, r);
     }
     if let Some((first, Some(last))) = curve {
         report += &format!(
@@ -762,14 +784,17 @@ pub struct ExportArgs {
     /// multiple of 32 fall back from q8_0 to f16).
     #[arg(long, default_value = "f16")]
     gguf_type: String,
-    /// With --plan: what the cut does to the kept weights, `none`, `bias` or `ls` (as `prune
-    /// --reconstruct`; bias and ls read calibration windows drawn as `prune` draws them).
+    /// With --plan: what the cut does to the kept weights, `none`, `bias`, `ls` or `obs` (as
+    /// `prune --reconstruct`; they read calibration windows drawn as `prune` draws them).
     #[arg(long, default_value = "none")]
     reconstruct: String,
-    /// Calibration data of --reconstruct bias|ls: c4, wikitext2, ptb, or a file.
+    /// With --reconstruct ls|obs: also refit the input projections (as `prune --refit-inputs`).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value_t = false)]
+    refit_inputs: bool,
+    /// Calibration data of --reconstruct bias|ls|obs: c4, wikitext2, ptb, or a file.
     #[arg(long, default_value = "c4")]
     calib: String,
-    /// Calibration windows of --reconstruct bias|ls.
+    /// Calibration windows of --reconstruct bias|ls|obs.
     #[arg(long, default_value_t = 256)]
     calib_samples: usize,
     /// Tokens per calibration window.
@@ -813,6 +838,10 @@ pub fn export(args: ExportArgs) -> Result<()> {
         "--reconstruct {how} reconstructs the cut of a plan: give --plan"
     );
     anyhow::ensure!(
+        !args.refit_inputs || matches!(how, Reconstruct::Ls | Reconstruct::Obs),
+        "--refit-inputs refits by least squares: it needs --reconstruct ls or obs, not {how}"
+    );
+    anyhow::ensure!(
         args.calib_samples > 0 && args.batch_size > 0 && args.seq_len > 1,
         "--calib-samples and --batch-size must be at least 1 and --seq-len at least 2"
     );
@@ -836,7 +865,7 @@ struct ExportJob {
 }
 
 impl Job for ExportJob {
-    fn run<B: Backend>(self, device: B::Device, _device_name: String) -> Result<()> {
+    fn run<B: Backend>(mut self, device: B::Device, _device_name: String) -> Result<()> {
         let a = &self.args;
         let loaded = crate::loading::load_model::<B>(&a.model, a.dtype, &device)?;
         if self.format == ExportFormat::Vllm {
@@ -881,15 +910,19 @@ impl Job for ExportJob {
                     }
                     _ => None,
                 };
-                crate::reconstruct::cut(
+                let done = crate::reconstruct::cut(
                     &loaded.model,
                     p,
                     self.how,
                     means.as_ref(),
                     &calib.windows,
                     a.batch_size,
-                )?
-                .0
+                    a.refit_inputs,
+                )?;
+                if let Some(plan) = &mut self.plan {
+                    done.update(plan);
+                }
+                done.model
             }
             Some(p) => lopper_surgery::prune(&loaded.model, p)?,
             None => loaded.model,

@@ -1,4 +1,4 @@
-//! What happens to the kept weights when a plan is cut: `--reconstruct none|bias|ls`, one
+//! What happens to the kept weights when a plan is cut: `--reconstruct none|bias|ls|obs`, one
 //! function for prune, export and compare.
 
 use anyhow::{Result, bail};
@@ -18,6 +18,8 @@ pub enum Reconstruct {
     Bias,
     /// Layer-wise damped least squares of every kept o_proj / down_proj (lopper_sparse::reconstruct).
     Ls,
+    /// `ls`, with each layer's removed MLP channels chosen by OBS within the plan's counts.
+    Obs,
 }
 
 impl std::str::FromStr for Reconstruct {
@@ -27,10 +29,8 @@ impl std::str::FromStr for Reconstruct {
             "none" => Reconstruct::None,
             "bias" => Reconstruct::Bias,
             "ls" => Reconstruct::Ls,
-            "obs" => bail!(
-                "--reconstruct obs (OBS choice of the removed units) is not implemented; use none, bias or ls"
-            ),
-            o => bail!("--reconstruct `{o}`: use none, bias or ls"),
+            "obs" => Reconstruct::Obs,
+            o => bail!("--reconstruct `{o}`: use none, bias, ls or obs"),
         })
     }
 }
@@ -41,12 +41,30 @@ impl std::fmt::Display for Reconstruct {
             Reconstruct::None => "none",
             Reconstruct::Bias => "bias",
             Reconstruct::Ls => "ls",
+            Reconstruct::Obs => "obs",
         })
     }
 }
 
-/// The model `plan` cuts from `model` under `how`, and the per-projection reports of `ls`.
-/// `means` are required by `bias`; `windows` are the calibration windows `ls` fits on.
+/// A cut model, the per-projection reports of `ls` / `obs`, and under `obs` the plan it was cut
+/// by (the plan's counts, OBS's channels).
+pub struct Cut<B: Backend> {
+    pub model: Llama<B>,
+    pub reports: Option<Vec<ProjectionReport>>,
+    pub chosen: Option<MaskPlan>,
+}
+
+impl<B: Backend> Cut<B> {
+    /// Records OBS's channels in `plan` (its metadata kept).
+    pub fn update(&self, plan: &mut MaskPlan) {
+        if let Some(c) = &self.chosen {
+            plan.layers = c.layers.clone();
+        }
+    }
+}
+
+/// The model `plan` cuts from `model` under `how`. `means` are required by `bias`; `windows`
+/// are the calibration windows `ls` and `obs` fit on.
 pub fn cut<B: Backend>(
     model: &Llama<B>,
     plan: &MaskPlan,
@@ -54,50 +72,56 @@ pub fn cut<B: Backend>(
     means: Option<&InputMeans>,
     windows: &[Vec<u32>],
     batch_size: usize,
-) -> Result<(Llama<B>, Option<Vec<ProjectionReport>>)> {
+    refit_inputs: bool,
+) -> Result<Cut<B>> {
+    let plain = |model| Cut {
+        model,
+        reports: None,
+        chosen: None,
+    };
     Ok(match how {
-        Reconstruct::None => (lopper_surgery::prune(model, plan)?, None),
+        Reconstruct::None => plain(lopper_surgery::prune(model, plan)?),
         Reconstruct::Bias => {
             let Some(m) = means else {
                 bail!("--reconstruct bias needs the calibration means of the dense model")
             };
-            (lopper_surgery::prune_compensated(model, plan, m)?, None)
+            plain(lopper_surgery::prune_compensated(model, plan, m)?)
         }
-        Reconstruct::Ls => {
+        Reconstruct::Ls | Reconstruct::Obs => {
+            let settings = ReconSettings {
+                batch_size,
+                obs: how == Reconstruct::Obs,
+                inputs: refit_inputs,
+                ..ReconSettings::default()
+            };
             let bar = crate::progress::bar(
-                lopper_sparse::refits(plan)
-                    .iter()
-                    .map(|&(o, d)| u64::from(o) + u64::from(d))
-                    .sum(),
+                lopper_sparse::projections(plan, &settings) as u64,
                 "reconstruct [{bar:30}] {pos}/{len} projections {msg} eta {eta}",
             )?;
-            let (m, reports) = lopper_sparse::reconstruct(
-                model,
-                plan,
-                windows,
-                &ReconSettings {
-                    batch_size,
-                    ..ReconSettings::default()
-                },
-                |r| {
+            let (m, chosen, reports) =
+                lopper_sparse::reconstruct(model, plan, windows, &settings, |r| {
                     bar.inc(1);
                     bar.set_message(format!(
                         "layer {} {}: rel. error {:.4} (bias {:.4})",
                         r.layer, r.name, r.rel_error_ls, r.rel_error_bias
                     ));
-                },
-            )?;
+                })?;
             bar.finish_and_clear();
-            (m, Some(reports))
+            Cut {
+                model: m,
+                reports: Some(reports),
+                chosen: (how == Reconstruct::Obs).then_some(chosen),
+            }
         }
     })
 }
 
-/// The markdown summary of `ls` reports for report.md.
-pub fn summary(reports: &[ProjectionReport]) -> String {
+/// The markdown summary of `ls` / `obs` reports for report.md.
+pub fn summary(how: Reconstruct, reports: &[ProjectionReport]) -> String {
     if reports.is_empty() {
-        return "\nReconstruction (ls): the plan changes nothing; no projection was refit.\n"
-            .into();
+        return format!(
+            "\nReconstruction ({how}): the plan changes nothing; no projection was refit.\n"
+        );
     }
     let mean = |f: &dyn Fn(&ProjectionReport) -> f64| {
         reports.iter().map(f).sum::<f64>() / reports.len() as f64
@@ -109,7 +133,7 @@ pub fn summary(reports: &[ProjectionReport]) -> String {
         .count();
     let raised = reports.iter().filter(|r| r.damp > 0.01).count();
     format!(
-        "\nReconstruction (ls): {} projections refit by damped least squares on {} calibration tokens in {secs:.1} s. Mean relative error of the residual-stream target: {:.4} cut alone, {:.4} with the bias refit, {:.4} with least squares{}{}. Per projection in `reconstruction.json`.\n",
+        "\nReconstruction ({how}): {} projections refit by damped least squares on {} calibration tokens in {secs:.1} s. Mean relative error of the residual-stream target: {:.4} cut alone, {:.4} with the bias refit, {:.4} with least squares{}{}. Per projection in `reconstruction.json`.\n",
         reports.len(),
         reports[0].tokens,
         mean(&|r| r.rel_error_cut),

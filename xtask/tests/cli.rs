@@ -830,8 +830,39 @@ fn metric_methods_prune_the_tiny_model() {
     }
     let report = std::fs::read_to_string(out.join("report.md")).unwrap();
     assert!(report.contains("Reconstruction (ls)"), "{report}");
-    for (bad, want) in [("obs", "not implemented"), ("full", "none, bias or ls")] {
-        let (ok, _, err, _) = run("flap", &["--reconstruct", bad, "--force"]);
+    // OBS chooses the units within the same per-layer counts; the input projections are refit
+    // too on request; plan.json records the units OBS chose.
+    let args = ["--reconstruct", "obs", "--refit-inputs", "--force"];
+    let (ok, _, err, out) = run("flap", &args);
+    assert!(ok, "{err}");
+    let chosen = lopper_core::MaskPlan::load(&out.join("plan.json")).unwrap();
+    assert_eq!(chosen.meta["reconstruct"], "obs");
+    assert_eq!(chosen.meta["refit_inputs"], true);
+    for (a, b) in chosen.layers.iter().zip(&plan.layers) {
+        assert_eq!(
+            (a.kv_groups.len(), a.channels.len()),
+            (b.kv_groups.len(), b.channels.len())
+        );
+    }
+    let recon: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(out.join("reconstruction.json")).unwrap())
+            .unwrap();
+    assert!(
+        recon.iter().any(|r| r["name"] == "gate/up_proj"),
+        "{recon:?}"
+    );
+    let report = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(report.contains("Reconstruction (obs)"), "{report}");
+    for (bad, want) in [
+        (&["--reconstruct", "full"][..], "none, bias, ls or obs"),
+        (
+            &["--reconstruct", "bias", "--refit-inputs"][..],
+            "needs --reconstruct ls or obs",
+        ),
+    ] {
+        let mut args = bad.to_vec();
+        args.push("--force");
+        let (ok, _, err, _) = run("flap", &args);
         assert!(
             !ok && err.contains(want) && !err.contains("panicked"),
             "{err}"

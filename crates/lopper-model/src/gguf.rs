@@ -813,8 +813,8 @@ pub fn llama_gguf_typed(
             .and_then(|r| r.split('.').next())
             .and_then(|l| l.parse::<usize>().ok());
         let heads = match (layer, &g) {
-            (Some(l), g) if g.ends_with("attn_q.weight") => Some(shape.layers[l].n_heads),
-            (Some(l), g) if g.ends_with("attn_k.weight") => Some(shape.layers[l].n_kv_heads),
+            (Some(l), g) if g.contains("attn_q.") => Some(shape.layers[l].n_heads),
+            (Some(l), g) if g.contains("attn_k.") => Some(shape.layers[l].n_kv_heads),
             _ => None,
         };
         match heads {

@@ -107,13 +107,18 @@ pub fn hf_to_gguf_name(hf: &str) -> Option<String> {
             let g = match tail {
                 "input_layernorm.weight" => "attn_norm.weight",
                 "self_attn.q_proj.weight" => "attn_q.weight",
+                "self_attn.q_proj.bias" => "attn_q.bias",
                 "self_attn.k_proj.weight" => "attn_k.weight",
+                "self_attn.k_proj.bias" => "attn_k.bias",
                 "self_attn.v_proj.weight" => "attn_v.weight",
+                "self_attn.v_proj.bias" => "attn_v.bias",
                 "self_attn.o_proj.weight" => "attn_output.weight",
                 "self_attn.o_proj.bias" => "attn_output.bias",
                 "post_attention_layernorm.weight" => "ffn_norm.weight",
                 "mlp.gate_proj.weight" => "ffn_gate.weight",
+                "mlp.gate_proj.bias" => "ffn_gate.bias",
                 "mlp.up_proj.weight" => "ffn_up.weight",
+                "mlp.up_proj.bias" => "ffn_up.bias",
                 "mlp.down_proj.weight" => "ffn_down.weight",
                 "mlp.down_proj.bias" => "ffn_down.bias",
                 _ => return None,
@@ -125,9 +130,9 @@ pub fn hf_to_gguf_name(hf: &str) -> Option<String> {
 
 /// Undoes (or, with `inverse`, applies) llama.cpp's row permutation of `attn_q`/`attn_k`:
 /// within each head, GGUF stores RoPE pairs as adjacent rows `(2i, 2i+1)`, Hugging Face as
-/// `(i, i + head_dim/2)`. `w` is `[n_head * head_dim, in]`.
+/// `(i, i + head_dim/2)`. `w` is `[n_head * head_dim, in]`, or a bias `[n_head * head_dim]`.
 pub fn permute_qk_rows(w: &HostTensor, n_head: usize, inverse: bool) -> HostTensor {
-    let (rows, cols) = (w.shape[0], w.shape[1]);
+    let (rows, cols) = (w.shape[0], w.shape.get(1).copied().unwrap_or(1));
     let hd = rows / n_head;
     let half = hd / 2;
     let mut data = vec![0f32; rows * cols];
@@ -194,15 +199,15 @@ impl WeightSource for GgufWeights<'_> {
                 .and_then(|l| l.parse().ok())
                 .unwrap_or(0)
         };
-        let n_head = if g.ends_with("attn_q.weight") {
+        let n_head = if g.ends_with("attn_q.weight") || g.ends_with("attn_q.bias") {
             self.heads.get(layer()).map(|h| h.0)
-        } else if g.ends_with("attn_k.weight") {
+        } else if g.ends_with("attn_k.weight") || g.ends_with("attn_k.bias") {
             self.heads.get(layer()).map(|h| h.1)
         } else {
             None
         };
         Ok(Some(match n_head {
-            Some(n) if n > 0 && t.shape.len() == 2 && t.shape[0].is_multiple_of(2 * n) => {
+            Some(n) if n > 0 && t.shape.len() <= 2 && t.shape[0].is_multiple_of(2 * n) => {
                 permute_qk_rows(&t, n, false)
             }
             _ => t,

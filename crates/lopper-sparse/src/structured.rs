@@ -37,7 +37,7 @@ use burn::tensor::{Tensor, TensorData};
 use faer::linalg::matmul::triangular::BlockStructure;
 use faer::linalg::solvers::Solve;
 use faer::{Mat, Side};
-use lopper_core::MaskPlan;
+use lopper_core::{LayerPlan, LayerShape, MaskPlan};
 use lopper_model::{DecoderLayer, LayerStepper, Llama, Tap};
 
 use crate::{Error, Result, host_mat};
@@ -49,6 +49,15 @@ pub struct ReconSettings {
     pub batch_size: usize,
     /// Ridge towards the dense weights, as a fraction of the mean diagonal of `X^T X`.
     pub damp: f64,
+    /// OBS choice of the removed KV groups and MLP channels: within each layer's counts that
+    /// the plan fixes, the units are removed greedily by their exact cost to the damped
+    /// least-squares objective of o_proj / down_proj (each removal refits the rest), instead of
+    /// the plan's choice.
+    pub obs: bool,
+    /// Also refit each changed layer's input projections (q/k/v together, gate/up together) so
+    /// that, from the pruned model's inputs, they reproduce what the dense layer's projections
+    /// compute from the dense inputs.
+    pub inputs: bool,
 }
 
 impl Default for ReconSettings {
@@ -56,6 +65,8 @@ impl Default for ReconSettings {
         Self {
             batch_size: 4,
             damp: 0.01,
+            obs: false,
+            inputs: false,
         }
     }
 }
@@ -191,8 +202,111 @@ impl Stats {
         th
     }
 
-    /// Damped least squares towards `theta0`; the damping actually used.
-    fn solve(&self, theta0: &Mat<f64>, damp: f64, what: &str) -> Result<(Mat<f64>, f64)> {
+    /// The statistics of the problem that keeps only inputs `kept` (sorted; the bias column is
+    /// always kept).
+    fn restricted(&self, kept: &[usize]) -> Stats {
+        let k = self.g.nrows() - 1;
+        let rows: Vec<usize> = kept.iter().copied().chain([k]).collect();
+        let g = Mat::from_fn(rows.len(), rows.len(), |i, j| {
+            let (a, b) = (rows[i].max(rows[j]), rows[i].min(rows[j]));
+            self.g[(a, b)]
+        });
+        let c = Mat::from_fn(rows.len(), self.c.ncols(), |i, j| self.c[(rows[i], j)]);
+        Stats { g, c, tt: self.tt }
+    }
+
+    /// Greedy OBS over groups of inputs (a KV group's o_proj columns, or one MLP channel):
+    /// removes `remove` of `groups` one at a time, each the group whose removal raises the damped
+    /// objective `||[X 1] theta - T||^2 + lambda ||W - W0||^2` least once the remaining weights
+    /// are refit. With `H` the damped Gram matrix and `G` a group, that cost is
+    /// `sum_j theta[G, j]^T (Hinv[G, G])^-1 theta[G, j]` (Hassibi and Stork's formula; ZipLM's
+    /// for groups), and the refit is the update `theta -= Hinv[:, G] Hinv[G, G]^-1 theta[G, :]`
+    /// with the matching downdate of `Hinv`. Returns the removed groups' indices in order and
+    /// their costs.
+    fn obs_order(
+        &self,
+        theta0: &Mat<f64>,
+        damp: f64,
+        groups: &[Vec<usize>],
+        remove: usize,
+        what: &str,
+    ) -> Result<(Vec<usize>, Vec<f64>)> {
+        let k = self.g.nrows() - 1;
+        let remove = remove.min(groups.len());
+        let (llt, rhs, _) = self.damped(theta0, damp, what)?;
+        let mut theta = llt.solve(&rhs);
+        let mut hinv = llt.solve(Mat::<f64>::identity(k + 1, k + 1));
+        let out = theta.ncols();
+        // `Hinv[G, G]^-1 m` for the rows `g` of a matrix `m` (one column per output), or None
+        // where the block is not positive definite (a group already gone).
+        let block_solve = |hinv: &Mat<f64>, g: &[usize], m: &Mat<f64>| {
+            let b = Mat::from_fn(g.len(), g.len(), |a, c| hinv[(g[a], g[c])]);
+            let rhs = Mat::from_fn(g.len(), m.ncols(), |a, j| m[(g[a], j)]);
+            b.llt(Side::Lower).ok().map(|f| f.solve(&rhs))
+        };
+        let mut alive = vec![true; groups.len()];
+        let (mut order, mut costs) = (Vec::with_capacity(remove), Vec::with_capacity(remove));
+        for _ in 0..remove {
+            let mut best: Option<(f64, usize)> = None;
+            for (gi, g) in groups.iter().enumerate().filter(|&(gi, _)| alive[gi]) {
+                let cost = if let [i] = g[..] {
+                    // One input: the block is a scalar.
+                    let d = hinv[(i, i)];
+                    let w2: f64 = (0..out).map(|j| theta[(i, j)].powi(2)).sum();
+                    if d > 0.0 { w2 / d } else { f64::INFINITY }
+                } else {
+                    match block_solve(&hinv, g, &theta) {
+                        Some(z) => (0..out)
+                            .map(|j| {
+                                (0..g.len())
+                                    .map(|a| theta[(g[a], j)] * z[(a, j)])
+                                    .sum::<f64>()
+                            })
+                            .sum(),
+                        None => f64::INFINITY,
+                    }
+                };
+                if best.is_none_or(|(c, _)| cost < c) {
+                    best = Some((cost, gi));
+                }
+            }
+            let (cost, gi) = best.expect("fewer removals than groups");
+            let g = &groups[gi];
+            // U = Hinv[:, G]; theta -= U (Hinv[G, G]^-1 theta[G, :]); Hinv -= U (Hinv[G, G]^-1 U^T).
+            let u = Mat::from_fn(k + 1, g.len(), |r, a| hinv[(r, g[a])]);
+            let (Some(zt), Some(zh)) =
+                (block_solve(&hinv, g, &theta), block_solve(&hinv, g, &hinv))
+            else {
+                return Err(Error::Invalid(format!(
+                    "{what}: the OBS update lost positive definiteness; raise the damping"
+                )));
+            };
+            // In place: no (k + 1)^2 temporary per removal.
+            for (dst, z) in [(&mut theta, &zt), (&mut hinv, &zh)] {
+                faer::linalg::matmul::matmul(
+                    dst.as_mut(),
+                    faer::Accum::Add,
+                    u.as_ref(),
+                    z.as_ref(),
+                    -1.0,
+                    faer::Par::rayon(0),
+                );
+            }
+            alive[gi] = false;
+            order.push(gi);
+            costs.push(cost);
+        }
+        Ok((order, costs))
+    }
+
+    /// The damped normal equations `(G + lambda I) theta = C + lambda theta0` (the bias row
+    /// undamped), factored; raises the damping tenfold, up to six times, where Cholesky fails.
+    fn damped(
+        &self,
+        theta0: &Mat<f64>,
+        damp: f64,
+        what: &str,
+    ) -> Result<(faer::linalg::solvers::Llt<f64>, Mat<f64>, f64)> {
         let k = self.g.nrows() - 1;
         let mean_diag = (0..k).map(|i| self.g[(i, i)]).sum::<f64>() / k.max(1) as f64;
         let mut damp = damp;
@@ -207,15 +321,35 @@ impl Stats {
                 }
             }
             if let Ok(llt) = g.llt(Side::Lower) {
-                let theta = llt.solve(&rhs);
-                if (0..theta.nrows()).all(|i| (0..theta.ncols()).all(|j| theta[(i, j)].is_finite()))
-                {
-                    return Ok((theta, damp));
-                }
+                return Ok((llt, rhs, damp));
             }
             if attempt < 6 {
                 tracing::warn!(
                     "{what}: the Gram matrix of its kept inputs is ill-conditioned at damping {damp}; raising it to {}",
+                    damp * 10.0
+                );
+                damp *= 10.0;
+            }
+        }
+        Err(Error::Invalid(format!(
+            "{what}: the Gram matrix of its inputs cannot be factored even at damping {damp}; the calibration inputs are degenerate (use more calibration windows, or --reconstruct bias)"
+        )))
+    }
+
+    /// Damped least squares towards `theta0`; the damping actually used. A solution that is not
+    /// finite raises the damping tenfold, as a Gram matrix Cholesky cannot factor does.
+    fn solve(&self, theta0: &Mat<f64>, damp: f64, what: &str) -> Result<(Mat<f64>, f64)> {
+        let mut damp = damp;
+        for attempt in 0..7 {
+            let (llt, rhs, used) = self.damped(theta0, damp, what)?;
+            let theta = llt.solve(&rhs);
+            if (0..theta.nrows()).all(|i| (0..theta.ncols()).all(|j| theta[(i, j)].is_finite())) {
+                return Ok((theta, used));
+            }
+            damp = used;
+            if attempt < 6 {
+                tracing::warn!(
+                    "{what}: no finite least-squares solution at damping {damp}; raising it to {}",
                     damp * 10.0
                 );
                 damp *= 10.0;
@@ -334,6 +468,67 @@ fn attention_only<B: Backend>(layer: &DecoderLayer<B>) -> DecoderLayer<B> {
     }
 }
 
+/// The projections side by side as one (same input): weights concatenated along the output
+/// axis, biases too (zero where a projection has none).
+fn concat_linear<B: Backend>(parts: &[&Linear<B>]) -> Linear<B> {
+    let weight = Tensor::cat(parts.iter().map(|p| p.weight.val()).collect(), 1);
+    let bias = parts.iter().any(|p| p.bias.is_some()).then(|| {
+        let b = parts
+            .iter()
+            .map(|p| match &p.bias {
+                Some(b) => b.val(),
+                None => Tensor::zeros([p.weight.dims()[1]], &p.weight.device()),
+            })
+            .collect();
+        Param::from_tensor(Tensor::cat(b, 0))
+    });
+    Linear {
+        weight: Param::from_tensor(weight),
+        bias,
+    }
+}
+
+/// [`concat_linear`] undone: the projections of output widths `widths`, in order.
+fn split_linear<B: Backend>(joined: &Linear<B>, widths: &[usize]) -> Vec<Linear<B>> {
+    let mut start = 0;
+    widths
+        .iter()
+        .map(|&w| {
+            let part = Linear {
+                weight: Param::from_tensor(joined.weight.val().narrow(1, start, w)),
+                bias: joined
+                    .bias
+                    .as_ref()
+                    .map(|b| Param::from_tensor(b.val().narrow(0, start, w))),
+            };
+            start += w;
+            part
+        })
+        .collect()
+}
+
+/// Refits the input projections `parts` (which read the same input) so that from the pruned
+/// inputs `x_pruned` they reproduce what they compute from the dense inputs `x_dense` (one pair
+/// per batch), by the damped least squares of [`refit`].
+fn refit_inputs<B: Backend>(
+    parts: &[&Linear<B>],
+    pairs: impl Iterator<Item = Result<(Tensor<B, 2>, Tensor<B, 2>)>>,
+    settings: &ReconSettings,
+    (layer, name): (usize, &'static str),
+) -> Result<(Vec<Linear<B>>, ProjectionReport)> {
+    let started = Instant::now();
+    let joined = concat_linear(parts);
+    let [k, out] = joined.weight.dims();
+    let mut stats = Stats::new(k, out);
+    for pair in pairs {
+        let (x_pruned, x_dense) = pair?;
+        stats.add(x_pruned, lopper_kernels::linear(&joined, x_dense))?;
+    }
+    let (fit, report) = refit(&joined, &stats, settings, (layer, name), started)?;
+    let widths: Vec<usize> = parts.iter().map(|p| p.weight.dims()[1]).collect();
+    Ok((split_linear(&fit, &widths), report))
+}
+
 /// Which projections [`reconstruct`] refits, per source layer: `(o_proj, down_proj)`. A kept
 /// block is refit when it is cut itself or any block before it was; layers before the first
 /// change stay dense.
@@ -354,17 +549,42 @@ pub fn refits(plan: &MaskPlan) -> Vec<(bool, bool)> {
         .collect()
 }
 
+/// How many reports [`reconstruct`] gives for `plan` under `settings`: the refit o_proj and
+/// down_proj of [`refits`], and with [`ReconSettings::inputs`] the input projections of every
+/// kept block whose input differs from the dense model's.
+pub fn projections(plan: &MaskPlan, settings: &ReconSettings) -> usize {
+    let mut drifted = false;
+    let mut n = 0;
+    for ((keep, src), (o, d)) in plan
+        .layers
+        .iter()
+        .zip(&plan.source.layers)
+        .zip(refits(plan))
+    {
+        n += usize::from(o) + usize::from(d);
+        let attn_cut = keep.kv_groups.len() != src.n_kv_heads;
+        if settings.inputs {
+            n += usize::from(drifted && !keep.kv_groups.is_empty());
+            n += usize::from((drifted || attn_cut) && !keep.channels.is_empty());
+        }
+        drifted |= attn_cut || keep.channels.len() != src.ffn_hidden;
+    }
+    n
+}
+
 /// The model `plan` cuts from `model`, with every kept `o_proj` / `down_proj` refit by damped
-/// least squares on `windows` (see the module documentation), and one report per refit
-/// projection (`on_projection` sees each as it is done). One layer's statistics live at a time;
-/// the two residual streams of all windows are held (`2 x windows x seq x hidden` floats).
+/// least squares on `windows` (see the module documentation), the plan it was cut by (`plan`
+/// itself, or under [`ReconSettings::obs`] the same counts with the units OBS chose), and one
+/// report per refit projection (`on_projection` sees each as it is done). One layer's
+/// statistics live at a time; the two residual streams of all windows are held
+/// (`2 x windows x seq x hidden` floats).
 pub fn reconstruct<B: Backend>(
     model: &Llama<B>,
     plan: &MaskPlan,
     windows: &[Vec<u32>],
     settings: &ReconSettings,
     mut on_projection: impl FnMut(&ProjectionReport),
-) -> Result<(Llama<B>, Vec<ProjectionReport>)> {
+) -> Result<(Llama<B>, MaskPlan, Vec<ProjectionReport>)> {
     if windows.is_empty() || settings.batch_size == 0 {
         return Err(Error::Invalid(
             "reconstruction needs at least one calibration window and a batch size of at least 1"
@@ -393,7 +613,10 @@ pub fn reconstruct<B: Backend>(
     }
     let mut reports = Vec::new();
     let mut layers = Vec::new();
+    let mut chosen_plan = plan.clone();
     let to_refit = refits(plan);
+    // Whether the pruned stream entering the layer differs from the dense one.
+    let mut drifted = false;
     for (l, &(refit_o, refit_down)) in to_refit.iter().enumerate() {
         let (src, keep) = (&plan.source.layers[l], &plan.layers[l]);
         let dense_layer = &model.layers[l];
@@ -406,24 +629,84 @@ pub fn reconstruct<B: Backend>(
             layers.push(dense_layer.clone());
             continue;
         }
-        // The dense stream: the residual after attention, and after the layer.
+        // The dense stream: the residual after attention, and after the layer (and, to refit
+        // the input projections, their dense inputs).
         let mut mid_dense = Vec::with_capacity(streams.len());
+        let (mut attn_in, mut mlp_in) = (Vec::new(), Vec::new());
         for s in &mut streams {
             let mut mid = None;
-            let out = s.stepper.forward(dense_layer, s.dense.clone(), |tap, x| {
-                if tap == Tap::OProjInput
-                    && let Some(a) = &dense_layer.self_attn
-                {
-                    mid = Some(lopper_kernels::linear(&a.o_proj, x.clone()));
-                }
-            });
+            let out = s
+                .stepper
+                .forward(dense_layer, s.dense.clone(), |tap, x| match tap {
+                    Tap::OProjInput => {
+                        if let Some(a) = &dense_layer.self_attn {
+                            mid = Some(lopper_kernels::linear(&a.o_proj, x.clone()));
+                        }
+                    }
+                    Tap::AttnInput if settings.inputs => attn_in.push(x.clone()),
+                    Tap::MlpInput if settings.inputs => mlp_in.push(x.clone()),
+                    _ => {}
+                });
             let attn = mid.ok_or_else(|| {
                 Error::Invalid(format!("layer {l}: the dense layer has no attention block"))
             })?;
             mid_dense.push(s.dense.clone() + attn);
             s.dense = out;
         }
-        let mut layer = lopper_surgery::slice_layer(dense_layer, src, keep).into_owned();
+        // OBS chooses this layer's KV groups and channels itself: each block stays whole until
+        // then, and is cut to OBS's choice before its projection is refit.
+        let obs_attn = settings.obs
+            && refit_o
+            && !keep.kv_groups.is_empty()
+            && keep.kv_groups.len() < src.n_kv_heads;
+        let obs_mlp = settings.obs
+            && refit_down
+            && !keep.channels.is_empty()
+            && keep.channels.len() < src.ffn_hidden;
+        let first_cut = lopper_core::LayerPlan {
+            kv_groups: if obs_attn {
+                (0..src.n_kv_heads).collect()
+            } else {
+                keep.kv_groups.clone()
+            },
+            channels: if obs_mlp {
+                (0..src.ffn_hidden).collect()
+            } else {
+                keep.channels.clone()
+            },
+        };
+        let mut layer = lopper_surgery::slice_layer(dense_layer, src, &first_cut).into_owned();
+        // The input projections read the pruned stream: refit them to give the dense layer's
+        // projections of the dense stream (where the two streams differ).
+        let tap_pruned = |layer: &DecoderLayer<B>, want: Tap| {
+            let (layer, streams) = (layer.clone(), &streams);
+            streams.iter().map(move |s| {
+                let mut got = None;
+                s.stepper.forward(&layer, s.pruned.clone(), |tap, x| {
+                    if tap == want {
+                        got = Some(x.clone());
+                    }
+                });
+                got.ok_or_else(|| Error::Invalid(format!("layer {l}: no input reached {want:?}")))
+            })
+        };
+        if settings.inputs
+            && drifted
+            && let Some(a) = &layer.self_attn
+        {
+            let probe = attention_only(&layer);
+            let pairs = tap_pruned(&probe, Tap::AttnInput)
+                .zip(&attn_in)
+                .map(|(p, d)| Ok((p?, d.clone())));
+            let parts = [&a.q_proj, &a.k_proj, &a.v_proj];
+            let (fit, r) = refit_inputs(&parts, pairs, settings, (l, "q/k/v_proj"))?;
+            on_projection(&r);
+            reports.push(r);
+            let [q, k, v]: [Linear<B>; 3] = fit.try_into().expect("three projections");
+            if let Some(a) = &mut layer.self_attn {
+                (a.q_proj, a.k_proj, a.v_proj) = (q, k, v);
+            }
+        }
         // Attention: o_proj refit (if the block survives and anything changed before it).
         if let Some(a) = &layer.self_attn
             && refit_o
@@ -442,11 +725,59 @@ pub fn reconstruct<B: Backend>(
                     .ok_or_else(|| Error::Invalid(format!("layer {l}: no input reached o_proj")))?;
                 stats.add(x_k, mid.clone() - s.pruned.clone())?;
             }
-            let (o, r) = refit(&a.o_proj, &stats, settings, (l, "o_proj"), started)?;
+            let (o, r) = if obs_attn {
+                // A KV group's o_proj inputs: its query heads' columns, contiguous.
+                let width = src.n_rep() * src.head_dim;
+                let groups: Vec<Vec<usize>> = (0..src.n_kv_heads)
+                    .map(|g| (g * width..(g + 1) * width).collect())
+                    .collect();
+                let remove = src.n_kv_heads - keep.kv_groups.len();
+                let what = format!("layer {l} o_proj (obs)");
+                let theta0 = theta_of(&a.o_proj)?;
+                let (gone, _) = stats.obs_order(&theta0, settings.damp, &groups, remove, &what)?;
+                let kv_groups: Vec<usize> =
+                    (0..src.n_kv_heads).filter(|g| !gone.contains(g)).collect();
+                let inputs: Vec<usize> =
+                    kv_groups.iter().flat_map(|&g| groups[g].clone()).collect();
+                let now = LayerShape {
+                    ffn_hidden: first_cut.channels.len(),
+                    ..*src
+                };
+                let cut = LayerPlan {
+                    kv_groups: kv_groups.clone(),
+                    channels: (0..now.ffn_hidden).collect(),
+                };
+                layer = lopper_surgery::slice_layer(&layer, &now, &cut).into_owned();
+                chosen_plan.layers[l].kv_groups = kv_groups;
+                let a = layer
+                    .self_attn
+                    .as_ref()
+                    .expect("the attention block is kept");
+                let stats = stats.restricted(&inputs);
+                refit(&a.o_proj, &stats, settings, (l, "o_proj"), started)?
+            } else {
+                refit(&a.o_proj, &stats, settings, (l, "o_proj"), started)?
+            };
             on_projection(&r);
             reports.push(r);
             if let Some(a) = &mut layer.self_attn {
                 a.o_proj = o;
+            }
+        }
+        if settings.inputs
+            && (drifted || keep.kv_groups.len() != src.n_kv_heads)
+            && let Some(m) = &layer.mlp
+        {
+            let pairs = tap_pruned(&layer, Tap::MlpInput)
+                .zip(&mlp_in)
+                .map(|(p, d)| Ok((p?, d.clone())));
+            let parts = [&m.gate_proj, &m.up_proj];
+            let (fit, r) = refit_inputs(&parts, pairs, settings, (l, "gate/up_proj"))?;
+            on_projection(&r);
+            reports.push(r);
+            let [g, u]: [Linear<B>; 2] = fit.try_into().expect("two projections");
+            if let Some(m) = &mut layer.mlp {
+                (m.gate_proj, m.up_proj) = (g, u);
             }
         }
         // MLP: down_proj refit against the dense residual after the layer.
@@ -476,7 +807,41 @@ pub fn reconstruct<B: Backend>(
                 })?;
                 stats.add(x_k, s.dense.clone() - mid)?;
             }
-            let (d, r) = refit(&m.down_proj, &stats, settings, (l, "down_proj"), started)?;
+            let (d, r) = if obs_mlp {
+                let theta0 = theta_of(&m.down_proj)?;
+                let singles: Vec<Vec<usize>> = (0..src.ffn_hidden).map(|c| vec![c]).collect();
+                let remove = src.ffn_hidden - keep.channels.len();
+                let what = format!("layer {l} down_proj (obs)");
+                let (gone, _) = stats.obs_order(&theta0, settings.damp, &singles, remove, &what)?;
+                let mut removed = vec![false; src.ffn_hidden];
+                for &c in &gone {
+                    removed[c] = true;
+                }
+                let channels: Vec<usize> = (0..src.ffn_hidden).filter(|&c| !removed[c]).collect();
+                // Cut the MLP to the chosen channels (the attention block is already cut).
+                let kv = chosen_plan.layers[l].kv_groups.len();
+                let now = LayerShape {
+                    n_heads: kv * src.n_rep(),
+                    n_kv_heads: kv,
+                    ..*src
+                };
+                let cut = LayerPlan {
+                    kv_groups: (0..kv).collect(),
+                    channels: channels.clone(),
+                };
+                layer = lopper_surgery::slice_layer(&layer, &now, &cut).into_owned();
+                chosen_plan.layers[l].channels = channels.clone();
+                let m = layer.mlp.as_ref().expect("the MLP is kept");
+                refit(
+                    &m.down_proj,
+                    &stats.restricted(&channels),
+                    settings,
+                    (l, "down_proj"),
+                    started,
+                )?
+            } else {
+                refit(&m.down_proj, &stats, settings, (l, "down_proj"), started)?
+            };
             on_projection(&r);
             reports.push(r);
             if let Some(m) = &mut layer.mlp {
@@ -486,6 +851,7 @@ pub fn reconstruct<B: Backend>(
         for s in &mut streams {
             s.pruned = s.stepper.forward(&layer, s.pruned.clone(), |_, _| {});
         }
+        drifted = true;
         if !(keep.kv_groups.is_empty() && keep.channels.is_empty()) {
             layers.push(layer);
         }
@@ -507,5 +873,153 @@ pub fn reconstruct<B: Backend>(
         model.lm_head.clone(),
         plan.pruned_shape(),
     )?;
-    Ok((out, reports))
+    Ok((out, chosen_plan, reports))
+}
+
+#[cfg(test)]
+mod obs_tests {
+    use super::*;
+
+    /// A least-squares problem with correlated inputs: `k` inputs and the bias column, `out`
+    /// outputs, `n` samples, and a dense `theta0` that is not the solution.
+    fn problem(n: usize, k: usize, out: usize) -> (Stats, Mat<f64>) {
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut rand = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed >> 11) as f64 / (1u64 << 53) as f64 - 0.5
+        };
+        let z = Mat::from_fn(n, k, |_, _| rand());
+        let a = Mat::from_fn(n, k + 1, |i, j| match j {
+            j if j == k => 1.0,
+            0 => z[(i, 0)],
+            j => z[(i, j)] + 0.7 * z[(i, j - 1)],
+        });
+        let w = Mat::from_fn(k + 1, out, |_, _| rand());
+        let t = &a * &w + Mat::from_fn(n, out, |_, _| 0.3 * rand());
+        let stats = Stats {
+            g: a.transpose() * &a,
+            c: a.transpose() * &t,
+            tt: t.squared_norm_l2(),
+        };
+        let theta0 = Mat::from_fn(k + 1, out, |i, j| w[(i, j)] + 0.2 * rand());
+        (stats, theta0)
+    }
+
+    /// The damped objective's minimum with only `kept` inputs (and the bias), brute force:
+    /// removed inputs' weights are 0, the rest solve the normal equations.
+    fn objective(stats: &Stats, theta0: &Mat<f64>, lambda: f64, kept: &[usize]) -> f64 {
+        let k = stats.g.nrows() - 1;
+        let rows: Vec<usize> = kept.iter().copied().chain([k]).collect();
+        let m = rows.len();
+        let a = Mat::from_fn(m, m, |i, j| {
+            let d = if i == j && rows[i] < k { lambda } else { 0.0 };
+            stats.g[(rows[i], rows[j])] + d
+        });
+        let rhs = Mat::from_fn(m, theta0.ncols(), |i, j| {
+            let d = if rows[i] < k {
+                lambda * theta0[(rows[i], j)]
+            } else {
+                0.0
+            };
+            stats.c[(rows[i], j)] + d
+        });
+        let sol = a.llt(Side::Lower).unwrap().solve(&rhs);
+        let mut theta = Mat::zeros(k + 1, theta0.ncols());
+        for (i, &r) in rows.iter().enumerate() {
+            for j in 0..theta.ncols() {
+                theta[(r, j)] = sol[(i, j)];
+            }
+        }
+        let ridge: f64 = (0..k)
+            .map(|i| {
+                (0..theta.ncols())
+                    .map(|j| (theta[(i, j)] - theta0[(i, j)]).powi(2))
+                    .sum::<f64>()
+            })
+            .sum();
+        stats.error(&theta) + lambda * ridge
+    }
+
+    #[test]
+    fn the_obs_removal_order_matches_a_brute_force_search() {
+        let (k, remove, damp) = (7, 4, 0.05);
+        let (stats, theta0) = problem(300, k, 3);
+        let lambda = damp * (0..k).map(|i| stats.g[(i, i)]).sum::<f64>() / k as f64;
+        let singles: Vec<Vec<usize>> = (0..k).map(|i| vec![i]).collect();
+        let (order, costs) = stats
+            .obs_order(&theta0, damp, &singles, remove, "test")
+            .unwrap();
+        assert_eq!(order.len(), remove);
+        let mut alive: Vec<usize> = (0..k).collect();
+        for (step, (&picked, &cost)) in order.iter().zip(&costs).enumerate() {
+            let before = objective(&stats, &theta0, lambda, &alive);
+            // Every candidate refit from scratch: OBS picks the cheapest, at its exact cost.
+            let trials: Vec<(usize, f64)> = alive
+                .iter()
+                .map(|&i| {
+                    let rest: Vec<usize> = alive.iter().copied().filter(|&j| j != i).collect();
+                    (i, objective(&stats, &theta0, lambda, &rest) - before)
+                })
+                .collect();
+            let best = trials.iter().min_by(|a, b| a.1.total_cmp(&b.1)).unwrap();
+            assert_eq!(picked, best.0, "step {step}: {trials:?}");
+            assert!(
+                (cost - best.1).abs() <= 1e-8 * before.max(1.0),
+                "step {step}: OBS cost {cost}, refit {}",
+                best.1
+            );
+            alive.retain(|&j| j != picked);
+        }
+        // The problem is not trivial: some removal costs differ by more than rounding.
+        assert!(costs.iter().any(|&c| c > 1e-3));
+    }
+
+    #[test]
+    fn group_obs_matches_a_brute_force_search_over_groups() {
+        let (k, damp) = (8, 0.02);
+        let (stats, theta0) = problem(200, k, 2);
+        let lambda = damp * (0..k).map(|i| stats.g[(i, i)]).sum::<f64>() / k as f64;
+        let groups = vec![vec![0, 1], vec![2, 3, 4], vec![5], vec![6, 7]];
+        let (order, costs) = stats.obs_order(&theta0, damp, &groups, 3, "test").unwrap();
+        let mut alive: Vec<usize> = (0..groups.len()).collect();
+        let inputs = |alive: &[usize]| -> Vec<usize> {
+            let mut v: Vec<usize> = alive.iter().flat_map(|&g| groups[g].clone()).collect();
+            v.sort_unstable();
+            v
+        };
+        for (&picked, &cost) in order.iter().zip(&costs) {
+            let before = objective(&stats, &theta0, lambda, &inputs(&alive));
+            let trials: Vec<(usize, f64)> = alive
+                .iter()
+                .map(|&g| {
+                    let rest: Vec<usize> = alive.iter().copied().filter(|&h| h != g).collect();
+                    (
+                        g,
+                        objective(&stats, &theta0, lambda, &inputs(&rest)) - before,
+                    )
+                })
+                .collect();
+            let best = trials.iter().min_by(|a, b| a.1.total_cmp(&b.1)).unwrap();
+            assert_eq!(picked, best.0, "{trials:?}");
+            assert!(
+                (cost - best.1).abs() <= 1e-8 * before.max(1.0),
+                "{cost} vs {trials:?}"
+            );
+            alive.retain(|&g| g != picked);
+        }
+    }
+
+    #[test]
+    fn restricted_statistics_are_the_sub_problem() {
+        let (stats, _) = problem(50, 5, 2);
+        let sub = stats.restricted(&[1, 3]);
+        assert_eq!((sub.g.nrows(), sub.c.nrows()), (3, 3));
+        assert_eq!(sub.g[(0, 0)], stats.g[(1, 1)]);
+        assert_eq!(sub.g[(1, 0)], stats.g[(3, 1)]);
+        assert_eq!(sub.g[(2, 1)], stats.g[(5, 3)]);
+        assert_eq!(sub.c[(2, 1)], stats.c[(5, 1)]);
+        assert_eq!(sub.tokens(), 50);
+    }
 }

@@ -384,7 +384,7 @@ mod structured {
     use burn::tensor::{ElementConversion, Tensor};
     use lopper_core::{MaskPlan, ModelShape, PruneUnit};
 
-    use crate::structured::{Chosen, ReconSettings, reconstruct};
+    use crate::structured::{Chosen, ProjectionReport, ReconSettings, projections, reconstruct};
     use lopper_model::Llama;
 
     type B = burn_flex::Flex;
@@ -422,7 +422,7 @@ mod structured {
         let model = model();
         let w = windows(4, 16);
         let plan = MaskPlan::from_removed(model.shape(), &[]).unwrap();
-        let (out, reports) =
+        let (out, _, reports) =
             reconstruct(&model, &plan, &w, &ReconSettings::default(), |_| {}).unwrap();
         assert!(reports.is_empty());
         let t = model.tokens(&w).unwrap();
@@ -453,8 +453,9 @@ mod structured {
         let s = ReconSettings {
             batch_size: 3,
             damp: 1e-9,
+            ..ReconSettings::default()
         };
-        let (ls, reports) = reconstruct(&model, &plan, &w, &s, |_| {}).unwrap();
+        let (ls, _, reports) = reconstruct(&model, &plan, &w, &s, |_| {}).unwrap();
         let t = model.tokens(&w).unwrap();
         let dense = model.forward(t.clone());
         let (d_ls, scale) = max_diff(ls.forward(t.clone()), dense.clone());
@@ -481,6 +482,69 @@ mod structured {
     }
 
     #[test]
+    fn obs_removes_the_redundant_units_instead_of_the_plans_choice() {
+        let mut model = model();
+        // Layer 1: KV group 1 (query heads 2, 3; o_proj inputs 16..32) adds nothing to the
+        // residual. Layer 2: channel 5 copies channel 3, so removing either is undone by
+        // down_proj. The plan removes KV group 0 and channel 0, which carry their own signal.
+        {
+            let o = &mut model.layers[1].self_attn.as_mut().unwrap().o_proj.weight;
+            let w = o.val();
+            let cols = w.dims()[1];
+            let zeros = Tensor::zeros([16, cols], &w.device());
+            *o = Param::from_tensor(w.slice_assign([16..32, 0..cols], zeros));
+            let m = model.layers[2].mlp.as_mut().unwrap();
+            copy_cols(&mut m.gate_proj.weight, 3..4, 5);
+            copy_cols(&mut m.up_proj.weight, 3..4, 5);
+        }
+        let removed = [
+            PruneUnit::KvGroup { layer: 1, group: 0 },
+            PruneUnit::Channel { layer: 2, index: 0 },
+        ];
+        let plan = MaskPlan::from_removed(model.shape(), &removed).unwrap();
+        let w = windows(8, 16);
+        let run = |obs| {
+            let s = ReconSettings {
+                batch_size: 3,
+                damp: 1e-9,
+                obs,
+                ..ReconSettings::default()
+            };
+            reconstruct(&model, &plan, &w, &s, |_| {}).unwrap()
+        };
+        let (ls, same, ls_reports) = run(false);
+        assert_eq!(same, plan, "without obs the plan is kept");
+        let (obs, chosen, obs_reports) = run(true);
+        // Same budget, the redundant units chosen.
+        assert_eq!(chosen.layers[1].kv_groups, [0]);
+        let removed: Vec<usize> = (0..model.shape().layers[2].ffn_hidden)
+            .filter(|c| !chosen.layers[2].channels.contains(c))
+            .collect();
+        assert!(removed == [3] || removed == [5], "{removed:?}");
+        assert_eq!(chosen.layers[0], plan.layers[0]);
+        assert_eq!(chosen.layers[1].channels, plan.layers[1].channels);
+        assert_eq!(obs.shape(), &chosen.pruned_shape());
+        let err = |r: &[ProjectionReport], layer, name| {
+            r.iter()
+                .find(|r| r.layer == layer && r.name == name)
+                .unwrap()
+                .rel_error_ls
+        };
+        for (layer, name) in [(1, "o_proj"), (2, "down_proj")] {
+            assert!(err(&obs_reports, layer, name) < 1e-9, "{obs_reports:?}");
+            assert!(err(&ls_reports, layer, name) > 1e-4, "{ls_reports:?}");
+        }
+        let t = model.tokens(&w).unwrap();
+        let dense = model.forward(t.clone());
+        let (d_obs, scale) = max_diff(obs.forward(t.clone()), dense.clone());
+        let (d_ls, _) = max_diff(ls.forward(t), dense);
+        assert!(
+            d_obs / scale < 1e-5 && d_obs < d_ls,
+            "obs {d_obs}, ls {d_ls}"
+        );
+    }
+
+    #[test]
     fn least_squares_never_loses_to_the_bias_refit_or_the_cut() {
         let model = model();
         let removed = [
@@ -499,9 +563,10 @@ mod structured {
             let s = ReconSettings {
                 batch_size: 4,
                 damp,
+                ..ReconSettings::default()
             };
             let mut seen = 0;
-            let (ls, reports) = reconstruct(&model, &plan, &w, &s, |_| seen += 1).unwrap();
+            let (ls, _, reports) = reconstruct(&model, &plan, &w, &s, |_| seen += 1).unwrap();
             // Layer 0's two projections, and layer 2's (after a removed layer) both.
             assert_eq!(reports.len(), 4);
             assert_eq!(seen, 4);
@@ -521,6 +586,55 @@ mod structured {
     }
 
     #[test]
+    fn input_refits_are_counted_reported_and_never_lose_to_the_cut() {
+        let model = model();
+        let removed = [
+            PruneUnit::KvGroup { layer: 0, group: 1 },
+            PruneUnit::Layer { layer: 1 },
+            PruneUnit::Channel { layer: 2, index: 7 },
+        ];
+        let plan = MaskPlan::from_removed(model.shape(), &removed).unwrap();
+        let w = windows(8, 16);
+        for inputs in [false, true] {
+            let s = ReconSettings {
+                batch_size: 4,
+                inputs,
+                ..ReconSettings::default()
+            };
+            let mut seen = 0;
+            let (out, _, reports) = reconstruct(&model, &plan, &w, &s, |_| seen += 1).unwrap();
+            assert_eq!(reports.len(), projections(&plan, &s));
+            assert_eq!(seen, reports.len());
+            let names: Vec<(usize, &str)> = reports.iter().map(|r| (r.layer, r.name)).collect();
+            if inputs {
+                // Layer 0's attention reads the embeddings (unchanged); its MLP reads the cut
+                // attention's output; layer 2 reads what the cut layers 0 and 1 left.
+                assert_eq!(
+                    names,
+                    [
+                        (0, "o_proj"),
+                        (0, "gate/up_proj"),
+                        (0, "down_proj"),
+                        (2, "q/k/v_proj"),
+                        (2, "o_proj"),
+                        (2, "gate/up_proj"),
+                        (2, "down_proj")
+                    ]
+                );
+            } else {
+                assert_eq!(names.len(), 4, "{names:?}");
+            }
+            for r in &reports {
+                assert!(r.rel_error_ls <= r.rel_error_cut + 1e-12, "{r:?}");
+            }
+            assert_eq!(out.shape(), &plan.pruned_shape());
+            let t = model.tokens(&w).unwrap();
+            let y: f32 = out.forward(t).abs().max().into_scalar().elem();
+            assert!(y.is_finite());
+        }
+    }
+
+    #[test]
     fn rank_deficient_calibration_gives_finite_weights() {
         let model = model();
         let removed = [
@@ -530,7 +644,7 @@ mod structured {
         let plan = MaskPlan::from_removed(model.shape(), &removed).unwrap();
         // Four tokens for 40+ kept inputs; and one token repeated (every row of X the same).
         for w in [vec![vec![3u32, 9, 1, 4]], vec![vec![5u32; 12]; 2]] {
-            let (ls, reports) =
+            let (ls, _, reports) =
                 reconstruct(&model, &plan, &w, &ReconSettings::default(), |_| {}).unwrap();
             assert!(!reports.is_empty());
             for r in &reports {
@@ -554,6 +668,7 @@ mod structured {
             let s = ReconSettings {
                 batch_size: 2,
                 damp,
+                ..ReconSettings::default()
             };
             let e = reconstruct(&model, &plan, &w, &s, |_| {});
             assert!(e.unwrap_err().to_string().contains("damping"));

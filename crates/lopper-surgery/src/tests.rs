@@ -422,13 +422,36 @@ fn a_full_disk_mid_write_leaves_nothing_under_the_final_name() {
     }
 }
 
+/// `m` with a random bias on every projection (as least-squares reconstruction leaves them).
+fn with_biases(mut m: Llama<B>, rng: &mut ChaCha8Rng) -> Llama<B> {
+    for layer in &mut m.layers {
+        let mut lins: Vec<&mut burn::nn::Linear<B>> = Vec::new();
+        if let Some(a) = &mut layer.self_attn {
+            lins.extend([&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj]);
+        }
+        if let Some(f) = &mut layer.mlp {
+            lins.extend([&mut f.gate_proj, &mut f.up_proj, &mut f.down_proj]);
+        }
+        for l in lins {
+            let out = l.weight.dims()[1];
+            let b: Vec<f32> = (0..out).map(|_| rng.random_range(-0.5..0.5)).collect();
+            l.bias = Some(burn::module::Param::from_tensor(Tensor::from_data(
+                burn::tensor::TensorData::new(b, [out]),
+                &D,
+            )));
+        }
+    }
+    m
+}
+
 #[test]
 fn gguf_export_round_trips_at_every_tensor_type() {
     let model = tiny();
     let root = tempfile::tempdir().unwrap();
     let mut rng = ChaCha8Rng::seed_from_u64(9);
     let plan = random_plan(model.shape(), 0.7, &mut rng);
-    let pruned = prune(&model, &plan).unwrap();
+    // Biases on every projection travel too (q and k biases in llama.cpp's RoPE row order).
+    let pruned = with_biases(prune(&model, &plan).unwrap(), &mut rng);
     let want = values(pruned.forward(tokens(&model)));
     for (ty, tol) in [
         (lopper_model::gguf::GgmlType::F32, 0.0),
