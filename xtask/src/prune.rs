@@ -931,6 +931,7 @@ impl Job for ExportJob {
             "command": std::env::args().collect::<Vec<_>>().join(" "),
             "source": loaded.info,
             "reconstruct": self.how,
+            "refit_inputs": self.args.refit_inputs,
             "calibration": calibration,
         });
         lopper_surgery::export(

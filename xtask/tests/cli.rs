@@ -662,28 +662,38 @@ fn export_writes_gguf_and_refuses_bad_plans() {
         serde_json::from_str(&std::fs::read_to_string(v.join("config.json")).unwrap()).unwrap();
     assert_eq!(cfg["block_configs"][1]["ffn"]["intermediate_size"], 20);
     // The cut refit by least squares on calibration text; the export records how.
-    let ls = root.path().join("ls");
-    let (ok, _, err) = xtask(&[
-        "export",
-        "--model",
-        &model,
-        "--plan",
-        p,
-        "--reconstruct",
-        "ls",
-        "--calib",
-        &calib,
-        "--calib-samples",
-        "6",
-        "--seq-len",
-        "16",
-        "--out",
-        ls.to_str().unwrap(),
-    ]);
-    assert!(ok, "{err}");
-    let meta: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(ls.join("lopper.json")).unwrap()).unwrap();
-    assert_eq!(meta["provenance"]["reconstruct"], "ls", "{meta}");
+    for (how, inputs) in [("ls", "false"), ("obs", "true")] {
+        let dir = root.path().join(how);
+        let (ok, _, err) = xtask(&[
+            "export",
+            "--model",
+            &model,
+            "--plan",
+            p,
+            "--reconstruct",
+            how,
+            "--refit-inputs",
+            inputs,
+            "--calib",
+            &calib,
+            "--calib-samples",
+            "6",
+            "--seq-len",
+            "16",
+            "--out",
+            dir.to_str().unwrap(),
+        ]);
+        assert!(ok, "{err}");
+        let meta: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("lopper.json")).unwrap())
+                .unwrap();
+        assert_eq!(meta["provenance"]["reconstruct"], how, "{meta}");
+        assert_eq!(
+            meta["provenance"]["refit_inputs"],
+            inputs == "true",
+            "{meta}"
+        );
+    }
     let (ok, _, err) = xtask(&[
         "export",
         "--model",
