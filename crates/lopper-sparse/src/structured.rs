@@ -577,7 +577,8 @@ pub fn projections(plan: &MaskPlan, settings: &ReconSettings) -> usize {
 /// itself, or under [`ReconSettings::obs`] the same counts with the units OBS chose), and one
 /// report per refit projection (`on_projection` sees each as it is done). One layer's
 /// statistics live at a time; the two residual streams of all windows are held
-/// (`2 x windows x seq x hidden` floats).
+/// (`2 x windows x seq x hidden` floats; twice that with [`ReconSettings::inputs`], which also
+/// holds the current layer's two dense normed inputs).
 pub fn reconstruct<B: Backend>(
     model: &Llama<B>,
     plan: &MaskPlan,
