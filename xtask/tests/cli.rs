@@ -1119,11 +1119,35 @@ fn compare_fills_the_table_and_reuses_finished_cells() {
         ("flap:magnitude", "only pg"),
         ("alps:3:2", "N:M"),
         ("wanda+bias", "+bias"),
-        ("flap+obs", "not implemented"),
-        ("flap+best", "none, bias or ls"),
+        ("flap+best", "none, bias, ls or obs"),
     ] {
         let (ok, _, err) = xtask(&compare_args(&model, &calib, o, bad));
         assert!(!ok && err.contains(want), "{bad}: {err}");
+    }
+    // `+obs`: the cell's plan holds the units OBS chose, in FLAP's per-layer counts.
+    let obs = root.path().join("obs");
+    let (ok, _, err) = xtask(&compare_args(
+        &model,
+        &calib,
+        obs.to_str().unwrap(),
+        "flap+ls,flap+obs",
+    ));
+    assert!(ok, "{err}");
+    for s in ["0.3", "0.5"] {
+        let plan = |m: &str| {
+            lopper_core::MaskPlan::load(&obs.join(format!("cells/{m}@{s}/plan.json"))).unwrap()
+        };
+        let (ls, chosen) = (plan("flap+ls"), plan("flap+obs"));
+        for (a, b) in chosen.layers.iter().zip(&ls.layers) {
+            assert_eq!(
+                (a.kv_groups.len(), a.channels.len()),
+                (b.kv_groups.len(), b.channels.len())
+            );
+        }
+        assert!(
+            obs.join(format!("cells/flap+obs@{s}/reconstruction.json"))
+                .is_file()
+        );
     }
 }
 
@@ -1847,7 +1871,7 @@ fn compare_recovers_cells_with_the_suffix_and_shares_their_search() {
     for (methods, want) in [
         ("dense+recover", "+recover"),
         ("alps+recover", "+recover"),
-        ("flap+obs+recover", "obs"),
+        ("flap+best+recover", "none, bias, ls or obs"),
     ] {
         let (ok, _, err) = xtask(&compare_args(&model, &calib, o, methods));
         assert!(!ok && err.contains(want), "{methods}: {err}");
