@@ -18,8 +18,21 @@ pub enum Reconstruct {
     Bias,
     /// Layer-wise damped least squares of every kept o_proj / down_proj (lopper_sparse::reconstruct).
     Ls,
-    /// `ls`, with each layer's removed MLP channels chosen by OBS within the plan's counts.
+    /// `ls`, with each layer's removed KV groups and MLP channels chosen by OBS within the
+    /// plan's counts.
     Obs,
+}
+
+impl Reconstruct {
+    /// Refuses `--refit-inputs` with a cut that does not refit by least squares.
+    pub fn check_refit_inputs(self, refit_inputs: bool) -> Result<()> {
+        if refit_inputs && !matches!(self, Reconstruct::Ls | Reconstruct::Obs) {
+            bail!(
+                "--refit-inputs refits by least squares: it needs --reconstruct ls or obs, not {self}"
+            );
+        }
+        Ok(())
+    }
 }
 
 impl std::str::FromStr for Reconstruct {

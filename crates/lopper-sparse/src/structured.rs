@@ -299,6 +299,29 @@ impl Stats {
         Ok((order, costs))
     }
 
+    /// [`Stats::obs_order`]'s choice as what stays: the kept groups' indices and their inputs,
+    /// both in order.
+    fn obs_keep(
+        &self,
+        theta0: &Mat<f64>,
+        damp: f64,
+        groups: &[Vec<usize>],
+        remove: usize,
+        what: &str,
+    ) -> Result<(Vec<usize>, Vec<usize>)> {
+        let (gone, _) = self.obs_order(theta0, damp, groups, remove, what)?;
+        let mut kept = vec![true; groups.len()];
+        for g in gone {
+            kept[g] = false;
+        }
+        let kept: Vec<usize> = (0..groups.len()).filter(|&g| kept[g]).collect();
+        let inputs = kept
+            .iter()
+            .flat_map(|&g| groups[g].iter().copied())
+            .collect();
+        Ok((kept, inputs))
+    }
+
     /// The damped normal equations `(G + lambda I) theta = C + lambda theta0` (the bias row
     /// undamped), factored; raises the damping tenfold, up to six times, where Cholesky fails.
     fn damped(
@@ -664,7 +687,7 @@ pub fn reconstruct<B: Backend>(
             && refit_down
             && !keep.channels.is_empty()
             && keep.channels.len() < src.ffn_hidden;
-        let first_cut = lopper_core::LayerPlan {
+        let first_cut = LayerPlan {
             kv_groups: if obs_attn {
                 (0..src.n_kv_heads).collect()
             } else {
@@ -735,11 +758,8 @@ pub fn reconstruct<B: Backend>(
                 let remove = src.n_kv_heads - keep.kv_groups.len();
                 let what = format!("layer {l} o_proj (obs)");
                 let theta0 = theta_of(&a.o_proj)?;
-                let (gone, _) = stats.obs_order(&theta0, settings.damp, &groups, remove, &what)?;
-                let kv_groups: Vec<usize> =
-                    (0..src.n_kv_heads).filter(|g| !gone.contains(g)).collect();
-                let inputs: Vec<usize> =
-                    kv_groups.iter().flat_map(|&g| groups[g].clone()).collect();
+                let (kv_groups, inputs) =
+                    stats.obs_keep(&theta0, settings.damp, &groups, remove, &what)?;
                 let now = LayerShape {
                     ffn_hidden: first_cut.channels.len(),
                     ..*src
@@ -813,12 +833,8 @@ pub fn reconstruct<B: Backend>(
                 let singles: Vec<Vec<usize>> = (0..src.ffn_hidden).map(|c| vec![c]).collect();
                 let remove = src.ffn_hidden - keep.channels.len();
                 let what = format!("layer {l} down_proj (obs)");
-                let (gone, _) = stats.obs_order(&theta0, settings.damp, &singles, remove, &what)?;
-                let mut removed = vec![false; src.ffn_hidden];
-                for &c in &gone {
-                    removed[c] = true;
-                }
-                let channels: Vec<usize> = (0..src.ffn_hidden).filter(|&c| !removed[c]).collect();
+                let (channels, _) =
+                    stats.obs_keep(&theta0, settings.damp, &singles, remove, &what)?;
                 // Cut the MLP to the chosen channels (the attention block is already cut).
                 let kv = chosen_plan.layers[l].kv_groups.len();
                 let now = LayerShape {
