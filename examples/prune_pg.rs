@@ -94,7 +94,7 @@ fn main() -> Result<()> {
     )?;
 
     // The search's plan or the starting plan, whichever is better on the held-out windows.
-    let (plan, choice) = choose(model, held_out, Some(&means), &space, &state)?;
+    let (plan, choice) = choose(model, windows, held_out, Some(&means), &space, &state)?;
     if let Some(c) = &choice {
         println!("held-out losses {:?}: chose {}", c.candidates, c.chosen);
     }

@@ -11,7 +11,7 @@ use lopper_core::MaskPlan;
 use lopper_data::{BosPolicy, Calibration, Sampler};
 use lopper_importance::{Method, MethodSettings};
 use lopper_model::Llama;
-use lopper_policy::{Optimizer, PgConfig};
+use lopper_policy::{Judge, Optimizer, PgConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::backend::{DeviceChoice, Job, run_on};
@@ -90,6 +90,10 @@ pub struct CompareArgs {
     /// Windows per policy-gradient step (default: the preset's).
     #[arg(long)]
     pg_batch_size: Option<usize>,
+    /// How pg cells with a least-squares cut (`pg+ls`, `pg+obs`) judge their held-out choice:
+    /// masked (the default) or ls (as `prune --judge`); other pg cells judge masked.
+    #[arg(long, default_value = "masked")]
+    pg_judge: String,
     /// Policy-gradient initialisation (as `prune --init`; default: the preset's).
     #[arg(long)]
     pg_init: Option<String>,
@@ -392,6 +396,7 @@ pub fn run(args: CompareArgs) -> Result<()> {
         steps: args.pg_steps.unwrap_or(base.steps),
         batch_size: args.pg_batch_size.unwrap_or(base.batch_size),
         held_out: base.held_out.min(args.calib_samples / 4),
+        judge: Judge::parse(&args.pg_judge)?,
         seed: args.seed,
         ..base
     };
@@ -541,9 +546,18 @@ fn method_spec(spec: &Spec) -> String {
 type PgCache =
     std::cell::RefCell<BTreeMap<String, (MaskPlan, Option<lopper_importance::InputStats>)>>;
 
-/// The search a pg spec runs at `sparsity`: its init and bias flag, not its cut.
-fn pg_key(spec: &Spec, init: &str, sparsity: f64) -> String {
-    format!("{}:{init}@{sparsity}/{:?}", spec.base, spec.bias)
+/// The search a pg spec runs at `sparsity`: its init, bias flag and judge, not its cut.
+fn pg_key(spec: &Spec, init: &str, sparsity: f64, judge: Judge) -> String {
+    format!("{}:{init}@{sparsity}/{:?}/{judge:?}", spec.base, spec.bias)
+}
+
+/// The judge of a pg spec's held-out choice: `--pg-judge` where the cut refits by least
+/// squares (`+ls`, `+obs`), the masked loss otherwise.
+fn pg_judge(spec: &Spec, preset: Judge) -> Judge {
+    match spec.recon {
+        Some(r) if r.refits() => preset,
+        _ => Judge::Masked,
+    }
 }
 
 struct CompareJob {
@@ -681,7 +695,13 @@ impl CompareJob {
             }
             _ => None,
         };
-        let search_key = pg_key(&spec, spec.init.as_deref().unwrap_or(&st.pg_init), sparsity);
+        let judge = pg_judge(&spec, st.pg.judge);
+        let search_key = pg_key(
+            &spec,
+            spec.init.as_deref().unwrap_or(&st.pg_init),
+            sparsity,
+            judge,
+        );
         let (plan, mut means): (Option<MaskPlan>, _) = match spec.base.as_str() {
             _ if oneshot.is_some() => (None, None),
             "dense" => (None, None),
@@ -695,6 +715,7 @@ impl CompareJob {
             "pg" => {
                 let cfg = PgConfig {
                     sparsity,
+                    judge,
                     ..st.pg.clone()
                 };
                 let meta = serde_json::json!({"compare": st, "sparsity": sparsity});

@@ -73,7 +73,8 @@ pub struct PgInit<'a> {
 
 /// The policy-gradient initialisation of `init` at the kept fraction `keep`. `windows` are the
 /// search's calibration windows; `held_out` (or, without any, the first 16 search windows)
-/// decide `auto`, scored with `means` as the search will score masks.
+/// decide `auto` under the config's judge (`lopper_policy::judge_plans`: with `means` as the
+/// search will score masks, or after a least-squares cut on the first search windows).
 pub fn pg_init<B: Backend>(
     init: &PgInit,
     model: &Llama<B>,
@@ -81,7 +82,7 @@ pub fn pg_init<B: Backend>(
     held_out: &[Vec<u32>],
     means: Option<&InputMeans>,
     cfg: &PgConfig,
-) -> Result<Init> {
+) -> Result<(Init, Option<lopper_policy::Judged>)> {
     let shape = model.shape();
     let keep = cfg.keep();
     let metric = |method: Method, keep: f64| {
@@ -94,7 +95,7 @@ pub fn pg_init<B: Backend>(
             init.settings,
         )
     };
-    Ok(match init.name {
+    let start = match init.name {
         "uniform" => Init::Uniform,
         "random" => Init::Random,
         "auto" => {
@@ -103,20 +104,21 @@ pub fn pg_init<B: Backend>(
                 "--init auto starts from a method's plan, which --preset reference does not do; name the init (e.g. --init wanda-sp)"
             );
             let flap = metric(Method::Flap, keep)?;
-            let scores = flap.scores.clone();
-            let mut candidates: Vec<(String, MaskPlan)> = vec![
-                ("flap".into(), flap.plan),
-                ("llm-bip".into(), metric(Method::LlmBip, keep)?.plan),
+            let llm_bip = metric(Method::LlmBip, keep)?;
+            // (name, plan, scores ordering its units when it is fitted to the budget)
+            let mut candidates: Vec<(String, MaskPlan, Option<UnitScores>)> = vec![
+                ("flap".into(), flap.plan, flap.scores.clone()),
+                ("llm-bip".into(), llm_bip.plan, llm_bip.scores),
             ];
             if cfg.units.contains(&lopper_core::UnitKind::Layer) {
                 let bi = metric(Method::BlockInfluence, keep)?;
                 let order = lopper_importance::block_influence_order(
                     bi.layer_values.as_deref().unwrap_or_default(),
                 );
-                candidates.push(("block-influence".into(), bi.plan));
+                candidates.push(("block-influence".into(), bi.plan, flap.scores.clone()));
                 // Mixed starts: block influence's layers for part of the budget, FLAP's units
                 // (global-params) for the rest.
-                if let Some(sc) = &scores {
+                if let Some(sc) = &flap.scores {
                     for share in [0.25, 0.5, 0.75] {
                         let plan = sc.plan_with_layers(
                             shape,
@@ -125,31 +127,59 @@ pub fn pg_init<B: Backend>(
                             &order,
                             share,
                         )?;
-                        candidates.push((format!("flap+block-influence@{share}"), plan));
+                        candidates.push((
+                            format!("flap+block-influence@{share}"),
+                            plan,
+                            flap.scores.clone(),
+                        ));
                     }
                 }
             }
+            // Each candidate as the search would start from it: fitted to the budget (a
+            // per-layer plan such as LLM-BIP's keeps a little more or less than it), so the
+            // judge compares plans of equal size, and the plan it picks is the search's start.
+            let space = UnitSpace::new(shape, &cfg.units)?;
+            let fitted: Vec<MaskPlan> = candidates
+                .iter()
+                .map(|(_, plan, scores)| {
+                    let start = Init::Plan {
+                        plan: plan.clone(),
+                        scores: scores.clone(),
+                    };
+                    Ok(PgState::new(cfg.clone(), &space, &start)?
+                        .init_plan
+                        .expect("a plan start keeps its plan"))
+                })
+                .collect::<Result<_>>()?;
             let judge = if held_out.is_empty() {
                 &windows[..windows.len().min(16)]
             } else {
                 held_out
             };
-            let mut losses = serde_json::Map::new();
-            let mut best: Option<(f64, usize)> = None;
-            for (i, (name, plan)) in candidates.iter().enumerate() {
-                let l =
-                    lopper_surgery::windows_loss_kept(model, plan, means, judge, cfg.batch_size)?;
-                tracing::info!(init = name.as_str(), loss = l, "candidate start");
-                losses.insert(name.clone(), l.into());
-                if best.is_none_or(|(b, _)| l < b) {
-                    best = Some((l, i));
+            let plans: Vec<&MaskPlan> = fitted.iter().collect();
+            let (judged, i) =
+                lopper_policy::judge_plans(model, &plans, &[], means, windows, judge, cfg)?;
+            let (mut masked, mut refit) = (serde_json::Map::new(), serde_json::Map::new());
+            for ((name, _, _), j) in candidates.iter().zip(&judged) {
+                tracing::info!(
+                    init = name.as_str(),
+                    loss = j.masked,
+                    ls = j.reconstructed,
+                    "candidate start"
+                );
+                masked.insert(name.clone(), j.masked.into());
+                if let Some(l) = j.reconstructed {
+                    refit.insert(name.clone(), l.into());
                 }
             }
-            let (_, i) = best.expect("at least one candidate");
-            let (name, mut plan) = candidates.swap_remove(i);
+            let (name, mut plan, scores) = candidates.swap_remove(i);
             plan.meta.insert("method".into(), name.into());
-            plan.meta.insert("init_candidates".into(), losses.into());
-            Init::Plan { plan, scores }
+            plan.meta.insert("init_candidates".into(), masked.into());
+            if !refit.is_empty() {
+                // The held-out loss after a least-squares cut (the judge's ranking).
+                plan.meta.insert("init_candidates_ls".into(), refit.into());
+            }
+            return Ok((Init::Plan { plan, scores }, Some(judged[i])));
         }
         m if m.parse::<Method>().is_ok() => {
             let method: Method = m.parse()?;
@@ -196,7 +226,8 @@ pub fn pg_init<B: Backend>(
                 },
             }
         }
-    })
+    };
+    Ok((start, None))
 }
 
 /// Scores from a plan: 1 for kept units, 0 for removed ones (then `sigmap` per layer, like the
@@ -309,8 +340,9 @@ pub fn run_pg<B: Backend>(
         tracing::info!(step = s.step, "resuming");
         s
     } else {
-        let start = pg_init(init, model, search_windows, held_out, means.as_ref(), cfg)?;
+        let (start, judged) = pg_init(init, model, search_windows, held_out, means.as_ref(), cfg)?;
         let mut s = PgState::new(cfg.clone(), &space, &start)?;
+        s.init_judged = judged;
         s.meta = run.meta.clone();
         s
     };
@@ -359,7 +391,14 @@ pub fn run_pg<B: Backend>(
             if run.resume { "" } else { " with --resume" }
         );
     }
-    let (plan, _) = lopper_policy::choose(model, held_out, means.as_ref(), &space, &state)?;
+    let (plan, _) = lopper_policy::choose(
+        model,
+        search_windows,
+        held_out,
+        means.as_ref(),
+        &space,
+        &state,
+    )?;
     Ok(PgOutcome {
         plan,
         curve: Some((first_loss, last)),

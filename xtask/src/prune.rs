@@ -10,7 +10,7 @@ use lopper_core::{MaskPlan, UnitKind};
 use lopper_data::Sampler;
 use lopper_importance::{Method, MethodSettings};
 use lopper_model::{Llama, Tokenizer};
-use lopper_policy::{Baseline, Budget, Estimator, Optimizer, PgConfig, Schedule};
+use lopper_policy::{Baseline, Budget, Estimator, Judge, Optimizer, PgConfig, Schedule};
 
 use crate::reconstruct::Reconstruct;
 use lopper_surgery::{ExportFormat, ExportOptions};
@@ -114,6 +114,13 @@ pub struct PruneArgs {
     /// Preset lopper: 16, at most a quarter of --calib-samples.
     #[arg(long)]
     pub held_out: Option<usize>,
+    /// How the held-out choice (and `--init auto`) scores its candidate plans: `masked` (as the
+    /// search scores masks; the default) or `ls` (the best 3 by masked loss are each cut and
+    /// refit by least squares on the search's windows, then scored: the model `--reconstruct
+    /// ls` ships; about 100 s per refit on the default model on 2 CPU cores). Needs
+    /// --reconstruct ls or obs.
+    #[arg(long, default_value = "masked")]
+    pub judge: String,
     /// Calibration data: c4, wikitext2, ptb, or a .json.gz/.jsonl/.txt file.
     #[arg(long, default_value = "c4")]
     pub calib: String,
@@ -272,11 +279,17 @@ impl PruneArgs {
             held_out: self
                 .held_out
                 .unwrap_or(base.held_out.min(self.calib_samples / 4)),
+            judge: Judge::parse(&self.judge)?,
             seed: self.seed,
             ..base
         };
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// `--reconstruct`, or its default (ls).
+    fn cut(&self) -> Result<Reconstruct> {
+        self.reconstruct.as_deref().unwrap_or("ls").parse()
     }
 
     /// `--init`, or the preset's.
@@ -324,11 +337,12 @@ pub fn run(args: PruneArgs) -> Result<()> {
     }
     // Validate everything before loading anything.
     let cfg = args.pg_config()?;
-    args.reconstruct
-        .as_deref()
-        .unwrap_or("ls")
-        .parse::<Reconstruct>()?
-        .check_refit_inputs(args.refit_inputs)?;
+    args.cut()?.check_refit_inputs(args.refit_inputs)?;
+    anyhow::ensure!(
+        cfg.judge == Judge::Masked || args.cut()?.refits(),
+        "--judge ls scores least-squares cuts: it needs --reconstruct ls or obs, not {}",
+        args.cut()?
+    );
     if let Some(r) = &args.reconstruct {
         r.parse::<Reconstruct>()?;
         anyhow::ensure!(
@@ -559,10 +573,7 @@ impl Job for PruneJob {
             }
             (mp.plan, mp.compensation)
         };
-        let how = match &a.reconstruct {
-            Some(r) => r.parse()?,
-            None => Reconstruct::Ls,
-        };
+        let how = a.cut()?;
         if compensation.is_none() && how == Reconstruct::Bias {
             let n = calib.windows.len().min(a.metric_samples);
             compensation = Some(lopper_importance::input_means(

@@ -24,9 +24,14 @@ pub enum Reconstruct {
 }
 
 impl Reconstruct {
+    /// Whether the cut refits weights by least squares (`ls`, `obs`).
+    pub fn refits(self) -> bool {
+        matches!(self, Reconstruct::Ls | Reconstruct::Obs)
+    }
+
     /// Refuses `--refit-inputs` with a cut that does not refit by least squares.
     pub fn check_refit_inputs(self, refit_inputs: bool) -> Result<()> {
-        if refit_inputs && !matches!(self, Reconstruct::Ls | Reconstruct::Obs) {
+        if refit_inputs && !self.refits() {
             bail!(
                 "--refit-inputs refits by least squares: it needs --reconstruct ls or obs, not {self}"
             );
@@ -111,14 +116,28 @@ pub fn cut<B: Backend>(
                 lopper_sparse::projections(plan, &settings) as u64,
                 "reconstruct [{bar:30}] {pos}/{len} projections {msg} eta {eta}",
             )?;
-            let (m, chosen, reports) =
-                lopper_sparse::reconstruct(model, plan, windows, &settings, |r| {
+            let (m, chosen, reports) = lopper_sparse::reconstruct(
+                model,
+                plan,
+                windows,
+                &settings,
+                |r| {
+                    if let Some(want) = r.tokens_wanted() {
+                        tracing::warn!(
+                            "layer {} {}: {} calibration tokens for {} kept inputs; least squares may fit the calibration text more than the language (give at least {want} tokens: more calibration windows)",
+                            r.layer,
+                            r.name,
+                            r.tokens,
+                            r.inputs
+                        );
+                    }
                     bar.inc(1);
                     bar.set_message(format!(
                         "layer {} {}: rel. error {:.4} (bias {:.4})",
                         r.layer, r.name, r.rel_error_ls, r.rel_error_bias
                     ));
-                })?;
+                },
+            )?;
             bar.finish_and_clear();
             Cut {
                 model: m,

@@ -462,6 +462,41 @@ fn prune_pg_on_the_tiny_model_writes_a_complete_run_folder() {
         6
     );
     assert!(report.contains("Final choice"), "{report}");
+    assert_eq!(choice["judge"]["type"], "masked", "{choice}");
+    assert!(
+        choice["init"].get("init_candidates_ls").is_none(),
+        "{choice}"
+    );
+    // --judge ls: the best three starts by masked loss (fewer where candidates coincide) are
+    // cut by least squares and scored; the lowest is the start, and the final choice
+    // scores both finalists the same way (masked losses beside).
+    let judged = root.path().join("judged");
+    let mut args = prune_args(&model, &calib, judged.to_str().unwrap(), "3");
+    args.extend(["--judge", "ls"]);
+    let (ok, _, err) = xtask(&args);
+    assert!(ok, "{err}");
+    let plan_j = lopper_core::MaskPlan::load(&judged.join("plan.json")).unwrap();
+    let choice = &plan_j.meta["final_choice"];
+    assert_eq!(choice["judge"]["type"], "reconstructed", "{choice}");
+    let refit = choice["init"]["init_candidates_ls"].as_object().unwrap();
+    // Candidates with equal plans share their losses: at most three distinct refits.
+    let mut distinct: Vec<f64> = refit.values().map(|v| v.as_f64().unwrap()).collect();
+    distinct.sort_by(f64::total_cmp);
+    distinct.dedup();
+    assert!((1..=3).contains(&distinct.len()), "{choice}");
+    let best_ls = refit
+        .values()
+        .map(|v| v.as_f64().unwrap())
+        .fold(f64::INFINITY, f64::min);
+    let start = choice["init"]["method"].as_str().unwrap();
+    assert_eq!(refit[start].as_f64().unwrap(), best_ls, "{choice}");
+    // The start's loss is reused by the final choice.
+    assert_eq!(
+        choice["candidates"][1][1].as_f64().unwrap(),
+        best_ls,
+        "{choice}"
+    );
+    assert_eq!(choice["masked"].as_array().unwrap().len(), 2, "{choice}");
     // --preset reference: the paper's code settings, no held-out choice, no compensation.
     let reference = root.path().join("reference");
     let mut args = prune_args(&model, &calib, reference.to_str().unwrap(), "3");
@@ -474,6 +509,7 @@ fn prune_pg_on_the_tiny_model_writes_a_complete_run_folder() {
     assert_eq!(ck["config"]["baseline"], "moving");
     assert_eq!(ck["config"]["held_out"], 0);
     assert_eq!(ck["config"]["compensation"], false);
+    assert_eq!(ck["config"]["judge"]["type"], "masked");
     let plan_r = lopper_core::MaskPlan::load(&reference.join("plan.json")).unwrap();
     assert!(!plan_r.meta.contains_key("final_choice"));
     // Running again into the same folder is refused without --resume/--force.
@@ -593,6 +629,24 @@ fn prune_refuses_bad_settings_before_any_work() {
         (
             vec!["prune", "--sparsity", "0.3", "--method", "obs", "--out", o],
             "--method",
+        ),
+        (
+            vec!["prune", "--sparsity", "0.3", "--judge", "best", "--out", o],
+            "--judge",
+        ),
+        (
+            vec![
+                "prune",
+                "--sparsity",
+                "0.3",
+                "--judge",
+                "ls",
+                "--reconstruct",
+                "bias",
+                "--out",
+                o,
+            ],
+            "--reconstruct ls or obs",
         ),
         (
             vec!["prune", "--sparsity", "0.3", "--resume", "--out", o],

@@ -4,10 +4,11 @@ mod run;
 mod space;
 mod state;
 
-pub use run::{Choice, Hooks, choose, search};
+pub use run::{Choice, Hooks, Judged, choose, judge_plans, search};
 pub use space::{Budget, UnitSpace, project, sigmap};
 pub use state::{
-    Baseline, Estimator, Init, Optimizer, PgConfig, PgState, Schedule, StepRecord, binary_entropy,
+    Baseline, Estimator, Init, Judge, Optimizer, PgConfig, PgState, Schedule, StepRecord,
+    binary_entropy,
 };
 
 /// Errors of the policy-gradient search.
@@ -23,6 +24,9 @@ pub enum Error {
     /// Surgery errors.
     #[error(transparent)]
     Surgery(#[from] lopper_surgery::Error),
+    /// Least-squares judge errors.
+    #[error(transparent)]
+    Reconstruct(#[from] lopper_sparse::Error),
     /// Settings that cannot work; the message names the flag.
     #[error("{0}")]
     Config(String),

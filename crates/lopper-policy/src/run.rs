@@ -5,7 +5,7 @@ use burn::tensor::backend::Backend;
 use serde::{Deserialize, Serialize};
 
 use crate::space::UnitSpace;
-use crate::state::{PgState, StepRecord};
+use crate::state::{Judge, PgConfig, PgState, StepRecord};
 use crate::{Error, Result};
 use lopper_core::MaskPlan;
 use lopper_model::Llama;
@@ -111,8 +111,8 @@ fn compensation<'a>(
 /// The final choice of a search: every candidate plan's mean loss on the held-out windows.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Choice {
-    /// `(candidate, held-out loss)`: `search` (the top-k plan of the final probabilities) and,
-    /// for a plan start, `init`.
+    /// `(candidate, held-out loss)` under the judge: `search` (the top-k plan of the final
+    /// probabilities) and, for a plan start, `init`.
     pub candidates: Vec<(String, f64)>,
     /// The chosen candidate.
     pub chosen: String,
@@ -120,14 +120,138 @@ pub struct Choice {
     pub windows: usize,
     /// The initial plan's provenance (its `meta`: method, candidates of an automatic start).
     pub init: serde_json::Value,
+    /// How the candidates were scored.
+    #[serde(default)]
+    pub judge: Judge,
+    /// Under a least-squares judge, the candidates' masked losses too.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub masked: Vec<(String, f64)>,
+}
+
+/// A candidate plan's held-out losses: masked (as the search scores masks), and after a
+/// least-squares cut where the judge made one.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Judged {
+    /// Mean loss of the masked model (with the search's compensation when on).
+    pub masked: f64,
+    /// Mean loss of the least-squares cut model (`None`: not refit).
+    pub reconstructed: Option<f64>,
+}
+
+impl Judged {
+    /// The loss the judge ranks by: the reconstructed loss where there is one; candidates the
+    /// least-squares judge did not refit rank after every refit one.
+    pub fn score(&self, judge: Judge) -> f64 {
+        match judge {
+            Judge::Masked => self.masked,
+            Judge::Reconstructed { .. } => self.reconstructed.unwrap_or(f64::INFINITY),
+        }
+    }
+}
+
+/// Scores candidate plans on the `held_out` windows as `cfg.judge` says. Every plan gets its
+/// masked loss (with `means` when `cfg.compensation`); under [`Judge::Reconstructed`] the best
+/// `top` of them (distinct plans only) are also cut and refit by least squares on the first
+/// `windows` of `fit`, and the refit model is scored. `known[i]`, where given, is plan `i`'s
+/// losses from an earlier call on the same windows (they are reused, not recomputed). Returns
+/// one [`Judged`] per plan and the index of the best one by [`Judged::score`] (ties to the
+/// earlier plan).
+#[allow(clippy::too_many_arguments)]
+pub fn judge_plans<B: Backend>(
+    model: &Llama<B>,
+    plans: &[&MaskPlan],
+    known: &[Option<Judged>],
+    means: Option<&InputMeans>,
+    fit: &[Vec<u32>],
+    held_out: &[Vec<u32>],
+    cfg: &PgConfig,
+) -> Result<(Vec<Judged>, usize)> {
+    if plans.is_empty() {
+        return Err(Error::Config("no candidate plan to judge".into()));
+    }
+    let means = if cfg.compensation {
+        Some(means.ok_or_else(|| {
+            Error::Config(
+                "judging with bias compensation needs the calibration input means of the dense model"
+                    .into(),
+            )
+        })?)
+    } else {
+        None
+    };
+    // Equal plans (the search often ends on its start) are scored once.
+    let first_equal = |i: usize| (0..i).find(|&j| plans[j].layers == plans[i].layers);
+    let mut judged: Vec<Judged> = Vec::with_capacity(plans.len());
+    for (i, plan) in plans.iter().enumerate() {
+        if let Some(Some(k)) = known.get(i) {
+            judged.push(*k);
+            continue;
+        }
+        let masked = match first_equal(i) {
+            Some(j) => judged[j].masked,
+            None => windows_loss_kept(model, plan, means, held_out, cfg.batch_size)?,
+        };
+        judged.push(Judged {
+            masked,
+            reconstructed: None,
+        });
+    }
+    if let Judge::Reconstructed { windows, top } = cfg.judge {
+        let fit = &fit[..windows.min(fit.len())];
+        if fit.is_empty() {
+            return Err(Error::Config(
+                "the least-squares judge has no calibration window to refit on".into(),
+            ));
+        }
+        let mut order: Vec<usize> = (0..plans.len())
+            .filter(|&i| first_equal(i).is_none())
+            .collect();
+        order.sort_by(|&a, &b| judged[a].masked.total_cmp(&judged[b].masked));
+        for &i in order.iter().take(top) {
+            if judged[i].reconstructed.is_some() {
+                continue;
+            }
+            let settings = lopper_sparse::ReconSettings {
+                batch_size: cfg.batch_size,
+                ..lopper_sparse::ReconSettings::default()
+            };
+            let (cut, _, _) = lopper_sparse::reconstruct(model, plans[i], fit, &settings, |_| {})?;
+            let all = MaskPlan::keep_all(cut.shape());
+            let loss = windows_loss_kept(&cut, &all, None, held_out, cfg.batch_size)?;
+            tracing::debug!(
+                candidate = i,
+                masked = judged[i].masked,
+                reconstructed = loss,
+                "judged"
+            );
+            judged[i].reconstructed = Some(loss);
+        }
+        for i in 0..plans.len() {
+            if let Some(j) = first_equal(i) {
+                judged[i].reconstructed = judged[j].reconstructed;
+            }
+        }
+    }
+    let best = (0..plans.len())
+        .min_by(|&a, &b| {
+            judged[a]
+                .score(cfg.judge)
+                .total_cmp(&judged[b].score(cfg.judge))
+                .then(a.cmp(&b))
+        })
+        .expect("at least one plan");
+    Ok((judged, best))
 }
 
 /// The plan a finished search returns: its top-k plan ([`PgState::final_plan`]), or, when the
-/// config holds windows out and the search started from a plan, whichever of the two has the
-/// lower mean loss on the `held_out` windows (scored as the search scores masks, ties to the
-/// search's plan). `None` as the choice when nothing was compared.
+/// config holds windows out and the search started from a plan, whichever of the two scores
+/// better on the `held_out` windows under the config's [`Judge`] ([`judge_plans`]: as the
+/// search scores masks, or after a least-squares cut on the first windows of `fit`, the
+/// search's windows; ties to the search's plan). `None` as the choice when nothing was
+/// compared.
 pub fn choose<B: Backend>(
     model: &Llama<B>,
+    fit: &[Vec<u32>],
     held_out: &[Vec<u32>],
     means: Option<&InputMeans>,
     space: &UnitSpace,
@@ -138,28 +262,37 @@ pub fn choose<B: Backend>(
         Some(p) if state.config.held_out > 0 && !held_out.is_empty() => p,
         _ => return Ok((searched, None)),
     };
-    let means = compensation(state, means)?;
-    let loss = |plan: &MaskPlan| -> Result<f64> {
-        Ok(windows_loss_kept(
-            model,
-            plan,
-            means,
-            held_out,
-            state.config.batch_size,
-        )?)
-    };
-    let (ls, li) = (loss(&searched)?, loss(init)?);
+    let cfg = &state.config;
+    let (judged, best) = judge_plans(
+        model,
+        &[&searched, init],
+        &[None, state.init_judged],
+        means,
+        fit,
+        held_out,
+        cfg,
+    )?;
+    let (ls, li) = (judged[0].score(cfg.judge), judged[1].score(cfg.judge));
     tracing::info!(
         search = ls,
         init = li,
         "held-out loss of the final candidates"
     );
-    let use_init = li < ls;
+    let use_init = best == 1;
+    let masked = match cfg.judge {
+        Judge::Masked => Vec::new(),
+        Judge::Reconstructed { .. } => vec![
+            ("search".into(), judged[0].masked),
+            ("init".into(), judged[1].masked),
+        ],
+    };
     let choice = Choice {
         candidates: vec![("search".into(), ls), ("init".into(), li)],
         chosen: if use_init { "init" } else { "search" }.into(),
         windows: held_out.len(),
         init: serde_json::to_value(&init.meta).expect("serialisable"),
+        judge: cfg.judge,
+        masked,
     };
     let mut plan = if use_init {
         let mut p = init.clone();

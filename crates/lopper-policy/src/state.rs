@@ -94,6 +94,48 @@ pub enum Init {
     },
 }
 
+/// How the held-out choice (and an automatic start) scores a candidate plan.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "type")]
+pub enum Judge {
+    /// The masked model, as the search scores masks (with its compensation when on).
+    #[default]
+    Masked,
+    /// The model a least-squares cut ships: each candidate is cut and its kept o_proj /
+    /// down_proj refit (`lopper_sparse::reconstruct`) on the first `windows` search windows,
+    /// then scored on the held-out windows. Only the `top` best candidates by the masked loss
+    /// are refit where there are more (an automatic start has six).
+    Reconstructed {
+        /// Search windows the refit reads.
+        windows: usize,
+        /// Candidates refit, best masked loss first.
+        top: usize,
+    },
+}
+
+impl Judge {
+    /// `masked` or `ls`, as `--judge` spells them ([`Judge::ls`] for `ls`).
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "masked" => Ok(Self::Masked),
+            "ls" => Ok(Self::ls()),
+            o => Err(Error::Config(format!(
+                "unknown --judge `{o}`: use masked or ls"
+            ))),
+        }
+    }
+
+    /// The least-squares judge of `--judge ls`: the best 3 candidates by masked loss, each
+    /// refit on up to 256 search windows (all of them by default: a refit on 64 windows ranked
+    /// unit plans, which gain most from more calibration tokens, too low against layer plans).
+    pub fn ls() -> Self {
+        Self::Reconstructed {
+            windows: 256,
+            top: 3,
+        }
+    }
+}
+
 /// The resolved settings of a search; written into every checkpoint and output.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PgConfig {
@@ -143,6 +185,10 @@ pub struct PgConfig {
     /// top-k plan and the initial plan with the lower loss on them (0: the top-k plan).
     #[serde(default)]
     pub held_out: usize,
+    /// How the held-out choice scores its candidates (masked, or after a least-squares cut:
+    /// the model `--reconstruct ls` ships).
+    #[serde(default)]
+    pub judge: Judge,
 }
 
 fn moving() -> Baseline {
@@ -175,6 +221,7 @@ impl PgConfig {
             prob_floor: 0.0,
             compensation: false,
             held_out: 0,
+            judge: Judge::Masked,
         }
     }
 
@@ -182,7 +229,7 @@ impl PgConfig {
     /// and layers under one parameter budget, Adam at lr 0.01 with a cosine schedule,
     /// leave-one-out baseline over antithetic pairs of 2 masks x 8 windows, probabilities in
     /// `[0.01, 0.99]`, bias compensation inside the search, and the final plan chosen on 16
-    /// held-out windows. 60 steps.
+    /// held-out windows (masked, [`Judge::Masked`]). 60 steps.
     pub fn new(sparsity: f64) -> Self {
         Self {
             units: vec![UnitKind::KvGroup, UnitKind::Channel, UnitKind::Layer],
@@ -262,6 +309,13 @@ impl PgConfig {
                 self.prob_floor
             ));
         }
+        if let Judge::Reconstructed { windows, top } = self.judge
+            && (windows == 0 || top == 0)
+        {
+            return bad(format!(
+                "the least-squares judge needs at least one window and one candidate (windows {windows}, top {top})"
+            ));
+        }
         if self.units.contains(&UnitKind::Layer) && self.budget == Budget::PerType {
             return bad(
                 "--units layers needs --budget params: a per-type layer budget would remove layers on top of the per-type head and channel budgets"
@@ -326,6 +380,10 @@ pub struct PgState {
     /// is that plan when it meets the budget): a candidate of the held-out choice.
     #[serde(default)]
     pub init_plan: Option<MaskPlan>,
+    /// `init_plan`'s held-out losses when the caller already judged it (an automatic start
+    /// judges its candidates on the same windows): the final choice reuses them.
+    #[serde(default)]
+    pub init_judged: Option<crate::Judged>,
     /// Free-form run metadata kept with the state (model, calibration, command).
     #[serde(default)]
     pub meta: serde_json::Value,
@@ -406,6 +464,7 @@ impl PgState {
             config,
             probs,
             init_plan,
+            init_judged: None,
             baseline: None,
             step: 0,
             cursor: 0,

@@ -568,7 +568,11 @@ fn the_default_search_resumes_bit_identically_and_chooses_on_held_out_windows() 
     assert_eq!(fresh.step, 0);
     // The choice picks the candidate with the lower held-out loss, and says so.
     let held: Vec<Vec<u32>> = windows()[..2].to_vec();
-    let (chosen, choice) = choose(&model, &held, Some(&means), &space, &full).unwrap();
+    let fit: Vec<Vec<u32>> = windows()[2..].to_vec();
+    let mut masked_state = full.clone();
+    masked_state.config.judge = Judge::Masked;
+    let (chosen, choice) =
+        choose(&model, &fit, &held, Some(&means), &space, &masked_state).unwrap();
     let choice = choice.expect("a plan start with held-out windows compares");
     let loss_of = |p: &MaskPlan| {
         lopper_surgery::mean_loss_kept(&model, p, Some(&means), model.tokens(&held).unwrap())
@@ -584,4 +588,107 @@ fn the_default_search_resumes_bit_identically_and_chooses_on_held_out_windows() 
     assert_eq!(chosen.layers, expect.layers);
     assert_eq!(choice.chosen, if li < ls { "init" } else { "search" });
     assert!(chosen.meta.contains_key("final_choice"));
+    assert!(choice.masked.is_empty());
+    // The least-squares judge cuts each candidate, refits it on the first fit windows and
+    // scores the refit model; the masked losses are kept beside.
+    let mut ls_state = full.clone();
+    let judge = Judge::Reconstructed { windows: 3, top: 2 };
+    ls_state.config.judge = judge;
+    let (chosen, choice) = choose(&model, &fit, &held, Some(&means), &space, &ls_state).unwrap();
+    let choice = choice.unwrap();
+    let refit_loss = |p: &MaskPlan| {
+        let settings = lopper_sparse::ReconSettings {
+            batch_size: 2,
+            ..Default::default()
+        };
+        let (cut, _, _) =
+            lopper_sparse::reconstruct(&model, p, &fit[..3], &settings, |_| {}).unwrap();
+        let all = MaskPlan::keep_all(cut.shape());
+        lopper_surgery::windows_loss_kept(&cut, &all, None, &held, 2).unwrap()
+    };
+    let (rs, ri) = (refit_loss(&searched), refit_loss(&init_plan));
+    assert!(rs.is_finite() && ri.is_finite());
+    assert!(
+        (choice.candidates[0].1 - rs).abs() < 1e-9 && (choice.candidates[1].1 - ri).abs() < 1e-9,
+        "{:?} vs {rs} {ri}",
+        choice.candidates
+    );
+    assert!((choice.masked[0].1 - ls).abs() < 1e-9 && (choice.masked[1].1 - li).abs() < 1e-9);
+    assert_eq!(choice.judge, judge);
+    let expect = if ri < rs { &init_plan } else { &searched };
+    assert_eq!(chosen.layers, expect.layers);
+    // Two different plans: the refit losses rank them; with top 1 only the better masked one
+    // is refit, so it wins.
+    let other = MaskPlan::from_removed(
+        &shape,
+        &(0..24)
+            .map(|index| PruneUnit::Channel { layer: 0, index })
+            .chain([PruneUnit::KvGroup { layer: 2, group: 0 }])
+            .collect::<Vec<_>>(),
+    )
+    .unwrap();
+    let pair = [&init_plan, &other];
+    let (judged, best) = judge_plans(
+        &model,
+        &pair,
+        &[],
+        Some(&means),
+        &fit,
+        &held,
+        &ls_state.config,
+    )
+    .unwrap();
+    let (r0, r1) = (refit_loss(&init_plan), refit_loss(&other));
+    assert!(
+        (r0 - r1).abs() > 1e-9,
+        "the test needs two different losses"
+    );
+    assert_eq!(judged[0].reconstructed, Some(r0));
+    assert_eq!(judged[1].reconstructed, Some(r1));
+    assert_eq!(best, usize::from(r1 < r0));
+    ls_state.config.judge = Judge::Reconstructed { windows: 3, top: 1 };
+    let (judged, best) = judge_plans(
+        &model,
+        &pair,
+        &[],
+        Some(&means),
+        &fit,
+        &held,
+        &ls_state.config,
+    )
+    .unwrap();
+    let first = usize::from(judged[1].masked < judged[0].masked);
+    assert_eq!(best, first);
+    assert!(judged[first].reconstructed.is_some() && judged[1 - first].reconstructed.is_none());
+    // Losses already known are reused, not recomputed.
+    let fake = Judged {
+        masked: 0.25,
+        reconstructed: Some(0.125),
+    };
+    let (judged, best) = judge_plans(
+        &model,
+        &pair,
+        &[None, Some(fake)],
+        Some(&means),
+        &fit,
+        &held,
+        &ls_state.config,
+    )
+    .unwrap();
+    assert_eq!((best, judged[1]), (1, fake));
+    // Equal plans are scored once and tie to the first.
+    let (judged, best) = judge_plans(
+        &model,
+        &[&init_plan, &init_plan],
+        &[],
+        Some(&means),
+        &fit,
+        &held,
+        &ls_state.config,
+    )
+    .unwrap();
+    assert_eq!(
+        (best, judged[0], judged[1].reconstructed),
+        (0, judged[1], judged[0].reconstructed)
+    );
 }
