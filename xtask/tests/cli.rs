@@ -1894,6 +1894,8 @@ fn compare_recovers_cells_with_the_suffix_and_shares_their_search() {
         "2",
         "--recover-lr",
         "0.01",
+        "--pg-judge",
+        "ls",
     ]);
     let (ok, stdout, err) = xtask(&args);
     assert!(ok, "{err}");
@@ -1921,6 +1923,10 @@ fn compare_recovers_cells_with_the_suffix_and_shares_their_search() {
         assert_eq!(lines.lines().count(), 3);
         assert!(!dir.join("curve.jsonl").exists(), "the search ran again");
         assert!(!dir.join("recover/recover-checkpoint.json").exists());
+        // --pg-judge ls: the search's held-out choice scored least-squares cuts.
+        let plan =
+            lopper_core::MaskPlan::load(&out.join(format!("cells/pg+ls@{s}/plan.json"))).unwrap();
+        assert_eq!(plan.meta["final_choice"]["judge"]["type"], "reconstructed");
     }
     for (methods, want) in [
         ("dense+recover", "+recover"),

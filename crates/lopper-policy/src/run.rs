@@ -203,6 +203,17 @@ pub fn judge_plans<B: Backend>(
                 "the least-squares judge has no calibration window to refit on".into(),
             ));
         }
+        // A known refit loss stands for every equal plan (the search's plan is often its
+        // start, whose loss the automatic start already computed).
+        for i in 0..plans.len() {
+            if judged[i].reconstructed.is_none() {
+                judged[i].reconstructed = (0..plans.len())
+                    .find(|&j| {
+                        plans[j].layers == plans[i].layers && judged[j].reconstructed.is_some()
+                    })
+                    .and_then(|j| judged[j].reconstructed);
+            }
+        }
         let mut order: Vec<usize> = (0..plans.len())
             .filter(|&i| first_equal(i).is_none())
             .collect();

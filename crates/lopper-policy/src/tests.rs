@@ -627,17 +627,11 @@ fn the_default_search_resumes_bit_identically_and_chooses_on_held_out_windows() 
             .collect::<Vec<_>>(),
     )
     .unwrap();
+    let judge = |plans: &[&MaskPlan], known: &[Option<Judged>], cfg: &PgConfig| {
+        judge_plans(&model, plans, known, Some(&means), &fit, &held, cfg).unwrap()
+    };
     let pair = [&init_plan, &other];
-    let (judged, best) = judge_plans(
-        &model,
-        &pair,
-        &[],
-        Some(&means),
-        &fit,
-        &held,
-        &ls_state.config,
-    )
-    .unwrap();
+    let (judged, best) = judge(&pair, &[], &ls_state.config);
     let (r0, r1) = (refit_loss(&init_plan), refit_loss(&other));
     assert!(
         (r0 - r1).abs() > 1e-9,
@@ -647,16 +641,7 @@ fn the_default_search_resumes_bit_identically_and_chooses_on_held_out_windows() 
     assert_eq!(judged[1].reconstructed, Some(r1));
     assert_eq!(best, usize::from(r1 < r0));
     ls_state.config.judge = Judge::Reconstructed { windows: 3, top: 1 };
-    let (judged, best) = judge_plans(
-        &model,
-        &pair,
-        &[],
-        Some(&means),
-        &fit,
-        &held,
-        &ls_state.config,
-    )
-    .unwrap();
+    let (judged, best) = judge(&pair, &[], &ls_state.config);
     let first = usize::from(judged[1].masked < judged[0].masked);
     assert_eq!(best, first);
     assert!(judged[first].reconstructed.is_some() && judged[1 - first].reconstructed.is_none());
@@ -665,28 +650,13 @@ fn the_default_search_resumes_bit_identically_and_chooses_on_held_out_windows() 
         masked: 0.25,
         reconstructed: Some(0.125),
     };
-    let (judged, best) = judge_plans(
-        &model,
-        &pair,
-        &[None, Some(fake)],
-        Some(&means),
-        &fit,
-        &held,
-        &ls_state.config,
-    )
-    .unwrap();
+    let (judged, best) = judge(&pair, &[None, Some(fake)], &ls_state.config);
     assert_eq!((best, judged[1]), (1, fake));
+    // A known loss stands for an equal plan too: nothing is refit.
+    let (judged, _) = judge(&[&other, &other], &[None, Some(fake)], &ls_state.config);
+    assert_eq!(judged[0].reconstructed, fake.reconstructed);
     // Equal plans are scored once and tie to the first.
-    let (judged, best) = judge_plans(
-        &model,
-        &[&init_plan, &init_plan],
-        &[],
-        Some(&means),
-        &fit,
-        &held,
-        &ls_state.config,
-    )
-    .unwrap();
+    let (judged, best) = judge(&[&init_plan, &init_plan], &[], &ls_state.config);
     assert_eq!(
         (best, judged[0], judged[1].reconstructed),
         (0, judged[1], judged[0].reconstructed)
