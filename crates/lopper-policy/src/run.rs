@@ -179,23 +179,36 @@ pub fn judge_plans<B: Backend>(
     } else {
         None
     };
-    // Equal plans (the search often ends on its start) are scored once.
-    let first_equal = |i: usize| (0..i).find(|&j| plans[j].layers == plans[i].layers);
-    let mut judged: Vec<Judged> = Vec::with_capacity(plans.len());
-    for (i, plan) in plans.iter().enumerate() {
-        if let Some(Some(k)) = known.get(i) {
-            judged.push(*k);
-            continue;
+    // One score per distinct plan (the search often ends on its start): `class[i]` is the
+    // first plan equal to plan `i`, and a known loss of any plan stands for its whole class.
+    let n = plans.len();
+    let class: Vec<usize> = (0..n)
+        .map(|i| {
+            (0..i)
+                .find(|&j| plans[j].layers == plans[i].layers)
+                .unwrap_or(i)
+        })
+        .collect();
+    let mut scored: Vec<Option<Judged>> = vec![None; n];
+    for (i, k) in known.iter().enumerate().take(n) {
+        if let Some(k) = k {
+            scored[class[i]] = Some(*k);
         }
-        let masked = match first_equal(i) {
-            Some(j) => judged[j].masked,
-            None => windows_loss_kept(model, plan, means, held_out, cfg.batch_size)?,
-        };
-        judged.push(Judged {
-            masked,
-            reconstructed: None,
-        });
     }
+    let reps: Vec<usize> = (0..n).filter(|&i| class[i] == i).collect();
+    for &i in &reps {
+        if scored[i].is_none() {
+            let masked = windows_loss_kept(model, plans[i], means, held_out, cfg.batch_size)?;
+            scored[i] = Some(Judged {
+                masked,
+                reconstructed: None,
+            });
+        }
+    }
+    let mut judged: Vec<Judged> = reps
+        .iter()
+        .map(|&i| scored[i].expect("every distinct plan is scored"))
+        .collect();
     if let Judge::Reconstructed { windows, top } = cfg.judge {
         let fit = &fit[..windows.min(fit.len())];
         if fit.is_empty() {
@@ -203,46 +216,33 @@ pub fn judge_plans<B: Backend>(
                 "the least-squares judge has no calibration window to refit on".into(),
             ));
         }
-        // A known refit loss stands for every equal plan (the search's plan is often its
-        // start, whose loss the automatic start already computed).
-        for i in 0..plans.len() {
-            if judged[i].reconstructed.is_none() {
-                judged[i].reconstructed = (0..plans.len())
-                    .find(|&j| {
-                        plans[j].layers == plans[i].layers && judged[j].reconstructed.is_some()
-                    })
-                    .and_then(|j| judged[j].reconstructed);
-            }
-        }
-        let mut order: Vec<usize> = (0..plans.len())
-            .filter(|&i| first_equal(i).is_none())
-            .collect();
+        let mut order: Vec<usize> = (0..reps.len()).collect();
         order.sort_by(|&a, &b| judged[a].masked.total_cmp(&judged[b].masked));
-        for &i in order.iter().take(top) {
-            if judged[i].reconstructed.is_some() {
+        for &r in order.iter().take(top) {
+            if judged[r].reconstructed.is_some() {
                 continue;
             }
             let settings = lopper_sparse::ReconSettings {
                 batch_size: cfg.batch_size,
                 ..lopper_sparse::ReconSettings::default()
             };
-            let (cut, _, _) = lopper_sparse::reconstruct(model, plans[i], fit, &settings, |_| {})?;
+            let (cut, _, _) =
+                lopper_sparse::reconstruct(model, plans[reps[r]], fit, &settings, |_| {})?;
             let all = MaskPlan::keep_all(cut.shape());
             let loss = windows_loss_kept(&cut, &all, None, held_out, cfg.batch_size)?;
             tracing::debug!(
-                candidate = i,
-                masked = judged[i].masked,
+                candidate = reps[r],
+                masked = judged[r].masked,
                 reconstructed = loss,
                 "judged"
             );
-            judged[i].reconstructed = Some(loss);
-        }
-        for i in 0..plans.len() {
-            if let Some(j) = first_equal(i) {
-                judged[i].reconstructed = judged[j].reconstructed;
-            }
+            judged[r].reconstructed = Some(loss);
         }
     }
+    let judged: Vec<Judged> = class
+        .iter()
+        .map(|c| judged[reps.binary_search(c).expect("a class is a distinct plan")])
+        .collect();
     let best = (0..plans.len())
         .min_by(|&a, &b| {
             judged[a]
