@@ -88,6 +88,32 @@ fn axpy<B: Backend>(a: &PerLinear<B>, b: &PerLinear<B>, scale: f32) -> PerLinear
     zip_linear(a, b, |x, y| x + y * scale)
 }
 
+/// `acc + scale * b` per linear (`scale * b` when there is no `acc` yet), taking both by value:
+/// a tensor nobody else holds is updated in place, so accumulating gradients allocates nothing
+/// (a fresh copy of every decoder weight per backward pass was a fifth of a backward's time).
+fn accumulate<B: Backend>(acc: Option<PerLinear<B>>, b: PerLinear<B>, scale: f32) -> PerLinear<B> {
+    let scaled = |y: Tensor<B, 2>| if scale == 1.0 { y } else { y * scale };
+    match acc {
+        None => b.into_iter().map(|y| y.map(|y| y.map(scaled))).collect(),
+        Some(a) => a
+            .into_iter()
+            .zip(b)
+            .map(|(x, y)| {
+                let mut y = y.map(|t| t.map(scaled));
+                let mut k = 0;
+                x.map(|x| {
+                    let y = y[k].take();
+                    k += 1;
+                    match (x, y) {
+                        (Some(x), Some(y)) => Some(x + y),
+                        _ => None,
+                    }
+                })
+            })
+            .collect(),
+    }
+}
+
 /// `f(t)` applied to every present tensor.
 fn map_linear<B: Backend>(
     a: &PerLinear<B>,
@@ -176,22 +202,20 @@ pub fn linear_grads<B: Backend>(
     for (chunk, w) in backward_chunks(batch) {
         let loss = ad.token_nll(tokens(ad, chunk)?, masks)?.mean();
         value += w * host(loss.clone().inner())?[0];
-        let grads = loss.backward();
+        let mut grads = loss.backward();
         let g: PerLinear<B> = ad
             .layers
             .iter()
             .map(|l| {
                 layer_linears(l).map(|lin| {
-                    // In f32, whatever the weights' storage type.
-                    lin.and_then(|lin| lin.weight.val().grad(&grads))
+                    // Taken out of the container (then nothing else holds it), in f32 whatever
+                    // the weights' storage type.
+                    lin.and_then(|lin| lin.weight.val().grad_remove(&mut grads))
                         .map(|g| g.cast(burn::tensor::DType::F32))
                 })
             })
             .collect();
-        acc = Some(match acc {
-            Some(a) => axpy(&a, &g, w as f32),
-            None => map_linear(&g, |t| t * w as f32),
-        });
+        acc = Some(accumulate(acc, g, w as f32));
     }
     let g = acc.ok_or_else(|| Error::Invalid("a gradient of an empty batch".into()))?;
     Ok((value, g))
@@ -276,14 +300,8 @@ fn calibration_grads<B: Backend>(
         let (_, gw) = linear_grads(ad, window, None)?;
         // Equal-length windows: each window's gradient weighs 1/n in the mean.
         let sq = map_linear(&gw, |t| t.powi_scalar(2));
-        g = Some(match g {
-            Some(acc) => axpy(&acc, &gw, 1.0 / n),
-            None => map_linear(&gw, |t| t / n),
-        });
-        f = Some(match f {
-            Some(acc) => axpy(&acc, &sq, 1.0 / n),
-            None => map_linear(&sq, |t| t / n),
-        });
+        g = Some(accumulate(g, gw, 1.0 / n));
+        f = Some(accumulate(f, sq, 1.0 / n));
     }
     Ok((g.expect("at least one window"), f))
 }

@@ -12,14 +12,14 @@ use std::any::TypeId;
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorData};
-use burn_flex::FlexTensor;
+use burn_flex::{Flex, FlexTensor};
 use rayon::prelude::*;
 
 use half::bf16;
 
 use crate::blas::{Blas, MatRef, blas};
 use crate::math::{exp, max_of, round_to_bf16};
-use crate::matmul::{blas_enabled, from_flex, into_flex};
+use crate::matmul::{AutodiffTensor, blas_enabled, from_flex, into_flex};
 
 /// Query rows per task: bounds a task's score block at `ROWS x seq`.
 const ROWS: usize = 256;
@@ -59,9 +59,11 @@ pub struct RopeTables<'a> {
 }
 
 /// Causal softmax attention of RoPE-rotated `q` and `k` over `v`, scale `1 / sqrt(head_dim)`,
-/// query head `h` reading KV head `h / (heads / kv_heads)`, on the BLAS. Hands the operands
-/// back (`Err`) where the fast path does not apply: another backend, a dtype other than f32,
-/// no BLAS, or tables and shapes that disagree. The caller then runs its portable path.
+/// query head `h` reading KV head `h / (heads / kv_heads)`, on the BLAS. On `Autodiff<Flex>`
+/// it is one recorded op whose backward ([`attention_grads`]) runs on the BLAS too. Hands the
+/// operands back (`Err`) where the fast path does not apply: another backend, a dtype other
+/// than f32, no BLAS, or tables and shapes that disagree. The caller then runs its portable
+/// path.
 ///
 /// # Shapes
 /// - `q`: `[batch * seq, heads * head_dim]`, `k`, `v`: `[batch * seq, kv_heads * head_dim]`
@@ -83,8 +85,7 @@ pub fn causal_attention<B: Backend>(
         head_dim: hd,
         ..
     } = shape;
-    let fits = TypeId::of::<B::FloatTensorPrimitive>() == TypeId::of::<FlexTensor>()
-        && blas_enabled()
+    let fits = blas_enabled()
         && q.dtype() == DType::F32
         && k.dtype() == DType::F32
         && v.dtype() == DType::F32
@@ -100,11 +101,42 @@ pub fn causal_attention<B: Backend>(
     let Some(blas) = blas().filter(|_| fits) else {
         return Err((q, k, v));
     };
+    let primitive = TypeId::of::<B::FloatTensorPrimitive>();
+    if primitive == TypeId::of::<AutodiffTensor<Flex>>() {
+        // Recorded on the autodiff graph with its own backward (f32 products).
+        let shape = AttentionShape {
+            products: DType::F32,
+            ..shape
+        };
+        return Ok(crate::autodiff::attention(q, k, v, shape, rope));
+    }
+    if primitive != TypeId::of::<FlexTensor>() {
+        return Err((q, k, v));
+    }
     let flex = |t: Tensor<B, 2>| into_flex(t).map(|f| f.to_contiguous());
     let (q, k, v) = match (flex(q), flex(k), flex(v)) {
         (Ok(q), Ok(k), Ok(v)) => (q, k, v),
         _ => unreachable!("the float primitive is FlexTensor (checked above)"),
     };
+    Ok(from_flex(attention_flex(blas, &q, &k, &v, shape, rope)))
+}
+
+/// [`causal_attention`] of contiguous f32 Flex tensors, on `blas`.
+pub(crate) fn attention_flex(
+    blas: &Blas,
+    q: &FlexTensor,
+    k: &FlexTensor,
+    v: &FlexTensor,
+    shape: AttentionShape,
+    rope: RopeTables<'_>,
+) -> FlexTensor {
+    let AttentionShape {
+        batch,
+        seq,
+        heads,
+        head_dim: hd,
+        ..
+    } = shape;
     let (qs, ks, vs) = (q.storage::<f32>(), k.storage::<f32>(), v.storage::<f32>());
     let qw = heads * hd;
     let tasks: Vec<(usize, usize, usize)> = (0..batch)
@@ -136,19 +168,16 @@ pub fn causal_attention<B: Backend>(
         }
     }
     crate::matmul::count_blas_product();
-    Ok(from_flex(FlexTensor::from_data(TensorData::new(
-        out,
-        [batch * seq, qw],
-    ))))
+    FlexTensor::from_data(TensorData::new(out, [batch * seq, qw]))
 }
 
 /// The projections' outputs and the geometry of one attention call.
-struct Inputs<'a> {
-    q: &'a [f32],
-    k: &'a [f32],
-    v: &'a [f32],
-    shape: AttentionShape,
-    rope: RopeTables<'a>,
+pub(crate) struct Inputs<'a> {
+    pub(crate) q: &'a [f32],
+    pub(crate) k: &'a [f32],
+    pub(crate) v: &'a [f32],
+    pub(crate) shape: AttentionShape,
+    pub(crate) rope: RopeTables<'a>,
 }
 
 /// The element the two products multiply: f32, or bf16 (rounded inputs, f32 accumulation).
@@ -336,6 +365,198 @@ crate::math::multiversioned! {
                 d1[j] = x1[j] * c[j] + x2[j] * s[j];
                 d2[j] = x2[j] * c[half + j] + x1[j] * s[half + j];
             }
+        }
+    }
+}
+
+/// The gradients of [`causal_attention`] with respect to its unrotated `q`, `k` and `v`, given
+/// the gradient `dout` of its output, in f32. The probabilities are recomputed block by block
+/// (as the forward computes them) rather than kept: per block of query rows `r0..r1`,
+/// `dV += P^T dO`, `dP = dO V^T`, `dS = P (dP - rowsum(P dP))`, `dQ = dS K / sqrt(hd)` and
+/// `dK += dS^T Q / sqrt(hd)` in the rotated space, then rotated back (the transpose of RoPE).
+/// One task per (batch row, KV head): its query heads' contributions to the group's `dK` and
+/// `dV` add up inside the task, so no two tasks write the same rows.
+///
+/// # Shapes
+/// - `q`, `dout`: `[batch * seq, heads * head_dim]`, `k`, `v`: `[batch * seq, kv_heads * head_dim]`
+/// - output: `(dq, dk, dv)` in the shapes of `q`, `k`, `v`
+#[allow(clippy::type_complexity)]
+pub(crate) fn attention_grads(
+    blas: &Blas,
+    x: &Inputs<'_>,
+    dout: &[f32],
+) -> crate::Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+    let AttentionShape {
+        batch,
+        seq,
+        heads,
+        kv_heads,
+        head_dim: hd,
+        ..
+    } = x.shape;
+    let (qw, kw) = (heads * hd, kv_heads * hd);
+    let rep = heads / kv_heads;
+    let scale = (hd as f32).sqrt().recip();
+    let tasks: Vec<(usize, usize)> = (0..batch)
+        .flat_map(|b| (0..kv_heads).map(move |g| (b, g)))
+        .collect();
+    fn mat(data: &[f32], rows: usize, cols: usize, ld: usize, trans: bool) -> MatRef<'_, f32> {
+        MatRef {
+            data,
+            rows,
+            cols,
+            ld,
+            trans,
+        }
+    }
+    let add = |acc: &mut [f32], part: &[f32]| acc.iter_mut().zip(part).for_each(|(a, p)| *a += p);
+    let parts: Vec<crate::Result<[Vec<f32>; 3]>> = tasks
+        .par_iter()
+        .map(|&(b, g)| {
+            let mut keys = vec![0f32; seq * hd];
+            rotate_into(&mut keys, x.k, kw, g * hd, b * seq, 0, hd, x.rope);
+            let mut values = vec![0f32; seq * hd];
+            for (t, dst) in values.chunks_exact_mut(hd).enumerate() {
+                dst.copy_from_slice(&x.v[(b * seq + t) * kw + g * hd..][..hd]);
+            }
+            let (mut dk_rot, mut dv) = (vec![0f32; seq * hd], vec![0f32; seq * hd]);
+            // The group's query heads' gradients, `[rep, seq, hd]`, rotated back.
+            let mut dq = vec![0f32; rep * seq * hd];
+            let mut part = Vec::new();
+            for hi in 0..rep {
+                let h = g * rep + hi;
+                for r0 in (0..seq).step_by(ROWS) {
+                    let r1 = (r0 + ROWS).min(seq);
+                    let rows = r1 - r0;
+                    let mut q = vec![0f32; rows * hd];
+                    rotate_into(&mut q, x.q, qw, h * hd, b * seq + r0, r0, hd, x.rope);
+                    q.iter_mut().for_each(|v| *v *= scale);
+                    let mut d_o = vec![0f32; rows * hd];
+                    for (i, dst) in d_o.chunks_exact_mut(hd).enumerate() {
+                        dst.copy_from_slice(&dout[(b * seq + r0 + i) * qw + h * hd..][..hd]);
+                    }
+                    let (keys, values) = (&keys[..r1 * hd], &values[..r1 * hd]);
+                    let mut p = vec![0f32; rows * r1];
+                    blas.sgemm(
+                        mat(&q, rows, hd, hd, false),
+                        mat(keys, hd, r1, hd, true),
+                        &mut p,
+                        r1,
+                    )?;
+                    for (i, row) in p.chunks_exact_mut(r1).enumerate() {
+                        causal_softmax(row, r0 + i + 1);
+                    }
+                    part.resize(r1 * hd, 0.0);
+                    blas.sgemm(
+                        mat(&p, r1, rows, r1, true),
+                        mat(&d_o, rows, hd, hd, false),
+                        &mut part,
+                        hd,
+                    )?;
+                    add(&mut dv[..r1 * hd], &part);
+                    let mut ds = vec![0f32; rows * r1];
+                    blas.sgemm(
+                        mat(&d_o, rows, hd, hd, false),
+                        mat(values, hd, r1, hd, true),
+                        &mut ds,
+                        r1,
+                    )?;
+                    for (dsr, pr) in ds.chunks_exact_mut(r1).zip(p.chunks_exact(r1)) {
+                        softmax_grad_in_place(dsr, pr);
+                    }
+                    let mut dq_rot = vec![0f32; rows * hd];
+                    blas.sgemm_scaled(
+                        scale,
+                        mat(&ds, rows, r1, r1, false),
+                        mat(keys, r1, hd, hd, false),
+                        &mut dq_rot,
+                        hd,
+                    )?;
+                    let p0 = r0 * hd;
+                    unrope_rows(
+                        &mut dq[(hi * seq + r0) * hd..][..rows * hd],
+                        &dq_rot,
+                        &x.rope.cos[p0..p0 + rows * hd],
+                        &x.rope.sin[p0..p0 + rows * hd],
+                        hd,
+                    );
+                    blas.sgemm(
+                        mat(&ds, r1, rows, r1, true),
+                        mat(&q, rows, hd, hd, false),
+                        &mut part,
+                        hd,
+                    )?;
+                    add(&mut dk_rot[..r1 * hd], &part);
+                }
+            }
+            let mut dk = vec![0f32; seq * hd];
+            unrope_rows(
+                &mut dk,
+                &dk_rot,
+                &x.rope.cos[..seq * hd],
+                &x.rope.sin[..seq * hd],
+                hd,
+            );
+            Ok([dq, dk, dv])
+        })
+        .collect();
+    let (mut dq, mut dk, mut dv) = (
+        vec![0f32; batch * seq * qw],
+        vec![0f32; batch * seq * kw],
+        vec![0f32; batch * seq * kw],
+    );
+    for (&(b, g), part) in tasks.iter().zip(parts) {
+        let [gq, gk, gv] = part?;
+        for (hi, head) in gq.chunks_exact(seq * hd).enumerate() {
+            let h = g * rep + hi;
+            for (t, src) in head.chunks_exact(hd).enumerate() {
+                dq[(b * seq + t) * qw + h * hd..][..hd].copy_from_slice(src);
+            }
+        }
+        for t in 0..seq {
+            let at = (b * seq + t) * kw + g * hd;
+            dk[at..at + hd].copy_from_slice(&gk[t * hd..][..hd]);
+            dv[at..at + hd].copy_from_slice(&gv[t * hd..][..hd]);
+        }
+    }
+    Ok((dq, dk, dv))
+}
+
+crate::math::multiversioned! {
+    /// The transpose of [`rope_rows`]: `dst` (`[rows, hd]`) is the gradient with respect to the
+    /// unrotated rows given `src`, the gradient with respect to the rotated ones.
+    fn unrope_rows(dst: &mut [f32], src: &[f32], cos: &[f32], sin: &[f32], hd: usize) {
+        let half = hd / 2;
+        for (i, d) in dst.chunks_exact_mut(hd).enumerate() {
+            let (g1, g2) = src[i * hd..][..hd].split_at(half);
+            let (c, s) = (&cos[i * hd..][..hd], &sin[i * hd..][..hd]);
+            let (d1, d2) = d.split_at_mut(half);
+            for j in 0..half {
+                d1[j] = g1[j] * c[j] + g2[j] * s[half + j];
+                d2[j] = g1[j] * s[j] + g2[j] * c[half + j];
+            }
+        }
+    }
+}
+
+crate::math::multiversioned! {
+    /// The softmax's backward for one row: `dp` (the gradient with respect to the
+    /// probabilities `p`) becomes `p * (dp - sum(p * dp))`, the gradient with respect to the
+    /// scores (zero where `p` is, the future keys included).
+    fn softmax_grad_in_place(dp: &mut [f32], p: &[f32]) {
+        const L: usize = 8;
+        let mut sums = [0f32; L];
+        let mut a = dp.chunks_exact(L);
+        let mut b = p.chunks_exact(L);
+        for (x, y) in (&mut a).zip(&mut b) {
+            for l in 0..L {
+                sums[l] += x[l] * y[l];
+            }
+        }
+        let rest: f32 = a.remainder().iter().zip(b.remainder()).map(|(x, y)| x * y).sum();
+        let dot = sums.iter().sum::<f32>() + rest;
+        for (x, &y) in dp.iter_mut().zip(p) {
+            *x = y * (*x - dot);
         }
     }
 }

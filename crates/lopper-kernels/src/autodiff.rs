@@ -1,14 +1,26 @@
-//! A matrix product recorded on burn's autodiff graph whose forward and backward products both
-//! run on the BLAS (burn-autodiff's own matmul calls the inner backend's portable product).
+//! Fused ops recorded on burn's autodiff graph (`Autodiff<Flex>`), each with its own backward:
+//! the matrix product, whose forward and backward products both run on the BLAS
+//! (burn-autodiff's own matmul calls the inner backend's portable product); the causal
+//! attention, whose backward recomputes the probabilities block by block on the BLAS instead of
+//! differentiating a dozen recorded reshapes, repeats and softmax steps; and the next-token NLL
+//! of a block of logits, whose backward writes `softmax - onehot` in one pass instead of
+//! differentiating a log-softmax over the vocabulary; SwiGLU's gate and RMSNorm, one pass each
+//! way.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, binary};
 use burn::tensor::ops::FloatTensorOps;
+use burn::tensor::{Tensor, TensorData, TensorMetadata, backend::Backend};
 use burn_flex::{Flex, FlexTensor};
 
-use crate::matmul::{AutodiffTensor, flex_product};
+use crate::attention::{AttentionShape, Inputs, RopeTables, attention_flex, attention_grads};
+use crate::blas::blas;
+use crate::loss::{nll_flex, nll_grad};
+use crate::matmul::{AutodiffTensor, downcast, flex_product, upcast};
+use crate::norm::{rms_norm_flex, rms_norm_grads};
+use crate::swiglu::{swiglu_flex, swiglu_grads};
 
 /// `lhs * rhs` (equal batch dimensions); the gradients are `grad * rhs^T` and `lhs^T * grad`.
 #[derive(Debug)]
@@ -55,4 +67,252 @@ pub(crate) fn blas_matmul(
         }
         OpsKind::UnTracked(prep) => prep.finish(flex_product(lhs.primitive, rhs.primitive)),
     }
+}
+
+/// [`crate::causal_attention`] recorded on the graph; its parents are the unrotated q, k, v.
+#[derive(Debug)]
+struct Attention;
+
+/// What the backward reads: the inputs (contiguous, shared with the graph) and the tables.
+#[derive(Debug, Clone)]
+struct AttentionState {
+    q: FlexTensor,
+    k: FlexTensor,
+    v: FlexTensor,
+    shape: AttentionShape,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+impl Backward<Flex, 3> for Attention {
+    type State = AttentionState;
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = grads.consume::<Flex>(&ops.node).to_contiguous();
+        let s = ops.state;
+        let blas = blas().expect("the op is recorded only where the BLAS is loaded");
+        let inputs = Inputs {
+            q: s.q.storage::<f32>(),
+            k: s.k.storage::<f32>(),
+            v: s.v.storage::<f32>(),
+            shape: s.shape,
+            rope: RopeTables {
+                cos: &s.cos,
+                sin: &s.sin,
+            },
+        };
+        let (dq, dk, dv) = match attention_grads(blas, &inputs, grad.storage::<f32>()) {
+            Ok(g) => g,
+            Err(e) => unreachable!("operands described from their own buffers: {e}"),
+        };
+        let AttentionShape {
+            batch,
+            seq,
+            heads,
+            kv_heads,
+            head_dim,
+            ..
+        } = s.shape;
+        let (rows, qw, kw) = (batch * seq, heads * head_dim, kv_heads * head_dim);
+        let [pq, pk, pv] = ops.parents;
+        for (parent, g, width) in [(pq, dq, qw), (pk, dk, kw), (pv, dv, kw)] {
+            if let Some(node) = parent {
+                let dims = [rows, width];
+                grads.register::<Flex>(node.id, FlexTensor::from_data(TensorData::new(g, dims)));
+            }
+        }
+    }
+}
+
+/// The causal attention on `Autodiff<Flex>` (the caller checked dtypes, shapes and the BLAS).
+pub(crate) fn attention<B: Backend>(
+    q: Tensor<B, 2>,
+    k: Tensor<B, 2>,
+    v: Tensor<B, 2>,
+    shape: AttentionShape,
+    rope: RopeTables<'_>,
+) -> Tensor<B, 2> {
+    let blas = blas().expect("checked by the caller");
+    let [q, k, v] = [q, k, v].map(downcast::<B, AutodiffTensor<Flex>, 2>);
+    let [fq, fk, fv] = [&q, &k, &v].map(|t| t.primitive.clone().to_contiguous());
+    let out = attention_flex(blas, &fq, &fk, &fv, shape, rope);
+    let prep = Attention
+        .prepare::<NoCheckpointing>([q.node.clone(), k.node.clone(), v.node.clone()])
+        .compute_bound()
+        .stateful();
+    upcast::<B, 2, _>(match prep {
+        OpsKind::Tracked(prep) => {
+            let hd = shape.head_dim;
+            let state = AttentionState {
+                q: fq,
+                k: fk,
+                v: fv,
+                shape,
+                cos: rope.cos[..shape.seq * hd].to_vec(),
+                sin: rope.sin[..shape.seq * hd].to_vec(),
+            };
+            prep.finish(state, out)
+        }
+        OpsKind::UnTracked(prep) => prep.finish(out),
+    })
+}
+
+/// [`crate::nll`] recorded on the graph; its parent is the block of logits.
+#[derive(Debug)]
+struct Nll;
+
+/// The logits (shared with the graph), the targets and each row's log-sum-exp.
+#[derive(Debug, Clone)]
+struct NllState {
+    logits: FlexTensor,
+    ids: Vec<usize>,
+    lse: Vec<f32>,
+}
+
+impl Backward<Flex, 1> for Nll {
+    type State = NllState;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = grads.consume::<Flex>(&ops.node).to_contiguous();
+        let s = ops.state;
+        let [parent] = ops.parents;
+        if let Some(node) = parent {
+            let rows = s.ids.len();
+            let g = nll_grad(
+                s.logits.storage::<f32>(),
+                &s.ids,
+                &s.lse,
+                grad.storage::<f32>(),
+            );
+            let vocab = g.len() / rows.max(1);
+            let g = FlexTensor::from_data(TensorData::new(g, [rows, vocab]));
+            grads.register::<Flex>(node.id, g);
+        }
+    }
+}
+
+/// The NLL of every row on `Autodiff<Flex>` (the caller checked the dtype and the targets).
+pub(crate) fn nll<B: Backend>(logits: Tensor<B, 2>, ids: Vec<usize>) -> Tensor<B, 1> {
+    let logits = downcast::<B, AutodiffTensor<Flex>, 2>(logits);
+    let flat = logits.primitive.clone().to_contiguous();
+    let (out, lse) = nll_flex(&flat, &ids);
+    let prep = Nll
+        .prepare::<NoCheckpointing>([logits.node.clone()])
+        .compute_bound()
+        .stateful();
+    upcast::<B, 1, _>(match prep {
+        OpsKind::Tracked(prep) => prep.finish(
+            NllState {
+                logits: flat,
+                ids,
+                lse,
+            },
+            out,
+        ),
+        OpsKind::UnTracked(prep) => prep.finish(out),
+    })
+}
+
+/// [`crate::swiglu`] recorded on the graph; its parents are the gate and the up projection.
+#[derive(Debug)]
+struct Swiglu;
+
+impl Backward<Flex, 2> for Swiglu {
+    /// The two inputs, contiguous.
+    type State = (FlexTensor, FlexTensor);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = grads.consume::<Flex>(&ops.node).to_contiguous();
+        let (g, u) = ops.state;
+        let dims = g.shape().to_vec();
+        let (dg, du) = swiglu_grads(
+            g.storage::<f32>(),
+            u.storage::<f32>(),
+            grad.storage::<f32>(),
+        );
+        let [pg, pu] = ops.parents;
+        for (parent, d) in [(pg, dg), (pu, du)] {
+            if let Some(node) = parent {
+                let t = FlexTensor::from_data(TensorData::new(d, dims.clone()));
+                grads.register::<Flex>(node.id, t);
+            }
+        }
+    }
+}
+
+/// SwiGLU's gate on `Autodiff<Flex>` (the caller checked dtypes and shapes).
+pub(crate) fn swiglu<B: Backend>(gate: Tensor<B, 2>, up: Tensor<B, 2>) -> Tensor<B, 2> {
+    let [g, u] = [gate, up].map(downcast::<B, AutodiffTensor<Flex>, 2>);
+    let (fg, fu) = (
+        g.primitive.clone().to_contiguous(),
+        u.primitive.clone().to_contiguous(),
+    );
+    let out = swiglu_flex(&fg, &fu);
+    let prep = Swiglu
+        .prepare::<NoCheckpointing>([g.node.clone(), u.node.clone()])
+        .compute_bound()
+        .stateful();
+    upcast::<B, 2, _>(match prep {
+        OpsKind::Tracked(prep) => prep.finish((fg, fu), out),
+        OpsKind::UnTracked(prep) => prep.finish(out),
+    })
+}
+
+/// [`crate::rms_norm`] recorded on the graph; its parents are the input and the weight.
+#[derive(Debug)]
+struct RmsNorm;
+
+/// The input and weight (contiguous) and every row's `1 / sqrt(mean(x^2) + eps)`.
+#[derive(Debug, Clone)]
+struct RmsNormState {
+    x: FlexTensor,
+    w: FlexTensor,
+    r: Vec<f32>,
+}
+
+impl Backward<Flex, 2> for RmsNorm {
+    type State = RmsNormState;
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = grads.consume::<Flex>(&ops.node).to_contiguous();
+        let s = ops.state;
+        let dims = s.x.shape().to_vec();
+        let (dx, dw) = rms_norm_grads(
+            s.x.storage::<f32>(),
+            s.w.storage::<f32>(),
+            &s.r,
+            grad.storage::<f32>(),
+        );
+        let [px, pw] = ops.parents;
+        if let Some(node) = px {
+            grads.register::<Flex>(node.id, FlexTensor::from_data(TensorData::new(dx, dims)));
+        }
+        if let Some(node) = pw {
+            let n = dw.len();
+            grads.register::<Flex>(node.id, FlexTensor::from_data(TensorData::new(dw, [n])));
+        }
+    }
+}
+
+/// RMSNorm on `Autodiff<Flex>` (the caller checked dtypes and shapes).
+pub(crate) fn rms_norm<B: Backend>(
+    x: Tensor<B, 2>,
+    weight: Tensor<B, 1>,
+    eps: f32,
+) -> Tensor<B, 2> {
+    let x = downcast::<B, AutodiffTensor<Flex>, 2>(x);
+    let w = downcast::<B, AutodiffTensor<Flex>, 1>(weight);
+    let (fx, fw) = (
+        x.primitive.clone().to_contiguous(),
+        w.primitive.clone().to_contiguous(),
+    );
+    let (out, r) = rms_norm_flex(&fx, &fw, eps);
+    let prep = RmsNorm
+        .prepare::<NoCheckpointing>([x.node.clone(), w.node.clone()])
+        .compute_bound()
+        .stateful();
+    upcast::<B, 2, _>(match prep {
+        OpsKind::Tracked(prep) => prep.finish(RmsNormState { x: fx, w: fw, r }, out),
+        OpsKind::UnTracked(prep) => prep.finish(out),
+    })
 }

@@ -8,6 +8,7 @@ mod error;
 pub mod loss;
 pub mod math;
 pub mod matmul;
+pub mod norm;
 pub mod swiglu;
 
 pub use attention::{AttentionShape, RopeTables, causal_attention};
@@ -16,4 +17,5 @@ pub use dnnl::install_dnnl;
 pub use error::{Error, Result};
 pub use loss::nll;
 pub use matmul::{linear, matmul, portable, products_on_blas, set_blas_enabled};
+pub use norm::rms_norm;
 pub use swiglu::swiglu;

@@ -1,17 +1,18 @@
 //! Next-token negative log-likelihood straight from a block of logits: one pass per row
 //! (maximum, then the log-sum-exp on eight lanes with the vectorised `exp`), nothing written
 //! but one value per row. The portable path builds the shifted logits, their exponentials and
-//! the gathered targets as full `[rows, vocab]` tensors.
+//! the gathered targets as full `[rows, vocab]` tensors. On `Autodiff<Flex>` the same pass is a
+//! recorded op whose backward writes `softmax - onehot` row by row ([`nll_grad`]).
 
 use std::any::TypeId;
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Int, Tensor, TensorData};
-use burn_flex::FlexTensor;
+use burn_flex::{Flex, FlexTensor};
 use rayon::prelude::*;
 
 use crate::math::{exp, max_of};
-use crate::matmul::{blas_enabled, from_flex, into_flex};
+use crate::matmul::{AutodiffTensor, blas_enabled, from_flex, into_flex};
 
 /// `logsumexp(logits[r]) - logits[r, targets[r]]` for every row `r`, in f32. Hands the inputs
 /// back (`Err`) where the fast path does not apply (another backend, a dtype other than f32,
@@ -25,7 +26,9 @@ pub fn nll<B: Backend>(
     targets: Tensor<B, 1, Int>,
 ) -> Result<Tensor<B, 1>, (Tensor<B, 2>, Tensor<B, 1, Int>)> {
     let [rows, vocab] = logits.dims();
-    if TypeId::of::<B::FloatTensorPrimitive>() != TypeId::of::<FlexTensor>()
+    let primitive = TypeId::of::<B::FloatTensorPrimitive>();
+    let autodiff = primitive == TypeId::of::<AutodiffTensor<Flex>>();
+    if !(autodiff || primitive == TypeId::of::<FlexTensor>())
         || !blas_enabled()
         || logits.dtype() != DType::F32
         || targets.dims() != [rows]
@@ -40,24 +43,63 @@ pub fn nll<B: Backend>(
     if ids.iter().any(|&t| t < 0 || t as usize >= vocab) {
         return Err((logits, targets));
     }
+    let ids: Vec<usize> = ids.into_iter().map(|t| t as usize).collect();
+    if autodiff {
+        return Ok(crate::autodiff::nll(logits, ids));
+    }
     let l = match into_flex(logits) {
         Ok(l) => l.to_contiguous(),
         Err(_) => unreachable!("the float primitive is FlexTensor (checked above)"),
     };
-    let data = l.storage::<f32>();
-    let out: Vec<f32> = data
-        .par_chunks_exact(vocab)
-        .zip(ids.par_iter())
-        .map(|(row, &t)| row_nll(row, t as usize))
-        .collect();
-    Ok(from_flex(FlexTensor::from_data(TensorData::new(
-        out,
-        [rows],
-    ))))
+    let (out, _) = nll_flex(&l, &ids);
+    Ok(from_flex(out))
 }
 
-/// `log(sum(exp(row))) - row[target]`, stable (the row maximum subtracted).
-fn row_nll(row: &[f32], target: usize) -> f32 {
+/// The NLL of every row of contiguous f32 `logits` (`[rows]`) and each row's log-sum-exp.
+pub(crate) fn nll_flex(logits: &FlexTensor, ids: &[usize]) -> (FlexTensor, Vec<f32>) {
+    let data = logits.storage::<f32>();
+    let vocab = data.len() / ids.len().max(1);
+    let (out, lse): (Vec<f32>, Vec<f32>) = data
+        .par_chunks_exact(vocab.max(1))
+        .zip(ids.par_iter())
+        .map(|(row, &t)| {
+            let lse = log_sum_exp(row);
+            (lse - row[t], lse)
+        })
+        .unzip();
+    let rows = out.len();
+    (FlexTensor::from_data(TensorData::new(out, [rows])), lse)
+}
+
+/// The gradient of the rows' NLL with respect to their logits, each row scaled by its
+/// `grad`: `grad[r] * (softmax(logits[r]) - onehot(ids[r]))`, from the rows' log-sum-exp.
+///
+/// # Shapes
+/// - `logits`: `[rows * vocab]`, `ids`, `lse`, `grad`: `[rows]` -> `[rows * vocab]`
+pub(crate) fn nll_grad(logits: &[f32], ids: &[usize], lse: &[f32], grad: &[f32]) -> Vec<f32> {
+    let vocab = logits.len() / ids.len().max(1);
+    let mut out = vec![0f32; logits.len()];
+    out.par_chunks_exact_mut(vocab.max(1))
+        .zip(logits.par_chunks_exact(vocab.max(1)))
+        .enumerate()
+        .for_each(|(r, (o, x))| {
+            scaled_softmax(o, x, lse[r], grad[r]);
+            o[ids[r]] -= grad[r];
+        });
+    out
+}
+
+crate::math::multiversioned! {
+    /// `out = g * exp(x - lse)`: a row's softmax from its log-sum-exp, scaled.
+    fn scaled_softmax(out: &mut [f32], x: &[f32], lse: f32, g: f32) {
+        for (o, &v) in out.iter_mut().zip(x) {
+            *o = g * exp(v - lse);
+        }
+    }
+}
+
+/// `log(sum(exp(row)))`, stable (the row maximum subtracted).
+fn log_sum_exp(row: &[f32]) -> f32 {
     const L: usize = 8;
     let max = max_of(row);
     let mut sums = [0f32; L];
@@ -73,7 +115,7 @@ fn row_nll(row: &[f32], target: usize) -> f32 {
             .iter()
             .map(|&x| exp(x - max))
             .sum::<f32>();
-    sum.ln() + max - row[target]
+    sum.ln() + max
 }
 
 #[cfg(test)]

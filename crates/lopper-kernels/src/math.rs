@@ -61,15 +61,15 @@ pub fn exp(x: f32) -> f32 {
 /// Defines `$name`, which runs the body compiled for AVX-512 on CPUs that have it (the loop
 /// then runs on 16 lanes) and for the baseline elsewhere.
 macro_rules! multiversioned {
-    ($(#[$doc:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),*) $body:block) => {
+    ($(#[$doc:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),*) $(-> $ret:ty)? $body:block) => {
         $(#[$doc])*
-        $vis fn $name($($arg: $ty),*) {
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
             #[inline(always)]
-            fn body($($arg: $ty),*) $body
+            fn body($($arg: $ty),*) $(-> $ret)? $body
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,fma")]
-                fn wide($($arg: $ty),*) {
+                fn wide($($arg: $ty),*) $(-> $ret)? {
                     body($($arg),*)
                 }
                 if std::arch::is_x86_feature_detected!("avx512f")
@@ -101,6 +101,83 @@ multiversioned! {
             out[i] = g / (1.0 + exp(-g)) * up[i];
         }
     }
+}
+
+multiversioned! {
+    /// The backward of [`silu_mul`]: given `dout`, `du = dout * silu(g)` and
+    /// `dg = dout * u * s * (1 + g * (1 - s))` with `s = 1 / (1 + e^-g)`.
+    pub(crate) fn silu_mul_grad(dg: &mut [f32], du: &mut [f32], dout: &[f32], gate: &[f32], up: &[f32]) {
+        let n = dg.len();
+        let (du, dout, gate, up) = (&mut du[..n], &dout[..n], &gate[..n], &up[..n]);
+        for i in 0..n {
+            let g = gate[i];
+            let s = 1.0 / (1.0 + exp(-g));
+            du[i] = dout[i] * g * s;
+            dg[i] = dout[i] * up[i] * s * (1.0 + g * (1.0 - s));
+        }
+    }
+}
+
+multiversioned! {
+    /// RMSNorm of one row: `out = x * r * w` with `r = 1 / sqrt(mean(x^2) + eps)`, the sum
+    /// on eight lanes; returns `r`.
+    pub(crate) fn rms_norm_row(out: &mut [f32], x: &[f32], w: &[f32], eps: f32) -> f32 {
+        let r = 1.0 / (sum_of_products(x, x) / x.len() as f32 + eps).sqrt();
+        let n = out.len();
+        let (x, w) = (&x[..n], &w[..n]);
+        for i in 0..n {
+            out[i] = x[i] * r * w[i];
+        }
+        r
+    }
+}
+
+multiversioned! {
+    /// The backward of [`rms_norm_row`] for one row with its `r`: writes
+    /// `dx = r * dy * w - x * r^3 / n * sum(dy * w * x)` and adds `dy * x * r` into `dw`.
+    pub(crate) fn rms_norm_row_grad(dx: &mut [f32], dw: &mut [f32], dy: &[f32], x: &[f32], w: &[f32], r: f32) {
+        let n = dx.len();
+        let (dw, dy, x, w) = (&mut dw[..n], &dy[..n], &x[..n], &w[..n]);
+        const L: usize = 8;
+        let mut lanes = [0f32; L];
+        let mut i = 0;
+        while i + L <= n {
+            for l in 0..L {
+                lanes[l] += dy[i + l] * w[i + l] * x[i + l];
+            }
+            i += L;
+        }
+        let mut dot: f32 = lanes.iter().sum();
+        for j in i..n {
+            dot += dy[j] * w[j] * x[j];
+        }
+        let c = r * r * r * dot / n as f32;
+        for j in 0..n {
+            dx[j] = r * dy[j] * w[j] - x[j] * c;
+            dw[j] += dy[j] * x[j] * r;
+        }
+    }
+}
+
+/// `sum(a * b)` on eight lanes.
+#[inline(always)]
+fn sum_of_products(a: &[f32], b: &[f32]) -> f32 {
+    const L: usize = 8;
+    let mut lanes = [0f32; L];
+    let mut ca = a.chunks_exact(L);
+    let mut cb = b.chunks_exact(L);
+    for (x, y) in (&mut ca).zip(&mut cb) {
+        for l in 0..L {
+            lanes[l] += x[l] * y[l];
+        }
+    }
+    let rest: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    lanes.iter().sum::<f32>() + rest
 }
 
 multiversioned! {

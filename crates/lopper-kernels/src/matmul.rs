@@ -283,7 +283,7 @@ fn autodiff_matmul<B: Backend, const D: usize>(
     upcast::<B, D, _>(crate::autodiff::blas_matmul(a, b))
 }
 
-fn downcast<B: Backend, T: 'static, const D: usize>(t: Tensor<B, D>) -> T {
+pub(crate) fn downcast<B: Backend, T: 'static, const D: usize>(t: Tensor<B, D>) -> T {
     match t.into_primitive() {
         TensorPrimitive::Float(p) => {
             let any: Box<dyn Any> = Box::new(p);
@@ -294,7 +294,7 @@ fn downcast<B: Backend, T: 'static, const D: usize>(t: Tensor<B, D>) -> T {
     }
 }
 
-fn upcast<B: Backend, const D: usize, T: 'static>(t: T) -> Tensor<B, D> {
+pub(crate) fn upcast<B: Backend, const D: usize, T: 'static>(t: T) -> Tensor<B, D> {
     let any: Box<dyn Any> = Box::new(t);
     let p = any
         .downcast::<B::FloatTensorPrimitive>()

@@ -1,15 +1,17 @@
 //! SwiGLU's gate, `silu(gate) * up`, in one pass with the vectorised `exp` (burn's `silu` then
-//! a product is two passes and a scalar `exp` per element).
+//! a product is two passes and a scalar `exp` per element); on `Autodiff<Flex>` a recorded op
+//! whose backward is one pass too.
 
 use std::any::TypeId;
 
+use burn::tensor::TensorMetadata;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorData};
-use burn_flex::FlexTensor;
+use burn_flex::{Flex, FlexTensor};
 use rayon::prelude::*;
 
-use crate::math::silu_mul;
-use crate::matmul::{blas_enabled, from_flex, into_flex};
+use crate::math::{silu_mul, silu_mul_grad};
+use crate::matmul::{AutodiffTensor, blas_enabled, from_flex, into_flex};
 
 /// `silu(gate) * up` elementwise, `silu(g) = g / (1 + e^-g)`. Hands the inputs back (`Err`)
 /// where the fast path does not apply (another backend or dtype, different shapes, fast paths
@@ -22,7 +24,9 @@ pub fn swiglu<B: Backend>(
     gate: Tensor<B, 2>,
     up: Tensor<B, 2>,
 ) -> Result<Tensor<B, 2>, (Tensor<B, 2>, Tensor<B, 2>)> {
-    if TypeId::of::<B::FloatTensorPrimitive>() != TypeId::of::<FlexTensor>()
+    let primitive = TypeId::of::<B::FloatTensorPrimitive>();
+    let autodiff = primitive == TypeId::of::<AutodiffTensor<Flex>>();
+    if !(autodiff || primitive == TypeId::of::<FlexTensor>())
         || !blas_enabled()
         || gate.dtype() != DType::F32
         || up.dtype() != DType::F32
@@ -30,18 +34,39 @@ pub fn swiglu<B: Backend>(
     {
         return Err((gate, up));
     }
-    let dims = gate.dims();
+    if autodiff {
+        return Ok(crate::autodiff::swiglu(gate, up));
+    }
     let (g, u) = match (into_flex(gate), into_flex(up)) {
         (Ok(g), Ok(u)) => (g.to_contiguous(), u.to_contiguous()),
         _ => unreachable!("the float primitive is FlexTensor (checked above)"),
     };
-    const CHUNK: usize = 1 << 14;
-    let mut out = vec![0f32; dims[0] * dims[1]];
+    Ok(from_flex(swiglu_flex(&g, &u)))
+}
+
+/// Elements per parallel task of the elementwise passes.
+const CHUNK: usize = 1 << 14;
+
+/// [`swiglu`] of contiguous f32 Flex tensors of one shape.
+pub(crate) fn swiglu_flex(g: &FlexTensor, u: &FlexTensor) -> FlexTensor {
+    let dims = g.shape().to_vec();
+    let mut out = vec![0f32; g.storage::<f32>().len()];
     out.par_chunks_mut(CHUNK)
         .zip(g.storage::<f32>().par_chunks(CHUNK))
         .zip(u.storage::<f32>().par_chunks(CHUNK))
         .for_each(|((o, g), u)| silu_mul(o, g, u));
-    Ok(from_flex(FlexTensor::from_data(TensorData::new(out, dims))))
+    FlexTensor::from_data(TensorData::new(out, dims))
+}
+
+/// The gradients of [`swiglu`] with respect to `gate` and `up`, given `dout`.
+pub(crate) fn swiglu_grads(g: &[f32], u: &[f32], dout: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    let (mut dg, mut du) = (vec![0f32; g.len()], vec![0f32; g.len()]);
+    dg.par_chunks_mut(CHUNK)
+        .zip(du.par_chunks_mut(CHUNK))
+        .zip(dout.par_chunks(CHUNK))
+        .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
+        .for_each(|(((dg, du), d), (g, u))| silu_mul_grad(dg, du, d, g, u));
+    (dg, du)
 }
 
 #[cfg(test)]

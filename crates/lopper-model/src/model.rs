@@ -17,7 +17,9 @@ use crate::error::{Error, Result};
 use crate::masks::{LayerMasks, Masks};
 use crate::weights::{HostTensor, WeightSource, load_checked, load_stored};
 use lopper_core::{Dtype, LayerShape, ModelShape};
-use lopper_kernels::{AttentionShape, RopeTables, causal_attention, linear, matmul, swiglu};
+use lopper_kernels::{
+    AttentionShape, RopeTables, causal_attention, linear, matmul, rms_norm, swiglu,
+};
 
 /// Root-mean-square layer norm: `x / sqrt(mean(x^2) + eps) * weight`.
 #[derive(Module, Debug)]
@@ -32,8 +34,11 @@ impl<B: Backend> RmsNorm<B> {
     /// # Shapes
     /// - `x`: `[n, hidden]` -> `[n, hidden]`
     pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
-        let ms = x.clone().powi_scalar(2).mean_dim(1);
-        x * (ms + self.eps).sqrt().recip() * self.weight.val().unsqueeze_dim(0)
+        // One fused pass where it applies (lopper-kernels), else burn's ops.
+        rms_norm(x, self.weight.val(), self.eps).unwrap_or_else(|(x, w)| {
+            let ms = x.clone().powi_scalar(2).mean_dim(1);
+            x * (ms + self.eps).sqrt().recip() * w.unsqueeze_dim(0)
+        })
     }
 }
 

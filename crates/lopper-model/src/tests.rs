@@ -427,6 +427,75 @@ fn the_fused_attention_equals_the_portable_path() {
 }
 
 #[test]
+fn the_fused_backward_equals_the_portable_one() {
+    // On Autodiff<Flex> the attention and the NLL are recorded ops with their own backward
+    // (lopper-kernels); burn's ops differentiate the portable path. The loss and every gradient
+    // of the decoder's weights agree, with head and channel masks, for a short sequence and a
+    // long one (several blocks of query rows in the attention's backward).
+    use burn::backend::Autodiff;
+    if lopper_kernels::blas().is_none() {
+        return; // lopper-kernels' the_blas_is_installed fails instead
+    }
+    type A = Autodiff<Flex>;
+    let shape = ModelShape::tiny();
+    let m = Llama::<A>::from_weights(&shape, &RandomWeights::new(&shape, 7), &D).unwrap();
+    let removed = [
+        PruneUnit::KvGroup { layer: 0, group: 1 },
+        PruneUnit::Channel { layer: 1, index: 3 },
+    ];
+    let plan = MaskPlan::from_removed(&shape, &removed).unwrap();
+    let masks = Masks::<A>::from_plan(&plan, &D).unwrap();
+    let grads_of = |seq: usize, masks: Option<&Masks<A>>| -> (f32, Vec<Vec<f32>>) {
+        let ids: Vec<Vec<u32>> = (0..2)
+            .map(|b| {
+                (0..seq)
+                    .map(|t| ((b * 31 + t * 17 + 3) % 128) as u32)
+                    .collect()
+            })
+            .collect();
+        let loss = m.token_nll(m.tokens(&ids).unwrap(), masks).unwrap().mean();
+        let value: f32 = loss.clone().into_data().to_vec::<f32>().unwrap()[0];
+        let grads = loss.backward();
+        let per_weight = m
+            .layers
+            .iter()
+            .flat_map(|l| l.linears())
+            .flatten()
+            .map(|lin| {
+                let g = lin
+                    .weight
+                    .val()
+                    .grad(&grads)
+                    .expect("every weight is tracked");
+                g.into_data().to_vec::<f32>().unwrap()
+            })
+            .collect();
+        (value, per_weight)
+    };
+    for seq in [12, 300] {
+        for masks in [None, Some(&masks)] {
+            let before = lopper_kernels::products_on_blas();
+            let (fast_loss, fast) = grads_of(seq, masks);
+            assert!(lopper_kernels::products_on_blas() > before);
+            let (slow_loss, slow) = lopper_kernels::portable(|| grads_of(seq, masks));
+            assert!(
+                (fast_loss - slow_loss).abs() < 1e-5 * slow_loss.abs(),
+                "seq {seq}: loss {fast_loss} vs {slow_loss}"
+            );
+            for (i, (f, s)) in fast.iter().zip(&slow).enumerate() {
+                let scale = s.iter().fold(0f32, |a, v| a.max(v.abs()));
+                let d = max_diff(f, s);
+                assert!(
+                    d <= 1e-3 * scale,
+                    "seq {seq}, masks {}, weight {i}: max diff {d} of scale {scale}",
+                    masks.is_some()
+                );
+            }
+        }
+    }
+}
+
+#[test]
 fn narrow_weights_give_the_f32_model_within_rounding() {
     use lopper_core::Dtype;
     let shape = ModelShape::tiny();
