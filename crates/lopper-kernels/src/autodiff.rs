@@ -4,8 +4,8 @@
 //! attention, whose backward recomputes the probabilities block by block on the BLAS instead of
 //! differentiating a dozen recorded reshapes, repeats and softmax steps; and the next-token NLL
 //! of a block of logits, whose backward writes `softmax - onehot` in one pass instead of
-//! differentiating a log-softmax over the vocabulary; SwiGLU's gate and RMSNorm, one pass each
-//! way.
+//! differentiating a log-softmax over the vocabulary (and likewise the distillation KL);
+//! SwiGLU's gate and RMSNorm, one pass each way.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
@@ -17,7 +17,7 @@ use burn_flex::{Flex, FlexTensor};
 
 use crate::attention::{AttentionShape, Inputs, RopeTables, attention_flex, attention_grads};
 use crate::blas::blas;
-use crate::loss::{nll_flex, nll_grad};
+use crate::loss::{kl_flex, kl_grad, nll_flex, nll_grad};
 use crate::matmul::{AutodiffTensor, downcast, flex_product, upcast};
 use crate::norm::{rms_norm_flex, rms_norm_grads};
 use crate::swiglu::{swiglu_flex, swiglu_grads};
@@ -313,6 +313,71 @@ pub(crate) fn rms_norm<B: Backend>(
         .stateful();
     upcast::<B, 2, _>(match prep {
         OpsKind::Tracked(prep) => prep.finish(RmsNormState { x: fx, w: fw, r }, out),
+        OpsKind::UnTracked(prep) => prep.finish(out),
+    })
+}
+
+/// [`crate::kl_div`] recorded on the graph; its parent is the student's logits (the teacher's
+/// are a constant).
+#[derive(Debug)]
+struct KlDiv;
+
+/// Both blocks of logits, each row's two log-sum-exps and the temperature.
+#[derive(Debug, Clone)]
+struct KlState {
+    student: FlexTensor,
+    teacher: FlexTensor,
+    lse: Vec<[f32; 2]>,
+    temperature: f32,
+}
+
+impl Backward<Flex, 1> for KlDiv {
+    type State = KlState;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = grads.consume::<Flex>(&ops.node).to_contiguous();
+        let s = ops.state;
+        let [parent] = ops.parents;
+        if let Some(node) = parent {
+            let dims = s.student.shape().to_vec();
+            let g = kl_grad(
+                s.student.storage::<f32>(),
+                s.teacher.storage::<f32>(),
+                &s.lse,
+                s.temperature,
+                grad.storage::<f32>(),
+            );
+            grads.register::<Flex>(node.id, FlexTensor::from_data(TensorData::new(g, dims)));
+        }
+    }
+}
+
+/// The rows' distillation KL on `Autodiff<Flex>` (the caller checked dtypes and shapes).
+pub(crate) fn kl_div<B: Backend>(
+    student: Tensor<B, 2>,
+    teacher: Tensor<B, 2>,
+    temperature: f32,
+) -> Tensor<B, 1> {
+    let [s, t] = [student, teacher].map(downcast::<B, AutodiffTensor<Flex>, 2>);
+    let (fs, ft) = (
+        s.primitive.clone().to_contiguous(),
+        t.primitive.clone().to_contiguous(),
+    );
+    let (out, lse) = kl_flex(&fs, &ft, temperature);
+    let prep = KlDiv
+        .prepare::<NoCheckpointing>([s.node.clone()])
+        .compute_bound()
+        .stateful();
+    upcast::<B, 1, _>(match prep {
+        OpsKind::Tracked(prep) => prep.finish(
+            KlState {
+                student: fs,
+                teacher: ft,
+                lse,
+                temperature,
+            },
+            out,
+        ),
         OpsKind::UnTracked(prep) => prep.finish(out),
     })
 }

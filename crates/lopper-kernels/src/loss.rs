@@ -7,7 +7,7 @@
 use std::any::TypeId;
 
 use burn::tensor::backend::Backend;
-use burn::tensor::{DType, Int, Tensor, TensorData};
+use burn::tensor::{DType, Int, Tensor, TensorData, TensorMetadata};
 use burn_flex::{Flex, FlexTensor};
 use rayon::prelude::*;
 
@@ -94,6 +94,131 @@ crate::math::multiversioned! {
     fn scaled_softmax(out: &mut [f32], x: &[f32], lse: f32, g: f32) {
         for (o, &v) in out.iter_mut().zip(x) {
             *o = g * exp(v - lse);
+        }
+    }
+}
+
+/// `KL(softmax(teacher[r] / t) || softmax(student[r] / t))` for every row `r`, in f32, one pass
+/// per row; on `Autodiff<Flex>` a recorded op whose backward, `(softmax(student / t) -
+/// softmax(teacher / t)) / t` per row, is one pass too (the teacher is a constant). Hands the
+/// inputs back (`Err`) where the fast path does not apply (another backend or dtype, shapes
+/// that differ, fast paths off, a temperature that is not positive).
+///
+/// # Shapes
+/// - `student`, `teacher`: `[rows, vocab]` -> `[rows]`
+#[allow(clippy::type_complexity)]
+pub fn kl_div<B: Backend>(
+    student: Tensor<B, 2>,
+    teacher: Tensor<B, 2>,
+    temperature: f32,
+) -> Result<Tensor<B, 1>, (Tensor<B, 2>, Tensor<B, 2>)> {
+    let primitive = TypeId::of::<B::FloatTensorPrimitive>();
+    let autodiff = primitive == TypeId::of::<AutodiffTensor<Flex>>();
+    let [_, vocab] = student.dims();
+    if !(autodiff || primitive == TypeId::of::<FlexTensor>())
+        || !blas_enabled()
+        || student.dtype() != DType::F32
+        || teacher.dtype() != DType::F32
+        || teacher.dims() != student.dims()
+        || vocab == 0
+        || !(temperature > 0.0 && temperature.is_finite())
+    {
+        return Err((student, teacher));
+    }
+    if autodiff {
+        return Ok(crate::autodiff::kl_div(student, teacher, temperature));
+    }
+    let (s, t) = match (into_flex(student), into_flex(teacher)) {
+        (Ok(s), Ok(t)) => (s.to_contiguous(), t.to_contiguous()),
+        _ => unreachable!("the float primitive is FlexTensor (checked above)"),
+    };
+    Ok(from_flex(kl_flex(&s, &t, temperature).0))
+}
+
+/// [`kl_div`] of contiguous f32 Flex tensors, with every row's log-sum-exp of `student / t`
+/// and of `teacher / t`.
+pub(crate) fn kl_flex(
+    student: &FlexTensor,
+    teacher: &FlexTensor,
+    t: f32,
+) -> (FlexTensor, Vec<[f32; 2]>) {
+    let (s, tl) = (student.storage::<f32>(), teacher.storage::<f32>());
+    let vocab = student.shape()[1];
+    let inv = t.recip();
+    let (out, lse): (Vec<f32>, Vec<[f32; 2]>) = s
+        .par_chunks_exact(vocab)
+        .zip(tl.par_chunks_exact(vocab))
+        .map(|(s, tl)| {
+            let (mut ss, mut ts) = (vec![0f32; vocab], vec![0f32; vocab]);
+            scale_into(&mut ss, s, inv);
+            scale_into(&mut ts, tl, inv);
+            let (lq, lp) = (log_sum_exp(&ss), log_sum_exp(&ts));
+            (kl_row(&ts, &ss, lp, lq), [lq, lp])
+        })
+        .unzip();
+    let rows = out.len();
+    (FlexTensor::from_data(TensorData::new(out, [rows])), lse)
+}
+
+/// The gradient of [`kl_div`]'s rows with respect to the student's logits, each row scaled
+/// by its `grad`: `grad[r] * (softmax(student[r] / t) - softmax(teacher[r] / t)) / t`.
+pub(crate) fn kl_grad(
+    student: &[f32],
+    teacher: &[f32],
+    lse: &[[f32; 2]],
+    t: f32,
+    grad: &[f32],
+) -> Vec<f32> {
+    let vocab = student.len() / lse.len().max(1);
+    let mut out = vec![0f32; student.len()];
+    out.par_chunks_exact_mut(vocab.max(1))
+        .zip(student.par_chunks_exact(vocab.max(1)))
+        .zip(teacher.par_chunks_exact(vocab.max(1)))
+        .enumerate()
+        .for_each(|(r, ((o, s), tl))| kl_grad_row(o, s, tl, lse[r], t, grad[r]));
+    out
+}
+
+crate::math::multiversioned! {
+    /// `out = x * c`.
+    fn scale_into(out: &mut [f32], x: &[f32], c: f32) {
+        for (o, &v) in out.iter_mut().zip(x) {
+            *o = v * c;
+        }
+    }
+}
+
+crate::math::multiversioned! {
+    /// `sum p (log p - log q)` of one row, from the scaled logits and their log-sum-exps.
+    fn kl_row(tp: &[f32], sq: &[f32], lp: f32, lq: f32) -> f32 {
+        const L: usize = 8;
+        let mut lanes = [0f32; L];
+        let mut a = tp.chunks_exact(L);
+        let mut b = sq.chunks_exact(L);
+        for (x, y) in (&mut a).zip(&mut b) {
+            for l in 0..L {
+                let log_p = x[l] - lp;
+                lanes[l] += exp(log_p) * (log_p - (y[l] - lq));
+            }
+        }
+        let rest: f32 = a
+            .remainder()
+            .iter()
+            .zip(b.remainder())
+            .map(|(&x, &y)| exp(x - lp) * ((x - lp) - (y - lq)))
+            .sum();
+        lanes.iter().sum::<f32>() + rest
+    }
+}
+
+crate::math::multiversioned! {
+    /// One row of [`kl_grad`].
+    fn kl_grad_row(out: &mut [f32], s: &[f32], tl: &[f32], lse: [f32; 2], t: f32, g: f32) {
+        let (inv, c) = (t.recip(), g / t);
+        let n = out.len();
+        let (s, tl) = (&s[..n], &tl[..n]);
+        for i in 0..n {
+            out[i] = c * (exp(s[i] * inv - lse[0]) - exp(tl[i] * inv - lse[1]));
         }
     }
 }

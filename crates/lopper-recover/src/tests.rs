@@ -241,11 +241,30 @@ fn kd_loss_is_the_temperature_scaled_kl_of_the_teacher_to_the_student() {
             top_k: k,
             weight: 1.0,
         };
-        let got = kd_loss(st, tt, &d).into_scalar() as f64;
+        // The fused pass (lopper-kernels, over the full vocabulary) and burn's ops give the
+        // value above and the same gradient with respect to the student.
+        let run = || {
+            let st = st.clone().require_grad();
+            let loss = kd_loss(st.clone(), tt.clone(), &d);
+            let grads = loss.backward();
+            let g: Vec<f32> = st.grad(&grads).unwrap().into_data().to_vec().unwrap();
+            (loss.into_scalar() as f64, g)
+        };
+        let (got, grad) = run();
+        let (slow, slow_grad) = lopper_kernels::portable(run);
+        for v in [got, slow] {
+            assert!((v - want).abs() < 1e-5, "T={temp} k={k:?}: {v} vs {want}");
+        }
+        let worst = grad
+            .iter()
+            .zip(&slow_grad)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
         assert!(
-            (got - want).abs() < 1e-5,
-            "T={temp} k={k:?}: {got} vs {want}"
+            worst < 1e-6,
+            "T={temp} k={k:?}: gradients differ by {worst}"
         );
+        assert!(grad.iter().any(|g| g.abs() > 1e-3), "{grad:?}");
         assert!(want > 0.01);
     }
 }

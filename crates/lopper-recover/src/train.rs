@@ -485,6 +485,13 @@ pub fn kd_loss<AD: AutodiffBackend>(
 ) -> Tensor<AD, 1> {
     let t = d.temperature;
     let vocab = teacher.dims()[1];
+    if d.top_k.is_none_or(|k| k >= vocab) {
+        // Over the full vocabulary: one fused pass each way where it applies (lopper-kernels).
+        match lopper_kernels::kl_div(student, Tensor::from_inner(teacher), t as f32) {
+            Ok(rows) => return rows.mean() * (t * t),
+            Err((s, tl)) => return kd_portable(s, tl.inner(), t),
+        }
+    }
     let (s, tl) = match d.top_k {
         Some(k) if k < vocab => {
             let (values, indices) = teacher.topk_with_indices(k, 1);
@@ -492,6 +499,15 @@ pub fn kd_loss<AD: AutodiffBackend>(
         }
         _ => (student, teacher),
     };
+    kd_portable(s, tl, t)
+}
+
+/// [`kd_loss`] on burn's ops: `T^2 * mean_rows KL(softmax(teacher / T) || softmax(student / T))`.
+fn kd_portable<AD: AutodiffBackend>(
+    s: Tensor<AD, 2>,
+    tl: Tensor<AD::InnerBackend, 2>,
+    t: f64,
+) -> Tensor<AD, 1> {
     let log_q = log_softmax(s / t, 1);
     let log_p = log_softmax(tl / t, 1);
     let p = log_p.clone().exp();
