@@ -18,7 +18,7 @@ use rayon::prelude::*;
 use half::bf16;
 
 use crate::blas::{Blas, MatRef, blas};
-use crate::math::{exp, max_of, round_to_bf16};
+use crate::math::{exp, max_of, round_to_bf16, sum_of_products};
 use crate::matmul::{AutodiffTensor, blas_enabled, from_flex, into_flex};
 
 /// Query rows per task: bounds a task's score block at `ROWS x seq`.
@@ -544,17 +544,7 @@ crate::math::multiversioned! {
     /// probabilities `p`) becomes `p * (dp - sum(p * dp))`, the gradient with respect to the
     /// scores (zero where `p` is, the future keys included).
     fn softmax_grad_in_place(dp: &mut [f32], p: &[f32]) {
-        const L: usize = 8;
-        let mut sums = [0f32; L];
-        let mut a = dp.chunks_exact(L);
-        let mut b = p.chunks_exact(L);
-        for (x, y) in (&mut a).zip(&mut b) {
-            for l in 0..L {
-                sums[l] += x[l] * y[l];
-            }
-        }
-        let rest: f32 = a.remainder().iter().zip(b.remainder()).map(|(x, y)| x * y).sum();
-        let dot = sums.iter().sum::<f32>() + rest;
+        let dot = sum_of_products(dp, p);
         for (x, &y) in dp.iter_mut().zip(p) {
             *x = y * (*x - dot);
         }

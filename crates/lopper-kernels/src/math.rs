@@ -159,9 +159,9 @@ multiversioned! {
     }
 }
 
-/// `sum(a * b)` on eight lanes.
+/// `sum(a * b)` on eight lanes, so that it vectorises.
 #[inline(always)]
-fn sum_of_products(a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn sum_of_products(a: &[f32], b: &[f32]) -> f32 {
     const L: usize = 8;
     let mut lanes = [0f32; L];
     let mut ca = a.chunks_exact(L);
