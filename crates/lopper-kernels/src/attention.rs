@@ -8,18 +8,16 @@
 //! computes only the causal part of the score matrix on the BLAS: query rows `r0..r1` attend to
 //! keys `0..r1`. Softmax is exact (f32, the row maximum subtracted) with a vectorisable `exp`.
 
-use std::any::TypeId;
-
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorData};
-use burn_flex::{Flex, FlexTensor};
+use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
 use half::bf16;
 
 use crate::blas::{Blas, MatRef, blas};
 use crate::math::{exp, max_of, round_to_bf16, sum_of_products};
-use crate::matmul::{AutodiffTensor, blas_enabled, from_flex, into_flex};
+use crate::matmul::{Fused, from_flex, fused, into_flex};
 
 /// Query rows per task: bounds a task's score block at `ROWS x seq`.
 const ROWS: usize = 256;
@@ -85,8 +83,7 @@ pub fn causal_attention<B: Backend>(
         head_dim: hd,
         ..
     } = shape;
-    let fits = blas_enabled()
-        && q.dtype() == DType::F32
+    let fits = q.dtype() == DType::F32
         && k.dtype() == DType::F32
         && v.dtype() == DType::F32
         && kv_heads > 0
@@ -98,20 +95,16 @@ pub fn causal_attention<B: Backend>(
         && v.dims() == k.dims()
         && rope.cos.len() >= seq * hd
         && rope.sin.len() >= seq * hd;
-    let Some(blas) = blas().filter(|_| fits) else {
+    let (Some(path), Some(blas)) = (fused::<B>().filter(|_| fits), blas()) else {
         return Err((q, k, v));
     };
-    let primitive = TypeId::of::<B::FloatTensorPrimitive>();
-    if primitive == TypeId::of::<AutodiffTensor<Flex>>() {
+    if path == Fused::Autodiff {
         // Recorded on the autodiff graph with its own backward (f32 products).
         let shape = AttentionShape {
             products: DType::F32,
             ..shape
         };
         return Ok(crate::autodiff::attention(q, k, v, shape, rope));
-    }
-    if primitive != TypeId::of::<FlexTensor>() {
-        return Err((q, k, v));
     }
     let flex = |t: Tensor<B, 2>| into_flex(t).map(|f| f.to_contiguous());
     let (q, k, v) = match (flex(q), flex(k), flex(v)) {

@@ -7,6 +7,7 @@
 //! differentiating a log-softmax over the vocabulary (and likewise the distillation KL);
 //! SwiGLU's gate and RMSNorm, one pass each way.
 
+use burn::backend::autodiff::NodeId;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
@@ -21,6 +22,39 @@ use crate::loss::{kl_flex, kl_grad, nll_flex, nll_grad};
 use crate::matmul::{AutodiffTensor, downcast, flex_product, upcast};
 use crate::norm::{rms_norm_flex, rms_norm_grads};
 use crate::swiglu::{swiglu_flex, swiglu_grads};
+
+/// Records `op` on the graph with the given parents and returns its output `out` (computed by
+/// the caller on the inner tensors). `state` is built only when some parent is tracked.
+fn record<const N: usize, O: Backward<Flex, N>>(
+    op: O,
+    parents: [&AutodiffTensor<Flex>; N],
+    out: FlexTensor,
+    state: impl FnOnce() -> O::State,
+) -> AutodiffTensor<Flex> {
+    let prep = op
+        .prepare::<NoCheckpointing>(parents.map(|p| p.node.clone()))
+        .compute_bound()
+        .stateful();
+    match prep {
+        OpsKind::Tracked(prep) => prep.finish(state(), out),
+        OpsKind::UnTracked(prep) => prep.finish(out),
+    }
+}
+
+/// Adds `data` (of shape `dims`) to the gradient of `node`, when there is one to track.
+fn register(grads: &mut Gradients, node: Option<NodeId>, data: Vec<f32>, dims: &[usize]) {
+    if let Some(id) = node {
+        grads.register::<Flex>(
+            id,
+            FlexTensor::from_data(TensorData::new(data, dims.to_vec())),
+        );
+    }
+}
+
+/// The inner tensor of an autodiff tensor, contiguous (shared, not copied, when it already is).
+fn contiguous(t: &AutodiffTensor<Flex>) -> FlexTensor {
+    t.primitive.clone().to_contiguous()
+}
 
 /// `lhs * rhs` (equal batch dimensions); the gradients are `grad * rhs^T` and `lhs^T * grad`.
 #[derive(Debug)]
@@ -53,20 +87,13 @@ pub(crate) fn blas_matmul(
     rhs: AutodiffTensor<Flex>,
 ) -> AutodiffTensor<Flex> {
     let (lhs_tracked, rhs_tracked) = (lhs.is_tracked(), rhs.is_tracked());
-    match BlasMatmul
-        .prepare::<NoCheckpointing>([lhs.node.clone(), rhs.node.clone()])
-        .compute_bound()
-        .stateful()
-    {
-        OpsKind::Tracked(prep) => {
-            let state = (
-                rhs_tracked.then(|| lhs.primitive.clone()),
-                lhs_tracked.then(|| rhs.primitive.clone()),
-            );
-            prep.finish(state, flex_product(lhs.primitive, rhs.primitive))
-        }
-        OpsKind::UnTracked(prep) => prep.finish(flex_product(lhs.primitive, rhs.primitive)),
-    }
+    let out = flex_product(lhs.primitive.clone(), rhs.primitive.clone());
+    record(BlasMatmul, [&lhs, &rhs], out, || {
+        (
+            rhs_tracked.then(|| lhs.primitive.clone()),
+            lhs_tracked.then(|| rhs.primitive.clone()),
+        )
+    })
 }
 
 /// [`crate::causal_attention`] recorded on the graph; its parents are the unrotated q, k, v.
@@ -116,10 +143,7 @@ impl Backward<Flex, 3> for Attention {
         let (rows, qw, kw) = (batch * seq, heads * head_dim, kv_heads * head_dim);
         let [pq, pk, pv] = ops.parents;
         for (parent, g, width) in [(pq, dq, qw), (pk, dk, kw), (pv, dv, kw)] {
-            if let Some(node) = parent {
-                let dims = [rows, width];
-                grads.register::<Flex>(node.id, FlexTensor::from_data(TensorData::new(g, dims)));
-            }
+            register(grads, parent.map(|n| n.id), g, &[rows, width]);
         }
     }
 }
@@ -134,27 +158,17 @@ pub(crate) fn attention<B: Backend>(
 ) -> Tensor<B, 2> {
     let blas = blas().expect("checked by the caller");
     let [q, k, v] = [q, k, v].map(downcast::<B, AutodiffTensor<Flex>, 2>);
-    let [fq, fk, fv] = [&q, &k, &v].map(|t| t.primitive.clone().to_contiguous());
+    let [fq, fk, fv] = [&q, &k, &v].map(contiguous);
     let out = attention_flex(blas, &fq, &fk, &fv, shape, rope);
-    let prep = Attention
-        .prepare::<NoCheckpointing>([q.node.clone(), k.node.clone(), v.node.clone()])
-        .compute_bound()
-        .stateful();
-    upcast::<B, 2, _>(match prep {
-        OpsKind::Tracked(prep) => {
-            let hd = shape.head_dim;
-            let state = AttentionState {
-                q: fq,
-                k: fk,
-                v: fv,
-                shape,
-                cos: rope.cos[..shape.seq * hd].to_vec(),
-                sin: rope.sin[..shape.seq * hd].to_vec(),
-            };
-            prep.finish(state, out)
-        }
-        OpsKind::UnTracked(prep) => prep.finish(out),
-    })
+    let n = shape.seq * shape.head_dim;
+    upcast(record(Attention, [&q, &k, &v], out, || AttentionState {
+        q: fq,
+        k: fk,
+        v: fv,
+        shape,
+        cos: rope.cos[..n].to_vec(),
+        sin: rope.sin[..n].to_vec(),
+    }))
 }
 
 /// [`crate::nll`] recorded on the graph; its parent is the block of logits.
@@ -177,16 +191,13 @@ impl Backward<Flex, 1> for Nll {
         let s = ops.state;
         let [parent] = ops.parents;
         if let Some(node) = parent {
-            let rows = s.ids.len();
             let g = nll_grad(
                 s.logits.storage::<f32>(),
                 &s.ids,
                 &s.lse,
                 grad.storage::<f32>(),
             );
-            let vocab = g.len() / rows.max(1);
-            let g = FlexTensor::from_data(TensorData::new(g, [rows, vocab]));
-            grads.register::<Flex>(node.id, g);
+            register(grads, Some(node.id), g, &s.logits.shape());
         }
     }
 }
@@ -194,23 +205,13 @@ impl Backward<Flex, 1> for Nll {
 /// The NLL of every row on `Autodiff<Flex>` (the caller checked the dtype and the targets).
 pub(crate) fn nll<B: Backend>(logits: Tensor<B, 2>, ids: Vec<usize>) -> Tensor<B, 1> {
     let logits = downcast::<B, AutodiffTensor<Flex>, 2>(logits);
-    let flat = logits.primitive.clone().to_contiguous();
+    let flat = contiguous(&logits);
     let (out, lse) = nll_flex(&flat, &ids);
-    let prep = Nll
-        .prepare::<NoCheckpointing>([logits.node.clone()])
-        .compute_bound()
-        .stateful();
-    upcast::<B, 1, _>(match prep {
-        OpsKind::Tracked(prep) => prep.finish(
-            NllState {
-                logits: flat,
-                ids,
-                lse,
-            },
-            out,
-        ),
-        OpsKind::UnTracked(prep) => prep.finish(out),
-    })
+    upcast(record(Nll, [&logits], out, || NllState {
+        logits: flat,
+        ids,
+        lse,
+    }))
 }
 
 /// [`crate::swiglu`] recorded on the graph; its parents are the gate and the up projection.
@@ -232,10 +233,7 @@ impl Backward<Flex, 2> for Swiglu {
         );
         let [pg, pu] = ops.parents;
         for (parent, d) in [(pg, dg), (pu, du)] {
-            if let Some(node) = parent {
-                let t = FlexTensor::from_data(TensorData::new(d, dims.clone()));
-                grads.register::<Flex>(node.id, t);
-            }
+            register(grads, parent.map(|n| n.id), d, &dims);
         }
     }
 }
@@ -243,19 +241,9 @@ impl Backward<Flex, 2> for Swiglu {
 /// SwiGLU's gate on `Autodiff<Flex>` (the caller checked dtypes and shapes).
 pub(crate) fn swiglu<B: Backend>(gate: Tensor<B, 2>, up: Tensor<B, 2>) -> Tensor<B, 2> {
     let [g, u] = [gate, up].map(downcast::<B, AutodiffTensor<Flex>, 2>);
-    let (fg, fu) = (
-        g.primitive.clone().to_contiguous(),
-        u.primitive.clone().to_contiguous(),
-    );
+    let [fg, fu] = [&g, &u].map(contiguous);
     let out = swiglu_flex(&fg, &fu);
-    let prep = Swiglu
-        .prepare::<NoCheckpointing>([g.node.clone(), u.node.clone()])
-        .compute_bound()
-        .stateful();
-    upcast::<B, 2, _>(match prep {
-        OpsKind::Tracked(prep) => prep.finish((fg, fu), out),
-        OpsKind::UnTracked(prep) => prep.finish(out),
-    })
+    upcast(record(Swiglu, [&g, &u], out, || (fg, fu)))
 }
 
 /// [`crate::rms_norm`] recorded on the graph; its parents are the input and the weight.
@@ -284,13 +272,9 @@ impl Backward<Flex, 2> for RmsNorm {
             grad.storage::<f32>(),
         );
         let [px, pw] = ops.parents;
-        if let Some(node) = px {
-            grads.register::<Flex>(node.id, FlexTensor::from_data(TensorData::new(dx, dims)));
-        }
-        if let Some(node) = pw {
-            let n = dw.len();
-            grads.register::<Flex>(node.id, FlexTensor::from_data(TensorData::new(dw, [n])));
-        }
+        let n = dw.len();
+        register(grads, px.map(|n| n.id), dx, &dims);
+        register(grads, pw.map(|n| n.id), dw, &[n]);
     }
 }
 
@@ -302,19 +286,13 @@ pub(crate) fn rms_norm<B: Backend>(
 ) -> Tensor<B, 2> {
     let x = downcast::<B, AutodiffTensor<Flex>, 2>(x);
     let w = downcast::<B, AutodiffTensor<Flex>, 1>(weight);
-    let (fx, fw) = (
-        x.primitive.clone().to_contiguous(),
-        w.primitive.clone().to_contiguous(),
-    );
+    let (fx, fw) = (contiguous(&x), contiguous(&w));
     let (out, r) = rms_norm_flex(&fx, &fw, eps);
-    let prep = RmsNorm
-        .prepare::<NoCheckpointing>([x.node.clone(), w.node.clone()])
-        .compute_bound()
-        .stateful();
-    upcast::<B, 2, _>(match prep {
-        OpsKind::Tracked(prep) => prep.finish(RmsNormState { x: fx, w: fw, r }, out),
-        OpsKind::UnTracked(prep) => prep.finish(out),
-    })
+    upcast(record(RmsNorm, [&x, &w], out, || RmsNormState {
+        x: fx,
+        w: fw,
+        r,
+    }))
 }
 
 /// [`crate::kl_div`] recorded on the graph; its parent is the student's logits (the teacher's
@@ -339,7 +317,6 @@ impl Backward<Flex, 1> for KlDiv {
         let s = ops.state;
         let [parent] = ops.parents;
         if let Some(node) = parent {
-            let dims = s.student.shape().to_vec();
             let g = kl_grad(
                 s.student.storage::<f32>(),
                 s.teacher.storage::<f32>(),
@@ -347,7 +324,7 @@ impl Backward<Flex, 1> for KlDiv {
                 s.temperature,
                 grad.storage::<f32>(),
             );
-            grads.register::<Flex>(node.id, FlexTensor::from_data(TensorData::new(g, dims)));
+            register(grads, Some(node.id), g, &s.student.shape());
         }
     }
 }
@@ -359,25 +336,12 @@ pub(crate) fn kl_div<B: Backend>(
     temperature: f32,
 ) -> Tensor<B, 1> {
     let [s, t] = [student, teacher].map(downcast::<B, AutodiffTensor<Flex>, 2>);
-    let (fs, ft) = (
-        s.primitive.clone().to_contiguous(),
-        t.primitive.clone().to_contiguous(),
-    );
+    let [fs, ft] = [&s, &t].map(contiguous);
     let (out, lse) = kl_flex(&fs, &ft, temperature);
-    let prep = KlDiv
-        .prepare::<NoCheckpointing>([s.node.clone()])
-        .compute_bound()
-        .stateful();
-    upcast::<B, 1, _>(match prep {
-        OpsKind::Tracked(prep) => prep.finish(
-            KlState {
-                student: fs,
-                teacher: ft,
-                lse,
-                temperature,
-            },
-            out,
-        ),
-        OpsKind::UnTracked(prep) => prep.finish(out),
-    })
+    upcast(record(KlDiv, [&s], out, || KlState {
+        student: fs,
+        teacher: ft,
+        lse,
+        temperature,
+    }))
 }

@@ -4,15 +4,13 @@
 //! the gathered targets as full `[rows, vocab]` tensors. On `Autodiff<Flex>` the same pass is a
 //! recorded op whose backward writes `softmax - onehot` row by row ([`nll_grad`]).
 
-use std::any::TypeId;
-
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Int, Tensor, TensorData, TensorMetadata};
-use burn_flex::{Flex, FlexTensor};
+use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
 use crate::math::{exp, max_of};
-use crate::matmul::{AutodiffTensor, blas_enabled, from_flex, into_flex};
+use crate::matmul::{Fused, from_flex, fused, into_flex};
 
 /// `logsumexp(logits[r]) - logits[r, targets[r]]` for every row `r`, in f32. Hands the inputs
 /// back (`Err`) where the fast path does not apply (another backend, a dtype other than f32,
@@ -26,16 +24,10 @@ pub fn nll<B: Backend>(
     targets: Tensor<B, 1, Int>,
 ) -> Result<Tensor<B, 1>, (Tensor<B, 2>, Tensor<B, 1, Int>)> {
     let [rows, vocab] = logits.dims();
-    let primitive = TypeId::of::<B::FloatTensorPrimitive>();
-    let autodiff = primitive == TypeId::of::<AutodiffTensor<Flex>>();
-    if !(autodiff || primitive == TypeId::of::<FlexTensor>())
-        || !blas_enabled()
-        || logits.dtype() != DType::F32
-        || targets.dims() != [rows]
-        || vocab == 0
-    {
+    let applies = logits.dtype() == DType::F32 && targets.dims() == [rows] && vocab > 0;
+    let Some(path) = fused::<B>().filter(|_| applies) else {
         return Err((logits, targets));
-    }
+    };
     let ids: Vec<i64> = match targets.clone().into_data().convert::<i64>().to_vec() {
         Ok(v) => v,
         Err(_) => return Err((logits, targets)),
@@ -44,7 +36,7 @@ pub fn nll<B: Backend>(
         return Err((logits, targets));
     }
     let ids: Vec<usize> = ids.into_iter().map(|t| t as usize).collect();
-    if autodiff {
+    if path == Fused::Autodiff {
         return Ok(crate::autodiff::nll(logits, ids));
     }
     let l = match into_flex(logits) {
@@ -112,20 +104,17 @@ pub fn kl_div<B: Backend>(
     teacher: Tensor<B, 2>,
     temperature: f32,
 ) -> Result<Tensor<B, 1>, (Tensor<B, 2>, Tensor<B, 2>)> {
-    let primitive = TypeId::of::<B::FloatTensorPrimitive>();
-    let autodiff = primitive == TypeId::of::<AutodiffTensor<Flex>>();
     let [_, vocab] = student.dims();
-    if !(autodiff || primitive == TypeId::of::<FlexTensor>())
-        || !blas_enabled()
-        || student.dtype() != DType::F32
-        || teacher.dtype() != DType::F32
-        || teacher.dims() != student.dims()
-        || vocab == 0
-        || !(temperature > 0.0 && temperature.is_finite())
-    {
+    let applies = student.dtype() == DType::F32
+        && teacher.dtype() == DType::F32
+        && teacher.dims() == student.dims()
+        && vocab > 0
+        && temperature > 0.0
+        && temperature.is_finite();
+    let Some(path) = fused::<B>().filter(|_| applies) else {
         return Err((student, teacher));
-    }
-    if autodiff {
+    };
+    if path == Fused::Autodiff {
         return Ok(crate::autodiff::kl_div(student, teacher, temperature));
     }
     let (s, t) = match (into_flex(student), into_flex(teacher)) {

@@ -57,6 +57,29 @@ pub(crate) fn blas_enabled() -> bool {
     ENABLED.load(Ordering::Relaxed) && !PORTABLE_HERE.with(|p| p.get())
 }
 
+/// The path a fused kernel takes on backend `B`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Fused {
+    /// On burn-flex's tensors directly.
+    Flex,
+    /// Recorded on `Autodiff<Flex>` with its own backward.
+    Autodiff,
+}
+
+/// The fused path of backend `B`: `None` on any other backend or with the fast paths off.
+pub(crate) fn fused<B: Backend>() -> Option<Fused> {
+    let primitive = TypeId::of::<B::FloatTensorPrimitive>();
+    if !blas_enabled() {
+        None
+    } else if primitive == TypeId::of::<FlexTensor>() {
+        Some(Fused::Flex)
+    } else if primitive == TypeId::of::<AutodiffTensor<Flex>>() {
+        Some(Fused::Autodiff)
+    } else {
+        None
+    }
+}
+
 pub(crate) fn count_blas_product() {
     ON_BLAS.fetch_add(1, Ordering::Relaxed);
 }

@@ -2,15 +2,13 @@
 //! reciprocal, two products), and on `Autodiff<Flex>` a recorded op whose backward is one pass
 //! per row too.
 
-use std::any::TypeId;
-
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorData};
-use burn_flex::{Flex, FlexTensor};
+use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
 use crate::math::{rms_norm_row, rms_norm_row_grad};
-use crate::matmul::{AutodiffTensor, blas_enabled, from_flex, into_flex};
+use crate::matmul::{Fused, from_flex, fused, into_flex};
 
 /// Rows per parallel task.
 const ROWS: usize = 64;
@@ -27,19 +25,15 @@ pub fn rms_norm<B: Backend>(
     weight: Tensor<B, 1>,
     eps: f64,
 ) -> Result<Tensor<B, 2>, (Tensor<B, 2>, Tensor<B, 1>)> {
-    let primitive = TypeId::of::<B::FloatTensorPrimitive>();
-    let autodiff = primitive == TypeId::of::<AutodiffTensor<Flex>>();
     let [_, hidden] = x.dims();
-    if !(autodiff || primitive == TypeId::of::<FlexTensor>())
-        || !blas_enabled()
-        || x.dtype() != DType::F32
-        || weight.dtype() != DType::F32
-        || weight.dims() != [hidden]
-        || hidden == 0
-    {
+    let applies = x.dtype() == DType::F32
+        && weight.dtype() == DType::F32
+        && weight.dims() == [hidden]
+        && hidden > 0;
+    let Some(path) = fused::<B>().filter(|_| applies) else {
         return Err((x, weight));
-    }
-    if autodiff {
+    };
+    if path == Fused::Autodiff {
         return Ok(crate::autodiff::rms_norm(x, weight, eps as f32));
     }
     let (x, w) = match (into_flex(x), into_flex(weight)) {

@@ -2,16 +2,14 @@
 //! a product is two passes and a scalar `exp` per element); on `Autodiff<Flex>` a recorded op
 //! whose backward is one pass too.
 
-use std::any::TypeId;
-
 use burn::tensor::TensorMetadata;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorData};
-use burn_flex::{Flex, FlexTensor};
+use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
 use crate::math::{silu_mul, silu_mul_grad};
-use crate::matmul::{AutodiffTensor, blas_enabled, from_flex, into_flex};
+use crate::matmul::{Fused, from_flex, fused, into_flex};
 
 /// `silu(gate) * up` elementwise, `silu(g) = g / (1 + e^-g)`. Hands the inputs back (`Err`)
 /// where the fast path does not apply (another backend or dtype, different shapes, fast paths
@@ -24,17 +22,12 @@ pub fn swiglu<B: Backend>(
     gate: Tensor<B, 2>,
     up: Tensor<B, 2>,
 ) -> Result<Tensor<B, 2>, (Tensor<B, 2>, Tensor<B, 2>)> {
-    let primitive = TypeId::of::<B::FloatTensorPrimitive>();
-    let autodiff = primitive == TypeId::of::<AutodiffTensor<Flex>>();
-    if !(autodiff || primitive == TypeId::of::<FlexTensor>())
-        || !blas_enabled()
-        || gate.dtype() != DType::F32
-        || up.dtype() != DType::F32
-        || gate.dims() != up.dims()
-    {
+    let applies =
+        gate.dtype() == DType::F32 && up.dtype() == DType::F32 && gate.dims() == up.dims();
+    let Some(path) = fused::<B>().filter(|_| applies) else {
         return Err((gate, up));
-    }
-    if autodiff {
+    };
+    if path == Fused::Autodiff {
         return Ok(crate::autodiff::swiglu(gate, up));
     }
     let (g, u) = match (into_flex(gate), into_flex(up)) {
