@@ -16,14 +16,20 @@ use rayon::prelude::*;
 use half::bf16;
 
 use crate::blas::{Blas, MatRef, blas};
-use crate::math::{exp, max_of, round_to_bf16, sum_of_products};
+use crate::math::{add_in_place, exp, max_of, round_to_bf16, sum_of_products};
 use crate::matmul::{Fused, from_flex, fused, into_flex};
 
 /// Query rows per task: bounds a task's score block at `ROWS x seq`.
 const ROWS: usize = 256;
+/// Keys per product of the scores.
+const KEYS: usize = 256;
 
 thread_local! {
+    /// One block of scores, `[ROWS, KEYS]`, reused per thread: a fresh block per task would be
+    /// a fresh allocation, zeroed by the allocator or page by page by the kernel.
     static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// The block's probabilities rounded to bf16, as the second product reads them.
+    static PROBS: std::cell::RefCell<Vec<bf16>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// The batch geometry and head layout of one attention call.
@@ -185,9 +191,9 @@ trait Element: Copy + Default + Send + Sync + 'static {
         c: &mut [f32],
         ldc: usize,
     ) -> crate::Result<()>;
-    /// The probabilities as a product operand: `p` itself in f32, a rounded copy in `scratch`
-    /// otherwise.
-    fn operand<'a>(p: &'a [f32], scratch: &'a mut Vec<Self>) -> &'a [Self];
+    /// A block of probabilities as a product operand: `p` itself in f32, a rounded copy
+    /// otherwise (in a buffer reused per thread), passed to `then`.
+    fn operand<R>(p: &[f32], then: impl FnOnce(&[Self]) -> R) -> R;
 }
 
 impl Element for f32 {
@@ -203,8 +209,8 @@ impl Element for f32 {
     ) -> crate::Result<()> {
         blas.sgemm(a, b, c, ldc)
     }
-    fn operand<'a>(p: &'a [f32], _: &'a mut Vec<f32>) -> &'a [f32] {
-        p
+    fn operand<R>(p: &[f32], then: impl FnOnce(&[f32]) -> R) -> R {
+        then(p)
     }
 }
 
@@ -221,10 +227,15 @@ impl Element for bf16 {
     ) -> crate::Result<()> {
         blas.gemm_bf16(a, b, c, ldc)
     }
-    fn operand<'a>(p: &'a [f32], scratch: &'a mut Vec<bf16>) -> &'a [bf16] {
-        scratch.resize(p.len(), bf16::ZERO);
-        round_to_bf16(scratch, p);
-        scratch
+    fn operand<R>(p: &[f32], then: impl FnOnce(&[bf16]) -> R) -> R {
+        PROBS.with_borrow_mut(|probs| {
+            if probs.len() < p.len() {
+                probs.resize(p.len(), bf16::ZERO);
+            }
+            let probs = &mut probs[..p.len()];
+            round_to_bf16(probs, p);
+            then(probs)
+        })
     }
 }
 
@@ -282,37 +293,72 @@ fn attend<T: Element>(
                 ld: hd,
                 trans,
             };
-            // Reused per thread: a fresh block this size would be a fresh mapping, zeroed page
-            // by page by the kernel.
+            // Online softmax over blocks of keys (as flash attention runs it): each block's
+            // scores are shifted by the running row maximum, the output so far is rescaled
+            // when the maximum grows, and the rows are divided by their sums at the end. A
+            // block stays in cache, and oneDNN's AMX kernels take a product this thin (inner
+            // dimension hd) only up to a few hundred columns.
+            let mut out = vec![0f32; rows * hd];
+            let mut part = vec![0f32; rows * hd];
+            let (mut maxes, mut sums) = (vec![f32::NEG_INFINITY; rows], vec![0f32; rows]);
             SCORES.with_borrow_mut(|scores| {
-                scores.resize(rows * r1, 0.0);
-                let scores = &mut scores[..rows * r1];
-                T::gemm(
-                    blas,
-                    mat(&q, rows, hd, false),
-                    mat(&keys[at..at + r1 * hd], hd, r1, true),
-                    scores,
-                    r1,
-                )?;
-                for (i, row) in scores.chunks_exact_mut(r1).enumerate() {
-                    causal_softmax(row, r0 + i + 1);
+                scores.resize(ROWS * KEYS, 0.0);
+                for j0 in (0..r1).step_by(KEYS) {
+                    let cols = KEYS.min(r1 - j0);
+                    let scores = &mut scores[..rows * cols];
+                    T::gemm(
+                        blas,
+                        mat(&q, rows, hd, false),
+                        mat(&keys[at + j0 * hd..at + (j0 + cols) * hd], hd, cols, true),
+                        scores,
+                        cols,
+                    )?;
+                    for (i, row) in scores.chunks_exact_mut(cols).enumerate() {
+                        // Keys j0.. that query r0 + i sees (at least one in the first block).
+                        let valid = (r0 + i + 1).saturating_sub(j0).min(cols);
+                        let (seen, future) = row.split_at_mut(valid);
+                        future.fill(0.0);
+                        if valid == 0 {
+                            continue;
+                        }
+                        let max = maxes[i].max(max_of(seen));
+                        let sum = exp_shifted(seen, max);
+                        if maxes[i] != max {
+                            let alpha = exp(maxes[i] - max);
+                            sums[i] *= alpha;
+                            out[i * hd..(i + 1) * hd]
+                                .iter_mut()
+                                .for_each(|o| *o *= alpha);
+                            maxes[i] = max;
+                        }
+                        sums[i] += sum;
+                    }
+                    T::operand(scores, |p| {
+                        T::gemm(
+                            blas,
+                            MatRef {
+                                data: p,
+                                rows,
+                                cols,
+                                ld: cols,
+                                trans: false,
+                            },
+                            mat(
+                                &values[at + j0 * hd..at + (j0 + cols) * hd],
+                                cols,
+                                hd,
+                                false,
+                            ),
+                            &mut part,
+                            hd,
+                        )
+                    })?;
+                    add_in_place(&mut out, &part);
                 }
-                let mut scratch = Vec::new();
-                let p = T::operand(scores, &mut scratch);
-                let mut out = vec![0f32; rows * hd];
-                T::gemm(
-                    blas,
-                    MatRef {
-                        data: p,
-                        rows,
-                        cols: r1,
-                        ld: r1,
-                        trans: false,
-                    },
-                    mat(&values[at..at + r1 * hd], r1, hd, false),
-                    &mut out,
-                    hd,
-                )?;
+                for (o, sum) in out.chunks_exact_mut(hd).zip(&sums) {
+                    let inv = sum.recip();
+                    o.iter_mut().for_each(|v| *v *= inv);
+                }
                 Ok(out)
             })
         })
@@ -402,7 +448,6 @@ pub(crate) fn attention_grads(
             trans,
         }
     }
-    let add = |acc: &mut [f32], part: &[f32]| acc.iter_mut().zip(part).for_each(|(a, p)| *a += p);
     let parts: Vec<crate::Result<[Vec<f32>; 3]>> = tasks
         .par_iter()
         .map(|&(b, g)| {
@@ -446,7 +491,7 @@ pub(crate) fn attention_grads(
                         &mut part,
                         hd,
                     )?;
-                    add(&mut dv[..r1 * hd], &part);
+                    add_in_place(&mut dv[..r1 * hd], &part);
                     let mut ds = vec![0f32; rows * r1];
                     blas.sgemm(
                         mat(&d_o, rows, hd, hd, false),
@@ -479,7 +524,7 @@ pub(crate) fn attention_grads(
                         &mut part,
                         hd,
                     )?;
-                    add(&mut dk_rot[..r1 * hd], &part);
+                    add_in_place(&mut dk_rot[..r1 * hd], &part);
                 }
             }
             let mut dk = vec![0f32; seq * hd];
@@ -552,11 +597,25 @@ fn causal_softmax(row: &mut [f32], valid: usize) {
 }
 
 crate::math::multiversioned! {
-    /// Softmax of `x` in place, the maximum subtracted; reductions run on eight lanes, so that
-    /// every loop vectorises and the result is the same at any vector width.
+    /// Softmax of `x` in place.
     fn softmax_in_place(seen: &mut [f32]) {
+        let inv = exp_in_place(seen);
+        for x in seen.iter_mut() {
+            *x *= inv;
+        }
+    }
+}
+
+/// `x = e^(x - max x)` in place; returns `1 / sum` (the softmax's normaliser).
+fn exp_in_place(seen: &mut [f32]) -> f32 {
+    exp_shifted(seen, max_of(seen)).recip()
+}
+
+crate::math::multiversioned! {
+    /// `x = e^(x - max)` in place; returns the sum, taken on eight lanes, so that every loop
+    /// vectorises and the result is the same at any vector width.
+    fn exp_shifted(seen: &mut [f32], max: f32) -> f32 {
         const L: usize = 8;
-        let max = max_of(seen);
         for x in seen.iter_mut() {
             *x = exp(*x - max);
         }
@@ -567,11 +626,7 @@ crate::math::multiversioned! {
                 *s += x;
             }
         }
-        let sum: f32 = sums.iter().chain(chunks.remainder()).sum();
-        let inv = sum.recip();
-        for x in seen.iter_mut() {
-            *x *= inv;
-        }
+        sums.iter().chain(chunks.remainder()).sum()
     }
 }
 

@@ -257,7 +257,9 @@ fn find_and_load() -> std::result::Result<Blas, String> {
             let (mkl, dnnl) = (mkl.ok(), dnnl.ok());
             let mut parts = Vec::new();
             if let Some(d) = &dnnl {
-                parts.push(if d.native_bf16 {
+                parts.push(if let Some(amx) = &d.amx {
+                    format!("{} (bf16 on AMX tiles: {})", d.version, amx.kernel)
+                } else if d.native_bf16 {
                     format!("{} (bf16 dot products)", d.version)
                 } else {
                     d.version.clone()
@@ -439,6 +441,12 @@ impl Blas {
         call(routine, alpha, a, b, c, ldc)
     }
 
+    /// The AMX kernel oneDNN runs bf16 products on (e.g. `brg:avx512_core_amx`), if the CPU
+    /// has AMX tiles.
+    pub fn amx_kernel(&self) -> Option<&str> {
+        self.dnnl.as_ref()?.amx.as_ref().map(|m| m.kernel.as_str())
+    }
+
     /// Whether the library has the bf16 x bf16 -> f32 product.
     pub fn has_bf16(&self) -> bool {
         self.dnnl.is_some() || self.mkl.as_ref().is_some_and(|m| m.gemm_bf16.is_some())
@@ -459,6 +467,28 @@ impl Blas {
         c: &mut [f32],
         ldc: usize,
     ) -> Result<()> {
+        if let Some((d, amx)) = self.dnnl.as_ref().and_then(|d| Some((d, d.amx.as_ref()?))) {
+            let (m, n, k) = check_product(&a, &b, c, ldc)?;
+            if m == 0 || n == 0 {
+                return Ok(());
+            }
+            d.sequential();
+            let strides = |x: &MatRef<'_, bf16>| if x.trans { [1, x.ld] } else { [x.ld, 1] };
+            // SAFETY: check_product verified that every operand's stored matrix, with these
+            // strides, lies inside its slice; bf16 and u16 have the same layout.
+            #[allow(unsafe_code)]
+            let done = unsafe {
+                amx.run(
+                    (m, n, k),
+                    (a.data.as_ptr().cast(), strides(&a)),
+                    (b.data.as_ptr().cast(), strides(&b)),
+                    (c.as_mut_ptr(), ldc),
+                )
+            };
+            if done.map_err(Error::Shape)? {
+                return Ok(());
+            }
+        }
         let routine = match (&self.dnnl, &self.mkl) {
             (Some(d), _) => Routine::Dnnl(d, d.gemm_bf16),
             (

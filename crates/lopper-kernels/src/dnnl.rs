@@ -84,6 +84,8 @@ pub(crate) struct Dnnl {
     set_num_threads: SetNumThreads,
     /// Whether the CPU runs its bf16 product on bf16 dot-product instructions.
     pub native_bf16: bool,
+    /// The matmul primitive, where it runs bf16 products on AMX tiles.
+    pub amx: Option<crate::primitive::Matmul>,
     pub version: String,
     _lib: Library,
 }
@@ -152,11 +154,19 @@ fn load(path: &Path) -> std::result::Result<Dnnl, String> {
         } else {
             format!("oneDNN {}.{}.{}", (*v).major, (*v).minor, (*v).patch)
         };
+        // Probed on one OpenMP thread, as every product runs.
+        set_num_threads(1);
+        let amx = if native_bf16 {
+            crate::primitive::probe(&lib)
+        } else {
+            None
+        };
         Ok(Dnnl {
             sgemm,
             gemm_bf16,
             set_num_threads,
             native_bf16,
+            amx,
             version,
             _lib: lib,
         })

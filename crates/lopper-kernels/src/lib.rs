@@ -9,6 +9,7 @@ pub mod loss;
 pub mod math;
 pub mod matmul;
 pub mod norm;
+mod primitive;
 pub mod swiglu;
 
 pub use attention::{AttentionShape, RopeTables, causal_attention};

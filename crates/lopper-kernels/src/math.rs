@@ -181,6 +181,15 @@ pub(crate) fn sum_of_products(a: &[f32], b: &[f32]) -> f32 {
 }
 
 multiversioned! {
+    /// `acc += part`, element by element.
+    pub(crate) fn add_in_place(acc: &mut [f32], part: &[f32]) {
+        for (a, &p) in acc.iter_mut().zip(part) {
+            *a += p;
+        }
+    }
+}
+
+multiversioned! {
     /// `dst = src` rounded to bf16, to nearest even (NaN stays NaN, quieted), as
     /// `bf16::from_f32` rounds but without its branches, so that the loop vectorises.
     pub fn round_to_bf16(dst: &mut [bf16], src: &[f32]) {
