@@ -405,6 +405,37 @@ fn check_product<T, U>(
     Ok((a.rows, b.cols, a.cols))
 }
 
+/// What a product writes into: `f32`, or `MaybeUninit<f32>` for a fresh buffer that the
+/// product fills whole (every product overwrites its output, never reads it), which spares
+/// zeroing it first. Sealed: both have the layout of an f32.
+pub trait Output: sealed::Sealed + Copy {
+    /// Zero, written where the inner dimension is empty.
+    fn zero() -> Self;
+}
+impl Output for f32 {
+    fn zero() -> Self {
+        0.0
+    }
+}
+impl Output for std::mem::MaybeUninit<f32> {
+    fn zero() -> Self {
+        std::mem::MaybeUninit::new(0.0)
+    }
+}
+
+/// `c = 0` over `m x n` with leading dimension `ldc`: the product of an empty inner dimension,
+/// written here rather than left to each library's reading of `k = 0`.
+fn fill_zero<C: Output>(c: &mut [C], m: usize, n: usize, ldc: usize) {
+    for r in 0..m {
+        c[r * ldc..r * ldc + n].fill(C::zero());
+    }
+}
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for std::mem::MaybeUninit<f32> {}
+}
+
 /// A row-major gemm of one library, for operands stored as `S` (f32, or u16 for bf16 and f16).
 #[derive(Clone, Copy)]
 enum Routine<'l, S> {
@@ -414,23 +445,23 @@ enum Routine<'l, S> {
 
 impl Blas {
     /// `c = a * b` in f32 (row-major `c` with leading dimension `ldc`).
-    pub fn sgemm(
+    pub fn sgemm<C: Output>(
         &self,
         a: MatRef<'_, f32>,
         b: MatRef<'_, f32>,
-        c: &mut [f32],
+        c: &mut [C],
         ldc: usize,
     ) -> Result<()> {
         self.sgemm_scaled(1.0, a, b, c, ldc)
     }
 
     /// `c = alpha * a * b` in f32.
-    pub fn sgemm_scaled(
+    pub fn sgemm_scaled<C: Output>(
         &self,
         alpha: f32,
         a: MatRef<'_, f32>,
         b: MatRef<'_, f32>,
-        c: &mut [f32],
+        c: &mut [C],
         ldc: usize,
     ) -> Result<()> {
         let routine = match (&self.dnnl, &self.mkl) {
@@ -460,16 +491,20 @@ impl Blas {
     }
 
     /// `c = a * b` with bf16 operands and f32 accumulation and output.
-    pub fn gemm_bf16(
+    pub fn gemm_bf16<C: Output>(
         &self,
         a: MatRef<'_, bf16>,
         b: MatRef<'_, bf16>,
-        c: &mut [f32],
+        c: &mut [C],
         ldc: usize,
     ) -> Result<()> {
         if let Some((d, amx)) = self.dnnl.as_ref().and_then(|d| Some((d, d.amx.as_ref()?))) {
             let (m, n, k) = check_product(&a, &b, c, ldc)?;
             if m == 0 || n == 0 {
+                return Ok(());
+            }
+            if k == 0 {
+                fill_zero(c, m, n, ldc);
                 return Ok(());
             }
             d.sequential();
@@ -482,7 +517,7 @@ impl Blas {
                     (m, n, k),
                     (a.data.as_ptr().cast(), strides(&a)),
                     (b.data.as_ptr().cast(), strides(&b)),
-                    (c.as_mut_ptr(), ldc),
+                    (c.as_mut_ptr().cast(), ldc),
                 )
             };
             if done.map_err(Error::Shape)? {
@@ -508,11 +543,11 @@ impl Blas {
     }
 
     /// `c = a * b` with f16 operands and f32 accumulation and output.
-    pub fn gemm_f16(
+    pub fn gemm_f16<C: Output>(
         &self,
         a: MatRef<'_, f16>,
         b: MatRef<'_, f16>,
-        c: &mut [f32],
+        c: &mut [C],
         ldc: usize,
     ) -> Result<()> {
         match &self.mkl {
@@ -527,12 +562,12 @@ impl Blas {
 /// Calls a row-major gemm after [`check_product`]. `T` (the operands' element) and `S` (the
 /// C prototype's) have the same size and layout: f32 and f32, bf16 or f16 and u16.
 #[allow(unsafe_code)]
-fn call<T, S>(
+fn call<T, S, C: Output>(
     routine: Routine<'_, S>,
     alpha: f32,
     a: MatRef<'_, T>,
     b: MatRef<'_, T>,
-    c: &mut [f32],
+    c: &mut [C],
     ldc: usize,
 ) -> Result<()> {
     const { assert!(std::mem::size_of::<T>() == std::mem::size_of::<S>()) };
@@ -540,10 +575,14 @@ fn call<T, S>(
     if m == 0 || n == 0 {
         return Ok(());
     }
+    if k == 0 {
+        fill_zero(c, m, n, ldc);
+        return Ok(());
+    }
     let (pa, pb, pc) = (
         a.data.as_ptr().cast::<S>(),
         b.data.as_ptr().cast::<S>(),
-        c.as_mut_ptr(),
+        c.as_mut_ptr().cast::<f32>(),
     );
     match routine {
         Routine::Cblas(f) => {
