@@ -439,15 +439,6 @@ pub(crate) fn attention_grads(
     let tasks: Vec<(usize, usize)> = (0..batch)
         .flat_map(|b| (0..kv_heads).map(move |g| (b, g)))
         .collect();
-    fn mat(data: &[f32], rows: usize, cols: usize, ld: usize, trans: bool) -> MatRef<'_, f32> {
-        MatRef {
-            data,
-            rows,
-            cols,
-            ld,
-            trans,
-        }
-    }
     let parts: Vec<crate::Result<[Vec<f32>; 3]>> = tasks
         .par_iter()
         .map(|&(b, g)| {
@@ -476,8 +467,8 @@ pub(crate) fn attention_grads(
                     let (keys, values) = (&keys[..r1 * hd], &values[..r1 * hd]);
                     let mut p = vec![0f32; rows * r1];
                     blas.sgemm(
-                        mat(&q, rows, hd, hd, false),
-                        mat(keys, hd, r1, hd, true),
+                        MatRef::new(&q, rows, hd, hd, false),
+                        MatRef::new(keys, hd, r1, hd, true),
                         &mut p,
                         r1,
                     )?;
@@ -486,16 +477,16 @@ pub(crate) fn attention_grads(
                     }
                     part.resize(r1 * hd, 0.0);
                     blas.sgemm(
-                        mat(&p, r1, rows, r1, true),
-                        mat(&d_o, rows, hd, hd, false),
+                        MatRef::new(&p, r1, rows, r1, true),
+                        MatRef::new(&d_o, rows, hd, hd, false),
                         &mut part,
                         hd,
                     )?;
                     add_in_place(&mut dv[..r1 * hd], &part);
                     let mut ds = vec![0f32; rows * r1];
                     blas.sgemm(
-                        mat(&d_o, rows, hd, hd, false),
-                        mat(values, hd, r1, hd, true),
+                        MatRef::new(&d_o, rows, hd, hd, false),
+                        MatRef::new(values, hd, r1, hd, true),
                         &mut ds,
                         r1,
                     )?;
@@ -505,8 +496,8 @@ pub(crate) fn attention_grads(
                     let mut dq_rot = vec![0f32; rows * hd];
                     blas.sgemm_scaled(
                         scale,
-                        mat(&ds, rows, r1, r1, false),
-                        mat(keys, r1, hd, hd, false),
+                        MatRef::new(&ds, rows, r1, r1, false),
+                        MatRef::new(keys, r1, hd, hd, false),
                         &mut dq_rot,
                         hd,
                     )?;
@@ -519,8 +510,8 @@ pub(crate) fn attention_grads(
                         hd,
                     );
                     blas.sgemm(
-                        mat(&ds, r1, rows, r1, true),
-                        mat(&q, rows, hd, hd, false),
+                        MatRef::new(&ds, r1, rows, r1, true),
+                        MatRef::new(&q, rows, hd, hd, false),
                         &mut part,
                         hd,
                     )?;

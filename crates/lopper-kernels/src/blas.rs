@@ -111,7 +111,19 @@ pub struct MatRef<'a, T> {
     pub trans: bool,
 }
 
-impl<T> MatRef<'_, T> {
+impl<'a, T> MatRef<'a, T> {
+    /// A `rows x cols` operand stored in `data` with leading dimension `ld` (transposed when
+    /// `trans`).
+    pub fn new(data: &'a [T], rows: usize, cols: usize, ld: usize, trans: bool) -> Self {
+        Self {
+            data,
+            rows,
+            cols,
+            ld,
+            trans,
+        }
+    }
+
     /// Checks that the stored matrix fits in `data`; the FFI relies on it.
     fn check(&self, what: &str) -> Result<()> {
         let (srows, scols) = if self.trans {
@@ -423,12 +435,22 @@ impl Output for std::mem::MaybeUninit<f32> {
     }
 }
 
-/// `c = 0` over `m x n` with leading dimension `ldc`: the product of an empty inner dimension,
-/// written here rather than left to each library's reading of `k = 0`.
-fn fill_zero<C: Output>(c: &mut [C], m: usize, n: usize, ldc: usize) {
-    for r in 0..m {
-        c[r * ldc..r * ldc + n].fill(C::zero());
+/// The dimensions `(m, n, k)` of `c = a * b` after [`check_product`], or `None` when there is
+/// nothing for a library to compute: an empty output, or an empty inner dimension, whose
+/// zeros are written here rather than left to each library's reading of `k = 0`.
+fn prepare<T, C: Output>(
+    a: &MatRef<'_, T>,
+    b: &MatRef<'_, T>,
+    c: &mut [C],
+    ldc: usize,
+) -> Result<Option<(usize, usize, usize)>> {
+    let (m, n, k) = check_product(a, b, c, ldc)?;
+    if k == 0 {
+        for r in 0..m {
+            c[r * ldc..r * ldc + n].fill(C::zero());
+        }
     }
+    Ok((m > 0 && n > 0 && k > 0).then_some((m, n, k)))
 }
 mod sealed {
     pub trait Sealed {}
@@ -499,14 +521,9 @@ impl Blas {
         ldc: usize,
     ) -> Result<()> {
         if let Some((d, amx)) = self.dnnl.as_ref().and_then(|d| Some((d, d.amx.as_ref()?))) {
-            let (m, n, k) = check_product(&a, &b, c, ldc)?;
-            if m == 0 || n == 0 {
+            let Some((m, n, k)) = prepare(&a, &b, c, ldc)? else {
                 return Ok(());
-            }
-            if k == 0 {
-                fill_zero(c, m, n, ldc);
-                return Ok(());
-            }
+            };
             d.sequential();
             let strides = |x: &MatRef<'_, bf16>| if x.trans { [1, x.ld] } else { [x.ld, 1] };
             // SAFETY: check_product verified that every operand's stored matrix, with these
@@ -571,14 +588,9 @@ fn call<T, S, C: Output>(
     ldc: usize,
 ) -> Result<()> {
     const { assert!(std::mem::size_of::<T>() == std::mem::size_of::<S>()) };
-    let (m, n, k) = check_product(&a, &b, c, ldc)?;
-    if m == 0 || n == 0 {
+    let Some((m, n, k)) = prepare(&a, &b, c, ldc)? else {
         return Ok(());
-    }
-    if k == 0 {
-        fill_zero(c, m, n, ldc);
-        return Ok(());
-    }
+    };
     let (pa, pb, pc) = (
         a.data.as_ptr().cast::<S>(),
         b.data.as_ptr().cast::<S>(),

@@ -835,13 +835,7 @@ mod tests {
         use std::mem::MaybeUninit;
         let Some(blas) = crate::blas() else { return };
         fn mat<T>(data: &[T], rows: usize, cols: usize, ld: usize) -> MatRef<'_, T> {
-            MatRef {
-                data,
-                rows,
-                cols,
-                ld,
-                trans: false,
-            }
+            MatRef::new(data, rows, cols, ld, false)
         }
         let (a, b) = ([0f32; 0], [0f32; 0]);
         let mut c = [MaybeUninit::new(f32::NAN); 12];

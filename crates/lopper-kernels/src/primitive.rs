@@ -455,28 +455,19 @@ mod tests {
         let b = values(ldb * if tb { n } else { k }, 2);
         let wide = |v: &[bf16]| v.iter().map(|x| x.to_f32()).collect::<Vec<f32>>();
         let (a32, b32) = (wide(&a), wide(&b));
-        fn mat<T>(data: &[T], rows: usize, cols: usize, ld: usize, trans: bool) -> MatRef<'_, T> {
-            MatRef {
-                data,
-                rows,
-                cols,
-                ld,
-                trans,
-            }
-        }
         let ldc = n + pad;
         let mut want = vec![0f32; m * ldc];
         blas.sgemm(
-            mat(&a32[..], m, k, lda, ta),
-            mat(&b32[..], k, n, ldb, tb),
+            MatRef::new(&a32[..], m, k, lda, ta),
+            MatRef::new(&b32[..], k, n, ldb, tb),
             &mut want,
             ldc,
         )
         .unwrap();
         let mut got = vec![0f32; m * ldc];
         blas.gemm_bf16(
-            mat(&a[..], m, k, lda, ta),
-            mat(&b[..], k, n, ldb, tb),
+            MatRef::new(&a[..], m, k, lda, ta),
+            MatRef::new(&b[..], k, n, ldb, tb),
             &mut got,
             ldc,
         )
