@@ -6,7 +6,10 @@
 //! task (one batch row, one query head, one block of query rows) reads its rows of q, k and v in
 //! place (the KV head of its group: nothing repeated), rotates them into small buffers, and
 //! computes only the causal part of the score matrix on the BLAS: query rows `r0..r1` attend to
-//! keys `0..r1`. Softmax is exact (f32, the row maximum subtracted) with a vectorisable `exp`.
+//! keys `0..r1`, in blocks of 256 keys with an online softmax (f32, each row shifted by its
+//! running maximum, the output rescaled when the maximum grows, divided by the row's sum at the
+//! end: flash attention's scheme) and a vectorisable `exp`. The backward recomputes the
+//! probabilities with the two-pass softmax, row by row.
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorData};
@@ -19,9 +22,11 @@ use crate::blas::{Blas, MatRef, blas};
 use crate::math::{add_in_place, exp, max_of, round_to_bf16, sum_of_products};
 use crate::matmul::{Fused, from_flex, fused, into_flex};
 
-/// Query rows per task: bounds a task's score block at `ROWS x seq`.
+/// Query rows per task.
 const ROWS: usize = 256;
-/// Keys per product of the scores.
+/// Keys per block of scores: a task's score block is `ROWS x KEYS` (256 KiB in f32), and
+/// oneDNN's AMX kernels take the scores product (inner dimension `head_dim`) only up to a few
+/// hundred columns.
 const KEYS: usize = 256;
 
 thread_local! {
@@ -293,11 +298,7 @@ fn attend<T: Element>(
                 ld: hd,
                 trans,
             };
-            // Online softmax over blocks of keys (as flash attention runs it): each block's
-            // scores are shifted by the running row maximum, the output so far is rescaled
-            // when the maximum grows, and the rows are divided by their sums at the end. A
-            // block stays in cache, and oneDNN's AMX kernels take a product this thin (inner
-            // dimension hd) only up to a few hundred columns.
+            // Online softmax over blocks of keys (see the module docs).
             let mut out = vec![0f32; rows * hd];
             let mut part = vec![0f32; rows * hd];
             let (mut maxes, mut sums) = (vec![f32::NEG_INFINITY; rows], vec![0f32; rows]);
