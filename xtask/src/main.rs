@@ -81,8 +81,8 @@ enum Cmd {
 /// The command line allocates through mimalloc: a forward pass frees and allocates tensor
 /// buffers of a few MiB per op, and glibc's malloc faults them in and zeroes them again (even
 /// with the tuning below); mimalloc keeps freed pages for reuse. Measured on a 2-core Xeon
-/// (`cargo xtask bench forward --dtype bf16`): 8 x 128 2,414 -> 2,767 tokens/s, 1 x 2048
-/// 1,760 -> 1,934.
+/// (`cargo xtask bench forward --dtype bf16`): 8 x 128 2,414 -> 2,769 tokens/s, 1 x 2048
+/// 1,760 -> 1,890.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
