@@ -274,7 +274,7 @@ impl Matmul {
     ///
     /// # Safety
     /// `a`, `b` and `c` point to matrices of `key`'s shape and strides.
-    #[allow(unsafe_code, clippy::too_many_arguments)]
+    #[allow(unsafe_code)]
     pub(crate) unsafe fn run(
         &self,
         (m, n, k): (usize, usize, usize),
