@@ -6,6 +6,7 @@ pub mod gguf;
 mod hostweights;
 mod masks;
 mod model;
+mod placement;
 mod resolve;
 pub mod synthetic;
 mod tokenizer;
@@ -23,14 +24,16 @@ pub use model::{
     RmsNorm, Rope, Tap, WeightMemory, burn_dtype, mean_of, next_token_nll, nll_from_logits,
     tokens_tensor, weight_f32,
 };
+pub use placement::{DeviceMap, LayerStream, SharedSource};
 pub use resolve::{
     HubOptions, Inspected, LoadedModel, ModelFiles, ModelInfo, ModelSpec, default_model,
     default_model_path, ensure_default_model, inspect, install_default_model, load, load_files,
-    load_files_in, load_in, load_inspected_in, lopper_home, resolve, sha256_file, shape_for_dir,
+    load_files_in, load_in, load_inspected_in, load_placed, lopper_home, resolve, sha256_file,
+    shape_for_dir,
 };
 pub use synthetic::{SyntheticModel, SyntheticWeights};
 pub use tokenizer::Tokenizer;
-pub use weights::{HostTensor, RandomWeights, WeightSource};
+pub use weights::{GgufSource, HostTensor, RandomWeights, WeightSource};
 
 impl<B: burn::tensor::backend::Backend> Llama<B> {
     /// A model of `shape` with seeded random weights (the same values on every backend).

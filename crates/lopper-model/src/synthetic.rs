@@ -237,6 +237,10 @@ impl WeightSource for SyntheticWeights {
         format!("synthetic random weights (seed {:#x})", self.seed)
     }
 
+    fn dims(&self, name: &str) -> Result<Option<Vec<usize>>> {
+        Ok(self.law(name).map(|(dims, _, _)| dims))
+    }
+
     fn tensor(&self, name: &str) -> Result<Option<HostTensor>> {
         let Some((shape, data)) = self.generate(name, |s, d| d.copy_from_slice(s)) else {
             return Ok(None);

@@ -570,3 +570,177 @@ fn narrow_weights_are_stored_narrow() {
         }
     }
 }
+
+/// The tiny shape with a tied head and layers of different widths (what a pruned model is).
+fn hetero_tied() -> ModelShape {
+    let mut s = ModelShape::tiny();
+    s.tie_word_embeddings = true;
+    s.layers[1].ffn_hidden = 16;
+    s.layers[2].n_kv_heads = 1;
+    s.layers[2].n_heads = 2;
+    s
+}
+
+#[test]
+fn a_balanced_device_map_is_contiguous_and_its_largest_share_is_the_smallest_possible() {
+    use crate::DeviceMap;
+    let mut shape = ModelShape::tiny();
+    shape.layers = (0..7)
+        .map(|i| lopper_core::LayerShape {
+            ffn_hidden: [48, 8, 96, 16, 48, 200, 8][i],
+            ..ModelShape::tiny().layers[0]
+        })
+        .collect();
+    for tied in [false, true] {
+        shape.tie_word_embeddings = tied;
+        for devices in 1..=9 {
+            let map = DeviceMap::balanced(&shape, devices);
+            let l = map.layers();
+            assert_eq!(l.len(), 7);
+            assert!(
+                l.windows(2).all(|w| w[0] <= w[1] && w[1] - w[0] <= 1),
+                "{l:?}"
+            );
+            assert_eq!(l[0], 0);
+            let worst = *map.params_per_device(&shape).iter().max().unwrap();
+            // Brute force over every way to cut the 7 layers into at most `devices` runs.
+            let mut best = u64::MAX;
+            for cuts in 0u32..(1 << 6) {
+                if cuts.count_ones() as usize + 1 > devices {
+                    continue;
+                }
+                let mut d = 0;
+                let mut layers = vec![0; 7];
+                for (i, slot) in layers.iter_mut().enumerate().skip(1) {
+                    if cuts & (1 << (i - 1)) != 0 {
+                        d += 1;
+                    }
+                    *slot = d;
+                }
+                let m = DeviceMap::new(layers, devices).unwrap();
+                best = best.min(*m.params_per_device(&shape).iter().max().unwrap());
+            }
+            assert_eq!(worst, best, "{devices} devices, tied {tied}: {l:?}");
+        }
+    }
+    let total: u64 = DeviceMap::balanced(&shape, 3)
+        .params_per_device(&shape)
+        .iter()
+        .sum();
+    assert_eq!(total, shape.num_params() - shape.norm_params());
+    let e = DeviceMap::new(vec![0, 2, 1], 2).unwrap_err().to_string();
+    assert!(
+        e.contains("layer 1 on device 2") && e.contains("only 2"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_model_placed_over_several_devices_gives_the_unplaced_logits() {
+    use crate::DeviceMap;
+    for shape in [ModelShape::tiny(), hetero_tied()] {
+        let w = RandomWeights::new(&shape, 5);
+        let plain = Llama::<B>::from_weights(&shape, &w, &D).unwrap();
+        let devices = [D, D, D];
+        let map = DeviceMap::new(vec![0, 1, 2], 3).unwrap();
+        let placed =
+            Llama::<B>::from_weights_placed(&shape, &w, &devices, &map, lopper_core::Dtype::F32)
+                .unwrap();
+        assert_eq!(logits(&plain, None), logits(&placed, None));
+        let moved = plain
+            .clone()
+            .place(&devices[..2], &DeviceMap::balanced(&shape, 2))
+            .unwrap();
+        let masks = Masks::from_plan(
+            &MaskPlan::from_removed(&shape, &[PruneUnit::Channel { layer: 0, index: 3 }]).unwrap(),
+            &D,
+        )
+        .unwrap();
+        assert_eq!(logits(&plain, Some(&masks)), logits(&moved, Some(&masks)));
+        assert!(
+            (0..shape.n_layers()).all(|i| placed.layer_device(i) == Some(D)),
+            "every layer reports its device"
+        );
+        let e = plain
+            .place(&devices, &DeviceMap::balanced(&shape, 2))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("over 2 devices") && e.contains("3 devices were given"),
+            "{e}"
+        );
+    }
+}
+
+#[test]
+fn an_offloaded_model_gives_the_resident_logits_and_refuses_what_needs_its_layers() {
+    use crate::DeviceMap;
+    use lopper_core::Dtype;
+    use std::sync::Arc;
+    for shape in [ModelShape::tiny(), hetero_tied()] {
+        let w = RandomWeights::new(&shape, 9);
+        for dtype in [Dtype::F32, Dtype::Bf16] {
+            let resident = Llama::<B>::from_weights_in(&shape, &w, &D, dtype).unwrap();
+            let off = Llama::<B>::offloaded(
+                &shape,
+                Arc::new(w.clone()),
+                &[D],
+                &DeviceMap::single(&shape),
+                dtype,
+            )
+            .unwrap();
+            assert!(off.is_offloaded() && !resident.is_offloaded());
+            assert!(
+                off.layers
+                    .iter()
+                    .all(|l| l.self_attn.is_none() && l.mlp.is_none())
+            );
+            assert_eq!(logits(&resident, None), logits(&off, None), "{dtype}");
+            let t = off.tokens(&rows()).unwrap();
+            assert_eq!(
+                resident.token_nll(t.clone(), None).unwrap().into_data(),
+                off.token_nll(t.clone(), None).unwrap().into_data()
+            );
+            let e = off
+                .forward_layers(t, None, |_, _| {}, |_, l| std::borrow::Cow::Borrowed(l))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("offloaded") && e.contains("--offload"), "{e}");
+        }
+    }
+}
+
+#[test]
+fn an_offloaded_model_checks_every_layer_before_any_work() {
+    use crate::DeviceMap;
+    use std::sync::Arc;
+    let shape = ModelShape::tiny();
+    let full = Llama::<B>::random(&shape, 1, &D).unwrap().to_host_weights();
+    let mut missing = full.clone();
+    missing
+        .tensors
+        .remove("model.layers.2.self_attn.v_proj.weight");
+    let mut wrong = full;
+    wrong.tensors.insert(
+        "model.layers.1.mlp.down_proj.weight".into(),
+        crate::HostTensor {
+            shape: vec![32, 47],
+            data: vec![0.0; 32 * 47],
+        },
+    );
+    for (w, want) in [
+        (missing, "model.layers.2.self_attn.v_proj.weight"),
+        (wrong, "[32, 47]"),
+    ] {
+        let e = Llama::<B>::offloaded(
+            &shape,
+            Arc::new(w),
+            &[D],
+            &DeviceMap::single(&shape),
+            lopper_core::Dtype::F32,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains(want), "{e}");
+    }
+}

@@ -92,6 +92,11 @@ pub trait WeightSource {
     fn stored(&self, name: &str, dtype: Dtype, transpose: bool) -> Result<Option<TensorData>> {
         Ok(self.tensor(name)?.map(|t| t.into_data(dtype, transpose)))
     }
+    /// The Hugging Face layout dims of tensor `name`, or `None` if the checkpoint lacks it. The
+    /// default reads the tensor; file sources answer from their headers without reading data.
+    fn dims(&self, name: &str) -> Result<Option<Vec<usize>>> {
+        Ok(self.tensor(name)?.map(|t| t.shape))
+    }
 }
 
 /// Hugging Face name -> GGUF name (llama architecture).
@@ -184,6 +189,12 @@ impl WeightSource for GgufWeights<'_> {
         format!("GGUF file {}", self.file.path().display())
     }
 
+    fn dims(&self, name: &str) -> Result<Option<Vec<usize>>> {
+        Ok(hf_to_gguf_name(name)
+            .and_then(|g| self.file.tensor_info(&g))
+            .map(|t| t.row_major_shape()))
+    }
+
     fn tensor(&self, name: &str) -> Result<Option<HostTensor>> {
         let Some(g) = hf_to_gguf_name(name) else {
             return Ok(None);
@@ -212,6 +223,36 @@ impl WeightSource for GgufWeights<'_> {
             }
             _ => t,
         }))
+    }
+}
+
+/// [`GgufWeights`] that own their file: a source a model can keep to read its layers from for
+/// each turn ([`crate::Llama::offloaded`]).
+#[derive(Debug)]
+pub struct GgufSource {
+    file: GgufFile,
+    shape: ModelShape,
+}
+
+impl GgufSource {
+    /// The weights of `file`, whose per-layer head counts are in `shape`.
+    pub fn new(file: GgufFile, shape: &ModelShape) -> Self {
+        Self {
+            file,
+            shape: shape.clone(),
+        }
+    }
+}
+
+impl WeightSource for GgufSource {
+    fn describe(&self) -> String {
+        GgufWeights::new(&self.file, &self.shape).describe()
+    }
+    fn tensor(&self, name: &str) -> Result<Option<HostTensor>> {
+        GgufWeights::new(&self.file, &self.shape).tensor(name)
+    }
+    fn dims(&self, name: &str) -> Result<Option<Vec<usize>>> {
+        GgufWeights::new(&self.file, &self.shape).dims(name)
     }
 }
 
@@ -306,6 +347,32 @@ impl WeightSource for SafetensorsWeights {
                 fs[0].0.parent().unwrap_or(Path::new(".")).display()
             ),
         }
+    }
+
+    fn dims(&self, name: &str) -> Result<Option<Vec<usize>>> {
+        let Some(&i) = self.index.get(name) else {
+            return Ok(None);
+        };
+        let (path, map) = &self.files[i];
+        let st = safetensors::SafeTensors::deserialize(map).map_err(|e| Error::Safetensors {
+            path: path.clone(),
+            msg: e.to_string(),
+        })?;
+        let view = st.tensor(name).map_err(|e| Error::Safetensors {
+            path: path.clone(),
+            msg: format!("tensor `{name}`: {e}"),
+        })?;
+        use safetensors::Dtype;
+        if !matches!(view.dtype(), Dtype::F32 | Dtype::F16 | Dtype::BF16) {
+            return Err(Error::Safetensors {
+                path: path.clone(),
+                msg: format!(
+                    "tensor `{name}` has dtype {:?}; lopper reads F32, F16 and BF16 checkpoints",
+                    view.dtype()
+                ),
+            });
+        }
+        Ok(Some(view.shape().to_vec()))
     }
 
     fn tensor(&self, name: &str) -> Result<Option<HostTensor>> {
