@@ -10,7 +10,7 @@ use indicatif::ProgressBar;
 use lopper_data::{BosPolicy, DataDirs, McTask, PerplexityCorpus, windows};
 use lopper_model::{Llama, Tokenizer, lopper_home};
 
-use crate::backend::{DeviceChoice, Job, run_on};
+use crate::backend::{DeviceList, Offload, PlacedJob, run_on_devices};
 
 #[derive(Debug, Clone, Copy)]
 pub enum Task {
@@ -46,9 +46,15 @@ pub struct EvalArgs {
     /// Allow --seq-len beyond the model's trained positions (max_position_embeddings).
     #[arg(long)]
     allow_longer_context: bool,
-    /// cpu, cuda or cuda:N.
+    /// cpu, cuda, cuda:N, or a list of GPUs (cuda:0,cuda:1) over which the decoder layers are
+    /// split in balanced contiguous runs.
     #[arg(long, default_value = "cpu")]
-    device: DeviceChoice,
+    device: DeviceList,
+    /// `cpu`: keep the decoder layers out of device memory (in the checkpoint's memory map, or
+    /// the generator of a synthetic model) and read each onto its device for its turn: the
+    /// device holds the embedding, the LM head and one layer.
+    #[arg(long, value_name = "WHERE")]
+    offload: Option<Offload>,
     /// Write the results as JSON here (atomically).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -139,9 +145,9 @@ pub fn run(args: EvalArgs) -> Result<()> {
         allow_longer_context: args.allow_longer_context,
     };
     settings.check()?;
-    let device = args.device;
-    run_on(
-        device,
+    let device = args.device.clone();
+    run_on_devices(
+        &device,
         EvalJob {
             args,
             tasks,
@@ -156,10 +162,15 @@ struct EvalJob {
     settings: EvalSettings,
 }
 
-impl Job for EvalJob {
-    fn run<B: Backend>(self, device: B::Device, device_name: String) -> Result<()> {
+impl PlacedJob for EvalJob {
+    fn run<B: Backend>(self, devices: Vec<B::Device>, device_name: String) -> Result<()> {
         let a = &self.args;
-        let loaded = crate::loading::load_model::<B>(&a.model, a.dtype, &device)?;
+        let loaded = crate::loading::load_placed_model::<B>(
+            &a.model,
+            a.dtype,
+            &devices,
+            a.offload.is_some(),
+        )?;
         let (results, table) = evaluate(
             &loaded.model,
             &loaded.tokenizer,

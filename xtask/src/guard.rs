@@ -13,12 +13,19 @@ use lopper_model::{ForwardMemory, Inspected, ModelFiles, WeightMemory};
 const USABLE: f64 = 0.9;
 
 /// The weights of `model` in `dtype` (and the one tensor in flight while loading) must fit in
-/// the host memory available now; checked before any tensor is read.
-pub fn weights_fit(model: &Inspected, dtype: Dtype, files: &ModelFiles, id: &str) -> Result<()> {
+/// the host memory available now; checked before any tensor is read. With `offload`, the
+/// weights that stay are the embedding, the LM head and one decoder layer at a time.
+pub fn weights_fit(
+    model: &Inspected,
+    dtype: Dtype,
+    files: &ModelFiles,
+    id: &str,
+    offload: bool,
+) -> Result<()> {
     let Some(avail) = available_bytes()? else {
         return Ok(());
     };
-    let need = weight_memory(model, dtype, files);
+    let need = weight_memory(model, dtype, files, offload);
     let usable = (avail as f64 * USABLE) as u64;
     if need.peak() <= usable {
         return Ok(());
@@ -26,10 +33,19 @@ pub fn weights_fit(model: &Inspected, dtype: Dtype, files: &ModelFiles, id: &str
     let narrower = Dtype::ALL
         .into_iter()
         .filter(|d| d.bytes() < dtype.bytes())
-        .find(|&d| weight_memory(model, d, files).peak() <= usable);
-    let fix = match narrower {
-        Some(d) => format!("load the weights in {d} (--dtype {d}), or use a machine with more memory"),
-        None => "no storage type fits it: use a machine (or GPU) with more memory; layer offload (--offload cpu, streaming each layer from disk) is not built yet".into(),
+        .find(|&d| weight_memory(model, d, files, offload).peak() <= usable);
+    let offload_fits = !offload && weight_memory(model, dtype, files, true).peak() <= usable;
+    let fix = match (narrower, offload_fits) {
+        (Some(d), _) => format!(
+            "load the weights in {d} (--dtype {d}), or use a machine with more memory"
+        ),
+        (None, true) => format!(
+            "keep the decoder layers out of memory with --offload cpu (eval and logits: each layer is read from the file for its turn; {} in {dtype})",
+            human(weight_memory(model, dtype, files, true).peak())
+        ),
+        (None, false) => {
+            "no storage type fits it, even with its layers offloaded: use a machine (or GPU) with more memory".into()
+        }
     };
     let loading = if need.loading > 0 {
         format!(
@@ -50,9 +66,18 @@ pub fn weights_fit(model: &Inspected, dtype: Dtype, files: &ModelFiles, id: &str
 }
 
 /// [`WeightMemory`] of an inspected model: file sources hand tensors over as f32.
-pub fn weight_memory(model: &Inspected, dtype: Dtype, files: &ModelFiles) -> WeightMemory {
+pub fn weight_memory(
+    model: &Inspected,
+    dtype: Dtype,
+    files: &ModelFiles,
+    offload: bool,
+) -> WeightMemory {
     let streamed = !matches!(files, ModelFiles::Synthetic(_));
-    WeightMemory::of(&model.shape, dtype, model.bias_params, streamed)
+    if offload {
+        WeightMemory::offloaded(&model.shape, dtype, model.bias_params, streamed)
+    } else {
+        WeightMemory::of(&model.shape, dtype, model.bias_params, streamed)
+    }
 }
 
 fn limit_note() -> String {

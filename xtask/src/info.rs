@@ -3,14 +3,84 @@
 use anyhow::{Context, Result};
 use lopper_core::memory::{available_bytes, human};
 use lopper_core::{Dtype, UnitKind};
-use lopper_model::{ForwardMemory, HubOptions, ModelSpec, inspect, lopper_home, resolve};
+use lopper_model::{
+    DeviceMap, ForwardMemory, HubOptions, ModelSpec, inspect, lopper_home, resolve,
+};
+
+use crate::backend::DeviceList;
 
 /// What `--memory` plans for.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct MemoryQuery {
     pub dtype: Dtype,
     pub batch_size: usize,
     pub seq_len: usize,
+    pub devices: DeviceList,
+    pub offload: bool,
+}
+
+/// One device's share of a plan, in bytes.
+struct DeviceShare {
+    name: String,
+    weights: u64,
+    forward: u64,
+}
+
+/// The weights and activations each listed device holds: the layers split as
+/// [`DeviceMap::balanced`] splits them (or, offloaded, the embedding and head where they live
+/// and one layer at a time on each device), a forward's activations on every device.
+fn device_shares(
+    shape: &lopper_core::ModelShape,
+    q: &MemoryQuery,
+    weights: &lopper_model::WeightMemory,
+    forward: &ForwardMemory,
+) -> Vec<DeviceShare> {
+    let DeviceList::Cuda(gpus) = &q.devices else {
+        return vec![];
+    };
+    let map = DeviceMap::balanced(shape, gpus.len());
+    let bytes = q.dtype.bytes();
+    let per_device = map.params_per_device(shape);
+    let largest_layer = |d: usize| {
+        shape
+            .layers
+            .iter()
+            .zip(map.layers())
+            .filter(|(_, m)| **m == d)
+            .map(|(l, _)| l.attn_params(shape.hidden_size) + l.mlp_params(shape.hidden_size))
+            .max()
+            .unwrap_or(0)
+    };
+    gpus.iter()
+        .enumerate()
+        .map(|(d, gpu)| {
+            let mut w = if q.offload {
+                let mut fixed = 0;
+                if d == 0 {
+                    fixed += shape.embedding_params();
+                }
+                if d == map.head_device() && !shape.tie_word_embeddings {
+                    fixed += shape.embedding_params();
+                }
+                (fixed + largest_layer(d)) * bytes
+            } else {
+                per_device[d] * bytes
+            };
+            if d == 0 {
+                w += weights.vectors;
+            }
+            DeviceShare {
+                name: format!("cuda:{gpu}"),
+                weights: w,
+                forward: forward.total()
+                    - if d == map.head_device() {
+                        0
+                    } else {
+                        forward.logits
+                    },
+            }
+        })
+        .collect()
 }
 
 pub fn run(model: &str, json: bool, memory: Option<MemoryQuery>) -> Result<()> {
@@ -21,9 +91,10 @@ pub fn run(model: &str, json: bool, memory: Option<MemoryQuery>) -> Result<()> {
     let loaded = inspect(&files, &spec.to_string()).with_context(|| format!("model `{model}`"))?;
     let shape = &loaded.shape;
     let plan = memory.map(|q| {
-        let weights = crate::guard::weight_memory(&loaded, q.dtype, &files);
+        let weights = crate::guard::weight_memory(&loaded, q.dtype, &files, q.offload);
         let forward = ForwardMemory::of(shape, q.batch_size, q.seq_len);
-        (q, weights, forward)
+        let shares = device_shares(shape, &q, &weights, &forward);
+        (q, weights, forward, shares)
     });
     let available = available_bytes()?;
     if json {
@@ -46,19 +117,30 @@ pub fn run(model: &str, json: bool, memory: Option<MemoryQuery>) -> Result<()> {
             "matmul": lopper_kernels::describe(),
         });
         let mut v = v;
-        if let Some((q, w, f)) = &plan {
+        if let Some((q, w, f, shares)) = &plan {
+            let on_gpus = !shares.is_empty();
             v["memory"] = serde_json::json!({
                 "dtype": q.dtype, "batch_size": q.batch_size, "seq_len": q.seq_len,
+                "offload": q.offload,
                 "weights": w.resident(), "loading_extra": w.loading,
-                "forward": f.total(), "host_total": w.peak().max(w.resident() + f.total()),
+                "forward": f.total(),
+                "host_total": if on_gpus { w.loading } else { w.peak().max(w.resident() + f.total()) },
+                "devices": shares.iter().map(|d| serde_json::json!({
+                    "device": d.name, "weights": d.weights, "forward": d.forward,
+                    "total": d.weights + d.forward,
+                })).collect::<Vec<_>>(),
                 "available": available,
             });
         }
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
-    if let Some((q, w, f)) = &plan {
-        print_plan(q, w, f, available, shape.num_params() + loaded.bias_params);
+    if let Some((q, w, f, shares)) = &plan {
+        if shares.is_empty() {
+            print_plan(q, w, f, available, shape.num_params() + loaded.bias_params);
+        } else {
+            print_device_plan(q, w, shares, shape.num_params() + loaded.bias_params);
+        }
     }
     let i = &loaded.info;
     println!("model      {}", i.spec);
@@ -136,12 +218,24 @@ fn print_plan(
 ) {
     let total = w.peak().max(w.resident() + f.total());
     println!(
-        "memory plan ({} weights, forward of {} x {} tokens, on the CPU: all of it in host memory)",
-        q.dtype, q.batch_size, q.seq_len
+        "memory plan ({} weights, forward of {} x {} tokens, on the CPU: all of it in host memory{})",
+        q.dtype,
+        q.batch_size,
+        q.seq_len,
+        if q.offload {
+            "; decoder layers offloaded: the embedding, the head and one layer at a time"
+        } else {
+            ""
+        }
     );
     println!(
-        "  weights        {:>10}  ({:.2} B parameters: matrices in {}, norms and biases f32)",
+        "  weights        {:>10}  ({}{:.2} B parameters: matrices in {}, norms and biases f32)",
         human(w.resident()),
+        if q.offload {
+            "embedding, head and the largest layer of "
+        } else {
+            ""
+        },
         params as f64 / 1e9,
         q.dtype
     );
@@ -170,5 +264,46 @@ fn print_plan(
         ),
         None => println!("  available      unknown on this system"),
     }
+    println!();
+}
+
+/// The plan over GPUs: each device's weights and activations; the host holds one tensor in
+/// flight while loading (and, offloaded, the file's pages the kernel may evict).
+fn print_device_plan(
+    q: &MemoryQuery,
+    w: &lopper_model::WeightMemory,
+    shares: &[DeviceShare],
+    params: u64,
+) {
+    println!(
+        "memory plan ({} weights, {:.2} B parameters, forward of {} x {} tokens, layers split over {} GPU(s){})",
+        q.dtype,
+        params as f64 / 1e9,
+        q.batch_size,
+        q.seq_len,
+        shares.len(),
+        if q.offload {
+            "; decoder layers offloaded: each device holds its share of the embedding and head and one layer at a time"
+        } else {
+            ""
+        }
+    );
+    println!("  device     weights     forward       total");
+    for d in shares {
+        println!(
+            "  {:<8} {:>10}  {:>10}  {:>10}",
+            d.name,
+            human(d.weights),
+            human(d.forward),
+            human(d.weights + d.forward)
+        );
+    }
+    println!(
+        "  host     {:>10}  (one tensor's f32 values in flight while loading)",
+        human(w.loading)
+    );
+    println!(
+        "  free GPU memory is read when the command starts on the device; this plan is the estimate to compare it with"
+    );
     println!();
 }

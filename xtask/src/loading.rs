@@ -6,8 +6,8 @@ use anyhow::{Context, Result};
 use burn::tensor::backend::Backend;
 use lopper_core::Dtype;
 use lopper_model::{
-    HubOptions, LoadedModel, ModelFiles, ModelSpec, inspect, load_inspected_in, lopper_home,
-    resolve,
+    DeviceMap, HubOptions, LoadedModel, ModelFiles, ModelSpec, inspect, load_inspected_in,
+    load_placed, lopper_home, resolve,
 };
 
 use crate::backend::on_host;
@@ -20,13 +20,24 @@ pub fn load_model<B: Backend>(
     dtype: Dtype,
     device: &B::Device,
 ) -> Result<LoadedModel<B>> {
+    load_placed_model(model, dtype, std::slice::from_ref(device), false)
+}
+
+/// [`load_model`] over `devices` (the decoder layers split in balanced contiguous runs), with
+/// the layers left in their source and read for each turn when `offload`.
+pub fn load_placed_model<B: Backend>(
+    model: &str,
+    dtype: Dtype,
+    devices: &[B::Device],
+    offload: bool,
+) -> Result<LoadedModel<B>> {
     let spec: ModelSpec = model.parse()?;
     let files = resolve(&spec, &lopper_home(), &HubOptions::from_env())
         .with_context(|| format!("loading `{model}`"))?;
     let inspected =
         inspect(&files, &spec.to_string()).with_context(|| format!("loading `{model}`"))?;
     if on_host::<B>() {
-        guard::weights_fit(&inspected, dtype, &files, model)?;
+        guard::weights_fit(&inspected, dtype, &files, model, offload)?;
     }
     if matches!(files, ModelFiles::Synthetic(_)) {
         tracing::warn!(
@@ -34,12 +45,40 @@ pub fn load_model<B: Backend>(
         );
     }
     let t = std::time::Instant::now();
-    let loaded = load_inspected_in(&files, inspected, device, dtype)
-        .with_context(|| format!("loading `{model}`"))?;
+    let map = DeviceMap::balanced(&inspected.shape, devices.len());
+    let loaded = if devices.len() == 1 && !offload {
+        load_inspected_in(&files, inspected, &devices[0], dtype)
+    } else {
+        load_placed(&files, inspected, devices, &map, dtype, offload)
+    }
+    .with_context(|| format!("loading `{model}`"))?;
+    if devices.len() > 1 {
+        tracing::info!("layers per device: {}", describe_map(&map));
+    }
+    if offload {
+        tracing::info!(
+            "decoder layers offloaded: each is read from {} onto its device for its turn",
+            loaded.info.path.display()
+        );
+    }
     tracing::info!(
         "loaded {model}: {:.2} B parameters, weights in {dtype}, {:.1} s",
         loaded.model.shape().num_params() as f64 / 1e9,
         t.elapsed().as_secs_f64()
     );
     Ok(loaded)
+}
+
+/// `0-15 on device 0, 16-31 on device 1`.
+fn describe_map(map: &DeviceMap) -> String {
+    let l = map.layers();
+    let mut runs = Vec::new();
+    let mut start = 0;
+    for i in 1..=l.len() {
+        if i == l.len() || l[i] != l[start] {
+            runs.push(format!("{}-{} on device {}", start, i - 1, l[start]));
+            start = i;
+        }
+    }
+    runs.join(", ")
 }

@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use burn::tensor::backend::Backend;
 use clap::Args;
 
-use crate::backend::{DeviceChoice, Job, run_on};
+use crate::backend::{DeviceList, Offload, PlacedJob, run_on_devices};
 
 #[derive(Debug, Args)]
 pub struct LogitsArgs {
@@ -26,9 +26,15 @@ pub struct LogitsArgs {
     /// Write `{"ids": [...], "logits": [[...vocab] per position]}` here.
     #[arg(long)]
     out: Option<PathBuf>,
-    /// cpu, cuda or cuda:N.
+    /// cpu, cuda, cuda:N, or a list of GPUs (cuda:0,cuda:1) over which the decoder layers are
+    /// split in balanced contiguous runs.
     #[arg(long, default_value = "cpu")]
-    device: DeviceChoice,
+    device: DeviceList,
+    /// `cpu`: keep the decoder layers out of device memory (in the checkpoint's memory map, or
+    /// the generator of a synthetic model) and read each onto its device for its turn: the
+    /// device holds the embedding, the LM head and one layer.
+    #[arg(long, value_name = "WHERE")]
+    offload: Option<Offload>,
 }
 
 pub fn run(args: LogitsArgs) -> Result<()> {
@@ -36,15 +42,20 @@ pub fn run(args: LogitsArgs) -> Result<()> {
         args.text.is_some() || args.ids.is_some(),
         "give --text or --ids"
     );
-    run_on(args.device, LogitsJob(args))
+    run_on_devices(&args.device.clone(), LogitsJob(args))
 }
 
 struct LogitsJob(LogitsArgs);
 
-impl Job for LogitsJob {
-    fn run<B: Backend>(self, device: B::Device, _device_name: String) -> Result<()> {
+impl PlacedJob for LogitsJob {
+    fn run<B: Backend>(self, devices: Vec<B::Device>, _device_name: String) -> Result<()> {
         let a = &self.0;
-        let loaded = crate::loading::load_model::<B>(&a.model, a.dtype, &device)?;
+        let loaded = crate::loading::load_placed_model::<B>(
+            &a.model,
+            a.dtype,
+            &devices,
+            a.offload.is_some(),
+        )?;
         let ids: Vec<u32> = match (&a.text, &a.ids) {
             (Some(t), _) => loaded.tokenizer.encode(t)?,
             (None, Some(s)) => s

@@ -59,6 +59,13 @@ enum Cmd {
         /// Tokens per row for the plan.
         #[arg(long, default_value_t = 128)]
         seq_len: usize,
+        /// Device(s) for the plan: cpu, cuda:N, or a list of GPUs (cuda:0,cuda:1) over which
+        /// the layers are split.
+        #[arg(long, default_value = "cpu")]
+        device: backend::DeviceList,
+        /// Plan with the decoder layers offloaded (`--offload cpu`): read for each turn.
+        #[arg(long, value_name = "WHERE")]
+        offload: Option<backend::Offload>,
     },
     /// Evaluate a model: perplexity with an explicit, recorded protocol.
     Eval(eval::EvalArgs),
@@ -190,6 +197,8 @@ fn run() -> Result<()> {
             dtype,
             batch_size,
             seq_len,
+            device,
+            offload,
         } => info::run(
             &model,
             json,
@@ -197,6 +206,8 @@ fn run() -> Result<()> {
                 dtype,
                 batch_size,
                 seq_len,
+                devices: device,
+                offload: offload.is_some(),
             }),
         ),
         Cmd::Eval(args) => eval::run(args),

@@ -144,9 +144,20 @@ fn bad_synthetic_ids_and_dtypes_are_clear_errors() {
 
 /// Runs eval and returns its JSON (results, dtype, peak resident memory).
 fn eval_json(model: &str, dtype: &str, limit: &str, batch: &str) -> serde_json::Value {
+    eval_json_with(model, dtype, limit, batch, &[])
+}
+
+/// [`eval_json`] with `extra` flags.
+fn eval_json_with(
+    model: &str,
+    dtype: &str,
+    limit: &str,
+    batch: &str,
+    extra: &[&str],
+) -> serde_json::Value {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("eval.json");
-    let (ok, _, err) = xtask(&[
+    let mut args = vec![
         "eval",
         "--model",
         model,
@@ -160,7 +171,9 @@ fn eval_json(model: &str, dtype: &str, limit: &str, batch: &str) -> serde_json::
         batch,
         "--out",
         out.to_str().unwrap(),
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    let (ok, _, err) = xtask(&args);
     assert!(ok, "{model} {dtype}: {err}");
     json(&std::fs::read_to_string(&out).unwrap())
 }
@@ -284,4 +297,94 @@ fn a_synthetic_config_file_prunes_cuts_and_exports_in_bf16() {
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect::<Vec<_>>();
     assert!(out.join("model").is_dir(), "{dir:?}");
+}
+
+#[test]
+fn offloaded_layers_give_the_resident_results_in_a_fraction_of_the_memory() {
+    // A synthetic 1.24 B model in bf16: 2.5 GB of weights resident; offloaded, the embedding
+    // (tied head) and one 60 M-parameter layer at a time.
+    let run = |extra: &[&str]| {
+        let v = eval_json_with("synthetic:llama-3.2-1b", "bf16", "2", "2", extra);
+        (v["results"].clone(), v["peak_rss_mib"].as_f64().unwrap())
+    };
+    let (resident, resident_mib) = run(&[]);
+    let (offloaded, offloaded_mib) = run(&["--offload", "cpu"]);
+    assert_eq!(resident["wikitext2"]["ppl"], offloaded["wikitext2"]["ppl"]);
+    assert!(
+        offloaded_mib < 0.5 * resident_mib,
+        "offloaded {offloaded_mib} MiB, resident {resident_mib} MiB"
+    );
+    // The memory plan says what an offloaded 70 B model keeps: embedding, LM head and its
+    // largest layer (855.6 M parameters) in bf16.
+    let (ok, out, err) = xtask(&[
+        "info",
+        "--model",
+        "synthetic:llama-2-70b",
+        "--memory",
+        "--dtype",
+        "bf16",
+        "--offload",
+        "cpu",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let m = &json(&out)["memory"];
+    let want = (2 * 262_144_000 + 855_638_016) as f64 * 2.0;
+    let got = m["weights"].as_f64().unwrap();
+    assert!(got >= want && got < want * 1.002, "{got} vs {want}: {m}");
+    assert_eq!(m["offload"], true);
+}
+
+#[test]
+fn a_gpu_list_is_planned_per_device_and_bad_lists_are_clear_errors() {
+    let (ok, out, err) = xtask(&[
+        "info",
+        "--model",
+        "synthetic:llama-2-70b",
+        "--memory",
+        "--dtype",
+        "bf16",
+        "--batch-size",
+        "1",
+        "--device",
+        "cuda:0,cuda:1",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let m = &json(&out)["memory"];
+    let devices = m["devices"].as_array().unwrap();
+    assert_eq!(devices.len(), 2);
+    let w: Vec<f64> = devices
+        .iter()
+        .map(|d| d["weights"].as_f64().unwrap())
+        .collect();
+    // Balanced: the two halves of 138 GB differ by less than one layer (1.7 GB).
+    assert!((w[0] - w[1]).abs() < 1.72e9, "{w:?}");
+    assert!(
+        ((w[0] + w[1]) / m["weights"].as_f64().unwrap() - 1.0).abs() < 1e-3,
+        "{m}"
+    );
+    assert_eq!(devices[1]["device"], "cuda:1");
+    for (args, want) in [
+        (
+            &["eval", "--device", "cpu,cuda:0"][..],
+            "a list of devices is a list of GPUs",
+        ),
+        (&["eval", "--device", "cuda:0,cuda:0"], "cuda:0 twice"),
+        (&["eval", "--device", "cuda:0,gpu"], "unknown device `gpu`"),
+        (
+            &["prune", "--device", "cuda:0,cuda:1"],
+            "taken by eval and logits",
+        ),
+        (&["eval", "--offload", "disk"], "possible values: cpu"),
+    ] {
+        let (ok, _, err) = xtask(args);
+        assert!(!ok, "{args:?}");
+        assert!(err.contains(want), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    if !cfg!(feature = "cuda") {
+        let (ok, _, err) = xtask(&["eval", "--device", "cuda:0,cuda:1", "--limit", "1"]);
+        assert!(!ok && err.contains("no CUDA support"), "{err}");
+    }
 }

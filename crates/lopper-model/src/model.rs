@@ -443,6 +443,34 @@ impl WeightMemory {
         }
     }
 
+    /// The weights of a model of `shape` whose decoder layers are offloaded
+    /// ([`Llama::offloaded`]): the embedding and LM head stay, and the largest layer is read in
+    /// for its turn (with its largest tensor's f32 values in flight for a file source).
+    pub fn offloaded(
+        shape: &ModelShape,
+        dtype: Dtype,
+        bias_params: u64,
+        streamed_f32: bool,
+    ) -> Self {
+        let full = Self::of(shape, dtype, bias_params, streamed_f32);
+        let head = if shape.tie_word_embeddings {
+            0
+        } else {
+            shape.embedding_params()
+        };
+        let layer = shape
+            .layers
+            .iter()
+            .map(|l| l.attn_params(shape.hidden_size) + l.mlp_params(shape.hidden_size))
+            .max()
+            .unwrap_or(0);
+        Self {
+            matrices: (shape.embedding_params() + head + layer) * dtype.bytes(),
+            vectors: full.vectors,
+            loading: full.loading,
+        }
+    }
+
     /// What stays resident once loaded.
     pub fn resident(&self) -> u64 {
         self.matrices + self.vectors
