@@ -103,6 +103,11 @@ pub struct RecoverArgs {
     /// Stop (checkpointed, as on Ctrl-C) once this many steps are done.
     #[arg(long)]
     stop_after: Option<usize>,
+    /// Storage type of the teacher's weights: f32, bf16 or f16. The teacher only runs forward
+    /// passes, so a narrow type costs its logits a rounding and saves most of its time; what
+    /// trains (adapters, or every weight with --method full) stays f32.
+    #[arg(long, default_value = "f32")]
+    dtype: lopper_core::Dtype,
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: DeviceChoice,
@@ -115,6 +120,32 @@ pub struct RecoverArgs {
     /// Continue the run checkpointed in --out.
     #[arg(long)]
     resume: bool,
+}
+
+/// A resumed run must distil from the teacher it started with, in the same storage type, or
+/// its continuation would not be the run it claims to be.
+fn same_teacher(
+    out: &std::path::Path,
+    teacher: &Option<String>,
+    dtype: lopper_core::Dtype,
+) -> Result<()> {
+    let path = out.join("settings.json");
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return Ok(());
+    };
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not valid JSON", path.display()))?;
+    let was_teacher = v["teacher"].as_str().map(String::from);
+    // Runs from before --dtype had an f32 teacher.
+    let was_dtype = v["teacher_dtype"].as_str().unwrap_or("f32");
+    anyhow::ensure!(
+        was_teacher == *teacher && was_dtype == dtype.to_string(),
+        "the run in {} distils from --teacher {} with --dtype {was_dtype}; resume it with the same (this command: --teacher {} --dtype {dtype})",
+        out.display(),
+        was_teacher.as_deref().unwrap_or("none"),
+        teacher.as_deref().unwrap_or("none"),
+    );
+    Ok(())
 }
 
 /// `--method`: LoRA of `rank` and `alpha`, or full.
@@ -285,7 +316,7 @@ impl Job for RecoverJob {
         let plan = plan_of(&a.model);
         let teacher = match &self.teacher {
             Some(t) => {
-                let teacher = crate::loading::load_model::<B>(t, lopper_core::Dtype::F32, &device)
+                let teacher = crate::loading::load_model::<B>(t, a.dtype, &device)
                     .with_context(|| format!("loading teacher `{t}`"))?;
                 let (s, d) = (student.model.shape(), teacher.model.shape());
                 anyhow::ensure!(
@@ -353,10 +384,14 @@ impl Job for RecoverJob {
             shape.num_params() * 4 + checkpoints + (32 << 20),
             "the recovered model and its checkpoints",
         )?;
+        if a.resume {
+            same_teacher(&a.out, &self.teacher, a.dtype)?;
+        }
         let meta = serde_json::json!({
             "command": std::env::args().collect::<Vec<_>>().join(" "),
             "model": student.info,
             "teacher": self.teacher,
+            "teacher_dtype": a.dtype,
             "config": cfg,
             "data": {
                 "source": a.data,
@@ -450,10 +485,15 @@ impl Job for RecoverJob {
             meta["command"].as_str().unwrap_or("")
         );
         report += &format!(
-            "Model: `{}` ({} parameters); teacher: `{}`. Trained parameters: {}.\n\n",
+            "Model: `{}` ({} parameters); teacher: `{}`{}. Trained parameters: {} (f32).\n\n",
             a.model,
             shape.num_params(),
             self.teacher.as_deref().unwrap_or("none"),
+            if self.teacher.is_some() {
+                format!(" (weights in {})", a.dtype)
+            } else {
+                String::new()
+            },
             run.trainable_params()?
         );
         report += &format!(

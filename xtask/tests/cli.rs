@@ -1711,6 +1711,18 @@ fn recover_trains_the_pruned_tiny_model_and_resumes_bit_identically() {
     );
     let (ok, _, err) = xtask(&other);
     assert!(!ok && err.contains("same flags"), "{err}");
+    let other = recover_args(
+        &student,
+        &teacher,
+        &calib,
+        part_s,
+        &["--resume", "--dtype", "bf16"],
+    );
+    let (ok, _, err) = xtask(&other);
+    assert!(
+        !ok && err.contains("--dtype f32; resume it with the same"),
+        "{err}"
+    );
     let resume = recover_args(&student, &teacher, &calib, part_s, &["--resume"]);
     let (ok, _, err) = xtask(&resume);
     assert!(ok, "{err}");
