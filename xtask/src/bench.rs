@@ -67,6 +67,9 @@ pub enum BenchCmd {
         /// `default`, a .gguf file, a model directory, or hub:ORG/NAME[@REV].
         #[arg(long, default_value = "default")]
         model: String,
+        /// Storage type of the weight matrices: f32, bf16 or f16 (activations and reductions stay f32).
+        #[arg(long, default_value = "f32")]
+        dtype: lopper_core::Dtype,
         /// Fractions of prunable parameters removed, comma-separated.
         #[arg(long, default_value = "0.2,0.3,0.5")]
         sparsity: String,
@@ -118,6 +121,9 @@ pub enum BenchCmd {
         /// `default`, a .gguf file, a model directory, or hub:ORG/NAME[@REV].
         #[arg(long, default_value = "default")]
         model: String,
+        /// Storage type of the weight matrices: f32, bf16 or f16 (activations and reductions stay f32).
+        #[arg(long, default_value = "f32")]
+        dtype: lopper_core::Dtype,
         /// Fraction of decoder parameters removed.
         #[arg(long, default_value_t = 0.3)]
         sparsity: f64,
@@ -290,6 +296,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
         BenchCmd::Matmul { shapes, runs } => bench_matmul(&shapes, runs),
         BenchCmd::Pruned {
             model,
+            dtype,
             sparsity,
             shapes,
             runs,
@@ -303,6 +310,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
                 device,
                 PrunedBench {
                     model,
+                    dtype,
                     sparsities,
                     shapes,
                     runs,
@@ -312,6 +320,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
         }
         BenchCmd::Sleb {
             model,
+            dtype,
             sparsity,
             windows,
             seq_len,
@@ -327,6 +336,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
                 device,
                 SlebBench {
                     model,
+                    dtype,
                     sparsity,
                     windows,
                     seq_len,
@@ -422,6 +432,7 @@ fn time_forward<B: Backend>(
 
 struct PrunedBench {
     model: String,
+    dtype: lopper_core::Dtype,
     sparsities: Vec<f64>,
     shapes: Vec<(usize, usize)>,
     runs: usize,
@@ -432,8 +443,7 @@ impl Job for PrunedBench {
     fn run<B: Backend>(self, device: B::Device, device_name: String) -> Result<()> {
         use lopper_core::{UnitScores, keep_count};
         use rand::{Rng, SeedableRng};
-        let loaded =
-            crate::loading::load_model::<B>(&self.model, lopper_core::Dtype::F32, &device)?;
+        let loaded = crate::loading::load_model::<B>(&self.model, self.dtype, &device)?;
         let dense = &loaded.model;
         let shape = dense.shape().clone();
         crate::guard::bench_shapes(&shape, &self.shapes)?;
@@ -523,7 +533,8 @@ impl Job for PrunedBench {
             .map(|(b, t)| format!("{b}x{t} tok/s | speedup"))
             .collect();
         println!(
-            "| plan | sparsity | params | weights MiB (f32) | peak RSS MiB | FLOPs/token ratio | {} | speedup / FLOP reduction ({}x{}) |",
+            "| plan | sparsity | params | weights MiB ({}) | peak RSS MiB | FLOPs/token ratio | {} | speedup / FLOP reduction ({}x{}) |",
+            self.dtype,
             shape_cols.join(" | "),
             self.shapes[0].0,
             self.shapes[0].1
@@ -546,7 +557,7 @@ impl Job for PrunedBench {
         println!(
             "| dense | 0 | {} | {:.0} | {} | 1.000 | {} | 1.00 |",
             shape.num_params(),
-            shape.num_params() as f64 * 4.0 / 1048576.0,
+            (shape.num_params() * self.dtype.bytes()) as f64 / 1048576.0,
             mib(dense_peak),
             cells(&dense_t)
         );
@@ -556,7 +567,7 @@ impl Job for PrunedBench {
             println!(
                 "| {kind} | {s} | {} | {:.0} | {} | {ratio:.3} | {} | {:.2} |",
                 sh.num_params(),
-                sh.num_params() as f64 * 4.0 / 1048576.0,
+                (sh.num_params() * self.dtype.bytes()) as f64 / 1048576.0,
                 mib(peak),
                 cells(&t),
                 speedup * ratio
@@ -1008,6 +1019,7 @@ fn bench_matmul(shapes: &str, runs: usize) -> Result<()> {
 
 struct SlebBench {
     model: String,
+    dtype: lopper_core::Dtype,
     sparsity: f64,
     windows: usize,
     seq_len: usize,
@@ -1016,8 +1028,7 @@ struct SlebBench {
 
 impl Job for SlebBench {
     fn run<B: Backend>(self, device: B::Device, device_name: String) -> Result<()> {
-        let loaded =
-            crate::loading::load_model::<B>(&self.model, lopper_core::Dtype::F32, &device)?;
+        let loaded = crate::loading::load_model::<B>(&self.model, self.dtype, &device)?;
         let model = &loaded.model;
         crate::guard::bench_shapes(model.shape(), &[(self.batch_size, self.seq_len)])?;
         let calib = crate::methods::draw_calibration(
