@@ -831,7 +831,8 @@ fn logits_and_the_pruned_benchmark_run_on_the_tiny_model() {
     ]);
     assert!(ok, "{err}");
     assert!(
-        stdout.contains("weights MiB (bf16)") && stdout.contains("| dense |")
+        stdout.contains("weights MiB (bf16)")
+            && stdout.contains("| dense |")
             && stdout.contains("| uniform | 0.5 |")
             && stdout.contains("random heterogeneous"),
         "{stdout}"

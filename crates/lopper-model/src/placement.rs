@@ -273,9 +273,12 @@ impl<B: Backend> Llama<B> {
     /// kernel can evict; a synthetic model regenerates the layer).
     ///
     /// An offloaded model serves the forward passes ([`Llama::forward`],
-    /// [`Llama::token_nll`], [`Llama::forward_with_hidden`] and the calls built on them);
-    /// what needs a layer's weights in place (surgery, metrics, reconstruction, replacing
-    /// layers) needs a resident model and refuses an offloaded one.
+    /// [`Llama::token_nll`], [`Llama::forward_with_hidden`] and the calls built on them).
+    /// What reads a layer's weights in place (surgery, metrics, reconstruction, exports, the
+    /// layer-wise [`Llama::stepper`]) needs a resident model: [`Llama::forward_layers`] and
+    /// [`Llama::token_nll_layers`] refuse an offloaded one, and callers of the others check
+    /// [`Llama::is_offloaded`] or [`Llama::require_resident`] first (the CLI offers
+    /// `--offload` only on the commands that run forwards alone).
     pub fn offloaded(
         shape: &ModelShape,
         weights: SharedSource,
