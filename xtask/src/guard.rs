@@ -6,7 +6,7 @@ use anyhow::{Result, bail};
 use lopper_core::Dtype;
 use lopper_core::ModelShape;
 use lopper_core::memory::{LIMIT_VAR, available_bytes, human};
-use lopper_model::{ForwardMemory, Inspected, ModelFiles, WeightMemory};
+use lopper_model::{DeviceMap, ForwardMemory, Inspected, ModelFiles, WeightMemory};
 
 /// Share of the available memory a forward may plan to use (the rest is headroom for the
 /// allocator, the tokenizer and the process's other buffers).
@@ -80,6 +80,136 @@ pub fn weight_memory(
     }
 }
 
+/// One GPU's share of a plan, in bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceShare {
+    /// `cuda:N`.
+    pub name: String,
+    /// Weights it holds (at most, while layers are read for their turn when offloaded).
+    pub weights: u64,
+    /// Activations of a forward on it.
+    pub forward: u64,
+}
+
+/// The weights and activations each GPU of `gpus` holds: the layers split as
+/// [`DeviceMap::balanced`] splits them (or, offloaded, the embedding and head where they live
+/// and one layer at a time on each device), a forward's activations on every device (the
+/// logits only on the head's).
+pub fn device_shares(
+    shape: &ModelShape,
+    dtype: Dtype,
+    weights: &WeightMemory,
+    forward: &ForwardMemory,
+    gpus: &[usize],
+    offload: bool,
+) -> Vec<DeviceShare> {
+    let map = DeviceMap::balanced(shape, gpus.len());
+    let per_device = map.params_per_device(shape);
+    let largest_layer = |d: usize| {
+        shape
+            .layers
+            .iter()
+            .zip(map.layers())
+            .filter(|(_, m)| **m == d)
+            .map(|(l, _)| l.attn_params(shape.hidden_size) + l.mlp_params(shape.hidden_size))
+            .max()
+            .unwrap_or(0)
+    };
+    gpus.iter()
+        .enumerate()
+        .map(|(d, gpu)| {
+            let params = if offload {
+                let embedding = if d == 0 { shape.embedding_params() } else { 0 };
+                let head = if d == map.head_device() && !shape.tie_word_embeddings {
+                    shape.embedding_params()
+                } else {
+                    0
+                };
+                embedding + head + largest_layer(d)
+            } else {
+                per_device[d]
+            };
+            let vectors = if d == 0 { weights.vectors } else { 0 };
+            let logits = if d == map.head_device() {
+                0
+            } else {
+                forward.logits
+            };
+            DeviceShare {
+                name: format!("cuda:{gpu}"),
+                weights: params * dtype.bytes() + vectors,
+                forward: forward.total() - logits,
+            }
+        })
+        .collect()
+}
+
+/// Free memory of GPU `index` in bytes, as `nvidia-smi` reports it (`None` where it cannot
+/// tell: no driver tools, no such GPU).
+pub fn gpu_free_bytes(index: usize) -> Option<u64> {
+    let out = std::process::Command::new("nvidia-smi")
+        .args([
+            "--query-gpu=memory.free",
+            "--format=csv,noheader,nounits",
+            "-i",
+            &index.to_string(),
+        ])
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    parse_free_mib(&String::from_utf8_lossy(&out.stdout)).map(|mib| mib << 20)
+}
+
+/// The MiB figure of `nvidia-smi --query-gpu=memory.free --format=csv,noheader,nounits`.
+fn parse_free_mib(out: &str) -> Option<u64> {
+    out.lines().next()?.trim().parse().ok()
+}
+
+/// Each GPU's share of the weights must fit its free memory (read with `nvidia-smi`; not
+/// checked where it cannot be read); checked before any tensor is read.
+pub fn gpus_fit(
+    model: &Inspected,
+    dtype: Dtype,
+    files: &ModelFiles,
+    id: &str,
+    gpus: &[usize],
+    offload: bool,
+) -> Result<()> {
+    let weights = weight_memory(model, dtype, files, offload);
+    let none = ForwardMemory {
+        tables: 0,
+        layer: 0,
+        attention: 0,
+        logits: 0,
+    };
+    for share in device_shares(&model.shape, dtype, &weights, &none, gpus, offload) {
+        let gpu = share.name.trim_start_matches("cuda:").parse().unwrap_or(0);
+        let Some(free) = gpu_free_bytes(gpu) else {
+            tracing::warn!(
+                "{}: free memory unknown (nvidia-smi not found); not checked",
+                share.name
+            );
+            continue;
+        };
+        if share.weights as f64 > free as f64 * USABLE {
+            let more = if gpus.len() == 1 {
+                "list more GPUs (--device cuda:0,cuda:1 splits the layers over them, eval and logits)"
+            } else {
+                "list more GPUs"
+            };
+            bail!(
+                "`{id}`: {} would hold {} of weights in {dtype}, but {} is free on it; {more}, use a narrower --dtype, or keep the layers in host memory with --offload cpu (eval and logits) (`cargo xtask info --model {id} --memory --device ...` shows the plan)",
+                share.name,
+                human(share.weights),
+                human(free),
+            );
+        }
+    }
+    Ok(())
+}
+
 fn limit_note() -> String {
     if std::env::var_os(LIMIT_VAR).is_some() {
         format!(" ({LIMIT_VAR})")
@@ -150,4 +280,41 @@ pub fn bench_shapes(shape: &ModelShape, shapes: &[(usize, usize)]) -> Result<()>
         forward_fits(shape, batch, seq, &format!("bench {batch}x{seq}"))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nvidia_smi_free_memory_is_read_in_mib() {
+        assert_eq!(parse_free_mib("81037\n"), Some(81037));
+        assert_eq!(parse_free_mib(" 512 \n"), Some(512));
+        assert_eq!(parse_free_mib("No devices were found\n"), None);
+        assert_eq!(parse_free_mib(""), None);
+    }
+
+    #[test]
+    fn gpu_shares_add_up_to_the_weights_and_offload_keeps_one_layer_per_gpu() {
+        let mut shape = ModelShape::tiny();
+        shape.layers = vec![shape.layers[0].clone(); 8];
+        let w = WeightMemory::of(&shape, Dtype::Bf16, 0, false);
+        let f = ForwardMemory::of(&shape, 1, 16);
+        let shares = device_shares(&shape, Dtype::Bf16, &w, &f, &[0, 3], false);
+        assert_eq!(
+            shares.iter().map(|d| d.name.as_str()).collect::<Vec<_>>(),
+            ["cuda:0", "cuda:3"]
+        );
+        assert_eq!(shares.iter().map(|d| d.weights).sum::<u64>(), w.resident());
+        // The logits live where the head does: the last GPU.
+        assert_eq!(shares[1].forward - shares[0].forward, f.logits);
+        let off = WeightMemory::offloaded(&shape, Dtype::Bf16, 0, false);
+        let shares = device_shares(&shape, Dtype::Bf16, &off, &f, &[0, 1], true);
+        let layer = shape.layers[0].attn_params(32) + shape.layers[0].mlp_params(32);
+        assert_eq!(
+            shares[0].weights,
+            (shape.embedding_params() + layer) * 2 + off.vectors
+        );
+        assert_eq!(shares[1].weights, (shape.embedding_params() + layer) * 2);
+    }
 }

@@ -3,11 +3,10 @@
 use anyhow::{Context, Result};
 use lopper_core::memory::{available_bytes, human};
 use lopper_core::{Dtype, UnitKind};
-use lopper_model::{
-    DeviceMap, ForwardMemory, HubOptions, ModelSpec, inspect, lopper_home, resolve,
-};
+use lopper_model::{ForwardMemory, HubOptions, ModelSpec, inspect, lopper_home, resolve};
 
 use crate::backend::DeviceList;
+use crate::guard::DeviceShare;
 
 /// What `--memory` plans for.
 #[derive(Debug, Clone)]
@@ -17,70 +16,6 @@ pub struct MemoryQuery {
     pub seq_len: usize,
     pub devices: DeviceList,
     pub offload: bool,
-}
-
-/// One device's share of a plan, in bytes.
-struct DeviceShare {
-    name: String,
-    weights: u64,
-    forward: u64,
-}
-
-/// The weights and activations each listed device holds: the layers split as
-/// [`DeviceMap::balanced`] splits them (or, offloaded, the embedding and head where they live
-/// and one layer at a time on each device), a forward's activations on every device.
-fn device_shares(
-    shape: &lopper_core::ModelShape,
-    q: &MemoryQuery,
-    weights: &lopper_model::WeightMemory,
-    forward: &ForwardMemory,
-) -> Vec<DeviceShare> {
-    let DeviceList::Cuda(gpus) = &q.devices else {
-        return vec![];
-    };
-    let map = DeviceMap::balanced(shape, gpus.len());
-    let bytes = q.dtype.bytes();
-    let per_device = map.params_per_device(shape);
-    let largest_layer = |d: usize| {
-        shape
-            .layers
-            .iter()
-            .zip(map.layers())
-            .filter(|(_, m)| **m == d)
-            .map(|(l, _)| l.attn_params(shape.hidden_size) + l.mlp_params(shape.hidden_size))
-            .max()
-            .unwrap_or(0)
-    };
-    gpus.iter()
-        .enumerate()
-        .map(|(d, gpu)| {
-            let mut w = if q.offload {
-                let mut fixed = 0;
-                if d == 0 {
-                    fixed += shape.embedding_params();
-                }
-                if d == map.head_device() && !shape.tie_word_embeddings {
-                    fixed += shape.embedding_params();
-                }
-                (fixed + largest_layer(d)) * bytes
-            } else {
-                per_device[d] * bytes
-            };
-            if d == 0 {
-                w += weights.vectors;
-            }
-            DeviceShare {
-                name: format!("cuda:{gpu}"),
-                weights: w,
-                forward: forward.total()
-                    - if d == map.head_device() {
-                        0
-                    } else {
-                        forward.logits
-                    },
-            }
-        })
-        .collect()
 }
 
 pub fn run(model: &str, json: bool, memory: Option<MemoryQuery>) -> Result<()> {
@@ -93,7 +28,12 @@ pub fn run(model: &str, json: bool, memory: Option<MemoryQuery>) -> Result<()> {
     let plan = memory.map(|q| {
         let weights = crate::guard::weight_memory(&loaded, q.dtype, &files, q.offload);
         let forward = ForwardMemory::of(shape, q.batch_size, q.seq_len);
-        let shares = device_shares(shape, &q, &weights, &forward);
+        let shares = match &q.devices {
+            DeviceList::Cpu => vec![],
+            DeviceList::Cuda(gpus) => {
+                crate::guard::device_shares(shape, q.dtype, &weights, &forward, gpus, q.offload)
+            }
+        };
         (q, weights, forward, shares)
     });
     let available = available_bytes()?;
@@ -139,7 +79,13 @@ pub fn run(model: &str, json: bool, memory: Option<MemoryQuery>) -> Result<()> {
         if shares.is_empty() {
             print_plan(q, w, f, available, shape.num_params() + loaded.bias_params);
         } else {
-            print_device_plan(q, w, shares, shape.num_params() + loaded.bias_params);
+            print_device_plan(
+                q,
+                w,
+                shares,
+                shape.num_params() + loaded.bias_params,
+                available_gpus(shares),
+            );
         }
     }
     let i = &loaded.info;
@@ -274,6 +220,7 @@ fn print_device_plan(
     w: &lopper_model::WeightMemory,
     shares: &[DeviceShare],
     params: u64,
+    free: Vec<Option<u64>>,
 ) {
     println!(
         "memory plan ({} weights, {:.2} B parameters, forward of {} x {} tokens, layers split over {} GPU(s){})",
@@ -288,14 +235,20 @@ fn print_device_plan(
             ""
         }
     );
-    println!("  device     weights     forward       total");
-    for d in shares {
+    println!("  device     weights     forward       total        free");
+    for (d, free) in shares.iter().zip(free) {
+        let total = d.weights + d.forward;
         println!(
-            "  {:<8} {:>10}  {:>10}  {:>10}",
+            "  {:<8} {:>10}  {:>10}  {:>10}  {}",
             d.name,
             human(d.weights),
             human(d.forward),
-            human(d.weights + d.forward)
+            human(total),
+            match free {
+                Some(f) if total as f64 <= f as f64 * 0.9 => format!("{:>10}  -> fits", human(f)),
+                Some(f) => format!("{:>10}  -> does NOT fit", human(f)),
+                None => "   unknown  (nvidia-smi not found)".into(),
+            }
         );
     }
     println!(
@@ -303,7 +256,20 @@ fn print_device_plan(
         human(w.loading)
     );
     println!(
-        "  free GPU memory is read when the command starts on the device; this plan is the estimate to compare it with"
+        "  every command reads each GPU's free memory (nvidia-smi) before loading and refuses a share that does not fit"
     );
     println!();
+}
+
+/// The free memory of each GPU of the plan, where `nvidia-smi` can tell.
+fn available_gpus(shares: &[DeviceShare]) -> Vec<Option<u64>> {
+    shares
+        .iter()
+        .map(|d| {
+            d.name
+                .strip_prefix("cuda:")
+                .and_then(|i| i.parse().ok())
+                .and_then(crate::guard::gpu_free_bytes)
+        })
+        .collect()
 }

@@ -3,7 +3,7 @@
 //! says it fits.
 
 use anyhow::{Context, Result};
-use burn::tensor::backend::Backend;
+use burn::tensor::backend::{Backend, Device as _};
 use lopper_core::Dtype;
 use lopper_model::{
     DeviceMap, HubOptions, LoadedModel, ModelFiles, ModelSpec, inspect, load_inspected_in,
@@ -38,6 +38,12 @@ pub fn load_placed_model<B: Backend>(
         inspect(&files, &spec.to_string()).with_context(|| format!("loading `{model}`"))?;
     if on_host::<B>() {
         guard::weights_fit(&inspected, dtype, &files, model, offload)?;
+    } else {
+        let gpus: Vec<usize> = devices
+            .iter()
+            .map(|d| d.to_id().index_id as usize)
+            .collect();
+        guard::gpus_fit(&inspected, dtype, &files, model, &gpus, offload)?;
     }
     if matches!(files, ModelFiles::Synthetic(_)) {
         tracing::warn!(
