@@ -297,7 +297,7 @@ mod tests {
     #[test]
     fn gpu_shares_add_up_to_the_weights_and_offload_keeps_one_layer_per_gpu() {
         let mut shape = ModelShape::tiny();
-        shape.layers = vec![shape.layers[0].clone(); 8];
+        shape.layers = vec![shape.layers[0]; 8];
         let w = WeightMemory::of(&shape, Dtype::Bf16, 0, false);
         let f = ForwardMemory::of(&shape, 1, 16);
         let shares = device_shares(&shape, Dtype::Bf16, &w, &f, &[0, 3], false);
