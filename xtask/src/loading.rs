@@ -6,8 +6,8 @@ use anyhow::{Context, Result};
 use burn::tensor::backend::{Backend, Device as _};
 use lopper_core::Dtype;
 use lopper_model::{
-    DeviceMap, HubOptions, LoadedModel, ModelFiles, ModelSpec, inspect, load_inspected_in,
-    load_placed, lopper_home, resolve,
+    DeviceMap, HubOptions, LoadedModel, ModelFiles, ModelSpec, inspect, load_placed, lopper_home,
+    resolve,
 };
 
 use crate::backend::on_host;
@@ -52,12 +52,8 @@ pub fn load_placed_model<B: Backend>(
     }
     let t = std::time::Instant::now();
     let map = DeviceMap::balanced(&inspected.shape, devices.len());
-    let loaded = if devices.len() == 1 && !offload {
-        load_inspected_in(&files, inspected, &devices[0], dtype)
-    } else {
-        load_placed(&files, inspected, devices, &map, dtype, offload)
-    }
-    .with_context(|| format!("loading `{model}`"))?;
+    let loaded = load_placed(&files, inspected, devices, &map, dtype, offload)
+        .with_context(|| format!("loading `{model}`"))?;
     if devices.len() > 1 {
         tracing::info!("layers per device: {}", describe_map(&map));
     }

@@ -254,6 +254,15 @@ fn check_layer_tensors(shape: &ModelShape, src: &dyn WeightSource, i: usize) -> 
     Ok(())
 }
 
+/// `module` on `device`, left as it is where it already lives there.
+fn moved<B: Backend, M: Module<B>>(module: M, device: &B::Device) -> M {
+    if module.devices().iter().all(|d| d == device) {
+        module
+    } else {
+        module.to_device(device)
+    }
+}
+
 /// A layer with no blocks: what an offloaded model holds in place of each decoder layer.
 fn placeholder<B: Backend>() -> DecoderLayer<B> {
     DecoderLayer {
@@ -297,21 +306,18 @@ impl<B: Backend> Llama<B> {
         let stream = LayerStream {
             source: weights.clone(),
             dtype,
-            devices: map.layers().iter().map(|&d| devices[d].to_id()).collect(),
+            devices: Vec::new(), // set by `place`
         };
         let layers = (0..shape.n_layers()).map(|_| placeholder()).collect();
-        let mut model = Self::with_layers(
+        let model = Self::with_layers(
             shape,
             weights.as_ref(),
             layers,
             &devices[0],
             dtype,
             Some(stream),
-        )?;
-        if let Some(head) = model.lm_head.take() {
-            model.lm_head = Some(head.to_device(&devices[map.head_device()]));
-        }
-        model.norm = model.norm.to_device(&devices[map.head_device()]);
+        )?
+        .place(devices, map)?;
         tracing::debug!(layers = shape.n_layers(), %dtype, source = %weights.describe(), "model built, layers offloaded");
         Ok(model)
     }
@@ -340,16 +346,16 @@ impl<B: Backend> Llama<B> {
     pub fn place(mut self, devices: &[B::Device], map: &DeviceMap) -> Result<Self> {
         map.check(&self.shape, devices.len())?;
         let head = &devices[map.head_device()];
-        self.embed_tokens = self.embed_tokens.to_device(&devices[0]);
-        self.norm = self.norm.to_device(head);
-        self.lm_head = self.lm_head.map(|h| h.to_device(head));
+        self.embed_tokens = moved(self.embed_tokens, &devices[0]);
+        self.norm = moved(self.norm, head);
+        self.lm_head = self.lm_head.map(|h| moved(h, head));
         if let Some(stream) = &mut self.stream {
             stream.devices = map.layers().iter().map(|&d| devices[d].to_id()).collect();
         } else {
             self.layers = std::mem::take(&mut self.layers)
                 .into_iter()
                 .zip(map.layers())
-                .map(|(l, &d)| l.to_device(&devices[d]))
+                .map(|(l, &d)| moved(l, &devices[d]))
                 .collect();
         }
         Ok(self)

