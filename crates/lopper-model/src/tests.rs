@@ -187,6 +187,30 @@ fn gguf_round_trip_restores_the_qk_layout() {
     // ...and loading undoes it.
     let back = Llama::<B>::from_weights(&shape, &GgufWeights::new(&f, &shape), &D).unwrap();
     assert_eq!(logits(&m, None), logits(&back, None));
+    // Offloaded, the layers are read from the file's map for each turn: the same logits.
+    let off = Llama::<B>::offloaded(
+        &shape,
+        std::sync::Arc::new(crate::GgufSource::new(f, &shape)),
+        &[D],
+        &crate::DeviceMap::single(&shape),
+        lopper_core::Dtype::F32,
+    )
+    .unwrap();
+    assert_eq!(logits(&m, None), logits(&off, None));
+    // And a safetensors directory's layers, offloaded, likewise.
+    m.to_host_weights()
+        .save_safetensors(&dir.path().join("model.safetensors"))
+        .unwrap();
+    let st = SafetensorsWeights::open_dir(dir.path()).unwrap();
+    let off = Llama::<B>::offloaded(
+        &shape,
+        std::sync::Arc::new(st),
+        &[D],
+        &crate::DeviceMap::single(&shape),
+        lopper_core::Dtype::F32,
+    )
+    .unwrap();
+    assert_eq!(logits(&m, None), logits(&off, None));
 }
 
 #[test]
