@@ -6,11 +6,11 @@ use anyhow::{Result, bail};
 use lopper_core::Dtype;
 use lopper_core::ModelShape;
 use lopper_core::memory::{LIMIT_VAR, available_bytes, human};
-use lopper_model::{DeviceMap, ForwardMemory, Inspected, ModelFiles, WeightMemory};
+use lopper_model::{DeviceMap, ForwardMemory, Inspected, ModelFiles, WeightMemory, layer_params};
 
 /// Share of the available memory a forward may plan to use (the rest is headroom for the
 /// allocator, the tokenizer and the process's other buffers).
-const USABLE: f64 = 0.9;
+pub const USABLE: f64 = 0.9;
 
 /// The weights of `model` in `dtype` (and the one tensor in flight while loading) must fit in
 /// the host memory available now; checked before any tensor is read. With `offload`, the
@@ -105,13 +105,13 @@ pub fn device_shares(
 ) -> Vec<DeviceShare> {
     let map = DeviceMap::balanced(shape, gpus.len());
     let per_device = map.params_per_device(shape);
+    let params_of = layer_params(shape);
     let largest_layer = |d: usize| {
-        shape
-            .layers
+        params_of
             .iter()
             .zip(map.layers())
             .filter(|(_, m)| **m == d)
-            .map(|(l, _)| l.attn_params(shape.hidden_size) + l.mlp_params(shape.hidden_size))
+            .map(|(p, _)| *p)
             .max()
             .unwrap_or(0)
     };

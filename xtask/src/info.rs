@@ -245,7 +245,8 @@ fn print_device_plan(
             human(d.forward),
             human(total),
             match free {
-                Some(f) if total as f64 <= f as f64 * 0.9 => format!("{:>10}  -> fits", human(f)),
+                Some(f) if total as f64 <= f as f64 * crate::guard::USABLE =>
+                    format!("{:>10}  -> fits", human(f)),
                 Some(f) => format!("{:>10}  -> does NOT fit", human(f)),
                 None => "   unknown  (nvidia-smi not found)".into(),
             }

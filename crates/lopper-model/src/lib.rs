@@ -24,7 +24,7 @@ pub use model::{
     RmsNorm, Rope, Tap, WeightMemory, burn_dtype, mean_of, next_token_nll, nll_from_logits,
     tokens_tensor, weight_f32,
 };
-pub use placement::{DeviceMap, LayerStream, SharedSource};
+pub use placement::{DeviceMap, LayerStream, SharedSource, layer_params};
 pub use resolve::{
     HubOptions, Inspected, LoadedModel, ModelFiles, ModelInfo, ModelSpec, default_model,
     default_model_path, ensure_default_model, inspect, install_default_model, load, load_files,

@@ -458,10 +458,8 @@ impl WeightMemory {
         } else {
             shape.embedding_params()
         };
-        let layer = shape
-            .layers
-            .iter()
-            .map(|l| l.attn_params(shape.hidden_size) + l.mlp_params(shape.hidden_size))
+        let layer = crate::placement::layer_params(shape)
+            .into_iter()
             .max()
             .unwrap_or(0);
         Self {

@@ -146,7 +146,7 @@ impl DeviceMap {
 }
 
 /// The projection parameters of every layer of `shape`.
-fn layer_params(shape: &ModelShape) -> Vec<u64> {
+pub fn layer_params(shape: &ModelShape) -> Vec<u64> {
     shape
         .layers
         .iter()
