@@ -3,9 +3,10 @@
 //! The portable path in `lopper-model` rotates q and k with position tables, reshapes them to
 //! `[batch, heads, seq, head_dim]`, repeats every KV head over its query group, and runs the
 //! backend's attention: four full copies of the activations before the first product. Here each
-//! task (one batch row, one query head, one block of query rows) reads its rows of q, k and v in
-//! place (the KV head of its group: nothing repeated), rotates them into small buffers, and
-//! computes only the causal part of the score matrix on the BLAS: query rows `r0..r1` attend to
+//! task (one batch row, one KV head, one block of query rows) reads the rows of q of every query
+//! head of the group and its rows of k and v in place (nothing repeated), rotates them into
+//! small buffers (the query heads stacked, so that every product runs on all of them at once),
+//! and computes only the causal part of the score matrix on the BLAS: query rows `r0..r1` attend to
 //! keys `0..r1`, in blocks of 256 keys with an online softmax (f32, each row shifted by its
 //! running maximum, the output rescaled when the maximum grows, divided by the row's sum at the
 //! end: flash attention's scheme) and a vectorisable `exp`. The backward recomputes the
@@ -22,16 +23,27 @@ use crate::blas::{Blas, MatRef, blas};
 use crate::math::{add_in_place, exp, max_of, round_to_bf16, sum_of_products};
 use crate::matmul::{Fused, from_flex, fused, into_flex};
 
-/// Query rows per task.
+/// Query rows per block of the backward.
 const ROWS: usize = 256;
-/// Keys per block of scores: a task's score block is `ROWS x KEYS` (256 KiB in f32), and
-/// oneDNN's AMX kernels take the scores product (inner dimension `head_dim`) only up to a few
-/// hundred columns.
+/// Rows of the forward's products: a task stacks the same query rows of every query head of a
+/// KV group. With SmolLM2's three heads per group, 3 x 64 rows ran as fast as 3 x 128 and
+/// faster than 3 x 256 at 1 x 2048 (bf16, AMX).
+const STACKED_ROWS: usize = 256;
+
+/// Query rows per forward task for `rep` query heads per KV head: about [`STACKED_ROWS`] rows
+/// stacked, a multiple of 32.
+fn query_rows(rep: usize) -> usize {
+    (STACKED_ROWS / rep.max(1) / 32 * 32).max(32)
+}
+
+/// Keys per block of scores: a task's score block is about `STACKED_ROWS x KEYS` (256 KiB in
+/// f32), and oneDNN's AMX kernels take the scores product (inner dimension `head_dim`) only up
+/// to a few hundred columns.
 const KEYS: usize = 256;
 
 thread_local! {
-    /// One block of scores, `[ROWS, KEYS]`, reused per thread: a fresh block per task would be
-    /// a fresh allocation, zeroed by the allocator or page by page by the kernel.
+    /// One block of scores, about `[STACKED_ROWS, KEYS]`, reused per thread: a fresh block per
+    /// task would be a fresh allocation, zeroed by the allocator or page by page by the kernel.
     static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     /// The block's probabilities rounded to bf16, as the second product reads them.
     static PROBS: std::cell::RefCell<Vec<bf16>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -143,9 +155,11 @@ pub(crate) fn attention_flex(
     } = shape;
     let (qs, ks, vs) = (q.storage::<f32>(), k.storage::<f32>(), v.storage::<f32>());
     let qw = heads * hd;
+    let (kv_heads, rep) = (shape.kv_heads, heads / shape.kv_heads);
+    let q_rows = query_rows(rep);
     let tasks: Vec<(usize, usize, usize)> = (0..batch)
         .flat_map(|b| {
-            (0..heads).flat_map(move |h| (0..seq).step_by(ROWS).map(move |r0| (b, h, r0)))
+            (0..kv_heads).flat_map(move |g| (0..seq).step_by(q_rows).map(move |r0| (b, g, r0)))
         })
         .collect();
     let inputs = Inputs {
@@ -161,13 +175,14 @@ pub(crate) fn attention_flex(
         attend::<f32>(blas, &inputs, &tasks)
     };
     let mut out = vec![0f32; batch * seq * qw];
-    for (&(b, h, r0), block) in tasks.iter().zip(blocks) {
+    for (&(b, g, r0), block) in tasks.iter().zip(blocks) {
         let block = match block {
             Ok(b) => b,
             Err(e) => unreachable!("operands described from their own buffers: {e}"),
         };
+        let rows = q_rows.min(seq - r0);
         for (i, src) in block.chunks_exact(hd).enumerate() {
-            let row = b * seq + r0 + i;
+            let (h, row) = (g * rep + i / rows, b * seq + r0 + i % rows);
             out[row * qw + h * hd..][..hd].copy_from_slice(src);
         }
     }
@@ -244,7 +259,10 @@ impl Element for bf16 {
     }
 }
 
-/// One output block (`[rows, hd]`) per task `(batch row, query head, first query row)`.
+/// One output block per task `(batch row, KV head, first query row)`: the rows `r0..r1` of
+/// every query head of the group, stacked head after head (`[rep * rows, hd]`), so that each
+/// product reads the group's keys and values once for all its query heads and runs on
+/// `rep` times as many rows.
 fn attend<T: Element>(
     blas: &Blas,
     x: &Inputs<'_>,
@@ -260,10 +278,10 @@ fn attend<T: Element>(
     } = x.shape;
     let (qw, kw) = (heads * hd, kv_heads * hd);
     let rep = heads / kv_heads;
+    let q_rows = query_rows(rep);
     let scale = (hd as f32).sqrt().recip();
     // Keys rotated and values copied once per (batch row, KV head), `[batch, kv_heads, seq,
-    // hd]` in the products' type: every query head of the group and every block of query rows
-    // reads them.
+    // hd]` in the products' type: every block of query rows of the group reads them.
     let mut keys = vec![T::default(); batch * kv_heads * seq * hd];
     let mut values = vec![T::default(); batch * kv_heads * seq * hd];
     keys.par_chunks_mut((seq * hd).max(1))
@@ -280,15 +298,18 @@ fn attend<T: Element>(
         });
     tasks
         .par_iter()
-        .map(|&(b, h, r0)| {
-            let r1 = (r0 + ROWS).min(seq);
+        .map(|&(b, g, r0)| {
+            let r1 = (r0 + q_rows).min(seq);
             let rows = r1 - r0;
-            let g = h / rep;
-            let mut qr = vec![0f32; rows * hd];
-            rotate_into(&mut qr, x.q, qw, h * hd, b * seq + r0, r0, hd, x.rope);
+            let stacked = rep * rows;
+            let mut qr = vec![0f32; stacked * hd];
+            for (hi, dst) in qr.chunks_exact_mut(rows * hd).enumerate() {
+                let h = g * rep + hi;
+                rotate_into(dst, x.q, qw, h * hd, b * seq + r0, r0, hd, x.rope);
+            }
             // 1/sqrt(hd) folded into q (exact for a power-of-two head dimension).
             qr.iter_mut().for_each(|v| *v *= scale);
-            let mut q = vec![T::default(); rows * hd];
+            let mut q = vec![T::default(); stacked * hd];
             T::round(&mut q, &qr);
             let at = (b * kv_heads + g) * seq * hd;
             let mat = |data, rows, cols, trans| MatRef {
@@ -299,24 +320,25 @@ fn attend<T: Element>(
                 trans,
             };
             // Online softmax over blocks of keys (see the module docs).
-            let mut out = vec![0f32; rows * hd];
-            let mut part = vec![0f32; rows * hd];
-            let (mut maxes, mut sums) = (vec![f32::NEG_INFINITY; rows], vec![0f32; rows]);
+            let mut out = vec![0f32; stacked * hd];
+            let mut part = vec![0f32; stacked * hd];
+            let (mut maxes, mut sums) = (vec![f32::NEG_INFINITY; stacked], vec![0f32; stacked]);
             SCORES.with_borrow_mut(|scores| {
-                scores.resize(ROWS * KEYS, 0.0);
+                scores.resize(stacked * KEYS, 0.0);
                 for j0 in (0..r1).step_by(KEYS) {
                     let cols = KEYS.min(r1 - j0);
-                    let scores = &mut scores[..rows * cols];
+                    let scores = &mut scores[..stacked * cols];
                     T::gemm(
                         blas,
-                        mat(&q, rows, hd, false),
+                        mat(&q, stacked, hd, false),
                         mat(&keys[at + j0 * hd..at + (j0 + cols) * hd], hd, cols, true),
                         scores,
                         cols,
                     )?;
                     for (i, row) in scores.chunks_exact_mut(cols).enumerate() {
-                        // Keys j0.. that query r0 + i sees (at least one in the first block).
-                        let valid = (r0 + i + 1).saturating_sub(j0).min(cols);
+                        // Keys j0.. that query r0 + i % rows sees (at least one in the first
+                        // block).
+                        let valid = (r0 + i % rows + 1).saturating_sub(j0).min(cols);
                         let (seen, future) = row.split_at_mut(valid);
                         future.fill(0.0);
                         if valid == 0 {
@@ -339,7 +361,7 @@ fn attend<T: Element>(
                             blas,
                             MatRef {
                                 data: p,
-                                rows,
+                                rows: stacked,
                                 cols,
                                 ld: cols,
                                 trans: false,
@@ -685,13 +707,20 @@ mod tests {
 
     #[test]
     fn equals_the_attention_written_out_in_f32_and_in_bf16() {
-        use burn::tensor::Distribution;
-        use burn_flex::{Flex, FlexDevice};
         if blas().is_none() {
             return; // matmul's the_blas_is_installed fails instead
         }
-        // 300 tokens: two blocks of query rows, the second partial; two query heads per KV head.
-        let (batch, seq, heads, kv_heads, hd) = (2, 300, 4, 2, 16);
+        // 300 tokens: several blocks of query rows, the last partial; two and three query
+        // heads per KV head (the forward stacks them).
+        for (heads, kv_heads) in [(4, 2), (6, 2)] {
+            check_attention(heads, kv_heads);
+        }
+    }
+
+    fn check_attention(heads: usize, kv_heads: usize) {
+        use burn::tensor::Distribution;
+        use burn_flex::{Flex, FlexDevice};
+        let (batch, seq, hd) = (2, 300, 16);
         let rand = |cols: usize| {
             Tensor::<Flex, 2>::random(
                 [batch * seq, cols],
