@@ -170,9 +170,9 @@ pub(crate) fn attention_flex(
         rope,
     };
     let blocks = if shape.products == DType::BF16 && blas.native_bf16() {
-        attend::<bf16>(blas, &inputs, &tasks)
+        attend::<bf16>(blas, &inputs, q_rows, &tasks)
     } else {
-        attend::<f32>(blas, &inputs, &tasks)
+        attend::<f32>(blas, &inputs, q_rows, &tasks)
     };
     let mut out = vec![0f32; batch * seq * qw];
     for (&(b, g, r0), block) in tasks.iter().zip(blocks) {
@@ -259,13 +259,15 @@ impl Element for bf16 {
     }
 }
 
-/// One output block per task `(batch row, KV head, first query row)`: the rows `r0..r1` of
+/// One output block per task `(batch row, KV head, first query row)` (`q_rows` query rows per
+/// task, the last block shorter): the rows `r0..r1` of
 /// every query head of the group, stacked head after head (`[rep * rows, hd]`), so that each
 /// product reads the group's keys and values once for all its query heads and runs on
 /// `rep` times as many rows.
 fn attend<T: Element>(
     blas: &Blas,
     x: &Inputs<'_>,
+    q_rows: usize,
     tasks: &[(usize, usize, usize)],
 ) -> Vec<crate::Result<Vec<f32>>> {
     let AttentionShape {
@@ -278,7 +280,6 @@ fn attend<T: Element>(
     } = x.shape;
     let (qw, kw) = (heads * hd, kv_heads * hd);
     let rep = heads / kv_heads;
-    let q_rows = query_rows(rep);
     let scale = (hd as f32).sqrt().recip();
     // Keys rotated and values copied once per (batch row, KV head), `[batch, kv_heads, seq,
     // hd]` in the products' type: every block of query rows of the group reads them.
