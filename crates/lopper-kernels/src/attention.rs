@@ -259,11 +259,10 @@ impl Element for bf16 {
     }
 }
 
-/// One output block per task `(batch row, KV head, first query row)` (`q_rows` query rows per
-/// task, the last block shorter): the rows `r0..r1` of
-/// every query head of the group, stacked head after head (`[rep * rows, hd]`), so that each
-/// product reads the group's keys and values once for all its query heads and runs on
-/// `rep` times as many rows.
+/// One output block per task `(batch row, KV head, first query row)`, `q_rows` query rows per
+/// task (the last block shorter): the rows `r0..r1` of every query head of the group, stacked
+/// head after head (`[rep * rows, hd]`), so that each product reads the group's keys and values
+/// once for all its query heads and runs on `rep` times as many rows.
 fn attend<T: Element>(
     blas: &Blas,
     x: &Inputs<'_>,
