@@ -17,7 +17,7 @@ use lopper::backend::{Flex, FlexDevice};
 use lopper::data::{DataDirs, Sampler, load_documents, sample};
 use lopper::importance::{Method, MethodSettings, input_means, method_plan};
 use lopper::model::{ModelSpec, load, lopper_home};
-use lopper::policy::{Hooks, Init, PgConfig, PgState, UnitSpace, choose, search};
+use lopper::policy::{Hooks, Init, PgConfig, PgState, choose, search};
 use lopper::surgery::{ExportFormat, ExportOptions, InputMeans, export, prune_compensated};
 
 fn main() -> Result<()> {
@@ -74,7 +74,8 @@ fn main() -> Result<()> {
     let mut cfg = PgConfig::new(0.3);
     cfg.steps = 5;
     cfg.held_out = held_out.len();
-    let space = UnitSpace::new(model.shape(), &cfg.units)?;
+    // The searched units (with the preset's channel blocks, ordered by the start).
+    let space = cfg.space(model.shape(), &start)?;
     let mut state = PgState::new(cfg, &space, &start)?;
     search(
         model,

@@ -90,6 +90,9 @@ pub struct CompareArgs {
     /// Windows per policy-gradient step (default: the preset's).
     #[arg(long)]
     pg_batch_size: Option<usize>,
+    /// Search MLP channels in blocks of N (0 or 1: one unit per channel; default: the preset's).
+    #[arg(long)]
+    pg_channel_block: Option<usize>,
     /// How pg cells with a least-squares cut (`pg+ls`, `pg+obs`) judge their held-out choice:
     /// masked (the default) or ls (as `prune --judge`); other pg cells judge masked.
     #[arg(long, default_value = "masked")]
@@ -395,6 +398,7 @@ pub fn run(args: CompareArgs) -> Result<()> {
         lr_layers: lr.unwrap_or(base.lr_layers),
         steps: args.pg_steps.unwrap_or(base.steps),
         batch_size: args.pg_batch_size.unwrap_or(base.batch_size),
+        channel_block: args.pg_channel_block.unwrap_or(base.channel_block),
         held_out: base.held_out.min(args.calib_samples / 4),
         judge: Judge::parse(&args.pg_judge)?,
         seed: args.seed,

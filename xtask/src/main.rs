@@ -6,6 +6,7 @@ mod backend;
 mod bench;
 mod compare;
 mod eval;
+mod gradient;
 mod guard;
 mod info;
 mod loading;

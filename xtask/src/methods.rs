@@ -12,7 +12,7 @@ use burn::tensor::backend::Backend;
 use lopper_core::{MaskPlan, ModelShape, UnitScores};
 use lopper_importance::{Method, MethodPlan, MethodSettings};
 use lopper_model::Llama;
-use lopper_policy::{Hooks, Init, PgConfig, PgState, UnitSpace};
+use lopper_policy::{Hooks, Init, PgConfig, PgState};
 use lopper_surgery::InputMeans;
 
 /// Every `--method` name: `pg` and the metric methods.
@@ -138,7 +138,6 @@ pub fn pg_init<B: Backend>(
             // Each candidate as the search would start from it: fitted to the budget (a
             // per-layer plan such as LLM-BIP's keeps a little more or less than it), so the
             // judge compares plans of equal size, and the plan it picks is the search's start.
-            let space = UnitSpace::new(shape, &cfg.units)?;
             let fitted: Vec<MaskPlan> = candidates
                 .iter()
                 .map(|(_, plan, scores)| {
@@ -146,6 +145,7 @@ pub fn pg_init<B: Backend>(
                         plan: plan.clone(),
                         scores: scores.clone(),
                     };
+                    let space = cfg.space(shape, &start)?;
                     Ok(PgState::new(cfg.clone(), &space, &start)?
                         .init_plan
                         .expect("a plan start keeps its plan"))
@@ -307,7 +307,6 @@ pub fn run_pg<B: Backend>(
         windows.len()
     );
     let (search_windows, held_out) = windows.split_at(windows.len() - cfg.held_out);
-    let space = UnitSpace::new(model.shape(), &cfg.units)?;
     let means = if cfg.compensation {
         let n = search_windows.len().min(init.metric_samples);
         let (o_proj, down_proj) =
@@ -317,8 +316,8 @@ pub fn run_pg<B: Backend>(
         None
     };
     let ckpt = run.dir.join("checkpoint.json");
-    let mut state = if run.resume {
-        let s = PgState::load(&ckpt, &space)?;
+    let (mut state, space) = if run.resume {
+        let (s, space) = PgState::load(&ckpt, model.shape())?;
         anyhow::ensure!(
             s.config == *cfg,
             "--resume: the settings differ from the checkpoint's ({}); resume with the same flags",
@@ -338,13 +337,14 @@ pub fn run_pg<B: Backend>(
             );
         }
         tracing::info!(step = s.step, "resuming");
-        s
+        (s, space)
     } else {
         let (start, judged) = pg_init(init, model, search_windows, held_out, means.as_ref(), cfg)?;
+        let space = cfg.space(model.shape(), &start)?;
         let mut s = PgState::new(cfg.clone(), &space, &start)?;
         s.init_judged = judged;
         s.meta = run.meta.clone();
-        s
+        (s, space)
     };
     let mut curve = open_curve(run.dir, state.step)?;
     let stop = ctrl_c_flag();

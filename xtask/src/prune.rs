@@ -109,6 +109,10 @@ pub struct PruneArgs {
     /// Keep every probability in [F, 1 - F] so a unit driven out can come back (reference 0).
     #[arg(long)]
     pub prob_floor: Option<f64>,
+    /// Search MLP channels in blocks of N, ordered by the start (0 or 1: one unit per channel;
+    /// needs --budget params).
+    #[arg(long)]
+    pub channel_block: Option<usize>,
     /// Calibration windows (the last N) held out from the search; the final plan is the
     /// search's or the initial plan, whichever has the lower loss on them (0: the search's).
     /// Preset lopper: 16, at most a quarter of --calib-samples.
@@ -274,6 +278,7 @@ impl PruneArgs {
             },
             antithetic: self.antithetic.unwrap_or(base.antithetic),
             prob_floor: self.prob_floor.unwrap_or(base.prob_floor),
+            channel_block: self.channel_block.unwrap_or(base.channel_block),
             compensation: self.bias_compensation.unwrap_or(base.compensation),
             // Small calibration sets hold out a quarter at most.
             held_out: self

@@ -5,10 +5,10 @@ mod space;
 mod state;
 
 pub use run::{Choice, Hooks, Judged, choose, judge_plans, search};
-pub use space::{Budget, UnitSpace, project, sigmap};
+pub use space::{BlockLayout, Budget, UnitSpace, project, sigmap};
 pub use state::{
     Baseline, Estimator, Init, Judge, Optimizer, PgConfig, PgState, Schedule, StepRecord,
-    binary_entropy,
+    binary_entropy, block_layout,
 };
 
 /// Errors of the policy-gradient search.

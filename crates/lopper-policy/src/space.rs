@@ -42,7 +42,14 @@ pub struct UnitSpace {
     pub kinds: Vec<(UnitKind, usize, usize)>,
     /// Parameters of the pool the sparsity is measured on (the fine units searched).
     pub pool: f64,
+    /// With channels searched in blocks: the channels of each unit (empty for KV groups and
+    /// layers; a block's unit is `Channel { layer, index }` with `index` its first channel).
+    /// `None`: one channel per channel unit.
+    pub blocks: Option<Vec<Vec<usize>>>,
 }
+
+/// Channel blocks per layer: `layout[l]` lists layer `l`'s blocks of MLP channel indices.
+pub type BlockLayout = Vec<Vec<Vec<usize>>>;
 
 impl UnitSpace {
     /// The units of `kinds` (`KvGroup`, `Channel`, `Layer`) in `shape`.
@@ -99,7 +106,109 @@ impl UnitSpace {
             cost,
             kinds: slices,
             pool,
+            blocks: None,
         })
+    }
+
+    /// This space with each layer's MLP channels searched in the blocks of `layout` (one unit
+    /// per block, costing its channels; the pool is unchanged). Every layer's blocks must be
+    /// non-empty and cover its channels exactly once. Without channel units this is `self`.
+    pub fn with_channel_blocks(self, layout: &BlockLayout) -> Result<Self> {
+        let Some(&(_, start, end)) = self.kinds.iter().find(|k| k.0 == UnitKind::Channel) else {
+            return Ok(self);
+        };
+        if layout.len() != self.shape.n_layers() {
+            return Err(Error::Config(format!(
+                "channel blocks for {} layers; the model has {}",
+                layout.len(),
+                self.shape.n_layers()
+            )));
+        }
+        let h = self.shape.hidden_size as f64;
+        let mut units = self.units[..start].to_vec();
+        let mut cost = self.cost[..start].to_vec();
+        let mut blocks = vec![Vec::new(); start];
+        for (layer, (lb, ls)) in layout.iter().zip(&self.shape.layers).enumerate() {
+            let mut seen = vec![false; ls.ffn_hidden];
+            for b in lb {
+                if b.is_empty()
+                    || b.iter()
+                        .any(|&c| c >= ls.ffn_hidden || std::mem::replace(&mut seen[c], true))
+                {
+                    return Err(Error::Config(format!(
+                        "layer {layer}: channel blocks must be non-empty, within its {} channels and disjoint",
+                        ls.ffn_hidden
+                    )));
+                }
+                units.push(PruneUnit::Channel { layer, index: b[0] });
+                cost.push(3.0 * h * b.len() as f64);
+                blocks.push(b.clone());
+            }
+            if seen.iter().any(|s| !s) {
+                return Err(Error::Config(format!(
+                    "layer {layer}: the channel blocks leave channels out"
+                )));
+            }
+        }
+        let new_end = units.len();
+        units.extend_from_slice(&self.units[end..]);
+        cost.extend_from_slice(&self.cost[end..]);
+        blocks.resize(units.len(), Vec::new());
+        let shift = new_end as isize - end as isize;
+        let kinds = self
+            .kinds
+            .iter()
+            .map(|&(k, s, e)| match k {
+                UnitKind::Channel => (k, s, new_end),
+                _ if s >= end => (
+                    k,
+                    (s as isize + shift) as usize,
+                    (e as isize + shift) as usize,
+                ),
+                _ => (k, s, e),
+            })
+            .collect();
+        Ok(Self {
+            units,
+            cost,
+            kinds,
+            blocks: Some(blocks),
+            ..self
+        })
+    }
+
+    /// The MLP channels unit `i` stands for (one for an unblocked channel unit; none for
+    /// KV groups and layers).
+    pub fn channels_of(&self, i: usize) -> Vec<usize> {
+        match (&self.blocks, self.units[i]) {
+            (Some(b), _) => b[i].clone(),
+            (None, PruneUnit::Channel { index, .. }) => vec![index],
+            _ => Vec::new(),
+        }
+    }
+
+    /// The channel blocks per layer (`None` when channels are not blocked).
+    pub fn layout(&self) -> Option<BlockLayout> {
+        let blocks = self.blocks.as_ref()?;
+        let mut layout = vec![Vec::new(); self.shape.n_layers()];
+        for (u, b) in self.units.iter().zip(blocks) {
+            if let PruneUnit::Channel { layer, .. } = *u {
+                layout[layer].push(b.clone());
+            }
+        }
+        Some(layout)
+    }
+
+    /// Unit `i`'s score under per-unit `scores`: a channel block's mean.
+    pub fn score(&self, scores: &lopper_core::UnitScores, i: usize) -> f64 {
+        match self.units[i] {
+            PruneUnit::KvGroup { layer, group } => scores.kv_groups[layer][group],
+            PruneUnit::Channel { layer, .. } => {
+                let ch = self.channels_of(i);
+                ch.iter().map(|&c| scores.channels[layer][c]).sum::<f64>() / ch.len() as f64
+            }
+            _ => 0.0,
+        }
     }
 
     /// Whether layer units are searched.
@@ -143,10 +252,12 @@ impl UnitSpace {
         if searched(UnitKind::Channel) {
             channels.iter_mut().for_each(Vec::clear);
         }
-        for (u, &k) in self.units.iter().zip(keep) {
+        for (i, (u, &k)) in self.units.iter().zip(keep).enumerate() {
             match *u {
                 PruneUnit::KvGroup { layer, group } if k => groups[layer].push(group),
-                PruneUnit::Channel { layer, index } if k => channels[layer].push(index),
+                PruneUnit::Channel { layer, .. } if k => {
+                    channels[layer].extend(self.channels_of(i));
+                }
                 PruneUnit::Layer { layer } if !k => dropped_layers[layer] = true,
                 _ => {}
             }
@@ -158,9 +269,11 @@ impl UnitSpace {
                     channels: vec![],
                 }
             } else {
+                let mut channels = std::mem::take(&mut channels[i]);
+                channels.sort_unstable();
                 LayerPlan {
                     kv_groups: std::mem::take(&mut groups[i]),
-                    channels: std::mem::take(&mut channels[i]),
+                    channels,
                 }
             };
         }

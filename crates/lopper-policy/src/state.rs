@@ -6,9 +6,9 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::space::{Budget, UnitSpace, project, sigmap};
+use crate::space::{BlockLayout, Budget, UnitSpace, project, sigmap};
 use crate::{Error, Result};
-use lopper_core::{MaskPlan, PruneUnit, UnitKind, UnitScores, keep_count, top_k};
+use lopper_core::{MaskPlan, ModelShape, PruneUnit, UnitKind, UnitScores, keep_count, top_k};
 
 /// The gradient estimator.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -189,6 +189,12 @@ pub struct PgConfig {
     /// the model `--reconstruct ls` ships).
     #[serde(default)]
     pub judge: Judge,
+    /// Search MLP channels in blocks of this many (0 or 1: one unit per channel). Each layer's
+    /// channels are ordered by the start (a plan's kept channels first, each side by its
+    /// scores), so the start stays exactly representable and the search learns per-layer
+    /// widths with far fewer, larger units.
+    #[serde(default)]
+    pub channel_block: usize,
 }
 
 fn moving() -> Baseline {
@@ -222,6 +228,7 @@ impl PgConfig {
             compensation: false,
             held_out: 0,
             judge: Judge::Masked,
+            channel_block: 0,
         }
     }
 
@@ -316,6 +323,12 @@ impl PgConfig {
                 "the least-squares judge needs at least one window and one candidate (windows {windows}, top {top})"
             ));
         }
+        if self.channel_block > 1 && self.budget == Budget::PerType {
+            return bad(format!(
+                "--channel-block {} needs --budget params: blocks differ in size, so a per-type count of units is not a budget",
+                self.channel_block
+            ));
+        }
         if self.units.contains(&UnitKind::Layer) && self.budget == Budget::PerType {
             return bad(
                 "--units layers needs --budget params: a per-type layer budget would remove layers on top of the per-type head and channel budgets"
@@ -323,6 +336,18 @@ impl PgConfig {
             );
         }
         Ok(())
+    }
+
+    /// The unit space a search with these settings runs in, from `init`: the units of
+    /// `self.units`, with MLP channels in blocks of `self.channel_block` ordered by the start
+    /// ([`block_layout`]).
+    pub fn space(&self, shape: &ModelShape, init: &Init) -> Result<UnitSpace> {
+        let space = UnitSpace::new(shape, &self.units)?;
+        if self.channel_block > 1 && self.units.contains(&UnitKind::Channel) {
+            space.with_channel_blocks(&block_layout(shape, init, self.channel_block))
+        } else {
+            Ok(space)
+        }
     }
 
     fn lr(&self, kind: UnitKind) -> f64 {
@@ -387,6 +412,66 @@ pub struct PgState {
     /// Free-form run metadata kept with the state (model, calibration, command).
     #[serde(default)]
     pub meta: serde_json::Value,
+    /// The channel blocks of the search's space (`None`: one unit per channel), so that a
+    /// resumed search rebuilds the same space.
+    #[serde(default)]
+    pub channel_blocks: Option<BlockLayout>,
+}
+
+/// The channel blocks of `size` channels a search from `init` uses, per layer. A plan start:
+/// the kept channels ordered by score (by index without scores) are cut into blocks from the
+/// kept/removed boundary up, the removed ones from the boundary down, so the plan is a set of
+/// whole blocks (a layer the plan drops counts as all kept: its layer unit carries the
+/// removal). Scores: each layer's channels by descending score, from the top. Uniform or
+/// random: contiguous blocks by index.
+pub fn block_layout(shape: &ModelShape, init: &Init, size: usize) -> BlockLayout {
+    let size = size.max(1);
+    let chunks = |order: &[usize]| -> Vec<Vec<usize>> {
+        order
+            .chunks(size)
+            .map(|c| {
+                let mut c = c.to_vec();
+                c.sort_unstable();
+                c
+            })
+            .collect()
+    };
+    let by_score = |layer: usize, idx: &mut Vec<usize>, scores: Option<&UnitScores>| {
+        if let Some(sc) = scores {
+            let row = &sc.channels[layer];
+            idx.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
+        }
+    };
+    shape
+        .layers
+        .iter()
+        .enumerate()
+        .map(|(l, ls)| {
+            let all: Vec<usize> = (0..ls.ffn_hidden).collect();
+            match init {
+                Init::Plan { plan, scores } => {
+                    let lp = &plan.layers[l];
+                    let dropped = lp.kv_groups.is_empty() && lp.channels.is_empty();
+                    let (mut kept, mut removed): (Vec<usize>, Vec<usize>) = all
+                        .into_iter()
+                        .partition(|c| dropped || lp.channels.binary_search(c).is_ok());
+                    by_score(l, &mut kept, scores.as_ref());
+                    by_score(l, &mut removed, scores.as_ref());
+                    kept.reverse();
+                    let mut blocks = chunks(&kept);
+                    blocks.reverse();
+                    blocks.extend(chunks(&removed));
+                    blocks
+                }
+                Init::Scores { scores } => {
+                    let mut order = all;
+                    by_score(l, &mut order, Some(scores));
+                    chunks(&order)
+                }
+                Init::Uniform | Init::Random => chunks(&all),
+            }
+        })
+        .collect()
 }
 
 /// Mean binary entropy (nats).
@@ -406,11 +491,18 @@ impl PgState {
     /// A fresh state: initial probabilities from `init`, projected onto the budget.
     pub fn new(config: PgConfig, space: &UnitSpace, init: &Init) -> Result<Self> {
         config.validate()?;
+        let blocked = config.channel_block > 1 && config.units.contains(&UnitKind::Channel);
+        if blocked != space.blocks.is_some() {
+            return Err(Error::Config(
+                "the unit space does not match --channel-block: build it with PgConfig::space"
+                    .into(),
+            ));
+        }
         let keep = config.keep();
         let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
         let shape = &space.shape;
         let mut probs = vec![keep; space.units.len()];
-        let per_layer = |scores: &dyn Fn(&PruneUnit) -> f64, probs: &mut Vec<f64>| {
+        let per_layer = |scores: &dyn Fn(usize) -> f64, probs: &mut Vec<f64>| {
             for &(kind, start, end) in &space.kinds {
                 if kind == UnitKind::Layer {
                     continue;
@@ -419,7 +511,7 @@ impl PgState {
                     let idx: Vec<usize> = (start..end)
                         .filter(|&i| space.units[i].layer() == layer)
                         .collect();
-                    let m: Vec<f64> = idx.iter().map(|&i| scores(&space.units[i])).collect();
+                    let m: Vec<f64> = idx.iter().map(|&i| scores(i)).collect();
                     for (&i, p) in idx.iter().zip(sigmap(&m, keep)) {
                         probs[i] = p;
                     }
@@ -432,13 +524,11 @@ impl PgState {
                 let normals: Vec<f64> = (0..space.units.len())
                     .map(|_| standard_normal(&mut rng))
                     .collect();
-                let lookup: std::collections::HashMap<PruneUnit, f64> =
-                    space.units.iter().copied().zip(normals).collect();
-                per_layer(&|u| lookup[u], &mut probs);
+                per_layer(&|i| normals[i], &mut probs);
             }
             Init::Scores { scores } => {
                 scores.check(shape)?;
-                per_layer(&|u| unit_score(scores, u), &mut probs);
+                per_layer(&|i| space.score(scores, i), &mut probs);
             }
             Init::Plan { .. } => {}
         }
@@ -470,6 +560,7 @@ impl PgState {
             cursor: 0,
             rng: ChaCha8Rng::seed_from_u64(0),
             meta: serde_json::Value::Null,
+            channel_blocks: space.layout(),
         };
         // The sampling stream is independent of the init's draws.
         state.rng = ChaCha8Rng::seed_from_u64(state.config.seed ^ 0x9e37_79b9_7f4a_7c15);
@@ -561,58 +652,17 @@ impl PgState {
     }
 
     /// One step: sample K masks, score each with `loss(plan)` (forward passes only), update the
-    /// baseline, estimate the gradient, update and project. A mask whose loss is not finite is
-    /// dropped; if every one is, the step changes nothing but the step counter.
+    /// baseline, estimate the gradient ([`PgState::estimate`]), update and project. A mask whose
+    /// loss is not finite is dropped; if every one is, the step changes nothing but the step
+    /// counter.
     pub fn step(
         &mut self,
         space: &UnitSpace,
         loss: &mut dyn FnMut(&MaskPlan) -> Result<f64>,
     ) -> Result<StepRecord> {
-        let masks = self.sample_step();
-        let mut scored = Vec::with_capacity(masks.len());
-        for m in masks {
-            let plan = space.plan_of(&m);
-            let l = if plan.validate().is_ok() {
-                loss(&plan)?
-            } else {
-                f64::NAN
-            };
-            if l.is_finite() {
-                scored.push((m, l));
-            } else {
-                tracing::warn!(
-                    step = self.step,
-                    "a sampled mask gave a non-finite loss; dropped"
-                );
-            }
-        }
+        let (grad, losses) = self.estimate(space, loss)?;
         let lr_heads = self.lr(UnitKind::KvGroup);
-        if !scored.is_empty() {
-            let mean = scored.iter().map(|x| x.1).sum::<f64>() / scored.len() as f64;
-            let lambda = 1.0 / self.config.ma_window;
-            let b = self.baseline.unwrap_or(mean);
-            let b = (1.0 - lambda) * b + lambda * mean;
-            self.baseline = Some(b);
-            let n = scored.len();
-            let loo = self.config.baseline == Baseline::LeaveOneOut && n >= 2;
-            let norm = if loo {
-                1.0 / n as f64
-            } else {
-                1.0 / (n.saturating_sub(1).max(1)) as f64
-            };
-            let total: f64 = scored.iter().map(|x| x.1).sum();
-            let mut grad = vec![0.0; self.probs.len()];
-            for (m, l) in &scored {
-                let b = if loo { (total - l) / (n - 1) as f64 } else { b };
-                for ((g, &s), &keep) in grad.iter_mut().zip(&self.probs).zip(m) {
-                    let var = (s + EPS) * (1.0 - s + EPS);
-                    let denom = match self.config.estimator {
-                        Estimator::Ref => var.sqrt(),
-                        Estimator::Score => var,
-                    };
-                    *g += norm * (l - b) * (keep as u8 as f64 - s) / denom;
-                }
-            }
+        if !losses.is_empty() {
             let lrs: Vec<f64> = space
                 .kinds
                 .iter()
@@ -636,7 +686,6 @@ impl PgState {
             }
             self.project(space);
         }
-        let losses: Vec<f64> = scored.iter().map(|x| x.1).collect();
         let record = StepRecord {
             step: self.step,
             loss: if losses.is_empty() {
@@ -652,6 +701,63 @@ impl PgState {
         };
         self.step += 1;
         Ok(record)
+    }
+
+    /// The estimator's gradient of the expected loss with respect to the probabilities at the
+    /// current state, from this step's K sampled masks scored with `loss`; updates the
+    /// moving-average baseline (and the sampling stream) but not the probabilities. Returns the
+    /// estimate (zeros when every loss is non-finite) and the finite losses.
+    pub fn estimate(
+        &mut self,
+        space: &UnitSpace,
+        loss: &mut dyn FnMut(&MaskPlan) -> Result<f64>,
+    ) -> Result<(Vec<f64>, Vec<f64>)> {
+        let masks = self.sample_step();
+        let mut scored = Vec::with_capacity(masks.len());
+        for m in masks {
+            let plan = space.plan_of(&m);
+            let l = if plan.validate().is_ok() {
+                loss(&plan)?
+            } else {
+                f64::NAN
+            };
+            if l.is_finite() {
+                scored.push((m, l));
+            } else {
+                tracing::warn!(
+                    step = self.step,
+                    "a sampled mask gave a non-finite loss; dropped"
+                );
+            }
+        }
+        let mut grad = vec![0.0; self.probs.len()];
+        if !scored.is_empty() {
+            let mean = scored.iter().map(|x| x.1).sum::<f64>() / scored.len() as f64;
+            let lambda = 1.0 / self.config.ma_window;
+            let b = self.baseline.unwrap_or(mean);
+            let b = (1.0 - lambda) * b + lambda * mean;
+            self.baseline = Some(b);
+            let n = scored.len();
+            let loo = self.config.baseline == Baseline::LeaveOneOut && n >= 2;
+            let norm = if loo {
+                1.0 / n as f64
+            } else {
+                1.0 / (n.saturating_sub(1).max(1)) as f64
+            };
+            let total: f64 = scored.iter().map(|x| x.1).sum();
+            for (m, l) in &scored {
+                let b = if loo { (total - l) / (n - 1) as f64 } else { b };
+                for ((g, &s), &keep) in grad.iter_mut().zip(&self.probs).zip(m) {
+                    let var = (s + EPS) * (1.0 - s + EPS);
+                    let denom = match self.config.estimator {
+                        Estimator::Ref => var.sqrt(),
+                        Estimator::Score => var,
+                    };
+                    *g += norm * (l - b) * (keep as u8 as f64 - s) / denom;
+                }
+            }
+        }
+        Ok((grad, scored.into_iter().map(|x| x.1).collect()))
     }
 
     /// The calibration windows of the next step (cycling through `n` windows), advancing the cursor.
@@ -745,8 +851,9 @@ impl PgState {
         Ok(())
     }
 
-    /// Reads a state written by [`PgState::save`], checking it fits `space`.
-    pub fn load(path: &Path, space: &UnitSpace) -> Result<Self> {
+    /// Reads a state written by [`PgState::save`] and rebuilds its unit space on `shape` (with
+    /// the checkpoint's channel blocks), checking that the state fits it.
+    pub fn load(path: &Path, shape: &ModelShape) -> Result<(Self, UnitSpace)> {
         let err = |msg: String| Error::Checkpoint {
             path: path.to_owned(),
             msg,
@@ -754,6 +861,13 @@ impl PgState {
         let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
         let s: Self = serde_json::from_str(&text)
             .map_err(|e| err(format!("not a lopper PG checkpoint: {e}")))?;
+        let space = UnitSpace::new(shape, &s.config.units)?;
+        let space = match &s.channel_blocks {
+            Some(layout) => space
+                .with_channel_blocks(layout)
+                .map_err(|e| err(format!("its channel blocks do not fit this model: {e}")))?,
+            None => space,
+        };
         if s.probs.len() != space.units.len() {
             return Err(err(format!(
                 "{} probabilities for {} units: the checkpoint belongs to another model or --units",
@@ -761,15 +875,7 @@ impl PgState {
                 space.units.len()
             )));
         }
-        Ok(s)
-    }
-}
-
-fn unit_score(scores: &UnitScores, u: &PruneUnit) -> f64 {
-    match *u {
-        PruneUnit::KvGroup { layer, group } => scores.kv_groups[layer][group],
-        PruneUnit::Channel { layer, index } => scores.channels[layer][index],
-        _ => 0.0,
+        Ok((s, space))
     }
 }
 
@@ -788,13 +894,20 @@ fn plan_probs(space: &UnitSpace, plan: &MaskPlan, scores: Option<&UnitScores>) -
     let kept: Vec<bool> = space
         .units
         .iter()
-        .map(|u| match *u {
+        .enumerate()
+        .map(|(i, u)| match *u {
             PruneUnit::Layer { layer } => !dropped[layer],
             // With layers searched, the layer unit carries a dropped layer's removal.
             _ if layers_searched && dropped[u.layer()] => true,
             PruneUnit::KvGroup { layer, group } => plan.layers[layer].kv_groups.contains(&group),
-            PruneUnit::Channel { layer, index } => {
-                plan.layers[layer].channels.binary_search(&index).is_ok()
+            PruneUnit::Channel { layer, .. } => {
+                // A block is kept when most of its channels are.
+                let ch = space.channels_of(i);
+                let k = ch
+                    .iter()
+                    .filter(|c| plan.layers[layer].channels.binary_search(c).is_ok())
+                    .count();
+                2 * k > ch.len()
             }
             _ => true,
         })
@@ -808,8 +921,9 @@ fn plan_probs(space: &UnitSpace, plan: &MaskPlan, scores: Option<&UnitScores>) -
             // Ascending score: the lowest-ranked unit of a band sits at its bottom.
             if let Some(sc) = scores {
                 idx.sort_by(|&a, &b| {
-                    unit_score(sc, &space.units[a])
-                        .total_cmp(&unit_score(sc, &space.units[b]))
+                    space
+                        .score(sc, a)
+                        .total_cmp(&space.score(sc, b))
                         .then(a.cmp(&b))
                 });
             }

@@ -662,3 +662,107 @@ fn the_default_search_resumes_bit_identically_and_chooses_on_held_out_windows() 
         (0, judged[1], judged[0].reconstructed)
     );
 }
+
+#[test]
+fn channel_blocks_keep_the_start_exact_and_survive_a_checkpoint() {
+    let shape = ModelShape::tiny();
+    let unblocked = UnitSpace::new(&shape, &all_units()).unwrap();
+    let (plan, mut cfg) = plan_start(&shape, &unblocked);
+    cfg.channel_block = 8;
+    let init = Init::Plan {
+        plan: plan.clone(),
+        scores: Some(scores_of(&shape)),
+    };
+    let space = cfg.space(&shape, &init).unwrap();
+    let channel_units = |s: &UnitSpace| {
+        s.units
+            .iter()
+            .filter(|u| matches!(u, PruneUnit::Channel { .. }))
+            .count()
+    };
+    // Fewer, larger units over the same pool.
+    assert!(channel_units(&space) * 4 < channel_units(&unblocked));
+    assert_eq!(space.pool, unblocked.pool);
+    let total: f64 = space.cost.iter().sum();
+    assert!((total - unblocked.cost.iter().sum::<f64>()).abs() < 1e-6);
+    // Each block holds at most 8 channels and never mixes the start's kept and removed ones.
+    for (i, u) in space.units.iter().enumerate() {
+        if let PruneUnit::Channel { layer, .. } = *u {
+            let ch = space.channels_of(i);
+            assert!(!ch.is_empty() && ch.len() <= 8);
+            let lp = &plan.layers[layer];
+            let dropped = lp.kv_groups.is_empty() && lp.channels.is_empty();
+            let kept = ch
+                .iter()
+                .filter(|c| dropped || lp.channels.binary_search(c).is_ok())
+                .count();
+            assert!(kept == 0 || kept == ch.len(), "layer {layer}: {ch:?}");
+        }
+    }
+    // The start is exactly representable: step 0's plan is the start.
+    let state = PgState::new(cfg.clone(), &space, &init).unwrap();
+    assert_eq!(state.final_plan(&space).unwrap().layers, plan.layers);
+    // A state and a space that disagree on blocks are refused.
+    let mut plain = cfg.clone();
+    plain.channel_block = 0;
+    assert!(PgState::new(plain, &space, &init).is_err());
+    // A checkpoint rebuilds the same space.
+    let path = std::env::temp_dir().join(format!("lopper-blocks-{}.json", std::process::id()));
+    state.save(&path).unwrap();
+    let (back, rebuilt) = PgState::load(&path, &shape).unwrap();
+    std::fs::remove_file(&path).ok();
+    assert_eq!(rebuilt, space);
+    assert_eq!(back, state);
+    // Sampled plans are unions of whole blocks and the budget holds.
+    let mut state = back;
+    let mut seen = 0;
+    state
+        .step(&space, &mut |p| {
+            for (i, u) in space.units.iter().enumerate() {
+                if let PruneUnit::Channel { layer, .. } = *u {
+                    let ch = space.channels_of(i);
+                    let k = ch
+                        .iter()
+                        .filter(|c| p.layers[layer].channels.binary_search(c).is_ok())
+                        .count();
+                    assert!(k == 0 || k == ch.len());
+                }
+            }
+            seen += 1;
+            Ok(seen as f64)
+        })
+        .unwrap();
+    assert_eq!(seen, cfg.samples_per_step);
+    let end = state.final_plan(&space).unwrap();
+    assert!((end.kept_param_ratio() - cfg.keep()).abs() < 0.05);
+}
+
+#[test]
+fn channel_blocks_must_partition_each_layer() {
+    let shape = ModelShape::tiny();
+    let space = UnitSpace::new(&shape, &fine()).unwrap();
+    let whole = |n: usize| -> Vec<Vec<usize>> { (0..n).map(|c| vec![c]).collect() };
+    let mut layout: BlockLayout = shape.layers.iter().map(|l| whole(l.ffn_hidden)).collect();
+    assert!(space.clone().with_channel_blocks(&layout).is_ok());
+    // Uniform starts cut contiguous blocks, ordered by index.
+    let uniform = block_layout(&shape, &Init::Uniform, 16);
+    assert_eq!(uniform[0][1], (16..32).collect::<Vec<_>>());
+    layout[1][3] = vec![2];
+    let err = space.clone().with_channel_blocks(&layout).unwrap_err();
+    assert!(err.to_string().contains("layer 1"), "{err}");
+    layout[1][3] = vec![3];
+    layout[0].pop();
+    let err = space.clone().with_channel_blocks(&layout).unwrap_err();
+    assert!(err.to_string().contains("leave channels out"), "{err}");
+    layout.pop();
+    assert!(space.with_channel_blocks(&layout).is_err());
+    // Blocks need a parameter budget.
+    let mut cfg = config(Budget::PerType, fine());
+    cfg.channel_block = 8;
+    assert!(
+        cfg.validate()
+            .unwrap_err()
+            .to_string()
+            .contains("--budget params")
+    );
+}
