@@ -570,6 +570,33 @@ fn an_interrupted_prune_resumes_to_the_same_plan() {
     assert_eq!(probs(&full), probs(&part));
     assert_eq!(read(&full, "plan.json"), read(&part, "plan.json"));
     assert_eq!(read(&full, "curve.jsonl"), read(&part, "curve.jsonl"));
+    // A search over channel blocks resumes into the same blocks and the same plan.
+    let blocked = |dir: &std::path::Path, extra: &[&'static str]| {
+        let mut args = prune_args(&model, &calib, dir.to_str().unwrap(), "8");
+        args.extend(["--channel-block", "8"]);
+        args.extend(extra);
+        xtask(&args)
+    };
+    let (bfull, bpart) = (root.path().join("bfull"), root.path().join("bpart"));
+    let (ok, _, err) = blocked(&bfull, &[]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = blocked(&bpart, &["--stop-after", "4"]);
+    assert!(!ok && err.contains("interrupted at step 4"), "{err}");
+    let (ok, _, err) = blocked(&bpart, &["--resume"]);
+    assert!(ok, "{err}");
+    let ckpt: serde_json::Value = serde_json::from_str(&read(&bfull, "checkpoint.json")).unwrap();
+    let layout = ckpt["channel_blocks"]
+        .as_array()
+        .expect("the blocks are checkpointed");
+    // 48 channels: blocks of 8 cut from each side of the start's boundary (6 or 7 per layer).
+    assert!(
+        layout
+            .iter()
+            .all(|l| (6..=7).contains(&l.as_array().unwrap().len())),
+        "{layout:?}"
+    );
+    assert_eq!(probs(&bfull), probs(&bpart));
+    assert_eq!(read(&bfull, "plan.json"), read(&bpart, "plan.json"));
 }
 
 #[test]
@@ -596,6 +623,22 @@ fn prune_refuses_bad_settings_before_any_work() {
         (
             vec!["prune", "--sparsity", "0.3", "--units", "rows", "--out", o],
             "unknown unit",
+        ),
+        (
+            vec![
+                "prune",
+                "--sparsity",
+                "0.3",
+                "--channel-block",
+                "64",
+                "--budget",
+                "per-type",
+                "--units",
+                "heads,channels",
+                "--out",
+                o,
+            ],
+            "--channel-block 64 needs --budget params",
         ),
         (
             vec!["prune", "--sparsity", "0.3", "--preset", "fast", "--out", o],
