@@ -113,6 +113,10 @@ pub struct PruneArgs {
     /// needs --budget params).
     #[arg(long)]
     pub channel_block: Option<usize>,
+    /// A plan start's band LO,HI: kept units start in [LO, HI], removed ones in [1-HI, 1-LO]
+    /// (default 0.85,0.98; nearer 1, sampled masks stay nearer the plan).
+    #[arg(long, value_parser = parse_band)]
+    pub start_band: Option<(f64, f64)>,
     /// Calibration windows (the last N) held out from the search; the final plan is the
     /// search's or the initial plan, whichever has the lower loss on them (0: the search's).
     /// Preset lopper: 16, at most a quarter of --calib-samples.
@@ -221,6 +225,18 @@ pub struct PruneArgs {
     pub out: PathBuf,
 }
 
+fn parse_band(s: &str) -> Result<(f64, f64)> {
+    let v: Vec<f64> = s
+        .split(',')
+        .map(|x| x.trim().parse::<f64>())
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|e| anyhow::anyhow!("--start-band `{s}`: {e}; give LO,HI such as 0.97,0.99"))?;
+    match v[..] {
+        [lo, hi] => Ok((lo, hi)),
+        _ => bail!("--start-band `{s}`: give two numbers LO,HI such as 0.97,0.99"),
+    }
+}
+
 fn parse_units(s: &str) -> Result<Vec<UnitKind>> {
     s.split(',')
         .map(str::trim)
@@ -279,6 +295,7 @@ impl PruneArgs {
             antithetic: self.antithetic.unwrap_or(base.antithetic),
             prob_floor: self.prob_floor.unwrap_or(base.prob_floor),
             channel_block: self.channel_block.unwrap_or(base.channel_block),
+            start_band: self.start_band.or(base.start_band),
             compensation: self.bias_compensation.unwrap_or(base.compensation),
             // Small calibration sets hold out a quarter at most.
             held_out: self

@@ -600,6 +600,50 @@ fn an_interrupted_prune_resumes_to_the_same_plan() {
 }
 
 #[test]
+fn bench_pg_gradient_prints_signal_and_noise_per_estimator() {
+    let root = tempfile::tempdir().unwrap();
+    let (model, _) = tiny_model_dir(root.path());
+    let (ok, out, err) = xtask(&[
+        "bench",
+        "pg-gradient",
+        "--model",
+        &model,
+        "--reps",
+        "4",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "16",
+        "--blocks",
+        "1,8",
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("| signal / noise | cos(half means) |"),
+        "{out}"
+    );
+    for row in [
+        "| channels | moving baseline, independent masks (reference) |",
+        "| channels | leave-one-out, antithetic pairs (lopper) |",
+        "| blocks of 8 | leave-one-out, antithetic pairs (lopper) |",
+    ] {
+        assert!(out.contains(row), "{row}\n{out}");
+    }
+    // The noise column is a number, positive: sampled masks differ.
+    let noise: f64 = out
+        .lines()
+        .find(|l| l.starts_with("| blocks of 8 | leave"))
+        .and_then(|l| l.split('|').nth(5))
+        .and_then(|c| c.trim().parse().ok())
+        .expect("a noise figure");
+    assert!(noise > 0.0, "{out}");
+    let (ok, _, err) = xtask(&["bench", "pg-gradient", "--model", &model, "--blocks", "0"]);
+    assert!(!ok && err.contains("--blocks `0`"), "{err}");
+    let (ok, _, err) = xtask(&["bench", "pg-gradient", "--model", &model, "--init", "sleb"]);
+    assert!(!ok && err.contains("layer method"), "{err}");
+}
+
+#[test]
 fn prune_refuses_bad_settings_before_any_work() {
     let root = tempfile::tempdir().unwrap();
     let out = root.path().join("x");
@@ -639,6 +683,30 @@ fn prune_refuses_bad_settings_before_any_work() {
                 o,
             ],
             "--channel-block 64 needs --budget params",
+        ),
+        (
+            vec![
+                "prune",
+                "--sparsity",
+                "0.3",
+                "--start-band",
+                "0.9",
+                "--out",
+                o,
+            ],
+            "--start-band `0.9`: give two numbers",
+        ),
+        (
+            vec![
+                "prune",
+                "--sparsity",
+                "0.3",
+                "--start-band",
+                "0.3,0.9",
+                "--out",
+                o,
+            ],
+            "--start-band 0.3,0.9",
         ),
         (
             vec!["prune", "--sparsity", "0.3", "--preset", "fast", "--out", o],

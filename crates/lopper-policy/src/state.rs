@@ -195,6 +195,11 @@ pub struct PgConfig {
     /// widths with far fewer, larger units.
     #[serde(default)]
     pub channel_block: usize,
+    /// A plan start's band: kept units start in `[lo, hi]` (by rank), removed ones in
+    /// `[1 - hi, 1 - lo]` (`None`: `[0.85, 0.98]`). A band nearer 1 samples masks nearer the
+    /// plan (fewer units flipped per mask).
+    #[serde(default)]
+    pub start_band: Option<(f64, f64)>,
 }
 
 fn moving() -> Baseline {
@@ -229,6 +234,7 @@ impl PgConfig {
             held_out: 0,
             judge: Judge::Masked,
             channel_block: 0,
+            start_band: None,
         }
     }
 
@@ -321,6 +327,14 @@ impl PgConfig {
         {
             return bad(format!(
                 "the least-squares judge needs at least one window and one candidate (windows {windows}, top {top})"
+            ));
+        }
+        if let Some((lo, hi)) = self.start_band
+            && !(0.5 < lo && lo <= hi && hi <= 1.0 - self.prob_floor)
+        {
+            return bad(format!(
+                "--start-band {lo},{hi}: give 0.5 < LO <= HI <= 1 - --prob-floor ({})",
+                1.0 - self.prob_floor
             ));
         }
         if self.channel_block > 1 && self.budget == Budget::PerType {
@@ -543,7 +557,12 @@ impl PgState {
             if let Some(sc) = scores {
                 sc.check(shape)?;
             }
-            probs = plan_probs(space, plan, scores.as_ref());
+            probs = plan_probs(
+                space,
+                plan,
+                scores.as_ref(),
+                config.start_band.unwrap_or(KEPT),
+            );
             init_plan = Some(plan.clone());
         }
         let mut state = Self {
@@ -879,12 +898,17 @@ impl PgState {
     }
 }
 
-/// Bands of [`Init::Plan`]: kept units start in `KEPT`, removed ones in `REMOVED`.
+/// The default band of [`Init::Plan`]: kept units start in it, removed ones in its mirror.
 const KEPT: (f64, f64) = (0.85, 0.98);
-const REMOVED: (f64, f64) = (0.02, 0.15);
 
-/// The probabilities of an [`Init::Plan`] start (before projection).
-fn plan_probs(space: &UnitSpace, plan: &MaskPlan, scores: Option<&UnitScores>) -> Vec<f64> {
+/// The probabilities of an [`Init::Plan`] start (before projection): kept units in `kept`,
+/// removed ones in `(1 - kept.1, 1 - kept.0)`.
+fn plan_probs(
+    space: &UnitSpace,
+    plan: &MaskPlan,
+    scores: Option<&UnitScores>,
+    kept_band: (f64, f64),
+) -> Vec<f64> {
     let layers_searched = space.has_layers();
     let dropped: Vec<bool> = plan
         .layers
@@ -916,7 +940,8 @@ fn plan_probs(space: &UnitSpace, plan: &MaskPlan, scores: Option<&UnitScores>) -
     for &(kind, start, end) in &space.kinds {
         // Layers have no scores: each band's middle.
         let scores = scores.filter(|_| kind != UnitKind::Layer);
-        for (band, keep) in [(KEPT, true), (REMOVED, false)] {
+        let removed_band = (1.0 - kept_band.1, 1.0 - kept_band.0);
+        for (band, keep) in [(kept_band, true), (removed_band, false)] {
             let mut idx: Vec<usize> = (start..end).filter(|&i| kept[i] == keep).collect();
             // Ascending score: the lowest-ranked unit of a band sits at its bottom.
             if let Some(sc) = scores {

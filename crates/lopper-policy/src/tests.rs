@@ -766,3 +766,42 @@ fn channel_blocks_must_partition_each_layer() {
             .contains("--budget params")
     );
 }
+
+#[test]
+fn a_narrower_start_band_keeps_the_plan_and_samples_nearer_it() {
+    let shape = ModelShape::tiny();
+    let space = UnitSpace::new(&shape, &all_units()).unwrap();
+    let (plan, cfg) = plan_start(&shape, &space);
+    let init = Init::Plan {
+        plan: plan.clone(),
+        scores: Some(scores_of(&shape)),
+    };
+    let flips = |cfg: PgConfig| {
+        let mut state = PgState::new(cfg, &space, &init).unwrap();
+        assert_eq!(state.final_plan(&space).unwrap().layers, plan.layers);
+        let start: Vec<bool> = state.probs.iter().map(|&p| p > 0.5).collect();
+        (0..50)
+            .map(|_| {
+                let m = state.sample();
+                m.iter().zip(&start).filter(|(a, b)| a != b).count()
+            })
+            .sum::<usize>()
+    };
+    let mut narrow = cfg.clone();
+    narrow.start_band = Some((0.97, 0.99));
+    let (wide, near) = (flips(cfg.clone()), flips(narrow));
+    assert!(
+        near * 3 < wide,
+        "flips per 50 masks: {near} (narrow) vs {wide}"
+    );
+    let mut bad = cfg;
+    bad.start_band = Some((0.4, 0.9));
+    assert!(
+        bad.validate()
+            .unwrap_err()
+            .to_string()
+            .contains("--start-band")
+    );
+    bad.start_band = Some((0.9, 0.995));
+    assert!(bad.validate().is_err(), "above 1 - the probability floor");
+}
