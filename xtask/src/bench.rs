@@ -143,6 +143,9 @@ pub enum BenchCmd {
         /// Channel block sizes, comma-separated (1: one unit per channel).
         #[arg(long, default_value = "1,64")]
         blocks: String,
+        /// The start's probability band LO,HI (as `prune --start-band`; default 0.85,0.98).
+        #[arg(long, value_parser = crate::prune::parse_band)]
+        start_band: Option<(f64, f64)>,
         /// cpu, cuda or cuda:N.
         #[arg(long, default_value = "cpu")]
         device: DeviceChoice,
@@ -386,6 +389,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
             batch_size,
             seq_len,
             blocks,
+            start_band,
             device,
         } => {
             let init: lopper_importance::Method = init.parse()?;
@@ -425,6 +429,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
                     batch_size,
                     seq_len,
                     blocks,
+                    start_band,
                 },
             )
         }

@@ -29,6 +29,8 @@ pub struct PgGradientBench {
     pub seq_len: usize,
     /// Channel block sizes to compare (1: one unit per channel).
     pub blocks: Vec<usize>,
+    /// The start's probability band (`None`: the preset's).
+    pub start_band: Option<(f64, f64)>,
 }
 
 /// Signal and noise of `reps` gradient estimates `g` (one vector each): the mean squared
@@ -103,10 +105,11 @@ impl Job for PgGradientBench {
             .map(|rows| model.tokens(rows))
             .collect::<std::result::Result<_, _>>()?;
         println!(
-            "PG gradient estimates on {device_name} ({:?}): sparsity {}, start: {}'s plan, {} estimates of 2 masks x {}x{} per row, the same batches in every row",
+            "PG gradient estimates on {device_name} ({:?}): sparsity {}, start: {}'s plan (band {:?}), {} estimates of 2 masks x {}x{} per row, the same batches in every row",
             self.dtype,
             self.sparsity,
             self.init.name(),
+            self.start_band.unwrap_or(lopper_policy::DEFAULT_START_BAND),
             self.reps,
             self.batch_size,
             self.seq_len
@@ -133,6 +136,7 @@ impl Job for PgGradientBench {
                     baseline,
                     antithetic,
                     channel_block: block,
+                    start_band: self.start_band,
                     batch_size: self.batch_size,
                     ..PgConfig::new(self.sparsity)
                 };

@@ -225,7 +225,7 @@ pub struct PruneArgs {
     pub out: PathBuf,
 }
 
-fn parse_band(s: &str) -> Result<(f64, f64)> {
+pub fn parse_band(s: &str) -> Result<(f64, f64)> {
     let v: Vec<f64> = s
         .split(',')
         .map(|x| x.trim().parse::<f64>())

@@ -7,8 +7,8 @@ mod state;
 pub use run::{Choice, Hooks, Judged, choose, judge_plans, search};
 pub use space::{BlockLayout, Budget, UnitSpace, project, sigmap};
 pub use state::{
-    Baseline, Estimator, Init, Judge, Optimizer, PgConfig, PgState, Schedule, StepRecord,
-    binary_entropy, block_layout,
+    Baseline, DEFAULT_START_BAND, Estimator, Init, Judge, Optimizer, PgConfig, PgState, Schedule,
+    StepRecord, binary_entropy, block_layout,
 };
 
 /// Errors of the policy-gradient search.

@@ -561,7 +561,7 @@ impl PgState {
                 space,
                 plan,
                 scores.as_ref(),
-                config.start_band.unwrap_or(KEPT),
+                config.start_band.unwrap_or(DEFAULT_START_BAND),
             );
             init_plan = Some(plan.clone());
         }
@@ -899,7 +899,7 @@ impl PgState {
 }
 
 /// The default band of [`Init::Plan`]: kept units start in it, removed ones in its mirror.
-const KEPT: (f64, f64) = (0.85, 0.98);
+pub const DEFAULT_START_BAND: (f64, f64) = (0.85, 0.98);
 
 /// The probabilities of an [`Init::Plan`] start (before projection): kept units in `kept`,
 /// removed ones in `(1 - kept.1, 1 - kept.0)`.
