@@ -93,7 +93,9 @@ pub struct PruneArgs {
     /// from the per-layer sigmap of its scores (preset reference).
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub plan_start: Option<bool>,
-    /// ref: (L-b)(m-s)/sqrt(s(1-s)) as the reference code; score: the exact score function.
+    /// ref: (L-b)(m-s)/sqrt(s(1-s)) as the reference code; score: the exact score function;
+    /// regression: a linear surrogate of the loss fitted to the pairs' loss differences (with
+    /// --channel-block and --optimizer sgd; docs/methods.md 1.5).
     #[arg(long)]
     pub estimator: Option<String>,
     /// sgd (reference) or adam (lopper).
@@ -268,7 +270,8 @@ impl PruneArgs {
                 None => base.estimator,
                 Some("ref") => Estimator::Ref,
                 Some("score") => Estimator::Score,
-                Some(o) => bail!("--estimator `{o}`: use ref or score"),
+                Some("regression") => Estimator::Regression,
+                Some(o) => bail!("--estimator `{o}`: use ref, score or regression"),
             },
             optimizer: match self.optimizer.as_deref() {
                 None => base.optimizer,

@@ -19,6 +19,73 @@ pub enum Estimator {
     Ref,
     /// The exact score function of a Bernoulli, `(L - b)(m - s) / (s(1 - s))`.
     Score,
+    /// A linear surrogate of the loss fitted to every pair of masks scored so far: each step's
+    /// masks are taken in pairs on the same batch, and the pair's loss difference is regressed
+    /// on its mask difference (ridge, all pairs since the start). The gradient of the expected
+    /// loss under the surrogate is its coefficient `w_i`, divided by the unit's cost relative to
+    /// the mean cost (loss per parameter, for the parameter budget). Unlike the score-function
+    /// estimators, a unit's estimate is not charged with the effects of the other units the
+    /// pair flips. Keeps an `n x n` matrix: at most [`MAX_REGRESSION_UNITS`] units (use channel
+    /// blocks); pair it with `--optimizer sgd`.
+    Regression,
+}
+
+/// The most units [`Estimator::Regression`] accepts (its matrix grows as the square).
+pub const MAX_REGRESSION_UNITS: usize = 4096;
+
+/// The ridge of [`Estimator::Regression`], in pairs: a unit flipped in `c` pairs has its
+/// coefficient shrunk by `c / (c + RIDGE)`.
+const RIDGE: f64 = 1.0;
+
+/// The linear surrogate of [`Estimator::Regression`]: `sum x x^T` and `sum x d` over the scored
+/// pairs (`x`: the pair's mask difference in {-1, 0, 1}, `d`: its loss difference).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Surrogate {
+    gram: Vec<f64>,
+    rhs: Vec<f64>,
+    pairs: usize,
+}
+
+impl Surrogate {
+    fn new(n: usize) -> Self {
+        Self {
+            gram: vec![0.0; n * n],
+            rhs: vec![0.0; n],
+            pairs: 0,
+        }
+    }
+
+    fn add(&mut self, a: &[bool], b: &[bool], d: f64) {
+        let n = self.rhs.len();
+        let nz: Vec<(usize, f64)> = a
+            .iter()
+            .zip(b)
+            .enumerate()
+            .filter(|(_, (x, y))| x != y)
+            .map(|(i, (&x, _))| (i, if x { 1.0 } else { -1.0 }))
+            .collect();
+        for &(i, xi) in &nz {
+            self.rhs[i] += xi * d;
+            for &(j, xj) in &nz {
+                self.gram[i * n + j] += xi * xj;
+            }
+        }
+        self.pairs += 1;
+    }
+
+    /// The ridge solution `(G + RIDGE I) w = r`.
+    fn coefficients(&self) -> Result<Vec<f64>> {
+        use faer::linalg::solvers::Solve;
+        let n = self.rhs.len();
+        let g = faer::Mat::from_fn(n, n, |i, j| {
+            self.gram[i * n + j] + if i == j { RIDGE } else { 0.0 }
+        });
+        let llt = g.llt(faer::Side::Lower).map_err(|_| {
+            Error::Config("the regression estimator's matrix cannot be factored".into())
+        })?;
+        let w = llt.solve(faer::Mat::from_fn(n, 1, |i, _| self.rhs[i]));
+        Ok((0..n).map(|i| w[(i, 0)]).collect())
+    }
 }
 
 /// The update rule.
@@ -329,6 +396,14 @@ impl PgConfig {
                 "the least-squares judge needs at least one window and one candidate (windows {windows}, top {top})"
             ));
         }
+        if self.estimator == Estimator::Regression
+            && (self.samples_per_step < 2 || !self.samples_per_step.is_multiple_of(2))
+        {
+            return bad(format!(
+                "--estimator regression scores the step's masks in pairs: --samples-per-step {} must be even",
+                self.samples_per_step
+            ));
+        }
         if let Some((lo, hi)) = self.start_band
             && !(0.5 < lo && lo <= hi && hi <= 1.0 - self.prob_floor)
         {
@@ -430,6 +505,9 @@ pub struct PgState {
     /// resumed search rebuilds the same space.
     #[serde(default)]
     pub channel_blocks: Option<BlockLayout>,
+    /// The linear surrogate of [`Estimator::Regression`].
+    #[serde(default)]
+    surrogate: Option<Surrogate>,
 }
 
 /// The channel blocks of `size` channels a search from `init` uses, per layer. A plan start:
@@ -512,6 +590,12 @@ impl PgState {
                     .into(),
             ));
         }
+        if config.estimator == Estimator::Regression && space.units.len() > MAX_REGRESSION_UNITS {
+            return Err(Error::Config(format!(
+                "--estimator regression keeps a matrix of n x n units: {} units are more than {MAX_REGRESSION_UNITS}; search channels in blocks (--channel-block 64)",
+                space.units.len()
+            )));
+        }
         let keep = config.keep();
         let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
         let shape = &space.shape;
@@ -565,6 +649,7 @@ impl PgState {
             );
             init_plan = Some(plan.clone());
         }
+        let config_regression = config.estimator == Estimator::Regression;
         let mut state = Self {
             adam: (config.optimizer == Optimizer::Adam).then(|| Moments {
                 m: vec![0.0; probs.len()],
@@ -580,6 +665,7 @@ impl PgState {
             rng: ChaCha8Rng::seed_from_u64(0),
             meta: serde_json::Value::Null,
             channel_blocks: space.layout(),
+            surrogate: (config_regression).then(|| Surrogate::new(space.units.len())),
         };
         // The sampling stream is independent of the init's draws.
         state.rng = ChaCha8Rng::seed_from_u64(state.config.seed ^ 0x9e37_79b9_7f4a_7c15);
@@ -733,13 +819,22 @@ impl PgState {
     ) -> Result<(Vec<f64>, Vec<f64>)> {
         let masks = self.sample_step();
         let mut scored = Vec::with_capacity(masks.len());
-        for m in masks {
+        let mut pair: Option<(Vec<bool>, f64)> = None;
+        for (k, m) in masks.into_iter().enumerate() {
             let plan = space.plan_of(&m);
             let l = if plan.validate().is_ok() {
                 loss(&plan)?
             } else {
                 f64::NAN
             };
+            if let Some(sur) = &mut self.surrogate {
+                // Masks 2j and 2j + 1 form a pair on the same batch.
+                match pair.take() {
+                    Some((a, la)) if k % 2 == 1 && l.is_finite() => sur.add(&a, &m, la - l),
+                    _ if k % 2 == 0 && l.is_finite() => pair = Some((m.clone(), l)),
+                    _ => {}
+                }
+            }
             if l.is_finite() {
                 scored.push((m, l));
             } else {
@@ -750,30 +845,39 @@ impl PgState {
             }
         }
         let mut grad = vec![0.0; self.probs.len()];
-        if !scored.is_empty() {
-            let mean = scored.iter().map(|x| x.1).sum::<f64>() / scored.len() as f64;
-            let lambda = 1.0 / self.config.ma_window;
-            let b = self.baseline.unwrap_or(mean);
-            let b = (1.0 - lambda) * b + lambda * mean;
-            self.baseline = Some(b);
-            let n = scored.len();
-            let loo = self.config.baseline == Baseline::LeaveOneOut && n >= 2;
-            let norm = if loo {
-                1.0 / n as f64
-            } else {
-                1.0 / (n.saturating_sub(1).max(1)) as f64
-            };
-            let total: f64 = scored.iter().map(|x| x.1).sum();
-            for (m, l) in &scored {
-                let b = if loo { (total - l) / (n - 1) as f64 } else { b };
-                for ((g, &s), &keep) in grad.iter_mut().zip(&self.probs).zip(m) {
-                    let var = (s + EPS) * (1.0 - s + EPS);
-                    let denom = match self.config.estimator {
-                        Estimator::Ref => var.sqrt(),
-                        Estimator::Score => var,
-                    };
-                    *g += norm * (l - b) * (keep as u8 as f64 - s) / denom;
+        if scored.is_empty() {
+            return Ok((grad, Vec::new()));
+        }
+        let mean = scored.iter().map(|x| x.1).sum::<f64>() / scored.len() as f64;
+        let lambda = 1.0 / self.config.ma_window;
+        let b = self.baseline.unwrap_or(mean);
+        let b = (1.0 - lambda) * b + lambda * mean;
+        self.baseline = Some(b);
+        let denom: fn(f64) -> f64 = match self.config.estimator {
+            Estimator::Ref => f64::sqrt,
+            Estimator::Score => |v| v,
+            Estimator::Regression => {
+                let sur = self.surrogate.as_ref().expect("made with the state");
+                let mean_cost = space.cost.iter().sum::<f64>() / space.cost.len() as f64;
+                for ((g, w), c) in grad.iter_mut().zip(sur.coefficients()?).zip(&space.cost) {
+                    *g = w * mean_cost / c.max(f64::MIN_POSITIVE);
                 }
+                return Ok((grad, scored.into_iter().map(|x| x.1).collect()));
+            }
+        };
+        let n = scored.len();
+        let loo = self.config.baseline == Baseline::LeaveOneOut && n >= 2;
+        let norm = if loo {
+            1.0 / n as f64
+        } else {
+            1.0 / (n.saturating_sub(1).max(1)) as f64
+        };
+        let total: f64 = scored.iter().map(|x| x.1).sum();
+        for (m, l) in &scored {
+            let b = if loo { (total - l) / (n - 1) as f64 } else { b };
+            for ((g, &s), &keep) in grad.iter_mut().zip(&self.probs).zip(m) {
+                let var = (s + EPS) * (1.0 - s + EPS);
+                *g += norm * (l - b) * (keep as u8 as f64 - s) / denom(var);
             }
         }
         Ok((grad, scored.into_iter().map(|x| x.1).collect()))

@@ -805,3 +805,89 @@ fn a_narrower_start_band_keeps_the_plan_and_samples_nearer_it() {
     bad.start_band = Some((0.9, 0.995));
     assert!(bad.validate().is_err(), "above 1 - the probability floor");
 }
+
+#[test]
+fn the_regression_estimator_recovers_additive_unit_effects() {
+    // A loss that is a sum of per-unit effects: removing unit i costs delta_i.
+    let shape = ModelShape::tiny();
+    let space = UnitSpace::new(&shape, &fine()).unwrap();
+    let n = space.units.len();
+    let delta: Vec<f64> = (0..n).map(|i| ((i * 37 % 101) as f64) / 1000.0).collect();
+    let index: std::collections::HashMap<PruneUnit, usize> = space
+        .units
+        .iter()
+        .enumerate()
+        .map(|(i, &u)| (u, i))
+        .collect();
+    let loss = |plan: &MaskPlan| -> f64 {
+        let mut l = 3.0;
+        for (layer, lp) in plan.layers.iter().enumerate() {
+            for g in 0..shape.layers[layer].n_kv_heads {
+                if !lp.kv_groups.contains(&g) {
+                    l += delta[index[&PruneUnit::KvGroup { layer, group: g }]];
+                }
+            }
+            for c in 0..shape.layers[layer].ffn_hidden {
+                if lp.channels.binary_search(&c).is_err() {
+                    l += delta[index[&PruneUnit::Channel { layer, index: c }]];
+                }
+            }
+        }
+        l
+    };
+    let corr = |a: &[f64], b: &[f64]| {
+        let m = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+        let (ma, mb) = (m(a), m(b));
+        let cov: f64 = a.iter().zip(b).map(|(x, y)| (x - ma) * (y - mb)).sum();
+        let va: f64 = a.iter().map(|x| (x - ma).powi(2)).sum();
+        let vb: f64 = b.iter().map(|y| (y - mb).powi(2)).sum();
+        cov / (va * vb).sqrt()
+    };
+    let truth: Vec<f64> = delta.iter().map(|d| -d).collect();
+    let mean_cost = space.cost.iter().sum::<f64>() / n as f64;
+    let mut found = Vec::new();
+    for estimator in [Estimator::Regression, Estimator::Ref] {
+        let mut cfg = config(Budget::Params, fine());
+        cfg.estimator = estimator;
+        cfg.baseline = Baseline::LeaveOneOut;
+        cfg.antithetic = true;
+        cfg.sparsity = 0.3;
+        let mut state = PgState::new(cfg, &space, &Init::Uniform).unwrap();
+        let mut sum = vec![0.0; n];
+        let mut last = Vec::new();
+        let steps = 2 * n;
+        for _ in 0..steps {
+            let (g, _) = state.estimate(&space, &mut |p| Ok(loss(p))).unwrap();
+            sum.iter_mut()
+                .zip(&g)
+                .for_each(|(s, x)| *s += x / steps as f64);
+            last = g;
+        }
+        let est = match estimator {
+            // The surrogate's coefficients, the cost weighting undone.
+            Estimator::Regression => last
+                .iter()
+                .zip(&space.cost)
+                .map(|(g, c)| g * c / mean_cost)
+                .collect(),
+            _ => sum,
+        };
+        found.push(corr(&est, &truth));
+    }
+    // 2n pairs: the surrogate is nearly exact; the score-function mean is still noise-bound.
+    eprintln!("{n} units, correlation with the true effects (regression, ref): {found:?}");
+    assert!(found[0] > 0.95, "regression: {found:?}");
+    assert!(found[1] < found[0] - 0.2, "ref: {found:?}");
+    // Too many units for the matrix are refused with the fix.
+    let mut cfg = config(Budget::Params, fine());
+    cfg.estimator = Estimator::Regression;
+    let big = ModelShape {
+        layers: vec![shape.layers[0].clone(); 100],
+        ..shape.clone()
+    };
+    let space = UnitSpace::new(&big, &fine()).unwrap();
+    let err = PgState::new(cfg.clone(), &space, &Init::Uniform).unwrap_err();
+    assert!(err.to_string().contains("--channel-block"), "{err}");
+    cfg.samples_per_step = 3;
+    assert!(cfg.validate().unwrap_err().to_string().contains("in pairs"));
+}
