@@ -875,14 +875,13 @@ fn the_regression_estimator_recovers_additive_unit_effects() {
         found.push(corr(&est, &truth));
     }
     // 2n pairs: the surrogate is nearly exact; the score-function mean is still noise-bound.
-    eprintln!("{n} units, correlation with the true effects (regression, ref): {found:?}");
     assert!(found[0] > 0.95, "regression: {found:?}");
     assert!(found[1] < found[0] - 0.2, "ref: {found:?}");
     // Too many units for the matrix are refused with the fix.
     let mut cfg = config(Budget::Params, fine());
     cfg.estimator = Estimator::Regression;
     let big = ModelShape {
-        layers: vec![shape.layers[0].clone(); 100],
+        layers: vec![shape.layers[0]; 100],
         ..shape.clone()
     };
     let space = UnitSpace::new(&big, &fine()).unwrap();
