@@ -118,38 +118,7 @@ pub enum BenchCmd {
     /// plan, lopper's preset): the reference's (moving-average baseline, independent masks) and
     /// lopper's (leave-one-out over antithetic pairs), each with one unit per channel and with
     /// channel blocks; the same calibration batches for every row.
-    PgGradient {
-        /// `default`, a .gguf file, a model directory, or hub:ORG/NAME[@REV].
-        #[arg(long, default_value = "default")]
-        model: String,
-        /// Storage type of the weight matrices: f32, bf16 or f16.
-        #[arg(long, default_value = "f32")]
-        dtype: lopper_core::Dtype,
-        /// Fraction of the pool removed.
-        #[arg(long, default_value_t = 0.3)]
-        sparsity: f64,
-        /// The metric method whose plan is the state.
-        #[arg(long, default_value = "flap")]
-        init: String,
-        /// Gradient estimates per row.
-        #[arg(long, default_value_t = 24)]
-        reps: usize,
-        /// Windows per estimate.
-        #[arg(long, default_value_t = 8)]
-        batch_size: usize,
-        /// Tokens per window.
-        #[arg(long, default_value_t = 128)]
-        seq_len: usize,
-        /// Channel block sizes, comma-separated (1: one unit per channel).
-        #[arg(long, default_value = "1,64")]
-        blocks: String,
-        /// The start's probability band LO,HI (as `prune --start-band`; default 0.85,0.98).
-        #[arg(long, value_parser = crate::prune::parse_band)]
-        start_band: Option<(f64, f64)>,
-        /// cpu, cuda or cuda:N.
-        #[arg(long, default_value = "cpu")]
-        device: DeviceChoice,
-    },
+    PgGradient(crate::gradient::PgGradientArgs),
     /// SLEB's greedy layer removal with its prefix cache (each trial runs only the layers after
     /// the one it removes) next to the same search run from the embeddings every trial, same
     /// run, same calibration windows: seconds, trials and the layers each removed.
@@ -380,58 +349,9 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
                 },
             )
         }
-        BenchCmd::PgGradient {
-            model,
-            dtype,
-            sparsity,
-            init,
-            reps,
-            batch_size,
-            seq_len,
-            blocks,
-            start_band,
-            device,
-        } => {
-            let init: lopper_importance::Method = init.parse()?;
-            anyhow::ensure!(
-                !init.removes_layers(),
-                "--init {}: a layer method has no per-unit order; use a unit method such as flap",
-                init.name()
-            );
-            anyhow::ensure!(
-                sparsity > 0.0 && sparsity < 1.0,
-                "--sparsity {sparsity} must be strictly between 0 and 1"
-            );
-            anyhow::ensure!(
-                reps >= 4 && batch_size > 0 && seq_len > 1,
-                "--reps must be >= 4 (signal and noise need several estimates), --batch-size >= 1, --seq-len >= 2"
-            );
-            let blocks = blocks
-                .split(',')
-                .map(|b| {
-                    b.trim()
-                        .parse::<usize>()
-                        .ok()
-                        .filter(|&b| b >= 1)
-                        .ok_or_else(|| {
-                            anyhow::anyhow!("--blocks `{b}`: give block sizes >= 1, e.g. 1,64")
-                        })
-                })
-                .collect::<Result<Vec<_>>>()?;
-            run_on(
-                device,
-                crate::gradient::PgGradientBench {
-                    model,
-                    dtype,
-                    sparsity,
-                    init,
-                    reps,
-                    batch_size,
-                    seq_len,
-                    blocks,
-                    start_band,
-                },
-            )
+        BenchCmd::PgGradient(args) => {
+            let device = args.device;
+            run_on(device, args.check()?)
         }
         BenchCmd::PgStep {
             model,

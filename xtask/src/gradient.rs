@@ -11,26 +11,97 @@ use lopper_surgery::{InputMeans, mean_loss_kept};
 
 use crate::backend::Job;
 
-/// Settings of `bench pg-gradient`.
-pub struct PgGradientBench {
-    /// `--model`.
-    pub model: String,
-    /// `--dtype`.
-    pub dtype: lopper_core::Dtype,
+/// `bench pg-gradient`'s flags.
+#[derive(Debug, clap::Args)]
+pub struct PgGradientArgs {
+    /// `default`, a .gguf file, a model directory, or hub:ORG/NAME[@REV].
+    #[arg(long, default_value = "default")]
+    model: String,
+    /// Storage type of the weight matrices: f32, bf16 or f16.
+    #[arg(long, default_value = "f32")]
+    dtype: lopper_core::Dtype,
     /// Fraction of the pool removed.
-    pub sparsity: f64,
-    /// The metric method whose plan is the state (as `prune --init METHOD`).
-    pub init: Method,
-    /// Gradient estimates per estimator.
-    pub reps: usize,
+    #[arg(long, default_value_t = 0.3)]
+    sparsity: f64,
+    /// The metric method whose plan is the state.
+    #[arg(long, default_value = "flap")]
+    init: String,
+    /// Gradient estimates per row.
+    #[arg(long, default_value_t = 24)]
+    reps: usize,
     /// Windows per estimate.
-    pub batch_size: usize,
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
     /// Tokens per window.
-    pub seq_len: usize,
-    /// Channel block sizes to compare (1: one unit per channel).
-    pub blocks: Vec<usize>,
-    /// The start's probability band (`None`: the preset's).
-    pub start_band: Option<(f64, f64)>,
+    #[arg(long, default_value_t = 128)]
+    seq_len: usize,
+    /// Channel block sizes, comma-separated (1: one unit per channel).
+    #[arg(long, default_value = "1,64")]
+    blocks: String,
+    /// The start's probability band LO,HI (as `prune --start-band`; default 0.85,0.98).
+    #[arg(long, value_parser = crate::prune::parse_band)]
+    start_band: Option<(f64, f64)>,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: crate::backend::DeviceChoice,
+}
+
+impl PgGradientArgs {
+    /// The checked settings, before anything is loaded.
+    pub fn check(self) -> Result<PgGradientBench> {
+        let init: Method = self.init.parse()?;
+        anyhow::ensure!(
+            !init.removes_layers(),
+            "--init {}: a layer method has no per-unit order; use a unit method such as flap",
+            init.name()
+        );
+        anyhow::ensure!(
+            self.sparsity > 0.0 && self.sparsity < 1.0,
+            "--sparsity {} must be strictly between 0 and 1",
+            self.sparsity
+        );
+        anyhow::ensure!(
+            self.reps >= 4 && self.batch_size > 0 && self.seq_len > 1,
+            "--reps must be >= 4 (signal and noise need several estimates), --batch-size >= 1, --seq-len >= 2"
+        );
+        let blocks = self
+            .blocks
+            .split(',')
+            .map(|b| {
+                b.trim()
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|&b| b >= 1)
+                    .ok_or_else(|| {
+                        anyhow::anyhow!("--blocks `{b}`: give block sizes >= 1, e.g. 1,64")
+                    })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(PgGradientBench {
+            model: self.model,
+            dtype: self.dtype,
+            sparsity: self.sparsity,
+            init,
+            reps: self.reps,
+            batch_size: self.batch_size,
+            seq_len: self.seq_len,
+            blocks,
+            start_band: self.start_band,
+        })
+    }
+}
+
+/// Checked settings of `bench pg-gradient`.
+pub struct PgGradientBench {
+    model: String,
+    dtype: lopper_core::Dtype,
+    sparsity: f64,
+    init: Method,
+    reps: usize,
+    batch_size: usize,
+    seq_len: usize,
+    blocks: Vec<usize>,
+    start_band: Option<(f64, f64)>,
 }
 
 /// Signal and noise of `reps` gradient estimates `g` (one vector each): the mean squared

@@ -366,6 +366,14 @@ fn plan_start(shape: &ModelShape, space: &UnitSpace) -> (MaskPlan, PgConfig) {
     (plan, cfg)
 }
 
+/// A plan start from `plan` ranked by [`scores_of`].
+fn scored_start(plan: &MaskPlan, shape: &ModelShape) -> Init {
+    Init::Plan {
+        plan: plan.clone(),
+        scores: Some(scores_of(shape)),
+    }
+}
+
 fn scores_of(shape: &ModelShape) -> lopper_core::UnitScores {
     lopper_core::UnitScores {
         method: "test".into(),
@@ -393,10 +401,7 @@ fn a_plan_start_makes_step_zero_plan_the_init_plan() {
     let shape = ModelShape::tiny();
     let space = UnitSpace::new(&shape, &all_units()).unwrap();
     let (plan, cfg) = plan_start(&shape, &space);
-    let init = Init::Plan {
-        plan: plan.clone(),
-        scores: Some(scores_of(&shape)),
-    };
+    let init = scored_start(&plan, &shape);
     let state = PgState::new(cfg, &space, &init).unwrap();
     let start = state.final_plan(&space).unwrap();
     assert_eq!(start.layers, plan.layers);
@@ -533,10 +538,7 @@ fn the_default_search_resumes_bit_identically_and_chooses_on_held_out_windows() 
     let shape = model.shape().clone();
     let space = UnitSpace::new(&shape, &all_units()).unwrap();
     let (plan, cfg) = plan_start(&shape, &space);
-    let init = Init::Plan {
-        plan,
-        scores: Some(scores_of(&shape)),
-    };
+    let init = scored_start(&plan, &shape);
     let means = random_means(&shape);
     let mut full = PgState::new(cfg.clone(), &space, &init).unwrap();
     let mut ck = None;
@@ -669,10 +671,7 @@ fn channel_blocks_keep_the_start_exact_and_survive_a_checkpoint() {
     let unblocked = UnitSpace::new(&shape, &all_units()).unwrap();
     let (plan, mut cfg) = plan_start(&shape, &unblocked);
     cfg.channel_block = 8;
-    let init = Init::Plan {
-        plan: plan.clone(),
-        scores: Some(scores_of(&shape)),
-    };
+    let init = scored_start(&plan, &shape);
     let space = cfg.space(&shape, &init).unwrap();
     let channel_units = |s: &UnitSpace| {
         s.units
@@ -772,10 +771,7 @@ fn a_narrower_start_band_keeps_the_plan_and_samples_nearer_it() {
     let shape = ModelShape::tiny();
     let space = UnitSpace::new(&shape, &all_units()).unwrap();
     let (plan, cfg) = plan_start(&shape, &space);
-    let init = Init::Plan {
-        plan: plan.clone(),
-        scores: Some(scores_of(&shape)),
-    };
+    let init = scored_start(&plan, &shape);
     let flips = |cfg: PgConfig| {
         let mut state = PgState::new(cfg, &space, &init).unwrap();
         assert_eq!(state.final_plan(&space).unwrap().layers, plan.layers);
