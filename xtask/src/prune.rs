@@ -119,6 +119,10 @@ pub struct PruneArgs {
     /// (default 0.85,0.98; nearer 1, sampled masks stay nearer the plan).
     #[arg(long, value_parser = parse_band)]
     pub start_band: Option<(f64, f64)>,
+    /// Steps at the start that score masks without updating (the regression estimator
+    /// collects its pairs; about one per unit); the schedule runs over the rest.
+    #[arg(long)]
+    pub warmup: Option<usize>,
     /// Calibration windows (the last N) held out from the search; the final plan is the
     /// search's or the initial plan, whichever has the lower loss on them (0: the search's).
     /// Preset lopper: 16, at most a quarter of --calib-samples.
@@ -299,6 +303,7 @@ impl PruneArgs {
             prob_floor: self.prob_floor.unwrap_or(base.prob_floor),
             channel_block: self.channel_block.unwrap_or(base.channel_block),
             start_band: self.start_band.or(base.start_band),
+            warmup: self.warmup.unwrap_or(base.warmup),
             compensation: self.bias_compensation.unwrap_or(base.compensation),
             // Small calibration sets hold out a quarter at most.
             held_out: self

@@ -267,6 +267,11 @@ pub struct PgConfig {
     /// plan (fewer units flipped per mask).
     #[serde(default)]
     pub start_band: Option<(f64, f64)>,
+    /// Steps at the start that score masks without moving the probabilities (the regression
+    /// estimator collects pairs at the starting distribution); the schedule runs over the
+    /// steps after them.
+    #[serde(default)]
+    pub warmup: usize,
 }
 
 fn moving() -> Baseline {
@@ -302,6 +307,7 @@ impl PgConfig {
             judge: Judge::Masked,
             channel_block: 0,
             start_band: None,
+            warmup: 0,
         }
     }
 
@@ -353,6 +359,12 @@ impl PgConfig {
             return bad(format!(
                 "--sparsity {} is impossible: give the fraction of parameters to remove, strictly between 0 and 1",
                 self.sparsity
+            ));
+        }
+        if self.warmup >= self.steps {
+            return bad(format!(
+                "--warmup {} leaves no step that updates: give fewer than --steps {}",
+                self.warmup, self.steps
             ));
         }
         if self.samples_per_step < 1 || self.batch_size < 1 || self.steps < 1 {
@@ -719,7 +731,8 @@ impl PgState {
         match self.config.schedule {
             Schedule::Constant => base,
             Schedule::Cosine => {
-                let t = self.step as f64 / self.config.steps as f64;
+                let w = self.config.warmup;
+                let t = self.step.saturating_sub(w) as f64 / (self.config.steps - w) as f64;
                 base * (1.0 + (std::f64::consts::PI * t).cos()) / 2.0
             }
         }
@@ -767,7 +780,7 @@ impl PgState {
     ) -> Result<StepRecord> {
         let (grad, losses) = self.estimate(space, loss)?;
         let lr_heads = self.lr(UnitKind::KvGroup);
-        if !losses.is_empty() {
+        if !losses.is_empty() && self.step >= self.config.warmup {
             let lrs: Vec<f64> = space
                 .kinds
                 .iter()

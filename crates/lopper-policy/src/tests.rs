@@ -886,3 +886,27 @@ fn the_regression_estimator_recovers_additive_unit_effects() {
     cfg.samples_per_step = 3;
     assert!(cfg.validate().unwrap_err().to_string().contains("in pairs"));
 }
+
+#[test]
+fn warmup_steps_score_masks_without_moving_the_probabilities() {
+    let shape = ModelShape::tiny();
+    let space = UnitSpace::new(&shape, &fine()).unwrap();
+    let mut cfg = config(Budget::Params, fine());
+    cfg.estimator = Estimator::Regression;
+    cfg.warmup = 3;
+    cfg.steps = 5;
+    let mut state = PgState::new(cfg.clone(), &space, &Init::Uniform).unwrap();
+    let start = state.probs.clone();
+    let loss = |p: &MaskPlan| Ok(p.layers.iter().map(|l| l.channels.len()).sum::<usize>() as f64);
+    let mut scored = 0;
+    for _ in 0..3 {
+        let r = state.step(&space, &mut |p| loss(p)).unwrap();
+        scored += r.losses.len();
+    }
+    assert_eq!(scored, 6);
+    assert_eq!(state.probs, start, "warm-up steps do not update");
+    state.step(&space, &mut |p| loss(p)).unwrap();
+    assert_ne!(state.probs, start, "the first step after the warm-up does");
+    cfg.warmup = 5;
+    assert!(cfg.validate().unwrap_err().to_string().contains("--warmup"));
+}
