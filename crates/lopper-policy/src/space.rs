@@ -46,6 +46,11 @@ pub struct UnitSpace {
     /// layers; a block's unit is `Channel { layer, index }` with `index` its first channel).
     /// `None`: one channel per channel unit.
     pub blocks: Option<Vec<Vec<usize>>>,
+    /// With only layers searched from a plan start: the heads and channels each layer keeps
+    /// (the start's; a layer the start drops keeps all of its own if it comes back), fixed
+    /// during the search. Each layer unit then costs what its layer keeps. `None`: every head
+    /// and channel of a kept layer is kept.
+    pub base: Option<MaskPlan>,
 }
 
 /// Channel blocks per layer: `layout[l]` lists layer `l`'s blocks of MLP channel indices.
@@ -107,7 +112,51 @@ impl UnitSpace {
             kinds: slices,
             pool,
             blocks: None,
+            base: None,
         })
+    }
+
+    /// This layers-only space with the heads and channels of `plan` fixed inside each layer
+    /// ([`UnitSpace::base`]). Refused when heads or channels are searched.
+    pub fn with_base(self, plan: &MaskPlan) -> Result<Self> {
+        if self.kinds.iter().any(|k| k.0 != UnitKind::Layer) {
+            return Err(Error::Config(
+                "a fixed within-layer plan needs --units layers alone".into(),
+            ));
+        }
+        plan.validate_against(&self.shape)?;
+        let all = MaskPlan::keep_all(&self.shape);
+        let mut base = plan.clone();
+        base.meta.clear();
+        for (lp, full) in base.layers.iter_mut().zip(&all.layers) {
+            if lp.kv_groups.is_empty() && lp.channels.is_empty() {
+                *lp = full.clone();
+            }
+        }
+        let h = self.shape.hidden_size;
+        let kept = base.pruned_shape();
+        let cost = self
+            .units
+            .iter()
+            .map(|u| {
+                let l = &kept.layers[u.layer()];
+                (l.attn_params(h) + l.mlp_params(h)) as f64
+            })
+            .collect();
+        Ok(Self {
+            cost,
+            base: Some(base),
+            ..self
+        })
+    }
+
+    /// Pool parameters that no searched unit can bring back: the fixed within-layer removals
+    /// of [`UnitSpace::base`] (0 without one).
+    pub fn fixed_removed(&self) -> f64 {
+        match self.base {
+            Some(_) => self.pool - self.cost.iter().sum::<f64>(),
+            None => 0.0,
+        }
     }
 
     /// This space with each layer's MLP channels searched in the blocks of `layout` (one unit
@@ -240,7 +289,10 @@ impl UnitSpace {
 
     /// The plan of a binary mask over the units (`true` = keep).
     pub fn plan_of(&self, keep: &[bool]) -> MaskPlan {
-        let mut plan = MaskPlan::keep_all(&self.shape);
+        let mut plan = self
+            .base
+            .clone()
+            .unwrap_or_else(|| MaskPlan::keep_all(&self.shape));
         let mut dropped_layers = vec![false; self.shape.n_layers()];
         let mut groups: Vec<Vec<usize>> = plan.layers.iter().map(|l| l.kv_groups.clone()).collect();
         let mut channels: Vec<Vec<usize>> =

@@ -444,10 +444,13 @@ impl PgConfig {
     /// ([`block_layout`]).
     pub fn space(&self, shape: &ModelShape, init: &Init) -> Result<UnitSpace> {
         let space = UnitSpace::new(shape, &self.units)?;
-        if self.channel_block > 1 && self.units.contains(&UnitKind::Channel) {
-            space.with_channel_blocks(&block_layout(shape, init, self.channel_block))
-        } else {
-            Ok(space)
+        match init {
+            _ if self.channel_block > 1 && self.units.contains(&UnitKind::Channel) => {
+                space.with_channel_blocks(&block_layout(shape, init, self.channel_block))
+            }
+            // Layers alone from a plan: the plan's heads and channels stay fixed inside them.
+            Init::Plan { plan, .. } if self.units == [UnitKind::Layer] => space.with_base(plan),
+            _ => Ok(space),
         }
     }
 
@@ -520,6 +523,10 @@ pub struct PgState {
     /// The linear surrogate of [`Estimator::Regression`].
     #[serde(default)]
     surrogate: Option<Surrogate>,
+    /// The fixed within-layer plan of a layers-only search from a plan ([`UnitSpace::base`]),
+    /// so that a resumed search rebuilds the same space.
+    #[serde(default)]
+    pub base: Option<MaskPlan>,
 }
 
 /// The channel blocks of `size` channels a search from `init` uses, per layer. A plan start:
@@ -678,6 +685,7 @@ impl PgState {
             meta: serde_json::Value::Null,
             channel_blocks: space.layout(),
             surrogate: (config_regression).then(|| Surrogate::new(space.units.len())),
+            base: space.base.clone(),
         };
         // The sampling stream is independent of the init's draws.
         state.rng = ChaCha8Rng::seed_from_u64(state.config.seed ^ 0x9e37_79b9_7f4a_7c15);
@@ -925,7 +933,7 @@ impl PgState {
                 let target = self.config.sparsity * space.pool;
                 let mut order: Vec<usize> = (0..self.probs.len()).collect();
                 order.sort_by(|&a, &b| self.probs[a].total_cmp(&self.probs[b]).then(b.cmp(&a)));
-                let mut removed = 0.0;
+                let mut removed = space.fixed_removed();
                 let n_layers = space.shape.n_layers();
                 let mut layer_gone = vec![false; n_layers];
                 // Pool parameters still kept in each layer.
@@ -998,11 +1006,16 @@ impl PgState {
         let s: Self = serde_json::from_str(&text)
             .map_err(|e| err(format!("not a lopper PG checkpoint: {e}")))?;
         let space = UnitSpace::new(shape, &s.config.units)?;
-        let space = match &s.channel_blocks {
-            Some(layout) => space
+        let space = match (&s.channel_blocks, &s.base) {
+            (Some(layout), _) => space
                 .with_channel_blocks(layout)
                 .map_err(|e| err(format!("its channel blocks do not fit this model: {e}")))?,
-            None => space,
+            (None, Some(base)) => space.with_base(base).map_err(|e| {
+                err(format!(
+                    "its within-layer plan does not fit this model: {e}"
+                ))
+            })?,
+            (None, None) => space,
         };
         if s.probs.len() != space.units.len() {
             return Err(err(format!(

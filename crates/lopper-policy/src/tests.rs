@@ -910,3 +910,44 @@ fn warmup_steps_score_masks_without_moving_the_probabilities() {
     cfg.warmup = 5;
     assert!(cfg.validate().unwrap_err().to_string().contains("--warmup"));
 }
+
+#[test]
+fn a_layers_only_search_keeps_the_start_heads_and_channels_fixed() {
+    let shape = ModelShape::tiny();
+    let all = UnitSpace::new(&shape, &all_units()).unwrap();
+    let (plan, mut cfg) = plan_start(&shape, &all);
+    cfg.units = vec![UnitKind::Layer];
+    let init = scored_start(&plan, &shape);
+    let space = cfg.space(&shape, &init).unwrap();
+    assert!(space.base.is_some() && space.units.len() == shape.n_layers());
+    // Each layer unit costs what the start keeps in it (all of a layer the start drops).
+    assert!(space.fixed_removed() > 0.0);
+    let state = PgState::new(cfg.clone(), &space, &init).unwrap();
+    assert_eq!(state.final_plan(&space).unwrap().layers, plan.layers);
+    // Sampled plans drop or keep whole layers; a kept layer has the start's units (or all of
+    // them where the start dropped it).
+    let mut state = state;
+    let mut seen = 0;
+    state
+        .step(&space, &mut |p| {
+            for (l, lp) in p.layers.iter().enumerate() {
+                let gone = lp.kv_groups.is_empty() && lp.channels.is_empty();
+                let start = &plan.layers[l];
+                let start_gone = start.kv_groups.is_empty() && start.channels.is_empty();
+                assert!(gone || start_gone || lp == start, "layer {l}");
+            }
+            seen += 1;
+            Ok(seen as f64)
+        })
+        .unwrap();
+    // A checkpoint rebuilds the same space.
+    let path = std::env::temp_dir().join(format!("lopper-base-{}.json", std::process::id()));
+    state.save(&path).unwrap();
+    let (back, rebuilt) = PgState::load(&path, &shape).unwrap();
+    std::fs::remove_file(&path).ok();
+    assert_eq!(rebuilt, space);
+    assert_eq!(back, state);
+    // Heads or channels searched too: no fixed base.
+    assert!(space.clone().with_base(&plan).is_ok());
+    assert!(all.with_base(&plan).is_err());
+}
