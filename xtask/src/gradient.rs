@@ -78,30 +78,18 @@ impl PgGradientArgs {
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(PgGradientBench {
-            model: self.model,
-            dtype: self.dtype,
-            sparsity: self.sparsity,
             init,
-            reps: self.reps,
-            batch_size: self.batch_size,
-            seq_len: self.seq_len,
             blocks,
-            start_band: self.start_band,
+            args: self,
         })
     }
 }
 
-/// Checked settings of `bench pg-gradient`.
+/// Checked settings of `bench pg-gradient`: the flags with `--init` and `--blocks` parsed.
 pub struct PgGradientBench {
-    model: String,
-    dtype: lopper_core::Dtype,
-    sparsity: f64,
+    args: PgGradientArgs,
     init: Method,
-    reps: usize,
-    batch_size: usize,
-    seq_len: usize,
     blocks: Vec<usize>,
-    start_band: Option<(f64, f64)>,
 }
 
 /// Signal and noise of `reps` gradient estimates `g` (one vector each): the mean squared
@@ -147,21 +135,21 @@ pub fn signal_and_noise(g: &[Vec<f64>]) -> (f64, f64, f64) {
 
 impl Job for PgGradientBench {
     fn run<B: Backend>(self, device: B::Device, device_name: String) -> Result<()> {
-        let loaded = crate::loading::load_model::<B>(&self.model, self.dtype, &device)?;
+        let loaded = crate::loading::load_model::<B>(&self.args.model, self.args.dtype, &device)?;
         let model = &loaded.model;
-        crate::guard::bench_shapes(model.shape(), &[(self.batch_size, self.seq_len)])?;
+        crate::guard::bench_shapes(model.shape(), &[(self.args.batch_size, self.args.seq_len)])?;
         // Two warm-up batches (the moving baseline's start) after the measured ones.
-        let windows = (self.reps + 2) * self.batch_size;
+        let windows = (self.args.reps + 2) * self.args.batch_size;
         let calib = crate::methods::draw_calibration(
             &loaded.tokenizer,
             "c4",
             lopper_data::Sampler::ConcatChunks,
             windows.max(64),
-            self.seq_len,
+            self.args.seq_len,
             0,
         )?;
         let w = &calib.windows;
-        let keep = 1.0 - self.sparsity;
+        let keep = 1.0 - self.args.sparsity;
         let mp =
             crate::methods::metric_plan(model, w, self.init, keep, 64, &MethodSettings::default())?;
         let init = Init::Plan {
@@ -171,19 +159,21 @@ impl Job for PgGradientBench {
         let (o_proj, down_proj) = lopper_importance::input_means(model, &w[..64], 8)?;
         let means = InputMeans { o_proj, down_proj };
         let batches: Vec<_> = w
-            .chunks(self.batch_size)
-            .take(self.reps + 2)
+            .chunks(self.args.batch_size)
+            .take(self.args.reps + 2)
             .map(|rows| model.tokens(rows))
             .collect::<std::result::Result<_, _>>()?;
         println!(
             "PG gradient estimates on {device_name} ({:?}): sparsity {}, start: {}'s plan (band {:?}), {} estimates of 2 masks x {}x{} per row, the same batches in every row",
-            self.dtype,
-            self.sparsity,
+            self.args.dtype,
+            self.args.sparsity,
             self.init.name(),
-            self.start_band.unwrap_or(lopper_policy::DEFAULT_START_BAND),
-            self.reps,
-            self.batch_size,
-            self.seq_len
+            self.args
+                .start_band
+                .unwrap_or(lopper_policy::DEFAULT_START_BAND),
+            self.args.reps,
+            self.args.batch_size,
+            self.args.seq_len
         );
         println!(
             "| channel units | estimator | units | mean sampled loss | noise E|g - mean|^2 | signal |mean|^2 | signal / noise | cos(half means) | s |"
@@ -207,17 +197,17 @@ impl Job for PgGradientBench {
                     baseline,
                     antithetic,
                     channel_block: block,
-                    start_band: self.start_band,
-                    batch_size: self.batch_size,
-                    ..PgConfig::new(self.sparsity)
+                    start_band: self.args.start_band,
+                    batch_size: self.args.batch_size,
+                    ..PgConfig::new(self.args.sparsity)
                 };
                 let space = cfg.space(model.shape(), &init)?;
                 let mut state = PgState::new(cfg, &space, &init)?;
-                let mut grads = Vec::with_capacity(self.reps);
+                let mut grads = Vec::with_capacity(self.args.reps);
                 let mut losses = Vec::new();
-                for (r, tokens) in batches[self.reps..]
+                for (r, tokens) in batches[self.args.reps..]
                     .iter()
-                    .chain(&batches[..self.reps])
+                    .chain(&batches[..self.args.reps])
                     .enumerate()
                 {
                     let (g, l) = state.estimate(&space, &mut |p| {

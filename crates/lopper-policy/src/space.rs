@@ -307,9 +307,11 @@ impl UnitSpace {
         for (i, (u, &k)) in self.units.iter().zip(keep).enumerate() {
             match *u {
                 PruneUnit::KvGroup { layer, group } if k => groups[layer].push(group),
-                PruneUnit::Channel { layer, .. } if k => {
-                    channels[layer].extend(self.channels_of(i));
-                }
+                // No allocation per unit: this runs for every sampled mask.
+                PruneUnit::Channel { layer, index } if k => match &self.blocks {
+                    Some(b) => channels[layer].extend_from_slice(&b[i]),
+                    None => channels[layer].push(index),
+                },
                 PruneUnit::Layer { layer } if !k => dropped_layers[layer] = true,
                 _ => {}
             }
