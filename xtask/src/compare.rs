@@ -516,6 +516,7 @@ pub fn run(args: CompareArgs) -> Result<()> {
         CompareJob {
             scores: Default::default(),
             pg_plans: Default::default(),
+            layer_orders: Default::default(),
             args,
             settings,
             cells,
@@ -536,6 +537,11 @@ type ScoreCache = std::cell::RefCell<
         ),
     >,
 >;
+
+/// Layer methods' removal orders by base method (`sleb`, `block-influence`), searched once to
+/// the run's largest sparsity: the order is greedy and does not depend on the target, so each
+/// smaller sparsity's plan is a prefix of it (the rule of [`lopper_core::plan_drop_layers`]).
+type LayerOrderCache = std::cell::RefCell<BTreeMap<String, Vec<usize>>>;
 
 /// The cache key of a spec: its base method and bias flag.
 fn method_spec(spec: &Spec) -> String {
@@ -567,6 +573,7 @@ fn pg_judge(spec: &Spec, preset: Judge) -> Judge {
 struct CompareJob {
     scores: ScoreCache,
     pg_plans: PgCache,
+    layer_orders: LayerOrderCache,
     args: CompareArgs,
     settings: Settings,
     cells: Vec<(String, f64)>,
@@ -751,7 +758,18 @@ impl CompareJob {
                 let method = m.parse::<Method>()?;
                 // Unit scores do not depend on the sparsity: score once per method spec.
                 let cached = self.scores.borrow().get(&method_spec(&spec)).cloned();
+                let order = self.layer_orders.borrow().get(&spec.base).cloned();
                 match cached {
+                    _ if let Some(order) = order => {
+                        let plan = lopper_core::plan_drop_layers(
+                            model.shape(),
+                            &order,
+                            keep,
+                            method.name(),
+                        )?;
+                        tracing::info!(method = m, "layer order reused from an earlier cell");
+                        (Some(plan), None)
+                    }
                     Some((scores, comp)) if !method.removes_layers() => {
                         let plan = lopper_importance::plan_from_scores(
                             model.shape(),
@@ -762,6 +780,42 @@ impl CompareJob {
                         )?;
                         tracing::info!(method = m, "scores reused from an earlier cell");
                         (Some(plan), comp)
+                    }
+                    _ if method.removes_layers() => {
+                        // One search to the run's largest sparsity serves every cell.
+                        let deepest = self
+                            .cells
+                            .iter()
+                            .filter(|(c, _)| Spec::parse(c).is_ok_and(|s| s.base == spec.base))
+                            .map(|&(_, s)| s)
+                            .fold(sparsity, f64::max);
+                        let mp = crate::methods::metric_plan(
+                            model,
+                            windows(),
+                            method,
+                            1.0 - deepest,
+                            st.metric_samples,
+                            &MethodSettings {
+                                bias_compensation: Some(false),
+                                ..settings
+                            },
+                        )?;
+                        let order: Vec<usize> = mp
+                            .plan
+                            .meta
+                            .get("removed_layers")
+                            .and_then(|v| serde_json::from_value(v.clone()).ok())
+                            .context("a layer method's plan records its removal order")?;
+                        let plan = lopper_core::plan_drop_layers(
+                            model.shape(),
+                            &order,
+                            keep,
+                            method.name(),
+                        )?;
+                        self.layer_orders
+                            .borrow_mut()
+                            .insert(spec.base.clone(), order);
+                        (Some(plan), None)
                     }
                     _ => {
                         let mp = crate::methods::metric_plan(
@@ -1067,7 +1121,7 @@ fn write_results(
             r.lr
         );
     }
-    md += "`plan s`: seconds to score and plan (a method scores once; its later sparsities reuse the scores). `plan peak MiB`: peak resident memory of the process during that phase, its high-water mark reset before each cell; it includes what the process already held (dense model, calibration windows, memory the allocator kept from earlier cells), and `(+N)` is the rise over the resident memory at the cell's start, what the method itself needed. `eval s`: seconds of the evaluation.\n\n";
+    md += "`plan s`: seconds to score and plan (a unit method scores once and its later sparsities reuse the scores; a layer method, SLEB or block influence, searches its removal order once, to the run's largest sparsity, in its first cell, and cuts every sparsity from that order). `plan peak MiB`: peak resident memory of the process during that phase, its high-water mark reset before each cell; it includes what the process already held (dense model, calibration windows, memory the allocator kept from earlier cells), and `(+N)` is the rise over the resident memory at the cell's start, what the method itself needed. `eval s`: seconds of the evaluation.\n\n";
     if has_err {
         md += "One-shot methods (alps, sparsegpt, wanda, NAME:PATTERN) zero individual weights of the decoder linears: their sparsity is the fraction of those weights set to zero, the model keeps its shape, and `rel. err` is the mean over the linears of ||XW^T - XW0^T||^2 / ||XW0^T||^2 on the calibration inputs (per linear in cells/<id>/sparsity.json).\n\n";
     }

@@ -337,12 +337,19 @@ fn eval_scores_multiple_choice_tasks_c4_and_the_seven_task_average() {
 /// A tiny random model directory (word-level tokenizer over `t0`..`t127`) and a calibration
 /// text file of those words.
 fn tiny_model_dir(root: &std::path::Path) -> (String, String) {
-    use lopper_core::ModelShape;
+    model_dir(root, &lopper_core::ModelShape::tiny(), "tiny")
+}
+
+/// A random model of `shape` as an HF directory `root/name`, and a calibration text file.
+fn model_dir(
+    root: &std::path::Path,
+    shape: &lopper_core::ModelShape,
+    name: &str,
+) -> (String, String) {
     type B = burn_flex::Flex;
-    let model =
-        lopper_model::Llama::<B>::random(&ModelShape::tiny(), 11, &burn_flex::FlexDevice).unwrap();
+    let model = lopper_model::Llama::<B>::random(shape, 11, &burn_flex::FlexDevice).unwrap();
     let tok = lopper_model::Tokenizer::word_level(128);
-    let dir = root.join("tiny");
+    let dir = root.join(name);
     let opts = lopper_surgery::ExportOptions {
         format: lopper_surgery::ExportFormat::Hf,
         force: false,
@@ -1128,6 +1135,39 @@ fn compare_args<'a>(
         "--out",
         out,
     ]
+}
+
+#[test]
+fn compare_searches_a_layer_order_once_and_cuts_each_sparsity_from_it() {
+    let root = tempfile::tempdir().unwrap();
+    let mut shape = lopper_core::ModelShape::tiny();
+    shape.layers = vec![shape.layers[0]; 6];
+    let (model, calib) = model_dir(root.path(), &shape, "six");
+    let removed = |out: &std::path::Path, id: &str| {
+        let plan =
+            lopper_core::MaskPlan::load(&out.join("cells").join(id).join("plan.json")).unwrap();
+        plan.meta["removed_layers"].clone()
+    };
+    let run = |name: &str, sparsity: &'static str| {
+        let out = root.path().join(name);
+        let mut args = compare_args(&model, &calib, out.to_str().unwrap(), "sleb,sleb+bias");
+        let i = args.iter().position(|a| *a == "--sparsity").unwrap();
+        args[i + 1] = sparsity;
+        let (ok, _, err) = xtask_env(&args, &[("LOPPER_LOG", "info")]);
+        assert!(ok, "{err}");
+        (out, err)
+    };
+    // One greedy search to 50% serves the 30% cells and the +bias cells.
+    let (both, err) = run("both", "0.3,0.5");
+    assert_eq!(err.matches("layer order reused").count(), 3, "{err}");
+    let (alone, _) = run("alone", "0.3");
+    let deep = removed(&both, "sleb@0.5");
+    let short = removed(&both, "sleb@0.3");
+    assert_eq!(short, removed(&alone, "sleb@0.3"));
+    assert_eq!(removed(&both, "sleb+bias@0.3"), short);
+    let (deep, short) = (deep.as_array().unwrap(), short.as_array().unwrap());
+    assert!(short.len() < deep.len(), "{short:?} {deep:?}");
+    assert_eq!(&deep[..short.len()], &short[..]);
 }
 
 #[test]
