@@ -93,6 +93,10 @@ pub struct CompareArgs {
     /// Search MLP channels in blocks of N (0 or 1: one unit per channel; default: the preset's).
     #[arg(long)]
     pg_channel_block: Option<usize>,
+    /// How the parameter budget projects pg probabilities: shift or cost (as `prune
+    /// --projection`; default: the preset's).
+    #[arg(long)]
+    pg_projection: Option<String>,
     /// How pg cells with a least-squares cut (`pg+ls`, `pg+obs`) judge their held-out choice:
     /// masked (the default) or ls (as `prune --judge`); other pg cells judge masked.
     #[arg(long, default_value = "masked")]
@@ -399,6 +403,10 @@ pub fn run(args: CompareArgs) -> Result<()> {
         steps: args.pg_steps.unwrap_or(base.steps),
         batch_size: args.pg_batch_size.unwrap_or(base.batch_size),
         channel_block: args.pg_channel_block.unwrap_or(base.channel_block),
+        projection: match &args.pg_projection {
+            Some(p) => p.parse()?,
+            None => base.projection,
+        },
         held_out: base.held_out.min(args.calib_samples / 4),
         judge: Judge::parse(&args.pg_judge)?,
         seed: args.seed,

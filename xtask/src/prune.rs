@@ -119,6 +119,11 @@ pub struct PruneArgs {
     /// (default 0.85,0.98; nearer 1, sampled masks stay nearer the plan).
     #[arg(long, value_parser = parse_band)]
     pub start_band: Option<(f64, f64)>,
+    /// How the parameter budget projects the probabilities after each update: shift (every
+    /// unit by the same amount; the reference) or cost (each unit by its share of the
+    /// budget's parameters; docs/methods.md 1.7).
+    #[arg(long)]
+    pub projection: Option<String>,
     /// Steps at the start that score masks without updating (the regression estimator
     /// collects its pairs; about one per unit); the schedule runs over the rest.
     #[arg(long)]
@@ -304,6 +309,10 @@ impl PruneArgs {
             channel_block: self.channel_block.unwrap_or(base.channel_block),
             start_band: self.start_band.or(base.start_band),
             warmup: self.warmup.unwrap_or(base.warmup),
+            projection: match &self.projection {
+                Some(p) => p.parse()?,
+                None => base.projection,
+            },
             compensation: self.bias_compensation.unwrap_or(base.compensation),
             // Small calibration sets hold out a quarter at most.
             held_out: self

@@ -29,6 +29,36 @@ impl std::str::FromStr for Budget {
     }
 }
 
+/// How a parameter budget projects the probabilities after each update.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Projection {
+    /// Every probability moves by the same shift `s_i - v` (the reference's projection). It is
+    /// exact in the metric that weights each unit by its parameters, so a cheap unit pays as
+    /// much of the budget as an expensive one.
+    #[default]
+    Shift,
+    /// Each probability moves by its share of the budget, `s_i - v * d_i / mean(d)` with
+    /// `d_i` the derivative of the expected kept parameters by `s_i`
+    /// ([`UnitSpace::expected_kept_grad`]): the Euclidean projection onto the budget, linearised
+    /// at the current probabilities. A unit that holds many parameters pays more of an
+    /// overspent budget.
+    Cost,
+}
+
+impl std::str::FromStr for Projection {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "shift" => Ok(Self::Shift),
+            "cost" => Ok(Self::Cost),
+            o => Err(Error::Config(format!(
+                "unknown --projection `{o}`: use shift or cost"
+            ))),
+        }
+    }
+}
+
 /// The searched units in one flat vector: KV groups (layer-major), then channels, then layers.
 #[derive(Debug, Clone, PartialEq)]
 pub struct UnitSpace {
@@ -287,6 +317,36 @@ impl UnitSpace {
         fine.iter().zip(&layer).map(|(f, l)| f * l).sum::<f64>() / self.pool
     }
 
+    /// The derivative of [`UnitSpace::expected_kept`] by each probability in `s`: a head or
+    /// channel unit's cost times its layer's probability; a layer unit's, the expected kept
+    /// parameters of its units (its whole cost when only layers are searched). In pool
+    /// fractions.
+    pub fn expected_kept_grad(&self, s: &[f64]) -> Vec<f64> {
+        let n_layers = self.shape.n_layers();
+        let mut fine = vec![0.0; n_layers];
+        let mut layer = vec![1.0; n_layers];
+        let only_layers = self.kinds.iter().all(|k| k.0 == UnitKind::Layer);
+        for ((u, &c), &p) in self.units.iter().zip(&self.cost).zip(s) {
+            match u {
+                PruneUnit::Layer { layer: l } => {
+                    layer[*l] = p;
+                    if only_layers {
+                        fine[*l] = c;
+                    }
+                }
+                _ => fine[u.layer()] += p * c,
+            }
+        }
+        self.units
+            .iter()
+            .zip(&self.cost)
+            .map(|(u, &c)| match u {
+                PruneUnit::Layer { layer: l } => fine[*l] / self.pool,
+                _ => c * layer[u.layer()] / self.pool,
+            })
+            .collect()
+    }
+
     /// The plan of a binary mask over the units (`true` = keep).
     pub fn plan_of(&self, keep: &[bool]) -> MaskPlan {
         let mut plan = self
@@ -378,6 +438,54 @@ pub fn project(
         }
     }
     let out = shifted(s, if raise { v } else { v.max(0.0) });
+    s.copy_from_slice(&out);
+    v
+}
+
+/// Projects `s` onto `f(s) = k` along the weights `w`: `s_i <- clamp(s_i - v * w_i, bounds)`,
+/// with `v` found by bisection (`f` must increase in every `s_i`; `w_i >= 0`, and a unit of
+/// weight 0 does not move). Returns `v`. With every `w_i = 1` this is [`project`]'s shift.
+pub fn project_weighted(
+    s: &mut [f64],
+    k: f64,
+    f: &dyn Fn(&[f64]) -> f64,
+    w: &[f64],
+    tol: f64,
+    max_iter: usize,
+    bounds: (f64, f64),
+) -> f64 {
+    let Some(w_min) = w
+        .iter()
+        .copied()
+        .filter(|&x| x > 0.0)
+        .min_by(f64::total_cmp)
+    else {
+        return 0.0;
+    };
+    let shifted = |s: &[f64], v: f64| -> Vec<f64> {
+        s.iter()
+            .zip(w)
+            .map(|(x, wi)| (x - v * wi).clamp(bounds.0, bounds.1))
+            .collect()
+    };
+    // At -1/w_min every weighted unit is at its upper bound, at 1/w_min at its lower one.
+    let (mut a, mut b) = (-1.0 / w_min, 1.0 / w_min);
+    let mut v = 0.0;
+    if (f(&shifted(s, 0.0)) - k).abs() >= tol {
+        for _ in 0..max_iter {
+            v = (a + b) / 2.0;
+            let g = f(&shifted(s, v)) - k;
+            if g.abs() < tol {
+                break;
+            }
+            if g < 0.0 {
+                b = v;
+            } else {
+                a = v;
+            }
+        }
+    }
+    let out = shifted(s, v);
     s.copy_from_slice(&out);
     v
 }

@@ -6,7 +6,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::space::{BlockLayout, Budget, UnitSpace, project, sigmap};
+use crate::space::{BlockLayout, Budget, Projection, UnitSpace, project, project_weighted, sigmap};
 use crate::{Error, Result};
 use lopper_core::{MaskPlan, ModelShape, PruneUnit, UnitKind, UnitScores, keep_count, top_k};
 
@@ -272,6 +272,10 @@ pub struct PgConfig {
     /// steps after them.
     #[serde(default)]
     pub warmup: usize,
+    /// How a parameter budget projects the probabilities (a checkpoint without the field:
+    /// the uniform shift it ran with).
+    #[serde(default)]
+    pub projection: Projection,
 }
 
 fn moving() -> Baseline {
@@ -308,6 +312,7 @@ impl PgConfig {
             channel_block: 0,
             start_band: None,
             warmup: 0,
+            projection: Projection::Shift,
         }
     }
 
@@ -429,6 +434,12 @@ impl PgConfig {
                 "--channel-block {} needs --budget params: blocks differ in size, so a per-type count of units is not a budget",
                 self.channel_block
             ));
+        }
+        if self.projection == Projection::Cost && self.budget == Budget::PerType {
+            return bad(
+                "--projection cost weighs units by their parameters and needs --budget params (a per-type budget counts units)"
+                    .into(),
+            );
         }
         if self.units.contains(&UnitKind::Layer) && self.budget == Budget::PerType {
             return bad(
@@ -718,6 +729,22 @@ impl PgState {
                         bounds,
                     );
                 }
+            }
+            Budget::Params if self.config.projection == Projection::Cost => {
+                let mut w = space.expected_kept_grad(&self.probs);
+                let mean = w.iter().sum::<f64>() / w.len().max(1) as f64;
+                if mean > 0.0 {
+                    w.iter_mut().for_each(|x| *x /= mean);
+                }
+                project_weighted(
+                    &mut self.probs,
+                    keep,
+                    &|s: &[f64]| space.expected_kept(s),
+                    &w,
+                    1e-6,
+                    60,
+                    bounds,
+                );
             }
             Budget::Params => {
                 project(

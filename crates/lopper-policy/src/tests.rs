@@ -107,6 +107,106 @@ fn projection_meets_the_sum_within_bounds() {
 }
 
 #[test]
+fn weighted_projection_with_unit_weights_is_the_shift() {
+    let start: Vec<f64> = (0..60).map(|i| (i as f64 * 0.53).cos().abs()).collect();
+    let sum = |x: &[f64]| x.iter().sum::<f64>();
+    let (mut a, mut b) = (start.clone(), start.clone());
+    project(&mut a, 20.0, &sum, 1e-10, 200, true, (0.01, 0.99));
+    project_weighted(&mut b, 20.0, &sum, &[1.0; 60], 1e-10, 200, (0.01, 0.99));
+    for (x, y) in a.iter().zip(&b) {
+        assert!((x - y).abs() < 1e-8, "{x} {y}");
+    }
+    // Weight 0 never moves; weight 2 moves twice as far as weight 1 (away from the bounds).
+    let mut c = vec![0.5, 0.5, 0.5];
+    project_weighted(&mut c, 1.2, &sum, &[0.0, 1.0, 2.0], 1e-12, 200, (0.0, 1.0));
+    assert_eq!(c[0], 0.5);
+    assert!((c[2] - 0.5 - 2.0 * (c[1] - 0.5)).abs() < 1e-9, "{c:?}");
+    assert!((sum(&c) - 1.2).abs() < 1e-10);
+    // No weighted unit: nothing moves.
+    let mut d = vec![0.5, 0.7];
+    assert_eq!(
+        project_weighted(&mut d, 0.1, &sum, &[0.0, 0.0], 1e-9, 60, (0.0, 1.0)),
+        0.0
+    );
+    assert_eq!(d, vec![0.5, 0.7]);
+}
+
+#[test]
+fn the_expected_kept_gradient_is_its_derivative() {
+    let all = vec![UnitKind::KvGroup, UnitKind::Channel, UnitKind::Layer];
+    for kinds in [all, vec![UnitKind::Layer], fine()] {
+        let space = UnitSpace::new(&ModelShape::tiny(), &kinds).unwrap();
+        let s: Vec<f64> = (0..space.units.len())
+            .map(|i| 0.2 + 0.6 * ((i * 7919) % 101) as f64 / 100.0)
+            .collect();
+        let g = space.expected_kept_grad(&s);
+        let h = 1e-6;
+        for i in 0..s.len() {
+            let (mut up, mut down) = (s.clone(), s.clone());
+            up[i] += h;
+            down[i] -= h;
+            let fd = (space.expected_kept(&up) - space.expected_kept(&down)) / (2.0 * h);
+            assert!(
+                (fd - g[i]).abs() < 1e-7,
+                "{kinds:?} unit {i}: {fd} {}",
+                g[i]
+            );
+        }
+    }
+}
+
+#[test]
+fn the_cost_projection_meets_the_budget_and_charges_expensive_units_more() {
+    let shape = ModelShape::tiny();
+    let units = vec![UnitKind::KvGroup, UnitKind::Channel, UnitKind::Layer];
+    let space = UnitSpace::new(&shape, &units).unwrap();
+    let cfg = PgConfig {
+        projection: Projection::Cost,
+        prob_floor: 0.01,
+        ..config(Budget::Params, units.clone())
+    };
+    let mut state = PgState::new(cfg.clone(), &space, &Init::Uniform).unwrap();
+    assert!((space.expected_kept(&state.probs) - cfg.keep()).abs() < 1e-6);
+    // From every probability at 0.9 (over budget), each unit falls in proportion to its
+    // derivative of the budget: a layer most, then a KV group, then a channel.
+    state.probs.iter_mut().for_each(|p| *p = 0.9);
+    let d = space.expected_kept_grad(&state.probs);
+    state.project(&space);
+    assert!((space.expected_kept(&state.probs) - cfg.keep()).abs() < 1e-6);
+    let drop = |kind: UnitKind| {
+        let i = space.units.iter().position(|u| u.kind() == kind).unwrap();
+        (0.9 - state.probs[i], d[i])
+    };
+    let (layer, kv, ch) = (
+        drop(UnitKind::Layer),
+        drop(UnitKind::KvGroup),
+        drop(UnitKind::Channel),
+    );
+    assert!(
+        layer.0 > kv.0 && kv.0 > ch.0 && ch.0 > 0.0,
+        "{layer:?} {kv:?} {ch:?}"
+    );
+    // Unclamped units fall in the ratio of their derivatives.
+    assert!(
+        (kv.0 / ch.0 - kv.1 / ch.1).abs() < 1e-6 * kv.1 / ch.1,
+        "{kv:?} {ch:?}"
+    );
+    // The shift moves every unit alike.
+    let mut shift = PgState::new(
+        PgConfig {
+            projection: Projection::Shift,
+            ..cfg
+        },
+        &space,
+        &Init::Uniform,
+    )
+    .unwrap();
+    shift.probs.iter_mut().for_each(|p| *p = 0.9);
+    shift.project(&space);
+    assert!((shift.probs[0] - shift.probs[shift.probs.len() - 1]).abs() < 1e-12);
+}
+
+#[test]
 fn sigmap_keeps_order_and_hits_the_mean() {
     let m = [3.0, -1.0, 0.5, 10.0, 2.0];
     let s = sigmap(&m, 0.6);
