@@ -209,6 +209,13 @@ struct Cell {
     device: String,
 }
 
+/// Whether a structured cell kept more of the parameters than its sparsity allows (a
+/// per-layer plan that cannot split a layer's KV groups finely enough): it is then not
+/// comparable with cells of its nominal sparsity. One-shot cells keep every shape.
+fn keeps_more(c: &Cell) -> bool {
+    c.rel_error.is_none() && c.kept_param_ratio > 1.0 - c.sparsity + 0.005
+}
+
 fn parse_list<T: std::str::FromStr>(s: &str, what: &str) -> Result<Vec<T>>
 where
     T::Err: std::fmt::Display,
@@ -1193,20 +1200,33 @@ fn write_results(
     }
     // Best method per sparsity on the first perplexity column.
     if let Some((k, _)) = cols.iter().find(|(_, m)| m == "ppl") {
-        md += &format!("\nBest {k} perplexity per sparsity:\n\n");
+        md += &format!(
+            "\nBest {k} perplexity per sparsity (among the cells that removed what they were asked to; a cell that kept more is named after it):\n\n"
+        );
         let mut by_s: BTreeMap<String, (String, f64)> = BTreeMap::new();
+        let mut short: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for c in cells.iter().filter(|c| c.method != "dense") {
             if let Some(v) = c.results.get(k).and_then(|r| r["ppl"].as_f64()) {
-                let e = by_s
-                    .entry(format!("{}", c.sparsity))
-                    .or_insert((c.method.clone(), v));
+                let s = format!("{}", c.sparsity);
+                if keeps_more(c) {
+                    short.entry(s).or_default().push(format!(
+                        "{} keeps {:.4} ({v:.2})",
+                        c.method, c.kept_param_ratio
+                    ));
+                    continue;
+                }
+                let e = by_s.entry(s).or_insert((c.method.clone(), v));
                 if v < e.1 {
                     *e = (c.method.clone(), v);
                 }
             }
         }
         for (s, (m, v)) in by_s {
-            md += &format!("- sparsity {s}: {m} ({v:.2})\n");
+            md += &format!("- sparsity {s}: {m} ({v:.2})");
+            if let Some(list) = short.get(&s) {
+                md += &format!("; not compared: {}", list.join(", "));
+            }
+            md += "\n";
         }
     }
     if has_err {

@@ -1257,6 +1257,27 @@ fn compare_fills_the_table_and_reuses_finished_cells() {
     ));
     assert!(ok, "{err}");
     assert!(out.join("cells/flap+ls@0.5/reconstruction.json").is_file());
+    // A structured cell that kept more than its sparsity allows is named, not ranked.
+    let md = std::fs::read_to_string(out.join("results.md")).unwrap();
+    let results: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+    let over: Vec<String> = results["cells"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| {
+            c["rel_error"].is_null()
+                && c["kept_param_ratio"].as_f64().unwrap()
+                    > 1.0 - c["sparsity"].as_f64().unwrap() + 0.005
+        })
+        .map(|c| c["method"].as_str().unwrap().to_string())
+        .collect();
+    assert!(!over.is_empty(), "{md}");
+    let best = md.split("Best ").nth(1).unwrap();
+    for m in &over {
+        assert!(best.contains(&format!("{m} keeps")), "{m}: {best}");
+        assert!(!best.contains(&format!(": {m} (")), "{m}: {best}");
+    }
     assert_eq!(stamp("pg:magnitude+bias@0.3"), before);
     // pg:magnitude starts from the magnitude plan: the same search as pg:magnitude+bias (the
     // default preset compensates inside the search either way).
