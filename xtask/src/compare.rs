@@ -97,6 +97,9 @@ pub struct CompareArgs {
     /// --projection`; default: the preset's).
     #[arg(long)]
     pg_projection: Option<String>,
+    /// Entropy anneal over the last N pg steps (as `prune --anneal`; default: the preset's).
+    #[arg(long)]
+    pg_anneal: Option<usize>,
     /// How pg cells with a least-squares cut (`pg+ls`, `pg+obs`) judge their held-out choice:
     /// masked (the default) or ls (as `prune --judge`); other pg cells judge masked.
     #[arg(long, default_value = "masked")]
@@ -410,6 +413,7 @@ pub fn run(args: CompareArgs) -> Result<()> {
         steps: args.pg_steps.unwrap_or(base.steps),
         batch_size: args.pg_batch_size.unwrap_or(base.batch_size),
         channel_block: args.pg_channel_block.unwrap_or(base.channel_block),
+        anneal: args.pg_anneal.unwrap_or(base.anneal),
         projection: match &args.pg_projection {
             Some(p) => p.parse()?,
             None => base.projection,

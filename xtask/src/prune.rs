@@ -124,6 +124,10 @@ pub struct PruneArgs {
     /// budget's parameters; docs/methods.md 1.7).
     #[arg(long)]
     pub projection: Option<String>,
+    /// Entropy anneal: over the last N steps every logit grows 4-fold, so the sampled masks
+    /// converge to the final plan (0: off).
+    #[arg(long)]
+    pub anneal: Option<usize>,
     /// Steps at the start that score masks without updating (the regression estimator
     /// collects its pairs; about one per unit); the schedule runs over the rest.
     #[arg(long)]
@@ -313,6 +317,7 @@ impl PruneArgs {
                 Some(p) => p.parse()?,
                 None => base.projection,
             },
+            anneal: self.anneal.unwrap_or(base.anneal),
             compensation: self.bias_compensation.unwrap_or(base.compensation),
             // Small calibration sets hold out a quarter at most.
             held_out: self

@@ -720,6 +720,10 @@ fn prune_refuses_bad_settings_before_any_work() {
             "unknown --projection `euclid`: use shift or cost",
         ),
         (
+            vec!["prune", "--sparsity", "0.3", "--anneal", "100", "--out", o],
+            "--anneal 100 is longer than the 60 steps that update",
+        ),
+        (
             vec![
                 "prune",
                 "--sparsity",

@@ -7,8 +7,8 @@ mod state;
 pub use run::{Choice, Hooks, Judged, choose, judge_plans, search};
 pub use space::{BlockLayout, Budget, Projection, UnitSpace, project, project_weighted, sigmap};
 pub use state::{
-    Baseline, DEFAULT_START_BAND, Estimator, Init, Judge, Optimizer, PgConfig, PgState, Schedule,
-    StepRecord, binary_entropy, block_layout,
+    ANNEAL_GAIN, Baseline, DEFAULT_START_BAND, Estimator, Init, Judge, Optimizer, PgConfig,
+    PgState, Schedule, StepRecord, binary_entropy, block_layout,
 };
 
 /// Errors of the policy-gradient search.

@@ -276,6 +276,10 @@ pub struct PgConfig {
     /// the uniform shift it ran with).
     #[serde(default)]
     pub projection: Projection,
+    /// Entropy anneal: over the last this many steps the logits of the probabilities grow
+    /// [`ANNEAL_GAIN`]-fold, so the sampled masks converge to the final plan (0: off).
+    #[serde(default)]
+    pub anneal: usize,
 }
 
 fn moving() -> Baseline {
@@ -313,6 +317,7 @@ impl PgConfig {
             start_band: None,
             warmup: 0,
             projection: Projection::Shift,
+            anneal: 0,
         }
     }
 
@@ -370,6 +375,16 @@ impl PgConfig {
             return bad(format!(
                 "--warmup {} leaves no step that updates: give fewer than --steps {}",
                 self.warmup, self.steps
+            ));
+        }
+        if self.anneal > self.steps - self.warmup {
+            return bad(format!(
+                "--anneal {} is longer than the {} steps that update (--steps {} minus --warmup {}): give at most {}",
+                self.anneal,
+                self.steps - self.warmup,
+                self.steps,
+                self.warmup,
+                self.steps - self.warmup
             ));
         }
         if self.samples_per_step < 1 || self.batch_size < 1 || self.steps < 1 {
@@ -760,6 +775,26 @@ impl PgState {
         }
     }
 
+    /// In the last `config.anneal` steps, sharpens every probability away from 1/2: each logit
+    /// is multiplied by `ANNEAL_GAIN^(1 / anneal)`, so that over the whole anneal the logits
+    /// grow `ANNEAL_GAIN`-fold and the sampled masks close in on the final plan (a unit at
+    /// 0.75 ends near 0.99); then the budget is projected again. A unit never changes side of
+    /// 1/2 by the sharpening itself.
+    fn anneal(&mut self, space: &UnitSpace) {
+        let n = self.config.anneal;
+        if n == 0 || self.step + n < self.config.steps {
+            return;
+        }
+        let r = ANNEAL_GAIN.powf(1.0 / n as f64);
+        let bounds = (self.config.prob_floor, 1.0 - self.config.prob_floor);
+        for p in &mut self.probs {
+            let q = p.clamp(1e-12, 1.0 - 1e-12);
+            let z = (q / (1.0 - q)).ln() * r;
+            *p = (1.0 / (1.0 + (-z).exp())).clamp(bounds.0, bounds.1);
+        }
+        self.project(space);
+    }
+
     /// Learning rate of `kind` at the current step.
     pub fn lr(&self, kind: UnitKind) -> f64 {
         let base = self.config.lr(kind);
@@ -839,6 +874,7 @@ impl PgState {
             }
             self.project(space);
         }
+        self.anneal(space);
         let record = StepRecord {
             step: self.step,
             loss: if losses.is_empty() {
@@ -1054,6 +1090,9 @@ impl PgState {
         Ok((s, space))
     }
 }
+
+/// How many times the logits grow over an entropy anneal ([`PgConfig::anneal`]).
+pub const ANNEAL_GAIN: f64 = 4.0;
 
 /// The default band of [`Init::Plan`]: kept units start in it, removed ones in its mirror.
 pub const DEFAULT_START_BAND: (f64, f64) = (0.85, 0.98);

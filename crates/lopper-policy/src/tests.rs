@@ -1051,3 +1051,50 @@ fn a_layers_only_search_keeps_the_start_heads_and_channels_fixed() {
     assert!(space.clone().with_base(&plan).is_ok());
     assert!(all.with_base(&plan).is_err());
 }
+
+#[test]
+fn an_entropy_anneal_sharpens_the_last_steps_toward_the_final_plan() {
+    let shape = ModelShape::tiny();
+    let all = UnitSpace::new(&shape, &all_units()).unwrap();
+    let (plan, mut cfg) = plan_start(&shape, &all);
+    cfg.steps = 8;
+    cfg.anneal = 4;
+    let init = scored_start(&plan, &shape);
+    let space = cfg.space(&shape, &init).unwrap();
+    let mut state = PgState::new(cfg.clone(), &space, &init).unwrap();
+    let start_plan = state.final_plan(&space).unwrap();
+    // Every mask scores the same: the gradient is zero, only the anneal moves anything.
+    let mut entropies = vec![binary_entropy(&state.probs)];
+    for _ in 0..cfg.steps {
+        state.step(&space, &mut |_| Ok(1.0)).unwrap();
+        entropies.push(binary_entropy(&state.probs));
+        assert!((space.expected_kept(&state.probs) - cfg.keep()).abs() < 1e-5);
+    }
+    for w in entropies[..5].windows(2) {
+        assert!((w[0] - w[1]).abs() < 1e-5, "{entropies:?}");
+    }
+    for w in entropies[4..].windows(2) {
+        assert!(w[1] < w[0], "{entropies:?}");
+    }
+    assert!(entropies[8] < 0.5 * entropies[4], "{entropies:?}");
+    assert_eq!(state.final_plan(&space).unwrap().layers, start_plan.layers);
+    // Kept units end near the ceiling, removed ones near the floor.
+    let kept = state.probs.iter().filter(|&&p| p > 0.5).count();
+    let sharp = state
+        .probs
+        .iter()
+        .filter(|&&p| !(0.1..=0.9).contains(&p))
+        .count();
+    assert!(
+        kept > 0 && sharp as f64 > 0.9 * state.probs.len() as f64,
+        "{:?}",
+        state.probs
+    );
+    cfg.anneal = 9;
+    assert!(
+        cfg.validate()
+            .unwrap_err()
+            .to_string()
+            .contains("--anneal 9")
+    );
+}
