@@ -680,6 +680,41 @@ impl Job for CompareJob {
 }
 
 impl CompareJob {
+    /// A layer method's removal order, searched once to the largest sparsity of the run's
+    /// cells of the same method: every smaller sparsity's plan is a prefix of it.
+    fn layer_order<B: Backend>(
+        &self,
+        model: &Llama<B>,
+        windows: &[Vec<u32>],
+        spec: &Spec,
+        method: Method,
+        sparsity: f64,
+        settings: &MethodSettings,
+    ) -> Result<Vec<usize>> {
+        let deepest = self
+            .cells
+            .iter()
+            .filter(|(c, _)| Spec::parse(c).is_ok_and(|s| s.base == spec.base))
+            .map(|&(_, s)| s)
+            .fold(sparsity, f64::max);
+        let mp = crate::methods::metric_plan(
+            model,
+            windows,
+            method,
+            1.0 - deepest,
+            self.settings.metric_samples,
+            &MethodSettings {
+                bias_compensation: Some(false),
+                ..settings.clone()
+            },
+        )?;
+        mp.plan
+            .meta
+            .get("removed_layers")
+            .and_then(|v| serde_json::from_value(v.clone()).ok())
+            .context("a layer method's plan records its removal order")
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn cell<B: Backend>(
         &self,
@@ -777,19 +812,41 @@ impl CompareJob {
                 let method = m.parse::<Method>()?;
                 // Unit scores do not depend on the sparsity: score once per method spec.
                 let cached = self.scores.borrow().get(&method_spec(&spec)).cloned();
-                let order = self.layer_orders.borrow().get(&spec.base).cloned();
+                let known_order = self.layer_orders.borrow().get(&spec.base).cloned();
                 match cached {
-                    _ if let Some(order) = order => {
+                    _ if method.removes_layers() => {
+                        let order = match known_order {
+                            Some(order) => {
+                                tracing::info!(
+                                    method = m,
+                                    "layer order reused from an earlier cell"
+                                );
+                                order
+                            }
+                            None => {
+                                let order = self.layer_order(
+                                    model,
+                                    windows(),
+                                    &spec,
+                                    method,
+                                    sparsity,
+                                    &settings,
+                                )?;
+                                self.layer_orders
+                                    .borrow_mut()
+                                    .insert(spec.base.clone(), order.clone());
+                                order
+                            }
+                        };
                         let plan = lopper_core::plan_drop_layers(
                             model.shape(),
                             &order,
                             keep,
                             method.name(),
                         )?;
-                        tracing::info!(method = m, "layer order reused from an earlier cell");
                         (Some(plan), None)
                     }
-                    Some((scores, comp)) if !method.removes_layers() => {
+                    Some((scores, comp)) => {
                         let plan = lopper_importance::plan_from_scores(
                             model.shape(),
                             method,
@@ -799,42 +856,6 @@ impl CompareJob {
                         )?;
                         tracing::info!(method = m, "scores reused from an earlier cell");
                         (Some(plan), comp)
-                    }
-                    _ if method.removes_layers() => {
-                        // One search to the run's largest sparsity serves every cell.
-                        let deepest = self
-                            .cells
-                            .iter()
-                            .filter(|(c, _)| Spec::parse(c).is_ok_and(|s| s.base == spec.base))
-                            .map(|&(_, s)| s)
-                            .fold(sparsity, f64::max);
-                        let mp = crate::methods::metric_plan(
-                            model,
-                            windows(),
-                            method,
-                            1.0 - deepest,
-                            st.metric_samples,
-                            &MethodSettings {
-                                bias_compensation: Some(false),
-                                ..settings
-                            },
-                        )?;
-                        let order: Vec<usize> = mp
-                            .plan
-                            .meta
-                            .get("removed_layers")
-                            .and_then(|v| serde_json::from_value(v.clone()).ok())
-                            .context("a layer method's plan records its removal order")?;
-                        let plan = lopper_core::plan_drop_layers(
-                            model.shape(),
-                            &order,
-                            keep,
-                            method.name(),
-                        )?;
-                        self.layer_orders
-                            .borrow_mut()
-                            .insert(spec.base.clone(), order);
-                        (Some(plan), None)
                     }
                     _ => {
                         let mp = crate::methods::metric_plan(

@@ -299,6 +299,13 @@ impl UnitSpace {
     /// `sum_l s_layer(l) * sum_{u in l} s_u c_u / pool` (`s_layer = 1` when layers are not
     /// searched; with only layers searched, each layer's units count as kept).
     pub fn expected_kept(&self, s: &[f64]) -> f64 {
+        let (fine, layer) = self.layer_sums(s);
+        fine.iter().zip(&layer).map(|(f, l)| f * l).sum::<f64>() / self.pool
+    }
+
+    /// Per layer: the expected kept parameters of its fine units (its whole cost when only
+    /// layers are searched) and its layer probability (1 when layers are not searched).
+    fn layer_sums(&self, s: &[f64]) -> (Vec<f64>, Vec<f64>) {
         let n_layers = self.shape.n_layers();
         let mut fine = vec![0.0; n_layers];
         let mut layer = vec![1.0; n_layers];
@@ -314,7 +321,7 @@ impl UnitSpace {
                 _ => fine[u.layer()] += p * c,
             }
         }
-        fine.iter().zip(&layer).map(|(f, l)| f * l).sum::<f64>() / self.pool
+        (fine, layer)
     }
 
     /// The derivative of [`UnitSpace::expected_kept`] by each probability in `s`: a head or
@@ -322,21 +329,7 @@ impl UnitSpace {
     /// parameters of its units (its whole cost when only layers are searched). In pool
     /// fractions.
     pub fn expected_kept_grad(&self, s: &[f64]) -> Vec<f64> {
-        let n_layers = self.shape.n_layers();
-        let mut fine = vec![0.0; n_layers];
-        let mut layer = vec![1.0; n_layers];
-        let only_layers = self.kinds.iter().all(|k| k.0 == UnitKind::Layer);
-        for ((u, &c), &p) in self.units.iter().zip(&self.cost).zip(s) {
-            match u {
-                PruneUnit::Layer { layer: l } => {
-                    layer[*l] = p;
-                    if only_layers {
-                        fine[*l] = c;
-                    }
-                }
-                _ => fine[u.layer()] += p * c,
-            }
-        }
+        let (fine, layer) = self.layer_sums(s);
         self.units
             .iter()
             .zip(&self.cost)
