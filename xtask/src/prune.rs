@@ -188,6 +188,10 @@ pub struct PruneArgs {
     /// Seed of calibration sampling and mask sampling.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
+    /// Seed of the search's mask sampling alone (default: --seed), so that runs on the same
+    /// calibration windows measure the search's own spread.
+    #[arg(long)]
+    pub search_seed: Option<u64>,
     /// Checkpoint every N steps (and on Ctrl-C).
     #[arg(long, default_value_t = 10)]
     pub checkpoint_every: usize,
@@ -324,7 +328,7 @@ impl PruneArgs {
                 .held_out
                 .unwrap_or(base.held_out.min(self.calib_samples / 4)),
             judge: Judge::parse(&self.judge)?,
-            seed: self.seed,
+            seed: self.search_seed.unwrap_or(self.seed),
             ..base
         };
         cfg.validate()?;
