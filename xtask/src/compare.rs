@@ -575,9 +575,11 @@ fn method_spec(spec: &Spec) -> String {
 type PgCache =
     std::cell::RefCell<BTreeMap<String, (MaskPlan, Option<lopper_importance::InputStats>)>>;
 
-/// The search a pg spec runs at `sparsity`: its init, bias flag and judge, not its cut.
+/// The search a pg spec runs at `sparsity`: its init and judge, not its cut. The bias flag is
+/// not part of it either: the search compensates as the preset says (`PgConfig::compensation`),
+/// and the cut alone reads the flag, so `pg+none`, `pg` and `pg+bias` share one search.
 fn pg_key(spec: &Spec, init: &str, sparsity: f64, judge: Judge) -> String {
-    format!("{}:{init}@{sparsity}/{:?}/{judge:?}", spec.base, spec.bias)
+    format!("{}:{init}@{sparsity}/{judge:?}", spec.base)
 }
 
 /// The judge of a pg spec's held-out choice: `--pg-judge` where the cut refits by least
