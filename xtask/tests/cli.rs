@@ -1228,6 +1228,30 @@ fn compare_searches_a_layer_order_once_and_cuts_each_sparsity_from_it() {
 }
 
 #[test]
+fn compare_cells_that_differ_in_the_cut_alone_share_one_pg_search() {
+    let root = tempfile::tempdir().unwrap();
+    let (model, calib) = tiny_model_dir(root.path());
+    let out = root.path().join("cmp");
+    let mut args = compare_args(&model, &calib, out.to_str().unwrap(), "pg+none,pg+bias,pg");
+    let i = args.iter().position(|a| *a == "--sparsity").unwrap();
+    args[i + 1] = "0.3";
+    let (ok, _, err) = xtask_env(&args, &[("LOPPER_LOG", "info")]);
+    assert!(ok, "{err}");
+    assert_eq!(
+        err.matches("plan of the same search reused").count(),
+        2,
+        "{err}"
+    );
+    let layers = |id: &str| {
+        let plan =
+            lopper_core::MaskPlan::load(&out.join("cells").join(id).join("plan.json")).unwrap();
+        serde_json::to_value(&plan.layers).unwrap()
+    };
+    assert_eq!(layers("pg+none@0.3"), layers("pg+bias@0.3"));
+    assert_eq!(layers("pg+none@0.3"), layers("pg@0.3"));
+}
+
+#[test]
 fn compare_fills_the_table_and_reuses_finished_cells() {
     let root = tempfile::tempdir().unwrap();
     let (model, calib) = tiny_model_dir(root.path());
