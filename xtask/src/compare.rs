@@ -562,6 +562,13 @@ type ScoreCache = std::cell::RefCell<
 /// smaller sparsity's plan is a prefix of it (the rule of [`lopper_core::plan_drop_layers`]).
 type LayerOrderCache = std::cell::RefCell<BTreeMap<String, Vec<usize>>>;
 
+/// A layer method's removal order as a run stores it: searched to `sparsity`.
+#[derive(Serialize, Deserialize)]
+struct StoredOrder {
+    sparsity: f64,
+    order: Vec<usize>,
+}
+
 /// The cache key of a spec: its base method and bias flag.
 fn method_spec(spec: &Spec) -> String {
     match spec.bias {
@@ -683,7 +690,10 @@ impl Job for CompareJob {
 
 impl CompareJob {
     /// A layer method's removal order, searched once to the largest sparsity of the run's
-    /// cells of the same method: every smaller sparsity's plan is a prefix of it.
+    /// cells of the same method: every smaller sparsity's plan is a prefix of it. The order is
+    /// kept in `DIR/layer-orders/<method>.json` with the sparsity it reached, so a later run
+    /// on the same settings (`settings.json` pins the calibration) that asks for no deeper
+    /// sparsity reads it instead of searching again.
     fn layer_order<B: Backend>(
         &self,
         model: &Llama<B>,
@@ -699,6 +709,19 @@ impl CompareJob {
             .filter(|(c, _)| Spec::parse(c).is_ok_and(|s| s.base == spec.base))
             .map(|&(_, s)| s)
             .fold(sparsity, f64::max);
+        let path = self
+            .args
+            .out
+            .join("layer-orders")
+            .join(format!("{}.json", spec.base));
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            let stored: StoredOrder = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not a layer order; delete it", path.display()))?;
+            if stored.sparsity >= deepest {
+                tracing::info!(path = %path.display(), "layer order read from an earlier run");
+                return Ok(stored.order);
+            }
+        }
         let mp = crate::methods::metric_plan(
             model,
             windows,
@@ -710,11 +733,21 @@ impl CompareJob {
                 ..settings.clone()
             },
         )?;
-        mp.plan
+        let order: Vec<usize> = mp
+            .plan
             .meta
             .get("removed_layers")
             .and_then(|v| serde_json::from_value(v.clone()).ok())
-            .context("a layer method's plan records its removal order")
+            .context("a layer method's plan records its removal order")?;
+        std::fs::create_dir_all(path.parent().expect("a file in a folder"))?;
+        crate::prune::write_json(
+            &path,
+            &StoredOrder {
+                sparsity: deepest,
+                order: order.clone(),
+            },
+        )?;
+        Ok(order)
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -1225,6 +1225,24 @@ fn compare_searches_a_layer_order_once_and_cuts_each_sparsity_from_it() {
     let (deep, short) = (deep.as_array().unwrap(), short.as_array().unwrap());
     assert!(short.len() < deep.len(), "{short:?} {deep:?}");
     assert_eq!(&deep[..short.len()], &short[..]);
+    // A later run in the same folder that adds a shallower sparsity reads the stored order
+    // (searched to 50%) instead of searching; its 20% plan is the one a run at 20% alone gets.
+    let (_, err) = run("both", "0.2,0.3,0.5");
+    assert_eq!(
+        err.matches("layer order read from an earlier run").count(),
+        1,
+        "{err}"
+    );
+    let (alone20, _) = run("alone20", "0.2");
+    assert_eq!(removed(&both, "sleb@0.2"), removed(&alone20, "sleb@0.2"));
+    // A deeper sparsity than stored searches again.
+    let (_, err) = run("alone", "0.3,0.5");
+    assert_eq!(
+        err.matches("layer order read from an earlier run").count(),
+        0,
+        "{err}"
+    );
+    assert_eq!(removed(&both, "sleb@0.5"), removed(&alone, "sleb@0.5"));
 }
 
 #[test]
