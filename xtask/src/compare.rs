@@ -689,12 +689,38 @@ impl Job for CompareJob {
 }
 
 impl CompareJob {
-    /// A layer method's removal order, searched once to the largest sparsity of the run's
-    /// cells of the same method: every smaller sparsity's plan is a prefix of it. The order is
-    /// kept in `DIR/layer-orders/<method>.json` with the sparsity it reached, so a later run
-    /// on the same settings (`settings.json` pins the calibration) that asks for no deeper
-    /// sparsity reads it instead of searching again.
+    /// A layer method's removal order (kept in memory for the run's later cells), searched once
+    /// to the largest sparsity of the run's cells of the same method: every smaller sparsity's
+    /// plan is a prefix of it. The order is kept in `DIR/layer-orders/<method>.json` with the
+    /// sparsity it reached, so a later run on the same settings (`settings.json` pins the
+    /// calibration) that asks for no deeper sparsity reads it instead of searching again.
     fn layer_order<B: Backend>(
+        &self,
+        model: &Llama<B>,
+        windows: &[Vec<u32>],
+        spec: &Spec,
+        method: Method,
+        sparsity: f64,
+        settings: &MethodSettings,
+    ) -> Result<Vec<usize>> {
+        if let Some(order) = self.layer_orders.borrow().get(&spec.base) {
+            tracing::info!(
+                method = spec.base.as_str(),
+                "layer order reused from an earlier cell"
+            );
+            return Ok(order.clone());
+        }
+        let order =
+            self.stored_or_searched_order(model, windows, spec, method, sparsity, settings)?;
+        self.layer_orders
+            .borrow_mut()
+            .insert(spec.base.clone(), order.clone());
+        Ok(order)
+    }
+
+    /// [`CompareJob::layer_order`] when this run has none yet: read from `DIR/layer-orders/`
+    /// or searched (and stored there).
+    fn stored_or_searched_order<B: Backend>(
         &self,
         model: &Llama<B>,
         windows: &[Vec<u32>],
@@ -846,33 +872,13 @@ impl CompareJob {
             m => {
                 let method = m.parse::<Method>()?;
                 // Unit scores do not depend on the sparsity: score once per method spec.
-                let cached = self.scores.borrow().get(&method_spec(&spec)).cloned();
-                let known_order = self.layer_orders.borrow().get(&spec.base).cloned();
+                let cached = (!method.removes_layers())
+                    .then(|| self.scores.borrow().get(&method_spec(&spec)).cloned())
+                    .flatten();
                 match cached {
                     _ if method.removes_layers() => {
-                        let order = match known_order {
-                            Some(order) => {
-                                tracing::info!(
-                                    method = m,
-                                    "layer order reused from an earlier cell"
-                                );
-                                order
-                            }
-                            None => {
-                                let order = self.layer_order(
-                                    model,
-                                    windows(),
-                                    &spec,
-                                    method,
-                                    sparsity,
-                                    &settings,
-                                )?;
-                                self.layer_orders
-                                    .borrow_mut()
-                                    .insert(spec.base.clone(), order.clone());
-                                order
-                            }
-                        };
+                        let order =
+                            self.layer_order(model, windows(), &spec, method, sparsity, &settings)?;
                         let plan = lopper_core::plan_drop_layers(
                             model.shape(),
                             &order,
