@@ -166,6 +166,22 @@ fn least_squares_and_obs_reconstruction_of_the_real_model_beat_the_cut_and_expor
     let bias = loss(&lopper_surgery::prune_compensated(model, &plan, &means).unwrap());
     let least = loss(&ls);
     let dense = loss(model);
+    // The checked compensation, decided on 16 calibration windows: its losses there are the cut
+    // models' own, never above the rule's or none's; on the held-out windows it lies between.
+    let check = &calib[80..];
+    let (extra, sel) =
+        lopper_surgery::select_compensation(model, &plan, &means, check, 4, |_| {}).unwrap();
+    let on_check = |m: Option<&lopper_surgery::InputMeans>| {
+        lopper_surgery::windows_loss_kept(model, &plan, m, check, 4).unwrap()
+    };
+    assert!((sel.loss_all - on_check(Some(&means))).abs() < 1e-4, "{sel:?}");
+    assert!((sel.loss_none - on_check(None)).abs() < 1e-4, "{sel:?}");
+    assert!(sel.loss_chosen <= sel.loss_all.min(sel.loss_none), "{sel:?}");
+    let checked = loss(&lopper_surgery::prune_with_biases(model, &plan, &extra).unwrap());
+    assert!(
+        checked <= bias.max(none) + 1e-3,
+        "held-out loss: checked {checked}, bias {bias}, none {none}"
+    );
     assert!(
         least < bias.min(none),
         "held-out loss: ls {least}, bias {bias}, none {none}"

@@ -35,8 +35,10 @@ pub struct PruneArgs {
     /// One-shot methods: unstructured (a --sparsity fraction of every matrix) or N:M (2:4, 4:8).
     #[arg(long)]
     pub pattern: Option<String>,
-    /// Metric methods: per-layer (every layer keeps the same fraction), global (per type over
-    /// all layers) or global-params (all units ranked together by parameter weight, FLAP's
+    /// Metric methods: per-layer (every layer keeps the same fraction of its KV groups and of
+    /// its channels), per-layer-params (every layer keeps the same fraction of its parameters:
+    /// channels make up for the rounding of KV groups), global (per type over all layers) or
+    /// global-params (all units ranked together by parameter weight, FLAP's
     /// AL-AM). Default: the method's own (global-params for flap, per-layer otherwise).
     #[arg(long)]
     pub allocation: Option<lopper_core::Allocation>,
@@ -212,7 +214,8 @@ pub struct PruneArgs {
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub bias_compensation: Option<bool>,
     /// What the cut does to the kept weights: `none` (the dense weights of the kept units),
-    /// `bias` (FLAP's bias compensation) or `ls` (every kept o_proj / down_proj refit, layer by
+    /// `bias` (FLAP's bias compensation, each block's kept only where it lowers the loss on
+    /// the last 16 calibration windows; the choices go to bias-compensation.json) or `ls` (every kept o_proj / down_proj refit, layer by
     /// layer, by damped least squares so the pruned residual stream follows the dense one on the
     /// calibration windows; on the default model at 30% it gives 21% lower WikiText-2
     /// perplexity than `bias` for pg and 34% for flap, for about two more CPU minutes), or
@@ -704,7 +707,8 @@ fn finish<B: Backend>(
         a.refit_inputs,
     )?;
     done.update(&mut plan);
-    let (pruned, recon) = (done.model, done.reports);
+    done.write_reports(&a.out)?;
+    let (pruned, recon, bias) = (done.model, done.reports, done.bias);
     plan.meta
         .insert("reconstruct".into(), cut.how.to_string().into());
     if a.refit_inputs {
@@ -714,9 +718,6 @@ fn finish<B: Backend>(
         "bias_compensation".into(),
         (cut.how == Reconstruct::Bias).into(),
     );
-    if let Some(r) = &recon {
-        write_json(&a.out.join("reconstruction.json"), r)?;
-    }
     write_json(&a.out.join("plan.json"), &plan)?;
     let model_dir = a.out.join("model");
     lopper_surgery::export(
@@ -777,6 +778,9 @@ fn finish<B: Backend>(
     }
     if let Some(r) = &recon {
         report += &crate::reconstruct::summary(cut.how, r);
+    }
+    if let Some(b) = &bias {
+        report += &crate::reconstruct::bias_summary(b);
     }
     if let Some((first, Some(last))) = curve {
         report += &format!(

@@ -372,7 +372,10 @@ pub fn compensation_biases<B: Backend>(
     Ok(out)
 }
 
-fn with_extra_bias<B: Backend>(lin: &Linear<B>, extra: &Option<Tensor<B, 1>>) -> Linear<B> {
+pub(crate) fn with_extra_bias<B: Backend>(
+    lin: &Linear<B>,
+    extra: &Option<Tensor<B, 1>>,
+) -> Linear<B> {
     match extra {
         None => lin.clone(),
         Some(v) => Linear {
@@ -413,7 +416,25 @@ pub fn prune_compensated<B: Backend>(
     plan: &MaskPlan,
     means: &InputMeans,
 ) -> Result<Llama<B>> {
-    let extra = compensation_biases(model, plan, means)?;
+    prune_with_biases(model, plan, &compensation_biases(model, plan, means)?)
+}
+
+/// [`prune`], then `extra[i]` (one per source layer, from [`compensation_biases`] or
+/// [`crate::select_compensation`]) added to each kept layer's o_proj / down_proj biases.
+pub fn prune_with_biases<B: Backend>(
+    model: &Llama<B>,
+    plan: &MaskPlan,
+    extra: &[LayerBias<B>],
+) -> Result<Llama<B>> {
+    plan.validate_against(model.shape())?;
+    if extra.len() != plan.layers.len() {
+        return Err(lopper_model::Error::Input(format!(
+            "{} layers of compensation biases for a plan of {} layers",
+            extra.len(),
+            plan.layers.len()
+        ))
+        .into());
+    }
     let layers = plan
         .kept_layers()
         .into_iter()

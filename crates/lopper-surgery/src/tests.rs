@@ -701,3 +701,99 @@ fn a_block_removed_whole_carries_its_mean_output_to_the_previous_kept_projection
             .all(|e| e.o_proj.is_none() && e.down_proj.is_none())
     );
 }
+
+/// Calibration windows of the tiny model: `n` rows of 13 tokens.
+fn calib_windows(n: usize, seed: u64) -> Vec<Vec<u32>> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    (0..n)
+        .map(|_| (0..13).map(|_| rng.random_range(0..128u32)).collect())
+        .collect()
+}
+
+#[test]
+fn checked_compensation_is_never_above_flaps_rule_or_none_on_its_windows() {
+    let model = tiny();
+    let windows = calib_windows(5, 4);
+    let mut rng = ChaCha8Rng::seed_from_u64(8);
+    let mut dropped_some = false;
+    for scale in [1.0, 40.0] {
+        for _ in 0..3 {
+            let plan = random_plan(model.shape(), 0.6, &mut rng);
+            let mut means = some_means(model.shape());
+            // Large means make some compensations harmful, so that dropping is exercised.
+            for v in means.o_proj.iter_mut().chain(means.down_proj.iter_mut()) {
+                v.iter_mut().for_each(|x| *x *= scale);
+            }
+            let mut seen = 0;
+            let (extra, sel) =
+                select_compensation(&model, &plan, &means, &windows, 2, |_| seen += 1).unwrap();
+            assert_eq!(seen, sel.blocks.len());
+            // The losses it reports are the cut models' own losses.
+            let all = windows_loss_kept(&model, &plan, Some(&means), &windows, 2).unwrap();
+            let none = windows_loss_kept(&model, &plan, None, &windows, 2).unwrap();
+            assert!(
+                (sel.loss_all - all).abs() < 1e-5,
+                "{} vs {all}",
+                sel.loss_all
+            );
+            assert!(
+                (sel.loss_none - none).abs() < 1e-5,
+                "{} vs {none}",
+                sel.loss_none
+            );
+            let built = prune_with_biases(&model, &plan, &extra).unwrap();
+            let mut sum = 0.0;
+            for b in windows.chunks(2) {
+                let nll = built.token_nll(model.tokens(b).unwrap(), None).unwrap();
+                sum += lopper_model::mean_of(nll).unwrap() * b.len() as f64;
+            }
+            let got = sum / windows.len() as f64;
+            assert!(
+                (got - sel.loss_chosen).abs() < 1e-5,
+                "{got} vs {}",
+                sel.loss_chosen
+            );
+            assert!(sel.loss_chosen <= all.min(none) + 1e-9, "{sel:?}");
+            // What is reported kept is what is returned.
+            for c in &sel.blocks {
+                let slot = match c.name {
+                    "o_proj" => &extra[c.layer].o_proj,
+                    _ => &extra[c.layer].down_proj,
+                };
+                assert_eq!(slot.is_some(), c.kept, "{c:?}");
+            }
+            dropped_some |= sel.blocks.iter().any(|c| !c.kept);
+            assert!(
+                !sel.blocks.is_empty(),
+                "a cut plan has compensations to check"
+            );
+        }
+    }
+    assert!(dropped_some, "no compensation was ever dropped");
+}
+
+#[test]
+fn checked_compensation_of_a_keep_all_plan_is_nothing() {
+    let model = tiny();
+    let plan = MaskPlan::keep_all(model.shape());
+    let (extra, sel) = select_compensation(
+        &model,
+        &plan,
+        &some_means(model.shape()),
+        &calib_windows(2, 1),
+        2,
+        |_| {},
+    )
+    .unwrap();
+    assert!(sel.blocks.is_empty());
+    assert!(
+        extra
+            .iter()
+            .all(|b| b.o_proj.is_none() && b.down_proj.is_none())
+    );
+    assert_eq!(sel.loss_all, sel.loss_none);
+    let e = select_compensation(&model, &plan, &some_means(model.shape()), &[], 2, |_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("calibration window"), "{e}");
+}
