@@ -75,6 +75,13 @@ pub struct CompareArgs {
     /// Windows per forward pass (metrics and evaluation).
     #[arg(long, default_value_t = 8)]
     batch_size: usize,
+    /// Methods that allocate per layer (wanda-sp, llm-bip, llm-pruner, mini-llm, magnitude,
+    /// random) keep the asked fraction of every layer's parameters (`--allocation
+    /// per-layer-params`: channels make up for the rounding of a few KV groups), so that every
+    /// cell has the size its sparsity says; without it they keep their papers' per-layer
+    /// counts (on SmolLM2 0.5417 of the parameters at 0.5).
+    #[arg(long)]
+    exact_size: bool,
     /// Policy-gradient settings (as `prune --preset`): lopper or reference.
     #[arg(long, default_value = "lopper")]
     pg_preset: String,
@@ -172,6 +179,9 @@ struct Settings {
     /// every `calib` window of `calib_seq_len` tokens in the order of `seed`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     recover: Option<lopper_recover::RecoverConfig>,
+    /// `--exact-size` (absent in comparisons made before it: off).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    exact_size: bool,
 }
 
 /// Folders made before presets existed ran the reference settings.
@@ -238,7 +248,8 @@ where
 
 /// A `--methods` entry: `dense`, or `NAME[:INIT][+none|+bias|+ls|+obs]`: `pg:flap` is the
 /// policy-gradient search started from FLAP's scores (instead of `--pg-init`), `+bias` adds
-/// FLAP-style bias compensation at surgery (FLAP has it already), `+ls` refits every kept
+/// FLAP-style bias compensation at surgery, checked block by block against the calibration
+/// loss (FLAP has it already), `+ls` refits every kept
 /// o_proj / down_proj by least squares on the calibration windows, `+obs` also lets OBS choose
 /// which KV groups and channels go within the plan's per-layer counts, `+none` cuts only.
 ///
@@ -457,6 +468,7 @@ pub fn run(args: CompareArgs) -> Result<()> {
             .into()
         }),
         pg_preset: args.pg_preset.clone(),
+        exact_size: args.exact_size,
         recover: if methods.iter().any(|m| m.ends_with("+recover")) {
             crate::recover::check_data(&args.calib).context("+recover trains on --calib")?;
             Some(crate::recover::compare_config(
@@ -800,6 +812,15 @@ impl CompareJob {
         let spec = Spec::parse(method)?;
         let settings = MethodSettings {
             bias_compensation: spec.bias,
+            allocation: match spec.base.parse::<Method>() {
+                Ok(m)
+                    if st.exact_size
+                        && m.default_allocation() == Some(lopper_core::Allocation::PerLayer) =>
+                {
+                    Some(lopper_core::Allocation::PerLayerParams)
+                }
+                _ => None,
+            },
             ..settings
         };
         let windows = || calib.map_or(&[][..], |c| &c.windows[..]);
@@ -961,10 +982,8 @@ impl CompareJob {
                     done.update(&mut p);
                     crate::prune::write_json(&dir.join("plan.json"), &p)?;
                 }
-                let (pruned, recon) = (done.model, done.reports);
-                if let Some(r) = recon {
-                    crate::prune::write_json(&dir.join("reconstruction.json"), &r)?;
-                }
+                done.write_reports(dir)?;
+                let pruned = done.model;
                 let alloc = p
                     .meta
                     .get("allocation")

@@ -1059,6 +1059,28 @@ fn metric_methods_prune_the_tiny_model() {
         serde_json::from_str(&std::fs::read_to_string(out.join("model/config.json")).unwrap())
             .unwrap();
     assert_eq!(cfg["mlp_bias"], true);
+    // Bias compensation, each block's checked against the calibration loss: every decision in
+    // bias-compensation.json, never above FLAP's rule or no compensation, and in the report.
+    let (ok, _, err, out) = run("flap", &["--reconstruct", "bias", "--force"]);
+    assert!(ok, "{err}");
+    let plan = lopper_core::MaskPlan::load(&out.join("plan.json")).unwrap();
+    assert_eq!(plan.meta["bias_compensation"], true);
+    let sel: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("bias-compensation.json")).unwrap())
+            .unwrap();
+    let blocks = sel["blocks"].as_array().unwrap();
+    assert!(!blocks.is_empty(), "{sel}");
+    let loss = |k: &str| sel[k].as_f64().unwrap();
+    assert!(
+        loss("loss_chosen") <= loss("loss_all").min(loss("loss_none")),
+        "{sel}"
+    );
+    let kept = blocks.iter().filter(|b| b["kept"] == true).count();
+    let report = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(
+        report.contains(&format!("kept for {kept} of {} blocks", blocks.len())),
+        "{report}"
+    );
     // Least-squares reconstruction at the cut: every refit projection reported, the plan says so.
     let (ok, _, err, out) = run("flap", &["--reconstruct", "ls", "--force"]);
     assert!(ok, "{err}");
@@ -1192,6 +1214,43 @@ fn compare_args<'a>(
         "--out",
         out,
     ]
+}
+
+#[test]
+fn compare_with_exact_size_gives_per_layer_methods_the_asked_size() {
+    let root = tempfile::tempdir().unwrap();
+    // Three KV groups per layer: a per-layer plan keeps 2 of 3 at 0.5.
+    let mut shape = lopper_core::ModelShape::tiny();
+    for l in &mut shape.layers {
+        (l.n_heads, l.n_kv_heads) = (3, 3);
+    }
+    let (model, calib) = model_dir(root.path(), &shape, "three");
+    let kept = |exact: bool| {
+        let out = root.path().join(format!("exact-{exact}"));
+        let mut args = compare_args(&model, &calib, out.to_str().unwrap(), "llm-bip,wanda-sp");
+        let i = args.iter().position(|a| *a == "--sparsity").unwrap();
+        args[i + 1] = "0.5";
+        if exact {
+            args.push("--exact-size");
+        }
+        let (ok, _, err) = xtask(&args);
+        assert!(ok, "{err}");
+        let settings = std::fs::read_to_string(out.join("settings.json")).unwrap();
+        assert_eq!(settings.contains("exact_size"), exact, "{settings}");
+        ["llm-bip@0.5", "wanda-sp@0.5"].map(|id| {
+            let plan =
+                lopper_core::MaskPlan::load(&out.join("cells").join(id).join("plan.json")).unwrap();
+            (plan.kept_param_ratio(), plan.meta["allocation"].clone())
+        })
+    };
+    for (ratio, allocation) in kept(false) {
+        assert!(ratio > 0.52, "{ratio}");
+        assert_eq!(allocation, "per-layer");
+    }
+    for (ratio, allocation) in kept(true) {
+        assert!((ratio - 0.5).abs() < 0.02, "{ratio}");
+        assert_eq!(allocation, "per-layer-params");
+    }
 }
 
 #[test]

@@ -11,6 +11,11 @@ use crate::{Error, LayerPlan, MaskPlan, ModelShape, PruneUnit, Result, UnitKind}
 pub enum Allocation {
     /// Every layer keeps `round(keep * n)` KV groups and channels (scores compared within a layer).
     PerLayer,
+    /// Every layer keeps `keep` of its parameters: `round(keep * n)` KV groups as
+    /// [`Allocation::PerLayer`], and as many channels as bring the layer's kept parameters
+    /// closest to `keep` of them, so that the rounding of a few KV groups per layer (3 in
+    /// SmolLM2, where `per-layer` keeps 0.5417 at 0.5) does not change the model's size.
+    PerLayerParams,
     /// Each unit type keeps `round(keep * n)` units over the whole model (scores compared across
     /// layers, so layers end up with different widths).
     Global,
@@ -25,6 +30,7 @@ impl Allocation {
     pub fn name(self) -> &'static str {
         match self {
             Allocation::PerLayer => "per-layer",
+            Allocation::PerLayerParams => "per-layer-params",
             Allocation::Global => "global",
             Allocation::GlobalParams => "global-params",
         }
@@ -36,10 +42,11 @@ impl std::str::FromStr for Allocation {
     fn from_str(s: &str) -> Result<Self> {
         match s {
             "per-layer" => Ok(Allocation::PerLayer),
+            "per-layer-params" => Ok(Allocation::PerLayerParams),
             "global" => Ok(Allocation::Global),
             "global-params" => Ok(Allocation::GlobalParams),
             o => Err(Error::InvalidPlan(format!(
-                "unknown allocation `{o}`; use per-layer, global or global-params"
+                "unknown allocation `{o}`; use per-layer, per-layer-params, global or global-params"
             ))),
         }
     }
@@ -115,6 +122,7 @@ impl UnitScores {
     pub fn plan(&self, shape: &ModelShape, keep: f64, allocation: Allocation) -> Result<MaskPlan> {
         let mut plan = match allocation {
             Allocation::PerLayer => self.plan_per_layer(shape, keep)?,
+            Allocation::PerLayerParams => self.plan_per_layer_params(shape, keep)?,
             Allocation::Global => self.plan_global(shape, keep)?,
             Allocation::GlobalParams => self.plan_global_params(shape, keep)?,
         };
@@ -168,7 +176,7 @@ impl UnitScores {
             )));
         }
         let mut plan = match allocation {
-            Allocation::PerLayer => {
+            Allocation::PerLayer | Allocation::PerLayerParams => {
                 let mut plan = self.plan(shape, inner_keep, allocation)?;
                 for &l in protected {
                     plan.layers[l].kv_groups = (0..shape.layers[l].n_kv_heads).collect();
@@ -318,6 +326,42 @@ impl UnitScores {
         Self::plan_of_kept(shape, order[..best].iter().map(|&i| units[i]))
     }
 
+    /// [`Allocation::PerLayerParams`]'s plan: in every layer the `round(keep * n)` best KV
+    /// groups, and the best channels in the number that brings the layer's kept parameters
+    /// closest to `keep` of them (at least one where `per-layer` would keep one).
+    pub fn plan_per_layer_params(&self, shape: &ModelShape, keep: f64) -> Result<MaskPlan> {
+        self.check(shape)?;
+        check_keep(keep)?;
+        let h = shape.hidden_size;
+        let layers = shape
+            .layers
+            .iter()
+            .enumerate()
+            .map(|(i, l)| {
+                let kv = keep_count(keep, l.n_kv_heads);
+                let attn_kept = if l.n_kv_heads == 0 {
+                    0.0
+                } else {
+                    l.attn_params(h) as f64 * kv as f64 / l.n_kv_heads as f64
+                };
+                let target = keep * (l.attn_params(h) + l.mlp_params(h)) as f64;
+                let per_channel = 3.0 * h as f64;
+                let ch = ((target - attn_kept) / per_channel).round().max(0.0) as usize;
+                let ch = ch.clamp(keep_count(keep, l.ffn_hidden).min(1), l.ffn_hidden);
+                LayerPlan {
+                    kv_groups: top_k(&self.kv_groups[i], kv),
+                    channels: top_k(&self.channels[i], ch),
+                }
+            })
+            .collect();
+        let plan = MaskPlan {
+            layers,
+            ..MaskPlan::keep_all(shape)
+        };
+        plan.validate()?;
+        Ok(plan)
+    }
+
     /// The plan keeping, in every layer, the `round(keep * n)` best KV groups and channels
     /// (per-layer uniform allocation).
     pub fn plan_per_layer(&self, shape: &ModelShape, keep: f64) -> Result<MaskPlan> {
@@ -418,6 +462,57 @@ mod tests {
         let mut bad = scores.clone();
         bad.channels[1].pop();
         assert!(bad.plan_per_layer(&s, 0.5).is_err());
+    }
+
+    #[test]
+    fn per_layer_params_plans_meet_the_budget_where_kv_groups_round() {
+        // SmolLM2-135M's layers: 3 KV groups of 3 query heads, 1536 channels.
+        let s = ModelShape {
+            hidden_size: 576,
+            layers: vec![
+                crate::LayerShape {
+                    n_heads: 9,
+                    n_kv_heads: 3,
+                    head_dim: 64,
+                    ffn_hidden: 1536,
+                };
+                30
+            ],
+            ..ModelShape::tiny()
+        };
+        let scores = layered(&s);
+        for keep in [0.8, 0.7, 0.5] {
+            let uniform = scores.plan(&s, keep, Allocation::PerLayer).unwrap();
+            let exact = scores.plan(&s, keep, Allocation::PerLayerParams).unwrap();
+            assert_eq!(exact.meta["allocation"], "per-layer-params");
+            // One channel of one layer is 3 * 576 of the layer's 3.5M parameters.
+            assert!(
+                (exact.kept_param_ratio() - keep).abs() < 1e-3,
+                "{keep}: {}",
+                exact.kept_param_ratio()
+            );
+            assert!((uniform.kept_param_ratio() - keep).abs() > 0.005, "{keep}");
+            for (e, u) in exact.layers.iter().zip(&uniform.layers) {
+                // The same KV groups; the channels are the best ones, a prefix of the ranking.
+                assert_eq!(e.kv_groups, u.kv_groups);
+                let (short, long) = if e.channels.len() < u.channels.len() {
+                    (&e.channels, &u.channels)
+                } else {
+                    (&u.channels, &e.channels)
+                };
+                assert!(short.iter().all(|c| long.contains(c)));
+            }
+        }
+        // Where the KV groups split exactly it is the per-layer plan.
+        let s = ModelShape::tiny();
+        let scores = layered(&s);
+        assert_eq!(
+            scores
+                .plan(&s, 0.5, Allocation::PerLayerParams)
+                .unwrap()
+                .layers,
+            scores.plan(&s, 0.5, Allocation::PerLayer).unwrap().layers
+        );
     }
 
     /// Scores where layer `l`'s units score `l` plus a small index term, so global allocations
