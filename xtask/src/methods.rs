@@ -74,7 +74,10 @@ pub struct PgInit<'a> {
 /// The policy-gradient initialisation of `init` at the kept fraction `keep`. `windows` are the
 /// search's calibration windows; `held_out` (or, without any, the first 16 search windows)
 /// decide `auto` under the config's judge (`lopper_policy::judge_plans`: with `means` as the
-/// search will score masks, or after a least-squares cut on the first search windows).
+/// search will score masks, or after a least-squares cut on the first search windows). Also
+/// returns whether the search compensates: `cfg.compensation`, or under
+/// [`PgConfig::compensation_auto`] with `auto` the rule under which the best candidate scored
+/// best (each candidate judged with and without compensation).
 pub fn pg_init<B: Backend>(
     init: &PgInit,
     model: &Llama<B>,
@@ -82,7 +85,7 @@ pub fn pg_init<B: Backend>(
     held_out: &[Vec<u32>],
     means: Option<&InputMeans>,
     cfg: &PgConfig,
-) -> Result<(Init, Option<lopper_policy::Judged>)> {
+) -> Result<(Init, Option<lopper_policy::Judged>, bool)> {
     let shape = model.shape();
     let keep = cfg.keep();
     let metric = |method: Method, keep: f64| {
@@ -157,8 +160,9 @@ pub fn pg_init<B: Backend>(
                 held_out
             };
             let plans: Vec<&MaskPlan> = fitted.iter().collect();
-            let (judged, i) =
+            let (mut judged, mut i) =
                 lopper_policy::judge_plans(model, &plans, &[], means, windows, judge, cfg)?;
+            // Recorded as judged under `cfg` (with compensation when it is on).
             let (mut masked, mut refit) = (serde_json::Map::new(), serde_json::Map::new());
             for ((name, _, _), j) in candidates.iter().zip(&judged) {
                 tracing::info!(
@@ -172,14 +176,52 @@ pub fn pg_init<B: Backend>(
                     refit.insert(name.clone(), l.into());
                 }
             }
+            // Under compensation_auto the candidates are judged without compensation too, and
+            // the search takes the rule of the best score of either.
+            let mut compensation = cfg.compensation;
+            let mut uncompensated = serde_json::Map::new();
+            if cfg.compensation && cfg.compensation_auto {
+                let off = PgConfig {
+                    compensation: false,
+                    ..cfg.clone()
+                };
+                let (judged_off, j) =
+                    lopper_policy::judge_plans(model, &plans, &[], None, windows, judge, &off)?;
+                for ((name, _, _), (on, o)) in candidates.iter().zip(judged.iter().zip(&judged_off))
+                {
+                    tracing::info!(
+                        init = name.as_str(),
+                        compensated = on.score(cfg.judge),
+                        uncompensated = o.score(cfg.judge),
+                        "candidate start under both rules"
+                    );
+                    uncompensated.insert(name.clone(), o.score(cfg.judge).into());
+                }
+                if judged_off[j].score(cfg.judge) < judged[i].score(cfg.judge) {
+                    tracing::info!(
+                        init = candidates[j].0.as_str(),
+                        loss = judged_off[j].score(cfg.judge),
+                        compensated = judged[i].score(cfg.judge),
+                        "the best start scores best without bias compensation: the search runs without it"
+                    );
+                    (judged, i, compensation) = (judged_off, j, false);
+                }
+            }
             let (name, mut plan, scores) = candidates.swap_remove(i);
             plan.meta.insert("method".into(), name.into());
             plan.meta.insert("init_candidates".into(), masked.into());
+            if !uncompensated.is_empty() {
+                // Both rules' losses, and the one the search runs under.
+                plan.meta
+                    .insert("init_candidates_uncompensated".into(), uncompensated.into());
+                plan.meta
+                    .insert("search_compensation".into(), compensation.into());
+            }
             if !refit.is_empty() {
                 // The held-out loss after a least-squares cut (the judge's ranking).
                 plan.meta.insert("init_candidates_ls".into(), refit.into());
             }
-            return Ok((Init::Plan { plan, scores }, Some(judged[i])));
+            return Ok((Init::Plan { plan, scores }, Some(judged[i]), compensation));
         }
         m if m.parse::<Method>().is_ok() => {
             let method: Method = m.parse()?;
@@ -227,7 +269,7 @@ pub fn pg_init<B: Backend>(
             }
         }
     };
-    Ok((start, None))
+    Ok((start, None, cfg.compensation))
 }
 
 /// Scores from a plan: 1 for kept units, 0 for removed ones (then `sigmap` per layer, like the
@@ -318,8 +360,17 @@ pub fn run_pg<B: Backend>(
     let ckpt = run.dir.join("checkpoint.json");
     let (mut state, space) = if run.resume {
         let (s, space) = PgState::load(&ckpt, model.shape())?;
+        // Under compensation_auto the checkpoint holds the rule the start chose.
+        let expected = PgConfig {
+            compensation: if cfg.compensation_auto {
+                s.config.compensation
+            } else {
+                cfg.compensation
+            },
+            ..cfg.clone()
+        };
         anyhow::ensure!(
-            s.config == *cfg,
+            s.config == expected,
             "--resume: the settings differ from the checkpoint's ({}); resume with the same flags",
             serde_json::to_string(&s.config)?
         );
@@ -339,9 +390,14 @@ pub fn run_pg<B: Backend>(
         tracing::info!(step = s.step, "resuming");
         (s, space)
     } else {
-        let (start, judged) = pg_init(init, model, search_windows, held_out, means.as_ref(), cfg)?;
+        let (start, judged, compensation) =
+            pg_init(init, model, search_windows, held_out, means.as_ref(), cfg)?;
+        let cfg = PgConfig {
+            compensation,
+            ..cfg.clone()
+        };
         let space = cfg.space(model.shape(), &start)?;
-        let mut s = PgState::new(cfg.clone(), &space, &start)?;
+        let mut s = PgState::new(cfg, &space, &start)?;
         s.init_judged = judged;
         s.meta = run.meta.clone();
         (s, space)

@@ -208,11 +208,12 @@ pub struct PruneArgs {
     pub stop_after: Option<usize>,
     /// FLAP-style bias compensation: the calibration mean of every removed o_proj / down_proj
     /// input goes into that projection's bias, and a block removed whole carries its mean output
-    /// into the previous kept projection. pg scores every sampled mask with it (default on under
-    /// preset lopper). `--bias-compensation` or `--bias-compensation true|false`; what the final
-    /// cut does is --reconstruct's choice.
+    /// into the previous kept projection. pg scores every sampled mask with it: `auto` (pg's
+    /// default under preset lopper) judges the automatic start's candidates with and without
+    /// it on the held-out windows and searches under the better rule. `--bias-compensation` or
+    /// `--bias-compensation true|false|auto`; what the final cut does is --reconstruct's choice.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
-    pub bias_compensation: Option<bool>,
+    pub bias_compensation: Option<String>,
     /// What the cut does to the kept weights: `none` (the dense weights of the kept units),
     /// `bias` (FLAP's bias compensation, each block's kept only where it lowers the loss on
     /// the last 16 calibration windows; the choices go to bias-compensation.json) or `ls` (every kept o_proj / down_proj refit, layer by
@@ -325,7 +326,14 @@ impl PruneArgs {
                 None => base.projection,
             },
             anneal: self.anneal.unwrap_or(base.anneal),
-            compensation: self.bias_compensation.unwrap_or(base.compensation),
+            compensation: match self.compensation()? {
+                Some((on, _)) => on,
+                None => base.compensation,
+            },
+            compensation_auto: match self.compensation()? {
+                Some((_, auto)) => auto,
+                None => base.compensation_auto,
+            },
             // Small calibration sets hold out a quarter at most.
             held_out: self
                 .held_out
@@ -336,6 +344,27 @@ impl PruneArgs {
         };
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// `--bias-compensation`: `(on, decided at the start)`, or the preset's (`None`).
+    fn compensation(&self) -> Result<Option<(bool, bool)>> {
+        Ok(match self.bias_compensation.as_deref() {
+            None => None,
+            Some("true") => Some((true, false)),
+            Some("false") => Some((false, false)),
+            Some("auto") => Some((true, true)),
+            Some(o) => bail!("--bias-compensation `{o}`: use true, false or auto"),
+        })
+    }
+
+    /// `--bias-compensation` of a metric method (`auto` is pg's alone).
+    fn metric_compensation(&self) -> Result<Option<bool>> {
+        Ok(match self.compensation()? {
+            Some((_, true)) if self.method != "pg" => bail!(
+                "--bias-compensation auto chooses the rule of a pg search; a metric method takes true or false"
+            ),
+            c => c.map(|(on, _)| on),
+        })
     }
 
     /// `--reconstruct`, or its default (ls).
@@ -388,6 +417,7 @@ pub fn run(args: PruneArgs) -> Result<()> {
     }
     // Validate everything before loading anything.
     let cfg = args.pg_config()?;
+    args.metric_compensation()?;
     args.cut()?.check_refit_inputs(args.refit_inputs)?;
     anyhow::ensure!(
         cfg.judge == Judge::Masked || args.cut()?.refits(),
@@ -569,7 +599,7 @@ impl Job for PruneJob {
             batch_size,
             seed: a.seed,
             allocation: a.allocation,
-            bias_compensation: a.bias_compensation,
+            bias_compensation: a.metric_compensation()?,
             sleb_barrier: 1,
             skip_layers: a.skip_layers,
             taylor: a.taylor.parse()?,

@@ -411,6 +411,31 @@ fn the_search_seed_changes_the_masks_and_not_the_calibration() {
         (curve, init)
     };
     let (base, base_init) = run("base", &[]);
+    // The default (auto) compensation judged every candidate both ways; the search ran under
+    // the rule it recorded, which the checkpoint holds.
+    let dir = root.path().join("base");
+    let plan = lopper_core::MaskPlan::load(&dir.join("plan.json")).unwrap();
+    let init = &plan.meta["final_choice"]["init"];
+    let (on, off) = (
+        init["init_candidates"].as_object().unwrap(),
+        init["init_candidates_uncompensated"].as_object().unwrap(),
+    );
+    assert_eq!(
+        on.keys().collect::<Vec<_>>(),
+        off.keys().collect::<Vec<_>>()
+    );
+    let best = |m: &serde_json::Map<String, serde_json::Value>| {
+        m.values()
+            .map(|v| v.as_f64().unwrap())
+            .fold(f64::INFINITY, f64::min)
+    };
+    let chosen = init["search_compensation"].as_bool().unwrap();
+    assert_eq!(chosen, best(on) <= best(off), "{init}");
+    let ckpt: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("checkpoint.json")).unwrap())
+            .unwrap();
+    assert_eq!(ckpt["config"]["compensation"], chosen);
+    assert_eq!(ckpt["config"]["compensation_auto"], true);
     let (same, _) = run("same", &["--search-seed", "42"]);
     let (other, other_init) = run("other", &["--search-seed", "7"]);
     assert_eq!(base, same, "--search-seed defaults to --seed");
@@ -809,6 +834,32 @@ fn prune_refuses_bad_settings_before_any_work() {
         (
             vec!["prune", "--sparsity", "0.3", "--judge", "best", "--out", o],
             "--judge",
+        ),
+        (
+            vec![
+                "prune",
+                "--sparsity",
+                "0.3",
+                "--bias-compensation",
+                "maybe",
+                "--out",
+                o,
+            ],
+            "true, false or auto",
+        ),
+        (
+            vec![
+                "prune",
+                "--sparsity",
+                "0.3",
+                "--method",
+                "flap",
+                "--bias-compensation",
+                "auto",
+                "--out",
+                o,
+            ],
+            "a metric method takes true or false",
         ),
         (
             vec![

@@ -330,50 +330,53 @@ impl UnitScores {
     /// groups, and the best channels in the number that brings the layer's kept parameters
     /// closest to `keep` of them (at least one where `per-layer` would keep one).
     pub fn plan_per_layer_params(&self, shape: &ModelShape, keep: f64) -> Result<MaskPlan> {
-        self.check(shape)?;
-        check_keep(keep)?;
         let h = shape.hidden_size;
-        let layers = shape
-            .layers
-            .iter()
-            .enumerate()
-            .map(|(i, l)| {
-                let kv = keep_count(keep, l.n_kv_heads);
-                let attn_kept = if l.n_kv_heads == 0 {
-                    0.0
-                } else {
-                    l.attn_params(h) as f64 * kv as f64 / l.n_kv_heads as f64
-                };
-                let target = keep * (l.attn_params(h) + l.mlp_params(h)) as f64;
-                let per_channel = 3.0 * h as f64;
-                let ch = ((target - attn_kept) / per_channel).round().max(0.0) as usize;
-                let ch = ch.clamp(keep_count(keep, l.ffn_hidden).min(1), l.ffn_hidden);
-                LayerPlan {
-                    kv_groups: top_k(&self.kv_groups[i], kv),
-                    channels: top_k(&self.channels[i], ch),
-                }
-            })
-            .collect();
-        let plan = MaskPlan {
-            layers,
-            ..MaskPlan::keep_all(shape)
-        };
-        plan.validate()?;
-        Ok(plan)
+        self.plan_counts(shape, keep, |l| {
+            let kv = keep_count(keep, l.n_kv_heads);
+            let attn_kept = if l.n_kv_heads == 0 {
+                0.0
+            } else {
+                l.attn_params(h) as f64 * kv as f64 / l.n_kv_heads as f64
+            };
+            let target = keep * (l.attn_params(h) + l.mlp_params(h)) as f64;
+            let ch = ((target - attn_kept) / (3.0 * h as f64)).round().max(0.0) as usize;
+            (
+                kv,
+                ch.clamp(keep_count(keep, l.ffn_hidden).min(1), l.ffn_hidden),
+            )
+        })
     }
 
     /// The plan keeping, in every layer, the `round(keep * n)` best KV groups and channels
     /// (per-layer uniform allocation).
     pub fn plan_per_layer(&self, shape: &ModelShape, keep: f64) -> Result<MaskPlan> {
+        self.plan_counts(shape, keep, |l| {
+            (
+                keep_count(keep, l.n_kv_heads),
+                keep_count(keep, l.ffn_hidden),
+            )
+        })
+    }
+
+    /// The plan keeping, in every layer, the best `count(layer)` = `(KV groups, channels)`.
+    fn plan_counts(
+        &self,
+        shape: &ModelShape,
+        keep: f64,
+        count: impl Fn(&crate::LayerShape) -> (usize, usize),
+    ) -> Result<MaskPlan> {
         self.check(shape)?;
         check_keep(keep)?;
         let layers = shape
             .layers
             .iter()
             .enumerate()
-            .map(|(i, l)| LayerPlan {
-                kv_groups: top_k(&self.kv_groups[i], keep_count(keep, l.n_kv_heads)),
-                channels: top_k(&self.channels[i], keep_count(keep, l.ffn_hidden)),
+            .map(|(i, l)| {
+                let (kv, ch) = count(l);
+                LayerPlan {
+                    kv_groups: top_k(&self.kv_groups[i], kv),
+                    channels: top_k(&self.channels[i], ch),
+                }
             })
             .collect();
         let plan = MaskPlan {

@@ -248,6 +248,12 @@ pub struct PgConfig {
     /// same biases).
     #[serde(default)]
     pub compensation: bool,
+    /// With `compensation`, decide it at the start instead: an automatic start (`--init auto`)
+    /// judges its candidates on the held-out windows with and without compensation, and the
+    /// search runs under the rule of the best one (its state then records `compensation`
+    /// as chosen). Other starts keep `compensation`.
+    #[serde(default)]
+    pub compensation_auto: bool,
     /// Calibration windows held out from the search; the final plan is the one of the search's
     /// top-k plan and the initial plan with the lower loss on them (0: the top-k plan).
     #[serde(default)]
@@ -311,6 +317,7 @@ impl PgConfig {
             antithetic: false,
             prob_floor: 0.0,
             compensation: false,
+            compensation_auto: false,
             held_out: 0,
             judge: Judge::Masked,
             channel_block: 0,
@@ -324,7 +331,8 @@ impl PgConfig {
     /// lopper's defaults at `sparsity` (what `prune --method pg` runs): KV groups, MLP channels
     /// and layers under one parameter budget, Adam at lr 0.01 with a cosine schedule,
     /// leave-one-out baseline over antithetic pairs of 2 masks x 8 windows, probabilities in
-    /// `[0.01, 0.99]`, bias compensation inside the search, and the final plan chosen on 16
+    /// `[0.01, 0.99]`, bias compensation inside the search where the start's judge finds it
+    /// helps ([`PgConfig::compensation_auto`]), and the final plan chosen on 16
     /// held-out windows (masked, [`Judge::Masked`]). 60 steps.
     pub fn new(sparsity: f64) -> Self {
         Self {
@@ -340,6 +348,7 @@ impl PgConfig {
             antithetic: true,
             prob_floor: 0.01,
             compensation: true,
+            compensation_auto: true,
             held_out: 16,
             ..Self::reference(sparsity)
         }
