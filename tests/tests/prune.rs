@@ -174,9 +174,15 @@ fn least_squares_and_obs_reconstruction_of_the_real_model_beat_the_cut_and_expor
     let on_check = |m: Option<&lopper_surgery::InputMeans>| {
         lopper_surgery::windows_loss_kept(model, &plan, m, check, 4).unwrap()
     };
-    assert!((sel.loss_all - on_check(Some(&means))).abs() < 1e-4, "{sel:?}");
+    assert!(
+        (sel.loss_all - on_check(Some(&means))).abs() < 1e-4,
+        "{sel:?}"
+    );
     assert!((sel.loss_none - on_check(None)).abs() < 1e-4, "{sel:?}");
-    assert!(sel.loss_chosen <= sel.loss_all.min(sel.loss_none), "{sel:?}");
+    assert!(
+        sel.loss_chosen <= sel.loss_all.min(sel.loss_none),
+        "{sel:?}"
+    );
     let checked = loss(&lopper_surgery::prune_with_biases(model, &plan, &extra).unwrap());
     assert!(
         checked <= bias.max(none) + 1e-3,
