@@ -67,8 +67,8 @@ impl std::fmt::Display for Reconstruct {
 }
 
 /// Calibration windows on which `bias` checks each block's compensation against the loss: the
-/// last 16 of the calibration set, which a PG search holds out (the means come from the first
-/// windows). On the default model 32 took twice the time (about a minute for LLM-BIP's 60
+/// last 16 of the calibration set, which a PG search holds out (prune and compare take the
+/// means from the first `--metric-samples` windows; export from all of them). On the default model 32 took twice the time (about a minute for LLM-BIP's 60
 /// blocks) and did not choose better for WikiText-2 (LLM-BIP at 30%: 209.3 against 204.7).
 pub const BIAS_CHECK_WINDOWS: usize = 16;
 
@@ -93,9 +93,7 @@ impl<B: Backend> Cut<B> {
         }
         Ok(())
     }
-}
 
-impl<B: Backend> Cut<B> {
     /// Records OBS's channels in `plan` (its metadata kept).
     pub fn update(&self, plan: &mut MaskPlan) {
         if let Some(c) = &self.chosen {
