@@ -277,6 +277,7 @@ impl PruneArgs {
     fn pg_config(&self) -> Result<PgConfig> {
         let base = PgConfig::preset(&self.preset, self.sparsity)?;
         let lr = self.lr;
+        let compensation = self.compensation()?;
         let cfg = PgConfig {
             sparsity: self.sparsity,
             units: match &self.units {
@@ -326,14 +327,8 @@ impl PruneArgs {
                 None => base.projection,
             },
             anneal: self.anneal.unwrap_or(base.anneal),
-            compensation: match self.compensation()? {
-                Some((on, _)) => on,
-                None => base.compensation,
-            },
-            compensation_auto: match self.compensation()? {
-                Some((_, auto)) => auto,
-                None => base.compensation_auto,
-            },
+            compensation: compensation.map_or(base.compensation, |(on, _)| on),
+            compensation_auto: compensation.map_or(base.compensation_auto, |(_, auto)| auto),
             // Small calibration sets hold out a quarter at most.
             held_out: self
                 .held_out

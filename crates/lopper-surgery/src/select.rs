@@ -11,7 +11,7 @@ use lopper_core::MaskPlan;
 use lopper_model::{DecoderLayer, LayerStepper, Llama, mean_of};
 
 use crate::error::Result;
-use crate::slice::{InputMeans, LayerBias, compensation_biases, slice_layer, with_extra_bias};
+use crate::slice::{InputMeans, LayerBias, compensation_biases, slice_layer, with_layer_bias};
 
 /// One block's compensation and the calibration loss that decided it.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -53,14 +53,7 @@ struct Cut<'a, B: Backend> {
 impl<B: Backend> Cut<'_, B> {
     /// Kept layer `k` with `bias` added to its o_proj / down_proj.
     fn layer(&self, k: usize, bias: &LayerBias<B>) -> DecoderLayer<B> {
-        let mut l = self.sliced[k].clone();
-        if let Some(a) = &mut l.self_attn {
-            a.o_proj = with_extra_bias(&a.o_proj, &bias.o_proj);
-        }
-        if let Some(m) = &mut l.mlp {
-            m.down_proj = with_extra_bias(&m.down_proj, &bias.down_proj);
-        }
-        l
+        with_layer_bias(self.sliced[k].clone(), bias)
     }
 }
 

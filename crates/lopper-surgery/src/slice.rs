@@ -372,10 +372,7 @@ pub fn compensation_biases<B: Backend>(
     Ok(out)
 }
 
-pub(crate) fn with_extra_bias<B: Backend>(
-    lin: &Linear<B>,
-    extra: &Option<Tensor<B, 1>>,
-) -> Linear<B> {
+fn with_extra_bias<B: Backend>(lin: &Linear<B>, extra: &Option<Tensor<B, 1>>) -> Linear<B> {
     match extra {
         None => lin.clone(),
         Some(v) => Linear {
@@ -399,14 +396,21 @@ pub fn slice_layer_biased<'a, B: Backend>(
     if extra.o_proj.is_none() && extra.down_proj.is_none() {
         return sliced;
     }
-    let mut l = sliced.into_owned();
-    if let Some(a) = &mut l.self_attn {
+    Cow::Owned(with_layer_bias(sliced.into_owned(), extra))
+}
+
+/// `layer` with `extra` added to its o_proj / down_proj biases (a block it lacks gets nothing).
+pub(crate) fn with_layer_bias<B: Backend>(
+    mut layer: DecoderLayer<B>,
+    extra: &LayerBias<B>,
+) -> DecoderLayer<B> {
+    if let Some(a) = &mut layer.self_attn {
         a.o_proj = with_extra_bias(&a.o_proj, &extra.o_proj);
     }
-    if let Some(m) = &mut l.mlp {
+    if let Some(m) = &mut layer.mlp {
         m.down_proj = with_extra_bias(&m.down_proj, &extra.down_proj);
     }
-    Cow::Owned(l)
+    layer
 }
 
 /// [`prune`] with FLAP-style bias compensation ([`compensation_biases`]): the exported model
