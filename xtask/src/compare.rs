@@ -14,7 +14,7 @@ use lopper_model::Llama;
 use lopper_policy::{Judge, Optimizer, PgConfig};
 use serde::{Deserialize, Serialize};
 
-use crate::backend::{DeviceChoice, Job, run_on};
+use crate::backend::{DeviceList, PlacedJob, run_on_devices};
 use crate::eval::{EvalSettings, Task, evaluate, parse_tasks};
 use crate::reconstruct::Reconstruct;
 
@@ -130,9 +130,10 @@ pub struct CompareArgs {
     /// `NAME+recover` cells: peak learning rate (default: recover's for the method).
     #[arg(long)]
     recover_lr: Option<f64>,
-    /// cpu, cuda or cuda:N.
+    /// cpu, cuda or cuda:N, or several GPUs (cuda:0,cuda:1): the decoder layers split over
+    /// them in balanced contiguous runs (not with `+recover` cells).
     #[arg(long, default_value = "cpu")]
-    device: DeviceChoice,
+    device: DeviceList,
     /// Delete DIR first (otherwise finished cells are reused).
     #[arg(long)]
     force: bool,
@@ -470,6 +471,10 @@ pub fn run(args: CompareArgs) -> Result<()> {
         pg_preset: args.pg_preset.clone(),
         exact_size: args.exact_size,
         recover: if methods.iter().any(|m| m.ends_with("+recover")) {
+            anyhow::ensure!(
+                !matches!(&args.device, DeviceList::Cuda(g) if g.len() > 1),
+                "`+recover` cells train on one device: run them with --device cuda:N, not over a list of GPUs"
+            );
             crate::recover::check_data(&args.calib).context("+recover trains on --calib")?;
             Some(crate::recover::compare_config(
                 &args.recover_method,
@@ -541,9 +546,9 @@ pub fn run(args: CompareArgs) -> Result<()> {
         println!("{}", std::fs::read_to_string(args.out.join("results.md"))?);
         return Ok(());
     }
-    let device = args.device;
-    run_on(
-        device,
+    let device = args.device.clone();
+    run_on_devices(
+        &device,
         CompareJob {
             scores: Default::default(),
             pg_plans: Default::default(),
@@ -630,11 +635,11 @@ fn eval_batch(batch_size: usize, seq_len: usize) -> usize {
     }
 }
 
-impl Job for CompareJob {
-    fn run<B: Backend>(self, device: B::Device, device_name: String) -> Result<()> {
+impl PlacedJob for CompareJob {
+    fn run<B: Backend>(self, devices: Vec<B::Device>, device_name: String) -> Result<()> {
         let a = &self.args;
         let st = &self.settings;
-        let loaded = crate::loading::load_model::<B>(&a.model, a.dtype, &device)?;
+        let loaded = crate::loading::load_placed_model::<B>(&a.model, a.dtype, &devices, false)?;
         let (model, tok) = (&loaded.model, &loaded.tokenizer);
         // Every forward the cells will run must fit, checked before the first cell.
         let shape = model.shape();

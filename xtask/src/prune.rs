@@ -15,7 +15,7 @@ use lopper_policy::{Baseline, Budget, Estimator, Judge, Optimizer, PgConfig, Sch
 use crate::reconstruct::Reconstruct;
 use lopper_surgery::{ExportFormat, ExportOptions};
 
-use crate::backend::{DeviceChoice, Job, run_on};
+use crate::backend::{DeviceChoice, DeviceList, Job, PlacedJob, run_on, run_on_devices};
 use crate::eval::parse_tasks;
 
 #[derive(Debug, Clone, Args)]
@@ -239,9 +239,10 @@ pub struct PruneArgs {
     /// Replace an existing --out folder.
     #[arg(long)]
     pub force: bool,
-    /// cpu, cuda or cuda:N.
+    /// cpu, cuda or cuda:N, or several GPUs (cuda:0,cuda:1): the decoder layers split over
+    /// them in balanced contiguous runs.
     #[arg(long, default_value = "cpu")]
-    pub device: DeviceChoice,
+    pub device: DeviceList,
     /// Run folder: plan.json, model/, report.md, kept_per_layer.png, eval.json; pg adds
     /// curve.jsonl, loss.png, checkpoint.json; metric methods add scores.json.
     #[arg(long)]
@@ -437,9 +438,9 @@ pub fn run(args: PruneArgs) -> Result<()> {
         args.calib_samples
     );
     check_out(&args.out, args.resume, args.force, "checkpoint.json")?;
-    let device = args.device;
-    run_on(
-        device,
+    let device = args.device.clone();
+    run_on_devices(
+        &device,
         PruneJob {
             args,
             cfg,
@@ -526,11 +527,11 @@ pub fn write_json(path: &Path, v: &impl serde::Serialize) -> Result<()> {
     Ok(())
 }
 
-impl Job for PruneJob {
-    fn run<B: Backend>(self, device: B::Device, device_name: String) -> Result<()> {
+impl PlacedJob for PruneJob {
+    fn run<B: Backend>(self, devices: Vec<B::Device>, device_name: String) -> Result<()> {
         let a = &self.args;
         let started = Instant::now();
-        let loaded = crate::loading::load_model::<B>(&a.model, a.dtype, &device)?;
+        let loaded = crate::loading::load_placed_model::<B>(&a.model, a.dtype, &devices, false)?;
         let (model, tok) = (&loaded.model, &loaded.tokenizer);
         crate::guard::context(
             model.shape(),

@@ -373,8 +373,22 @@ fn a_gpu_list_is_planned_per_device_and_bad_lists_are_clear_errors() {
         (&["eval", "--device", "cuda:0,cuda:0"], "cuda:0 twice"),
         (&["eval", "--device", "cuda:0,gpu"], "unknown device `gpu`"),
         (
-            &["prune", "--device", "cuda:0,cuda:1"],
-            "taken by eval and logits",
+            &["bench", "forward", "--device", "cuda:0,cuda:1"],
+            "taken by eval, logits, prune and compare",
+        ),
+        (
+            &[
+                "compare",
+                "--methods",
+                "flap,pg+ls+recover",
+                "--sparsity",
+                "0.3",
+                "--device",
+                "cuda:0,cuda:1",
+                "--out",
+                "runs/never-written",
+            ],
+            "`+recover` cells train on one device",
         ),
         (&["eval", "--offload", "disk"], "possible values: cpu"),
     ] {
@@ -386,5 +400,23 @@ fn a_gpu_list_is_planned_per_device_and_bad_lists_are_clear_errors() {
     if !cfg!(feature = "cuda") {
         let (ok, _, err) = xtask(&["eval", "--device", "cuda:0,cuda:1", "--limit", "1"]);
         assert!(!ok && err.contains("no CUDA support"), "{err}");
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("run");
+        let (ok, _, err) = xtask(&[
+            "prune",
+            "--method",
+            "flap",
+            "--sparsity",
+            "0.3",
+            "--device",
+            "cuda:0,cuda:1",
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(!ok && err.contains("no CUDA support"), "{err}");
+        assert!(
+            !out.exists(),
+            "nothing is written before the devices are checked"
+        );
     }
 }

@@ -161,6 +161,7 @@ pub fn llm_bip<B: Backend>(
         let mut x = model.embed(t);
         for (l, layer) in model.layers.iter().enumerate() {
             let mut taps = Vec::new();
+            x = layer.on_device(x);
             let y = stepper.forward(layer, x.clone(), |p, v| taps.push((p, v.clone())));
             let bt = block_terms(layer, &shape.layers[l], &x, &taps);
             if let Some(g) = bt.group_bound {

@@ -59,7 +59,9 @@ pub fn with_linear_weights<B: Backend>(
     for (layer, ws) in out.layers.iter_mut().zip(weights) {
         for (lin, w) in layer.linears_mut().into_iter().zip(ws) {
             if let (Some(lin), Some(w)) = (lin, w) {
-                lin.weight = Param::initialized(ParamId::new(), w.set_require_grad(grad));
+                // A fresh leaf: a weight moved to its layer's device (a placed model) is the
+                // output of a recorded move, which cannot be tracked itself.
+                lin.weight = Param::initialized(ParamId::new(), w.detach().set_require_grad(grad));
             }
         }
     }
@@ -138,12 +140,11 @@ pub fn autodiff_copy<B: Backend>(
     model: &Llama<B>,
     linear_grads: bool,
 ) -> Result<Llama<Autodiff<B>>> {
-    let ad = Llama::<Autodiff<B>>::from_weights(
-        model.shape(),
-        &model.to_host_weights(),
-        &model.device(),
-    )?;
-    let mut ad = ad;
+    // The copy keeps the model's placement: every layer on its own device.
+    let (devices, map) = model.placement();
+    let mut ad =
+        Llama::<Autodiff<B>>::from_weights(model.shape(), &model.to_host_weights(), &devices[0])?
+            .place(&devices, &map)?;
     ad.embed_tokens.weight = ad.embed_tokens.weight.clone().set_require_grad(false);
     ad.norm.weight = ad.norm.weight.clone().set_require_grad(false);
     if let Some(h) = ad.lm_head.as_mut() {
@@ -542,7 +543,7 @@ impl Default for SpsaSettings {
 
 /// `z ~ N(0, I)` for every present linear (Box-Muller on a seeded ChaCha8 stream, on the host,
 /// so that a seed means the same directions on every backend).
-fn normal_like<B: Backend>(shapes: &PerLinear<B>, seed: u64, device: &B::Device) -> PerLinear<B> {
+fn normal_like<B: Backend>(shapes: &PerLinear<B>, seed: u64) -> PerLinear<B> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     shapes
         .iter()
@@ -560,7 +561,8 @@ fn normal_like<B: Backend>(shapes: &PerLinear<B>, seed: u64, device: &B::Device)
                         v.push((rad * th.sin()) as f32);
                     }
                     v.truncate(n);
-                    Tensor::from_data(TensorData::new(v, dims), device)
+                    // On the device of the weight it perturbs (a placed model's layer).
+                    Tensor::from_data(TensorData::new(v, dims), &t.device())
                 })
             })
         })
@@ -591,7 +593,6 @@ pub fn spsa_gradient<B: Backend>(
             s.eps
         )));
     }
-    let device = model.device();
     let mut w0 = linear_weights(model);
     if let Some(keep) = layers {
         for (l, w) in w0.iter_mut().enumerate() {
@@ -619,7 +620,7 @@ pub fn spsa_gradient<B: Backend>(
                 .seed
                 .wrapping_mul(0x9e37_79b9_7f4a_7c15)
                 .wrapping_add((bi * s.samples + k) as u64);
-            let z = normal_like(&w0, seed, &device);
+            let z = normal_like(&w0, seed);
             let lp = perturbed(&z, s.eps as f32).mean_loss(t.clone(), None)?;
             let lm = perturbed(&z, -s.eps as f32).mean_loss(t.clone(), None)?;
             let c = ((lp - lm) / (2.0 * s.eps)) as f32 / total;
@@ -695,7 +696,6 @@ pub fn mini_llm<B: Backend>(
     let g = spsa_gradient(model, windows, batch_size, s, None)?;
     let rms = input_rms(model, windows, batch_size)?;
     let w = linear_weights(model);
-    let device = model.device();
     let salience: PerLinear<B> = w
         .iter()
         .zip(&g)
@@ -706,7 +706,7 @@ pub fn mini_llm<B: Backend>(
                     let x: Vec<f32> = r[INPUT_OF[k]].iter().map(|&v| v as f32).collect();
                     let n = x.len();
                     // burn [in, out]: the input feature is the row.
-                    let col = Tensor::<B, 2>::from_data(TensorData::new(x, [n, 1]), &device);
+                    let col = Tensor::<B, 2>::from_data(TensorData::new(x, [n, 1]), &w.device());
                     Some((w.clone() * g.clone()).abs() * col)
                 }
                 _ => None,

@@ -192,6 +192,8 @@ pub fn block_influence<B: Backend>(
         let mut prev: Option<Tensor<B, 2>> = None;
         model.forward_with_hidden(t, None, |i, h| {
             if let Some(p) = prev.take() {
+                // On a placed model consecutive hidden states can sit on different devices.
+                let p = p.to_device(&h.device());
                 let dot = (p.clone() * h.clone()).sum_dim(1);
                 let norms = (p.powi_scalar(2).sum_dim(1) * h.clone().powi_scalar(2).sum_dim(1))
                     .sqrt()

@@ -203,10 +203,14 @@ pub struct DecoderLayer<B: Backend> {
     pub mlp: Option<Mlp<B>>,
 }
 
-/// Runs single decoder layers on a fixed batch geometry ([`Llama::stepper`]).
+/// Runs single decoder layers on a fixed batch geometry ([`Llama::stepper`]). On a model whose
+/// layers are placed over several devices ([`Llama::place`]) each layer runs on its own device:
+/// the residual stream (and a layer's masks) move there first, and the result stays there.
 #[derive(Debug)]
 pub struct LayerStepper<B: Backend> {
-    rope: Rope<B>,
+    /// A RoPE table for each device the model's layers live on.
+    ropes: Vec<(B::Device, Rope<B>)>,
+    inv_freq: Vec<f64>,
     batch: usize,
     seq: usize,
 }
@@ -223,7 +227,7 @@ impl<B: Backend> LayerStepper<B> {
         x: Tensor<B, 2>,
         mut on_tap: impl FnMut(Tap, &Tensor<B, 2>),
     ) -> Tensor<B, 2> {
-        layer.forward(x, self.batch, self.seq, &self.rope, None, &mut on_tap)
+        self.run(layer, x, None, &mut on_tap)
     }
 
     /// [`LayerStepper::forward`] under one layer's masks.
@@ -236,14 +240,37 @@ impl<B: Backend> LayerStepper<B> {
         x: Tensor<B, 2>,
         masks: &LayerMasks<B>,
     ) -> Tensor<B, 2> {
-        layer.forward(
-            x,
-            self.batch,
-            self.seq,
-            &self.rope,
-            Some(masks),
-            &mut |_, _| {},
-        )
+        self.run(layer, x, Some(masks), &mut |_, _| {})
+    }
+
+    /// `layer` on its own device: `x` and the masks move there first; a layer without blocks
+    /// passes `x` through.
+    fn run(
+        &self,
+        layer: &DecoderLayer<B>,
+        x: Tensor<B, 2>,
+        masks: Option<&LayerMasks<B>>,
+        tap: &mut dyn FnMut(Tap, &Tensor<B, 2>),
+    ) -> Tensor<B, 2> {
+        let Some(device) = layer.device() else {
+            return x;
+        };
+        let x = layer.on_device(x);
+        let rope = match self.ropes.iter().find(|(d, _)| *d == device) {
+            Some((_, rope)) => Cow::Borrowed(rope),
+            // A layer on a device the model did not use when the stepper was made: a table
+            // for this call.
+            None => Cow::Owned(Rope::new(&self.inv_freq, self.batch, self.seq, &device)),
+        };
+        let moved;
+        let masks = match masks {
+            Some(m) if !m.is_on(&device) => {
+                moved = m.to_device(&device);
+                Some(&moved)
+            }
+            m => m,
+        };
+        layer.forward(x, self.batch, self.seq, &rope, masks, tap)
     }
 }
 
@@ -298,6 +325,29 @@ impl<B: Backend> DecoderLayer<B> {
 }
 
 impl<B: Backend> DecoderLayer<B> {
+    /// The device the layer's weights live on (`None` for a layer without blocks: it runs
+    /// nothing).
+    pub fn device(&self) -> Option<B::Device> {
+        self.input_layernorm
+            .as_ref()
+            .map(|n| n.weight.val().device())
+            .or_else(|| {
+                self.post_attention_layernorm
+                    .as_ref()
+                    .map(|n| n.weight.val().device())
+            })
+    }
+
+    /// `x` moved to the layer's device (unchanged for a layer without blocks, or one already
+    /// there): what a caller that combines a layer's taps with its input does first on a
+    /// model placed over several devices.
+    pub fn on_device(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        match self.device() {
+            Some(device) if x.device() != device => x.to_device(&device),
+            _ => x,
+        }
+    }
+
     fn forward(
         &self,
         x: Tensor<B, 2>,
@@ -1044,8 +1094,22 @@ impl<B: Backend> Llama<B> {
     /// Runs decoder layers one at a time on batches of `batch` sequences of `seq` tokens (what
     /// layer-wise methods need: cache the residual stream, change a layer, go on).
     pub fn stepper(&self, batch: usize, seq: usize) -> LayerStepper<B> {
+        let inv_freq = self.rope_inv_freq();
+        let mut devices = vec![self.device()];
+        for i in 0..self.layers.len() {
+            if let Some(d) = self.layer_device(i).filter(|d| !devices.contains(d)) {
+                devices.push(d);
+            }
+        }
         LayerStepper {
-            rope: Rope::new(&self.rope_inv_freq(), batch, seq, &self.device()),
+            ropes: devices
+                .into_iter()
+                .map(|d| {
+                    let rope = Rope::new(&inv_freq, batch, seq, &d);
+                    (d, rope)
+                })
+                .collect(),
+            inv_freq,
             batch,
             seq,
         }
@@ -1076,39 +1140,16 @@ impl<B: Backend> Llama<B> {
             m.check(self.shape())?;
         }
         let [batch, seq] = tokens.dims();
-        let inv_freq: Vec<f64> = self.rope_inv_freq();
-        // RoPE tables for each device the layers run on (one, unless the model is placed).
-        let mut ropes: Vec<(B::Device, Rope<B>)> = Vec::with_capacity(1);
+        // Each layer on its own device (one, unless the model is placed).
+        let stepper = self.stepper(batch, seq);
         let mut x = self.embed(tokens);
         for (i, layer) in self.layers.iter().enumerate() {
             on_hidden(i, &x);
-            let Some(device) = self.layer_device(i) else {
-                continue; // no blocks: the layer passes the stream through
-            };
-            if x.device() != device {
-                x = x.to_device(&device);
-            }
-            let rope = match ropes.iter().position(|(d, _)| *d == device) {
-                Some(k) => &ropes[k].1,
-                None => {
-                    let rope = Rope::new(&inv_freq, batch, seq, &device);
-                    ropes.push((device.clone(), rope));
-                    &ropes[ropes.len() - 1].1
-                }
-            };
-            let moved;
-            let layer_masks = match masks.map(|m| &m.layers[i]) {
-                Some(m) if !m.is_on(&device) => {
-                    moved = m.to_device(&device);
-                    Some(&moved)
-                }
-                m => m,
-            };
             let layer = match self.stream() {
                 Some(stream) => Cow::Owned(stream.layer(&self.shape, i)?),
                 None => layer_for(i, layer),
             };
-            x = layer.forward(x, batch, seq, rope, layer_masks, &mut |point, t| {
+            x = stepper.run(&layer, x, masks.map(|m| &m.layers[i]), &mut |point, t| {
                 on_tap(i, point, t)
             });
         }

@@ -361,6 +361,30 @@ impl<B: Backend> Llama<B> {
         Ok(self)
     }
 
+    /// Where the model lives, as [`Llama::place`] takes it: the embedding's device first, then
+    /// every other device a layer runs on in layer order, and the map of the layers onto that
+    /// list (a layer without blocks goes with the layer before it). A model that was never
+    /// placed gives one device.
+    pub fn placement(&self) -> (Vec<B::Device>, DeviceMap) {
+        let mut devices = vec![self.device()];
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for i in 0..self.layers.len() {
+            let at = match self.layer_device(i) {
+                Some(d) => match devices.iter().position(|x| *x == d) {
+                    Some(k) => k,
+                    None => {
+                        devices.push(d);
+                        devices.len() - 1
+                    }
+                },
+                None => layers.last().copied().unwrap_or(0),
+            };
+            layers.push(at);
+        }
+        let n = devices.len();
+        (devices, DeviceMap { layers, devices: n })
+    }
+
     /// Whether the decoder layers are offloaded ([`Llama::offloaded`]).
     pub fn is_offloaded(&self) -> bool {
         self.stream.is_some()
@@ -383,15 +407,7 @@ impl<B: Backend> Llama<B> {
         if let Some(stream) = &self.stream {
             return Some(stream.device::<B>(i));
         }
-        let l = &self.layers[i];
-        l.input_layernorm
-            .as_ref()
-            .map(|n| n.weight.val().device())
-            .or_else(|| {
-                l.post_attention_layernorm
-                    .as_ref()
-                    .map(|n| n.weight.val().device())
-            })
+        self.layers[i].device()
     }
 
     /// The offloaded layers' stream, if any.

@@ -647,6 +647,11 @@ pub fn reconstruct<B: Backend>(
     for (l, &(refit_o, refit_down)) in to_refit.iter().enumerate() {
         let (src, keep) = (&plan.source.layers[l], &plan.layers[l]);
         let dense_layer = &model.layers[l];
+        // Both streams on the layer's device (a model placed over several devices).
+        for s in &mut streams {
+            s.dense = dense_layer.on_device(s.dense.clone());
+            s.pruned = dense_layer.on_device(s.pruned.clone());
+        }
         let whole = keep.kv_groups.len() == src.n_kv_heads && keep.channels.len() == src.ffn_hidden;
         if whole && !refit_o && !refit_down {
             for s in &mut streams {

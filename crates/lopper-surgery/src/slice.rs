@@ -261,9 +261,14 @@ impl<B: Backend> Default for LayerBias<B> {
     }
 }
 
+/// `slot += v`. On a placed model a removed block's mean output can come from another layer's
+/// device: it joins the slot's ([`with_extra_bias`] moves the sum to its projection's).
 fn add_bias<B: Backend>(slot: &mut Option<Tensor<B, 1>>, v: Tensor<B, 1>) {
     *slot = Some(match slot.take() {
-        Some(old) => old + v,
+        Some(old) => {
+            let v = v.to_device(&old.device());
+            old + v
+        }
         None => v,
     });
 }
@@ -375,13 +380,16 @@ pub fn compensation_biases<B: Backend>(
 fn with_extra_bias<B: Backend>(lin: &Linear<B>, extra: &Option<Tensor<B, 1>>) -> Linear<B> {
     match extra {
         None => lin.clone(),
-        Some(v) => Linear {
-            weight: lin.weight.clone(),
-            bias: Some(Param::from_tensor(match &lin.bias {
-                Some(b) => b.val() + v.clone(),
-                None => v.clone(),
-            })),
-        },
+        Some(v) => {
+            let v = v.clone().to_device(&lin.weight.device());
+            Linear {
+                weight: lin.weight.clone(),
+                bias: Some(Param::from_tensor(match &lin.bias {
+                    Some(b) => b.val() + v,
+                    None => v,
+                })),
+            }
+        }
     }
 }
 

@@ -1,0 +1,229 @@
+//! A model split over two devices runs every step of a pruning run (the forward-only metric
+//! methods, the policy-gradient search, bias compensation and its check, least-squares
+//! reconstruction, surgery) with the unsplit model's results. The two devices are burn's
+//! dispatch backend over Flex and ndarray: distinct devices on the CPU, whose tensors panic
+//! when they meet in one op, so a step that forgets to move a tensor to a layer's device fails
+//! here as it would on two GPUs.
+
+use burn::tensor::Tensor;
+use burn_dispatch::{Dispatch, DispatchDevice};
+use lopper_core::{MaskPlan, ModelShape, UnitKind};
+use lopper_importance::{Method, MethodSettings, method_plan};
+use lopper_model::{DeviceMap, Llama, Masks};
+use lopper_policy::{Hooks, Init, PgConfig, PgState, UnitSpace};
+
+type D = Dispatch;
+
+fn devices() -> Vec<DispatchDevice> {
+    vec![
+        DispatchDevice::Flex(Default::default()),
+        DispatchDevice::NdArray(Default::default()),
+    ]
+}
+
+/// Seeded token windows of the tiny model's vocabulary.
+fn windows(n: usize, len: usize, vocab: usize, seed: u64) -> Vec<Vec<u32>> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            (0..len)
+                .map(|_| {
+                    s = s
+                        .wrapping_mul(6_364_136_223_846_793_005)
+                        .wrapping_add(1_442_695_040_888_963_407);
+                    ((s >> 33) % vocab as u64) as u32
+                })
+                .collect()
+        })
+        .collect()
+}
+
+fn values<const N: usize>(t: Tensor<D, N>) -> Vec<f32> {
+    t.into_data().convert::<f32>().to_vec().unwrap()
+}
+
+fn assert_close(a: &[f32], b: &[f32], what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}");
+    let d = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs() / (1.0 + y.abs()))
+        .fold(0.0f32, f32::max);
+    assert!(d < 1e-4, "{what}: the split model differs by {d}");
+}
+
+fn logits(model: &Llama<D>, t: &[Vec<u32>]) -> Vec<f32> {
+    values(model.forward(model.tokens(t).unwrap()))
+}
+
+/// The dense model's calibration input means of every o_proj and down_proj.
+fn means(model: &Llama<D>, calib: &[Vec<u32>]) -> lopper_surgery::InputMeans {
+    let (o_proj, down_proj) = lopper_importance::input_means(model, calib, 4).unwrap();
+    lopper_surgery::InputMeans { o_proj, down_proj }
+}
+
+/// A short search over KV groups, channels and layers, every mask scored with bias
+/// compensation.
+fn pg_plan(model: &Llama<D>, calib: &[Vec<u32>]) -> (MaskPlan, Vec<f64>) {
+    let units = [UnitKind::KvGroup, UnitKind::Channel, UnitKind::Layer];
+    let space = UnitSpace::new(model.shape(), &units).unwrap();
+    let cfg = PgConfig {
+        units: units.to_vec(),
+        steps: 3,
+        batch_size: 2,
+        compensation: true,
+        compensation_auto: false,
+        ..PgConfig::preset("lopper", 0.3).unwrap()
+    };
+    let mut state = PgState::new(cfg, &space, &Init::Uniform).unwrap();
+    let mut losses = Vec::new();
+    let means = means(model, calib);
+    let done = lopper_policy::search(
+        model,
+        calib,
+        Some(&means),
+        &space,
+        &mut state,
+        Hooks {
+            on_step: &mut |r, _| {
+                losses.extend(r.losses.clone());
+                Ok(())
+            },
+            should_stop: &|| false,
+            checkpoint: &mut |_| Ok(()),
+            checkpoint_every: 0,
+        },
+    )
+    .unwrap();
+    assert!(done);
+    (state.final_plan(&space).unwrap(), losses)
+}
+
+#[test]
+fn a_model_split_over_two_devices_runs_every_pruning_step_as_the_unsplit_model() {
+    let shape = ModelShape::tiny();
+    let devices = devices();
+    let plain = Llama::<D>::random(&shape, 3, &devices[0]).unwrap();
+    let calib = windows(12, 16, shape.vocab_size, 7);
+    let plain_pg = pg_plan(&plain, &calib);
+    // A run that changes device once, and one that goes back and forth.
+    for map in [vec![0, 1, 1], vec![1, 0, 1]] {
+        let placed = plain
+            .clone()
+            .place(&devices, &DeviceMap::new(map.clone(), 2).unwrap())
+            .unwrap();
+        for (i, &d) in map.iter().enumerate() {
+            assert_eq!(placed.layer_device(i), Some(devices[d].clone()), "{map:?}");
+        }
+        assert_close(
+            &logits(&placed, &calib[..2]),
+            &logits(&plain, &calib[..2]),
+            "logits",
+        );
+        // Masks made on device 0 reach every layer.
+        let mut plan = MaskPlan::keep_all(&shape);
+        plan.layers[1].channels.retain(|&c| c % 4 != 0);
+        plan.layers[2].kv_groups.retain(|&g| g != 1);
+        let masks = Masks::from_plan(&plan, &devices[0]).unwrap();
+        let t = plain.tokens(&calib[..2]).unwrap();
+        assert_close(
+            &values(placed.forward_masked(t.clone(), Some(&masks)).unwrap()),
+            &values(plain.forward_masked(t, Some(&masks)).unwrap()),
+            "masked logits",
+        );
+        // The forward-only metric methods.
+        let settings = MethodSettings {
+            batch_size: 4,
+            ..MethodSettings::default()
+        };
+        for method in [
+            Method::Flap,
+            Method::WandaSp,
+            Method::LlmBip,
+            Method::BlockInfluence,
+            Method::Sleb,
+            Method::LlmPruner,
+            Method::MiniLlm,
+            Method::Ifso,
+        ] {
+            let a = method_plan(&placed, &calib, method, 0.7, &settings, |_| {}).unwrap();
+            let b = method_plan(&plain, &calib, method, 0.7, &settings, |_| {}).unwrap();
+            assert_eq!(a.plan.layers, b.plan.layers, "{method:?} on {map:?}");
+        }
+        // The search: the same sampled masks, losses and plan.
+        let (plan_pg, losses) = pg_plan(&placed, &calib);
+        assert_eq!(plan_pg.layers, plain_pg.0.layers, "{map:?}");
+        let d = losses
+            .iter()
+            .zip(&plain_pg.1)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max);
+        assert!(d < 1e-4, "search losses differ by {d}");
+        // Compensation, its check, the least-squares cut and plain surgery: the cut models
+        // stay split and compute what the unsplit ones do.
+        let (means, plain_means) = (means(&placed, &calib), means(&plain, &calib));
+        let (extra, sel) =
+            lopper_surgery::select_compensation(&placed, &plan_pg, &means, &calib, 4, |_| {})
+                .unwrap();
+        let (plain_extra, plain_sel) =
+            lopper_surgery::select_compensation(&plain, &plan_pg, &plain_means, &calib, 4, |_| {})
+                .unwrap();
+        assert!(
+            (sel.loss_chosen - plain_sel.loss_chosen).abs() < 1e-4,
+            "{sel:?}"
+        );
+        let check = &calib[..2];
+        let biased = lopper_surgery::prune_with_biases(&placed, &plan_pg, &extra).unwrap();
+        let plain_biased =
+            lopper_surgery::prune_with_biases(&plain, &plan_pg, &plain_extra).unwrap();
+        assert_close(
+            &logits(&biased, check),
+            &logits(&plain_biased, check),
+            "compensated cut",
+        );
+        for (obs, inputs) in [(false, false), (true, true)] {
+            let settings = lopper_sparse::ReconSettings {
+                obs,
+                inputs,
+                ..Default::default()
+            };
+            let (ls, _, _) =
+                lopper_sparse::reconstruct(&placed, &plan_pg, &calib, &settings, |_| {}).unwrap();
+            let (plain_ls, _, _) =
+                lopper_sparse::reconstruct(&plain, &plan_pg, &calib, &settings, |_| {}).unwrap();
+            assert_close(
+                &logits(&ls, check),
+                &logits(&plain_ls, check),
+                &format!("ls cut (obs {obs}, inputs {inputs})"),
+            );
+        }
+        // One-shot unstructured pruning, layer by layer on the pruned stream.
+        for method in [
+            lopper_sparse::SparseMethod::Wanda,
+            lopper_sparse::SparseMethod::SparseGpt,
+        ] {
+            let settings = lopper_sparse::SparseSettings::default();
+            let pattern = lopper_sparse::Pattern::Unstructured(0.5);
+            let (a, _) =
+                lopper_sparse::prune_model(&placed, &calib, method, pattern, &settings, |_| {})
+                    .unwrap();
+            let (b, _) =
+                lopper_sparse::prune_model(&plain, &calib, method, pattern, &settings, |_| {})
+                    .unwrap();
+            assert_close(
+                &logits(&a, check),
+                &logits(&b, check),
+                &format!("{method:?}"),
+            );
+        }
+        let cut = lopper_surgery::prune(&placed, &plan_pg).unwrap();
+        assert_close(
+            &logits(&cut, check),
+            &logits(&lopper_surgery::prune(&plain, &plan_pg).unwrap(), check),
+            "cut",
+        );
+        for (i, &d) in map.iter().enumerate() {
+            assert_eq!(cut.layer_device(i), Some(devices[d].clone()), "cut {map:?}");
+        }
+    }
+}
