@@ -1,5 +1,5 @@
-//! A model split over two devices runs every step of a pruning run (the forward-only metric
-//! methods, the policy-gradient search, bias compensation and its check, least-squares
+//! A model split over two devices runs every step of a pruning run (evaluation, every metric
+//! method, the policy-gradient search, bias compensation and its check, least-squares
 //! reconstruction, surgery) with the unsplit model's results. The two devices are burn's
 //! dispatch backend over Flex and ndarray: distinct devices on the CPU, whose tensors panic
 //! when they meet in one op, so a step that forgets to move a tensor to a layer's device fails
@@ -131,6 +131,27 @@ fn a_model_split_over_two_devices_runs_every_pruning_step_as_the_unsplit_model()
             &values(plain.forward_masked(t, Some(&masks)).unwrap()),
             "masked logits",
         );
+        // Evaluation: perplexity, and the log-likelihoods of multiple-choice continuations
+        // (read off the last layer's device).
+        let ppl = |m: &Llama<D>| lopper_eval::perplexity(m, &calib, 4, None, |_| {}).unwrap();
+        assert!((ppl(&placed).nll_sum - ppl(&plain).nll_sum).abs() < 1e-3);
+        let tok = lopper_model::Tokenizer::word_level(shape.vocab_size);
+        let requests: Vec<(String, String)> = (0..6)
+            .map(|i| {
+                (
+                    format!("t{i} t{} t7", i + 3),
+                    format!(" t{} t{}", i * 5, i + 1),
+                )
+            })
+            .collect();
+        let ll = |m: &Llama<D>| {
+            lopper_eval::loglikelihoods(m, &tok, &requests, 4, |_| {})
+                .unwrap()
+                .into_iter()
+                .map(|(l, _)| l as f32)
+                .collect::<Vec<_>>()
+        };
+        assert_close(&ll(&placed), &ll(&plain), "multiple-choice log-likelihoods");
         // The forward-only metric methods.
         let settings = MethodSettings {
             batch_size: 4,

@@ -78,7 +78,8 @@ pub fn loglikelihoods<B: Backend>(
     inputs.sort_by_key(|(f, _)| std::cmp::Reverse(f.len()));
     let mut out = vec![(0f64, false); requests.len()];
     let mut done = 0;
-    let device = model.device();
+    // The final hidden states and the LM head live on the last layer's device (a placed model).
+    let device = model.head_device();
     for batch in inputs.chunks(batch_size.max(1)) {
         let len = batch.iter().map(|(f, _)| f.len()).max().unwrap_or(1);
         let rows: Vec<Vec<u32>> = batch
@@ -102,6 +103,7 @@ pub fn loglikelihoods<B: Backend>(
             }
         }
         let hidden = model.forward_hidden(model.tokens(&rows)?, None)?;
+        let hidden = hidden.to_device(&device);
         let picked = hidden.select(
             0,
             Tensor::<B, 1, Int>::from_data(TensorData::new(at.clone(), [at.len()]), &device),
