@@ -248,3 +248,67 @@ fn a_model_split_over_two_devices_runs_every_pruning_step_as_the_unsplit_model()
         }
     }
 }
+
+#[test]
+fn recovery_of_a_split_model_trains_and_resumes_as_the_unsplit_one() {
+    use lopper_recover::{Adapt, LossKind, RecoverConfig, Recovery};
+    let shape = ModelShape::tiny();
+    let devices = devices();
+    let teacher = Llama::<D>::random(&shape, 5, &devices[0]).unwrap();
+    let mut plan = MaskPlan::keep_all(&shape);
+    plan.layers[1].channels.retain(|&c| c % 3 != 0);
+    plan.layers[2].kv_groups.retain(|&g| g != 0);
+    let student = lopper_surgery::prune(&teacher, &plan).unwrap();
+    let map = DeviceMap::new(vec![0, 1, 1], 2).unwrap();
+    let place = |m: &Llama<D>| m.clone().place(&devices, &map).unwrap();
+    let (placed_student, placed_teacher) = (place(&student), place(&teacher));
+    let batch = windows(4, 16, shape.vocab_size, 11);
+    let lora = Adapt::Lora {
+        rank: 4,
+        alpha: 8.0,
+    };
+    for (adapt, loss) in [
+        (lora, LossKind::Ce),
+        (lora, LossKind::Kd),
+        (Adapt::Full, LossKind::CeKd),
+    ] {
+        let cfg = RecoverConfig {
+            adapt,
+            loss,
+            steps: 3,
+            batch_size: 4,
+            micro_batch: 2,
+            lr: 1e-3,
+            warmup: 1,
+            ..RecoverConfig::default()
+        };
+        let what = format!("{adapt:?} {loss:?}");
+        let train = |s: &Llama<D>, t: &Llama<D>, dir: &std::path::Path| {
+            let mut r = Recovery::new(s, cfg).unwrap();
+            let mut losses: Vec<f32> = (0..2)
+                .map(|_| r.train_step(&batch, Some(t)).unwrap().loss as f32)
+                .collect();
+            // Checkpointed and resumed into a fresh copy of the student.
+            r.save(dir).unwrap();
+            let mut r = Recovery::resume(s, cfg, dir).unwrap();
+            losses.push(r.train_step(&batch, Some(t)).unwrap().loss as f32);
+            (losses, r.model().unwrap())
+        };
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (split_losses, split_model) = train(&placed_student, &placed_teacher, a.path());
+        let (losses, model) = train(&student, &teacher, b.path());
+        assert_close(&split_losses, &losses, &format!("{what}: training losses"));
+        assert_close(
+            &logits(&split_model, &batch[..2]),
+            &logits(&model, &batch[..2]),
+            &format!("{what}: the trained model"),
+        );
+        for (i, &d) in map.layers().iter().enumerate() {
+            assert_eq!(
+                split_model.layer_device(i),
+                Some(devices[d].clone()),
+                "{what}"
+            );
+        }
+    }
+}

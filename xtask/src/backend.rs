@@ -17,7 +17,7 @@ impl std::str::FromStr for DeviceChoice {
     fn from_str(s: &str) -> std::result::Result<Self, String> {
         if s.contains(',') {
             return Err(format!(
-                "`{s}`: this command runs on one device (cpu, cuda or cuda:N); a list of GPUs (the model's layers split over them) is taken by eval, logits, prune and compare"
+                "`{s}`: this command runs on one device (cpu, cuda or cuda:N); a list of GPUs (the model's layers split over them) is taken by eval, logits, prune, compare and recover"
             ));
         }
         match s {

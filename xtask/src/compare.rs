@@ -131,7 +131,7 @@ pub struct CompareArgs {
     #[arg(long)]
     recover_lr: Option<f64>,
     /// cpu, cuda or cuda:N, or several GPUs (cuda:0,cuda:1): the decoder layers split over
-    /// them in balanced contiguous runs (not with `+recover` cells).
+    /// them in balanced contiguous runs.
     #[arg(long, default_value = "cpu")]
     device: DeviceList,
     /// Delete DIR first (otherwise finished cells are reused).
@@ -471,10 +471,6 @@ pub fn run(args: CompareArgs) -> Result<()> {
         pg_preset: args.pg_preset.clone(),
         exact_size: args.exact_size,
         recover: if methods.iter().any(|m| m.ends_with("+recover")) {
-            anyhow::ensure!(
-                !matches!(&args.device, DeviceList::Cuda(g) if g.len() > 1),
-                "`+recover` cells train on one device: run them with --device cuda:N, not over a list of GPUs"
-            );
             crate::recover::check_data(&args.calib).context("+recover trains on --calib")?;
             Some(crate::recover::compare_config(
                 &args.recover_method,

@@ -195,7 +195,7 @@ pub fn gpus_fit(
         };
         if share.weights as f64 > free as f64 * USABLE {
             let more = if gpus.len() == 1 {
-                "list more GPUs (--device cuda:0,cuda:1 splits the layers over them: eval, logits, prune, compare)"
+                "list more GPUs (--device cuda:0,cuda:1 splits the layers over them: eval, logits, prune, compare, recover)"
             } else {
                 "list more GPUs"
             };

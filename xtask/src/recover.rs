@@ -14,7 +14,7 @@ use lopper_model::Llama;
 use lopper_recover::{Adapt, Distill, RecoverConfig, Recovery, StepRecord};
 use lopper_surgery::{ExportFormat, ExportOptions};
 
-use crate::backend::{DeviceChoice, Job, run_on};
+use crate::backend::{DeviceList, PlacedJob, run_on_devices};
 use crate::prune::write_json;
 
 #[derive(Debug, Args)]
@@ -108,9 +108,10 @@ pub struct RecoverArgs {
     /// trains (adapters, or every weight with --method full) stays f32.
     #[arg(long, default_value = "f32")]
     dtype: lopper_core::Dtype,
-    /// cpu, cuda or cuda:N.
+    /// cpu, cuda or cuda:N, or several GPUs (cuda:0,cuda:1): the student's and the teacher's
+    /// decoder layers split over them in balanced contiguous runs.
     #[arg(long, default_value = "cpu")]
-    device: DeviceChoice,
+    device: DeviceList,
     /// Output folder.
     #[arg(long)]
     out: PathBuf,
@@ -277,8 +278,9 @@ pub fn run(args: RecoverArgs) -> Result<()> {
         args.force,
         "recover-checkpoint.json",
     )?;
-    run_on(
-        args.device,
+    let device = args.device.clone();
+    run_on_devices(
+        &device,
         RecoverJob {
             args,
             cfg,
@@ -308,15 +310,20 @@ fn held_out_loss<B: Backend>(model: &Llama<B>, windows: &[Vec<u32>], batch: usiz
     Ok(p.nll_sum / p.tokens as f64)
 }
 
-impl Job for RecoverJob {
-    fn run<B: Backend>(self, device: B::Device, device_name: String) -> Result<()> {
+impl PlacedJob for RecoverJob {
+    fn run<B: Backend>(self, devices: Vec<B::Device>, device_name: String) -> Result<()> {
         let (a, cfg) = (&self.args, self.cfg);
         let started = Instant::now();
-        let student = crate::loading::load_model::<B>(&a.model, lopper_core::Dtype::F32, &device)?;
+        let student = crate::loading::load_placed_model::<B>(
+            &a.model,
+            lopper_core::Dtype::F32,
+            &devices,
+            false,
+        )?;
         let plan = plan_of(&a.model);
         let teacher = match &self.teacher {
             Some(t) => {
-                let teacher = crate::loading::load_model::<B>(t, a.dtype, &device)
+                let teacher = crate::loading::load_placed_model::<B>(t, a.dtype, &devices, false)
                     .with_context(|| format!("loading teacher `{t}`"))?;
                 let (s, d) = (student.model.shape(), teacher.model.shape());
                 anyhow::ensure!(

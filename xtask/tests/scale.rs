@@ -374,21 +374,7 @@ fn a_gpu_list_is_planned_per_device_and_bad_lists_are_clear_errors() {
         (&["eval", "--device", "cuda:0,gpu"], "unknown device `gpu`"),
         (
             &["bench", "forward", "--device", "cuda:0,cuda:1"],
-            "taken by eval, logits, prune and compare",
-        ),
-        (
-            &[
-                "compare",
-                "--methods",
-                "flap,pg+ls+recover",
-                "--sparsity",
-                "0.3",
-                "--device",
-                "cuda:0,cuda:1",
-                "--out",
-                "runs/never-written",
-            ],
-            "`+recover` cells train on one device",
+            "taken by eval, logits, prune, compare and recover",
         ),
         (&["eval", "--offload", "disk"], "possible values: cpu"),
     ] {

@@ -259,7 +259,9 @@ fn moved<B: Backend, M: Module<B>>(module: M, device: &B::Device) -> M {
     if module.devices().iter().all(|d| d == device) {
         module
     } else {
-        module.to_device(device)
+        // `fork`, not `to_device`: on an autodiff backend the moved parameters are leaves of
+        // their own (trainable), not the recorded output of a move.
+        module.fork(device)
     }
 }
 

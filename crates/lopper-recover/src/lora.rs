@@ -35,7 +35,6 @@ impl<B: Backend> LoraAdapters<B> {
         if rank == 0 {
             return Err(Error::Invalid("--rank must be at least 1".into()));
         }
-        let device = model.device();
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let (mut a, mut b, mut slots) = (Vec::new(), Vec::new(), Vec::new());
         for (l, layer) in model.layers.iter().enumerate() {
@@ -48,6 +47,8 @@ impl<B: Backend> LoraAdapters<B> {
                         LINEAR_NAMES[k]
                     )));
                 }
+                // On the device of the weight it adapts (a placed model's layer).
+                let device = lin.weight.device();
                 let bound = 1.0 / (din as f32).sqrt();
                 let av: Vec<f32> = (0..din * rank)
                     .map(|_| (rng.random::<f32>() * 2.0 - 1.0) * bound)

@@ -90,12 +90,18 @@ fn scalar<B: Backend>(t: Tensor<B, 1>) -> f64 {
 }
 
 impl<B: Backend> Recovery<B> {
-    /// A fresh run that trains `student` (a copy is made on `Autodiff<B>`, same device).
+    /// A fresh run that trains `student` (a copy is made on `Autodiff<B>`, placed as the
+    /// student is: each layer on its device).
     pub fn new(student: &Llama<B>, config: RecoverConfig) -> Result<Self> {
         config.validate()?;
-        let device = student.device();
-        let ad =
-            Llama::<Ad<B>>::from_weights(student.shape(), &student.to_host_weights(), &device)?;
+        let (devices, map) = student.placement();
+        let ad = Llama::<Ad<B>>::from_weights_placed(
+            student.shape(),
+            &student.to_host_weights(),
+            &devices,
+            &map,
+            lopper_core::Dtype::F32,
+        )?;
         let optim = AdamWConfig::new()
             .with_beta_1(0.9)
             .with_beta_2(0.999)
@@ -447,6 +453,9 @@ fn objective<B: Backend>(
     };
     let logits = student.forward(tokens.clone());
     let [b, s, v] = logits.dims();
+    // Teacher and student may end on different devices (placed models).
+    let tl = tl.to_device(&logits.device());
+    let tokens = tokens.to_device(&logits.device());
     let rows = |t: Tensor<_, 3>| t.narrow(1, 0, s - 1).reshape([b * (s - 1), v]);
     let kd = kd_loss(rows(logits.clone()), rows_inner(tl, b, s, v), &cfg.distill);
     let kd_v = scalar(kd.clone().inner());
