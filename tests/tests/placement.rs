@@ -5,12 +5,14 @@
 //! when they meet in one op, so a step that forgets to move a tensor to a layer's device fails
 //! here as it would on two GPUs.
 
+mod common;
+
 use burn::tensor::Tensor;
 use burn_dispatch::{Dispatch, DispatchDevice};
 use lopper_core::{MaskPlan, ModelShape, UnitKind};
 use lopper_importance::{Method, MethodSettings, method_plan};
 use lopper_model::{DeviceMap, Llama, Masks};
-use lopper_policy::{Hooks, Init, PgConfig, PgState, UnitSpace};
+use lopper_policy::{Init, PgConfig, PgState, UnitSpace};
 
 type D = Dispatch;
 
@@ -76,26 +78,8 @@ fn pg_plan(model: &Llama<D>, calib: &[Vec<u32>]) -> (MaskPlan, Vec<f64>) {
         ..PgConfig::preset("lopper", 0.3).unwrap()
     };
     let mut state = PgState::new(cfg, &space, &Init::Uniform).unwrap();
-    let mut losses = Vec::new();
     let means = means(model, calib);
-    let done = lopper_policy::search(
-        model,
-        calib,
-        Some(&means),
-        &space,
-        &mut state,
-        Hooks {
-            on_step: &mut |r, _| {
-                losses.extend(r.losses.clone());
-                Ok(())
-            },
-            should_stop: &|| false,
-            checkpoint: &mut |_| Ok(()),
-            checkpoint_every: 0,
-        },
-    )
-    .unwrap();
-    assert!(done);
+    let losses = common::search_losses(model, calib, Some(&means), &space, &mut state);
     (state.final_plan(&space).unwrap(), losses)
 }
 

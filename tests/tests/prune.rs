@@ -7,7 +7,7 @@ use common::{DEVICE, c4_windows, data_dirs, default_model};
 use lopper_core::{MaskPlan, UnitKind};
 use lopper_data::{Sampler, load_documents};
 use lopper_model::Masks;
-use lopper_policy::{Hooks, Init, PgConfig, PgState, UnitSpace};
+use lopper_policy::{Init, PgConfig, PgState, UnitSpace};
 
 fn values(t: burn::tensor::Tensor<common::B, 3>) -> Vec<f32> {
     t.into_data().to_vec().unwrap()
@@ -43,25 +43,7 @@ fn a_short_pg_search_on_the_real_model_gives_a_plan_surgery_can_cut() {
         ..PgConfig::reference(0.3)
     };
     let mut state = PgState::new(cfg, &space, &Init::Scores { scores }).unwrap();
-    let mut losses = Vec::new();
-    let done = lopper_policy::search(
-        model,
-        &calib.windows,
-        None,
-        &space,
-        &mut state,
-        Hooks {
-            on_step: &mut |r, _| {
-                losses.extend(r.losses.clone());
-                Ok(())
-            },
-            should_stop: &|| false,
-            checkpoint: &mut |_| Ok(()),
-            checkpoint_every: 0,
-        },
-    )
-    .unwrap();
-    assert!(done);
+    let losses = common::search_losses(model, &calib.windows, None, &space, &mut state);
     assert_eq!(losses.len(), 4);
     // Sampled masks at 30% sparsity hurt, but not beyond reason (dense C4 loss is about 3).
     assert!(

@@ -80,3 +80,34 @@ pub fn c4_windows(
     let encode = |t: &str| m.tokenizer.encode(t).map_err(|e| e.to_string());
     lopper_data::sample("c4", &path, &all[docs], &encode, sampler, n, len, seed).unwrap()
 }
+
+/// Runs `state`'s search to its last step on `windows` (no checkpoints), asserting that it
+/// finished; the loss of every sampled mask, in order.
+pub fn search_losses<Bk: burn::tensor::backend::Backend>(
+    model: &lopper_model::Llama<Bk>,
+    windows: &[Vec<u32>],
+    means: Option<&lopper_surgery::InputMeans>,
+    space: &lopper_policy::UnitSpace,
+    state: &mut lopper_policy::PgState,
+) -> Vec<f64> {
+    let mut losses = Vec::new();
+    let done = lopper_policy::search(
+        model,
+        windows,
+        means,
+        space,
+        state,
+        lopper_policy::Hooks {
+            on_step: &mut |r, _| {
+                losses.extend(r.losses.clone());
+                Ok(())
+            },
+            should_stop: &|| false,
+            checkpoint: &mut |_| Ok(()),
+            checkpoint_every: 0,
+        },
+    )
+    .unwrap();
+    assert!(done, "the search stopped early");
+    losses
+}
