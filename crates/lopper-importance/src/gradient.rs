@@ -59,8 +59,8 @@ pub fn with_linear_weights<B: Backend>(
     for (layer, ws) in out.layers.iter_mut().zip(weights) {
         for (lin, w) in layer.linears_mut().into_iter().zip(ws) {
             if let (Some(lin), Some(w)) = (lin, w) {
-                // A fresh leaf: a weight moved to its layer's device (a placed model) is the
-                // output of a recorded move, which cannot be tracked itself.
+                // A fresh leaf whatever graph `w` came from (a tracked tensor that is the
+                // output of an op, such as a move between devices, cannot require gradients).
                 lin.weight = Param::initialized(ParamId::new(), w.detach().set_require_grad(grad));
             }
         }
