@@ -59,9 +59,7 @@ pub fn with_linear_weights<B: Backend>(
     for (layer, ws) in out.layers.iter_mut().zip(weights) {
         for (lin, w) in layer.linears_mut().into_iter().zip(ws) {
             if let (Some(lin), Some(w)) = (lin, w) {
-                // A fresh leaf whatever graph `w` came from (a tracked tensor that is the
-                // output of an op, such as a move between devices, cannot require gradients).
-                lin.weight = Param::initialized(ParamId::new(), w.detach().set_require_grad(grad));
+                lin.weight = Param::initialized(ParamId::new(), w.set_require_grad(grad));
             }
         }
     }
@@ -141,10 +139,7 @@ pub fn autodiff_copy<B: Backend>(
     linear_grads: bool,
 ) -> Result<Llama<Autodiff<B>>> {
     // The copy keeps the model's placement: every layer on its own device.
-    let (devices, map) = model.placement();
-    let mut ad =
-        Llama::<Autodiff<B>>::from_weights(model.shape(), &model.to_host_weights(), &devices[0])?
-            .place(&devices, &map)?;
+    let mut ad: Llama<Autodiff<B>> = model.placed_copy()?;
     ad.embed_tokens.weight = ad.embed_tokens.weight.clone().set_require_grad(false);
     ad.norm.weight = ad.norm.weight.clone().set_require_grad(false);
     if let Some(h) = ad.lm_head.as_mut() {

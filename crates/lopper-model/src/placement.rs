@@ -387,6 +387,20 @@ impl<B: Backend> Llama<B> {
         (devices, DeviceMap { layers, devices: n })
     }
 
+    /// This model's weights in f32 on backend `C` (an autodiff backend over `B`, say), every
+    /// layer built straight onto the device it has here ([`Llama::placement`]), so that no
+    /// device ever holds more than its share.
+    pub fn placed_copy<C: Backend<Device = B::Device>>(&self) -> Result<Llama<C>> {
+        let (devices, map) = self.placement();
+        Llama::<C>::from_weights_placed(
+            self.shape(),
+            &self.to_host_weights(),
+            &devices,
+            &map,
+            Dtype::F32,
+        )
+    }
+
     /// Whether the decoder layers are offloaded ([`Llama::offloaded`]).
     pub fn is_offloaded(&self) -> bool {
         self.stream.is_some()

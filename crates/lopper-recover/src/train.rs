@@ -94,14 +94,7 @@ impl<B: Backend> Recovery<B> {
     /// student is: each layer on its device).
     pub fn new(student: &Llama<B>, config: RecoverConfig) -> Result<Self> {
         config.validate()?;
-        let (devices, map) = student.placement();
-        let ad = Llama::<Ad<B>>::from_weights_placed(
-            student.shape(),
-            &student.to_host_weights(),
-            &devices,
-            &map,
-            lopper_core::Dtype::F32,
-        )?;
+        let ad: Llama<Ad<B>> = student.placed_copy()?;
         let optim = AdamWConfig::new()
             .with_beta_1(0.9)
             .with_beta_2(0.999)
