@@ -33,11 +33,11 @@ fn autodiff_gradients_of_the_real_model_match_finite_differences() {
     let g = host(grads[layer][k].clone().unwrap());
     let mut idx: Vec<usize> = (0..hidden).collect();
     idx.sort_by(|&a, &b| g[b].abs().total_cmp(&g[a].abs()));
-    let base = linear_weights(model);
+    let base = linear_weights(model).unwrap();
     let wv = host(base[layer][k].clone().unwrap());
     let dims = base[layer][k].as_ref().unwrap().dims();
     let loss_at = |i: usize, h: f32| {
-        let mut ws = linear_weights(model);
+        let mut ws = linear_weights(model).unwrap();
         let mut v = wv.clone();
         v[i] += h;
         ws[layer][k] = Some(Tensor::from_data(TensorData::new(v, dims), &DEVICE));

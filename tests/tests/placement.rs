@@ -296,3 +296,124 @@ fn recovery_of_a_split_model_trains_and_resumes_as_the_unsplit_one() {
         }
     }
 }
+
+/// Offloaded layers (left in their source and read onto their device for each turn, here over
+/// the two devices) serve every pruning step that reads layers one at a time: scoring, the
+/// search, compensation, surgery, least squares and one-shot pruning give the resident
+/// model's results, and the cut model is resident. What needs every weight at once is refused
+/// with a message that names the offload.
+#[test]
+fn an_offloaded_model_runs_every_pruning_step_as_the_resident_one() {
+    let shape = ModelShape::tiny();
+    let devices = devices();
+    let map = DeviceMap::new(vec![0, 1, 1], 2).unwrap();
+    let plain = Llama::<D>::random(&shape, 5, &devices[0]).unwrap();
+    let source: lopper_model::SharedSource = std::sync::Arc::new(plain.to_host_weights());
+    let off =
+        Llama::<D>::offloaded(&shape, source, &devices, &map, lopper_core::Dtype::F32).unwrap();
+    assert!(off.is_offloaded());
+    let calib = windows(12, 16, shape.vocab_size, 11);
+    let check = &calib[..2];
+    assert_close(&logits(&off, check), &logits(&plain, check), "logits");
+    let settings = MethodSettings {
+        batch_size: 4,
+        ..MethodSettings::default()
+    };
+    for method in [
+        Method::Flap,
+        Method::WandaSp,
+        Method::LlmBip,
+        Method::BlockInfluence,
+        Method::Sleb,
+        Method::Random,
+    ] {
+        let a = method_plan(&off, &calib, method, 0.7, &settings, |_| {}).unwrap();
+        let b = method_plan(&plain, &calib, method, 0.7, &settings, |_| {}).unwrap();
+        assert_eq!(a.plan.layers, b.plan.layers, "{method:?}");
+    }
+    for method in [
+        Method::Magnitude(lopper_importance::Norm::L2),
+        Method::LlmPruner,
+        Method::MiniLlm,
+        Method::Ifso,
+    ] {
+        let e = method_plan(&off, &calib, method, 0.7, &settings, |_| {})
+            .err()
+            .unwrap_or_else(|| panic!("{method:?} ran on offloaded layers"))
+            .to_string();
+        assert!(
+            e.contains("offloaded") && e.contains("--offload"),
+            "{method:?}: {e}"
+        );
+    }
+    // The search: the same sampled masks, losses and plan.
+    let (plan, losses) = pg_plan(&off, &calib);
+    let (plain_plan, plain_losses) = pg_plan(&plain, &calib);
+    assert_eq!(plan.layers, plain_plan.layers);
+    let d = losses
+        .iter()
+        .zip(&plain_losses)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max);
+    assert!(d < 1e-4, "search losses differ by {d}");
+    // Compensation and its check, surgery, least squares: resident cut models, the resident
+    // model's results.
+    let (m, plain_m) = (means(&off, &calib), means(&plain, &calib));
+    let (extra, sel) =
+        lopper_surgery::select_compensation(&off, &plan, &m, &calib, 4, |_| {}).unwrap();
+    let (plain_extra, plain_sel) =
+        lopper_surgery::select_compensation(&plain, &plan, &plain_m, &calib, 4, |_| {}).unwrap();
+    assert!((sel.loss_chosen - plain_sel.loss_chosen).abs() < 1e-4);
+    let biased = lopper_surgery::prune_with_biases(&off, &plan, &extra).unwrap();
+    assert!(!biased.is_offloaded());
+    assert_close(
+        &logits(&biased, check),
+        &logits(
+            &lopper_surgery::prune_with_biases(&plain, &plan, &plain_extra).unwrap(),
+            check,
+        ),
+        "compensated cut",
+    );
+    let cut = lopper_surgery::prune(&off, &plan).unwrap();
+    assert!(!cut.is_offloaded());
+    assert_close(
+        &logits(&cut, check),
+        &logits(&lopper_surgery::prune(&plain, &plan).unwrap(), check),
+        "cut",
+    );
+    for (i, d) in [0, 1, 1].into_iter().enumerate() {
+        if plan.kept_layers().contains(&i) {
+            let k = plan.kept_layers().iter().position(|&j| j == i).unwrap();
+            assert_eq!(
+                cut.layer_device(k),
+                Some(devices[d].clone()),
+                "cut layer {i}"
+            );
+        }
+    }
+    for obs in [false, true] {
+        let settings = lopper_sparse::ReconSettings {
+            obs,
+            ..Default::default()
+        };
+        let (ls, _, _) =
+            lopper_sparse::reconstruct(&off, &plan, &calib, &settings, |_| {}).unwrap();
+        let (plain_ls, _, _) =
+            lopper_sparse::reconstruct(&plain, &plan, &calib, &settings, |_| {}).unwrap();
+        assert!(!ls.is_offloaded());
+        assert_close(
+            &logits(&ls, check),
+            &logits(&plain_ls, check),
+            &format!("ls cut (obs {obs})"),
+        );
+    }
+    let pattern = lopper_sparse::Pattern::Unstructured(0.5);
+    let sparse = lopper_sparse::SparseSettings::default();
+    let method = lopper_sparse::SparseMethod::SparseGpt;
+    let (a, _) =
+        lopper_sparse::prune_model(&off, &calib, method, pattern, &sparse, |_| {}).unwrap();
+    let (b, _) =
+        lopper_sparse::prune_model(&plain, &calib, method, pattern, &sparse, |_| {}).unwrap();
+    assert!(!a.is_offloaded());
+    assert_close(&logits(&a, check), &logits(&b, check), "one-shot");
+}

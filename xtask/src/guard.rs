@@ -40,7 +40,7 @@ pub fn weights_fit(
             "load the weights in {d} (--dtype {d}), or use a machine with more memory"
         ),
         (None, true) => format!(
-            "keep the decoder layers out of memory with --offload cpu (eval and logits: each layer is read from the file for its turn; {} in {dtype})",
+            "keep the decoder layers out of memory with --offload cpu (eval, logits and prune: each layer is read from the file for its turn; {} in {dtype})",
             human(weight_memory(model, dtype, files, true).peak())
         ),
         (None, false) => {
@@ -200,12 +200,57 @@ pub fn gpus_fit(
                 "list more GPUs"
             };
             bail!(
-                "`{id}`: {} would hold {} of weights in {dtype}, but {} is free on it; {more}, use a narrower --dtype, or keep the layers in host memory with --offload cpu (eval and logits) (`cargo xtask info --model {id} --memory --device ...` shows the plan)",
+                "`{id}`: {} would hold {} of weights in {dtype}, but {} is free on it; {more}, use a narrower --dtype, or keep the layers in host memory with --offload cpu (eval, logits and prune) (`cargo xtask info --model {id} --memory --device ...` shows the plan)",
                 share.name,
                 human(share.weights),
                 human(free),
             );
         }
+    }
+    Ok(())
+}
+
+/// With offloaded dense layers, `prune` builds the pruned model resident on the devices the
+/// layers stream to: its weights (the decoder's linear weights less `sparsity`, in `dtype`)
+/// must fit what is left there now, before any work.
+pub fn pruned_fits<B: burn::tensor::backend::Backend>(
+    shape: &ModelShape,
+    dtype: Dtype,
+    sparsity: f64,
+    devices: &[B::Device],
+    id: &str,
+) -> Result<()> {
+    use burn::tensor::backend::Device as _;
+    let kept = shape.decoder_linear_params() as f64 * (1.0 - sparsity.clamp(0.0, 1.0));
+    let need = (kept * dtype.bytes() as f64) as u64;
+    let (free, place) = if crate::backend::on_host::<B>() {
+        (available_bytes()?, "host memory".to_string())
+    } else {
+        // Layers are balanced over the GPUs: each holds about its share of the pruned model.
+        let per = need / devices.len().max(1) as u64;
+        for d in devices {
+            let gpu = d.to_id().index_id as usize;
+            if let Some(f) = gpu_free_bytes(gpu)
+                && per as f64 > f as f64 * USABLE
+            {
+                bail!(
+                    "`{id}` with --offload cpu: the pruned model is built on the GPUs, about {} of it on cuda:{gpu}, but {} is free there; raise --sparsity, use a narrower --dtype or list more GPUs",
+                    human(per),
+                    human(f)
+                );
+            }
+        }
+        return Ok(());
+    };
+    if let Some(free) = free
+        && need as f64 > free as f64 * USABLE
+    {
+        bail!(
+            "`{id}` with --offload cpu: the pruned model is built in {place}, {} of weights in {dtype} at --sparsity {sparsity}, but {} is available{}; raise --sparsity, use a narrower --dtype, or use a machine with more memory",
+            human(need),
+            human(free),
+            limit_note()
+        );
     }
     Ok(())
 }

@@ -15,7 +15,7 @@ use lopper_policy::{Baseline, Budget, Estimator, Judge, Optimizer, PgConfig, Sch
 use crate::reconstruct::Reconstruct;
 use lopper_surgery::{ExportFormat, ExportOptions};
 
-use crate::backend::{DeviceChoice, DeviceList, Job, PlacedJob, run_on, run_on_devices};
+use crate::backend::{DeviceChoice, DeviceList, Job, Offload, PlacedJob, run_on, run_on_devices};
 use crate::eval::parse_tasks;
 
 #[derive(Debug, Clone, Args)]
@@ -243,6 +243,13 @@ pub struct PruneArgs {
     /// them in balanced contiguous runs.
     #[arg(long, default_value = "cpu")]
     pub device: DeviceList,
+    /// `cpu`: keep the dense model's decoder layers out of device memory and read each onto
+    /// its device for its turn in every pass (scoring, search, surgery, reconstruction); the
+    /// device holds the embedding, the LM head, one dense layer and the pruned model being
+    /// built. Not for the methods that need every weight at once (magnitude, llm-pruner, ifso,
+    /// mini-llm).
+    #[arg(long, value_name = "WHERE")]
+    pub offload: Option<Offload>,
     /// Run folder: plan.json, model/, report.md, kept_per_layer.png, eval.json; pg adds
     /// curve.jsonl, loss.png, checkpoint.json; metric methods add scores.json.
     #[arg(long)]
@@ -437,6 +444,17 @@ pub fn run(args: PruneArgs) -> Result<()> {
         cfg.held_out,
         args.calib_samples
     );
+    if args.offload.is_some() {
+        let scorer = if args.method == "pg" {
+            args.init()
+        } else {
+            args.method.as_str()
+        };
+        anyhow::ensure!(
+            !RESIDENT_ONLY.contains(&scorer),
+            "--offload cpu: {scorer} needs every decoder weight at once (its scores come from all the weights together, or from gradients through a trainable copy of the model), which offloaded layers are not; use pg (with --init auto, flap, llm-bip, wanda-sp, block-influence or sleb), flap, wanda-sp, llm-bip, block-influence, sleb, random or a one-shot method, or drop --offload"
+        );
+    }
     check_out(&args.out, args.resume, args.force, "checkpoint.json")?;
     let device = args.device.clone();
     run_on_devices(
@@ -512,6 +530,15 @@ fn output_bytes(
     params * dtype.bytes() + (32 << 20)
 }
 
+/// Methods whose scores read every decoder weight at once; `--offload` refuses them.
+const RESIDENT_ONLY: [&str; 5] = [
+    "magnitude",
+    "magnitude-l1",
+    "llm-pruner",
+    "ifso",
+    "mini-llm",
+];
+
 struct PruneJob {
     sparse: Option<(lopper_sparse::SparseMethod, lopper_sparse::Pattern)>,
     args: PruneArgs,
@@ -531,8 +558,28 @@ impl PlacedJob for PruneJob {
     fn run<B: Backend>(self, devices: Vec<B::Device>, device_name: String) -> Result<()> {
         let a = &self.args;
         let started = Instant::now();
-        let loaded = crate::loading::load_placed_model::<B>(&a.model, a.dtype, &devices, false)?;
+        let loaded = crate::loading::load_placed_model::<B>(
+            &a.model,
+            a.dtype,
+            &devices,
+            a.offload.is_some(),
+        )?;
         let (model, tok) = (&loaded.model, &loaded.tokenizer);
+        if model.is_offloaded() {
+            // The pruned model is built resident, next to the embedding, the head and the one
+            // dense layer in flight: it must fit too, before any work.
+            crate::guard::pruned_fits::<B>(
+                model.shape(),
+                model.dtype(),
+                if self.sparse.is_some() {
+                    0.0
+                } else {
+                    a.sparsity
+                },
+                &devices,
+                &a.model,
+            )?;
+        }
         crate::guard::context(
             model.shape(),
             a.seq_len,
@@ -574,6 +621,7 @@ impl PlacedJob for PruneJob {
             "init": a.init(),
             "calibration": calib.info,
             "device": device_name,
+            "offload": a.offload.is_some(),
             "checkpoint_every": a.checkpoint_every,
         });
         if let Some((method, pattern)) = self.sparse {

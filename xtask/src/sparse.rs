@@ -100,9 +100,10 @@ pub fn solve<B: Backend>(
     resolved: &serde_json::Value,
 ) -> Result<(Llama<B>, Vec<LinearReport>)> {
     let n_linears = model
+        .shape()
         .layers
         .iter()
-        .map(|l| 4 * usize::from(l.self_attn.is_some()) + 3 * usize::from(l.mlp.is_some()))
+        .map(|l| 4 * usize::from(l.has_attn()) + 3 * usize::from(l.has_mlp()))
         .sum::<usize>();
     let bar = crate::progress::bar(
         n_linears as u64,

@@ -406,3 +406,80 @@ fn a_gpu_list_is_planned_per_device_and_bad_lists_are_clear_errors() {
         );
     }
 }
+
+#[test]
+fn prune_with_offloaded_layers_writes_the_resident_runs_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tmp.path().join("config.json");
+    std::fs::write(
+        &cfg,
+        r#"{"model_type":"llama","vocab_size":400,"hidden_size":128,"intermediate_size":256,
+        "num_hidden_layers":4,"num_attention_heads":4,"num_key_value_heads":2,
+        "rms_norm_eps":1e-5,"rope_theta":10000.0,"tie_word_embeddings":false,
+        "max_position_embeddings":256}"#,
+    )
+    .unwrap();
+    let model = format!("synthetic:{}", cfg.display());
+    let prune = |name: &str, extra: &[&str]| {
+        let out = tmp.path().join(name);
+        let mut args = vec![
+            "prune",
+            "--model",
+            &model,
+            "--method",
+            "pg",
+            "--sparsity",
+            "0.3",
+            "--steps",
+            "3",
+            "--calib-samples",
+            "12",
+            "--held-out",
+            "4",
+            "--seq-len",
+            "32",
+            "--batch-size",
+            "4",
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let (ok, _, err) = xtask(&args);
+        assert!(ok, "{name}: {err}");
+        out
+    };
+    // lopper's preset (starts from FLAP, LLM-BIP and block influence, compensation inside the
+    // search, held-out choice) and the least-squares cut.
+    let resident = prune("resident", &[]);
+    let offloaded = prune("offloaded", &["--offload", "cpu"]);
+    let plan = |d: &std::path::Path| {
+        json(&std::fs::read_to_string(d.join("plan.json")).unwrap())["layers"].clone()
+    };
+    assert_eq!(plan(&resident), plan(&offloaded));
+    let weights = |d: &std::path::Path| std::fs::read(d.join("model/model.safetensors")).unwrap();
+    assert!(
+        weights(&resident) == weights(&offloaded),
+        "the offloaded run's model differs from the resident run's"
+    );
+    // A method that reads every weight at once is refused before anything is written.
+    let out = tmp.path().join("refused");
+    let (ok, _, err) = xtask(&[
+        "prune",
+        "--model",
+        &model,
+        "--method",
+        "llm-pruner",
+        "--sparsity",
+        "0.3",
+        "--offload",
+        "cpu",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        !ok && err.contains("needs every decoder weight at once"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(!out.exists());
+}

@@ -154,16 +154,21 @@ pub fn llm_bip<B: Backend>(
     let n_layers = shape.n_layers();
     let mut kv: Vec<Option<Tensor<B, 2>>> = vec![None; n_layers];
     let mut ch: Vec<Option<Tensor<B, 2>>> = vec![None; n_layers];
+    // Layer by layer over every batch's stream (an offloaded layer is read once); the sums
+    // over batches run in batch order either way.
+    let mut streams = Vec::new();
     for batch in windows.chunks(batch_size) {
         let t = model.tokens(batch)?;
         let [b, seq] = t.dims();
-        let stepper = model.stepper(b, seq);
-        let mut x = model.embed(t);
-        for (l, layer) in model.layers.iter().enumerate() {
+        streams.push((model.stepper(b, seq), model.embed(t)));
+    }
+    for l in 0..n_layers {
+        let layer = model.layer(l)?;
+        for (stepper, x) in &mut streams {
             let mut taps = Vec::new();
-            x = layer.on_device(x);
-            let y = stepper.forward(layer, x.clone(), |p, v| taps.push((p, v.clone())));
-            let bt = block_terms(layer, &shape.layers[l], &x, &taps);
+            *x = layer.on_device(x.clone());
+            let y = stepper.forward(&layer, x.clone(), |p, v| taps.push((p, v.clone())));
+            let bt = block_terms(&layer, &shape.layers[l], x, &taps);
             if let Some(g) = bt.group_bound {
                 let g = g.powi_scalar(2).sum_dim(0);
                 kv[l] = Some(kv[l].take().map_or(g.clone(), |a| a + g));
@@ -172,7 +177,7 @@ pub fn llm_bip<B: Backend>(
                 let c = c.sum_dim(0);
                 ch[l] = Some(ch[l].take().map_or(c.clone(), |a| a + c));
             }
-            x = y;
+            *x = y;
         }
     }
     let finish = |v: Vec<Option<Tensor<B, 2>>>| -> Result<Vec<Vec<f64>>> {

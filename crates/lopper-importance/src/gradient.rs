@@ -39,13 +39,15 @@ pub(crate) fn layer_linears<B: Backend>(l: &DecoderLayer<B>) -> [Option<&Linear<
     l.linears()
 }
 
-/// Every decoder linear weight of `model`, in f32 whatever its storage type.
-pub fn linear_weights<B: Backend>(model: &Llama<B>) -> PerLinear<B> {
-    model
+/// Every decoder linear weight of `model`, in f32 whatever its storage type (all at once: a
+/// model whose layers are offloaded is refused).
+pub fn linear_weights<B: Backend>(model: &Llama<B>) -> Result<PerLinear<B>> {
+    model.require_resident("every decoder weight at once (gradients and perturbations)")?;
+    Ok(model
         .layers
         .iter()
         .map(|l| layer_linears(l).map(|lin| lin.map(lopper_model::weight_f32)))
-        .collect()
+        .collect())
 }
 
 /// A copy of `model` whose decoder linear weights are `weights` (same shapes); when `grad`,
@@ -156,7 +158,7 @@ pub fn autodiff_copy<B: Backend>(
             n.weight = n.weight.clone().set_require_grad(false);
         }
     }
-    let w = linear_weights(&ad);
+    let w = linear_weights(&ad)?;
     Ok(with_linear_weights(&ad, w, linear_grads))
 }
 
@@ -311,7 +313,7 @@ pub fn llm_pruner<B: Backend>(
     let ad = autodiff_copy(model, true)?;
     let (g, f) = calibration_grads(&ad, windows, batch_size, variant == Taylor::Element2)?;
     drop(ad);
-    let w = linear_weights(model);
+    let w = linear_weights(model)?;
     let first = zip_linear(&w, &g, |w, g| w * g);
     let salience = match f {
         None => map_linear(&first, |t| t.abs()),
@@ -453,7 +455,7 @@ pub fn ifso<B: Backend>(
         .map(|l| usize::from(l.has_attn()) * l.n_heads + usize::from(l.has_mlp()) * l.ffn_hidden)
         .sum();
     let r = 0.01 / (n_masks as f64).sqrt();
-    let w0 = linear_weights(&ad);
+    let w0 = linear_weights(&ad)?;
     let mut kv_acc: Vec<Vec<f64>> = shape
         .layers
         .iter()
@@ -588,7 +590,7 @@ pub fn spsa_gradient<B: Backend>(
             s.eps
         )));
     }
-    let mut w0 = linear_weights(model);
+    let mut w0 = linear_weights(model)?;
     if let Some(keep) = layers {
         for (l, w) in w0.iter_mut().enumerate() {
             if !keep.contains(&l) {
@@ -599,10 +601,12 @@ pub fn spsa_gradient<B: Backend>(
     let batches: Vec<&[Vec<u32>]> = windows.chunks(batch_size).collect();
     let total = (batches.len() * s.samples) as f32;
     let mut acc: Option<PerLinear<B>> = None;
+    let all = linear_weights(model)?;
     // A perturbed copy: untouched layers keep their weights.
     let perturbed = |z: &PerLinear<B>, scale: f32| -> Llama<B> {
-        let full: PerLinear<B> = linear_weights(model)
-            .into_iter()
+        let full: PerLinear<B> = all
+            .iter()
+            .cloned()
             .zip(axpy(&w0, z, scale))
             .map(|(orig, new)| std::array::from_fn(|k| new[k].clone().or(orig[k].clone())))
             .collect();
@@ -690,7 +694,7 @@ pub fn mini_llm<B: Backend>(
 ) -> Result<UnitScores> {
     let g = spsa_gradient(model, windows, batch_size, s, None)?;
     let rms = input_rms(model, windows, batch_size)?;
-    let w = linear_weights(model);
+    let w = linear_weights(model)?;
     let salience: PerLinear<B> = w
         .iter()
         .zip(&g)

@@ -35,7 +35,7 @@ fn hv(t: &Tensor<B, 2>) -> Vec<f32> {
 
 /// Loss of `model` on all windows with one weight of linear `k` of `layer` moved by `h`.
 fn loss_moved(model: &Llama<B>, layer: usize, k: usize, idx: usize, h: f32) -> f64 {
-    let mut w = linear_weights(model);
+    let mut w = linear_weights(model).unwrap();
     let t = w[layer][k].take().unwrap();
     let dims = t.dims();
     let mut v = hv(&t);
@@ -47,7 +47,7 @@ fn loss_moved(model: &Llama<B>, layer: usize, k: usize, idx: usize, h: f32) -> f
 
 /// `sum |w * g_fd|` over the listed weights `(linear, flat index)` of `layer`.
 fn fd_score(model: &Llama<B>, layer: usize, weights: &[(usize, usize)]) -> f64 {
-    let w = linear_weights(model);
+    let w = linear_weights(model).unwrap();
     let h = 1e-2;
     weights
         .iter()
@@ -162,7 +162,7 @@ fn element2_adds_the_fisher_term_from_per_window_gradients() {
         .chunks(1)
         .map(|w| linear_grads(&ad, w, None).unwrap().1)
         .collect();
-    let w = linear_weights(&model);
+    let w = linear_weights(&model).unwrap();
     let (layer, c, hidden, ffn) = (0, 3, 32, 48);
     let mut want = 0.0;
     for (k, idx) in (0..hidden)

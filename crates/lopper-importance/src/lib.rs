@@ -151,7 +151,8 @@ pub fn wanda_sp<B: Backend>(
     let shape: &ModelShape = model.shape();
     let mut kv_groups = Vec::new();
     let mut channels = Vec::new();
-    for (i, (layer, ls)) in model.layers.iter().zip(&shape.layers).enumerate() {
+    for (i, ls) in shape.layers.iter().enumerate() {
+        let layer = model.layer(i)?;
         kv_groups.push(match &layer.self_attn {
             Some(a) => {
                 let w = col_abs_mean(lopper_model::weight_f32(&a.o_proj))?;
@@ -193,7 +194,7 @@ pub enum Norm {
 
 /// Magnitude scores: the norm of all weights a unit owns.
 pub fn magnitude<B: Backend>(model: &Llama<B>, norm: Norm) -> Result<UnitScores> {
-    let salience = gradient::linear_weights(model)
+    let salience = gradient::linear_weights(model)?
         .into_iter()
         .map(|ws| {
             ws.map(|w| {

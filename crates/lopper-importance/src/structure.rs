@@ -122,7 +122,8 @@ pub fn flap<B: Backend>(model: &Llama<B>, windows: &[Vec<u32>], batch_size: usiz
     let mut channels = Vec::new();
     // Sum over outputs of W^2 per input column (burn layout [in, out]).
     let col_sq = |w: Tensor<B, 2>| host(w.powi_scalar(2).sum_dim(1));
-    for (i, (layer, ls)) in model.layers.iter().zip(&shape.layers).enumerate() {
+    for (i, ls) in shape.layers.iter().enumerate() {
+        let layer = model.layer(i)?;
         kv_groups.push(match &layer.self_attn {
             Some(a) => {
                 let w = col_sq(weight_f32(&a.o_proj))?;
@@ -337,7 +338,7 @@ fn sleb_with<B: Backend>(
         gone = next;
         removed.push(best.layer);
         if let Some(c) = &mut cache {
-            c.remove(model, &removed, best.layer);
+            c.remove(model, &removed, best.layer)?;
         }
         on_round(&best);
         rounds.push(best);
@@ -384,84 +385,96 @@ impl<B: Backend> PrefixCache<B> {
         let n = model.shape().n_layers();
         let seq = windows[0].len();
         let mut batches = Vec::new();
+        let mut streams = Vec::new();
         for rows in windows.chunks(batch_size) {
             let tokens = model.tokens(rows)?;
-            let mut b = CachedBatch {
+            streams.push(model.embed(tokens.clone()));
+            batches.push(CachedBatch {
                 stepper: model.stepper(rows.len(), seq),
                 inputs: vec![None; n],
                 rows: rows.len(),
-                tokens: tokens.clone(),
-            };
-            b.refill(model, &[], 0, model.embed(tokens));
-            batches.push(b);
+                tokens,
+            });
         }
-        Ok(Self {
+        let mut cache = Self {
             batches,
             windows: windows.len(),
-        })
+        };
+        cache.refill(model, &[], 0, streams)?;
+        Ok(cache)
+    }
+
+    /// Runs the kept layers from `from` on over every batch, storing the stream entering each.
+    fn refill(
+        &mut self,
+        model: &Llama<B>,
+        removed: &[usize],
+        from: usize,
+        streams: Vec<Tensor<B, 2>>,
+    ) -> Result<()> {
+        let steppers: Vec<_> = self.batches.iter().map(|b| &b.stepper).collect();
+        let mut entering: Vec<(usize, usize, Tensor<B, 2>)> = Vec::new();
+        run_kept(&steppers, model, removed, from, streams, |k, i, x| {
+            entering.push((k, i, x.clone()))
+        })?;
+        for (k, i, x) in entering {
+            self.batches[k].inputs[i] = Some(x);
+        }
+        Ok(())
     }
 
     /// Mean calibration loss with `removed` and `extra` gone: each batch starts from the stream
     /// entering `extra` and runs the kept layers after it.
     fn loss_without(&self, model: &Llama<B>, removed: &[usize], extra: usize) -> Result<f64> {
+        let streams = self
+            .batches
+            .iter()
+            .map(|b| {
+                b.inputs[extra]
+                    .clone()
+                    .expect("a candidate layer is not removed")
+            })
+            .collect();
+        let steppers: Vec<_> = self.batches.iter().map(|b| &b.stepper).collect();
+        let out = run_kept(&steppers, model, removed, extra + 1, streams, |_, _, _| {})?;
         let mut sum = 0.0;
-        for b in &self.batches {
-            let x = b.inputs[extra]
-                .clone()
-                .expect("a candidate layer is not removed");
-            let x = b.run_from(model, removed, extra + 1, x);
+        for (b, x) in self.batches.iter().zip(out) {
             sum += lopper_model::mean_of(model.stream_nll(x, b.tokens.clone()))? * b.rows as f64;
         }
         Ok(sum / self.windows as f64)
     }
 
     /// `layer` is now removed (it is the last entry of `removed`): recompute the streams after it.
-    fn remove(&mut self, model: &Llama<B>, removed: &[usize], layer: usize) {
-        for b in &mut self.batches {
-            let x = b.inputs[layer].take().expect("the layer was kept");
-            b.refill(model, removed, layer + 1, x);
-        }
+    fn remove(&mut self, model: &Llama<B>, removed: &[usize], layer: usize) -> Result<()> {
+        let streams = self
+            .batches
+            .iter_mut()
+            .map(|b| b.inputs[layer].take().expect("the layer was kept"))
+            .collect();
+        self.refill(model, removed, layer + 1, streams)
     }
 }
 
-impl<B: Backend> CachedBatch<B> {
-    /// Runs the kept layers from `from` on, storing the stream entering each.
-    fn refill(&mut self, model: &Llama<B>, removed: &[usize], from: usize, x: Tensor<B, 2>) {
-        let inputs = &mut self.inputs;
-        run_kept(&self.stepper, model, removed, from, x, |i, x| {
-            inputs[i] = Some(x.clone())
-        });
-    }
-
-    /// The stream leaving the last layer, running the kept layers from `from` on.
-    fn run_from(
-        &self,
-        model: &Llama<B>,
-        removed: &[usize],
-        from: usize,
-        x: Tensor<B, 2>,
-    ) -> Tensor<B, 2> {
-        run_kept(&self.stepper, model, removed, from, x, |_, _| {})
-    }
-}
-
-/// The stream leaving the last layer, from `x` entering layer `from` through every later layer
-/// not in `removed`; `on_input(i, x)` sees the stream entering each layer run.
+/// The streams leaving the last layer, from `streams[k]` (batch `k`, run by `steppers[k]`)
+/// entering layer `from` through every later layer not in `removed`; `on_input(k, i, x)` sees
+/// the stream of batch `k` entering each layer `i` run. Layer by layer over all batches, so an
+/// offloaded layer is read once.
 fn run_kept<B: Backend>(
-    stepper: &lopper_model::LayerStepper<B>,
+    steppers: &[&lopper_model::LayerStepper<B>],
     model: &Llama<B>,
     removed: &[usize],
     from: usize,
-    mut x: Tensor<B, 2>,
-    mut on_input: impl FnMut(usize, &Tensor<B, 2>),
-) -> Tensor<B, 2> {
-    for (i, layer) in model.layers.iter().enumerate().skip(from) {
-        if !removed.contains(&i) {
-            on_input(i, &x);
-            x = stepper.forward(layer, x, |_, _| {});
+    mut streams: Vec<Tensor<B, 2>>,
+    mut on_input: impl FnMut(usize, usize, &Tensor<B, 2>),
+) -> Result<Vec<Tensor<B, 2>>> {
+    for i in (from..model.shape().n_layers()).filter(|i| !removed.contains(i)) {
+        let layer = model.layer(i)?;
+        for (k, (stepper, x)) in steppers.iter().zip(&mut streams).enumerate() {
+            on_input(k, i, x);
+            *x = stepper.forward(&layer, x.clone(), |_, _| {});
         }
     }
-    x
+    Ok(streams)
 }
 
 #[cfg(test)]

@@ -952,14 +952,13 @@ impl<B: Backend> Llama<B> {
     ///
     /// # Shapes
     /// - `tokens`: `[batch, seq]`; output: `[batch, seq, vocab]`
-    pub fn forward_layers<'a>(
-        &'a self,
+    pub fn forward_layers(
+        &self,
         tokens: Tensor<B, 2, Int>,
         masks: Option<&Masks<B>>,
         on_hidden: impl FnMut(usize, &Tensor<B, 2>),
-        layer_for: impl FnMut(usize, &'a DecoderLayer<B>) -> Cow<'a, DecoderLayer<B>>,
+        layer_for: impl for<'l> FnMut(usize, &'l DecoderLayer<B>) -> Cow<'l, DecoderLayer<B>>,
     ) -> Result<Tensor<B, 3>> {
-        self.require_resident("replacing layers in a forward")?;
         self.run(tokens, masks, on_hidden, layer_for, |_, _, _| {})
     }
 
@@ -1115,12 +1114,12 @@ impl<B: Backend> Llama<B> {
         }
     }
 
-    fn run<'a>(
-        &'a self,
+    fn run(
+        &self,
         tokens: Tensor<B, 2, Int>,
         masks: Option<&Masks<B>>,
         on_hidden: impl FnMut(usize, &Tensor<B, 2>),
-        layer_for: impl FnMut(usize, &'a DecoderLayer<B>) -> Cow<'a, DecoderLayer<B>>,
+        layer_for: impl for<'l> FnMut(usize, &'l DecoderLayer<B>) -> Cow<'l, DecoderLayer<B>>,
         on_tap: impl FnMut(usize, Tap, &Tensor<B, 2>),
     ) -> Result<Tensor<B, 3>> {
         let [batch, seq] = tokens.dims();
@@ -1128,12 +1127,12 @@ impl<B: Backend> Llama<B> {
         Ok(self.head(x).reshape([batch, seq, self.shape.vocab_size]))
     }
 
-    fn run_hidden<'a>(
-        &'a self,
+    fn run_hidden(
+        &self,
         tokens: Tensor<B, 2, Int>,
         masks: Option<&Masks<B>>,
         mut on_hidden: impl FnMut(usize, &Tensor<B, 2>),
-        mut layer_for: impl FnMut(usize, &'a DecoderLayer<B>) -> Cow<'a, DecoderLayer<B>>,
+        mut layer_for: impl for<'l> FnMut(usize, &'l DecoderLayer<B>) -> Cow<'l, DecoderLayer<B>>,
         mut on_tap: impl FnMut(usize, Tap, &Tensor<B, 2>),
     ) -> Result<Tensor<B, 2>> {
         if let Some(m) = masks {
@@ -1143,12 +1142,10 @@ impl<B: Backend> Llama<B> {
         // Each layer on its own device (one, unless the model is placed).
         let stepper = self.stepper(batch, seq);
         let mut x = self.embed(tokens);
-        for (i, layer) in self.layers.iter().enumerate() {
+        for i in 0..self.layers.len() {
             on_hidden(i, &x);
-            let layer = match self.stream() {
-                Some(stream) => Cow::Owned(stream.layer(&self.shape, i)?),
-                None => layer_for(i, layer),
-            };
+            let layer = self.layer(i)?;
+            let layer = layer_for(i, &layer);
             x = stepper.run(&layer, x, masks.map(|m| &m.layers[i]), &mut |point, t| {
                 on_tap(i, point, t)
             });
@@ -1203,21 +1200,20 @@ impl<B: Backend> Llama<B> {
     ///
     /// # Shapes
     /// - `tokens`: `[batch, seq]` (seq >= 2) -> `[batch, seq - 1]`
-    pub fn token_nll_layers<'a>(
-        &'a self,
+    pub fn token_nll_layers(
+        &self,
         tokens: Tensor<B, 2, Int>,
         masks: Option<&Masks<B>>,
-        layer_for: impl FnMut(usize, &'a DecoderLayer<B>) -> Cow<'a, DecoderLayer<B>>,
+        layer_for: impl for<'l> FnMut(usize, &'l DecoderLayer<B>) -> Cow<'l, DecoderLayer<B>>,
     ) -> Result<Tensor<B, 2>> {
-        self.require_resident("replacing layers in a forward")?;
         self.nll_with(tokens, masks, layer_for)
     }
 
-    fn nll_with<'a>(
-        &'a self,
+    fn nll_with(
+        &self,
         tokens: Tensor<B, 2, Int>,
         masks: Option<&Masks<B>>,
-        layer_for: impl FnMut(usize, &'a DecoderLayer<B>) -> Cow<'a, DecoderLayer<B>>,
+        layer_for: impl for<'l> FnMut(usize, &'l DecoderLayer<B>) -> Cow<'l, DecoderLayer<B>>,
     ) -> Result<Tensor<B, 2>> {
         let [_, seq] = tokens.dims();
         if seq < 2 {

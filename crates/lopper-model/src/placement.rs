@@ -283,13 +283,12 @@ impl<B: Backend> Llama<B> {
     /// the source keeps the rest (a memory-mapped file stays in the page cache, which the
     /// kernel can evict; a synthetic model regenerates the layer).
     ///
-    /// An offloaded model serves the forward passes ([`Llama::forward`],
-    /// [`Llama::token_nll`], [`Llama::forward_with_hidden`] and the calls built on them).
-    /// What reads a layer's weights in place (surgery, metrics, reconstruction, exports, the
-    /// layer-wise [`Llama::stepper`]) needs a resident model: [`Llama::forward_layers`] and
-    /// [`Llama::token_nll_layers`] refuse an offloaded one, and callers of the others check
-    /// [`Llama::is_offloaded`] or [`Llama::require_resident`] first (the CLI offers
-    /// `--offload` only on the commands that run forwards alone).
+    /// An offloaded model serves every forward pass ([`Llama::forward`],
+    /// [`Llama::token_nll`], [`Llama::forward_layers`] and the calls built on them) and hands
+    /// out its layers one at a time ([`Llama::layer`]), which is what the metric methods, the
+    /// search, surgery and reconstruction read. What needs every layer at once (autodiff
+    /// copies, one-shot pruning in place, exports of the unpruned model) checks
+    /// [`Llama::require_resident`] first.
     pub fn offloaded(
         shape: &ModelShape,
         weights: SharedSource,
@@ -391,6 +390,7 @@ impl<B: Backend> Llama<B> {
     /// layer built straight onto the device it has here ([`Llama::placement`]), so that no
     /// device ever holds more than its share.
     pub fn placed_copy<C: Backend<Device = B::Device>>(&self) -> Result<Llama<C>> {
+        self.require_resident("a trainable copy of every layer")?;
         let (devices, map) = self.placement();
         Llama::<C>::from_weights_placed(
             self.shape(),
@@ -399,6 +399,25 @@ impl<B: Backend> Llama<B> {
             &map,
             Dtype::F32,
         )
+    }
+
+    /// Decoder layer `i`: the model's own when resident, read from the source onto its device
+    /// when offloaded (held by the caller for as long as it needs it, then dropped). What reads
+    /// a layer's weights (metrics, surgery, reconstruction) goes through this, so that it
+    /// serves resident and offloaded models alike; `model.layers` of an offloaded model holds
+    /// empty placeholders.
+    pub fn layer(&self, i: usize) -> Result<std::borrow::Cow<'_, DecoderLayer<B>>> {
+        use std::borrow::Cow;
+        if i >= self.layers.len() {
+            return Err(Error::Input(format!(
+                "layer {i} of a model with {} layers",
+                self.layers.len()
+            )));
+        }
+        Ok(match &self.stream {
+            Some(stream) => Cow::Owned(stream.layer(&self.shape, i)?),
+            None => Cow::Borrowed(&self.layers[i]),
+        })
     }
 
     /// Whether the decoder layers are offloaded ([`Llama::offloaded`]).
@@ -424,10 +443,5 @@ impl<B: Backend> Llama<B> {
             return Some(stream.device::<B>(i));
         }
         self.layers[i].device()
-    }
-
-    /// The offloaded layers' stream, if any.
-    pub(crate) fn stream(&self) -> Option<&LayerStream> {
-        self.stream.as_ref()
     }
 }

@@ -6,7 +6,9 @@ use lopper_core::{MaskPlan, ModelShape, PruneUnit};
 
 use crate::gguf::{GgufFile, Value, llama_gguf};
 use crate::weights::{GgufWeights, SafetensorsWeights};
-use crate::{Error, HostWeights, Llama, Masks, RandomWeights, WeightSource, shape_from_gguf};
+use crate::{
+    DecoderLayer, Error, HostWeights, Llama, Masks, RandomWeights, WeightSource, shape_from_gguf,
+};
 
 type B = Flex;
 const D: FlexDevice = FlexDevice;
@@ -697,7 +699,7 @@ fn a_model_placed_over_several_devices_gives_the_unplaced_logits() {
 }
 
 #[test]
-fn an_offloaded_model_gives_the_resident_logits_and_refuses_what_needs_its_layers() {
+fn an_offloaded_model_gives_the_resident_logits_and_layers_and_refuses_what_needs_them_all() {
     use crate::DeviceMap;
     use lopper_core::Dtype;
     use std::sync::Arc;
@@ -725,10 +727,28 @@ fn an_offloaded_model_gives_the_resident_logits_and_refuses_what_needs_its_layer
                 resident.token_nll(t.clone(), None).unwrap().into_data(),
                 off.token_nll(t.clone(), None).unwrap().into_data()
             );
-            let e = off
-                .forward_layers(t, None, |_, _| {}, |_, l| std::borrow::Cow::Borrowed(l))
-                .unwrap_err()
-                .to_string();
+            // Layers handed out one at a time, and replaced in the forward loop.
+            for i in 0..shape.n_layers() {
+                assert!(matches!(off.layer(i).unwrap(), std::borrow::Cow::Owned(_)));
+                assert!(matches!(
+                    resident.layer(i).unwrap(),
+                    std::borrow::Cow::Borrowed(_)
+                ));
+            }
+            assert!(off.layer(shape.n_layers()).is_err());
+            fn without_mlp(_: usize, l: &DecoderLayer<B>) -> std::borrow::Cow<'_, DecoderLayer<B>> {
+                let mut l = l.clone();
+                l.mlp = None;
+                l.post_attention_layernorm = None;
+                std::borrow::Cow::Owned(l)
+            }
+            let replaced = |m: &Llama<B>| {
+                m.forward_layers(t.clone(), None, |_, _| {}, without_mlp)
+                    .unwrap()
+                    .into_data()
+            };
+            assert_eq!(replaced(&resident), replaced(&off), "{dtype}");
+            let e = off.placed_copy::<B>().unwrap_err().to_string();
             assert!(e.contains("offloaded") && e.contains("--offload"), "{e}");
         }
     }
@@ -766,5 +786,63 @@ fn an_offloaded_model_checks_every_layer_before_any_work() {
         .unwrap_err()
         .to_string();
         assert!(e.contains(want), "{e}");
+    }
+}
+
+#[test]
+fn the_safetensors_file_written_tensor_by_tensor_holds_every_weight() {
+    use lopper_core::Dtype;
+    let model = Llama::<B>::random(&hetero_tied(), 4, &D).unwrap();
+    let host = model.to_host_weights();
+    let zero = vec![("model.layers.0.self_attn.q_proj.bias".to_string(), 7)];
+    for dtype in [Dtype::F32, Dtype::Bf16, Dtype::F16] {
+        let bytes = model.safetensors_bytes_in(dtype, &zero).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        assert_eq!(st.len(), host.tensors.len() + 1, "{dtype}");
+        for (name, t) in &host.tensors {
+            let v = st.tensor(name).unwrap();
+            assert_eq!(v.shape(), &t.shape[..], "{name}");
+            let got: Vec<f32> = match v.dtype() {
+                safetensors::Dtype::F32 => v
+                    .data()
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                    .collect(),
+                safetensors::Dtype::BF16 => v
+                    .data()
+                    .chunks_exact(2)
+                    .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                    .collect(),
+                safetensors::Dtype::F16 => v
+                    .data()
+                    .chunks_exact(2)
+                    .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                    .collect(),
+                other => panic!("{name}: {other:?}"),
+            };
+            // Matrices in the asked type, vectors in F32.
+            let want: Vec<f32> = match (t.shape.len(), dtype) {
+                (2, Dtype::Bf16) => t
+                    .data
+                    .iter()
+                    .map(|&x| half::bf16::from_f32(x).to_f32())
+                    .collect(),
+                (2, Dtype::F16) => t
+                    .data
+                    .iter()
+                    .map(|&x| half::f16::from_f32(x).to_f32())
+                    .collect(),
+                _ => t.data.clone(),
+            };
+            assert_eq!(got, want, "{name} {dtype}");
+        }
+        let z = st.tensor(&zero[0].0).unwrap();
+        assert_eq!(z.shape(), &[7]);
+        assert!(z.data().iter().all(|&b| b == 0));
+        // The same bytes as the host copy's file when nothing is added.
+        assert_eq!(
+            model.safetensors_bytes_in(dtype, &[]).unwrap(),
+            host.safetensors_bytes_in(dtype).unwrap()
+        );
     }
 }

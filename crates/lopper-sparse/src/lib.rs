@@ -281,9 +281,11 @@ pub fn prune_model<B: Backend>(
         streams.push((model.stepper(b, seq), model.embed(t)));
     }
     for l in 0..n {
+        // The dense layer: the model's own, or read for its turn when offloaded.
+        let src = model.layer(l)?;
         let mut grams: [Option<Tensor<B, 2>>; 4] = [None, None, None, None];
         for (stepper, x) in &streams {
-            stepper.forward(&model.layers[l], x.clone(), |tap, x| {
+            stepper.forward(&src, x.clone(), |tap, x| {
                 let slot = match tap {
                     Tap::AttnInput => 0,
                     Tap::OProjInput => 1,
@@ -311,8 +313,7 @@ pub fn prune_model<B: Backend>(
                 _ => Ok(None),
             })
             .collect::<Result<_>>()?;
-        let src = &model.layers[l];
-        let mut layer = src.clone();
+        let mut layer = src.clone().into_owned();
         let mut run = |lin: &Linear<B>, g: usize, name: &'static str| -> Result<Linear<B>> {
             let h = grams[g].as_ref().ok_or_else(|| {
                 Error::Invalid(format!("layer {l}: no calibration inputs reached {name}"))
@@ -345,8 +346,14 @@ pub fn prune_model<B: Backend>(
         }
         pruned.push(layer);
     }
-    let mut out = model.clone();
-    out.layers = pruned;
+    // Every layer resident now (an offloaded model's included).
+    let out = Llama::from_parts(
+        model.embed_tokens.clone(),
+        pruned,
+        model.norm.clone(),
+        model.lm_head.clone(),
+        model.shape().clone(),
+    )?;
     Ok((out, reports))
 }
 

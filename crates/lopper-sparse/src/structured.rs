@@ -646,7 +646,9 @@ pub fn reconstruct<B: Backend>(
     let mut drifted = false;
     for (l, &(refit_o, refit_down)) in to_refit.iter().enumerate() {
         let (src, keep) = (&plan.source.layers[l], &plan.layers[l]);
-        let dense_layer = &model.layers[l];
+        // The dense layer: the model's own, or read for its turn when offloaded.
+        let dense_layer = model.layer(l)?;
+        let dense_layer = &*dense_layer;
         // Both streams on the layer's device (a model placed over several devices).
         for s in &mut streams {
             s.dense = dense_layer.on_device(s.dense.clone());

@@ -195,6 +195,7 @@ pub fn export_with<B: Backend>(
     out: &Path,
     sink: &mut dyn FileSink,
 ) -> Result<PathBuf> {
+    model.require_resident("an export")?;
     if out.exists() && !opts.force {
         return Err(Error::OutputExists(out.to_owned()));
     }
@@ -225,31 +226,23 @@ pub fn export_with<B: Backend>(
                 ExportFormat::Vllm => deci_config_json(shape, tokenizer)?,
                 _ => config_json(shape, tokenizer),
             };
-            let mut weights = model.to_host_weights();
-            if weights.tensors.keys().any(|k| k.ends_with(".bias")) {
+            let dims: std::collections::BTreeMap<String, Vec<usize>> =
+                model.named_dims().into_iter().collect();
+            let mut zero_biases = Vec::new();
+            if dims.keys().any(|k| k.ends_with(".bias")) {
                 // Stock transformers has one switch for all attention projections and one for
                 // all MLP projections: turn both on and give the others zero biases.
                 config["attention_bias"] = true.into();
                 config["mlp_bias"] = true.into();
-                let missing: Vec<(String, usize)> = weights
-                    .tensors
+                zero_biases = dims
                     .iter()
-                    .filter_map(|(k, t)| {
+                    .filter_map(|(k, shape)| {
                         let stem = k.strip_suffix(".weight")?;
                         (stem.contains("layers.") && stem.ends_with("_proj"))
-                            .then(|| (format!("{stem}.bias"), t.shape[0]))
+                            .then(|| (format!("{stem}.bias"), shape[0]))
                     })
-                    .filter(|(b, _)| !weights.tensors.contains_key(b))
+                    .filter(|(b, _)| !dims.contains_key(b))
                     .collect();
-                for (name, n) in missing {
-                    weights.tensors.insert(
-                        name,
-                        lopper_model::HostTensor {
-                            shape: vec![n],
-                            data: vec![0.0; n],
-                        },
-                    );
-                }
             }
             // The matrices in the model's own storage type.
             let dtype = model.dtype();
@@ -259,7 +252,11 @@ pub fn export_with<B: Backend>(
                 lopper_core::Dtype::F16 => "float16",
             }
             .into();
-            files.push(("model.safetensors", weights.safetensors_bytes_in(dtype)?));
+            // Tensor by tensor into the file's bytes: no whole-model f32 copy on the host.
+            files.push((
+                "model.safetensors",
+                model.safetensors_bytes_in(dtype, &zero_biases)?,
+            ));
             files.push(("config.json", json_bytes(&config)));
             files.push(("shape.json", json_bytes(shape)));
             files.push(("tokenizer.json", tokenizer.to_json().as_bytes().to_vec()));

@@ -123,9 +123,11 @@ pub fn select_compensation<B: Backend>(
     let cut = Cut {
         sliced: kept
             .iter()
-            .map(|&i| slice_layer(&model.layers[i], &plan.source.layers[i], &plan.layers[i]))
-            .map(std::borrow::Cow::into_owned)
-            .collect(),
+            .map(|&i| {
+                let layer = model.layer(i)?;
+                Ok(slice_layer(&layer, &plan.source.layers[i], &plan.layers[i]).into_owned())
+            })
+            .collect::<Result<_>>()?,
         kept,
         model,
     };

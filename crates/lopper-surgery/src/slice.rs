@@ -144,9 +144,10 @@ pub fn prune<B: Backend>(model: &Llama<B>, plan: &MaskPlan) -> Result<Llama<B>> 
         .kept_layers()
         .into_iter()
         .map(|i| {
-            slice_layer(&model.layers[i], &plan.source.layers[i], &plan.layers[i]).into_owned()
+            let layer = model.layer(i)?;
+            Ok(slice_layer(&layer, &plan.source.layers[i], &plan.layers[i]).into_owned())
         })
-        .collect();
+        .collect::<Result<_>>()?;
     let pruned = Llama::from_parts(
         model.embed_tokens.clone(),
         layers,
@@ -329,7 +330,8 @@ pub fn compensation_biases<B: Backend>(
     // Mean outputs of blocks removed whole, waiting for the nearest earlier kept block.
     let mut carry: Option<Tensor<B, 1>> = None;
     for i in (0..n).rev() {
-        let (lp, ls, layer) = (&plan.layers[i], &plan.source.layers[i], &model.layers[i]);
+        let (lp, ls) = (&plan.layers[i], &plan.source.layers[i]);
+        let layer = model.layer(i)?;
         // Blocks in reverse order within the layer: the MLP comes after the attention.
         if let Some(m) = &layer.mlp {
             let removed: Vec<usize> = (0..ls.ffn_hidden)
@@ -451,15 +453,13 @@ pub fn prune_with_biases<B: Backend>(
         .kept_layers()
         .into_iter()
         .map(|i| {
-            slice_layer_biased(
-                &model.layers[i],
-                &plan.source.layers[i],
-                &plan.layers[i],
-                &extra[i],
+            let layer = model.layer(i)?;
+            Ok(
+                slice_layer_biased(&layer, &plan.source.layers[i], &plan.layers[i], &extra[i])
+                    .into_owned(),
             )
-            .into_owned()
         })
-        .collect();
+        .collect::<Result<_>>()?;
     Ok(Llama::from_parts(
         model.embed_tokens.clone(),
         layers,
