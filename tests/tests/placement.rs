@@ -83,6 +83,19 @@ fn pg_plan(model: &Llama<D>, calib: &[Vec<u32>]) -> (MaskPlan, Vec<f64>) {
     (state.final_plan(&space).unwrap(), losses)
 }
 
+/// Each of `methods` plans `a` (placed or offloaded) as it plans the resident `b`, at 30%.
+fn same_plans(a: &Llama<D>, b: &Llama<D>, calib: &[Vec<u32>], methods: &[Method]) {
+    let settings = MethodSettings {
+        batch_size: 4,
+        ..MethodSettings::default()
+    };
+    for &method in methods {
+        let pa = method_plan(a, calib, method, 0.7, &settings, |_| {}).unwrap();
+        let pb = method_plan(b, calib, method, 0.7, &settings, |_| {}).unwrap();
+        assert_eq!(pa.plan.layers, pb.plan.layers, "{method:?}");
+    }
+}
+
 #[test]
 fn a_model_split_over_two_devices_runs_every_pruning_step_as_the_unsplit_model() {
     let shape = ModelShape::tiny();
@@ -136,25 +149,22 @@ fn a_model_split_over_two_devices_runs_every_pruning_step_as_the_unsplit_model()
                 .collect::<Vec<_>>()
         };
         assert_close(&ll(&placed), &ll(&plain), "multiple-choice log-likelihoods");
-        // The forward-only metric methods.
-        let settings = MethodSettings {
-            batch_size: 4,
-            ..MethodSettings::default()
-        };
-        for method in [
-            Method::Flap,
-            Method::WandaSp,
-            Method::LlmBip,
-            Method::BlockInfluence,
-            Method::Sleb,
-            Method::LlmPruner,
-            Method::MiniLlm,
-            Method::Ifso,
-        ] {
-            let a = method_plan(&placed, &calib, method, 0.7, &settings, |_| {}).unwrap();
-            let b = method_plan(&plain, &calib, method, 0.7, &settings, |_| {}).unwrap();
-            assert_eq!(a.plan.layers, b.plan.layers, "{method:?} on {map:?}");
-        }
+        // Every metric method.
+        same_plans(
+            &placed,
+            &plain,
+            &calib,
+            &[
+                Method::Flap,
+                Method::WandaSp,
+                Method::LlmBip,
+                Method::BlockInfluence,
+                Method::Sleb,
+                Method::LlmPruner,
+                Method::MiniLlm,
+                Method::Ifso,
+            ],
+        );
         // The search: the same sampled masks, losses and plan.
         let (plan_pg, losses) = pg_plan(&placed, &calib);
         assert_eq!(plan_pg.layers, plain_pg.0.layers, "{map:?}");
@@ -315,22 +325,23 @@ fn an_offloaded_model_runs_every_pruning_step_as_the_resident_one() {
     let calib = windows(12, 16, shape.vocab_size, 11);
     let check = &calib[..2];
     assert_close(&logits(&off, check), &logits(&plain, check), "logits");
+    same_plans(
+        &off,
+        &plain,
+        &calib,
+        &[
+            Method::Flap,
+            Method::WandaSp,
+            Method::LlmBip,
+            Method::BlockInfluence,
+            Method::Sleb,
+            Method::Random,
+        ],
+    );
     let settings = MethodSettings {
         batch_size: 4,
         ..MethodSettings::default()
     };
-    for method in [
-        Method::Flap,
-        Method::WandaSp,
-        Method::LlmBip,
-        Method::BlockInfluence,
-        Method::Sleb,
-        Method::Random,
-    ] {
-        let a = method_plan(&off, &calib, method, 0.7, &settings, |_| {}).unwrap();
-        let b = method_plan(&plain, &calib, method, 0.7, &settings, |_| {}).unwrap();
-        assert_eq!(a.plan.layers, b.plan.layers, "{method:?}");
-    }
     for method in [
         Method::Magnitude(lopper_importance::Norm::L2),
         Method::LlmPruner,
