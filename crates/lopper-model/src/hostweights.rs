@@ -100,56 +100,106 @@ impl<B: Backend> Llama<B> {
         }
     }
 
-    /// The model as the bytes of one safetensors file (HF names and layout), the matrices in
-    /// `dtype` and the vectors (norm scales, biases) in F32, plus the zero F32 vectors
-    /// `zero_biases` names (`(name, length)`). Written tensor by tensor into the one output
-    /// buffer: the host holds the file's bytes and one tensor in f32, never a whole-model f32
-    /// copy. Of a resident model.
-    pub fn safetensors_bytes_in(
+    /// Where every tensor of the model's safetensors file goes (HF names and layout), the
+    /// matrices in `dtype` and the vectors (norm scales, biases) in F32, plus the zero F32
+    /// vectors `zero_biases` names (`(name, length)`): from the shapes alone, before any data.
+    pub fn safetensors_layout(
         &self,
         dtype: Dtype,
         zero_biases: &[(String, usize)],
-    ) -> Result<Vec<u8>> {
-        self.require_resident("writing its weights")?;
+    ) -> Result<SafetensorsLayout> {
         let entries = self
             .named_dims()
             .into_iter()
             .chain(zero_biases.iter().map(|(n, len)| (n.clone(), vec![*len])));
-        let mut file = SafetensorsFile::new(entries, dtype)?;
-        file.mark_zero(zero_biases.iter().map(|(n, _)| n.as_str()));
+        let mut layout = SafetensorsLayout::new(entries, dtype)?;
+        layout.zero = zero_biases.iter().map(|(n, _)| n.clone()).collect();
+        Ok(layout)
+    }
+
+    /// Writes the file `layout` describes through `write_at(offset, bytes)`: the header, then
+    /// each tensor as it comes off its device, then the zero vectors. The host holds one tensor
+    /// at a time, never a whole-model copy. Of a resident model.
+    pub fn write_safetensors(
+        &self,
+        layout: &SafetensorsLayout,
+        write_at: &mut dyn FnMut(u64, &[u8]) -> std::io::Result<()>,
+    ) -> Result<()> {
+        self.require_resident("writing its weights")?;
+        let io = |source| Error::Io {
+            path: "(safetensors file being written)".into(),
+            source,
+        };
+        write_at(0, &layout.head).map_err(io)?;
+        let mut written = std::collections::BTreeSet::new();
         let mut failed = None;
         self.visit_host_tensors(&mut |name, t| {
-            if failed.is_none()
-                && let Err(e) = file.put(&name, &t)
-            {
-                failed = Some(e);
+            if failed.is_some() {
+                return;
+            }
+            let r = layout
+                .encode(&name, &t)
+                .and_then(|(at, bytes)| write_at(at, &bytes).map_err(io));
+            match r {
+                Ok(()) if written.insert(name.clone()) => {}
+                Ok(()) => failed = Some(layout.bad(format!("{name} written twice"))),
+                Err(e) => failed = Some(e),
             }
         });
         if let Some(e) = failed {
             return Err(e);
         }
-        file.finish()
+        for name in &layout.zero {
+            let (at, shape, d) = &layout.slots[name];
+            let len = shape.iter().product::<usize>() * d.bytes() as usize;
+            write_at(*at, &vec![0; len]).map_err(io)?;
+            written.insert(name.clone());
+        }
+        if let Some(name) = layout.slots.keys().find(|n| !written.contains(*n)) {
+            return Err(layout.bad(format!("{name} was never written")));
+        }
+        Ok(())
+    }
+
+    /// The file of [`Llama::write_safetensors`] as bytes in memory.
+    pub fn safetensors_bytes_in(
+        &self,
+        dtype: Dtype,
+        zero_biases: &[(String, usize)],
+    ) -> Result<Vec<u8>> {
+        let layout = self.safetensors_layout(dtype, zero_biases)?;
+        let mut buf = vec![0u8; layout.len() as usize];
+        self.write_safetensors(&layout, &mut |at, b| {
+            buf[at as usize..at as usize + b.len()].copy_from_slice(b);
+            Ok(())
+        })?;
+        Ok(buf)
     }
 }
 
-/// A safetensors file assembled in one buffer: the header from every tensor's name and shape
-/// first (tensors in name order, contiguous), then each tensor's bytes put into its slot.
-struct SafetensorsFile {
-    buf: Vec<u8>,
-    /// Name -> (start of its bytes in `buf`, shape, storage type, filled).
-    slots: BTreeMap<String, (usize, Vec<usize>, Dtype, bool)>,
+/// The layout of a safetensors file: its header (tensors in name order, contiguous, the data
+/// on an 8-byte boundary) and where each tensor's bytes go.
+#[derive(Debug, Clone)]
+pub struct SafetensorsLayout {
+    /// The length prefix and the padded JSON header.
+    head: Vec<u8>,
+    /// Name -> (absolute offset of its bytes, shape, storage type).
+    slots: BTreeMap<String, (u64, Vec<usize>, Dtype)>,
+    /// Tensors written as zeros.
+    zero: Vec<String>,
+    len: u64,
 }
 
-impl SafetensorsFile {
+impl SafetensorsLayout {
     /// Matrices (2-D) in `dtype`, everything else F32.
     fn new(entries: impl IntoIterator<Item = (String, Vec<usize>)>, dtype: Dtype) -> Result<Self> {
         let sorted: BTreeMap<String, Vec<usize>> = entries.into_iter().collect();
         let mut header = serde_json::Map::new();
         let mut layout = Vec::with_capacity(sorted.len());
-        let mut offset = 0usize;
+        let mut offset = 0u64;
         for (name, shape) in sorted {
             let d = if shape.len() == 2 { dtype } else { Dtype::F32 };
-            let len = shape.iter().product::<usize>() * d.bytes() as usize;
+            let len = shape.iter().product::<usize>() as u64 * d.bytes();
             let st = match d {
                 Dtype::F32 => "F32",
                 Dtype::Bf16 => "BF16",
@@ -164,84 +214,68 @@ impl SafetensorsFile {
         }
         let mut json = serde_json::to_vec(&serde_json::Value::Object(header)).map_err(|e| {
             Error::Safetensors {
-                path: "(in memory)".into(),
+                path: "(being written)".into(),
                 msg: e.to_string(),
             }
         })?;
-        // The data starts on an 8-byte boundary: the header padded with spaces.
         json.resize(json.len().div_ceil(8) * 8, b' ');
-        let data_start = 8 + json.len();
-        let mut buf = Vec::new();
-        buf.try_reserve_exact(data_start + offset).map_err(|_| {
-            Error::Input(format!(
-                "no memory for a {} MB weights file",
-                (data_start + offset) >> 20
-            ))
-        })?;
-        buf.extend_from_slice(&(json.len() as u64).to_le_bytes());
-        buf.extend_from_slice(&json);
-        buf.resize(data_start + offset, 0);
-        let slots = layout
-            .into_iter()
-            .map(|(n, o, s, d)| (n, (data_start + o, s, d, false)))
-            .collect();
-        Ok(Self { buf, slots })
+        let mut head = (json.len() as u64).to_le_bytes().to_vec();
+        head.extend_from_slice(&json);
+        let start = head.len() as u64;
+        Ok(Self {
+            slots: layout
+                .into_iter()
+                .map(|(n, o, s, d)| (n, (start + o, s, d)))
+                .collect(),
+            head,
+            zero: Vec::new(),
+            len: start + offset,
+        })
     }
 
-    /// Tensors left at zero (their bytes are zero already).
-    fn mark_zero<'a>(&mut self, names: impl IntoIterator<Item = &'a str>) {
-        for n in names {
-            if let Some(slot) = self.slots.get_mut(n) {
-                slot.3 = true;
-            }
+    /// The file's length in bytes.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether the file holds no tensor data.
+    pub fn is_empty(&self) -> bool {
+        self.len == self.head.len() as u64
+    }
+
+    fn bad(&self, msg: String) -> Error {
+        Error::Safetensors {
+            path: "(being written)".into(),
+            msg,
         }
     }
 
-    fn put(&mut self, name: &str, t: &HostTensor) -> Result<()> {
-        let bad = |msg: String| Error::Safetensors {
-            path: "(in memory)".into(),
-            msg,
-        };
-        let (start, shape, d, filled) = self
+    /// `t`'s bytes in its slot's storage type, and the offset they go to.
+    fn encode(&self, name: &str, t: &HostTensor) -> Result<(u64, Vec<u8>)> {
+        let (at, shape, d) = self
             .slots
-            .get_mut(name)
-            .ok_or_else(|| bad(format!("{name} is not in the header")))?;
-        if *shape != t.shape || *filled {
-            return Err(bad(format!(
-                "{name}: {:?} written into a slot of {shape:?} (filled: {filled})",
+            .get(name)
+            .ok_or_else(|| self.bad(format!("{name} is not in the header")))?;
+        if *shape != t.shape {
+            return Err(self.bad(format!(
+                "{name}: {:?} written into a slot of {shape:?}",
                 t.shape
             )));
         }
-        let out = &mut self.buf[*start..*start + t.data.len() * d.bytes() as usize];
-        match d {
-            Dtype::F32 => {
-                for (o, v) in out.chunks_exact_mut(4).zip(&t.data) {
-                    o.copy_from_slice(&v.to_le_bytes());
-                }
-            }
-            Dtype::Bf16 => {
-                for (o, &v) in out.chunks_exact_mut(2).zip(&t.data) {
-                    o.copy_from_slice(&half::bf16::from_f32(v).to_le_bytes());
-                }
-            }
-            Dtype::F16 => {
-                for (o, &v) in out.chunks_exact_mut(2).zip(&t.data) {
-                    o.copy_from_slice(&half::f16::from_f32(v).to_le_bytes());
-                }
-            }
-        }
-        *filled = true;
-        Ok(())
-    }
-
-    fn finish(self) -> Result<Vec<u8>> {
-        if let Some((name, _)) = self.slots.iter().find(|(_, s)| !s.3) {
-            return Err(Error::Safetensors {
-                path: "(in memory)".into(),
-                msg: format!("{name} was never written"),
-            });
-        }
-        Ok(self.buf)
+        let bytes = match d {
+            Dtype::F32 => t.data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            Dtype::Bf16 => t
+                .data
+                .iter()
+                .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes())
+                .collect(),
+            Dtype::F16 => t
+                .data
+                .iter()
+                .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
+                .collect(),
+        };
+        Ok((*at, bytes))
     }
 }
 
@@ -261,15 +295,18 @@ impl HostWeights {
     /// [`HostWeights::safetensors_bytes`] with the matrices (2-D tensors) in `dtype`; vectors
     /// (norm scales, biases) stay F32.
     pub fn safetensors_bytes_in(&self, dtype: Dtype) -> Result<Vec<u8>> {
-        let mut file = SafetensorsFile::new(
+        let layout = SafetensorsLayout::new(
             self.tensors
                 .iter()
                 .map(|(n, t)| (n.clone(), t.shape.clone())),
             dtype,
         )?;
+        let mut buf = vec![0u8; layout.len() as usize];
+        buf[..layout.head.len()].copy_from_slice(&layout.head);
         for (n, t) in &self.tensors {
-            file.put(n, t)?;
+            let (at, b) = layout.encode(n, t)?;
+            buf[at as usize..at as usize + b.len()].copy_from_slice(&b);
         }
-        file.finish()
+        Ok(buf)
     }
 }

@@ -17,7 +17,7 @@ pub use config::{
     shape_from_hf_config, shape_from_hf_config_text,
 };
 pub use error::{Error, Result};
-pub use hostweights::HostWeights;
+pub use hostweights::{HostWeights, SafetensorsLayout};
 pub use masks::{LayerMasks, Masks};
 pub use model::{
     Attention, DecoderLayer, ForwardMemory, LINEAR_NAMES, LayerStepper, Llama, Mlp, NLL_ROWS,

@@ -41,20 +41,39 @@ pub struct ExportOptions {
 
 /// Writes one file of an export; the seam where tests inject a full disk.
 pub trait FileSink {
-    /// Writes `bytes` to `path`.
-    fn write(&mut self, path: &Path, bytes: &[u8]) -> std::io::Result<()>;
+    /// Creates `path` (`len` bytes) and has `fill` write it through `write_at(offset, bytes)`,
+    /// in any order; the file is complete and synced when this returns `Ok`.
+    fn write(&mut self, path: &Path, len: u64, fill: Fill<'_>) -> std::io::Result<()>;
 }
+
+/// What writes a file's bytes through the positioned writer it is given.
+pub type Fill<'a> = &'a mut dyn FnMut(WriteAt<'_>) -> std::io::Result<()>;
+
+/// A positioned writer: `(offset, bytes)`.
+pub type WriteAt<'a> = &'a mut dyn FnMut(u64, &[u8]) -> std::io::Result<()>;
 
 /// The real file system.
 #[derive(Debug, Default)]
 pub struct Disk;
 
 impl FileSink for Disk {
-    fn write(&mut self, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    fn write(&mut self, path: &Path, len: u64, fill: Fill<'_>) -> std::io::Result<()> {
+        use std::io::{Seek, SeekFrom};
         let mut f = std::fs::File::create(path)?;
-        f.write_all(bytes)?;
+        f.set_len(len)?;
+        fill(&mut |at, bytes| {
+            f.seek(SeekFrom::Start(at))?;
+            f.write_all(bytes)
+        })?;
         f.sync_all()
     }
+}
+
+/// One file of an export: bytes made in memory, or the model's weights written tensor by
+/// tensor as they come off the device.
+enum Content {
+    Bytes(Vec<u8>),
+    Weights(lopper_model::SafetensorsLayout),
 }
 
 /// The modelling file shipped with heterogeneous exports (named by `auto_map` in their
@@ -219,7 +238,7 @@ pub fn export_with<B: Backend>(
             source,
         })?;
     let shape = model.shape();
-    let mut files: Vec<(&str, Vec<u8>)> = Vec::new();
+    let mut files: Vec<(&str, Content)> = Vec::new();
     match opts.format {
         ExportFormat::Hf | ExportFormat::Vllm => {
             let mut config = match opts.format {
@@ -252,18 +271,27 @@ pub fn export_with<B: Backend>(
                 lopper_core::Dtype::F16 => "float16",
             }
             .into();
-            // Tensor by tensor into the file's bytes: no whole-model f32 copy on the host.
+            // Written tensor by tensor at write time: the host never holds the whole model.
             files.push((
                 "model.safetensors",
-                model.safetensors_bytes_in(dtype, &zero_biases)?,
+                Content::Weights(model.safetensors_layout(dtype, &zero_biases)?),
             ));
-            files.push(("config.json", json_bytes(&config)));
-            files.push(("shape.json", json_bytes(shape)));
-            files.push(("tokenizer.json", tokenizer.to_json().as_bytes().to_vec()));
+            files.push(("config.json", Content::Bytes(json_bytes(&config))));
+            files.push(("shape.json", Content::Bytes(json_bytes(shape))));
+            files.push((
+                "tokenizer.json",
+                Content::Bytes(tokenizer.to_json().as_bytes().to_vec()),
+            ));
             if opts.format == ExportFormat::Vllm {
-                files.push((DECI_CONFIG_FILE, DECI_CONFIG_SOURCE.as_bytes().to_vec()));
+                files.push((
+                    DECI_CONFIG_FILE,
+                    Content::Bytes(DECI_CONFIG_SOURCE.as_bytes().to_vec()),
+                ));
             } else if config.get("auto_map").is_some() {
-                files.push((MODELING_FILE, MODELING_SOURCE.as_bytes().to_vec()));
+                files.push((
+                    MODELING_FILE,
+                    Content::Bytes(MODELING_SOURCE.as_bytes().to_vec()),
+                ));
             }
         }
         ExportFormat::Gguf(ty) => {
@@ -285,7 +313,7 @@ pub fn export_with<B: Backend>(
             for (k, v) in tokenizer.gguf_metadata()? {
                 b.meta(&k, v);
             }
-            files.push(("model.gguf", b.to_bytes()));
+            files.push(("model.gguf", Content::Bytes(b.to_bytes())));
         }
     }
     let mut record = serde_json::json!({
@@ -297,14 +325,36 @@ pub fn export_with<B: Backend>(
         record["plan"] = serde_json::to_value(p).expect("serialisable");
         record["kept_param_ratio"] = p.kept_param_ratio().into();
     }
-    files.push(("lopper.json", json_bytes(&record)));
+    files.push(("lopper.json", Content::Bytes(json_bytes(&record))));
     // The old folder is deleted only once the new one is in place: both must fit.
-    let need = files.iter().map(|(_, b)| b.len() as u64).sum();
+    let need = files
+        .iter()
+        .map(|(_, c)| match c {
+            Content::Bytes(b) => b.len() as u64,
+            Content::Weights(l) => l.len(),
+        })
+        .sum();
     lopper_core::disk::ensure_disk_space(&parent, need, 0, "the exported model")?;
-    for (file, bytes) in &files {
+    for (file, content) in &files {
         let path = tmp.path().join(file);
-        sink.write(&path, bytes)
-            .map_err(|source| Error::Write { path, source })?;
+        // A failure to produce the weights (not the disk's) is kept aside and reported as itself.
+        let mut inner: Option<lopper_model::Error> = None;
+        let written = match content {
+            Content::Bytes(b) => sink.write(&path, b.len() as u64, &mut |w| w(0, b)),
+            Content::Weights(layout) => sink.write(&path, layout.len(), &mut |w| {
+                model.write_safetensors(layout, w).map_err(|e| match e {
+                    lopper_model::Error::Io { source, .. } => source,
+                    other => {
+                        inner = Some(other);
+                        std::io::Error::other("the weights could not be written")
+                    }
+                })
+            }),
+        };
+        if let Some(e) = inner {
+            return Err(e.into());
+        }
+        written.map_err(|source| Error::Write { path, source })?;
     }
     // Publish: move an existing folder aside, rename the new one in, then delete the old.
     let tmp = tmp.keep();

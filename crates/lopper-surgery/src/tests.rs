@@ -377,22 +377,34 @@ fn an_existing_output_is_refused_unless_forced() {
     assert_eq!(names, vec![std::ffi::OsString::from("m")]);
 }
 
-/// A disk that fills up after `ok` files.
+/// A disk that fills up halfway through the file after `ok` whole files.
 struct FullDisk {
     ok: usize,
 }
 
 impl FileSink for FullDisk {
-    fn write(&mut self, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-        if self.ok == 0 {
-            // Leave a truncated file behind, as a real full disk would.
-            std::fs::write(path, &bytes[..bytes.len() / 2])?;
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::StorageFull,
-                "No space left on device",
-            ));
-        }
-        self.ok -= 1;
+    fn write(
+        &mut self,
+        path: &Path,
+        len: u64,
+        fill: crate::export::Fill<'_>,
+    ) -> std::io::Result<()> {
+        let full = self.ok == 0;
+        self.ok = self.ok.saturating_sub(1);
+        let mut bytes = vec![0u8; len as usize];
+        fill(&mut |at, b| {
+            let end = at as usize + b.len();
+            if full && end > bytes.len() / 2 {
+                // Leave a truncated file behind, as a real full disk would.
+                std::fs::write(path, &bytes[..at as usize])?;
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::StorageFull,
+                    "No space left on device",
+                ));
+            }
+            bytes[at as usize..end].copy_from_slice(b);
+            Ok(())
+        })?;
         std::fs::write(path, bytes)
     }
 }
