@@ -444,7 +444,7 @@ pub fn run(args: PruneArgs) -> Result<()> {
         cfg.held_out,
         args.calib_samples
     );
-    if args.offload.is_some() {
+    if args.offload.is_some() && sparse.is_none() {
         let scorer = if args.method == "pg" {
             args.init()
         } else {
