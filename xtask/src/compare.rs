@@ -866,7 +866,9 @@ impl CompareJob {
                     judge,
                     ..st.pg.clone()
                 };
-                let meta = serde_json::json!({"compare": st, "sparsity": sparsity});
+                // `dtype` at the top, where a resumed search checks it (`prune` records it there).
+                let meta =
+                    serde_json::json!({"compare": st, "sparsity": sparsity, "dtype": st.dtype});
                 let out = crate::methods::run_pg(
                     model,
                     windows(),

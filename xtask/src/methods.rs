@@ -375,15 +375,23 @@ pub fn run_pg<B: Backend>(
             serde_json::to_string(&s.config)?
         );
         for key in ["model", "dtype", "calibration", "init"] {
-            // Checkpoints from before `--dtype` existed ran in f32.
-            let was = s.meta.get(key).cloned().or_else(|| {
-                (key == "dtype" && s.meta.is_object()).then(|| serde_json::json!("f32"))
-            });
-            let now = run.meta.get(key);
+            // Only what this run records is checked: a comparison's cell records its settings
+            // under `compare` (and its dtype at the top too since 2026-12-05).
+            let Some(now) = run.meta.get(key) else {
+                continue;
+            };
+            let was = s
+                .meta
+                .get(key)
+                .or_else(|| s.meta.get("compare").and_then(|c| c.get(key)))
+                .cloned()
+                // Checkpoints from before `--dtype` existed ran in f32.
+                .or_else(|| {
+                    (key == "dtype" && s.meta.is_object()).then(|| serde_json::json!("f32"))
+                });
             anyhow::ensure!(
-                was.is_none() || was.as_ref() == now,
-                "--resume: this run's {key} ({}) is not the checkpoint's ({}); resume with the same --model, --dtype and calibration flags, or start over with --force",
-                now.map_or("none".into(), |v| v.to_string()),
+                was.as_ref().is_none_or(|w| w == now),
+                "--resume: this run's {key} ({now}) is not the checkpoint's ({}); resume with the same --model, --dtype and calibration flags, or start over with --force",
                 was.map_or("none".into(), |v| v.to_string()),
             );
         }

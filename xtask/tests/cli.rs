@@ -1377,6 +1377,15 @@ fn compare_cells_that_differ_in_the_cut_alone_share_one_pg_search() {
     };
     assert_eq!(layers("pg+none@0.3"), layers("pg+bias@0.3"));
     assert_eq!(layers("pg+none@0.3"), layers("pg@0.3"));
+    // An interrupted cell (its search checkpointed, no cell.json) resumes its search in the
+    // next run, with the same plan.
+    let before = layers("pg+none@0.3");
+    std::fs::remove_file(out.join("cells/pg+none@0.3/cell.json")).unwrap();
+    args[i - 1] = "pg+none";
+    let (ok, _, err) = xtask_env(&args, &[("LOPPER_LOG", "info")]);
+    assert!(ok, "{err}");
+    assert!(err.contains("resuming"), "{err}");
+    assert_eq!(layers("pg+none@0.3"), before);
 }
 
 #[test]
