@@ -584,59 +584,205 @@ impl GgufBuilder {
     /// rows of a multiple of 32 values; other rows, and 1-D tensors, are stored as F16 / F32.
     /// Returns the type used.
     pub fn tensor(&mut self, name: &str, shape: &[usize], data: &[f32], ty: GgmlType) -> GgmlType {
-        let row = shape.last().copied().unwrap_or(0);
-        let ty = match ty {
-            _ if shape.len() < 2 => GgmlType::F32,
-            GgmlType::Q8_0 if row % 32 != 0 => GgmlType::F16,
-            GgmlType::Q8_0 | GgmlType::F16 => ty,
-            _ => GgmlType::F32,
-        };
-        let bytes = match ty {
-            GgmlType::F16 => data
-                .iter()
-                .flat_map(|&v| f16::from_f32(v).to_le_bytes())
-                .collect(),
-            GgmlType::Q8_0 => quantize_q8_0(data),
-            _ => data.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        };
+        let ty = stored_type(shape, ty);
         let dims = shape.iter().rev().map(|&d| d as u64).collect();
-        self.tensors.push((name.into(), dims, ty, bytes));
+        self.tensors.push((name.into(), dims, ty, encode(data, ty)));
         ty
     }
 
-    /// The file's bytes.
-    pub fn to_bytes(&self) -> Vec<u8> {
-        const ALIGN: usize = 32;
+    /// The metadata and the tensor table of a file holding this builder's tensors followed by
+    /// `later` (`(name, dims, type, byte length)`), padded to the data section; and each
+    /// tensor's offset in the data section, in that order.
+    fn header(&self, later: &[(String, Vec<u64>, GgmlType, u64)]) -> (Vec<u8>, Vec<u64>) {
         let mut out = Vec::new();
         out.extend_from_slice(b"GGUF");
         out.extend_from_slice(&3u32.to_le_bytes());
-        out.extend_from_slice(&(self.tensors.len() as u64).to_le_bytes());
+        let n = self.tensors.len() + later.len();
+        out.extend_from_slice(&(n as u64).to_le_bytes());
         out.extend_from_slice(&(self.metadata.len() as u64).to_le_bytes());
         for (k, v) in &self.metadata {
             write_str(&mut out, k);
             out.extend_from_slice(&value_type(v).to_le_bytes());
             write_value(&mut out, v);
         }
-        let mut offset = 0usize;
-        let mut offsets = Vec::new();
-        for (name, dims, ty, bytes) in &self.tensors {
+        let entries = self
+            .tensors
+            .iter()
+            .map(|(name, dims, ty, bytes)| (name, dims, *ty, bytes.len() as u64))
+            .chain(
+                later
+                    .iter()
+                    .map(|(name, dims, ty, len)| (name, dims, *ty, *len)),
+            );
+        let mut offset = 0u64;
+        let mut offsets = Vec::with_capacity(n);
+        for (name, dims, ty, len) in entries {
             write_str(&mut out, name);
             out.extend_from_slice(&(dims.len() as u32).to_le_bytes());
             for d in dims {
                 out.extend_from_slice(&d.to_le_bytes());
             }
             out.extend_from_slice(&ty.id().to_le_bytes());
-            out.extend_from_slice(&(offset as u64).to_le_bytes());
+            out.extend_from_slice(&offset.to_le_bytes());
             offsets.push(offset);
-            offset = (offset + bytes.len()).div_ceil(ALIGN) * ALIGN;
+            offset = (offset + len).div_ceil(ALIGN) * ALIGN;
         }
-        let start = out.len().div_ceil(ALIGN) * ALIGN;
-        out.resize(start, 0);
+        out.resize(out.len().div_ceil(ALIGN as usize) * ALIGN as usize, 0);
+        offsets.push(offset);
+        (out, offsets)
+    }
+
+    /// The file's bytes.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let (mut out, offsets) = self.header(&[]);
+        let start = out.len();
         for ((_, _, _, bytes), off) in self.tensors.iter().zip(offsets) {
-            out.resize(start + off, 0);
+            out.resize(start + off as usize, 0);
             out.extend_from_slice(bytes);
         }
         out
+    }
+
+    /// The layout of the file holding this builder's metadata and tensors, then the tensors of
+    /// `later` (`(name, row-major shape, type asked)`, stored as [`GgufBuilder::tensor`] would
+    /// store them) whose data comes at write time ([`GgufLayout::encode`]): from the shapes
+    /// alone, so a model can be written one tensor at a time.
+    pub fn layout(&self, later: Vec<(String, Vec<usize>, GgmlType)>) -> GgufLayout {
+        let later: Vec<(String, Vec<usize>, GgmlType)> = later
+            .into_iter()
+            .map(|(n, shape, ty)| {
+                let ty = stored_type(&shape, ty);
+                (n, shape, ty)
+            })
+            .collect();
+        let entries: Vec<(String, Vec<u64>, GgmlType, u64)> = later
+            .iter()
+            .map(|(n, shape, ty)| {
+                let dims = shape.iter().rev().map(|&d| d as u64).collect();
+                (n.clone(), dims, *ty, stored_len(shape, *ty))
+            })
+            .collect();
+        let (head, offsets) = self.header(&entries);
+        let start = head.len() as u64;
+        let fixed = self
+            .tensors
+            .iter()
+            .zip(&offsets)
+            .map(|((_, _, _, bytes), off)| (start + off, bytes.clone()))
+            .collect();
+        let slots = later
+            .into_iter()
+            .zip(&offsets[self.tensors.len()..])
+            .map(|((n, shape, ty), off)| (n, (start + off, shape, ty)))
+            .collect();
+        // The file ends with the last tensor's bytes, not its padding.
+        let len = match (entries.last(), self.tensors.last()) {
+            (Some((_, _, _, l)), _) => start + offsets[offsets.len() - 2] + l,
+            (None, Some((_, _, _, b))) => start + offsets[offsets.len() - 2] + b.len() as u64,
+            (None, None) => start,
+        };
+        GgufLayout {
+            head,
+            fixed,
+            slots,
+            len,
+        }
+    }
+}
+
+/// Data alignment of the files [`GgufBuilder`] writes (`general.alignment`).
+const ALIGN: u64 = 32;
+
+/// The type [`GgufBuilder::tensor`] stores a row-major tensor of `shape` asked as `ty` in.
+fn stored_type(shape: &[usize], ty: GgmlType) -> GgmlType {
+    let row = shape.last().copied().unwrap_or(0);
+    match ty {
+        _ if shape.len() < 2 => GgmlType::F32,
+        GgmlType::Q8_0 if row % 32 != 0 => GgmlType::F16,
+        GgmlType::Q8_0 | GgmlType::F16 => ty,
+        _ => GgmlType::F32,
+    }
+}
+
+/// Bytes of a tensor of `shape` stored as `ty` (a type of [`stored_type`]).
+fn stored_len(shape: &[usize], ty: GgmlType) -> u64 {
+    let n = shape.iter().product::<usize>() as u64;
+    match ty {
+        GgmlType::F16 => 2 * n,
+        GgmlType::Q8_0 => n / 32 * 34,
+        _ => 4 * n,
+    }
+}
+
+/// `data` stored as `ty` (a type of [`stored_type`]).
+fn encode(data: &[f32], ty: GgmlType) -> Vec<u8> {
+    match ty {
+        GgmlType::F16 => data
+            .iter()
+            .flat_map(|&v| f16::from_f32(v).to_le_bytes())
+            .collect(),
+        GgmlType::Q8_0 => quantize_q8_0(data),
+        _ => data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+    }
+}
+
+/// Where every tensor of a GGUF file goes ([`GgufBuilder::layout`]): its header and the
+/// builder's own tensors, and a slot for each tensor written later.
+#[derive(Debug, Clone)]
+pub struct GgufLayout {
+    /// Metadata and tensor table, padded to the data section.
+    head: Vec<u8>,
+    /// The builder's tensors: absolute offset and bytes.
+    fixed: Vec<(u64, Vec<u8>)>,
+    /// Name -> (absolute offset, row-major shape, stored type) of the tensors written later.
+    slots: BTreeMap<String, (u64, Vec<usize>, GgmlType)>,
+    len: u64,
+}
+
+impl GgufLayout {
+    /// The file's length in bytes.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether the file holds no tensor.
+    pub fn is_empty(&self) -> bool {
+        self.fixed.is_empty() && self.slots.is_empty()
+    }
+
+    /// Names of the tensors written later.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.slots.keys().map(String::as_str)
+    }
+
+    /// Writes the header and the builder's tensors.
+    pub fn write_fixed(
+        &self,
+        write_at: &mut dyn FnMut(u64, &[u8]) -> std::io::Result<()>,
+    ) -> std::io::Result<()> {
+        write_at(0, &self.head)?;
+        for (at, bytes) in &self.fixed {
+            write_at(*at, bytes)?;
+        }
+        Ok(())
+    }
+
+    /// Tensor `name`'s bytes (row-major `data` of `shape`) in its slot's type, and where they go.
+    pub fn encode(&self, name: &str, shape: &[usize], data: &[f32]) -> Result<(u64, Vec<u8>)> {
+        let bad = |msg: String| Error::Gguf {
+            path: "(being written)".into(),
+            msg,
+        };
+        let (at, want, ty) = self
+            .slots
+            .get(name)
+            .ok_or_else(|| bad(format!("{name} is not in the tensor table")))?;
+        if want != shape {
+            return Err(bad(format!(
+                "{name}: {shape:?} written into a slot of {want:?}"
+            )));
+        }
+        Ok((*at, encode(data, *ty)))
     }
 }
 
@@ -718,7 +864,43 @@ pub fn llama_gguf_typed(
     weights: &crate::HostWeights,
     ty: GgmlType,
 ) -> GgufBuilder {
+    let mut b = llama_gguf_meta(shape, ty);
+    for (name, t) in &weights.tensors {
+        if let Some((g, t)) = llama_gguf_tensor(shape, name, t) {
+            b.tensor(&g, &t.shape, &t.data, ty);
+        }
+    }
+    b
+}
+
+/// A model's tensor as [`llama_gguf`] stores it: its GGUF name and its data (q/k rows
+/// permuted to llama.cpp's layout); `None` for a name GGUF has no place for.
+pub fn llama_gguf_tensor<'t>(
+    shape: &lopper_core::ModelShape,
+    hf: &str,
+    t: &'t crate::HostTensor,
+) -> Option<(String, std::borrow::Cow<'t, crate::HostTensor>)> {
     use crate::weights::{hf_to_gguf_name, permute_qk_rows};
+    use std::borrow::Cow;
+    let g = hf_to_gguf_name(hf)?;
+    let layer = hf
+        .strip_prefix("model.layers.")
+        .and_then(|r| r.split('.').next())
+        .and_then(|l| l.parse::<usize>().ok());
+    let heads = match (layer, &g) {
+        (Some(l), g) if g.contains("attn_q.") => Some(shape.layers[l].n_heads),
+        (Some(l), g) if g.contains("attn_k.") => Some(shape.layers[l].n_kv_heads),
+        _ => None,
+    };
+    Some(match heads {
+        Some(h) => (g, Cow::Owned(permute_qk_rows(t, h, true))),
+        None => (g, Cow::Borrowed(t)),
+    })
+}
+
+/// The metadata of [`llama_gguf_typed`]'s file for `shape`, and the zero MLP of a layer that
+/// keeps attention without an MLP; the model's own tensors are not in it.
+pub fn llama_gguf_meta(shape: &lopper_core::ModelShape, ty: GgmlType) -> GgufBuilder {
     let mut b = GgufBuilder::default();
     let n = shape.n_layers();
     // Heterogeneous layers are written as llama.cpp's `deci` architecture (the LLaMA decoder
@@ -803,27 +985,6 @@ pub fn llama_gguf_typed(
                 ty,
             );
         }
-    }
-    for (name, t) in &weights.tensors {
-        let Some(g) = hf_to_gguf_name(name) else {
-            continue;
-        };
-        let layer = name
-            .strip_prefix("model.layers.")
-            .and_then(|r| r.split('.').next())
-            .and_then(|l| l.parse::<usize>().ok());
-        let heads = match (layer, &g) {
-            (Some(l), g) if g.contains("attn_q.") => Some(shape.layers[l].n_heads),
-            (Some(l), g) if g.contains("attn_k.") => Some(shape.layers[l].n_kv_heads),
-            _ => None,
-        };
-        match heads {
-            Some(h) => {
-                let p = permute_qk_rows(t, h, true);
-                b.tensor(&g, &p.shape, &p.data, ty)
-            }
-            None => b.tensor(&g, &t.shape, &t.data, ty),
-        };
     }
     b
 }

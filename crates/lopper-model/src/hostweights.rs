@@ -131,24 +131,14 @@ impl<B: Backend> Llama<B> {
             source,
         };
         write_at(0, &layout.head).map_err(io)?;
-        let mut written = std::collections::BTreeSet::new();
-        let mut failed = None;
-        self.visit_host_tensors(&mut |name, t| {
-            if failed.is_some() {
-                return;
-            }
-            let r = layout
-                .encode(&name, &t)
-                .and_then(|(at, bytes)| write_at(at, &bytes).map_err(io));
-            match r {
-                Ok(()) if written.insert(name.clone()) => {}
-                Ok(()) => failed = Some(layout.bad(format!("{name} written twice"))),
-                Err(e) => failed = Some(e),
-            }
-        });
-        if let Some(e) = failed {
-            return Err(e);
-        }
+        let mut written = self.write_each(
+            &mut |name, t| {
+                let (at, bytes) = layout.encode(&name, &t)?;
+                Ok(Some((name, at, bytes)))
+            },
+            write_at,
+            &|m| layout.bad(m),
+        )?;
         for name in &layout.zero {
             let (at, shape, d) = &layout.slots[name];
             let len = shape.iter().product::<usize>() * d.bytes() as usize;
@@ -157,6 +147,100 @@ impl<B: Backend> Llama<B> {
         }
         if let Some(name) = layout.slots.keys().find(|n| !written.contains(*n)) {
             return Err(layout.bad(format!("{name} was never written")));
+        }
+        Ok(())
+    }
+
+    /// Every weight off its device, one at a time: `place(HF name, tensor)` gives the slot it
+    /// fills, the offset and its bytes (`None`: the file has no place for it), and `write_at`
+    /// writes them. Returns the slots filled; a slot filled twice is an error made by `bad`.
+    fn write_each(
+        &self,
+        place: &mut dyn FnMut(String, HostTensor) -> Result<Option<(String, u64, Vec<u8>)>>,
+        write_at: &mut dyn FnMut(u64, &[u8]) -> std::io::Result<()>,
+        bad: &dyn Fn(String) -> Error,
+    ) -> Result<std::collections::BTreeSet<String>> {
+        let mut written = std::collections::BTreeSet::new();
+        let mut failed = None;
+        self.visit_host_tensors(&mut |name, t| {
+            if failed.is_some() {
+                return;
+            }
+            let r = place(name, t).and_then(|slot| match slot {
+                Some((slot, at, bytes)) => {
+                    write_at(at, &bytes).map_err(|source| Error::Io {
+                        path: "(model file being written)".into(),
+                        source,
+                    })?;
+                    if written.insert(slot.clone()) {
+                        Ok(())
+                    } else {
+                        Err(bad(format!("{slot} written twice")))
+                    }
+                }
+                None => Ok(()),
+            });
+            if let Err(e) = r {
+                failed = Some(e);
+            }
+        });
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(written),
+        }
+    }
+
+    /// Where every tensor of the model's GGUF file goes ([`crate::gguf::llama_gguf_typed`]'s
+    /// file: `meta`'s metadata and tensors, then the model's, 2-D ones stored as `ty`), from
+    /// the shapes alone. `meta` is [`crate::gguf::llama_gguf_meta`] plus what the caller adds
+    /// (tokenizer, name).
+    pub fn gguf_layout(
+        &self,
+        meta: &crate::gguf::GgufBuilder,
+        ty: crate::gguf::GgmlType,
+    ) -> crate::gguf::GgufLayout {
+        let sorted: BTreeMap<String, Vec<usize>> = self.named_dims().into_iter().collect();
+        meta.layout(
+            sorted
+                .into_iter()
+                .filter_map(|(n, shape)| {
+                    crate::weights::hf_to_gguf_name(&n).map(|g| (g, shape, ty))
+                })
+                .collect(),
+        )
+    }
+
+    /// Writes the GGUF file `layout` describes through `write_at(offset, bytes)`: the header,
+    /// then each tensor as it comes off its device (q/k rows permuted as llama.cpp reads
+    /// them). The host holds one tensor at a time. Of a resident model.
+    pub fn write_gguf(
+        &self,
+        layout: &crate::gguf::GgufLayout,
+        write_at: &mut dyn FnMut(u64, &[u8]) -> std::io::Result<()>,
+    ) -> Result<()> {
+        self.require_resident("writing its weights")?;
+        layout.write_fixed(write_at).map_err(|source| Error::Io {
+            path: "(GGUF file being written)".into(),
+            source,
+        })?;
+        let shape = self.shape();
+        let bad = |msg| Error::Gguf {
+            path: "(being written)".into(),
+            msg,
+        };
+        let written = self.write_each(
+            &mut |name, t| {
+                let Some((g, t)) = crate::gguf::llama_gguf_tensor(shape, &name, &t) else {
+                    return Ok(None);
+                };
+                let (at, bytes) = layout.encode(&g, &t.shape, &t.data)?;
+                Ok(Some((g, at, bytes)))
+            },
+            write_at,
+            &bad,
+        )?;
+        if let Some(name) = layout.names().find(|n| !written.contains(*n)) {
+            return Err(bad(format!("{name} was never written")));
         }
         Ok(())
     }

@@ -846,3 +846,56 @@ fn the_safetensors_file_written_tensor_by_tensor_holds_every_weight() {
         );
     }
 }
+
+#[test]
+fn the_gguf_file_written_tensor_by_tensor_equals_the_one_built_in_memory() {
+    use crate::gguf::{GgmlType, llama_gguf_meta, llama_gguf_typed};
+    // Heterogeneous layers (the `deci` layout) and one layer without its MLP (its zero
+    // placeholder MLP is part of the metadata builder's own tensors).
+    let mut shape = hetero_tied();
+    shape.layers[1].ffn_hidden = 0;
+    let model = Llama::<B>::random(&shape, 5, &D).unwrap();
+    for ty in [GgmlType::F32, GgmlType::F16, GgmlType::Q8_0] {
+        let mut whole = llama_gguf_typed(&shape, &model.to_host_weights(), ty);
+        whole.meta("general.name", Value::Str("tiny".into()));
+        let mut meta = llama_gguf_meta(&shape, ty);
+        meta.meta("general.name", Value::Str("tiny".into()));
+        let layout = model.gguf_layout(&meta, ty);
+        let mut buf = vec![0xAAu8; layout.len() as usize];
+        model
+            .write_gguf(&layout, &mut |at, b| {
+                buf[at as usize..at as usize + b.len()].copy_from_slice(b);
+                Ok(())
+            })
+            .unwrap();
+        // Byte for byte, except the padding between tensors, which the writer never touches
+        // (a file sink pre-sizes the file with zeros, as the builder pads).
+        let want = whole.to_bytes();
+        assert_eq!(buf.len(), want.len(), "{ty:?}");
+        let bad = buf
+            .iter()
+            .zip(&want)
+            .position(|(a, b)| a != b && !(*a == 0xAA && *b == 0));
+        assert_eq!(bad, None, "{ty:?}: the streamed file differs at this byte");
+        // And it reads back as the model.
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m.gguf");
+        std::fs::write(&p, want).unwrap();
+        let f = GgufFile::open(&p).unwrap();
+        assert_eq!(&shape_from_gguf(&f).unwrap(), &shape, "{ty:?}");
+    }
+    // A tensor the layout has no slot of the asked shape for is an error, not a torn file.
+    let meta = llama_gguf_meta(&shape, GgmlType::F32);
+    let other = Llama::<B>::random(&hetero_tied(), 5, &D).unwrap();
+    let layout = other.gguf_layout(&meta, GgmlType::F32);
+    let err = model
+        .write_gguf(&layout, &mut |_, _| Ok(()))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("slot")
+            || err.contains("never written")
+            || err.contains("not in the tensor table"),
+        "{err}"
+    );
+}

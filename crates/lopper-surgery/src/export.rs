@@ -9,7 +9,7 @@ use burn::tensor::backend::Backend;
 
 use crate::error::{Error, Result};
 use lopper_core::{MaskPlan, ModelShape};
-use lopper_model::gguf::{GgmlType, Value, llama_gguf_typed};
+use lopper_model::gguf::{GgmlType, Value, llama_gguf_meta};
 use lopper_model::{Llama, Tokenizer, hf_config_json};
 
 /// Output formats.
@@ -74,6 +74,19 @@ impl FileSink for Disk {
 enum Content {
     Bytes(Vec<u8>),
     Weights(lopper_model::SafetensorsLayout),
+    Gguf(lopper_model::gguf::GgufLayout),
+}
+
+/// A model file's write error as the sink sees it: the disk's own error as itself, anything
+/// else kept in `inner` (and reported as itself once the sink returns).
+fn set_aside(e: lopper_model::Error, inner: &mut Option<lopper_model::Error>) -> std::io::Error {
+    match e {
+        lopper_model::Error::Io { source, .. } => source,
+        other => {
+            *inner = Some(other);
+            std::io::Error::other("the weights could not be written")
+        }
+    }
 }
 
 /// The modelling file shipped with heterogeneous exports (named by `auto_map` in their
@@ -300,7 +313,7 @@ pub fn export_with<B: Backend>(
                     "GGUF tensor type {ty:?} cannot be written; use f32, f16 or q8_0"
                 )));
             }
-            let mut b = llama_gguf_typed(shape, &model.to_host_weights(), ty);
+            let mut b = llama_gguf_meta(shape, ty);
             b.meta("general.name", Value::Str("lopper-pruned".into()));
             b.meta(
                 "general.file_type",
@@ -313,7 +326,8 @@ pub fn export_with<B: Backend>(
             for (k, v) in tokenizer.gguf_metadata()? {
                 b.meta(&k, v);
             }
-            files.push(("model.gguf", Content::Bytes(b.to_bytes())));
+            // Written tensor by tensor at write time, as the safetensors file is.
+            files.push(("model.gguf", Content::Gguf(model.gguf_layout(&b, ty))));
         }
     }
     let mut record = serde_json::json!({
@@ -332,6 +346,7 @@ pub fn export_with<B: Backend>(
         .map(|(_, c)| match c {
             Content::Bytes(b) => b.len() as u64,
             Content::Weights(l) => l.len(),
+            Content::Gguf(l) => l.len(),
         })
         .sum();
     lopper_core::disk::ensure_disk_space(&parent, need, 0, "the exported model")?;
@@ -342,13 +357,14 @@ pub fn export_with<B: Backend>(
         let written = match content {
             Content::Bytes(b) => sink.write(&path, b.len() as u64, &mut |w| w(0, b)),
             Content::Weights(layout) => sink.write(&path, layout.len(), &mut |w| {
-                model.write_safetensors(layout, w).map_err(|e| match e {
-                    lopper_model::Error::Io { source, .. } => source,
-                    other => {
-                        inner = Some(other);
-                        std::io::Error::other("the weights could not be written")
-                    }
-                })
+                model
+                    .write_safetensors(layout, w)
+                    .map_err(|e| set_aside(e, &mut inner))
+            }),
+            Content::Gguf(layout) => sink.write(&path, layout.len(), &mut |w| {
+                model
+                    .write_gguf(layout, w)
+                    .map_err(|e| set_aside(e, &mut inner))
             }),
         };
         if let Some(e) = inner {
