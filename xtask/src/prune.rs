@@ -15,7 +15,7 @@ use lopper_policy::{Baseline, Budget, Estimator, Judge, Optimizer, PgConfig, Sch
 use crate::reconstruct::Reconstruct;
 use lopper_surgery::{ExportFormat, ExportOptions};
 
-use crate::backend::{DeviceChoice, DeviceList, Job, Offload, PlacedJob, run_on, run_on_devices};
+use crate::backend::{DeviceList, Offload, PlacedJob, run_on_devices};
 use crate::eval::parse_tasks;
 
 #[derive(Debug, Clone, Args)]
@@ -942,6 +942,15 @@ pub struct ExportArgs {
     /// Calibration windows per forward pass.
     #[arg(long, default_value_t = 8)]
     batch_size: usize,
+    /// cpu, cuda or cuda:N, or several GPUs (cuda:0,cuda:1): where the model is loaded, cut
+    /// and reconstructed (layers split over several in balanced contiguous runs).
+    #[arg(long, default_value = "cpu")]
+    device: DeviceList,
+    /// With --plan, `cpu`: keep the dense model's decoder layers out of device memory and read
+    /// each onto its device for its turn (cut and reconstruction); only the cut model is built
+    /// whole.
+    #[arg(long, value_name = "WHERE")]
+    offload: Option<Offload>,
     /// Replace an existing --out folder.
     #[arg(long)]
     force: bool,
@@ -978,9 +987,14 @@ pub fn export(args: ExportArgs) -> Result<()> {
         args.calib_samples > 0 && args.batch_size > 0 && args.seq_len > 1,
         "--calib-samples and --batch-size must be at least 1 and --seq-len at least 2"
     );
+    anyhow::ensure!(
+        args.offload.is_none() || args.plan.is_some(),
+        "--offload cpu exports the cut of a plan, which is built whole while the dense layers stream; exporting the whole model needs it resident: give --plan or drop --offload"
+    );
     let plan = args.plan.as_deref().map(MaskPlan::load).transpose()?;
-    run_on(
-        DeviceChoice::Cpu,
+    let devices = args.device.clone();
+    run_on_devices(
+        &devices,
         ExportJob {
             args,
             plan,
@@ -997,10 +1011,28 @@ struct ExportJob {
     how: Reconstruct,
 }
 
-impl Job for ExportJob {
-    fn run<B: Backend>(mut self, device: B::Device, _device_name: String) -> Result<()> {
+impl PlacedJob for ExportJob {
+    fn run<B: Backend>(mut self, devices: Vec<B::Device>, _device_name: String) -> Result<()> {
         let a = &self.args;
-        let loaded = crate::loading::load_model::<B>(&a.model, a.dtype, &device)?;
+        let loaded = crate::loading::load_placed_model::<B>(
+            &a.model,
+            a.dtype,
+            &devices,
+            a.offload.is_some(),
+        )?;
+        if let Some(p) = &self.plan
+            && loaded.model.is_offloaded()
+        {
+            // The cut model is built whole beside the one dense layer in flight: it must fit.
+            p.validate_against(loaded.model.shape())?;
+            crate::guard::pruned_fits::<B>(
+                loaded.model.shape(),
+                loaded.model.dtype(),
+                1.0 - p.kept_param_ratio(),
+                &devices,
+                &a.model,
+            )?;
+        }
         if self.format == ExportFormat::Vllm {
             // A shape vLLM's DeciLM cannot hold is refused before the cut and its calibration.
             let shape = match &self.plan {

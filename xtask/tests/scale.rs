@@ -483,3 +483,91 @@ fn prune_with_offloaded_layers_writes_the_resident_runs_model() {
     assert!(!err.contains("panicked"), "{err}");
     assert!(!out.exists());
 }
+
+#[test]
+fn export_of_a_plan_with_offloaded_layers_writes_the_resident_exports_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tmp.path().join("config.json");
+    std::fs::write(
+        &cfg,
+        r#"{"model_type":"llama","vocab_size":400,"hidden_size":128,"intermediate_size":256,
+        "num_hidden_layers":4,"num_attention_heads":4,"num_key_value_heads":2,
+        "rms_norm_eps":1e-5,"rope_theta":10000.0,"tie_word_embeddings":false,
+        "max_position_embeddings":256}"#,
+    )
+    .unwrap();
+    let model = format!("synthetic:{}", cfg.display());
+    let calib = [
+        "--calib-samples",
+        "8",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "4",
+    ];
+    let run = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend_from_slice(&calib);
+        let (ok, _, err) = xtask(&all);
+        assert!(ok, "{args:?}: {err}");
+    };
+    let plan_dir = tmp.path().join("plan");
+    run(&[
+        "prune",
+        "--model",
+        &model,
+        "--method",
+        "flap",
+        "--sparsity",
+        "0.3",
+        "--out",
+        plan_dir.to_str().unwrap(),
+    ]);
+    let plan = plan_dir.join("plan.json");
+    for (how, format, file) in [
+        ("ls", "hf", "model.safetensors"),
+        ("bias", "gguf", "model.gguf"),
+    ] {
+        let export = |name: &str, extra: &[&str]| {
+            let out = tmp.path().join(format!("{how}-{name}"));
+            let mut args = vec![
+                "export",
+                "--model",
+                &model,
+                "--plan",
+                plan.to_str().unwrap(),
+                "--reconstruct",
+                how,
+                "--format",
+                format,
+                "--out",
+                out.to_str().unwrap(),
+            ];
+            args.extend_from_slice(extra);
+            run(&args);
+            std::fs::read(out.join(file)).unwrap()
+        };
+        let resident = export("resident", &[]);
+        let offloaded = export("offloaded", &["--offload", "cpu"]);
+        assert!(
+            resident == offloaded,
+            "{how} {format}: the offloaded export's {file} differs from the resident one's"
+        );
+    }
+    // The whole model cannot be exported with its layers offloaded: refused, nothing written.
+    let out = tmp.path().join("whole");
+    let (ok, _, err) = xtask(&[
+        "export",
+        "--model",
+        &model,
+        "--offload",
+        "cpu",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        !ok && err.contains("give --plan or drop --offload"),
+        "{err}"
+    );
+    assert!(!out.exists());
+}
