@@ -134,6 +134,12 @@ pub struct CompareArgs {
     /// them in balanced contiguous runs.
     #[arg(long, default_value = "cpu")]
     device: DeviceList,
+    /// `cpu`: keep the dense model's decoder layers out of device memory and read each onto
+    /// its device for its turn (scoring, search, cuts, the dense cell's evaluation); each
+    /// cell's pruned model is built whole. Not for the methods that need every weight at once
+    /// (magnitude, llm-pruner, ifso, mini-llm) or `+recover`.
+    #[arg(long, value_name = "WHERE")]
+    offload: Option<crate::backend::Offload>,
     /// Delete DIR first (otherwise finished cells are reused).
     #[arg(long)]
     force: bool,
@@ -369,6 +375,29 @@ pub fn run(args: CompareArgs) -> Result<()> {
     let methods: Vec<String> = parse_list(&args.methods, "--methods")?;
     for m in &methods {
         Spec::parse(m)?;
+    }
+    if args.offload.is_some() {
+        for m in &methods {
+            let spec = Spec::parse(m)?;
+            anyhow::ensure!(
+                !spec.recover,
+                "--offload cpu: `{m}` trains a copy of every layer, which offloaded layers are not; leave +recover out or drop --offload"
+            );
+            if spec.oneshot.is_none() && spec.base != "dense" {
+                let default_init =
+                    args.pg_init
+                        .as_deref()
+                        .unwrap_or(if args.pg_preset == "reference" {
+                            "wanda-sp"
+                        } else {
+                            "auto"
+                        });
+                crate::prune::refuse_offloaded(match spec.base.as_str() {
+                    "pg" => spec.init.as_deref().unwrap_or(default_init),
+                    b => b,
+                })?;
+            }
+        }
     }
     let sparsities: Vec<f64> = parse_list(&args.sparsity, "--sparsity")?;
     for &s in &sparsities {
@@ -635,8 +664,36 @@ impl PlacedJob for CompareJob {
     fn run<B: Backend>(self, devices: Vec<B::Device>, device_name: String) -> Result<()> {
         let a = &self.args;
         let st = &self.settings;
-        let loaded = crate::loading::load_placed_model::<B>(&a.model, a.dtype, &devices, false)?;
+        let loaded = crate::loading::load_placed_model::<B>(
+            &a.model,
+            a.dtype,
+            &devices,
+            a.offload.is_some(),
+        )?;
         let (model, tok) = (&loaded.model, &loaded.tokenizer);
+        if model.is_offloaded() {
+            // Each cell's pruned model is built whole beside the streamed layers: the largest
+            // of them (the least sparse structured cell; a one-shot cell keeps every weight)
+            // must fit, before any cell.
+            let least = self
+                .cells
+                .iter()
+                .filter(|(m, _)| m != "dense")
+                .map(|(m, s)| match Spec::parse(m) {
+                    Ok(spec) if spec.oneshot.is_some() => 0.0,
+                    _ => *s,
+                })
+                .fold(f64::INFINITY, f64::min);
+            if least.is_finite() {
+                crate::guard::pruned_fits::<B>(
+                    model.shape(),
+                    model.dtype(),
+                    least,
+                    &devices,
+                    &a.model,
+                )?;
+            }
+        }
         // Every forward the cells will run must fit, checked before the first cell.
         let shape = model.shape();
         crate::guard::context(shape, st.calib_seq_len, "--calib-seq-len", false)?;

@@ -450,10 +450,7 @@ pub fn run(args: PruneArgs) -> Result<()> {
         } else {
             args.method.as_str()
         };
-        anyhow::ensure!(
-            !RESIDENT_ONLY.contains(&scorer),
-            "--offload cpu: {scorer} needs every decoder weight at once (its scores come from all the weights together, or from gradients through a trainable copy of the model), which offloaded layers are not; use pg (with --init auto, flap, llm-bip, wanda-sp, block-influence or sleb), flap, wanda-sp, llm-bip, block-influence, sleb, random or a one-shot method, or drop --offload"
-        );
+        refuse_offloaded(scorer)?;
     }
     check_out(&args.out, args.resume, args.force, "checkpoint.json")?;
     let device = args.device.clone();
@@ -528,6 +525,16 @@ fn output_bytes(
     };
     let params = (shape.num_params() as f64 - cut).max(0.0) as u64;
     params * dtype.bytes() + (32 << 20)
+}
+
+/// `--offload` refuses a structured method (or PG's init) that needs every decoder weight at
+/// once.
+pub fn refuse_offloaded(scorer: &str) -> Result<()> {
+    anyhow::ensure!(
+        !RESIDENT_ONLY.contains(&scorer),
+        "--offload cpu: {scorer} needs every decoder weight at once (its scores come from all the weights together, or from gradients through a trainable copy of the model), which offloaded layers are not; use pg (with --init auto, flap, llm-bip, wanda-sp, block-influence or sleb), flap, wanda-sp, llm-bip, block-influence, sleb, random or a one-shot method, or drop --offload"
+    );
+    Ok(())
 }
 
 /// Methods whose scores read every decoder weight at once; `--offload` refuses them.

@@ -2347,3 +2347,54 @@ fn compare_recovers_cells_with_the_suffix_and_shares_their_search() {
     let (ok, _, err) = xtask(&args);
     assert!(!ok && err.contains("evaluation set"), "{err}");
 }
+
+#[test]
+fn compare_with_offloaded_layers_gives_the_resident_runs_results() {
+    let root = tempfile::tempdir().unwrap();
+    let (model, calib) = model_dir(root.path(), &lopper_core::ModelShape::tiny(), "offload");
+    let methods = "dense,pg,flap,sleb+ls,llm-bip+bias,block-influence,sparsegpt";
+    let run = |name: &str, extra: &[&str]| {
+        let out = root.path().join(name);
+        let mut args = compare_args(&model, &calib, out.to_str().unwrap(), methods);
+        args.extend_from_slice(extra);
+        let (ok, _, err) = xtask(&args);
+        assert!(ok, "{name}: {err}");
+        let cells = out.join("cells");
+        let mut found: Vec<(String, serde_json::Value)> = std::fs::read_dir(&cells)
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                let cell: serde_json::Value = serde_json::from_str(
+                    &std::fs::read_to_string(e.path().join("cell.json")).unwrap(),
+                )
+                .unwrap();
+                let id = e.file_name().to_string_lossy().into_owned();
+                // Every number but the times.
+                let mut results = cell["results"].as_object().unwrap().clone();
+                for r in results.values_mut() {
+                    r.as_object_mut().unwrap().remove("seconds");
+                }
+                (id, serde_json::json!([results, cell["params"]]))
+            })
+            .collect();
+        found.sort_by(|a, b| a.0.cmp(&b.0));
+        found
+    };
+    let resident = run("resident", &[]);
+    let offloaded = run("offloaded", &["--offload", "cpu"]);
+    assert_eq!(resident.len(), 13);
+    assert_eq!(resident, offloaded);
+    // Refused before any cell: a method that reads every weight at once, and +recover.
+    for (methods, want) in [
+        ("dense,llm-pruner", "needs every decoder weight at once"),
+        ("pg:magnitude", "needs every decoder weight at once"),
+        ("flap+recover", "trains a copy of every layer"),
+    ] {
+        let out = root.path().join("refused");
+        let mut args = compare_args(&model, &calib, out.to_str().unwrap(), methods);
+        args.extend_from_slice(&["--offload", "cpu"]);
+        let (ok, _, err) = xtask(&args);
+        assert!(!ok && err.contains(want), "{methods}: {err}");
+        assert!(!out.exists(), "{methods}");
+    }
+}
