@@ -69,6 +69,11 @@ pub struct CompareArgs {
     /// Tokens per calibration window.
     #[arg(long, default_value_t = 128)]
     calib_seq_len: usize,
+    /// `+ls` / `+obs` cells: tokens per window of the refit's calibration (the same tokens as
+    /// --calib-samples x --calib-seq-len redrawn in longer windows; default 512, capped by the
+    /// model's context).
+    #[arg(long)]
+    recon_seq_len: Option<usize>,
     /// Calibration windows the metric and one-shot methods read (the first N).
     #[arg(long, default_value_t = 64)]
     metric_samples: usize,
@@ -186,6 +191,10 @@ struct Settings {
     /// every `calib` window of `calib_seq_len` tokens in the order of `seed`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     recover: Option<lopper_recover::RecoverConfig>,
+    /// Tokens per window of the `+ls` / `+obs` cells' calibration where the run has any (absent
+    /// in comparisons made before `--recon-seq-len`: they fit on the calibration windows).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    recon_seq_len: Option<usize>,
     /// `--exact-size` (absent in comparisons made before it: off).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     exact_size: bool,
@@ -486,6 +495,18 @@ pub fn run(args: CompareArgs) -> Result<()> {
         calib_samples: args.calib_samples,
         sampler: args.sampler.clone(),
         calib_seq_len: args.calib_seq_len,
+        recon_seq_len: methods
+            .iter()
+            .any(|m| {
+                Spec::parse(m)
+                    .ok()
+                    .and_then(|s| s.recon)
+                    .is_some_and(Reconstruct::refits)
+            })
+            .then(|| {
+                args.recon_seq_len
+                    .unwrap_or(crate::reconstruct::RECON_SEQ_LEN)
+            }),
         metric_samples: args.metric_samples,
         batch_size: args.batch_size,
         pg,
@@ -702,7 +723,12 @@ impl PlacedJob for CompareJob {
             crate::guard::context(shape, l, "--seq-lens", false)?;
             crate::guard::forward_fits(shape, eval_batch(st.batch_size, l), l, "perplexity")?;
         }
+        if let Some(l) = a.recon_seq_len {
+            crate::guard::context(shape, l, "--recon-seq-len", false)?;
+        }
         let mut calib: Option<Calibration> = None;
+        // The `+ls` / `+obs` cells' calibration and batch, drawn for the first of them.
+        let mut ls_calib: Option<Option<(Calibration, usize)>> = None;
         let bar = crate::progress::bar(
             self.cells.len() as u64,
             "cells [{bar:30}] {pos}/{len} {msg} eta {eta}",
@@ -730,10 +756,25 @@ impl PlacedJob for CompareJob {
                     st.seed,
                 )?);
             }
+            if ls_calib.is_none()
+                && st.recon_seq_len.is_some()
+                && Spec::parse(method)?.recon.is_some_and(Reconstruct::refits)
+            {
+                ls_calib = Some(crate::reconstruct::ls_calibration(
+                    tok,
+                    shape,
+                    &st.calib,
+                    self.sampler,
+                    (st.calib_samples, st.calib_seq_len, st.batch_size),
+                    st.seed,
+                    a.recon_seq_len,
+                )?);
+            }
             let cell = self.cell(
                 model,
                 tok,
                 calib.as_ref(),
+                ls_calib.as_ref().and_then(Option::as_ref),
                 method,
                 *sparsity,
                 &dir,
@@ -852,6 +893,7 @@ impl CompareJob {
         model: &Llama<B>,
         tok: &lopper_model::Tokenizer,
         calib: Option<&Calibration>,
+        ls_calib: Option<&(Calibration, usize)>,
         method: &str,
         sparsity: f64,
         dir: &Path,
@@ -1028,15 +1070,12 @@ impl CompareJob {
                     o_proj: o.clone(),
                     down_proj: d.clone(),
                 });
-                let done = crate::reconstruct::cut(
-                    model,
-                    p,
-                    how,
-                    means.as_ref(),
-                    windows(),
-                    st.batch_size,
-                    false,
-                )?;
+                let (fit, batch) = match ls_calib {
+                    Some((c, b)) if how.refits() => (&c.windows[..], *b),
+                    _ => (windows(), st.batch_size),
+                };
+                let done =
+                    crate::reconstruct::cut(model, p, how, means.as_ref(), fit, batch, false)?;
                 if done.chosen.is_some() {
                     let mut p = p.clone();
                     done.update(&mut p);
@@ -1264,6 +1303,11 @@ fn write_results(
         st.pg.batch_size,
         st.pg_init,
     );
+    if let Some(l) = st.recon_seq_len {
+        md += &format!(
+            "`+ls` / `+obs` cells refit on the same calibration tokens redrawn as windows of {l} tokens (`--recon-seq-len`, capped by the model's context).\n\n"
+        );
+    }
     if let Some(r) = &st.recover {
         md += &format!(
             "`+recover` cells: after the cut, {} steps of {} windows ({} tokens each, every window of the calibration text in the order of seed {}, each read once; {} tokens in all) of `recover` with {}, loss {}, peak lr {}, the dense model as the teacher; their `plan s` includes it.\n\n",

@@ -72,6 +72,49 @@ impl std::fmt::Display for Reconstruct {
 /// blocks) and did not choose better for WikiText-2 (LLM-BIP at 30%: 209.3 against 204.7).
 pub const BIAS_CHECK_WINDOWS: usize = 16;
 
+/// Tokens per window of the calibration `ls` and `obs` fit on, unless `--recon-seq-len` says
+/// otherwise (capped by the model's context, never below the calibration's own windows).
+/// Measured on the default model (LLM-BIP's 20% plan, the same 32,768 C4 tokens as 256 windows
+/// of 128): WikiText-2 126.89 @128 and 63.81 @2048 fit on windows of 128 tokens, 114.07 and
+/// 47.19 on windows of 512; see docs/results/reconstruction-smollm2-135m.md.
+pub const RECON_SEQ_LEN: usize = 512;
+
+/// The calibration windows `ls` / `obs` fit on, where they differ from the search's: the same
+/// number of tokens (`samples x seq_len`) from the same source, sampler and seed, in windows
+/// of `recon_seq_len` tokens (default [`RECON_SEQ_LEN`], capped by the model's context), and
+/// the batch that keeps a forward pass's tokens at `batch_size x seq_len`. `None` when the
+/// windows would be the calibration's own.
+#[allow(clippy::too_many_arguments)]
+pub fn ls_calibration(
+    tok: &lopper_model::Tokenizer,
+    shape: &lopper_core::ModelShape,
+    calib: &str,
+    sampler: lopper_data::Sampler,
+    (samples, seq_len, batch_size): (usize, usize, usize),
+    seed: u64,
+    recon_seq_len: Option<usize>,
+) -> Result<Option<(lopper_data::Calibration, usize)>> {
+    let len = match recon_seq_len {
+        Some(l) => {
+            anyhow::ensure!(l >= 2, "--recon-seq-len must be at least 2");
+            crate::guard::context(shape, l, "--recon-seq-len", false)?;
+            l
+        }
+        None => RECON_SEQ_LEN
+            .min(shape.max_position_embeddings)
+            .max(seq_len),
+    };
+    if len == seq_len {
+        return Ok(None);
+    }
+    let tokens = samples * seq_len;
+    let windows = tokens.div_ceil(len).max(1);
+    let batch = (batch_size * seq_len / len).max(1);
+    crate::guard::forward_fits(shape, batch, len, "the least-squares cut's calibration")?;
+    let c = crate::methods::draw_calibration(tok, calib, sampler, windows, len, seed)?;
+    Ok(Some((c, batch)))
+}
+
 /// A cut model, the per-projection reports of `ls` / `obs`, the choices of `bias`, and under
 /// `obs` the plan it was cut by (the plan's counts, OBS's channels).
 pub struct Cut<B: Backend> {
@@ -214,7 +257,20 @@ pub fn summary(how: Reconstruct, reports: &[ProjectionReport]) -> String {
         .iter()
         .filter(|r| r.chosen == lopper_sparse::Chosen::BiasRefit)
         .count();
-    let raised = reports.iter().filter(|r| r.damp > 0.01).count();
+    // The dampings used, each with how many projections used it (chosen on held-out batches,
+    // or raised where the Gram matrix needed it).
+    let mut damps: Vec<(f64, usize)> = Vec::new();
+    for r in reports
+        .iter()
+        .filter(|r| r.chosen == lopper_sparse::Chosen::LeastSquares)
+    {
+        match damps.iter_mut().find(|(d, _)| *d == r.damp) {
+            Some((_, n)) => *n += 1,
+            None => damps.push((r.damp, 1)),
+        }
+    }
+    damps.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let held_out = reports.iter().any(|r| r.held_out.is_some());
     format!(
         "\nReconstruction ({how}): {} projections refit by damped least squares on {} calibration tokens in {secs:.1} s. Mean relative error of the residual-stream target: {:.4} cut alone, {:.4} with the bias refit, {:.4} with least squares{}{}. Per projection in `reconstruction.json`.\n",
         reports.len(),
@@ -227,10 +283,22 @@ pub fn summary(how: Reconstruct, reports: &[ProjectionReport]) -> String {
         } else {
             String::new()
         },
-        if raised > 0 {
-            format!("; {raised} needed more damping than 0.01")
-        } else {
+        if damps.is_empty() {
             String::new()
+        } else {
+            format!(
+                "; damping{} {}",
+                if held_out {
+                    " (chosen per projection on held-out calibration batches)"
+                } else {
+                    ""
+                },
+                damps
+                    .iter()
+                    .map(|(d, n)| format!("{d} for {n}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
         },
     )
 }

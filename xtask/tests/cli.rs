@@ -1146,6 +1146,37 @@ fn metric_methods_prune_the_tiny_model() {
     }
     let report = std::fs::read_to_string(out.join("report.md")).unwrap();
     assert!(report.contains("Reconstruction (ls)"), "{report}");
+    // It fits on the calibration's tokens redrawn in longer windows (512, capped by the
+    // model's context), recorded in the model's provenance and the report.
+    let provenance = |out: &std::path::Path| -> serde_json::Value {
+        serde_json::from_str::<serde_json::Value>(
+            &std::fs::read_to_string(out.join("model/lopper.json")).unwrap(),
+        )
+        .unwrap()["provenance"]
+            .clone()
+    };
+    let context = lopper_core::ModelShape::tiny().max_position_embeddings;
+    let ls = provenance(&out)["ls_calibration"].clone();
+    assert_eq!(ls["seq_len"], 512.min(context).max(16), "{ls}");
+    assert!(ls["samples"].as_u64().unwrap() * ls["seq_len"].as_u64().unwrap() >= 12 * 16);
+    assert!(report.contains("Least-squares calibration"), "{report}");
+    // The calibration's own windows on request; a window past the model's context refused.
+    let (ok, _, err, out) = run(
+        "flap",
+        &["--reconstruct", "ls", "--recon-seq-len", "16", "--force"],
+    );
+    assert!(ok, "{err}");
+    assert!(provenance(&out)["ls_calibration"].is_null());
+    let too_long = (context + 1).to_string();
+    let args = [
+        "--reconstruct",
+        "ls",
+        "--recon-seq-len",
+        &too_long,
+        "--force",
+    ];
+    let (ok, _, err, _) = run("flap", &args);
+    assert!(!ok && err.contains("--recon-seq-len"), "{err}");
     // OBS chooses the units within the same per-layer counts; the input projections are refit
     // too on request; plan.json records the units OBS chose.
     let args = ["--reconstruct", "obs", "--refit-inputs", "--force"];

@@ -11,6 +11,9 @@ use crate::model::Llama;
 use crate::weights::{HostTensor, WeightSource};
 use lopper_core::Dtype;
 
+/// Where a tensor goes in a file being written: its slot's name, offset and bytes.
+type Placed = (String, u64, Vec<u8>);
+
 /// Named host tensors in Hugging Face layout.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct HostWeights {
@@ -156,7 +159,7 @@ impl<B: Backend> Llama<B> {
     /// writes them. Returns the slots filled; a slot filled twice is an error made by `bad`.
     fn write_each(
         &self,
-        place: &mut dyn FnMut(String, HostTensor) -> Result<Option<(String, u64, Vec<u8>)>>,
+        place: &mut dyn FnMut(String, HostTensor) -> Result<Option<Placed>>,
         write_at: &mut dyn FnMut(u64, &[u8]) -> std::io::Result<()>,
         bad: &dyn Fn(String) -> Error,
     ) -> Result<std::collections::BTreeSet<String>> {

@@ -14,7 +14,10 @@ pub mod structured;
 /// The linear-algebra crate of the solver API ([`prune_matrix`] takes `faer::Mat`).
 pub use faer;
 pub use solve::AlpsSettings;
-pub use structured::{Chosen, ProjectionReport, ReconSettings, projections, reconstruct, refits};
+pub use structured::{
+    Chosen, DAMP_GRID, HELD_OUT_EVERY, HeldOutReport, ProjectionReport, ReconSettings, projections,
+    reconstruct, refits,
+};
 
 /// Errors of one-shot sparse pruning.
 #[derive(Debug, thiserror::Error)]

@@ -19,7 +19,10 @@
 //!
 //! ridge towards the dense weights `W0` of the kept inputs, `lambda = damp * mean(diag(X^T X))`
 //! (SparseGPT's convention; `damp = 0.01` by default), the bias undamped. With a plan that keeps
-//! everything nothing is refit and the model is the dense one.
+//! everything nothing is refit and the model is the dense one. By default
+//! ([`ReconSettings::held_out`]) each projection's damping is chosen on held-out batches among
+//! `damp` x 1, 10, 100 and 1000 (and the bias refit alone), then refit on every batch; the
+//! report gives the damping used and the held-out errors.
 //!
 //! Every projection also gets the *bias refit* candidate (`W0` with the least-squares bias, which
 //! is never worse than FLAP's mean compensation on the same data) and the plain cut (`W0`, `b0`);
@@ -58,7 +61,20 @@ pub struct ReconSettings {
     /// that, from the pruned model's inputs, they reproduce what the dense layer's projections
     /// compute from the dense inputs.
     pub inputs: bool,
+    /// Choose each projection's damping on held-out calibration batches: every
+    /// [`HELD_OUT_EVERY`]-th batch is left out of the fit, the candidates (the bias refit, and
+    /// least squares at `damp` x 1, 10, 100 and 1000) are fit on the rest and scored on it, and
+    /// the best is refit on every batch. Off: least squares at `damp`. On by default: on the
+    /// default model (LLM-BIP's 20% plan, 64 windows of 512 tokens) it lowered WikiText-2
+    /// perplexity from 114.07 to 112.13 @128 and from 47.19 to 46.79 @2048.
+    pub held_out: bool,
 }
+
+/// With [`ReconSettings::held_out`], one calibration batch in this many is held out.
+pub const HELD_OUT_EVERY: usize = 8;
+
+/// The damping factors [`ReconSettings::held_out`] tries, times [`ReconSettings::damp`].
+pub const DAMP_GRID: [f64; 4] = [1.0, 10.0, 100.0, 1000.0];
 
 impl Default for ReconSettings {
     fn default() -> Self {
@@ -67,6 +83,7 @@ impl Default for ReconSettings {
             damp: 0.01,
             obs: false,
             inputs: false,
+            held_out: true,
         }
     }
 }
@@ -102,6 +119,9 @@ pub struct ProjectionReport {
     pub damp: f64,
     /// The solution written.
     pub chosen: Chosen,
+    /// With [`ReconSettings::held_out`]: the candidates' errors on the held-out batches.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub held_out: Option<HeldOutReport>,
     /// Seconds of this projection (its share of forward passes and the solve).
     pub seconds: f64,
 }
@@ -117,7 +137,102 @@ impl ProjectionReport {
     }
 }
 
+/// How [`ReconSettings::held_out`] chose a projection's solution.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct HeldOutReport {
+    /// Held-out calibration tokens.
+    pub tokens: usize,
+    /// `||prediction - T||^2 / ||T||^2` on them of the bias refit fit on the other batches.
+    pub rel_error_bias: f64,
+    /// The same for least squares at each damping tried: `(damp, error)`.
+    pub rel_error_ls: Vec<(f64, f64)>,
+}
+
+/// One least-squares problem's statistics: the batches it is fit on and, with
+/// [`ReconSettings::held_out`], every [`HELD_OUT_EVERY`]-th batch apart.
+struct Problem {
+    fit: Stats,
+    check: Option<Stats>,
+    batches: usize,
+}
+
+impl Problem {
+    fn new(k: usize, out: usize, held_out: bool) -> Self {
+        Self {
+            fit: Stats::new(k, out),
+            check: held_out.then(|| Stats::new(k, out)),
+            batches: 0,
+        }
+    }
+
+    fn add<B: Backend>(&mut self, x: Tensor<B, 2>, t: Tensor<B, 2>) -> Result<()> {
+        let i = self.batches;
+        self.batches += 1;
+        match &mut self.check {
+            Some(c) if i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1 => c.add(x, t),
+            _ => self.fit.add(x, t),
+        }
+    }
+
+    /// Every batch's statistics.
+    fn all(&self) -> Stats {
+        match &self.check {
+            Some(c) => self.fit.plus(c),
+            None => self.fit.clone(),
+        }
+    }
+
+    /// The damping least squares should use: `damp`, or with held-out batches the candidate
+    /// of [`DAMP_GRID`] with the least error on them when it beats the bias refit (`None`:
+    /// the bias refit does), each fit on the other batches; and the held-out errors.
+    fn choose(
+        &self,
+        theta0: &Mat<f64>,
+        damp: f64,
+        what: &str,
+    ) -> Result<(Option<f64>, Option<HeldOutReport>)> {
+        let Some(check) = self.held() else {
+            return Ok((Some(damp), None));
+        };
+        let ct = check.tt.max(f64::MIN_POSITIVE);
+        let bias = check.error(&self.fit.bias_refit(theta0)) / ct;
+        let mut tried = Vec::with_capacity(DAMP_GRID.len());
+        for f in DAMP_GRID {
+            let (ls, used) = self.fit.solve(theta0, damp * f, what)?;
+            if tried.iter().all(|&(d, _)| d != used) {
+                tried.push((used, check.error(&ls) / ct));
+            }
+        }
+        let best = tried
+            .iter()
+            .copied()
+            .min_by(|a, b| a.1.total_cmp(&b.1))
+            .filter(|&(_, e)| e <= bias)
+            .map(|(d, _)| d);
+        let report = HeldOutReport {
+            tokens: check.tokens(),
+            rel_error_bias: bias,
+            rel_error_ls: tried,
+        };
+        Ok((best, Some(report)))
+    }
+
+    /// The held-out statistics, where some batch was held out.
+    fn held(&self) -> Option<&Stats> {
+        self.check.as_ref().filter(|c| c.tokens() > 0)
+    }
+
+    fn restricted(&self, kept: &[usize]) -> Problem {
+        Problem {
+            fit: self.fit.restricted(kept),
+            check: self.check.as_ref().map(|c| c.restricted(kept)),
+            batches: self.batches,
+        }
+    }
+}
+
 /// Sufficient statistics of one least-squares problem, accumulated in f64 over batches.
+#[derive(Clone)]
 struct Stats {
     /// `[X 1]^T [X 1]`, `(k + 1) x (k + 1)`.
     g: Mat<f64>,
@@ -174,6 +289,15 @@ impl Stats {
         debug_assert_eq!(t.ncols(), out);
         self.tt += t.squared_norm_l2();
         Ok(())
+    }
+
+    /// The statistics of both problems' samples together.
+    fn plus(&self, other: &Stats) -> Stats {
+        Stats {
+            g: &self.g + &other.g,
+            c: &self.c + &other.c,
+            tt: self.tt + other.tt,
+        }
     }
 
     /// The whole Gram matrix (`g` holds its lower triangle).
@@ -435,16 +559,18 @@ fn linear_of<B: Backend>(theta: &Mat<f64>, old: &Linear<B>) -> Linear<B> {
 /// Solves one projection from its statistics; the new linear and its report.
 fn refit<B: Backend>(
     lin: &Linear<B>,
-    stats: &Stats,
+    problem: &Problem,
     s: &ReconSettings,
     (layer, name): (usize, &'static str),
     started: Instant,
 ) -> Result<(Linear<B>, ProjectionReport)> {
     let theta0 = theta_of(lin)?;
     let what = format!("layer {layer} {name}");
+    let stats = problem.all();
     let tokens = stats.tokens();
     let k = theta0.nrows() - 1;
-    let (ls, damp) = stats.solve(&theta0, s.damp, &what)?;
+    let (damp, held_out) = problem.choose(&theta0, s.damp, &what)?;
+    let (ls, damp) = stats.solve(&theta0, damp.unwrap_or(s.damp), &what)?;
     let bias = stats.bias_refit(&theta0);
     let tt = stats.tt.max(f64::MIN_POSITIVE);
     let (e_cut, e_bias, e_ls) = (
@@ -452,7 +578,11 @@ fn refit<B: Backend>(
         stats.error(&bias) / tt,
         stats.error(&ls) / tt,
     );
-    let chosen = if e_ls <= e_bias {
+    let chosen = if e_ls <= e_bias
+        && held_out
+            .as_ref()
+            .is_none_or(|h| h.rel_error_ls.iter().any(|&(_, e)| e <= h.rel_error_bias))
+    {
         Chosen::LeastSquares
     } else {
         Chosen::BiasRefit
@@ -471,6 +601,7 @@ fn refit<B: Backend>(
         rel_error_ls: e_ls,
         damp,
         chosen,
+        held_out,
         seconds: started.elapsed().as_secs_f64(),
     };
     tracing::debug!(?report, "projection reconstructed");
@@ -545,12 +676,12 @@ fn refit_inputs<B: Backend>(
     let started = Instant::now();
     let joined = concat_linear(parts);
     let [k, out] = joined.weight.dims();
-    let mut stats = Stats::new(k, out);
+    let mut problem = Problem::new(k, out, settings.held_out);
     for pair in pairs {
         let (x_pruned, x_dense) = pair?;
-        stats.add(x_pruned, lopper_kernels::linear(&joined, x_dense))?;
+        problem.add(x_pruned, lopper_kernels::linear(&joined, x_dense))?;
     }
-    let (fit, report) = refit(&joined, &stats, settings, (layer, name), started)?;
+    let (fit, report) = refit(&joined, &problem, settings, (layer, name), started)?;
     let widths: Vec<usize> = parts.iter().map(|p| p.weight.dims()[1]).collect();
     Ok((split_linear(&fit, &widths), report))
 }
@@ -747,7 +878,7 @@ pub fn reconstruct<B: Backend>(
         {
             let started = Instant::now();
             let probe = attention_only(&layer);
-            let mut stats = Stats::new(a.o_proj.weight.dims()[0], hidden);
+            let mut stats = Problem::new(a.o_proj.weight.dims()[0], hidden, settings.held_out);
             for (s, mid) in streams.iter().zip(&mid_dense) {
                 let mut x_k = None;
                 s.stepper.forward(&probe, s.pruned.clone(), |tap, x| {
@@ -769,7 +900,9 @@ pub fn reconstruct<B: Backend>(
                 let what = format!("layer {l} o_proj (obs)");
                 let theta0 = theta_of(&a.o_proj)?;
                 let (kv_groups, inputs) =
-                    stats.obs_keep(&theta0, settings.damp, &groups, remove, &what)?;
+                    stats
+                        .all()
+                        .obs_keep(&theta0, settings.damp, &groups, remove, &what)?;
                 let now = LayerShape {
                     ffn_hidden: first_cut.channels.len(),
                     ..*src
@@ -816,7 +949,7 @@ pub fn reconstruct<B: Backend>(
             && refit_down
         {
             let started = Instant::now();
-            let mut stats = Stats::new(m.down_proj.weight.dims()[0], hidden);
+            let mut stats = Problem::new(m.down_proj.weight.dims()[0], hidden, settings.held_out);
             for s in &streams {
                 let (mut mid, mut x_k) = (None, None);
                 s.stepper
@@ -844,7 +977,9 @@ pub fn reconstruct<B: Backend>(
                 let remove = src.ffn_hidden - keep.channels.len();
                 let what = format!("layer {l} down_proj (obs)");
                 let (channels, _) =
-                    stats.obs_keep(&theta0, settings.damp, &singles, remove, &what)?;
+                    stats
+                        .all()
+                        .obs_keep(&theta0, settings.damp, &singles, remove, &what)?;
                 // Cut the MLP to the chosen channels (the attention block is already cut).
                 let kv = chosen_plan.layers[l].kv_groups.len();
                 let now = LayerShape {
@@ -1036,6 +1171,82 @@ mod obs_tests {
             );
             alive.retain(|&g| g != picked);
         }
+    }
+
+    /// Statistics of rows `rows` of `[X 1]` and `T`.
+    fn stats_of(a: &Mat<f64>, t: &Mat<f64>, rows: &[usize]) -> Stats {
+        let a = Mat::from_fn(rows.len(), a.ncols(), |i, j| a[(rows[i], j)]);
+        let t = Mat::from_fn(rows.len(), t.ncols(), |i, j| t[(rows[i], j)]);
+        Stats {
+            g: a.transpose() * &a,
+            c: a.transpose() * &t,
+            tt: t.squared_norm_l2(),
+        }
+    }
+
+    /// A problem of `n` samples, `k` inputs and `out` outputs whose target is `signal` times a
+    /// linear map of the inputs plus a constant and noise, one sample in [`HELD_OUT_EVERY`]
+    /// held out; and the dense `theta0` (zero weights).
+    fn split_problem(n: usize, k: usize, out: usize, signal: f64) -> (Problem, Mat<f64>) {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut rand = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed >> 11) as f64 / (1u64 << 53) as f64 - 0.5
+        };
+        let a = Mat::from_fn(n, k + 1, |_, j| if j == k { 1.0 } else { rand() });
+        let w = Mat::from_fn(
+            k + 1,
+            out,
+            |i, _| if i == k { 2.0 } else { signal * rand() },
+        );
+        let t = &a * &w + Mat::from_fn(n, out, |_, _| rand());
+        let (held, fit): (Vec<usize>, Vec<usize>) =
+            (0..n).partition(|i| i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1);
+        let problem = Problem {
+            fit: stats_of(&a, &t, &fit),
+            check: Some(stats_of(&a, &t, &held)),
+            batches: n,
+        };
+        (problem, Mat::zeros(k + 1, out))
+    }
+
+    #[test]
+    fn held_out_damping_takes_the_candidate_that_generalises() {
+        // Inputs that predict nothing, few samples per input: least squares fits the noise of
+        // the fit samples, and the held-out ones say so.
+        let (noise, theta0) = split_problem(240, 60, 4, 0.0);
+        let (damp, report) = noise.choose(&theta0, 0.01, "test").unwrap();
+        let r = report.unwrap();
+        assert_eq!(r.tokens, 30);
+        assert_eq!(r.rel_error_ls.len(), DAMP_GRID.len());
+        let (d0, e0) = r.rel_error_ls[0];
+        assert_eq!(d0, 0.01);
+        assert!(e0 > r.rel_error_bias, "{r:?}");
+        let chosen = match damp {
+            None => r.rel_error_bias,
+            Some(d) => r.rel_error_ls.iter().find(|x| x.0 == d).unwrap().1,
+        };
+        let least = r
+            .rel_error_ls
+            .iter()
+            .map(|x| x.1)
+            .fold(r.rel_error_bias, f64::min);
+        assert_eq!(chosen, least, "{r:?}");
+        // A strong linear signal and many samples: the least damping wins and beats the bias.
+        let (signal, theta0) = split_problem(4000, 20, 3, 3.0);
+        let (damp, report) = signal.choose(&theta0, 0.01, "test").unwrap();
+        let r = report.unwrap();
+        assert_eq!(damp, Some(0.01), "{r:?}");
+        assert!(r.rel_error_ls[0].1 < 0.5 * r.rel_error_bias, "{r:?}");
+        // Nothing held out: the setting, no report.
+        let (p, t0) = split_problem(100, 5, 2, 1.0);
+        let plain = Problem { check: None, ..p };
+        assert_eq!(plain.choose(&t0, 0.05, "test").unwrap(), (Some(0.05), None));
+        // `all` is every sample: the fit and the held-out statistics together.
+        let all = signal.all();
+        assert_eq!(all.tokens(), 4000);
     }
 
     #[test]
