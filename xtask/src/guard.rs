@@ -210,6 +210,13 @@ pub fn gpus_fit(
     Ok(())
 }
 
+/// Bytes of the decoder weights a cut at `sparsity` keeps, in `dtype` (what a cut builds
+/// beside the dense model or its streamed layers).
+pub fn pruned_bytes(shape: &ModelShape, dtype: Dtype, sparsity: f64) -> u64 {
+    let kept = shape.decoder_linear_params() as f64 * (1.0 - sparsity.clamp(0.0, 1.0));
+    (kept * dtype.bytes() as f64) as u64
+}
+
 /// With offloaded dense layers, `prune` builds the pruned model resident on the devices the
 /// layers stream to: its weights (the decoder's linear weights less `sparsity`, in `dtype`)
 /// must fit what is left there now, before any work.
@@ -221,8 +228,7 @@ pub fn pruned_fits<B: burn::tensor::backend::Backend>(
     id: &str,
 ) -> Result<()> {
     use burn::tensor::backend::Device as _;
-    let kept = shape.decoder_linear_params() as f64 * (1.0 - sparsity.clamp(0.0, 1.0));
-    let need = (kept * dtype.bytes() as f64) as u64;
+    let need = pruned_bytes(shape, dtype, sparsity);
     let (free, place) = if crate::backend::on_host::<B>() {
         (available_bytes()?, "host memory".to_string())
     } else {

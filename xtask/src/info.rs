@@ -16,6 +16,23 @@ pub struct MemoryQuery {
     pub seq_len: usize,
     pub devices: DeviceList,
     pub offload: bool,
+    /// The sparsity of a cut whose model is built beside the dense one (or the streamed layers).
+    pub sparsity: Option<f64>,
+}
+
+impl MemoryQuery {
+    /// Bytes of the model a cut at `sparsity` builds, where one is asked.
+    fn pruned(&self, shape: &lopper_core::ModelShape) -> Result<Option<u64>> {
+        self.sparsity
+            .map(|s| {
+                anyhow::ensure!(
+                    (0.0..1.0).contains(&s),
+                    "--sparsity {s} is impossible: give a fraction in [0, 1) (0.3 removes 30%)"
+                );
+                Ok(crate::guard::pruned_bytes(shape, self.dtype, s))
+            })
+            .transpose()
+    }
 }
 
 pub fn run(model: &str, json: bool, memory: Option<MemoryQuery>) -> Result<()> {
@@ -25,17 +42,25 @@ pub fn run(model: &str, json: bool, memory: Option<MemoryQuery>) -> Result<()> {
     // The shape, tokenizer and file details only: no weight is read.
     let loaded = inspect(&files, &spec.to_string()).with_context(|| format!("model `{model}`"))?;
     let shape = &loaded.shape;
-    let plan = memory.map(|q| {
-        let weights = crate::guard::weight_memory(&loaded, q.dtype, &files, q.offload);
-        let forward = ForwardMemory::of(shape, q.batch_size, q.seq_len);
-        let shares = match &q.devices {
-            DeviceList::Cpu => vec![],
-            DeviceList::Cuda(gpus) => {
-                crate::guard::device_shares(shape, q.dtype, &weights, &forward, gpus, q.offload)
+    let plan = memory
+        .map(|q| -> Result<_> {
+            let weights = crate::guard::weight_memory(&loaded, q.dtype, &files, q.offload);
+            let forward = ForwardMemory::of(shape, q.batch_size, q.seq_len);
+            let pruned = q.pruned(shape)?;
+            let mut shares = match &q.devices {
+                DeviceList::Cpu => vec![],
+                DeviceList::Cuda(gpus) => {
+                    crate::guard::device_shares(shape, q.dtype, &weights, &forward, gpus, q.offload)
+                }
+            };
+            // The cut model's layers are balanced over the devices as the dense ones are.
+            let n = shares.len().max(1) as u64;
+            for d in &mut shares {
+                d.weights += pruned.unwrap_or(0) / n;
             }
-        };
-        (q, weights, forward, shares)
-    });
+            Ok((q, weights, forward, shares, pruned))
+        })
+        .transpose()?;
     let available = available_bytes()?;
     if json {
         let v = serde_json::json!({
@@ -57,14 +82,16 @@ pub fn run(model: &str, json: bool, memory: Option<MemoryQuery>) -> Result<()> {
             "matmul": lopper_kernels::describe(),
         });
         let mut v = v;
-        if let Some((q, w, f, shares)) = &plan {
+        if let Some((q, w, f, shares, pruned)) = &plan {
             let on_gpus = !shares.is_empty();
+            let cut = pruned.unwrap_or(0);
             v["memory"] = serde_json::json!({
                 "dtype": q.dtype, "batch_size": q.batch_size, "seq_len": q.seq_len,
                 "offload": q.offload,
                 "weights": w.resident(), "loading_extra": w.loading,
                 "forward": f.total(),
-                "host_total": if on_gpus { w.loading } else { w.peak().max(w.resident() + f.total()) },
+                "sparsity": q.sparsity, "pruned": pruned,
+                "host_total": if on_gpus { w.loading } else { w.peak().max(w.resident() + f.total() + cut) },
                 "devices": shares.iter().map(|d| serde_json::json!({
                     "device": d.name, "weights": d.weights, "forward": d.forward,
                     "total": d.weights + d.forward,
@@ -75,9 +102,16 @@ pub fn run(model: &str, json: bool, memory: Option<MemoryQuery>) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
-    if let Some((q, w, f, shares)) = &plan {
+    if let Some((q, w, f, shares, pruned)) = &plan {
         if shares.is_empty() {
-            print_plan(q, w, f, available, shape.num_params() + loaded.bias_params);
+            print_plan(
+                q,
+                w,
+                f,
+                *pruned,
+                available,
+                shape.num_params() + loaded.bias_params,
+            );
         } else {
             print_device_plan(
                 q,
@@ -159,10 +193,11 @@ fn print_plan(
     q: &MemoryQuery,
     w: &lopper_model::WeightMemory,
     f: &ForwardMemory,
+    pruned: Option<u64>,
     available: Option<u64>,
     params: u64,
 ) {
-    let total = w.peak().max(w.resident() + f.total());
+    let total = w.peak().max(w.resident() + f.total() + pruned.unwrap_or(0));
     println!(
         "memory plan ({} weights, forward of {} x {} tokens, on the CPU: all of it in host memory{})",
         q.dtype,
@@ -197,6 +232,17 @@ fn print_plan(
         human(f.logits),
         human(f.tables)
     );
+    if let (Some(p), Some(s)) = (pruned, q.sparsity) {
+        println!(
+            "  cut model      {:>10}  (the model a cut at --sparsity {s} builds whole, beside {})",
+            format!("+{}", human(p)),
+            if q.offload {
+                "the streamed layers"
+            } else {
+                "the dense model"
+            }
+        );
+    }
     println!("  peak           {:>10}", human(total));
     match available {
         Some(a) => println!(

@@ -67,6 +67,10 @@ enum Cmd {
         /// Plan with the decoder layers offloaded (`--offload cpu`): read for each turn.
         #[arg(long, value_name = "WHERE")]
         offload: Option<backend::Offload>,
+        /// Add the model a cut at this sparsity builds (prune, compare, export --plan) to the
+        /// plan: beside the dense one, or beside the streamed layers with --offload.
+        #[arg(long)]
+        sparsity: Option<f64>,
     },
     /// Evaluate a model: perplexity with an explicit, recorded protocol.
     Eval(eval::EvalArgs),
@@ -200,6 +204,7 @@ fn run() -> Result<()> {
             seq_len,
             device,
             offload,
+            sparsity,
         } => info::run(
             &model,
             json,
@@ -209,6 +214,7 @@ fn run() -> Result<()> {
                 seq_len,
                 devices: device,
                 offload: offload.is_some(),
+                sparsity,
             }),
         ),
         Cmd::Eval(args) => eval::run(args),

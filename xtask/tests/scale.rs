@@ -571,3 +571,44 @@ fn export_of_a_plan_with_offloaded_layers_writes_the_resident_exports_files() {
     );
     assert!(!out.exists());
 }
+
+#[test]
+fn the_memory_plan_adds_the_cut_model_at_a_sparsity() {
+    let plan = |extra: &[&str]| {
+        let mut args = vec![
+            "info",
+            "--model",
+            "synthetic:llama-2-70b",
+            "--memory",
+            "--dtype",
+            "bf16",
+            "--offload",
+            "cpu",
+            "--batch-size",
+            "1",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        let (ok, out, err) = xtask(&args);
+        assert!(ok, "{err}");
+        json(&out)
+    };
+    let bare = plan(&[]);
+    let cut = plan(&["--sparsity", "0.5"]);
+    let linear = bare["params"]["decoder_linear"].as_u64().unwrap();
+    // Half the decoder's linear weights in bf16, on top of the offloaded plan's host total.
+    let pruned = cut["memory"]["pruned"].as_u64().unwrap();
+    assert_eq!(pruned, linear / 2 * 2);
+    assert!(bare["memory"]["pruned"].is_null());
+    let total = |v: &serde_json::Value| v["memory"]["host_total"].as_u64().unwrap();
+    assert_eq!(total(&cut), total(&bare) + pruned);
+    let (ok, _, err) = xtask(&[
+        "info",
+        "--model",
+        "synthetic:llama-2-70b",
+        "--memory",
+        "--sparsity",
+        "1",
+    ]);
+    assert!(!ok && err.contains("impossible"), "{err}");
+}
