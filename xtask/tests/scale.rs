@@ -407,10 +407,9 @@ fn a_gpu_list_is_planned_per_device_and_bad_lists_are_clear_errors() {
     }
 }
 
-#[test]
-fn prune_with_offloaded_layers_writes_the_resident_runs_model() {
-    let tmp = tempfile::tempdir().unwrap();
-    let cfg = tmp.path().join("config.json");
+/// `synthetic:` a 4-layer LLaMA config written in `dir` (GQA, untied head).
+fn small_llama(dir: &std::path::Path) -> String {
+    let cfg = dir.join("config.json");
     std::fs::write(
         &cfg,
         r#"{"model_type":"llama","vocab_size":400,"hidden_size":128,"intermediate_size":256,
@@ -419,7 +418,13 @@ fn prune_with_offloaded_layers_writes_the_resident_runs_model() {
         "max_position_embeddings":256}"#,
     )
     .unwrap();
-    let model = format!("synthetic:{}", cfg.display());
+    format!("synthetic:{}", cfg.display())
+}
+
+#[test]
+fn prune_with_offloaded_layers_writes_the_resident_runs_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = small_llama(tmp.path());
     let prune = |name: &str, extra: &[&str]| {
         let out = tmp.path().join(name);
         let mut args = vec![
@@ -487,16 +492,7 @@ fn prune_with_offloaded_layers_writes_the_resident_runs_model() {
 #[test]
 fn export_of_a_plan_with_offloaded_layers_writes_the_resident_exports_files() {
     let tmp = tempfile::tempdir().unwrap();
-    let cfg = tmp.path().join("config.json");
-    std::fs::write(
-        &cfg,
-        r#"{"model_type":"llama","vocab_size":400,"hidden_size":128,"intermediate_size":256,
-        "num_hidden_layers":4,"num_attention_heads":4,"num_key_value_heads":2,
-        "rms_norm_eps":1e-5,"rope_theta":10000.0,"tie_word_embeddings":false,
-        "max_position_embeddings":256}"#,
-    )
-    .unwrap();
-    let model = format!("synthetic:{}", cfg.display());
+    let model = small_llama(tmp.path());
     let calib = [
         "--calib-samples",
         "8",
