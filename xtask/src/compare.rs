@@ -191,8 +191,8 @@ struct Settings {
     /// every `calib` window of `calib_seq_len` tokens in the order of `seed`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     recover: Option<lopper_recover::RecoverConfig>,
-    /// Tokens per window of the `+ls` / `+obs` cells' calibration where the run has any (absent
-    /// in comparisons made before `--recon-seq-len`: they fit on the calibration windows).
+    /// Tokens per window of the `+ls` / `+obs` cells' calibration (absent in comparisons made
+    /// before `--recon-seq-len`, whose refits read the calibration windows).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     recon_seq_len: Option<usize>,
     /// `--exact-size` (absent in comparisons made before it: off).
@@ -495,18 +495,10 @@ pub fn run(args: CompareArgs) -> Result<()> {
         calib_samples: args.calib_samples,
         sampler: args.sampler.clone(),
         calib_seq_len: args.calib_seq_len,
-        recon_seq_len: methods
-            .iter()
-            .any(|m| {
-                Spec::parse(m)
-                    .ok()
-                    .and_then(|s| s.recon)
-                    .is_some_and(Reconstruct::refits)
-            })
-            .then(|| {
-                args.recon_seq_len
-                    .unwrap_or(crate::reconstruct::RECON_SEQ_LEN)
-            }),
+        recon_seq_len: Some(
+            args.recon_seq_len
+                .unwrap_or(crate::reconstruct::RECON_SEQ_LEN),
+        ),
         metric_samples: args.metric_samples,
         batch_size: args.batch_size,
         pg,
@@ -540,8 +532,13 @@ pub fn run(args: CompareArgs) -> Result<()> {
             .with_context(|| format!("removing {}", args.out.display()))?;
     }
     if settings_path.is_file() {
-        let old: Settings = serde_json::from_str(&std::fs::read_to_string(&settings_path)?)
+        let mut old: Settings = serde_json::from_str(&std::fs::read_to_string(&settings_path)?)
             .with_context(|| format!("reading {}", settings_path.display()))?;
+        if old.recon_seq_len.is_none() && !has_refit_cells(&args.out)? {
+            // Made before `--recon-seq-len`: without a finished `+ls` / `+obs` cell nothing
+            // in it depends on the refit's windows, so it takes the new setting.
+            old.recon_seq_len = settings.recon_seq_len;
+        }
         if old != settings {
             bail!(
                 "{} holds a comparison made with other settings ({}); use the same settings to add or resume cells, another --out, or --force to start over",
@@ -756,10 +753,7 @@ impl PlacedJob for CompareJob {
                     st.seed,
                 )?);
             }
-            if ls_calib.is_none()
-                && st.recon_seq_len.is_some()
-                && Spec::parse(method)?.recon.is_some_and(Reconstruct::refits)
-            {
+            if ls_calib.is_none() && Spec::parse(method)?.recon.is_some_and(Reconstruct::refits) {
                 ls_calib = Some(crate::reconstruct::ls_calibration(
                     tok,
                     shape,
@@ -1240,6 +1234,28 @@ fn columns(st: &Settings) -> Result<Vec<(String, String)>> {
 }
 
 /// The finished cell `id` of the comparison in `out`, if there is one.
+/// Whether a comparison folder holds a finished `+ls` / `+obs` cell.
+fn has_refit_cells(out: &Path) -> Result<bool> {
+    let cells = out.join("cells");
+    if !cells.is_dir() {
+        return Ok(false);
+    }
+    for e in std::fs::read_dir(&cells)? {
+        let e = e?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        let method = name.split('@').next().unwrap_or_default();
+        if Spec::parse(method)
+            .ok()
+            .and_then(|s| s.recon)
+            .is_some_and(Reconstruct::refits)
+            && e.path().join("cell.json").is_file()
+        {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
 fn read_cell(out: &Path, id: &str) -> Result<Option<Cell>> {
     let path = out.join("cells").join(id).join("cell.json");
     if !path.is_file() {
