@@ -1042,16 +1042,20 @@ pub fn reconstruct<B: Backend>(
 mod obs_tests {
     use super::*;
 
-    /// A least-squares problem with correlated inputs: `k` inputs and the bias column, `out`
-    /// outputs, `n` samples, and a dense `theta0` that is not the solution.
-    fn problem(n: usize, k: usize, out: usize) -> (Stats, Mat<f64>) {
-        let mut seed = 0x2545_f491_4f6c_dd1du64;
-        let mut rand = move || {
+    /// Seeded uniform values in [-0.5, 0.5) (xorshift).
+    fn uniform(mut seed: u64) -> impl FnMut() -> f64 {
+        move || {
             seed ^= seed << 13;
             seed ^= seed >> 7;
             seed ^= seed << 17;
             (seed >> 11) as f64 / (1u64 << 53) as f64 - 0.5
-        };
+        }
+    }
+
+    /// A least-squares problem with correlated inputs: `k` inputs and the bias column, `out`
+    /// outputs, `n` samples, and a dense `theta0` that is not the solution.
+    fn problem(n: usize, k: usize, out: usize) -> (Stats, Mat<f64>) {
+        let mut rand = uniform(0x2545_f491_4f6c_dd1du64);
         let z = Mat::from_fn(n, k, |_, _| rand());
         let a = Mat::from_fn(n, k + 1, |i, j| match j {
             j if j == k => 1.0,
@@ -1188,13 +1192,7 @@ mod obs_tests {
     /// linear map of the inputs plus a constant and noise, one sample in [`HELD_OUT_EVERY`]
     /// held out; and the dense `theta0` (zero weights).
     fn split_problem(n: usize, k: usize, out: usize, signal: f64) -> (Problem, Mat<f64>) {
-        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-        let mut rand = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            (seed >> 11) as f64 / (1u64 << 53) as f64 - 0.5
-        };
+        let mut rand = uniform(0x9e37_79b9_7f4a_7c15u64);
         let a = Mat::from_fn(n, k + 1, |_, j| if j == k { 1.0 } else { rand() });
         let w = Mat::from_fn(
             k + 1,
