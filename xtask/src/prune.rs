@@ -744,14 +744,11 @@ impl PlacedJob for PruneJob {
             Cut {
                 how,
                 means: means.as_ref(),
+                // `ls_calib` exists only for a refitting cut.
                 windows: ls_calib
                     .as_ref()
-                    .filter(|_| how.refits())
                     .map_or(&calib.windows, |(c, _)| &c.windows),
-                batch_size: ls_calib
-                    .as_ref()
-                    .filter(|_| how.refits())
-                    .map_or(batch_size, |(_, b)| *b),
+                batch_size: ls_calib.as_ref().map_or(batch_size, |(_, b)| *b),
             },
             &resolved,
             curve_summary,
