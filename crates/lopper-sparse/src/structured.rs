@@ -570,7 +570,7 @@ fn refit<B: Backend>(
     let tokens = stats.tokens();
     let k = theta0.nrows() - 1;
     let (damp, held_out) = problem.choose(&theta0, s.damp, &what)?;
-    let (ls, damp) = stats.solve(&theta0, damp.unwrap_or(s.damp), &what)?;
+    let (ls, used) = stats.solve(&theta0, damp.unwrap_or(s.damp), &what)?;
     let bias = stats.bias_refit(&theta0);
     let tt = stats.tt.max(f64::MIN_POSITIVE);
     let (e_cut, e_bias, e_ls) = (
@@ -578,11 +578,8 @@ fn refit<B: Backend>(
         stats.error(&bias) / tt,
         stats.error(&ls) / tt,
     );
-    let chosen = if e_ls <= e_bias
-        && held_out
-            .as_ref()
-            .is_none_or(|h| h.rel_error_ls.iter().any(|&(_, e)| e <= h.rel_error_bias))
-    {
+    // `damp` is None where the held-out batches preferred the bias refit.
+    let chosen = if damp.is_some() && e_ls <= e_bias {
         Chosen::LeastSquares
     } else {
         Chosen::BiasRefit
@@ -599,7 +596,7 @@ fn refit<B: Backend>(
         rel_error_cut: e_cut,
         rel_error_bias: e_bias,
         rel_error_ls: e_ls,
-        damp,
+        damp: used,
         chosen,
         held_out,
         seconds: started.elapsed().as_secs_f64(),
