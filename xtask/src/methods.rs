@@ -88,6 +88,23 @@ pub fn pg_init<B: Backend>(
 ) -> Result<(Init, Option<lopper_policy::Judged>, bool)> {
     let shape = model.shape();
     let keep = cfg.keep();
+    // A plan start is fitted to the parameter budget, so a method that allocates per layer
+    // starts from its exact-size variant (`per-layer-params`: every layer keeps the asked
+    // fraction of its parameters) rather than its paper's per-layer counts, which keep more
+    // (0.54 of the default model at 0.5) and would be cut back to the budget by the search's
+    // global order, not by the method's (unless `--allocation` names one).
+    let plan_settings = |method: Method| MethodSettings {
+        allocation: init
+            .settings
+            .allocation
+            .or(match method.default_allocation() {
+                Some(lopper_core::Allocation::PerLayer) if init.plan_start => {
+                    Some(lopper_core::Allocation::PerLayerParams)
+                }
+                a => a,
+            }),
+        ..init.settings.clone()
+    };
     let metric = |method: Method, keep: f64| {
         metric_plan(
             model,
@@ -95,7 +112,7 @@ pub fn pg_init<B: Backend>(
             method,
             keep,
             init.metric_samples,
-            init.settings,
+            &plan_settings(method),
         )
     };
     let start = match init.name {

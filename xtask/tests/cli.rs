@@ -1336,6 +1336,37 @@ fn compare_with_exact_size_gives_per_layer_methods_the_asked_size() {
 }
 
 #[test]
+fn a_pg_plan_start_from_a_per_layer_method_keeps_its_per_layer_sizes() {
+    // Three KV groups per layer: LLM-BIP's paper allocation keeps 2 of 3 at 0.5, more than the
+    // budget. The start is its exact-size variant (every layer keeps half its parameters), not
+    // the paper plan cut back to the budget by the global score order (which empties some
+    // layers' MLPs and keeps others' whole).
+    let root = tempfile::tempdir().unwrap();
+    let mut shape = lopper_core::ModelShape::tiny();
+    for l in &mut shape.layers {
+        (l.n_heads, l.n_kv_heads) = (3, 3);
+    }
+    let (model, calib) = model_dir(root.path(), &shape, "three");
+    let out = root.path().join("pg");
+    let mut args = prune_args(&model, &calib, out.to_str().unwrap(), "1");
+    args.extend(["--init", "llm-bip", "--reconstruct", "none"]);
+    let (ok, _, err) = xtask(&args);
+    assert!(ok, "{err}");
+    let ckpt: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("checkpoint.json")).unwrap())
+            .unwrap();
+    let start = lopper_core::MaskPlan::from_json(&ckpt["init_plan"].to_string()).unwrap();
+    assert_eq!(start.meta["allocation"], "per-layer-params");
+    // Every layer keeps 2 KV groups and (the budget's last few channels aside) the same
+    // number of channels.
+    let kv: Vec<usize> = start.layers.iter().map(|l| l.kv_groups.len()).collect();
+    let ch: Vec<usize> = start.layers.iter().map(|l| l.channels.len()).collect();
+    assert_eq!(kv, [2, 2, 2], "{ch:?}");
+    let spread = ch.iter().max().unwrap() - ch.iter().min().unwrap();
+    assert!(spread <= 2, "channels per layer {ch:?}");
+}
+
+#[test]
 fn compare_searches_a_layer_order_once_and_cuts_each_sparsity_from_it() {
     let root = tempfile::tempdir().unwrap();
     let mut shape = lopper_core::ModelShape::tiny();
