@@ -128,8 +128,18 @@ pub fn pg_init<B: Backend>(
             // (name, plan, scores ordering its units when it is fitted to the budget)
             let mut candidates: Vec<(String, MaskPlan, Option<UnitScores>)> = vec![
                 ("flap".into(), flap.plan, flap.scores.clone()),
-                ("llm-bip".into(), llm_bip.plan, llm_bip.scores),
+                ("llm-bip".into(), llm_bip.plan, llm_bip.scores.clone()),
             ];
+            // LLM-BIP's paper counts too (2 of 3 KV groups at 0.5: 4% over the budget), which
+            // the search's state fits by LLM-BIP's global order: a different, uneven plan
+            // (on the default model at 50% it empties most of layers 1-3's MLPs and removes
+            // 5 more KV groups), judged beside the exact-size one.
+            if let (None, Some(sc)) = (init.settings.allocation, &llm_bip.scores) {
+                let paper = sc.plan(shape, keep, lopper_core::Allocation::PerLayer)?;
+                if paper.layers != candidates[1].1.layers {
+                    candidates.push(("llm-bip@per-layer".into(), paper, llm_bip.scores));
+                }
+            }
             if cfg.units.contains(&lopper_core::UnitKind::Layer) {
                 let bi = metric(Method::BlockInfluence, keep)?;
                 let order = lopper_importance::block_influence_order(

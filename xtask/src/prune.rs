@@ -81,9 +81,10 @@ pub struct PruneArgs {
     /// per-type (each unit type keeps the same fraction) or params (one parameter budget).
     #[arg(long)]
     pub budget: Option<String>,
-    /// auto (preset lopper: the plan of FLAP, LLM-BIP, block influence or a mix of block
-    /// influence's layers and FLAP's units, whichever has the lowest held-out loss),
-    /// a metric method (its plan at --sparsity under preset lopper, its scores' per-layer sigmap
+    /// auto (preset lopper: the plan of FLAP, LLM-BIP (exact size, or its paper counts fitted
+    /// by its global order), block influence or a mix of block influence's layers and FLAP's
+    /// units, whichever has the lowest held-out loss), a metric method (its plan at --sparsity
+    /// under preset lopper, exact size for a per-layer method, its scores' per-layer sigmap
     /// under preset reference: wanda-sp, magnitude, magnitude-l1, flap, llm-pruner, llm-bip,
     /// mini-llm, ifso; layer methods sleb and block-influence start from their plan), uniform,
     /// random (sigmap of N(0,1)), a scores JSON file (UnitScores, e.g. a metric run's
