@@ -723,6 +723,14 @@ impl PlacedJob for CompareJob {
         if let Some(l) = a.recon_seq_len {
             crate::guard::context(shape, l, "--recon-seq-len", false)?;
         }
+        let cuts: Vec<Reconstruct> = self
+            .cells
+            .iter()
+            .filter_map(|(m, _)| Spec::parse(m).ok().and_then(|s| s.recon))
+            .collect();
+        if cuts.iter().any(|c| c.refits()) {
+            crate::guard::ls_fits(shape, cuts.contains(&Reconstruct::Obs), false)?;
+        }
         let mut calib: Option<Calibration> = None;
         // The `+ls` / `+obs` cells' calibration and batch, drawn for the first of them.
         let mut ls_calib: Option<Option<(Calibration, usize)>> = None;

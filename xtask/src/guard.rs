@@ -333,6 +333,43 @@ pub fn bench_shapes(shape: &ModelShape, shapes: &[(usize, usize)]) -> Result<()>
     Ok(())
 }
 
+/// The least-squares cut's f64 statistics (`lopper_sparse::ls_host_bytes`: the Gram matrices
+/// of its widest projection's inputs, in host memory whatever the device) must fit in the host
+/// memory available now; checked before any work, since the cut comes last.
+pub fn ls_fits(shape: &ModelShape, obs: bool, refit_inputs: bool) -> Result<()> {
+    let Some(avail) = available_bytes()? else {
+        return Ok(());
+    };
+    let settings = lopper_sparse::ReconSettings {
+        obs,
+        inputs: refit_inputs,
+        ..lopper_sparse::ReconSettings::default()
+    };
+    let need = lopper_sparse::ls_host_bytes(shape, &settings);
+    if need as f64 > avail as f64 * USABLE {
+        let widest = shape
+            .layers
+            .iter()
+            .map(|l| l.ffn_hidden.max(l.n_heads * l.head_dim))
+            .max()
+            .unwrap_or(0);
+        bail!(
+            "--reconstruct {}: the least-squares cut holds about {} of f64 statistics for its widest projection ({widest} inputs: {} Gram matrices of {widest} x {widest}{}), but {} is available{}; cut with --reconstruct bias or none, or use a machine with more memory",
+            if obs { "obs" } else { "ls" },
+            human(need),
+            lopper_sparse::LS_GRAMS + if obs { 2 } else { 0 },
+            if refit_inputs {
+                ", and --refit-inputs' input projections"
+            } else {
+                ""
+            },
+            human(avail),
+            limit_note()
+        );
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -58,7 +58,11 @@ pub fn run(model: &str, json: bool, memory: Option<MemoryQuery>) -> Result<()> {
             for d in &mut shares {
                 d.weights += pruned.unwrap_or(0) / n;
             }
-            Ok((q, weights, forward, shares, pruned))
+            // The default cut (`--reconstruct ls`) holds its statistics in host memory.
+            let ls = q.sparsity.map(|_| {
+                lopper_sparse::ls_host_bytes(shape, &lopper_sparse::ReconSettings::default())
+            });
+            Ok((q, weights, forward, shares, pruned, ls))
         })
         .transpose()?;
     let available = available_bytes()?;
@@ -82,16 +86,16 @@ pub fn run(model: &str, json: bool, memory: Option<MemoryQuery>) -> Result<()> {
             "matmul": lopper_kernels::describe(),
         });
         let mut v = v;
-        if let Some((q, w, f, shares, pruned)) = &plan {
+        if let Some((q, w, f, shares, pruned, ls)) = &plan {
             let on_gpus = !shares.is_empty();
-            let cut = pruned.unwrap_or(0);
+            let (cut, ls_bytes) = (pruned.unwrap_or(0), ls.unwrap_or(0));
             v["memory"] = serde_json::json!({
                 "dtype": q.dtype, "batch_size": q.batch_size, "seq_len": q.seq_len,
                 "offload": q.offload,
                 "weights": w.resident(), "loading_extra": w.loading,
                 "forward": f.total(),
-                "sparsity": q.sparsity, "pruned": pruned,
-                "host_total": if on_gpus { w.loading } else { w.peak().max(w.resident() + f.total() + cut) },
+                "sparsity": q.sparsity, "pruned": pruned, "ls_statistics": ls,
+                "host_total": if on_gpus { w.loading.max(ls_bytes) } else { w.peak().max(w.resident() + f.total() + cut + ls_bytes) },
                 "devices": shares.iter().map(|d| serde_json::json!({
                     "device": d.name, "weights": d.weights, "forward": d.forward,
                     "total": d.weights + d.forward,
@@ -102,13 +106,13 @@ pub fn run(model: &str, json: bool, memory: Option<MemoryQuery>) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
-    if let Some((q, w, f, shares, pruned)) = &plan {
+    if let Some((q, w, f, shares, pruned, ls)) = &plan {
         if shares.is_empty() {
             print_plan(
                 q,
                 w,
                 f,
-                *pruned,
+                (*pruned, *ls),
                 available,
                 shape.num_params() + loaded.bias_params,
             );
@@ -117,7 +121,7 @@ pub fn run(model: &str, json: bool, memory: Option<MemoryQuery>) -> Result<()> {
                 q,
                 w,
                 shares,
-                shape.num_params() + loaded.bias_params,
+                (shape.num_params() + loaded.bias_params, *ls),
                 available_gpus(shares),
             );
         }
@@ -193,11 +197,13 @@ fn print_plan(
     q: &MemoryQuery,
     w: &lopper_model::WeightMemory,
     f: &ForwardMemory,
-    pruned: Option<u64>,
+    (pruned, ls): (Option<u64>, Option<u64>),
     available: Option<u64>,
     params: u64,
 ) {
-    let total = w.peak().max(w.resident() + f.total() + pruned.unwrap_or(0));
+    let total = w
+        .peak()
+        .max(w.resident() + f.total() + pruned.unwrap_or(0) + ls.unwrap_or(0));
     println!(
         "memory plan ({} weights, forward of {} x {} tokens, on the CPU: all of it in host memory{})",
         q.dtype,
@@ -243,6 +249,12 @@ fn print_plan(
             }
         );
     }
+    if let Some(b) = ls {
+        println!(
+            "  least squares  {:>10}  (the default cut's f64 statistics of its widest projection, in host memory)",
+            format!("+{}", human(b))
+        );
+    }
     println!("  peak           {:>10}", human(total));
     match available {
         Some(a) => println!(
@@ -265,7 +277,7 @@ fn print_device_plan(
     q: &MemoryQuery,
     w: &lopper_model::WeightMemory,
     shares: &[DeviceShare],
-    params: u64,
+    (params, ls): (u64, Option<u64>),
     free: Vec<Option<u64>>,
 ) {
     println!(
@@ -302,6 +314,12 @@ fn print_device_plan(
         "  host     {:>10}  (one tensor's f32 values in flight while loading)",
         human(w.loading)
     );
+    if let Some(b) = ls {
+        println!(
+            "  host     {:>10}  (the default least-squares cut's f64 statistics of its widest projection)",
+            human(b)
+        );
+    }
     println!(
         "  every command reads each GPU's free memory (nvidia-smi) before loading and refuses a share that does not fit"
     );

@@ -627,6 +627,7 @@ impl PlacedJob for PruneJob {
             a.seed,
         )?;
         let ls_calib = if self.sparse.is_none() && a.cut()?.refits() {
+            crate::guard::ls_fits(model.shape(), a.cut()? == Reconstruct::Obs, a.refit_inputs)?;
             crate::reconstruct::ls_calibration(
                 tok,
                 model.shape(),
@@ -1106,6 +1107,11 @@ impl PlacedJob for ExportJob {
                 )?;
                 calibration = serde_json::to_value(&calib.info)?;
                 let ls_calib = if self.how.refits() {
+                    crate::guard::ls_fits(
+                        loaded.model.shape(),
+                        self.how == Reconstruct::Obs,
+                        a.refit_inputs,
+                    )?;
                     crate::reconstruct::ls_calibration(
                         &loaded.tokenizer,
                         loaded.model.shape(),

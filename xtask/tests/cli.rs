@@ -1917,6 +1917,47 @@ fn batches_that_cannot_fit_in_memory_are_refused_with_the_figure_and_the_flag() 
 }
 
 #[test]
+fn a_least_squares_cut_too_large_for_memory_is_refused_before_any_work() {
+    // A wide MLP on a small model: 9 MiB of weights, but least squares on down_proj's 8,192
+    // inputs holds Gram matrices of 8,193^2 f64 (537 MB each).
+    let root = tempfile::tempdir().unwrap();
+    let mut shape = lopper_core::ModelShape::tiny();
+    for l in &mut shape.layers {
+        l.ffn_hidden = 8192;
+    }
+    let (model, calib) = model_dir(root.path(), &shape, "wide");
+    let limit = [("LOPPER_MEMORY_LIMIT", "1G")];
+    let out = root.path().join("pg");
+    let mut args = prune_args(&model, &calib, out.to_str().unwrap(), "1");
+    args.extend(["--reconstruct", "ls"]);
+    let (ok, _, err) = xtask_env(&args, &limit);
+    assert!(
+        !ok && err.contains("least-squares cut holds about 2.0 GiB")
+            && err.contains("8192 inputs")
+            && err.contains("1.0 GiB is available (LOPPER_MEMORY_LIMIT)")
+            && err.contains("--reconstruct bias"),
+        "{err}"
+    );
+    assert!(!out.join("checkpoint.json").exists() && !out.join("plan.json").exists());
+    // compare refuses before its first cell.
+    let cmp = root.path().join("cmp");
+    let args = compare_args(&model, &calib, cmp.to_str().unwrap(), "flap,flap+ls");
+    let (ok, _, err) = xtask_env(&args, &limit);
+    assert!(!ok && err.contains("--reconstruct ls"), "{err}");
+    assert!(
+        !cmp.join("cells")
+            .join("flap@0.3")
+            .join("cell.json")
+            .exists()
+    );
+    // The same prune with a cut that needs no statistics runs.
+    let mut args = prune_args(&model, &calib, out.to_str().unwrap(), "1");
+    args.extend(["--reconstruct", "bias", "--force"]);
+    let (ok, _, err) = xtask_env(&args, &limit);
+    assert!(ok, "{err}");
+}
+
+#[test]
 fn outputs_that_cannot_fit_on_disk_are_refused_before_any_work() {
     let root = tempfile::tempdir().unwrap();
     let (model, calib) = tiny_model_dir(root.path());

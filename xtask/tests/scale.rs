@@ -596,8 +596,13 @@ fn the_memory_plan_adds_the_cut_model_at_a_sparsity() {
     let pruned = cut["memory"]["pruned"].as_u64().unwrap();
     assert_eq!(pruned, linear / 2 * 2);
     assert!(bare["memory"]["pruned"].is_null());
+    // And the default least-squares cut's statistics: at least four f64 Gram matrices of
+    // down_proj's 28,672 inputs (26 GB).
+    let ls = cut["memory"]["ls_statistics"].as_u64().unwrap();
+    assert!((4 * 28_672 * 28_672 * 8..40 << 30).contains(&ls), "{ls}");
+    assert!(bare["memory"]["ls_statistics"].is_null());
     let total = |v: &serde_json::Value| v["memory"]["host_total"].as_u64().unwrap();
-    assert_eq!(total(&cut), total(&bare) + pruned);
+    assert_eq!(total(&cut), total(&bare) + pruned + ls);
     let (ok, _, err) = xtask(&[
         "info",
         "--model",

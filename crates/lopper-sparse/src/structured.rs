@@ -70,6 +70,38 @@ pub struct ReconSettings {
     pub held_out: bool,
 }
 
+/// Gram matrices of one projection's inputs that a least-squares refit holds at once, at most:
+/// the fitted and held-out statistics, and the solve's damped copy and its Cholesky factor.
+pub const LS_GRAMS: u64 = 4;
+
+/// Host bytes of the f64 statistics the least-squares cut holds at its peak on `shape` under
+/// `settings`: the widest refit projection's [`LS_GRAMS`] Gram matrices (`(k + 1)^2` for `k`
+/// kept inputs, at most the dense width) and five `(k + 1) x out` right-hand sides and
+/// solutions; OBS holds two more Gram matrices (the whole-batch sum it removes units from,
+/// and the restricted problem). Beside the models and the calibration's residual streams
+/// (which live on the device).
+pub fn ls_host_bytes(shape: &lopper_core::ModelShape, settings: &ReconSettings) -> u64 {
+    let grams = LS_GRAMS + if settings.obs { 2 } else { 0 };
+    let bytes = |k: usize, out: usize| {
+        let k = k as u64 + 1;
+        8 * (grams * k * k + 5 * k * out as u64)
+    };
+    let h = shape.hidden_size;
+    shape
+        .layers
+        .iter()
+        .map(|l| {
+            let mut b = bytes(l.n_heads * l.head_dim, h).max(bytes(l.ffn_hidden, h));
+            if settings.inputs {
+                let qkv = (l.n_heads + 2 * l.n_kv_heads) * l.head_dim;
+                b = b.max(bytes(h, qkv)).max(bytes(h, 2 * l.ffn_hidden));
+            }
+            b
+        })
+        .max()
+        .unwrap_or(0)
+}
+
 /// With [`ReconSettings::held_out`], one calibration batch in this many is held out.
 pub const HELD_OUT_EVERY: usize = 8;
 
@@ -174,12 +206,24 @@ impl Problem {
         }
     }
 
-    /// Every batch's statistics.
+    /// Every batch's statistics (a copy; [`Problem::into_all`] sums in place).
     fn all(&self) -> Stats {
         match &self.check {
             Some(c) => self.fit.plus(c),
             None => self.fit.clone(),
         }
+    }
+
+    /// Every batch's statistics, the held-out ones added into the fitted ones in place (no
+    /// third Gram matrix beside the two).
+    fn into_all(self) -> Stats {
+        let mut fit = self.fit;
+        if let Some(c) = self.check {
+            fit.g += &c.g;
+            fit.c += &c.c;
+            fit.tt += c.tt;
+        }
+        fit
     }
 
     /// The damping least squares should use: `damp`, or with held-out batches the candidate
@@ -557,19 +601,22 @@ fn linear_of<B: Backend>(theta: &Mat<f64>, old: &Linear<B>) -> Linear<B> {
 }
 
 /// Solves one projection from its statistics; the new linear and its report.
+/// The damping is chosen first, while the held-out statistics are apart; they are then added
+/// into the fitted ones in place, so at most two Gram matrices of the projection's inputs are
+/// held beside the solve's two ([`LS_GRAMS`]).
 fn refit<B: Backend>(
     lin: &Linear<B>,
-    problem: &Problem,
+    problem: Problem,
     s: &ReconSettings,
     (layer, name): (usize, &'static str),
     started: Instant,
 ) -> Result<(Linear<B>, ProjectionReport)> {
     let theta0 = theta_of(lin)?;
     let what = format!("layer {layer} {name}");
-    let stats = problem.all();
+    let (damp, held_out) = problem.choose(&theta0, s.damp, &what)?;
+    let stats = problem.into_all();
     let tokens = stats.tokens();
     let k = theta0.nrows() - 1;
-    let (damp, held_out) = problem.choose(&theta0, s.damp, &what)?;
     let (ls, used) = stats.solve(&theta0, damp.unwrap_or(s.damp), &what)?;
     let bias = stats.bias_refit(&theta0);
     let tt = stats.tt.max(f64::MIN_POSITIVE);
@@ -678,7 +725,7 @@ fn refit_inputs<B: Backend>(
         let (x_pruned, x_dense) = pair?;
         problem.add(x_pruned, lopper_kernels::linear(&joined, x_dense))?;
     }
-    let (fit, report) = refit(&joined, &problem, settings, (layer, name), started)?;
+    let (fit, report) = refit(&joined, problem, settings, (layer, name), started)?;
     let widths: Vec<usize> = parts.iter().map(|p| p.weight.dims()[1]).collect();
     Ok((split_linear(&fit, &widths), report))
 }
@@ -914,10 +961,15 @@ pub fn reconstruct<B: Backend>(
                     .self_attn
                     .as_ref()
                     .expect("the attention block is kept");
-                let stats = stats.restricted(&inputs);
-                refit(&a.o_proj, &stats, settings, (l, "o_proj"), started)?
+                refit(
+                    &a.o_proj,
+                    stats.restricted(&inputs),
+                    settings,
+                    (l, "o_proj"),
+                    started,
+                )?
             } else {
-                refit(&a.o_proj, &stats, settings, (l, "o_proj"), started)?
+                refit(&a.o_proj, stats, settings, (l, "o_proj"), started)?
             };
             on_projection(&r);
             reports.push(r);
@@ -993,13 +1045,13 @@ pub fn reconstruct<B: Backend>(
                 let m = layer.mlp.as_ref().expect("the MLP is kept");
                 refit(
                     &m.down_proj,
-                    &stats.restricted(&channels),
+                    stats.restricted(&channels),
                     settings,
                     (l, "down_proj"),
                     started,
                 )?
             } else {
-                refit(&m.down_proj, &stats, settings, (l, "down_proj"), started)?
+                refit(&m.down_proj, stats, settings, (l, "down_proj"), started)?
             };
             on_projection(&r);
             reports.push(r);
