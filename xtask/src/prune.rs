@@ -217,7 +217,8 @@ pub struct PruneArgs {
     pub bias_compensation: Option<String>,
     /// What the cut does to the kept weights: `none` (the dense weights of the kept units),
     /// `bias` (FLAP's bias compensation, each block's kept only where it lowers the loss on
-    /// the last 16 calibration windows; the choices go to bias-compensation.json) or `ls` (every kept o_proj / down_proj refit, layer by
+    /// the last 16 calibration windows by more than two standard errors of the per-window
+    /// differences; the choices go to bias-compensation.json) or `ls` (every kept o_proj / down_proj refit, layer by
     /// layer, by damped least squares so the pruned residual stream follows the dense one on the
     /// calibration windows; on the default model at 30% it gives 21% lower WikiText-2
     /// perplexity than `bias` for pg and 34% for flap, for about two more CPU minutes), or

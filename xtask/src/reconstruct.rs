@@ -15,8 +15,8 @@ pub enum Reconstruct {
     /// The dense weights of the kept units, nothing else.
     None,
     /// FLAP-style bias compensation with the dense model's calibration means, each block's
-    /// kept only where it lowers the cut model's calibration loss
-    /// (lopper_surgery::select_compensation).
+    /// kept only where it lowers the cut model's calibration loss by more than the windows'
+    /// noise (lopper_surgery::select_compensation).
     Bias,
     /// Layer-wise damped least squares of every kept o_proj / down_proj (lopper_sparse::reconstruct).
     Ls,
@@ -306,7 +306,8 @@ pub fn summary(how: Reconstruct, reports: &[ProjectionReport]) -> String {
 /// The report's paragraph on `bias`'s choices.
 pub fn bias_summary(b: &BiasSelection) -> String {
     format!(
-        "\nBias compensation: FLAP's rule, each block's kept only where it lowers the calibration loss ({} windows): kept for {} of {} blocks; mean calibration loss {:.4} (every block compensated: {:.4}; none: {:.4}). Per block in `bias-compensation.json`.\n",
+        "\nBias compensation: FLAP's rule, each block's kept only where it lowers the calibration loss by more than {} standard errors ({} windows): kept for {} of {} blocks; mean calibration loss {:.4} (every block compensated: {:.4}; none: {:.4}). Per block in `bias-compensation.json`.\n",
+        lopper_surgery::GAIN_Z,
         b.windows,
         b.blocks.iter().filter(|c| c.kept).count(),
         b.blocks.len(),

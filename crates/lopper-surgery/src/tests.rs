@@ -809,3 +809,23 @@ fn checked_compensation_of_a_keep_all_plan_is_nothing() {
         .to_string();
     assert!(e.contains("calibration window"), "{e}");
 }
+
+#[test]
+fn a_compensation_gain_within_the_windows_noise_is_not_taken() {
+    let without = [4.0, 4.1, 3.9, 4.2, 4.0, 4.05, 3.95, 4.1];
+    // A small gain on every window: kept.
+    let steady: Vec<f64> = without.iter().map(|x| x - 0.01).collect();
+    assert!(crate::significant_gain(&steady, &without).0);
+    // A larger mean gain from one window, small losses on the others: a greedy rule by the
+    // mean takes it, the paired test does not.
+    let mut lucky: Vec<f64> = without.iter().map(|x| x + 0.005).collect();
+    lucky[3] -= 0.4;
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    assert!(mean(&lucky) < mean(&without));
+    let (kept, se) = crate::significant_gain(&lucky, &without);
+    assert!(!kept && se > 0.0, "{se}");
+    // A loss is never a gain, and one window has no spread: any gain counts.
+    assert!(!crate::significant_gain(&without, &steady).0);
+    assert!(crate::significant_gain(&[1.0], &[1.1]).0);
+    assert!(!crate::significant_gain(&[1.0], &[1.0]).0);
+}
