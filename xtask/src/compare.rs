@@ -723,11 +723,7 @@ impl PlacedJob for CompareJob {
         if let Some(l) = a.recon_seq_len {
             crate::guard::context(shape, l, "--recon-seq-len", false)?;
         }
-        let cuts: Vec<Reconstruct> = self
-            .cells
-            .iter()
-            .filter_map(|(m, _)| Spec::parse(m).ok().and_then(|s| s.recon))
-            .collect();
+        let cuts: Vec<Reconstruct> = self.cells.iter().filter_map(|(m, _)| cut_of(m)).collect();
         if cuts.iter().any(|c| c.refits()) {
             crate::guard::ls_fits(shape, cuts.contains(&Reconstruct::Obs), false)?;
         }
@@ -1242,6 +1238,11 @@ fn columns(st: &Settings) -> Result<Vec<(String, String)>> {
 }
 
 /// The finished cell `id` of the comparison in `out`, if there is one.
+/// The cut a method names with its suffix (`+ls`, `+bias`, ...), if it names one.
+fn cut_of(method: &str) -> Option<Reconstruct> {
+    Spec::parse(method).ok().and_then(|s| s.recon)
+}
+
 /// Whether a comparison folder holds a finished `+ls` / `+obs` cell.
 fn has_refit_cells(out: &Path) -> Result<bool> {
     let cells = out.join("cells");
@@ -1252,12 +1253,7 @@ fn has_refit_cells(out: &Path) -> Result<bool> {
         let e = e?;
         let name = e.file_name().to_string_lossy().into_owned();
         let method = name.split('@').next().unwrap_or_default();
-        if Spec::parse(method)
-            .ok()
-            .and_then(|s| s.recon)
-            .is_some_and(Reconstruct::refits)
-            && e.path().join("cell.json").is_file()
-        {
+        if cut_of(method).is_some_and(Reconstruct::refits) && e.path().join("cell.json").is_file() {
             return Ok(true);
         }
     }

@@ -357,7 +357,7 @@ pub fn ls_fits(shape: &ModelShape, obs: bool, refit_inputs: bool) -> Result<()> 
             "--reconstruct {}: the least-squares cut holds about {} of f64 statistics for its widest projection ({widest} inputs: {} Gram matrices of {widest} x {widest}{}), but {} is available{}; cut with --reconstruct bias or none, or use a machine with more memory",
             if obs { "obs" } else { "ls" },
             human(need),
-            lopper_sparse::LS_GRAMS + if obs { 2 } else { 0 },
+            lopper_sparse::ls_grams(&settings),
             if refit_inputs {
                 ", and --refit-inputs' input projections"
             } else {

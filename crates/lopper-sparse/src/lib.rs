@@ -16,7 +16,7 @@ pub use faer;
 pub use solve::AlpsSettings;
 pub use structured::{
     Chosen, DAMP_GRID, HELD_OUT_EVERY, HeldOutReport, LS_GRAMS, ProjectionReport, ReconSettings,
-    ls_host_bytes, projections, reconstruct, refits,
+    ls_grams, ls_host_bytes, projections, reconstruct, refits,
 };
 
 /// Errors of one-shot sparse pruning.

@@ -74,6 +74,12 @@ pub struct ReconSettings {
 /// the fitted and held-out statistics, and the solve's damped copy and its Cholesky factor.
 pub const LS_GRAMS: u64 = 4;
 
+/// Gram matrices of the widest projection's inputs held at once under `settings`: [`LS_GRAMS`],
+/// and two more under OBS.
+pub fn ls_grams(settings: &ReconSettings) -> u64 {
+    LS_GRAMS + if settings.obs { 2 } else { 0 }
+}
+
 /// Host bytes of the f64 statistics the least-squares cut holds at its peak on `shape` under
 /// `settings`: the widest refit projection's [`LS_GRAMS`] Gram matrices (`(k + 1)^2` for `k`
 /// kept inputs, at most the dense width) and five `(k + 1) x out` right-hand sides and
@@ -81,7 +87,7 @@ pub const LS_GRAMS: u64 = 4;
 /// and the restricted problem). Beside the models and the calibration's residual streams
 /// (which live on the device).
 pub fn ls_host_bytes(shape: &lopper_core::ModelShape, settings: &ReconSettings) -> u64 {
-    let grams = LS_GRAMS + if settings.obs { 2 } else { 0 };
+    let grams = ls_grams(settings);
     let bytes = |k: usize, out: usize| {
         let k = k as u64 + 1;
         8 * (grams * k * k + 5 * k * out as u64)
