@@ -7,6 +7,7 @@ use anyhow::{Result, anyhow};
 use lopper_core::MaskPlan;
 use lopper_policy::StepRecord;
 use plotters::coord::types::RangedCoordf64;
+use plotters::element::DashedPathElement;
 use plotters::prelude::*;
 
 static FONT: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
@@ -277,18 +278,49 @@ pub fn series(
             .label_style(("sans-serif", 14))
             .draw()
             .map_err(|e| anyhow!("{e}"))?;
-        for (i, (label, pts)) in data.iter().enumerate() {
+        // A label `method+cut` (compare's cells) takes its method's colour and its cut's dash,
+        // so that the cuts of one method read as one family; `ls` the heaviest line;
+        // labels beyond the palette's colours draw their markers as triangles.
+        let mut bases: Vec<&str> = Vec::new();
+        for (label, pts) in &data {
+            let (base, cut) = label.split_once('+').unwrap_or((label, ""));
+            let i = bases.iter().position(|b| *b == base).unwrap_or_else(|| {
+                bases.push(base);
+                bases.len() - 1
+            });
             let color = palette[i % palette.len()];
+            let (dash, gap) = match cut {
+                "bias" => (10, 5),
+                "none" => (2, 5),
+                "obs" => (6, 2),
+                _ => (1000, 0),
+            };
+            // The refit cut drawn heavier than a method's own (unsuffixed) cut.
+            let width = match cut {
+                "ls" => 3,
+                "" => 1,
+                _ => 2,
+            };
+            let style = color.stroke_width(width);
             chart
-                .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
+                .draw_series(DashedLineSeries::new(pts.clone(), dash, gap, style))
                 .map_err(|e| anyhow!("{e}"))?
                 .label(*label)
                 .legend(move |(x, y)| {
-                    PathElement::new([(x, y), (x + 20, y)], color.stroke_width(2))
+                    DashedPathElement::new([(x, y), (x + 24, y)], dash.min(8), gap.min(5), style)
                 });
-            chart
-                .draw_series(pts.iter().map(|&p| Circle::new(p, 4, color.filled())))
-                .map_err(|e| anyhow!("{e}"))?;
+            if i < palette.len() {
+                chart
+                    .draw_series(pts.iter().map(|&p| Circle::new(p, 4, color.filled())))
+                    .map_err(|e| anyhow!("{e}"))?;
+            } else {
+                chart
+                    .draw_series(
+                        pts.iter()
+                            .map(|&p| TriangleMarker::new(p, 5, color.filled())),
+                    )
+                    .map_err(|e| anyhow!("{e}"))?;
+            }
         }
         legend(&mut chart, SeriesLabelPosition::UpperLeft)?;
         Ok(())
