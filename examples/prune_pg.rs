@@ -17,7 +17,7 @@ use lopper::backend::{Flex, FlexDevice};
 use lopper::data::{DataDirs, Sampler, load_documents, sample};
 use lopper::importance::{Method, MethodSettings, input_means, method_plan};
 use lopper::model::{ModelSpec, load, lopper_home};
-use lopper::policy::{Hooks, Init, PgConfig, PgState, choose, search};
+use lopper::policy::{Hooks, Init, PgConfig, PgState, RefitWindows, choose, search};
 use lopper::surgery::{ExportFormat, ExportOptions, InputMeans, export, prune_compensated};
 
 fn main() -> Result<()> {
@@ -94,8 +94,14 @@ fn main() -> Result<()> {
         },
     )?;
 
-    // The search's plan or the starting plan, whichever is better on the held-out windows.
-    let (plan, choice) = choose(model, windows, held_out, Some(&means), &space, &state)?;
+    // The search's plan or the starting plan, whichever is better on the held-out windows
+    // (masked, the preset's judge; a least-squares judge would refit on `refit`).
+    let refit = RefitWindows {
+        fit: windows,
+        held_out,
+        batch_size: 4,
+    };
+    let (plan, choice) = choose(model, refit, held_out, Some(&means), &space, &state)?;
     if let Some(c) = &choice {
         println!("held-out losses {:?}: chose {}", c.candidates, c.chosen);
     }

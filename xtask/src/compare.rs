@@ -113,8 +113,8 @@ pub struct CompareArgs {
     #[arg(long)]
     pg_anneal: Option<usize>,
     /// How pg cells with a least-squares cut (`pg+ls`, `pg+obs`) judge their held-out choice:
-    /// masked (the default) or ls (as `prune --judge`); other pg cells judge masked.
-    #[arg(long, default_value = "masked")]
+    /// auto (the default), masked or ls (as `prune --judge`); other pg cells judge masked.
+    #[arg(long, default_value = "auto")]
     pg_judge: String,
     /// Policy-gradient initialisation (as `prune --init`; default: the preset's).
     #[arg(long)]
@@ -198,6 +198,11 @@ struct Settings {
     /// `--exact-size` (absent in comparisons made before it: off).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     exact_size: bool,
+    /// Under `--pg-judge auto`, the sparsity from which pg cells with a least-squares cut judge
+    /// by least squares (`lopper_policy::LS_JUDGE_FROM`; below it, and in comparisons made
+    /// before `auto`, `pg.judge`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pg_judge_from: Option<f64>,
 }
 
 /// Folders made before presets existed ran the reference settings.
@@ -469,11 +474,15 @@ pub fn run(args: CompareArgs) -> Result<()> {
             None => base.projection,
         },
         held_out: base.held_out.min(args.calib_samples / 4),
-        judge: Judge::parse(&args.pg_judge)?,
+        // `auto` is masked here and least squares from `pg_judge_from` (per cell, by its cut).
+        judge: Judge::parse(&args.pg_judge, 0.0, false)?,
         seed: args.seed,
         ..base
     };
     pg.validate()?;
+    // Only a held-out choice has something to judge (the reference preset has none).
+    let pg_judge_from =
+        (args.pg_judge == "auto" && pg.held_out > 0).then_some(lopper_policy::LS_JUDGE_FROM);
     let settings = Settings {
         model: args.model.clone(),
         tasks: args.tasks.clone(),
@@ -512,6 +521,7 @@ pub fn run(args: CompareArgs) -> Result<()> {
         }),
         pg_preset: args.pg_preset.clone(),
         exact_size: args.exact_size,
+        pg_judge_from,
         recover: if methods.iter().any(|m| m.ends_with("+recover")) {
             crate::recover::check_data(&args.calib).context("+recover trains on --calib")?;
             Some(crate::recover::compare_config(
@@ -649,11 +659,15 @@ fn pg_key(spec: &Spec, init: &str, sparsity: f64, judge: Judge) -> String {
     format!("{}:{init}@{sparsity}/{judge:?}", spec.base)
 }
 
-/// The judge of a pg spec's held-out choice: `--pg-judge` where the cut refits by least
-/// squares (`+ls`, `+obs`), the masked loss otherwise.
-fn pg_judge(spec: &Spec, preset: Judge) -> Judge {
+/// The judge of a pg spec's held-out choice at `sparsity`: `--pg-judge` where the cut refits
+/// by least squares (`+ls`, `+obs`; under `auto` least squares from `st.pg_judge_from`), the
+/// masked loss otherwise.
+fn pg_judge(spec: &Spec, st: &Settings, sparsity: f64) -> Judge {
     match spec.recon {
-        Some(r) if r.refits() => preset,
+        Some(r) if r.refits() => match st.pg_judge_from {
+            Some(from) if sparsity >= from => Judge::ls(),
+            _ => st.pg.judge,
+        },
         _ => Judge::Masked,
     }
 }
@@ -940,7 +954,7 @@ impl CompareJob {
             }
             _ => None,
         };
-        let judge = pg_judge(&spec, st.pg.judge);
+        let judge = pg_judge(&spec, st, sparsity);
         let search_key = pg_key(
             &spec,
             spec.init.as_deref().unwrap_or(&st.pg_init),
@@ -982,6 +996,7 @@ impl CompareJob {
                         stop_after: None,
                         checkpoint_every: 25,
                         meta: &meta,
+                        refit: ls_calib.map(|(c, b)| (&c.windows[..], *b)),
                     },
                 )?;
                 let means = out.means.map(|m| (m.o_proj, m.down_proj));

@@ -12,7 +12,7 @@ use burn::tensor::backend::Backend;
 use lopper_core::{MaskPlan, ModelShape, UnitScores};
 use lopper_importance::{Method, MethodPlan, MethodSettings};
 use lopper_model::Llama;
-use lopper_policy::{Hooks, Init, PgConfig, PgState};
+use lopper_policy::{Hooks, Init, Judge, PgConfig, PgState, RefitWindows};
 use lopper_surgery::InputMeans;
 
 /// Every `--method` name: `pg` and the metric methods.
@@ -74,7 +74,8 @@ pub struct PgInit<'a> {
 /// The policy-gradient initialisation of `init` at the kept fraction `keep`. `windows` are the
 /// search's calibration windows; `held_out` (or, without any, the first 16 search windows)
 /// decide `auto` under the config's judge (`lopper_policy::judge_plans`: with `means` as the
-/// search will score masks, or after a least-squares cut on the first search windows). Also
+/// search will score masks, or after a least-squares cut on `refit`, by default the search's
+/// windows and `held_out`). Also
 /// returns whether the search compensates: `cfg.compensation`, or under
 /// [`PgConfig::compensation_auto`] with `auto` the rule under which the best candidate scored
 /// best (each candidate judged with and without compensation).
@@ -83,6 +84,7 @@ pub fn pg_init<B: Backend>(
     model: &Llama<B>,
     windows: &[Vec<u32>],
     held_out: &[Vec<u32>],
+    refit: Option<RefitWindows>,
     means: Option<&InputMeans>,
     cfg: &PgConfig,
 ) -> Result<(Init, Option<lopper_policy::Judged>, bool)> {
@@ -187,51 +189,102 @@ pub fn pg_init<B: Backend>(
                 held_out
             };
             let plans: Vec<&MaskPlan> = fitted.iter().collect();
+            let refit = refit.unwrap_or(RefitWindows {
+                fit: windows,
+                held_out: judge,
+                batch_size: cfg.batch_size,
+            });
+            // First every candidate's masked loss under the search's rule, and under
+            // compensation_auto without compensation too.
+            let masked_cfg = |compensation| PgConfig {
+                compensation,
+                judge: Judge::Masked,
+                ..cfg.clone()
+            };
+            let on = masked_cfg(cfg.compensation);
             let (mut judged, mut i) =
-                lopper_policy::judge_plans(model, &plans, &[], means, windows, judge, cfg)?;
-            // Recorded as judged under `cfg` (with compensation when it is on).
-            let (mut masked, mut refit) = (serde_json::Map::new(), serde_json::Map::new());
+                lopper_policy::judge_plans(model, &plans, &[], means, refit, judge, &on)?;
+            let mut masked = serde_json::Map::new();
             for ((name, _, _), j) in candidates.iter().zip(&judged) {
-                tracing::info!(
-                    init = name.as_str(),
-                    loss = j.masked,
-                    ls = j.reconstructed,
-                    "candidate start"
-                );
+                tracing::info!(init = name.as_str(), loss = j.masked, "candidate start");
                 masked.insert(name.clone(), j.masked.into());
-                if let Some(l) = j.reconstructed {
-                    refit.insert(name.clone(), l.into());
-                }
             }
-            // Under compensation_auto the candidates are judged without compensation too, and
-            // the search takes the rule of the best score of either.
             let mut compensation = cfg.compensation;
             let mut uncompensated = serde_json::Map::new();
-            if cfg.compensation && cfg.compensation_auto {
-                let off = PgConfig {
-                    compensation: false,
-                    ..cfg.clone()
-                };
-                let (judged_off, j) =
-                    lopper_policy::judge_plans(model, &plans, &[], None, windows, judge, &off)?;
-                for ((name, _, _), (on, o)) in candidates.iter().zip(judged.iter().zip(&judged_off))
-                {
+            let off = if cfg.compensation && cfg.compensation_auto {
+                let (off, j) = lopper_policy::judge_plans(
+                    model,
+                    &plans,
+                    &[],
+                    None,
+                    refit,
+                    judge,
+                    &masked_cfg(false),
+                )?;
+                for ((name, _, _), o) in candidates.iter().zip(&off) {
                     tracing::info!(
                         init = name.as_str(),
-                        compensated = on.score(cfg.judge),
-                        uncompensated = o.score(cfg.judge),
-                        "candidate start under both rules"
+                        loss = o.masked,
+                        "candidate start, uncompensated"
                     );
-                    uncompensated.insert(name.clone(), o.score(cfg.judge).into());
+                    uncompensated.insert(name.clone(), o.masked.into());
                 }
-                if judged_off[j].score(cfg.judge) < judged[i].score(cfg.judge) {
-                    tracing::info!(
-                        init = candidates[j].0.as_str(),
-                        loss = judged_off[j].score(cfg.judge),
-                        compensated = judged[i].score(cfg.judge),
-                        "the best start scores best without bias compensation: the search runs without it"
-                    );
-                    (judged, i, compensation) = (judged_off, j, false);
+                Some((off, j))
+            } else {
+                None
+            };
+            let mut refit_losses = serde_json::Map::new();
+            match cfg.judge {
+                // The start is the candidate of the lowest loss under either rule, and the
+                // search takes that rule.
+                Judge::Masked => {
+                    if let Some((off, j)) = off
+                        && off[j].masked < judged[i].masked
+                    {
+                        tracing::info!(
+                            init = candidates[j].0.as_str(),
+                            loss = off[j].masked,
+                            compensated = judged[i].masked,
+                            "the best start scores best without bias compensation: the search runs without it"
+                        );
+                        (judged, i, compensation) = (off, j, false);
+                    }
+                }
+                // A refit model has no compensation: the best `top` candidates by their
+                // masked loss under either rule are refit and the lowest refit loss is the
+                // start; the search then scores masks under the rule whose masked loss of that
+                // start is lower.
+                Judge::Reconstructed { .. } => {
+                    let known: Vec<Option<lopper_policy::Judged>> = judged
+                        .iter()
+                        .enumerate()
+                        .map(|(k, j)| {
+                            let best = off
+                                .as_ref()
+                                .map_or(j.masked, |(o, _)| j.masked.min(o[k].masked));
+                            Some(lopper_policy::Judged {
+                                masked: best,
+                                reconstructed: None,
+                            })
+                        })
+                        .collect();
+                    let (refit_judged, r) = lopper_policy::judge_plans(
+                        model, &plans, &known, means, refit, judge, cfg,
+                    )?;
+                    for ((name, _, _), j) in candidates.iter().zip(&refit_judged) {
+                        if let Some(l) = j.reconstructed {
+                            tracing::info!(init = name.as_str(), ls = l, "candidate start refit");
+                            refit_losses.insert(name.clone(), l.into());
+                        }
+                    }
+                    i = r;
+                    if let Some((off, _)) = &off
+                        && off[i].masked < judged[i].masked
+                    {
+                        judged[i].masked = off[i].masked;
+                        compensation = false;
+                    }
+                    judged[i].reconstructed = refit_judged[i].reconstructed;
                 }
             }
             let (name, mut plan, scores) = candidates.swap_remove(i);
@@ -244,9 +297,10 @@ pub fn pg_init<B: Backend>(
                 plan.meta
                     .insert("search_compensation".into(), compensation.into());
             }
-            if !refit.is_empty() {
+            if !refit_losses.is_empty() {
                 // The held-out loss after a least-squares cut (the judge's ranking).
-                plan.meta.insert("init_candidates_ls".into(), refit.into());
+                plan.meta
+                    .insert("init_candidates_ls".into(), refit_losses.into());
             }
             return Ok((Init::Plan { plan, scores }, Some(judged[i]), compensation));
         }
@@ -345,6 +399,26 @@ pub struct PgRun<'a> {
     pub checkpoint_every: usize,
     /// Resolved settings stored in the checkpoint.
     pub meta: &'a serde_json::Value,
+    /// The windows a least-squares cut of the result reads, with their batch size, where they
+    /// differ from the search's: the least-squares judge refits on the first seven eighths of
+    /// them and scores on the rest.
+    pub refit: Option<(&'a [Vec<u32>], usize)>,
+}
+
+/// The least-squares judge's windows from the cut's ([`PgRun::refit`]): the refit reads the
+/// first seven eighths, the refit model is scored on the last eighth (at least one window), so
+/// the judge ranks plans by the model the cut ships, on text its refit did not see.
+fn judge_refit(refit: Option<(&[Vec<u32>], usize)>) -> Option<RefitWindows<'_>> {
+    let (windows, batch_size) = refit?;
+    if windows.len() < 2 {
+        return None;
+    }
+    let (fit, held_out) = windows.split_at(windows.len() - (windows.len() / 8).max(1));
+    Some(RefitWindows {
+        fit,
+        held_out,
+        batch_size,
+    })
 }
 
 /// What a finished search hands back.
@@ -376,6 +450,7 @@ pub fn run_pg<B: Backend>(
         windows.len()
     );
     let (search_windows, held_out) = windows.split_at(windows.len() - cfg.held_out);
+    let refit = judge_refit(run.refit);
     let means = if cfg.compensation {
         let n = search_windows.len().min(init.metric_samples);
         let (o_proj, down_proj) =
@@ -425,8 +500,15 @@ pub fn run_pg<B: Backend>(
         tracing::info!(step = s.step, "resuming");
         (s, space)
     } else {
-        let (start, judged, compensation) =
-            pg_init(init, model, search_windows, held_out, means.as_ref(), cfg)?;
+        let (start, judged, compensation) = pg_init(
+            init,
+            model,
+            search_windows,
+            held_out,
+            refit,
+            means.as_ref(),
+            cfg,
+        )?;
         let cfg = PgConfig {
             compensation,
             ..cfg.clone()
@@ -484,7 +566,11 @@ pub fn run_pg<B: Backend>(
     }
     let (plan, _) = lopper_policy::choose(
         model,
-        search_windows,
+        refit.unwrap_or(RefitWindows {
+            fit: search_windows,
+            held_out,
+            batch_size: cfg.batch_size,
+        }),
         held_out,
         means.as_ref(),
         &space,

@@ -520,21 +520,11 @@ fn prune_pg_on_the_tiny_model_writes_a_complete_run_folder() {
         6
     );
     assert!(report.contains("Final choice"), "{report}");
-    assert_eq!(choice["judge"]["type"], "masked", "{choice}");
-    assert!(
-        choice["init"].get("init_candidates_ls").is_none(),
-        "{choice}"
-    );
-    // --judge ls: the best three starts by masked loss (fewer where candidates coincide) are
-    // cut by least squares and scored; the lowest is the start, and the final choice
-    // scores both finalists the same way (masked losses beside).
-    let judged = root.path().join("judged");
-    let mut args = prune_args(&model, &calib, judged.to_str().unwrap(), "3");
-    args.extend(["--judge", "ls"]);
-    let (ok, _, err) = xtask(&args);
-    assert!(ok, "{err}");
-    let plan_j = lopper_core::MaskPlan::load(&judged.join("plan.json")).unwrap();
-    let choice = &plan_j.meta["final_choice"];
+    // At 50% with the least-squares cut, `--judge auto` (the default) judges by least squares:
+    // the best three starts by masked loss (fewer where candidates coincide) are cut by least
+    // squares and scored; the lowest is the start, and the final choice scores both finalists
+    // the same way (masked losses beside).
+    let judged = out.clone();
     assert_eq!(choice["judge"]["type"], "reconstructed", "{choice}");
     let refit = choice["init"]["init_candidates_ls"].as_object().unwrap();
     // Candidates with equal plans share their losses: at most three distinct refits.
@@ -555,6 +545,39 @@ fn prune_pg_on_the_tiny_model_writes_a_complete_run_folder() {
         "{choice}"
     );
     assert_eq!(choice["masked"].as_array().unwrap().len(), 2, "{choice}");
+    // The refits read the cut's own (longer) windows, the last eighth of them held out to
+    // score on.
+    let ck: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(judged.join("checkpoint.json")).unwrap())
+            .unwrap();
+    let ls_calib = &ck["meta"]["ls_calibration"];
+    let n = |v: &serde_json::Value| v.as_u64().unwrap();
+    let refit = &choice["refit"];
+    assert!(n(&ls_calib["seq_len"]) > 16, "{ls_calib}");
+    assert_eq!(n(&refit[2]), n(&ls_calib["seq_len"]), "{choice}");
+    assert_eq!(
+        n(&refit[0]) + n(&refit[1]),
+        n(&ls_calib["samples"]),
+        "{choice}"
+    );
+    assert_eq!(
+        n(&refit[1]),
+        (n(&ls_calib["samples"]) / 8).max(1),
+        "{choice}"
+    );
+    // --judge masked: the masked losses alone decide.
+    let masked = root.path().join("masked");
+    let mut args = prune_args(&model, &calib, masked.to_str().unwrap(), "3");
+    args.extend(["--judge", "masked"]);
+    let (ok, _, err) = xtask(&args);
+    assert!(ok, "{err}");
+    let plan_m = lopper_core::MaskPlan::load(&masked.join("plan.json")).unwrap();
+    let choice = &plan_m.meta["final_choice"];
+    assert_eq!(choice["judge"]["type"], "masked", "{choice}");
+    assert!(
+        choice["init"].get("init_candidates_ls").is_none() && choice.get("refit").is_none(),
+        "{choice}"
+    );
     // --preset reference: the paper's code settings, no held-out choice, no compensation.
     let reference = root.path().join("reference");
     let mut args = prune_args(&model, &calib, reference.to_str().unwrap(), "3");

@@ -4,11 +4,11 @@ mod run;
 mod space;
 mod state;
 
-pub use run::{Choice, Hooks, Judged, choose, judge_plans, search};
+pub use run::{Choice, Hooks, Judged, RefitWindows, choose, judge_plans, search};
 pub use space::{BlockLayout, Budget, Projection, UnitSpace, project, project_weighted, sigmap};
 pub use state::{
-    ANNEAL_GAIN, Baseline, DEFAULT_START_BAND, Estimator, Init, Judge, Optimizer, PgConfig,
-    PgState, Schedule, StepRecord, binary_entropy, block_layout,
+    ANNEAL_GAIN, Baseline, DEFAULT_START_BAND, Estimator, Init, Judge, LS_JUDGE_FROM, Optimizer,
+    PgConfig, PgState, Schedule, StepRecord, binary_entropy, block_layout,
 };
 
 /// Errors of the policy-gradient search.

@@ -126,6 +126,10 @@ pub struct Choice {
     /// Under a least-squares judge, the candidates' masked losses too.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub masked: Vec<(String, f64)>,
+    /// Under a least-squares judge, `(windows refit on, windows the refit model was scored
+    /// on, tokens per window)`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refit: Option<(usize, usize, usize)>,
 }
 
 /// A candidate plan's held-out losses: masked (as the search scores masks), and after a
@@ -149,20 +153,34 @@ impl Judged {
     }
 }
 
+/// The calibration a least-squares judge ([`Judge::Reconstructed`]) refits each candidate on
+/// and scores the refit model on. The refit should read the windows the shipped cut reads (on
+/// the default model the cut's 512-token windows rank plans differently from the search's
+/// 128-token ones), and the scoring windows must be apart from them.
+#[derive(Debug, Clone, Copy)]
+pub struct RefitWindows<'a> {
+    /// Windows the refit reads (the first `windows` of them, as the judge says).
+    pub fit: &'a [Vec<u32>],
+    /// Windows the refit model is scored on.
+    pub held_out: &'a [Vec<u32>],
+    /// Windows per forward pass over these windows.
+    pub batch_size: usize,
+}
+
 /// Scores candidate plans on the `held_out` windows as `cfg.judge` says. Every plan gets its
 /// masked loss (with `means` when `cfg.compensation`); under [`Judge::Reconstructed`] the best
 /// `top` of them (distinct plans only) are also cut and refit by least squares on the first
-/// `windows` of `fit`, and the refit model is scored. `known[i]`, where given, is plan `i`'s
-/// losses from an earlier call on the same windows (they are reused, not recomputed). Returns
-/// one [`Judged`] per plan and the index of the best one by [`Judged::score`] (ties to the
-/// earlier plan).
+/// `windows` of `refit.fit`, and the refit model is scored on `refit.held_out`. `known[i]`,
+/// where given, is plan `i`'s losses from an earlier call on the same windows (they are
+/// reused, not recomputed). Returns one [`Judged`] per plan and the index of the best one by
+/// [`Judged::score`] (ties to the earlier plan).
 #[allow(clippy::too_many_arguments)]
 pub fn judge_plans<B: Backend>(
     model: &Llama<B>,
     plans: &[&MaskPlan],
     known: &[Option<Judged>],
     means: Option<&InputMeans>,
-    fit: &[Vec<u32>],
+    refit: RefitWindows,
     held_out: &[Vec<u32>],
     cfg: &PgConfig,
 ) -> Result<(Vec<Judged>, usize)> {
@@ -210,10 +228,10 @@ pub fn judge_plans<B: Backend>(
         .map(|&i| scored[i].expect("every distinct plan is scored"))
         .collect();
     if let Judge::Reconstructed { windows, top } = cfg.judge {
-        let fit = &fit[..windows.min(fit.len())];
-        if fit.is_empty() {
+        let fit = &refit.fit[..windows.min(refit.fit.len())];
+        if fit.is_empty() || refit.held_out.is_empty() || refit.batch_size == 0 {
             return Err(Error::Config(
-                "the least-squares judge has no calibration window to refit on".into(),
+                "the least-squares judge needs calibration windows to refit on and to score on, and a batch size of at least 1".into(),
             ));
         }
         let mut order: Vec<usize> = (0..reps.len()).collect();
@@ -223,13 +241,13 @@ pub fn judge_plans<B: Backend>(
                 continue;
             }
             let settings = lopper_sparse::ReconSettings {
-                batch_size: cfg.batch_size,
+                batch_size: refit.batch_size,
                 ..lopper_sparse::ReconSettings::default()
             };
             let (cut, _, _) =
                 lopper_sparse::reconstruct(model, plans[reps[r]], fit, &settings, |_| {})?;
             let all = MaskPlan::keep_all(cut.shape());
-            let loss = windows_loss_kept(&cut, &all, None, held_out, cfg.batch_size)?;
+            let loss = windows_loss_kept(&cut, &all, None, refit.held_out, refit.batch_size)?;
             tracing::debug!(
                 candidate = reps[r],
                 masked = judged[r].masked,
@@ -256,13 +274,12 @@ pub fn judge_plans<B: Backend>(
 
 /// The plan a finished search returns: its top-k plan ([`PgState::final_plan`]), or, when the
 /// config holds windows out and the search started from a plan, whichever of the two scores
-/// better on the `held_out` windows under the config's [`Judge`] ([`judge_plans`]: as the
-/// search scores masks, or after a least-squares cut on the first windows of `fit`, the
-/// search's windows; ties to the search's plan). `None` as the choice when nothing was
-/// compared.
+/// better under the config's [`Judge`] ([`judge_plans`]: on the `held_out` windows as the
+/// search scores masks, or after a least-squares cut on `refit`; ties to the search's plan).
+/// `None` as the choice when nothing was compared.
 pub fn choose<B: Backend>(
     model: &Llama<B>,
-    fit: &[Vec<u32>],
+    refit: RefitWindows,
     held_out: &[Vec<u32>],
     means: Option<&InputMeans>,
     space: &UnitSpace,
@@ -279,7 +296,7 @@ pub fn choose<B: Backend>(
         &[&searched, init],
         &[None, state.init_judged],
         means,
-        fit,
+        refit,
         held_out,
         cfg,
     )?;
@@ -290,12 +307,19 @@ pub fn choose<B: Backend>(
         "held-out loss of the final candidates"
     );
     let use_init = best == 1;
-    let masked = match cfg.judge {
-        Judge::Masked => Vec::new(),
-        Judge::Reconstructed { .. } => vec![
-            ("search".into(), judged[0].masked),
-            ("init".into(), judged[1].masked),
-        ],
+    let (masked, refit) = match cfg.judge {
+        Judge::Masked => (Vec::new(), None),
+        Judge::Reconstructed { windows, .. } => (
+            vec![
+                ("search".into(), judged[0].masked),
+                ("init".into(), judged[1].masked),
+            ],
+            Some((
+                windows.min(refit.fit.len()),
+                refit.held_out.len(),
+                refit.held_out.first().map_or(0, Vec::len),
+            )),
+        ),
     };
     let choice = Choice {
         candidates: vec![("search".into(), ls), ("init".into(), li)],
@@ -304,6 +328,7 @@ pub fn choose<B: Backend>(
         init: serde_json::to_value(&init.meta).expect("serialisable"),
         judge: cfg.judge,
         masked,
+        refit,
     };
     let mut plan = if use_init {
         let mut p = init.clone();

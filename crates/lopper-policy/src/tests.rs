@@ -670,11 +670,19 @@ fn the_default_search_resumes_bit_identically_and_chooses_on_held_out_windows() 
     assert_eq!(fresh.step, 0);
     // The choice picks the candidate with the lower held-out loss, and says so.
     let held: Vec<Vec<u32>> = windows()[..2].to_vec();
-    let fit: Vec<Vec<u32>> = windows()[2..].to_vec();
+    // The least-squares judge reads its own windows, longer than the search's (as the shipped
+    // cut's are): two of 20 tokens to refit on, one to score on.
+    let fit: Vec<Vec<u32>> = windows()[2..].chunks(2).map(|w| w.concat()).collect();
+    let scored: Vec<Vec<u32>> = vec![windows()[..2].concat()];
+    let refit = RefitWindows {
+        fit: &fit,
+        held_out: &scored,
+        batch_size: 1,
+    };
     let mut masked_state = full.clone();
     masked_state.config.judge = Judge::Masked;
     let (chosen, choice) =
-        choose(&model, &fit, &held, Some(&means), &space, &masked_state).unwrap();
+        choose(&model, refit, &held, Some(&means), &space, &masked_state).unwrap();
     let choice = choice.expect("a plan start with held-out windows compares");
     let loss_of = |p: &MaskPlan| {
         lopper_surgery::mean_loss_kept(&model, p, Some(&means), model.tokens(&held).unwrap())
@@ -691,22 +699,24 @@ fn the_default_search_resumes_bit_identically_and_chooses_on_held_out_windows() 
     assert_eq!(choice.chosen, if li < ls { "init" } else { "search" });
     assert!(chosen.meta.contains_key("final_choice"));
     assert!(choice.masked.is_empty());
-    // The least-squares judge cuts each candidate, refits it on the first fit windows and
-    // scores the refit model; the masked losses are kept beside.
+    assert_eq!(choice.refit, None);
+    // The least-squares judge cuts each candidate, refits it on the first fit windows (here
+    // all: 3 asked, 2 there) and scores the refit model on its own windows; the masked losses
+    // are kept beside.
     let mut ls_state = full.clone();
     let judge = Judge::Reconstructed { windows: 3, top: 2 };
     ls_state.config.judge = judge;
-    let (chosen, choice) = choose(&model, &fit, &held, Some(&means), &space, &ls_state).unwrap();
+    let (chosen, choice) = choose(&model, refit, &held, Some(&means), &space, &ls_state).unwrap();
     let choice = choice.unwrap();
+    assert_eq!(choice.refit, Some((2, 1, 20)));
     let refit_loss = |p: &MaskPlan| {
         let settings = lopper_sparse::ReconSettings {
-            batch_size: 2,
+            batch_size: 1,
             ..Default::default()
         };
-        let (cut, _, _) =
-            lopper_sparse::reconstruct(&model, p, &fit[..3], &settings, |_| {}).unwrap();
+        let (cut, _, _) = lopper_sparse::reconstruct(&model, p, &fit, &settings, |_| {}).unwrap();
         let all = MaskPlan::keep_all(cut.shape());
-        lopper_surgery::windows_loss_kept(&cut, &all, None, &held, 2).unwrap()
+        lopper_surgery::windows_loss_kept(&cut, &all, None, &scored, 1).unwrap()
     };
     let (rs, ri) = (refit_loss(&searched), refit_loss(&init_plan));
     assert!(rs.is_finite() && ri.is_finite());
@@ -730,7 +740,7 @@ fn the_default_search_resumes_bit_identically_and_chooses_on_held_out_windows() 
     )
     .unwrap();
     let judge = |plans: &[&MaskPlan], known: &[Option<Judged>], cfg: &PgConfig| {
-        judge_plans(&model, plans, known, Some(&means), &fit, &held, cfg).unwrap()
+        judge_plans(&model, plans, known, Some(&means), refit, &held, cfg).unwrap()
     };
     let pair = [&init_plan, &other];
     let (judged, best) = judge(&pair, &[], &ls_state.config);
