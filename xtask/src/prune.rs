@@ -146,10 +146,10 @@ pub struct PruneArgs {
     /// eighths of the cut's calibration windows (--recon-seq-len), and scored on the last
     /// eighth: the model the cut ships, on text its refit did not see; about 90 s per refit on
     /// the default model on 2 CPU cores; needs --reconstruct ls or obs), or `auto` (the
-    /// default: ls under a
-    /// least-squares cut from sparsity 0.4, where on the default model it picks a start the
-    /// masked loss ranks fifth and cuts WikiText-2 perplexity by 11% at 50%; masked below,
-    /// where both pick the same start).
+    /// default: ls under an ls or obs cut from sparsity 0.4, where on the default model it
+    /// picks a start the masked loss ranks fifth and cuts WikiText-2 perplexity by 11% at 50%;
+    /// masked below, where it shipped the same plan at 30% and traded 3% @128 for 6% @2048 at
+    /// 20%).
     #[arg(long, default_value = "auto")]
     pub judge: String,
     /// Calibration data: c4, wikitext2, ptb, or a .json.gz/.jsonl/.txt file.
