@@ -565,12 +565,17 @@ fn prune_pg_on_the_tiny_model_writes_a_complete_run_folder() {
         (n(&ls_calib["samples"]) / 8).max(1),
         "{choice}"
     );
+    // Three steps more into `name` with `extra` flags.
+    let variant = |name: &str, extra: &[&str]| {
+        let dir = root.path().join(name);
+        let mut args = prune_args(&model, &calib, dir.to_str().unwrap(), "3");
+        args.extend(extra);
+        let (ok, _, err) = xtask(&args);
+        assert!(ok, "{err}");
+        dir
+    };
     // --judge masked: the masked losses alone decide.
-    let masked = root.path().join("masked");
-    let mut args = prune_args(&model, &calib, masked.to_str().unwrap(), "3");
-    args.extend(["--judge", "masked"]);
-    let (ok, _, err) = xtask(&args);
-    assert!(ok, "{err}");
+    let masked = variant("masked", &["--judge", "masked"]);
     let plan_m = lopper_core::MaskPlan::load(&masked.join("plan.json")).unwrap();
     let choice = &plan_m.meta["final_choice"];
     assert_eq!(choice["judge"]["type"], "masked", "{choice}");
@@ -579,11 +584,7 @@ fn prune_pg_on_the_tiny_model_writes_a_complete_run_folder() {
         "{choice}"
     );
     // --preset reference: the paper's code settings, no held-out choice, no compensation.
-    let reference = root.path().join("reference");
-    let mut args = prune_args(&model, &calib, reference.to_str().unwrap(), "3");
-    args.extend(["--preset", "reference"]);
-    let (ok, _, err) = xtask(&args);
-    assert!(ok, "{err}");
+    let reference = variant("reference", &["--preset", "reference"]);
     let ck: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(reference.join("checkpoint.json")).unwrap())
             .unwrap();
