@@ -395,16 +395,27 @@ fn prune_args<'a>(model: &'a str, calib: &'a str, out: &'a str, steps: &'a str) 
     ]
 }
 
+/// A 3-step `prune_args` run into `root/name` with `extra` flags, which must succeed.
+fn prune_variant(
+    root: &std::path::Path,
+    (model, calib): (&str, &str),
+    name: &str,
+    extra: &[&str],
+) -> std::path::PathBuf {
+    let out = root.join(name);
+    let mut args = prune_args(model, calib, out.to_str().unwrap(), "3");
+    args.extend(extra);
+    let (ok, _, err) = xtask(&args);
+    assert!(ok, "{err}");
+    out
+}
+
 #[test]
 fn the_search_seed_changes_the_masks_and_not_the_calibration() {
     let root = tempfile::tempdir().unwrap();
     let (model, calib) = tiny_model_dir(root.path());
     let run = |name: &str, extra: &[&str]| {
-        let out = root.path().join(name);
-        let mut args = prune_args(&model, &calib, out.to_str().unwrap(), "3");
-        args.extend(extra);
-        let (ok, _, err) = xtask(&args);
-        assert!(ok, "{err}");
+        let out = prune_variant(root.path(), (&model, &calib), name, extra);
         let curve = std::fs::read_to_string(out.join("curve.jsonl")).unwrap();
         let plan = lopper_core::MaskPlan::load(&out.join("plan.json")).unwrap();
         let init = plan.meta["final_choice"]["candidates"][1].clone();
@@ -565,15 +576,8 @@ fn prune_pg_on_the_tiny_model_writes_a_complete_run_folder() {
         (n(&ls_calib["samples"]) / 8).max(1),
         "{choice}"
     );
-    // Three steps more into `name` with `extra` flags.
-    let variant = |name: &str, extra: &[&str]| {
-        let dir = root.path().join(name);
-        let mut args = prune_args(&model, &calib, dir.to_str().unwrap(), "3");
-        args.extend(extra);
-        let (ok, _, err) = xtask(&args);
-        assert!(ok, "{err}");
-        dir
-    };
+    let variant =
+        |name: &str, extra: &[&str]| prune_variant(root.path(), (&model, &calib), name, extra);
     // --judge masked: the masked losses alone decide.
     let masked = variant("masked", &["--judge", "masked"]);
     let plan_m = lopper_core::MaskPlan::load(&masked.join("plan.json")).unwrap();
