@@ -113,7 +113,8 @@ pub struct CompareArgs {
     #[arg(long)]
     pg_anneal: Option<usize>,
     /// How pg cells with a least-squares cut (`pg+ls`, `pg+obs`) judge their held-out choice:
-    /// auto (the default), masked or ls (as `prune --judge`); other pg cells judge masked.
+    /// auto (the default: ls from sparsity 0.4, masked below), masked or ls (as `prune
+    /// --judge`); other pg cells judge masked.
     #[arg(long, default_value = "auto")]
     pg_judge: String,
     /// Policy-gradient initialisation (as `prune --init`; default: the preset's).
