@@ -1253,7 +1253,6 @@ fn columns(st: &Settings) -> Result<Vec<(String, String)>> {
     Ok(cols)
 }
 
-/// The finished cell `id` of the comparison in `out`, if there is one.
 /// The cut a method names with its suffix (`+ls`, `+bias`, ...), if it names one.
 fn cut_of(method: &str) -> Option<Reconstruct> {
     Spec::parse(method).ok().and_then(|s| s.recon)
@@ -1276,6 +1275,7 @@ fn has_refit_cells(out: &Path) -> Result<bool> {
     Ok(false)
 }
 
+/// The finished cell `id` of the comparison in `out`, if there is one.
 fn read_cell(out: &Path, id: &str) -> Result<Option<Cell>> {
     let path = out.join("cells").join(id).join("cell.json");
     if !path.is_file() {

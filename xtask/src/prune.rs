@@ -299,6 +299,10 @@ impl PruneArgs {
         let base = PgConfig::preset(&self.preset, self.sparsity)?;
         let lr = self.lr;
         let compensation = self.compensation()?;
+        // Small calibration sets hold out a quarter at most.
+        let held_out = self
+            .held_out
+            .unwrap_or(base.held_out.min(self.calib_samples / 4));
         let cfg = PgConfig {
             sparsity: self.sparsity,
             units: match &self.units {
@@ -350,21 +354,15 @@ impl PruneArgs {
             anneal: self.anneal.unwrap_or(base.anneal),
             compensation: compensation.map_or(base.compensation, |(on, _)| on),
             compensation_auto: compensation.map_or(base.compensation_auto, |(_, auto)| auto),
-            // Small calibration sets hold out a quarter at most.
-            held_out: self
-                .held_out
-                .unwrap_or(base.held_out.min(self.calib_samples / 4)),
-            judge: Judge::Masked,
-            seed: self.search_seed.unwrap_or(self.seed),
-            ..base
-        };
-        let cfg = PgConfig {
+            held_out,
+            // `auto` judges by least squares only where a held-out choice precedes a refit cut.
             judge: Judge::parse(
                 &self.judge,
                 self.sparsity,
-                cfg.held_out > 0 && self.cut()?.refits(),
+                held_out > 0 && self.cut()?.refits(),
             )?,
-            ..cfg
+            seed: self.search_seed.unwrap_or(self.seed),
+            ..base
         };
         cfg.validate()?;
         Ok(cfg)
