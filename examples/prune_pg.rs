@@ -100,6 +100,7 @@ fn main() -> Result<()> {
         fit: windows,
         held_out,
         batch_size: 4,
+        inputs: Default::default(),
     };
     let (plan, choice) = choose(model, refit, held_out, Some(&means), &space, &state)?;
     if let Some(c) = &choice {

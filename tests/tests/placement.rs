@@ -196,7 +196,10 @@ fn a_model_split_over_two_devices_runs_every_pruning_step_as_the_unsplit_model()
             &logits(&plain_biased, check),
             "compensated cut",
         );
-        for (obs, inputs) in [(false, false), (true, true)] {
+        for (obs, inputs) in [
+            (false, lopper_sparse::InputRefit::Off),
+            (true, lopper_sparse::InputRefit::All),
+        ] {
             let settings = lopper_sparse::ReconSettings {
                 obs,
                 inputs,

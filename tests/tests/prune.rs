@@ -179,7 +179,7 @@ fn least_squares_and_obs_reconstruction_of_the_real_model_beat_the_cut_and_expor
     // refit too (biases on every projection) it still beats the compensation.
     let settings = lopper_sparse::ReconSettings {
         obs: true,
-        inputs: true,
+        inputs: lopper_sparse::InputRefit::All,
         ..settings
     };
     let (ls, chosen, reports) =

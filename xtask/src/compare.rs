@@ -12,6 +12,7 @@ use lopper_data::{BosPolicy, Calibration, Sampler};
 use lopper_importance::{Method, MethodSettings};
 use lopper_model::Llama;
 use lopper_policy::{Judge, Optimizer, PgConfig};
+use lopper_sparse::InputRefit;
 use serde::{Deserialize, Serialize};
 
 use crate::backend::{DeviceList, PlacedJob, run_on_devices};
@@ -74,6 +75,11 @@ pub struct CompareArgs {
     /// model's context).
     #[arg(long)]
     recon_seq_len: Option<usize>,
+    /// `+ls` / `+obs` cells: which layers' input projections are refit too, `next` (the
+    /// default: the layer after each block removed whole), `all` or `off` (as `prune
+    /// --refit-inputs`).
+    #[arg(long)]
+    refit_inputs: Option<InputRefit>,
     /// Calibration windows the metric and one-shot methods read (the first N).
     #[arg(long, default_value_t = 64)]
     metric_samples: usize,
@@ -196,6 +202,10 @@ struct Settings {
     /// before `--recon-seq-len`, whose refits read the calibration windows).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     recon_seq_len: Option<usize>,
+    /// The input refit of the `+ls` / `+obs` cells (absent in comparisons made before it,
+    /// whose cells refit no input projection).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    refit_inputs: Option<InputRefit>,
     /// `--exact-size` (absent in comparisons made before it: off).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     exact_size: bool,
@@ -204,6 +214,13 @@ struct Settings {
     /// before `auto`, `pg.judge`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pg_judge_from: Option<f64>,
+}
+
+impl Settings {
+    /// The input refit of the `+ls` / `+obs` cells (none in comparisons made before it).
+    fn input_refit(&self) -> InputRefit {
+        self.refit_inputs.unwrap_or(InputRefit::Off)
+    }
 }
 
 /// Folders made before presets existed ran the reference settings.
@@ -509,6 +526,7 @@ pub fn run(args: CompareArgs) -> Result<()> {
             args.recon_seq_len
                 .unwrap_or(crate::reconstruct::RECON_SEQ_LEN),
         ),
+        refit_inputs: Some(args.refit_inputs.unwrap_or_default()),
         metric_samples: args.metric_samples,
         batch_size: args.batch_size,
         pg,
@@ -545,10 +563,11 @@ pub fn run(args: CompareArgs) -> Result<()> {
     if settings_path.is_file() {
         let mut old: Settings = serde_json::from_str(&std::fs::read_to_string(&settings_path)?)
             .with_context(|| format!("reading {}", settings_path.display()))?;
-        if old.recon_seq_len.is_none() && !has_refit_cells(&args.out)? {
-            // Made before `--recon-seq-len`: without a finished `+ls` / `+obs` cell nothing
-            // in it depends on the refit's windows, so it takes the new setting.
-            old.recon_seq_len = settings.recon_seq_len;
+        if !has_refit_cells(&args.out)? {
+            // Made before `--recon-seq-len` or `--refit-inputs`: without a finished `+ls` /
+            // `+obs` cell nothing in it depends on the refit, so it takes the new settings.
+            old.recon_seq_len = old.recon_seq_len.or(settings.recon_seq_len);
+            old.refit_inputs = old.refit_inputs.or(settings.refit_inputs);
         }
         if old != settings {
             bail!(
@@ -740,7 +759,7 @@ impl PlacedJob for CompareJob {
         }
         let cuts: Vec<Reconstruct> = self.cells.iter().filter_map(|(m, _)| cut_of(m)).collect();
         if cuts.iter().any(|c| c.refits()) {
-            crate::guard::ls_fits(shape, cuts.contains(&Reconstruct::Obs), false)?;
+            crate::guard::ls_fits(shape, cuts.contains(&Reconstruct::Obs), st.input_refit())?;
         }
         let mut calib: Option<Calibration> = None;
         // The `+ls` / `+obs` cells' calibration and batch, drawn for the first of them.
@@ -997,7 +1016,7 @@ impl CompareJob {
                         stop_after: None,
                         checkpoint_every: 25,
                         meta: &meta,
-                        refit: ls_calib.map(|(c, b)| (&c.windows[..], *b)),
+                        refit: ls_calib.map(|(c, b)| (&c.windows[..], *b, st.input_refit())),
                     },
                 )?;
                 let means = out.means.map(|m| (m.o_proj, m.down_proj));
@@ -1088,8 +1107,15 @@ impl CompareJob {
                     Some((c, b)) if how.refits() => (&c.windows[..], *b),
                     _ => (windows(), st.batch_size),
                 };
-                let done =
-                    crate::reconstruct::cut(model, p, how, means.as_ref(), fit, batch, false)?;
+                let done = crate::reconstruct::cut(
+                    model,
+                    p,
+                    how,
+                    means.as_ref(),
+                    fit,
+                    batch,
+                    st.input_refit(),
+                )?;
                 if done.chosen.is_some() {
                     let mut p = p.clone();
                     done.update(&mut p);
@@ -1341,7 +1367,8 @@ fn write_results(
     );
     if let Some(l) = st.recon_seq_len {
         md += &format!(
-            "`+ls` / `+obs` cells refit on the same calibration tokens redrawn as windows of {l} tokens (`--recon-seq-len`, capped by the model's context).\n\n"
+            "`+ls` / `+obs` cells refit on the same calibration tokens redrawn as windows of {l} tokens (`--recon-seq-len`, capped by the model's context), input projections refit: {} (`--refit-inputs`).\n\n",
+            st.input_refit()
         );
     }
     if let Some(r) = &st.recover {

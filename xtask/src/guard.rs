@@ -336,7 +336,11 @@ pub fn bench_shapes(shape: &ModelShape, shapes: &[(usize, usize)]) -> Result<()>
 /// The least-squares cut's f64 statistics (`lopper_sparse::ls_host_bytes`: the Gram matrices
 /// of its widest projection's inputs, in host memory whatever the device) must fit in the host
 /// memory available now; checked before any work, since the cut comes last.
-pub fn ls_fits(shape: &ModelShape, obs: bool, refit_inputs: bool) -> Result<()> {
+pub fn ls_fits(
+    shape: &ModelShape,
+    obs: bool,
+    refit_inputs: lopper_sparse::InputRefit,
+) -> Result<()> {
     let Some(avail) = available_bytes()? else {
         return Ok(());
     };
@@ -358,8 +362,8 @@ pub fn ls_fits(shape: &ModelShape, obs: bool, refit_inputs: bool) -> Result<()> 
             if obs { "obs" } else { "ls" },
             human(need),
             lopper_sparse::ls_grams(&settings),
-            if refit_inputs {
-                ", and --refit-inputs' input projections"
+            if refit_inputs != lopper_sparse::InputRefit::Off {
+                ", and the refit input projections"
             } else {
                 ""
             },

@@ -13,6 +13,7 @@ use lopper_core::{MaskPlan, ModelShape, UnitScores};
 use lopper_importance::{Method, MethodPlan, MethodSettings};
 use lopper_model::Llama;
 use lopper_policy::{Hooks, Init, Judge, PgConfig, PgState, RefitWindows};
+use lopper_sparse::InputRefit;
 use lopper_surgery::InputMeans;
 
 /// Every `--method` name: `pg` and the metric methods.
@@ -193,6 +194,7 @@ pub fn pg_init<B: Backend>(
                 fit: windows,
                 held_out: judge,
                 batch_size: cfg.batch_size,
+                inputs: InputRefit::default(),
             });
             // First every candidate's masked loss under the search's rule, and under
             // compensation_auto without compensation too.
@@ -399,17 +401,17 @@ pub struct PgRun<'a> {
     pub checkpoint_every: usize,
     /// Resolved settings stored in the checkpoint.
     pub meta: &'a serde_json::Value,
-    /// The windows a least-squares cut of the result reads, with their batch size, where they
-    /// differ from the search's: the least-squares judge refits on the first seven eighths of
-    /// them and scores on the rest.
-    pub refit: Option<(&'a [Vec<u32>], usize)>,
+    /// The windows a least-squares cut of the result reads, with their batch size and the
+    /// cut's input refit, where they differ from the search's: the least-squares judge refits
+    /// on the first seven eighths of them and scores on the rest.
+    pub refit: Option<(&'a [Vec<u32>], usize, InputRefit)>,
 }
 
 /// The least-squares judge's windows from the cut's ([`PgRun::refit`]): the refit reads the
 /// first seven eighths, the refit model is scored on the last eighth (at least one window), so
 /// the judge ranks plans by the model the cut ships, on text its refit did not see.
-fn judge_refit(refit: Option<(&[Vec<u32>], usize)>) -> Option<RefitWindows<'_>> {
-    let (windows, batch_size) = refit?;
+fn judge_refit(refit: Option<(&[Vec<u32>], usize, InputRefit)>) -> Option<RefitWindows<'_>> {
+    let (windows, batch_size, inputs) = refit?;
     if windows.len() < 2 {
         return None;
     }
@@ -418,6 +420,7 @@ fn judge_refit(refit: Option<(&[Vec<u32>], usize)>) -> Option<RefitWindows<'_>> 
         fit,
         held_out,
         batch_size,
+        inputs,
     })
 }
 
@@ -570,6 +573,7 @@ pub fn run_pg<B: Backend>(
             fit: search_windows,
             held_out,
             batch_size: cfg.batch_size,
+            inputs: InputRefit::default(),
         }),
         held_out,
         means.as_ref(),

@@ -11,6 +11,7 @@ use lopper_data::Sampler;
 use lopper_importance::{Method, MethodSettings};
 use lopper_model::{Llama, Tokenizer};
 use lopper_policy::{Baseline, Budget, Estimator, Judge, Optimizer, PgConfig, Schedule};
+use lopper_sparse::InputRefit;
 
 use crate::reconstruct::Reconstruct;
 use lopper_surgery::{ExportFormat, ExportOptions};
@@ -233,13 +234,15 @@ pub struct PruneArgs {
     /// Default: ls.
     #[arg(long)]
     pub reconstruct: Option<String>,
-    /// With --reconstruct ls|obs, also refit each changed layer's input projections (q/k/v,
-    /// gate/up) so that from the pruned model's inputs they give what the dense layer's give from
-    /// the dense inputs. Off by default: on the default model at 30% it lowered WikiText-2
-    /// perplexity after block influence's layer removals (172.0 -> 160.2) but not on FLAP's
-    /// plan (docs/methods.md section 5).
-    #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value_t = false)]
-    pub refit_inputs: bool,
+    /// With --reconstruct ls|obs: which layers also get their input projections (q/k/v,
+    /// gate/up) refit so that from the pruned model's inputs they give what the dense layer's
+    /// give from the dense inputs: `next` (the default: the layer after each block removed
+    /// whole), `all` (every layer after the first change; a bare `--refit-inputs`) or `off`.
+    /// On the default model `all` gained nothing on FLAP's plan, which removes no block, and
+    /// lowered WikiText-2 perplexity where layers go: SLEB at 20% 117.16 -> 109.72, PG at 30%
+    /// 142.68 -> 131.51 @128 (docs/methods.md section 5).
+    #[arg(long, num_args = 0..=1, default_missing_value = "all")]
+    pub refit_inputs: Option<InputRefit>,
     /// With --reconstruct ls|obs: tokens per window of the calibration the refit reads (the
     /// same tokens as --calib-samples x --seq-len, redrawn in longer windows; default 512,
     /// capped by the model's context). Windows of 128 tokens fit the short-context statistics
@@ -394,6 +397,11 @@ impl PruneArgs {
         self.reconstruct.as_deref().unwrap_or("ls").parse()
     }
 
+    /// `--refit-inputs` under the cut, or its default.
+    fn input_refit(&self) -> Result<InputRefit> {
+        self.cut()?.check_refit_inputs(self.refit_inputs)
+    }
+
     /// `--init`, or the preset's.
     fn init(&self) -> &str {
         match (&self.init, self.preset.as_str(), self.plan_start) {
@@ -440,7 +448,7 @@ pub fn run(args: PruneArgs) -> Result<()> {
     // Validate everything before loading anything.
     let cfg = args.pg_config()?;
     args.metric_compensation()?;
-    args.cut()?.check_refit_inputs(args.refit_inputs)?;
+    args.input_refit()?;
     anyhow::ensure!(
         cfg.judge == Judge::Masked || args.cut()?.refits(),
         "--judge ls scores least-squares cuts: it needs --reconstruct ls or obs, not {}",
@@ -638,8 +646,9 @@ impl PlacedJob for PruneJob {
             a.seq_len,
             a.seed,
         )?;
+        let inputs = a.input_refit()?;
         let ls_calib = if self.sparse.is_none() && a.cut()?.refits() {
-            crate::guard::ls_fits(model.shape(), a.cut()? == Reconstruct::Obs, a.refit_inputs)?;
+            crate::guard::ls_fits(model.shape(), a.cut()? == Reconstruct::Obs, inputs)?;
             crate::reconstruct::ls_calibration(
                 tok,
                 model.shape(),
@@ -720,7 +729,7 @@ impl PlacedJob for PruneJob {
                     stop_after: a.stop_after,
                     checkpoint_every: a.checkpoint_every,
                     meta: &resolved,
-                    refit: ls_calib.as_ref().map(|(c, b)| (&c.windows[..], *b)),
+                    refit: ls_calib.as_ref().map(|(c, b)| (&c.windows[..], *b, inputs)),
                 },
             )?;
             curve_summary = out.curve;
@@ -823,15 +832,16 @@ fn finish<B: Backend>(
         cut.means,
         cut.windows,
         cut.batch_size,
-        a.refit_inputs,
+        a.input_refit()?,
     )?;
     done.update(&mut plan);
     done.write_reports(&a.out)?;
     let (pruned, recon, bias) = (done.model, done.reports, done.bias);
     plan.meta
         .insert("reconstruct".into(), cut.how.to_string().into());
-    if a.refit_inputs {
-        plan.meta.insert("refit_inputs".into(), true.into());
+    if cut.how.refits() {
+        plan.meta
+            .insert("refit_inputs".into(), a.input_refit()?.to_string().into());
     }
     plan.meta.insert(
         "bias_compensation".into(),
@@ -975,9 +985,10 @@ pub struct ExportArgs {
     /// `prune --reconstruct`; they read calibration windows drawn as `prune` draws them).
     #[arg(long, default_value = "none")]
     reconstruct: String,
-    /// With --reconstruct ls|obs: also refit the input projections (as `prune --refit-inputs`).
-    #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value_t = false)]
-    refit_inputs: bool,
+    /// With --reconstruct ls|obs: which layers' input projections are refit too, `next` (the
+    /// default), `all` (a bare `--refit-inputs`) or `off` (as `prune --refit-inputs`).
+    #[arg(long, num_args = 0..=1, default_missing_value = "all")]
+    refit_inputs: Option<InputRefit>,
     /// With --reconstruct ls|obs: tokens per window of the refit's calibration (as `prune
     /// --recon-seq-len`; default 512).
     #[arg(long)]
@@ -1037,7 +1048,7 @@ pub fn export(args: ExportArgs) -> Result<()> {
         how == Reconstruct::None || args.plan.is_some(),
         "--reconstruct {how} reconstructs the cut of a plan: give --plan"
     );
-    how.check_refit_inputs(args.refit_inputs)?;
+    let inputs = how.check_refit_inputs(args.refit_inputs)?;
     anyhow::ensure!(
         args.calib_samples > 0 && args.batch_size > 0 && args.seq_len > 1,
         "--calib-samples and --batch-size must be at least 1 and --seq-len at least 2"
@@ -1055,6 +1066,7 @@ pub fn export(args: ExportArgs) -> Result<()> {
             plan,
             format,
             how,
+            inputs,
         },
     )
 }
@@ -1064,6 +1076,7 @@ struct ExportJob {
     plan: Option<MaskPlan>,
     format: ExportFormat,
     how: Reconstruct,
+    inputs: InputRefit,
 }
 
 impl PlacedJob for ExportJob {
@@ -1123,7 +1136,7 @@ impl PlacedJob for ExportJob {
                     crate::guard::ls_fits(
                         loaded.model.shape(),
                         self.how == Reconstruct::Obs,
-                        a.refit_inputs,
+                        self.inputs,
                     )?;
                     crate::reconstruct::ls_calibration(
                         &loaded.tokenizer,
@@ -1162,7 +1175,7 @@ impl PlacedJob for ExportJob {
                     means.as_ref(),
                     windows,
                     batch,
-                    a.refit_inputs,
+                    self.inputs,
                 )?;
                 if let Some(plan) = &mut self.plan {
                     done.update(plan);
@@ -1176,7 +1189,7 @@ impl PlacedJob for ExportJob {
             "command": std::env::args().collect::<Vec<_>>().join(" "),
             "source": loaded.info,
             "reconstruct": self.how,
-            "refit_inputs": self.args.refit_inputs,
+            "refit_inputs": self.inputs,
             "calibration": calibration,
         });
         lopper_surgery::export(

@@ -5,7 +5,7 @@ use anyhow::{Result, bail};
 use burn::tensor::backend::Backend;
 use lopper_core::MaskPlan;
 use lopper_model::Llama;
-use lopper_sparse::{ProjectionReport, ReconSettings};
+use lopper_sparse::{InputRefit, ProjectionReport, ReconSettings};
 use lopper_surgery::{BiasSelection, InputMeans};
 
 /// How the cut model's kept weights are set.
@@ -31,14 +31,18 @@ impl Reconstruct {
         matches!(self, Reconstruct::Ls | Reconstruct::Obs)
     }
 
-    /// Refuses `--refit-inputs` with a cut that does not refit by least squares.
-    pub fn check_refit_inputs(self, refit_inputs: bool) -> Result<()> {
-        if refit_inputs && !self.refits() {
-            bail!(
-                "--refit-inputs refits by least squares: it needs --reconstruct ls or obs, not {self}"
-            );
+    /// The input refit of this cut: `asked` (`--refit-inputs`), by default
+    /// [`InputRefit::Next`] under `ls` / `obs` and off otherwise; asking for one under a cut
+    /// that does not refit by least squares is refused.
+    pub fn check_refit_inputs(self, asked: Option<InputRefit>) -> Result<InputRefit> {
+        match asked {
+            Some(m) if m != InputRefit::Off && !self.refits() => bail!(
+                "--refit-inputs {m} refits by least squares: it needs --reconstruct ls or obs, not {self}"
+            ),
+            Some(m) => Ok(m),
+            None if self.refits() => Ok(InputRefit::default()),
+            None => Ok(InputRefit::Off),
         }
-        Ok(())
     }
 }
 
@@ -154,7 +158,7 @@ pub fn cut<B: Backend>(
     means: Option<&InputMeans>,
     windows: &[Vec<u32>],
     batch_size: usize,
-    refit_inputs: bool,
+    refit_inputs: InputRefit,
 ) -> Result<Cut<B>> {
     let plain = |model| Cut {
         model,

@@ -971,9 +971,15 @@ fn export_writes_gguf_and_refuses_bad_plans() {
         serde_json::from_str(&std::fs::read_to_string(v.join("config.json")).unwrap()).unwrap();
     assert_eq!(cfg["block_configs"][1]["ffn"]["intermediate_size"], 20);
     // The cut refit by least squares on calibration text; the export records how.
-    for (how, inputs) in [("ls", "false"), ("obs", "true")] {
-        let dir = root.path().join(how);
-        let (ok, _, err) = xtask(&[
+    // `--refit-inputs` takes off / next / all (false and true too); the default under a
+    // least-squares cut is `next`.
+    for (how, inputs, recorded) in [
+        ("ls", Some("false"), "off"),
+        ("obs", Some("true"), "all"),
+        ("ls", None, "next"),
+    ] {
+        let dir = root.path().join(format!("{how}-{recorded}"));
+        let mut args = vec![
             "export",
             "--model",
             &model,
@@ -981,8 +987,6 @@ fn export_writes_gguf_and_refuses_bad_plans() {
             p,
             "--reconstruct",
             how,
-            "--refit-inputs",
-            inputs,
             "--calib",
             &calib,
             "--calib-samples",
@@ -991,17 +995,17 @@ fn export_writes_gguf_and_refuses_bad_plans() {
             "16",
             "--out",
             dir.to_str().unwrap(),
-        ]);
+        ];
+        if let Some(i) = inputs {
+            args.extend(["--refit-inputs", i]);
+        }
+        let (ok, _, err) = xtask(&args);
         assert!(ok, "{err}");
         let meta: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(dir.join("lopper.json")).unwrap())
                 .unwrap();
         assert_eq!(meta["provenance"]["reconstruct"], how, "{meta}");
-        assert_eq!(
-            meta["provenance"]["refit_inputs"],
-            inputs == "true",
-            "{meta}"
-        );
+        assert_eq!(meta["provenance"]["refit_inputs"], recorded, "{meta}");
     }
     let (ok, _, err) = xtask(&[
         "export",
@@ -1212,7 +1216,7 @@ fn metric_methods_prune_the_tiny_model() {
     assert!(ok, "{err}");
     let chosen = lopper_core::MaskPlan::load(&out.join("plan.json")).unwrap();
     assert_eq!(chosen.meta["reconstruct"], "obs");
-    assert_eq!(chosen.meta["refit_inputs"], true);
+    assert_eq!(chosen.meta["refit_inputs"], "all");
     for (a, b) in chosen.layers.iter().zip(&plan.layers) {
         assert_eq!(
             (a.kv_groups.len(), a.channels.len()),

@@ -165,6 +165,8 @@ pub struct RefitWindows<'a> {
     pub held_out: &'a [Vec<u32>],
     /// Windows per forward pass over these windows.
     pub batch_size: usize,
+    /// Which input projections the shipped cut refits as well.
+    pub inputs: lopper_sparse::InputRefit,
 }
 
 /// Scores candidate plans on the `held_out` windows as `cfg.judge` says. Every plan gets its
@@ -242,6 +244,7 @@ pub fn judge_plans<B: Backend>(
             }
             let settings = lopper_sparse::ReconSettings {
                 batch_size: refit.batch_size,
+                inputs: refit.inputs,
                 ..lopper_sparse::ReconSettings::default()
             };
             let (cut, _, _) =

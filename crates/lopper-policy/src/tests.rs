@@ -678,6 +678,7 @@ fn the_default_search_resumes_bit_identically_and_chooses_on_held_out_windows() 
         fit: &fit,
         held_out: &scored,
         batch_size: 1,
+        inputs: lopper_sparse::InputRefit::default(),
     };
     let mut masked_state = full.clone();
     masked_state.config.judge = Judge::Masked;

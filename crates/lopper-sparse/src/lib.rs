@@ -15,8 +15,8 @@ pub mod structured;
 pub use faer;
 pub use solve::AlpsSettings;
 pub use structured::{
-    Chosen, DAMP_GRID, HELD_OUT_EVERY, HeldOutReport, LS_GRAMS, ProjectionReport, ReconSettings,
-    ls_grams, ls_host_bytes, projections, reconstruct, refits,
+    Chosen, DAMP_GRID, HELD_OUT_EVERY, HeldOutReport, InputRefit, LS_GRAMS, ProjectionReport,
+    ReconSettings, input_refits, ls_grams, ls_host_bytes, projections, reconstruct, refits,
 };
 
 /// Errors of one-shot sparse pruning.

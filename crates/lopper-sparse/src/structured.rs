@@ -57,10 +57,10 @@ pub struct ReconSettings {
     /// least-squares objective of o_proj / down_proj (each removal refits the rest), instead of
     /// the plan's choice.
     pub obs: bool,
-    /// Also refit each changed layer's input projections (q/k/v together, gate/up together) so
-    /// that, from the pruned model's inputs, they reproduce what the dense layer's projections
-    /// compute from the dense inputs.
-    pub inputs: bool,
+    /// Which layers also get their input projections refit (q/k/v together, gate/up
+    /// together) so that, from the pruned model's inputs, they reproduce what the dense
+    /// layer's projections compute from the dense inputs ([`input_refits`]).
+    pub inputs: InputRefit,
     /// Choose each projection's damping on held-out calibration batches: every
     /// [`HELD_OUT_EVERY`]-th batch is left out of the fit, the candidates (the bias refit, and
     /// least squares at `damp` x 1, 10, 100 and 1000) are fit on the rest and scored on it, and
@@ -68,6 +68,89 @@ pub struct ReconSettings {
     /// default model (LLM-BIP's 20% plan, 64 windows of 512 tokens) it lowered WikiText-2
     /// perplexity from 114.07 to 112.13 @128 and from 47.19 to 46.79 @2048.
     pub held_out: bool,
+}
+
+/// Which input projections (q/k/v, gate/up) the least-squares cut refits besides o_proj and
+/// down_proj. On the default model (WikiText-2 @128 / @2048, first 500 / 24 windows) refitting
+/// every drifted layer's inputs gained nothing on plans that keep every block (FLAP at 30%:
+/// 158.32 without, 158.93 with) and gained on plans that remove blocks whole (SLEB at 20%:
+/// 117.16 / 57.83 without, 109.72 / 51.07 with; PG at 30%: 142.68 / 55.88, 131.51 / 54.61),
+/// where the layer after a removed block reads an input far from the dense one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum InputRefit {
+    /// Only o_proj and down_proj.
+    Off,
+    /// The layer that holds the first kept block after each block removed whole (a layer's
+    /// attention, its MLP, or both): from that block to the end of its layer. A plan that
+    /// removes no block whole refits no input projection.
+    #[default]
+    Next,
+    /// Every kept block whose input differs from the dense model's (every block after the
+    /// first change).
+    All,
+}
+
+impl std::fmt::Display for InputRefit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            InputRefit::Off => "off",
+            InputRefit::Next => "next",
+            InputRefit::All => "all",
+        })
+    }
+}
+
+impl std::str::FromStr for InputRefit {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s {
+            "off" | "false" => InputRefit::Off,
+            "next" => InputRefit::Next,
+            "all" | "true" => InputRefit::All,
+            o => {
+                return Err(Error::Invalid(format!(
+                    "input refit `{o}`: use off, next or all"
+                )));
+            }
+        })
+    }
+}
+
+/// Per source layer, whether [`reconstruct`] refits its input projections under `mode`:
+/// `(q/k/v, gate/up)`. Enumerated here only, for the refit and for [`projections`].
+pub fn input_refits(plan: &MaskPlan, mode: InputRefit) -> Vec<(bool, bool)> {
+    let blocks = plan.layers.iter().zip(&plan.source.layers);
+    match mode {
+        InputRefit::Off => vec![(false, false); plan.layers.len()],
+        InputRefit::All => {
+            let mut drifted = false;
+            blocks
+                .map(|(keep, src)| {
+                    let attn_cut = keep.kv_groups.len() != src.n_kv_heads;
+                    let qkv = drifted && !keep.kv_groups.is_empty();
+                    let gate_up = (drifted || attn_cut) && !keep.channels.is_empty();
+                    drifted |= attn_cut || keep.channels.len() != src.ffn_hidden;
+                    (qkv, gate_up)
+                })
+                .collect()
+        }
+        InputRefit::Next => {
+            // A block removed whole and no kept block refit since.
+            let mut pending = false;
+            blocks
+                .map(|(keep, src)| {
+                    let qkv = pending && !keep.kv_groups.is_empty();
+                    pending &= !qkv;
+                    pending |= src.n_kv_heads > 0 && keep.kv_groups.is_empty();
+                    let gate_up = (pending || qkv) && !keep.channels.is_empty();
+                    pending &= !gate_up;
+                    pending |= src.ffn_hidden > 0 && keep.channels.is_empty();
+                    (qkv, gate_up)
+                })
+                .collect()
+        }
+    }
 }
 
 /// Gram matrices of one projection's inputs that a least-squares refit holds at once, at most:
@@ -98,7 +181,7 @@ pub fn ls_host_bytes(shape: &lopper_core::ModelShape, settings: &ReconSettings) 
         .iter()
         .map(|l| {
             let mut b = bytes(l.n_heads * l.head_dim, h).max(bytes(l.ffn_hidden, h));
-            if settings.inputs {
+            if settings.inputs != InputRefit::Off {
                 let qkv = (l.n_heads + 2 * l.n_kv_heads) * l.head_dim;
                 b = b.max(bytes(h, qkv)).max(bytes(h, 2 * l.ffn_hidden));
             }
@@ -120,7 +203,7 @@ impl Default for ReconSettings {
             batch_size: 4,
             damp: 0.01,
             obs: false,
-            inputs: false,
+            inputs: InputRefit::default(),
             held_out: true,
         }
     }
@@ -757,26 +840,13 @@ pub fn refits(plan: &MaskPlan) -> Vec<(bool, bool)> {
 }
 
 /// How many reports [`reconstruct`] gives for `plan` under `settings`: the refit o_proj and
-/// down_proj of [`refits`], and with [`ReconSettings::inputs`] the input projections of every
-/// kept block whose input differs from the dense model's.
+/// down_proj of [`refits`], and the input projections of [`input_refits`].
 pub fn projections(plan: &MaskPlan, settings: &ReconSettings) -> usize {
-    let mut drifted = false;
-    let mut n = 0;
-    for ((keep, src), (o, d)) in plan
-        .layers
-        .iter()
-        .zip(&plan.source.layers)
-        .zip(refits(plan))
-    {
-        n += usize::from(o) + usize::from(d);
-        let attn_cut = keep.kv_groups.len() != src.n_kv_heads;
-        if settings.inputs {
-            n += usize::from(drifted && !keep.kv_groups.is_empty());
-            n += usize::from((drifted || attn_cut) && !keep.channels.is_empty());
-        }
-        drifted |= attn_cut || keep.channels.len() != src.ffn_hidden;
-    }
-    n
+    refits(plan)
+        .into_iter()
+        .chain(input_refits(plan, settings.inputs))
+        .map(|(a, b)| usize::from(a) + usize::from(b))
+        .sum()
 }
 
 /// The model `plan` cuts from `model`, with every kept `o_proj` / `down_proj` refit by damped
@@ -784,8 +854,8 @@ pub fn projections(plan: &MaskPlan, settings: &ReconSettings) -> usize {
 /// itself, or under [`ReconSettings::obs`] the same counts with the units OBS chose), and one
 /// report per refit projection (`on_projection` sees each as it is done). One layer's
 /// statistics live at a time; the two residual streams of all windows are held
-/// (`2 x windows x seq x hidden` floats; twice that with [`ReconSettings::inputs`], which also
-/// holds the current layer's two dense normed inputs).
+/// (`2 x windows x seq x hidden` floats; twice that in a layer whose input projections are
+/// refit ([`input_refits`]), which also holds that layer's two dense normed inputs).
 pub fn reconstruct<B: Backend>(
     model: &Llama<B>,
     plan: &MaskPlan,
@@ -823,9 +893,10 @@ pub fn reconstruct<B: Backend>(
     let mut layers = Vec::new();
     let mut chosen_plan = plan.clone();
     let to_refit = refits(plan);
-    // Whether the pruned stream entering the layer differs from the dense one.
-    let mut drifted = false;
-    for (l, &(refit_o, refit_down)) in to_refit.iter().enumerate() {
+    let inputs = input_refits(plan, settings.inputs);
+    for (l, (&(refit_o, refit_down), &(refit_qkv, refit_gate_up))) in
+        to_refit.iter().zip(&inputs).enumerate()
+    {
         let (src, keep) = (&plan.source.layers[l], &plan.layers[l]);
         // The dense layer: the model's own, or read for its turn when offloaded.
         let dense_layer = model.layer(l)?;
@@ -858,8 +929,8 @@ pub fn reconstruct<B: Backend>(
                             mid = Some(lopper_kernels::linear(&a.o_proj, x.clone()));
                         }
                     }
-                    Tap::AttnInput if settings.inputs => attn_in.push(x.clone()),
-                    Tap::MlpInput if settings.inputs => mlp_in.push(x.clone()),
+                    Tap::AttnInput if refit_qkv => attn_in.push(x.clone()),
+                    Tap::MlpInput if refit_gate_up => mlp_in.push(x.clone()),
                     _ => {}
                 });
             let attn = mid.ok_or_else(|| {
@@ -905,10 +976,7 @@ pub fn reconstruct<B: Backend>(
                 got.ok_or_else(|| Error::Invalid(format!("layer {l}: no input reached {want:?}")))
             })
         };
-        if settings.inputs
-            && drifted
-            && let Some(a) = &layer.self_attn
-        {
+        if refit_qkv && let Some(a) = &layer.self_attn {
             let probe = attention_only(&layer);
             let pairs = tap_pruned(&probe, Tap::AttnInput)
                 .zip(&attn_in)
@@ -983,10 +1051,7 @@ pub fn reconstruct<B: Backend>(
                 a.o_proj = o;
             }
         }
-        if settings.inputs
-            && (drifted || keep.kv_groups.len() != src.n_kv_heads)
-            && let Some(m) = &layer.mlp
-        {
+        if refit_gate_up && let Some(m) = &layer.mlp {
             let pairs = tap_pruned(&layer, Tap::MlpInput)
                 .zip(&mlp_in)
                 .map(|(p, d)| Ok((p?, d.clone())));
@@ -1068,7 +1133,6 @@ pub fn reconstruct<B: Backend>(
         for s in &mut streams {
             s.pruned = s.stepper.forward(&layer, s.pruned.clone(), |_, _| {});
         }
-        drifted = true;
         if !(keep.kv_groups.is_empty() && keep.channels.is_empty()) {
             layers.push(layer);
         }

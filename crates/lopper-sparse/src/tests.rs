@@ -384,7 +384,9 @@ mod structured {
     use burn::tensor::{ElementConversion, Tensor};
     use lopper_core::{MaskPlan, ModelShape, PruneUnit};
 
-    use crate::structured::{Chosen, ProjectionReport, ReconSettings, projections, reconstruct};
+    use crate::structured::{
+        Chosen, InputRefit, ProjectionReport, ReconSettings, input_refits, projections, reconstruct,
+    };
     use lopper_model::Llama;
 
     type B = burn_flex::Flex;
@@ -567,9 +569,10 @@ mod structured {
             };
             let mut seen = 0;
             let (ls, _, reports) = reconstruct(&model, &plan, &w, &s, |_| seen += 1).unwrap();
-            // Layer 0's two projections, and layer 2's (after a removed layer) both.
-            assert_eq!(reports.len(), 4);
-            assert_eq!(seen, 4);
+            // Layer 0's two projections, and layer 2's (after a removed layer) both, with its
+            // input projections under the default `next`.
+            assert_eq!(reports.len(), 6);
+            assert_eq!(seen, 6);
             for r in &reports {
                 assert!(r.rel_error_ls <= r.rel_error_bias + 1e-12, "{r:?}");
                 assert!(r.rel_error_bias <= r.rel_error_cut + 1e-12, "{r:?}");
@@ -595,7 +598,7 @@ mod structured {
         ];
         let plan = MaskPlan::from_removed(model.shape(), &removed).unwrap();
         let w = windows(8, 16);
-        for inputs in [false, true] {
+        for inputs in [InputRefit::Off, InputRefit::Next, InputRefit::All] {
             let s = ReconSettings {
                 batch_size: 4,
                 inputs,
@@ -606,24 +609,35 @@ mod structured {
             assert_eq!(reports.len(), projections(&plan, &s));
             assert_eq!(seen, reports.len());
             let names: Vec<(usize, &str)> = reports.iter().map(|r| (r.layer, r.name)).collect();
-            if inputs {
+            let want: &[(usize, &str)] = match inputs {
+                InputRefit::Off => &[
+                    (0, "o_proj"),
+                    (0, "down_proj"),
+                    (2, "o_proj"),
+                    (2, "down_proj"),
+                ],
+                // Only the layer after the removed layer 1.
+                InputRefit::Next => &[
+                    (0, "o_proj"),
+                    (0, "down_proj"),
+                    (2, "q/k/v_proj"),
+                    (2, "o_proj"),
+                    (2, "gate/up_proj"),
+                    (2, "down_proj"),
+                ],
                 // Layer 0's attention reads the embeddings (unchanged); its MLP reads the cut
                 // attention's output; layer 2 reads what the cut layers 0 and 1 left.
-                assert_eq!(
-                    names,
-                    [
-                        (0, "o_proj"),
-                        (0, "gate/up_proj"),
-                        (0, "down_proj"),
-                        (2, "q/k/v_proj"),
-                        (2, "o_proj"),
-                        (2, "gate/up_proj"),
-                        (2, "down_proj")
-                    ]
-                );
-            } else {
-                assert_eq!(names.len(), 4, "{names:?}");
-            }
+                InputRefit::All => &[
+                    (0, "o_proj"),
+                    (0, "gate/up_proj"),
+                    (0, "down_proj"),
+                    (2, "q/k/v_proj"),
+                    (2, "o_proj"),
+                    (2, "gate/up_proj"),
+                    (2, "down_proj"),
+                ],
+            };
+            assert_eq!(names, want, "{inputs}");
             for r in &reports {
                 assert!(r.rel_error_ls <= r.rel_error_cut + 1e-12, "{r:?}");
             }
@@ -632,6 +646,50 @@ mod structured {
             let y: f32 = out.forward(t).abs().max().into_scalar().elem();
             assert!(y.is_finite());
         }
+    }
+
+    #[test]
+    fn next_refits_the_layer_after_each_block_removed_whole() {
+        let model = model();
+        let shape = model.shape();
+        let groups = shape.layers[0].n_kv_heads;
+        let channels = shape.layers[0].ffn_hidden;
+        let attn = |layer| (0..groups).map(move |group| PruneUnit::KvGroup { layer, group });
+        let mlp = |layer| (0..channels).map(move |index| PruneUnit::Channel { layer, index });
+        let next = |removed: Vec<PruneUnit>| {
+            let plan = MaskPlan::from_removed(shape, &removed).unwrap();
+            input_refits(&plan, InputRefit::Next)
+        };
+        let n = shape.layers.len();
+        let only = |hits: &[(usize, (bool, bool))]| {
+            let mut v = vec![(false, false); n];
+            for &(l, h) in hits {
+                v[l] = h;
+            }
+            v
+        };
+        // Attention of layer 0 removed: its own MLP is the next kept block.
+        assert_eq!(next(attn(0).collect()), only(&[(0, (false, true))]));
+        // MLP of layer 0 removed: layer 1 from its attention on.
+        assert_eq!(next(mlp(0).collect()), only(&[(1, (true, true))]));
+        // Layers 0 and 1 removed whole: one refit, in layer 2.
+        assert_eq!(
+            next(attn(0).chain(mlp(0)).chain(attn(1)).chain(mlp(1)).collect()),
+            only(&[(2, (true, true))])
+        );
+        // Units cut but no block removed: nothing.
+        assert_eq!(
+            next(vec![
+                PruneUnit::KvGroup { layer: 0, group: 0 },
+                PruneUnit::Channel { layer: 1, index: 3 }
+            ]),
+            only(&[])
+        );
+        // Off never refits; All refits every block after the first change.
+        let plan = MaskPlan::from_removed(shape, &mlp(0).collect::<Vec<_>>()).unwrap();
+        assert_eq!(input_refits(&plan, InputRefit::Off), only(&[]));
+        let all = input_refits(&plan, InputRefit::All);
+        assert!(all[1..].iter().all(|&h| h == (true, true)), "{all:?}");
     }
 
     #[test]
