@@ -767,6 +767,7 @@ impl PlacedJob for PruneJob {
             plan,
             Cut {
                 how,
+                inputs,
                 means: means.as_ref(),
                 // `ls_calib` exists only for a refitting cut.
                 windows: ls_calib
@@ -786,6 +787,8 @@ impl PlacedJob for PruneJob {
 /// How `finish` cuts the plan: `--reconstruct` and what it reads.
 struct Cut<'a> {
     how: Reconstruct,
+    /// The input refit of an `ls` / `obs` cut.
+    inputs: InputRefit,
     means: Option<&'a lopper_surgery::InputMeans>,
     windows: &'a [Vec<u32>],
     batch_size: usize,
@@ -832,7 +835,7 @@ fn finish<B: Backend>(
         cut.means,
         cut.windows,
         cut.batch_size,
-        a.input_refit()?,
+        cut.inputs,
     )?;
     done.update(&mut plan);
     done.write_reports(&a.out)?;
@@ -841,7 +844,7 @@ fn finish<B: Backend>(
         .insert("reconstruct".into(), cut.how.to_string().into());
     if cut.how.refits() {
         plan.meta
-            .insert("refit_inputs".into(), a.input_refit()?.to_string().into());
+            .insert("refit_inputs".into(), cut.inputs.to_string().into());
     }
     plan.meta.insert(
         "bias_compensation".into(),
