@@ -646,9 +646,10 @@ impl PlacedJob for PruneJob {
             a.seq_len,
             a.seed,
         )?;
-        let inputs = a.input_refit()?;
-        let ls_calib = if self.sparse.is_none() && a.cut()?.refits() {
-            crate::guard::ls_fits(model.shape(), a.cut()? == Reconstruct::Obs, inputs)?;
+        let how = a.cut()?;
+        let inputs = how.check_refit_inputs(a.refit_inputs)?;
+        let ls_calib = if self.sparse.is_none() && how.refits() {
+            crate::guard::ls_fits(model.shape(), how == Reconstruct::Obs, inputs)?;
             crate::reconstruct::ls_calibration(
                 tok,
                 model.shape(),
@@ -749,7 +750,6 @@ impl PlacedJob for PruneJob {
             }
             (mp.plan, mp.compensation)
         };
-        let how = a.cut()?;
         if compensation.is_none() && how == Reconstruct::Bias {
             let n = calib.windows.len().min(a.metric_samples);
             compensation = Some(lopper_importance::input_means(
