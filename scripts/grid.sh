@@ -24,15 +24,19 @@ args=(--model default --dtype bf16 --methods "$methods" --exact-size --sparsity 
   --tasks wikitext2,ptb,boolq,piqa,hellaswag,arc_easy,arc_challenge,openbookqa,winogrande
   --seq-lens 128,2048 --mc-limit 500 --out "$out")
 
-# Seed the folder from the kept cells (never overwriting what the folder already holds).
-mkdir -p "$out/cells" "$keep/cells"
-[[ -f $keep/settings.json && ! -f $out/settings.json ]] && cp "$keep/settings.json" "$out/"
-for d in "$keep"/cells/*/ "$keep"/layer-orders/; do
-  [[ -d $d ]] || continue
-  rel=${d#"$keep"/}
-  mkdir -p "$out/$rel"
-  cp -n "$d"* "$out/$rel" 2>/dev/null || true
-done
+# Seed the folder from the kept cells (never overwriting what the folder already holds); with
+# none kept yet, `compare` makes the folder.
+mkdir -p "$keep/cells"
+if [[ -f $keep/settings.json ]]; then
+  mkdir -p "$out"
+  [[ -f $out/settings.json ]] || cp "$keep/settings.json" "$out/"
+  for d in "$keep"/cells/*/ "$keep"/layer-orders/; do
+    [[ -d $d ]] || continue
+    rel=${d#"$keep"/}
+    mkdir -p "$out/$rel"
+    cp -n "$d"* "$out/$rel" 2>/dev/null || true
+  done
+fi
 
 # Copy what the folder holds and the kept cells lack.
 commit="$(git rev-parse HEAD)$(git diff --quiet HEAD -- crates xtask Cargo.lock || echo '+uncommitted')"
