@@ -52,6 +52,8 @@ keep_cells() {
       echo "grid: kept $id" >&2
     fi
   done
+  # compare rewrites the table (marked partial) after every cell.
+  cp "$out"/results.md "$out"/results.json "$keep/" 2>/dev/null || true
   if [[ -d $out/layer-orders ]]; then
     mkdir -p "$keep/layer-orders"
     cp "$out"/layer-orders/* "$keep/layer-orders/" 2>/dev/null || true
