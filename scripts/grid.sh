@@ -8,7 +8,7 @@
 # back as soon as it is written (with the commit that computed it). Interrupting it loses at
 # most the cell in progress.
 #
-#   scripts/grid.sh            compute the missing cells (in the order of \`methods\` below)
+#   scripts/grid.sh            compute the missing cells (in the order of `methods` below)
 #   scripts/grid.sh --report   only rewrite docs/results/grid/results.md from the kept cells
 set -euo pipefail
 cd "$(dirname "$0")/.."
