@@ -52,8 +52,8 @@ keep_cells() {
       echo "grid: kept $id" >&2
     fi
   done
-  # compare rewrites the table (marked partial) after every cell.
-  cp "$out"/results.md "$out"/results.json "$keep/" 2>/dev/null || true
+  # compare rewrites the table (marked partial) and its plots after every cell.
+  cp "$out"/results.md "$out"/results.json "$out"/*.png "$keep/" 2>/dev/null || true
   if [[ -d $out/layer-orders ]]; then
     mkdir -p "$keep/layer-orders"
     cp "$out"/layer-orders/* "$keep/layer-orders/" 2>/dev/null || true
@@ -72,5 +72,5 @@ if [[ ${1:-} != --report ]]; then
   keep_cells
 fi
 cargo xtask compare "${args[@]}" --report-only >/dev/null
-cp "$out"/results.md "$out"/results.json "$out"/*.png "$keep/" 2>/dev/null || true
+keep_cells
 echo "grid: $(find "$keep/cells" -name cell.json | wc -l) cells kept in $keep" >&2
