@@ -19,6 +19,8 @@ out=${GRID_OUT:-runs/grid}
 methods=dense,pg+ls,flap,sleb,llm-bip,block-influence,ifso,llm-pruner,wanda-sp
 methods+=,flap+ls,sleb+ls,llm-bip+ls,wanda-sp+ls
 methods+=,pg+bias,pg+none,flap+none,sleb+bias,llm-bip+bias,wanda-sp+bias
+# The OBS cut where it runs (issue 18): on PG's plans and on FLAP's, the two it helps or ties.
+methods+=,pg+obs,flap+obs
 # shellcheck disable=SC2054 # commas separate compare's list values, not elements
 args=(--model default --dtype bf16 --methods "$methods" --exact-size --sparsity 0.2,0.3,0.5
   --tasks wikitext2,ptb,boolq,piqa,hellaswag,arc_easy,arc_challenge,openbookqa,winogrande
