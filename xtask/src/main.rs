@@ -150,6 +150,7 @@ fn run() -> Result<()> {
         .with_target(false)
         .init();
     let cli = Cli::parse();
+    progress::log_every_secs()?;
     match cli.cmd {
         Cmd::Setup { force } => {
             let home = lopper_model::lopper_home();

@@ -1,17 +1,90 @@
 //! Progress bars and log lines that share the terminal: every bar joins one `MultiProgress`,
-//! and log lines are printed above the bars instead of through them.
+//! and log lines are printed above the bars instead of through them. Where stderr is not a
+//! terminal (CI, `nohup`, a batch queue) the bars cannot be drawn, and each one is logged as a
+//! line instead, every [`LOG_EVERY_ENV`] seconds while it runs.
 
 use std::io::Write;
 use std::sync::LazyLock;
+use std::thread::JoinHandle;
+use std::time::Duration;
 
 use anyhow::Result;
-use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use indicatif::{HumanDuration, MultiProgress, ProgressBar, ProgressStyle};
 
 static MULTI: LazyLock<MultiProgress> = LazyLock::new(MultiProgress::new);
 
-/// A bar of `len` steps drawn with `template` (indicatif syntax), below the bars already shown.
+/// Seconds between the log lines of a bar that cannot be drawn (default 60; 0: none).
+pub const LOG_EVERY_ENV: &str = "LOPPER_PROGRESS_SECS";
+
+/// A bar of `len` steps drawn with `template` (indicatif syntax), below the bars already shown;
+/// logged every [`LOG_EVERY_ENV`] seconds instead where it cannot be drawn.
 pub fn bar(len: u64, template: &str) -> Result<ProgressBar> {
-    Ok(MULTI.add(ProgressBar::new(len).with_style(ProgressStyle::with_template(template)?)))
+    let bar = MULTI.add(ProgressBar::new(len).with_style(ProgressStyle::with_template(template)?));
+    if bar.is_hidden() && log_every_secs()? > 0 {
+        log_while_running(
+            &bar,
+            template,
+            Duration::from_secs(log_every_secs()?),
+            |line| tracing::info!("{line}"),
+        )?;
+    }
+    Ok(bar)
+}
+
+/// [`LOG_EVERY_ENV`], read and checked once (the xtask checks it before any work starts).
+pub fn log_every_secs() -> Result<u64> {
+    static SECS: LazyLock<std::result::Result<u64, String>> = LazyLock::new(|| {
+        match std::env::var(LOG_EVERY_ENV) {
+            Ok(v) => v.trim().parse::<u64>().map_err(|_| {
+                format!(
+                    "{LOG_EVERY_ENV}={v:?} is not a number of seconds: give a whole number (0 turns the progress lines off)"
+                )
+            }),
+            Err(_) => Ok(60),
+        }
+    });
+    SECS.clone().map_err(anyhow::Error::msg)
+}
+
+/// Calls `sink` with the bar's state ([`render`]) every `every` until the bar is finished or
+/// dropped (the thread holds no strong reference, so it never keeps a bar alive).
+fn log_while_running(
+    bar: &ProgressBar,
+    template: &str,
+    every: Duration,
+    sink: impl Fn(String) + Send + 'static,
+) -> Result<JoinHandle<()>> {
+    let weak = bar.downgrade();
+    let template = template.to_string();
+    Ok(std::thread::Builder::new()
+        .name("progress-log".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(every);
+                match weak.upgrade() {
+                    Some(b) if !b.is_finished() => sink(render(&template, &b)),
+                    _ => return,
+                }
+            }
+        })?)
+}
+
+/// The bar's `template` as one line of text: the bar itself left out, `{msg}`, `{pos}`,
+/// `{len}` and `{eta}` filled in (`eta ?` before the first step), the elapsed time appended.
+fn render(template: &str, bar: &ProgressBar) -> String {
+    let eta = if bar.position() == 0 {
+        "?".to_string()
+    } else {
+        HumanDuration(bar.eta()).to_string()
+    };
+    let line = template
+        .replace("[{bar:30}]", "")
+        .replace("{msg}", &bar.message())
+        .replace("{pos}", &bar.position().to_string())
+        .replace("{len}", &bar.length().map_or("?".into(), |l| l.to_string()))
+        .replace("{eta}", &eta);
+    let line = line.split_whitespace().collect::<Vec<_>>().join(" ");
+    format!("{line} (elapsed {})", HumanDuration(bar.elapsed()))
 }
 
 /// The writer of the tracing subscriber: stderr, with the bars hidden while a line is written.
@@ -56,4 +129,53 @@ pub fn peak_rss_note() -> String {
     peak_rss_mib().map_or(String::new(), |m| {
         format!("; peak resident memory {m:.0} MiB")
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+
+    #[test]
+    fn a_hidden_bar_renders_as_one_line() {
+        let b = ProgressBar::hidden();
+        b.set_length(60);
+        b.set_style(
+            ProgressStyle::with_template("pg [{bar:30}] step {pos}/{len} {msg} eta {eta}").unwrap(),
+        );
+        b.set_message("loss 5.1");
+        let line = render("pg [{bar:30}] step {pos}/{len} {msg} eta {eta}", &b);
+        assert!(
+            line.starts_with("pg step 0/60 loss 5.1 eta ? (elapsed "),
+            "{line}"
+        );
+        b.set_position(12);
+        let line = render("{msg} [{bar:30}] {pos}/{len} windows, eta {eta}", &b);
+        assert!(line.starts_with("loss 5.1 12/60 windows, eta "), "{line}");
+        assert!(!line.contains('{') && !line.contains("eta ?"), "{line}");
+    }
+
+    #[test]
+    fn the_log_thread_reports_until_the_bar_is_gone() {
+        let b = ProgressBar::hidden();
+        b.set_length(10);
+        b.set_position(3);
+        let (tx, rx) = mpsc::channel();
+        let h = log_while_running(&b, "{pos}/{len}", Duration::from_millis(5), move |l| {
+            let _ = tx.send(l);
+        })
+        .unwrap();
+        let first = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert!(first.starts_with("3/10 (elapsed"), "{first}");
+        drop(b);
+        // Without a strong reference the thread ends at its next tick.
+        h.join().unwrap();
+        let finished = ProgressBar::hidden();
+        finished.finish();
+        let h = log_while_running(&finished, "{pos}", Duration::from_millis(1), |l| {
+            panic!("a finished bar was logged: {l}")
+        })
+        .unwrap();
+        h.join().unwrap();
+    }
 }

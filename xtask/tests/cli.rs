@@ -287,6 +287,53 @@ fn eval_refuses_bad_settings_before_any_work() {
     assert!(!ok && err.contains("--limit 0"), "{err}");
     let (ok, _, err) = xtask(&["eval", "--tasks", "wikitext2", "--bos", "sometimes"]);
     assert!(!ok && err.contains("unknown BOS policy"), "{err}");
+    let o = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .args(["eval", "--model", "default", "--tasks", "wikitext2"])
+        .env("LOPPER_PROGRESS_SECS", "soon")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("LOPPER_PROGRESS_SECS=\"soon\" is not a number"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("loaded"),
+        "checked before the model is read: {err}"
+    );
+}
+
+#[test]
+fn progress_is_logged_where_the_bars_cannot_be_drawn() {
+    // stderr is a pipe here, as in CI or under nohup: the bars are hidden and each one is
+    // logged as a line every LOPPER_PROGRESS_SECS seconds (120 windows take several seconds).
+    let o = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .args([
+            "eval",
+            "--model",
+            "default",
+            "--tasks",
+            "wikitext2",
+            "--limit",
+            "120",
+        ])
+        .args(["--seq-len", "64"])
+        .env_remove("LOPPER_DATA_DIR")
+        .env("LOPPER_NO_HUB", "1")
+        .env("LOPPER_PROGRESS_SECS", "1")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    let line = err
+        .lines()
+        .find(|l| l.contains("/120 windows, eta "))
+        .unwrap_or_else(|| panic!("no progress line: {err}"));
+    assert!(
+        line.contains("wikitext2") && line.contains("(elapsed "),
+        "{line}"
+    );
+    assert!(!line.contains("{"), "{line}");
 }
 
 #[test]
