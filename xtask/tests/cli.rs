@@ -243,26 +243,32 @@ fn setup_without_python_says_what_to_do() {
     );
 }
 
+/// `eval` of the default model on the first `limit` WikiText-2 windows of 64 tokens, from the
+/// repository's data only.
+fn eval_wikitext2(limit: usize) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_xtask"));
+    c.args([
+        "eval",
+        "--model",
+        "default",
+        "--tasks",
+        "wikitext2",
+        "--seq-len",
+        "64",
+    ])
+    .args(["--limit", &limit.to_string()])
+    .env_remove("LOPPER_DATA_DIR")
+    .env("LOPPER_NO_HUB", "1");
+    c
+}
+
 #[test]
 fn eval_writes_results_and_protocol_as_json() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("eval.json");
-    let o = Command::new(env!("CARGO_BIN_EXE_xtask"))
-        .args([
-            "eval",
-            "--model",
-            "default",
-            "--tasks",
-            "wikitext2",
-            "--limit",
-            "2",
-            "--seq-len",
-            "64",
-            "--out",
-        ])
+    let o = eval_wikitext2(2)
+        .arg("--out")
         .arg(&out)
-        .env_remove("LOPPER_DATA_DIR")
-        .env("LOPPER_NO_HUB", "1")
         .env("LOPPER_LOG", "warn")
         .output()
         .unwrap();
@@ -307,19 +313,7 @@ fn eval_refuses_bad_settings_before_any_work() {
 fn progress_is_logged_where_the_bars_cannot_be_drawn() {
     // stderr is a pipe here, as in CI or under nohup: the bars are hidden and each one is
     // logged as a line every LOPPER_PROGRESS_SECS seconds (120 windows take several seconds).
-    let o = Command::new(env!("CARGO_BIN_EXE_xtask"))
-        .args([
-            "eval",
-            "--model",
-            "default",
-            "--tasks",
-            "wikitext2",
-            "--limit",
-            "120",
-        ])
-        .args(["--seq-len", "64"])
-        .env_remove("LOPPER_DATA_DIR")
-        .env("LOPPER_NO_HUB", "1")
+    let o = eval_wikitext2(120)
         .env("LOPPER_PROGRESS_SECS", "1")
         .output()
         .unwrap();
