@@ -6,6 +6,7 @@ use std::sync::Once;
 use anyhow::{Result, anyhow};
 use lopper_core::MaskPlan;
 use lopper_policy::StepRecord;
+use plotters::coord::ranged1d::{DefaultFormatting, KeyPointHint, Ranged};
 use plotters::coord::types::RangedCoordf64;
 use plotters::element::DashedPathElement;
 use plotters::prelude::*;
@@ -79,7 +80,10 @@ fn axes<'a, 'b>(
 }
 
 /// The series legend, framed on a translucent white box.
-fn legend<'a, 'b: 'a>(chart: &mut Chart<'a, 'b>, position: SeriesLabelPosition) -> Result<()> {
+fn legend<'a, 'b: 'a, Y: Ranged<ValueType = f64>>(
+    chart: &mut ChartContext<'a, BitMapBackend<'b>, Cartesian2d<RangedCoordf64, Y>>,
+    position: SeriesLabelPosition,
+) -> Result<()> {
     chart
         .configure_series_labels()
         .position(position)
@@ -205,6 +209,72 @@ pub fn kept_per_layer(path: &Path, plan: &MaskPlan) -> Result<()> {
     })
 }
 
+/// The y range `lo..hi` with its ticks on round values. On a log10 axis (`lo`, `hi` are log10
+/// values) the ticks are 1, 2 and 5 times a power of ten (1, 1.5, 2, 3, 5 and 7 where the range
+/// spans less than a factor of about 5), with light lines at every integer multiple of a power
+/// of ten; on a linear axis, steps of 1, 2 or 5 times a power of ten, about eight of them.
+fn y_axis(lo: f64, hi: f64, log_y: bool) -> Ticked {
+    let inner = RangedCoordf64::from(lo..hi);
+    if !log_y {
+        let raw = ((hi - lo) / 8.0).max(f64::MIN_POSITIVE);
+        let mag = 10f64.powf(raw.log10().floor());
+        let step = [1.0, 2.0, 5.0, 10.0]
+            .iter()
+            .map(|m| m * mag)
+            .find(|s| *s >= raw)
+            .unwrap_or(10.0 * mag);
+        let bold: Vec<f64> = (((lo / step).ceil() as i64)..=((hi / step).floor() as i64))
+            .map(|i| i as f64 * step)
+            .collect();
+        let light = (((lo * 5.0 / step).ceil() as i64)..=((hi * 5.0 / step).floor() as i64))
+            .map(|i| i as f64 * step / 5.0)
+            .collect();
+        return Ticked { inner, bold, light };
+    }
+    let decades = (lo.floor() as i32)..=(hi.ceil() as i32);
+    let at = |mantissas: &[f64]| -> Vec<f64> {
+        decades
+            .clone()
+            .flat_map(|e| mantissas.iter().map(move |m| (m * 10f64.powi(e)).log10()))
+            .filter(|v| (lo..=hi).contains(v))
+            .collect()
+    };
+    let mut bold = at(&[1.0, 2.0, 5.0]);
+    if bold.len() < 4 {
+        bold = at(&[1.0, 1.5, 2.0, 3.0, 5.0, 7.0]);
+    }
+    let light = at(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0]);
+    Ticked { inner, bold, light }
+}
+
+/// An f64 axis whose labelled (bold) and light grid lines sit where [`y_axis`] put them.
+struct Ticked {
+    inner: RangedCoordf64,
+    bold: Vec<f64>,
+    light: Vec<f64>,
+}
+
+impl Ranged for Ticked {
+    type FormatOption = DefaultFormatting;
+    type ValueType = f64;
+
+    fn map(&self, value: &f64, limit: (i32, i32)) -> i32 {
+        self.inner.map(value, limit)
+    }
+
+    fn key_points<Hint: KeyPointHint>(&self, hint: Hint) -> Vec<f64> {
+        if hint.weight().allow_light_points() {
+            self.light.clone()
+        } else {
+            self.bold.clone()
+        }
+    }
+
+    fn range(&self) -> std::ops::Range<f64> {
+        self.inner.range()
+    }
+}
+
 /// One line per named series of `(x, y)` points, with markers; `log_y` draws y on a log10 axis
 /// (ticks labelled with the plain values). Series with no finite positive point are skipped.
 pub fn series(
@@ -256,15 +326,18 @@ pub fn series(
             .margin(12)
             .x_label_area_size(40)
             .y_label_area_size(70)
-            .build_cartesian_2d((x0 - xp)..(x1 + xp), (y0 - yp)..(y1 + yp))
+            .build_cartesian_2d((x0 - xp)..(x1 + xp), y_axis(y0 - yp, y1 + yp, log_y))
             .map_err(|e| anyhow!("{e}"))?;
         let fmt = |v: &f64| {
             if log_y {
+                // Ticks sit on round values (y_axis); print them without float noise.
                 let p = 10f64.powf(*v);
-                if p >= 100.0 {
-                    format!("{p:.0}")
+                let digits = if p >= 10.0 { 0 } else { 2 };
+                let s = format!("{p:.digits$}");
+                if digits > 0 {
+                    s.trim_end_matches('0').trim_end_matches('.').to_string()
                 } else {
-                    format!("{p:.1}")
+                    s
                 }
             } else {
                 format!("{v:.3}")
@@ -325,4 +398,35 @@ pub fn series(
         legend(&mut chart, SeriesLabelPosition::UpperLeft)?;
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(ticks: &[f64], log: bool) -> Vec<f64> {
+        let round = |v: f64| (v * 1e6).round() / 1e6;
+        ticks
+            .iter()
+            .map(|&t| round(if log { 10f64.powf(t) } else { t }))
+            .collect()
+    }
+
+    #[test]
+    fn axis_ticks_sit_on_round_values() {
+        // A narrow log range (under a factor of 7) gets the finer mantissas.
+        let a = y_axis(50f64.log10(), 330f64.log10(), true);
+        assert_eq!(
+            values(&a.bold, true),
+            [50.0, 70.0, 100.0, 150.0, 200.0, 300.0]
+        );
+        assert_eq!(values(&a.light, true)[..3], [50.0, 60.0, 70.0]);
+        // A wide one: 1, 2 and 5 times a power of ten.
+        let a = y_axis(40f64.log10(), 12000f64.log10(), true);
+        let want = [50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0, 10000.0];
+        assert_eq!(values(&a.bold, true), want);
+        let a = y_axis(0.355, 0.462, false);
+        assert_eq!(values(&a.bold, false), [0.36, 0.38, 0.40, 0.42, 0.44, 0.46]);
+        assert!(a.light.len() > a.bold.len());
+    }
 }
