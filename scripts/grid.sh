@@ -5,8 +5,10 @@
 # folder. On the 2-core CPU a cell takes 15-25 minutes, the grid about 16 hours, more than one
 # working session: finished cells are kept in docs/results/grid/ (committed), every run seeds
 # runs/grid from them, resumes where the last one stopped, and copies each newly finished cell
-# back as soon as it is written (with the commit that computed it). Interrupting it loses at
-# most the cell in progress.
+# back as soon as it is written (with the commit that computed it). The cell in progress keeps
+# the tasks its evaluation finished (`eval-partial.json`, copied here too and reused by the
+# next run where its model is the same to the bit), so an interruption loses at most that
+# cell's plan and the task in progress.
 #
 #   scripts/grid.sh            compute the missing cells (in the order of `methods` below)
 #   scripts/grid.sh --report   only rewrite docs/results/grid/results.md from the kept cells
@@ -53,6 +55,17 @@ keep_cells() {
       echo "$commit" >"$keep/cells/$id/commit"
       echo "grid: kept $id" >&2
     fi
+  done
+  # The finished tasks of the cell in progress; a whole cell needs none.
+  for p in "$out"/cells/*/eval-partial.json; do
+    [[ -f $p ]] || continue
+    id=$(basename "$(dirname "$p")")
+    [[ -f $keep/cells/$id/cell.json ]] && continue
+    mkdir -p "$keep/cells/$id"
+    cp "$p" "$keep/cells/$id/"
+  done
+  for c in "$keep"/cells/*/cell.json; do
+    [[ -f $c ]] && rm -f "$(dirname "$c")/eval-partial.json"
   done
   # compare rewrites the table (marked partial) and its plots after every cell.
   cp "$out"/results.md "$out"/results.json "$out"/*.png "$keep/" 2>/dev/null || true

@@ -259,6 +259,61 @@ struct Cell {
     plan_start_mib: Option<f64>,
     seconds_eval: f64,
     device: String,
+    /// The evaluated model's [`eval_fingerprint`] (cells made before it was recorded: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    eval_fingerprint: Option<f64>,
+}
+
+/// A cell's evaluation so far, written to `cells/<id>/eval-partial.json` as each task finishes
+/// and removed when the cell is: a run interrupted in a cell's evaluation evaluates only the
+/// tasks it had not finished. Read back only for a model with the same [`eval_fingerprint`].
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct PartialEval {
+    fingerprint: f64,
+    /// Results by key (`wikitext2@128`, `boolq`), as the cell records them.
+    results: serde_json::Map<String, serde_json::Value>,
+    /// Seconds each of them took.
+    seconds: BTreeMap<String, f64>,
+}
+
+const PARTIAL_EVAL: &str = "eval-partial.json";
+
+/// The mean next-token loss of a fixed 32-token row (token ids spread over the vocabulary):
+/// any change to the evaluated model's weights, or to the arithmetic that runs it, changes it,
+/// so an interrupted cell's finished tasks are reused only for the very model they scored.
+fn eval_fingerprint<B: Backend>(model: &Llama<B>) -> Result<f64> {
+    let shape = model.shape();
+    let len = shape.max_position_embeddings.clamp(2, 32);
+    let row: Vec<u32> = (0..len as u64)
+        .map(|i| ((i * 7919 + 11) % shape.vocab_size as u64) as u32)
+        .collect();
+    Ok(model.mean_loss(model.tokens(&[row])?, None)?)
+}
+
+/// The finished tasks of an interrupted evaluation of the model whose fingerprint is `fp`
+/// (none where there is no partial file, or it is of another model).
+fn read_partial(path: &Path, fp: f64) -> PartialEval {
+    let fresh = PartialEval {
+        fingerprint: fp,
+        ..PartialEval::default()
+    };
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return fresh;
+    };
+    match serde_json::from_str::<PartialEval>(&text) {
+        Ok(p) if p.fingerprint.to_bits() == fp.to_bits() => {
+            tracing::info!(
+                path = %path.display(),
+                tasks = p.results.keys().cloned().collect::<Vec<_>>().join(","),
+                "finished tasks of an interrupted evaluation reused"
+            );
+            p
+        }
+        _ => {
+            tracing::info!(path = %path.display(), "a partial evaluation of another model ignored");
+            fresh
+        }
+    }
 }
 
 /// Whether a structured cell kept more of the parameters than its sparsity allows (a
@@ -813,6 +868,8 @@ impl PlacedJob for CompareJob {
                 &device_name,
             )?;
             crate::prune::write_json(&cell_path, &cell)?;
+            // The cell is whole: its partial evaluation is not needed any more.
+            let _ = std::fs::remove_file(dir.join(PARTIAL_EVAL));
             done.push(cell);
             bar.inc(1);
             // The table so far: an interrupted run keeps a report of what it finished.
@@ -1177,7 +1234,10 @@ impl CompareJob {
             .map(|p| plan_start_mib.map_or(p, |s| p.max(s)));
         let eval_model = pruned.as_ref().unwrap_or(model);
         let t = Instant::now();
-        let mut results = serde_json::Map::new();
+        let fingerprint = eval_fingerprint(eval_model)?;
+        let partial_path = dir.join(PARTIAL_EVAL);
+        let mut partial = read_partial(&partial_path, fingerprint);
+        let mut seconds_eval = t.elapsed().as_secs_f64();
         let (ppl, mc): (Vec<Task>, Vec<Task>) =
             self.tasks.iter().partition(|t| matches!(t, Task::Ppl(_)));
         let mut runs: Vec<(Vec<Task>, usize, Option<usize>)> = st
@@ -1204,20 +1264,31 @@ impl CompareJob {
                 batch_size: eval_batch(st.batch_size, seq_len),
                 allow_longer_context: false,
             };
-            let (r, _) = evaluate(eval_model, tok, &tasks, &es)?;
-            for (k, v) in r {
-                let key = if ppl
-                    .iter()
-                    .any(|t| matches!(t, Task::Ppl(c) if c.name() == k))
-                {
-                    format!("{k}@{seq_len}")
-                } else {
-                    k
+            // One task at a time (tasks are scored independently), each kept as it finishes.
+            for task in tasks {
+                let key = match task {
+                    Task::Ppl(_) => format!("{}@{seq_len}", crate::eval::task_key(task)),
+                    _ => crate::eval::task_key(task).to_string(),
                 };
-                results.insert(key, v);
+                if let Some(secs) = partial.seconds.get(&key)
+                    && partial.results.contains_key(&key)
+                {
+                    seconds_eval += secs;
+                    continue;
+                }
+                let t = Instant::now();
+                let (r, _) = evaluate(eval_model, tok, &[task], &es)?;
+                let secs = t.elapsed().as_secs_f64();
+                for (_, v) in r {
+                    partial.results.insert(key.clone(), v);
+                }
+                partial.seconds.insert(key, secs);
+                seconds_eval += secs;
+                crate::prune::write_json(&partial_path, &partial)?;
             }
         }
-        let llm_pruner_average = crate::eval::llm_pruner_average(&results);
+        let mut results = partial.results;
+        let llm_pruner_average = crate::eval::insert_llm_pruner_average(&mut results);
         let shape = eval_model.shape();
         let cell = Cell {
             method: method.into(),
@@ -1237,8 +1308,9 @@ impl CompareJob {
             seconds_plan,
             plan_peak_mib,
             plan_start_mib,
-            seconds_eval: t.elapsed().as_secs_f64(),
+            seconds_eval,
             device: device_name.into(),
+            eval_fingerprint: Some(fingerprint),
         };
         tracing::info!(
             method,

@@ -354,14 +354,10 @@ pub fn evaluate<B: Backend>(
                 }
             }
         }
-        if let Some(avg) = llm_pruner_average(&results) {
+        if let Some(avg) = insert_llm_pruner_average(&mut results) {
             table.push(format!(
                 "| 7-task average (LLM-Pruner convention: acc for boolq, piqa, winogrande, arc_easy; acc_norm for hellaswag, arc_challenge, openbookqa) | {avg:.4} | |"
             ));
-            results.insert(
-                "llm_pruner_average".into(),
-                serde_json::json!({"value": avg, "metrics": LLM_PRUNER_CONVENTION}),
-            );
         }
         Ok((results, table))
     }
@@ -385,6 +381,28 @@ pub fn llm_pruner_average(results: &serde_json::Map<String, serde_json::Value>) 
         .map(|(t, m)| results.get(*t)?.get(*m)?.as_f64())
         .collect();
     vals.map(|v| v.iter().sum::<f64>() / v.len() as f64)
+}
+
+/// Adds `llm_pruner_average` (its value and the metric of each task) to `results` where all
+/// seven tasks are there, and returns the average.
+pub fn insert_llm_pruner_average(
+    results: &mut serde_json::Map<String, serde_json::Value>,
+) -> Option<f64> {
+    let avg = llm_pruner_average(results)?;
+    results.insert(
+        "llm_pruner_average".into(),
+        serde_json::json!({"value": avg, "metrics": LLM_PRUNER_CONVENTION}),
+    );
+    Some(avg)
+}
+
+/// The key of `task`'s result (`wikitext2`, `boolq`, `lambada`).
+pub fn task_key(task: Task) -> &'static str {
+    match task {
+        Task::Ppl(c) => c.name(),
+        Task::Mc(m) => m.name(),
+        Task::Lambada => "lambada",
+    }
 }
 
 fn bar(len: usize, name: &str, unit: &str) -> Result<ProgressBar> {

@@ -1524,6 +1524,71 @@ fn compare_cells_that_differ_in_the_cut_alone_share_one_pg_search() {
 }
 
 #[test]
+fn an_interrupted_cell_evaluation_keeps_its_finished_tasks() {
+    let root = tempfile::tempdir().unwrap();
+    let (model, calib) = tiny_model_dir(root.path());
+    let out = root.path().join("cmp");
+    let mut args = compare_args(&model, &calib, out.to_str().unwrap(), "flap");
+    let i = args.iter().position(|a| *a == "--sparsity").unwrap();
+    args[i + 1] = "0.3";
+    let (ok, _, err) = xtask(&args);
+    assert!(ok, "{err}");
+    let dir = out.join("cells/flap@0.3");
+    let read = || -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(dir.join("cell.json")).unwrap()).unwrap()
+    };
+    let first = read();
+    assert!(
+        !dir.join("eval-partial.json").exists(),
+        "removed once the cell is whole"
+    );
+    let fp = first["eval_fingerprint"].as_f64().unwrap();
+    // Interrupted after its first task: the next run scores only the others.
+    let partial = |fp: f64| {
+        let mut r = first["results"]["wikitext2@16"].clone();
+        r["ppl"] = serde_json::json!(12345.0);
+        let p = serde_json::json!({"fingerprint": fp, "results": {"wikitext2@16": r},
+            "seconds": {"wikitext2@16": 7.0}});
+        std::fs::remove_file(dir.join("cell.json")).unwrap();
+        std::fs::write(dir.join("eval-partial.json"), p.to_string()).unwrap();
+    };
+    partial(fp);
+    let (ok, _, err) = xtask_env(&args, &[("LOPPER_LOG", "info")]);
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("finished tasks of an interrupted evaluation reused"),
+        "{err}"
+    );
+    let second = read();
+    assert_eq!(second["eval_fingerprint"], first["eval_fingerprint"]);
+    assert_eq!(second["results"]["wikitext2@16"]["ppl"], 12345.0);
+    for k in ["wikitext2@32", "boolq"] {
+        assert_eq!(
+            second["results"][k]["ppl"], first["results"][k]["ppl"],
+            "{k}"
+        );
+        assert_eq!(
+            second["results"][k]["acc"], first["results"][k]["acc"],
+            "{k}"
+        );
+    }
+    assert!(second["seconds_eval"].as_f64().unwrap() >= 7.0);
+    assert!(!dir.join("eval-partial.json").exists());
+    // The finished tasks of another model are not reused.
+    partial(fp + 1.0);
+    let (ok, _, err) = xtask_env(&args, &[("LOPPER_LOG", "info")]);
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("a partial evaluation of another model ignored"),
+        "{err}"
+    );
+    assert_eq!(
+        read()["results"]["wikitext2@16"]["ppl"],
+        first["results"]["wikitext2@16"]["ppl"]
+    );
+}
+
+#[test]
 fn compare_fills_the_table_and_reuses_finished_cells() {
     let root = tempfile::tempdir().unwrap();
     let (model, calib) = tiny_model_dir(root.path());
