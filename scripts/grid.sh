@@ -78,7 +78,8 @@ keep_cells() {
 if [[ ${1:-} != --report ]]; then
   cargo xtask compare "${args[@]}" &
   pid=$!
-  trap 'kill $pid 2>/dev/null; keep_cells' INT TERM
+  # (bash runs the trap when the `sleep` below ends: stopping takes up to 30 s)
+  trap 'kill $pid 2>/dev/null; keep_cells; exit 130' INT TERM
   while kill -0 "$pid" 2>/dev/null; do
     sleep 30
     keep_cells
