@@ -309,8 +309,12 @@ fn read_partial(path: &Path, fp: f64) -> PartialEval {
             );
             p
         }
-        _ => {
+        Ok(_) => {
             tracing::info!(path = %path.display(), "a partial evaluation of another model ignored");
+            fresh
+        }
+        Err(e) => {
+            tracing::warn!(path = %path.display(), "an unreadable partial evaluation ignored: {e}");
             fresh
         }
     }
