@@ -1281,11 +1281,12 @@ impl CompareJob {
                     continue;
                 }
                 let t = Instant::now();
-                let (r, _) = evaluate(eval_model, tok, &[task], &es)?;
+                let (mut r, _) = evaluate(eval_model, tok, &[task], &es)?;
                 let secs = t.elapsed().as_secs_f64();
-                for (_, v) in r {
-                    partial.results.insert(key.clone(), v);
-                }
+                let v = r
+                    .remove(crate::eval::task_key(task))
+                    .context("an evaluation returns its task's result")?;
+                partial.results.insert(key.clone(), v);
                 partial.seconds.insert(key, secs);
                 seconds_eval += secs;
                 crate::prune::write_json(&partial_path, &partial)?;
