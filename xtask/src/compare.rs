@@ -823,9 +823,24 @@ impl PlacedJob for CompareJob {
         let mut calib: Option<Calibration> = None;
         // The `+ls` / `+obs` cells' calibration and batch, drawn for the first of them.
         let mut ls_calib: Option<Option<(Calibration, usize)>> = None;
+        // The bar counts the cells to compute: finished ones take no time and would make its
+        // rate (and the time left) meaningless.
+        let cached = self
+            .cells
+            .iter()
+            .filter(|(m, s)| {
+                a.out
+                    .join("cells")
+                    .join(cell_id(m, *s))
+                    .join("cell.json")
+                    .is_file()
+            })
+            .count();
         let bar = crate::progress::bar(
-            self.cells.len() as u64,
-            "cells [{bar:30}] {pos}/{len} {msg} eta {eta}",
+            (self.cells.len() - cached) as u64,
+            &format!(
+                "cells to compute [{{bar:30}}] {{pos}}/{{len}} ({cached} finished before) {{msg}} eta {{eta}}"
+            ),
         )?;
         let mut done: Vec<Cell> = Vec::new();
         for (i, (method, sparsity)) in self.cells.iter().enumerate() {
@@ -836,7 +851,6 @@ impl PlacedJob for CompareJob {
             if let Some(cell) = read_cell(&a.out, &id)? {
                 tracing::info!(cell = id, "cached");
                 done.push(cell);
-                bar.inc(1);
                 continue;
             }
             std::fs::create_dir_all(&dir)?;

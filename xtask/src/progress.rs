@@ -6,7 +6,7 @@
 use std::io::Write;
 use std::sync::LazyLock;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use indicatif::{HumanDuration, MultiProgress, ProgressBar, ProgressStyle};
@@ -59,24 +59,42 @@ fn log_while_running(
     Ok(std::thread::Builder::new()
         .name("progress-log".into())
         .spawn(move || {
+            // The first position this thread saw and when: the rate of the steps since then
+            // gives the time left (a resumed bar's earlier steps took no time here).
+            let mut first: Option<(u64, Instant)> = None;
             loop {
                 std::thread::sleep(every);
-                match weak.upgrade() {
-                    Some(b) if !b.is_finished() => sink(render(&template, &b)),
+                let b = match weak.upgrade() {
+                    Some(b) if !b.is_finished() => b,
                     _ => return,
-                }
+                };
+                let (pos, now) = (b.position(), Instant::now());
+                let (p0, t0) = *first.get_or_insert((pos, now));
+                let eta = match b.length() {
+                    Some(len) if pos > p0 => {
+                        let per_step = (now - t0).as_secs_f64() / (pos - p0) as f64;
+                        Some(Duration::from_secs_f64(
+                            per_step * len.saturating_sub(pos) as f64,
+                        ))
+                    }
+                    // Before a second look, the mean rate since the bar was made.
+                    Some(len) if pos > 0 && t0 == now => {
+                        let per_step = b.elapsed().as_secs_f64() / pos as f64;
+                        Some(Duration::from_secs_f64(
+                            per_step * len.saturating_sub(pos) as f64,
+                        ))
+                    }
+                    _ => None,
+                };
+                sink(render(&template, &b, eta));
             }
         })?)
 }
 
 /// The bar's `template` as one line of text: the bar itself left out, `{msg}`, `{pos}`,
-/// `{len}` and `{eta}` filled in (`eta ?` before the first step), the elapsed time appended.
-fn render(template: &str, bar: &ProgressBar) -> String {
-    let eta = if bar.position() == 0 {
-        "?".to_string()
-    } else {
-        HumanDuration(bar.eta()).to_string()
-    };
+/// `{len}` and `{eta}` filled in (`?` where no time left is known), the elapsed time appended.
+fn render(template: &str, bar: &ProgressBar, eta: Option<Duration>) -> String {
+    let eta = eta.map_or("?".to_string(), |d| HumanDuration(d).to_string());
     let line = template
         .replace("[{bar:30}]", "")
         .replace("{msg}", &bar.message())
@@ -140,19 +158,20 @@ mod tests {
     fn a_hidden_bar_renders_as_one_line() {
         let b = ProgressBar::hidden();
         b.set_length(60);
-        b.set_style(
-            ProgressStyle::with_template("pg [{bar:30}] step {pos}/{len} {msg} eta {eta}").unwrap(),
-        );
         b.set_message("loss 5.1");
-        let line = render("pg [{bar:30}] step {pos}/{len} {msg} eta {eta}", &b);
+        let line = render("pg [{bar:30}] step {pos}/{len} {msg} eta {eta}", &b, None);
         assert!(
             line.starts_with("pg step 0/60 loss 5.1 eta ? (elapsed "),
             "{line}"
         );
         b.set_position(12);
-        let line = render("{msg} [{bar:30}] {pos}/{len} windows, eta {eta}", &b);
-        assert!(line.starts_with("loss 5.1 12/60 windows, eta "), "{line}");
-        assert!(!line.contains('{') && !line.contains("eta ?"), "{line}");
+        let eta = Some(Duration::from_secs(180));
+        let line = render("{msg} [{bar:30}] {pos}/{len} windows, eta {eta}", &b, eta);
+        assert!(
+            line.starts_with("loss 5.1 12/60 windows, eta 3 minutes (elapsed "),
+            "{line}"
+        );
+        assert!(!line.contains('{'), "{line}");
     }
 
     #[test]
@@ -161,12 +180,28 @@ mod tests {
         b.set_length(10);
         b.set_position(3);
         let (tx, rx) = mpsc::channel();
-        let h = log_while_running(&b, "{pos}/{len}", Duration::from_millis(5), move |l| {
-            let _ = tx.send(l);
-        })
+        let h = log_while_running(
+            &b,
+            "{pos}/{len} eta {eta}",
+            Duration::from_millis(5),
+            move |l| {
+                let _ = tx.send(l);
+            },
+        )
         .unwrap();
         let first = rx.recv_timeout(Duration::from_secs(10)).unwrap();
-        assert!(first.starts_with("3/10 (elapsed"), "{first}");
+        assert!(first.starts_with("3/10 eta "), "{first}");
+        assert!(!first.contains("eta ?"), "{first}");
+        // Later lines take the time left from the rate of the steps since the first look.
+        std::thread::sleep(Duration::from_millis(40));
+        b.set_position(5);
+        let later = loop {
+            let l = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+            if l.starts_with("5/10") {
+                break l;
+            }
+        };
+        assert!(!later.contains("eta ?"), "{later}");
         drop(b);
         // Without a strong reference the thread ends at its next tick.
         h.join().unwrap();
