@@ -839,15 +839,27 @@ impl PlacedJob for CompareJob {
         let bar = crate::progress::bar(
             (self.cells.len() - cached) as u64,
             &format!(
-                "cells to compute [{{bar:30}}] {{pos}}/{{len}} ({cached} finished before) {{msg}} eta {{eta}}"
+                "cells to compute [{{bar:30}}] {{pos}}/{{len}} ({cached} finished before) {{msg}}"
             ),
         )?;
+        // The time left from the mean time of the cells computed so far (a cell takes minutes
+        // to hours: indicatif's own estimate decays between two of them).
+        let started = Instant::now();
+        let left = |computed: u64| -> String {
+            let todo = (self.cells.len() - cached) as u64;
+            if computed == 0 || computed >= todo {
+                return String::new();
+            }
+            let per = started.elapsed().as_secs_f64() / computed as f64;
+            let rest = std::time::Duration::from_secs_f64(per * (todo - computed) as f64);
+            format!(", about {} left", indicatif::HumanDuration(rest))
+        };
         let mut done: Vec<Cell> = Vec::new();
         for (i, (method, sparsity)) in self.cells.iter().enumerate() {
             let id = cell_id(method, *sparsity);
             let dir = a.out.join("cells").join(&id);
             let cell_path = dir.join("cell.json");
-            bar.set_message(id.clone());
+            bar.set_message(format!("{id}{}", left(bar.position())));
             if let Some(cell) = read_cell(&a.out, &id)? {
                 tracing::info!(cell = id, "cached");
                 done.push(cell);
