@@ -2,7 +2,7 @@
 # The acceptance grid of issues 17 and 18: every structured method, each of its cuts, at 20%,
 # 30% and 50% on the default model, under the full protocol (every WikiText-2 and PTB window at
 # 128 and 2,048 tokens, the seven tasks on their first 500 examples), bf16, in one `compare`
-# folder. On the 2-core CPU a cell takes 15-25 minutes, the grid about 16 hours, more than one
+# folder. On the 2-core CPU a cell takes 15-25 minutes, the grid about 18 hours, more than one
 # working session: finished cells are kept in docs/results/grid/ (committed), every run seeds
 # runs/grid from them, resumes where the last one stopped, and copies each newly finished cell
 # back as soon as it is written (with the commit that computed it). The cell in progress keeps
