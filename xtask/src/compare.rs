@@ -847,12 +847,12 @@ impl PlacedJob for CompareJob {
         let started = Instant::now();
         let left = |computed: u64| -> String {
             let todo = (self.cells.len() - cached) as u64;
-            if computed == 0 || computed >= todo {
-                return String::new();
+            match crate::progress::time_left(started.elapsed(), computed, todo - computed) {
+                Some(rest) if computed < todo => {
+                    format!(", about {} left", indicatif::HumanDuration(rest))
+                }
+                _ => String::new(),
             }
-            let per = started.elapsed().as_secs_f64() / computed as f64;
-            let rest = std::time::Duration::from_secs_f64(per * (todo - computed) as f64);
-            format!(", about {} left", indicatif::HumanDuration(rest))
         };
         let mut done: Vec<Cell> = Vec::new();
         for (i, (method, sparsity)) in self.cells.iter().enumerate() {

@@ -20,13 +20,11 @@ pub const LOG_EVERY_ENV: &str = "LOPPER_PROGRESS_SECS";
 /// logged every [`LOG_EVERY_ENV`] seconds instead where it cannot be drawn.
 pub fn bar(len: u64, template: &str) -> Result<ProgressBar> {
     let bar = MULTI.add(ProgressBar::new(len).with_style(ProgressStyle::with_template(template)?));
-    if bar.is_hidden() && log_every_secs()? > 0 {
-        log_while_running(
-            &bar,
-            template,
-            Duration::from_secs(log_every_secs()?),
-            |line| tracing::info!("{line}"),
-        )?;
+    let secs = log_every_secs()?;
+    if bar.is_hidden() && secs > 0 {
+        log_while_running(&bar, template, Duration::from_secs(secs), |line| {
+            tracing::info!("{line}")
+        })?;
     }
     Ok(bar)
 }
@@ -70,25 +68,23 @@ fn log_while_running(
                 };
                 let (pos, now) = (b.position(), Instant::now());
                 let (p0, t0) = *first.get_or_insert((pos, now));
-                let eta = match b.length() {
-                    Some(len) if pos > p0 => {
-                        let per_step = (now - t0).as_secs_f64() / (pos - p0) as f64;
-                        Some(Duration::from_secs_f64(
-                            per_step * len.saturating_sub(pos) as f64,
-                        ))
-                    }
-                    // Before a second look, the mean rate since the bar was made.
-                    Some(len) if pos > 0 && t0 == now => {
-                        let per_step = b.elapsed().as_secs_f64() / pos as f64;
-                        Some(Duration::from_secs_f64(
-                            per_step * len.saturating_sub(pos) as f64,
-                        ))
-                    }
-                    _ => None,
+                // Before a second look, the mean rate since the bar was made.
+                let (steps, secs) = if pos > p0 || t0 != now {
+                    (pos.saturating_sub(p0), now - t0)
+                } else {
+                    (pos, b.elapsed())
                 };
+                let eta = b
+                    .length()
+                    .and_then(|len| time_left(secs, steps, len - pos.min(len)));
                 sink(render(&template, &b, eta));
             }
         })?)
+}
+
+/// The time `left` more steps take at the rate of `done` steps in `spent` (`None` before any).
+pub fn time_left(spent: Duration, done: u64, left: u64) -> Option<Duration> {
+    (done > 0).then(|| spent.mul_f64(left as f64 / done as f64))
 }
 
 /// The bar's `template` as one line of text: the bar itself left out, `{msg}`, `{pos}`,
