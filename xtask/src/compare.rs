@@ -1387,6 +1387,89 @@ fn cut_of(method: &str) -> Option<Reconstruct> {
     Spec::parse(method).ok().and_then(|s| s.recon)
 }
 
+/// The cuts of one plan side by side (issue 18's question: does `ls` beat `bias`, and `bias`
+/// `none`?): a row per method and sparsity that has at least two cuts among `cells`, each cut's
+/// perplexities on the `ppl` columns, and whether `ls < bias < none` holds on each column
+/// (`–` where one of the three is missing). Recovered and one-shot cells are left out. Empty when
+/// no plan has two cuts.
+fn cuts_side_by_side(cells: &[Cell], ppl: &[&str]) -> String {
+    const CUTS: [Reconstruct; 4] = [
+        Reconstruct::None,
+        Reconstruct::Bias,
+        Reconstruct::Ls,
+        Reconstruct::Obs,
+    ];
+    type Row<'a> = BTreeMap<usize, &'a Cell>;
+    let mut rows: BTreeMap<(String, String), Row> = BTreeMap::new();
+    for c in cells {
+        if c.method == "dense" || c.rel_error.is_some() || c.method.ends_with("+recover") {
+            continue;
+        }
+        let cut = c.reconstruct.unwrap_or(if c.bias_compensation {
+            Reconstruct::Bias
+        } else {
+            Reconstruct::None
+        });
+        let base = match cut_of(&c.method) {
+            Some(_) => c.method.rsplit_once('+').map_or(&*c.method, |(b, _)| b),
+            None => &c.method,
+        };
+        let i = CUTS
+            .iter()
+            .position(|&k| k == cut)
+            .expect("every cut is listed");
+        rows.entry((base.to_string(), format!("{}", c.sparsity)))
+            .or_default()
+            .insert(i, c);
+    }
+    rows.retain(|_, r| r.len() >= 2);
+    if rows.is_empty() || ppl.is_empty() {
+        return String::new();
+    }
+    let used: Vec<usize> = (0..CUTS.len())
+        .filter(|i| rows.values().any(|r| r.contains_key(i)))
+        .collect();
+    let value = |c: &Cell, k: &str| c.results.get(k).and_then(|r| r["ppl"].as_f64());
+    let mut md = format!(
+        "\nThe cuts of each plan side by side (perplexity {}; `ls < bias < none`: whether the least-squares cut is below the bias compensation and that below no compensation, on each of those columns):\n\n| method | sparsity |",
+        ppl.join(" / ")
+    );
+    for &i in &used {
+        md += &format!(" {} |", CUTS[i]);
+    }
+    md += " ls < bias < none |\n|---|---:|";
+    md += &"---:|".repeat(used.len());
+    md += "---|\n";
+    for ((base, sparsity), row) in &rows {
+        md += &format!("| {base} | {sparsity} |");
+        for i in &used {
+            md += &match row.get(i) {
+                Some(c) => {
+                    let v: Vec<String> = ppl
+                        .iter()
+                        .map(|k| value(c, k).map_or("–".into(), |v| format!("{v:.2}")))
+                        .collect();
+                    format!(" {} |", v.join(" / "))
+                }
+                None => " – |".into(),
+            };
+        }
+        let order: Vec<&str> = ppl
+            .iter()
+            .map(|k| {
+                let at = |i: usize| row.get(&i).and_then(|c| value(c, k));
+                match (at(2), at(1), at(0)) {
+                    (Some(ls), Some(bias), Some(none)) if ls < bias && bias < none => "yes",
+                    (Some(_), Some(_), Some(_)) => "no",
+                    _ => "–",
+                }
+            })
+            .collect();
+        md += &format!(" {} |\n", order.join(" / "));
+    }
+    md
+}
+
 /// Whether a comparison folder holds a finished `+ls` / `+obs` cell.
 fn has_refit_cells(out: &Path) -> Result<bool> {
     let cells = out.join("cells");
@@ -1584,6 +1667,12 @@ fn write_results(
             md += "\n";
         }
     }
+    let ppl: Vec<&str> = cols
+        .iter()
+        .filter(|(_, m)| m == "ppl")
+        .map(|(k, _)| k.as_str())
+        .collect();
+    md += &cuts_side_by_side(cells, &ppl);
     if has_err {
         md += &per_layer_errors(out, cells)?;
     }
@@ -1680,4 +1769,75 @@ fn per_layer_errors(out: &Path, cells: &[Cell]) -> Result<String> {
         md += "\n";
     }
     Ok(md)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cell(method: &str, sparsity: f64, cut: Option<Reconstruct>, wt2: &[f64]) -> Cell {
+        let mut results = serde_json::Map::new();
+        for (k, v) in ["wikitext2@128", "wikitext2@2048"].iter().zip(wt2) {
+            results.insert(k.to_string(), serde_json::json!({ "ppl": v }));
+        }
+        Cell {
+            method: method.into(),
+            sparsity,
+            kept_param_ratio: 1.0 - sparsity,
+            params: 1,
+            allocation: "global".into(),
+            bias_compensation: cut == Some(Reconstruct::Bias),
+            reconstruct: cut,
+            results,
+            llm_pruner_average: None,
+            rel_error: None,
+            seconds_plan: 0.0,
+            plan_peak_mib: None,
+            plan_start_mib: None,
+            seconds_eval: 0.0,
+            device: "cpu".into(),
+            eval_fingerprint: None,
+        }
+    }
+
+    #[test]
+    fn the_cuts_of_a_plan_stand_side_by_side_with_their_order() {
+        use Reconstruct::{Ls, None as Plain, Obs};
+        // FLAP as its paper cuts: bias, with no suffix and no `reconstruct` (an older cell).
+        let mut flap = cell("flap", 0.2, None, &[100.0, 40.0]);
+        flap.bias_compensation = true;
+        let cells = [
+            cell("dense", 0.0, None, &[50.0, 20.0]),
+            flap,
+            cell("flap+none", 0.2, Some(Plain), &[120.0, 39.0]),
+            cell("flap+ls", 0.2, Some(Ls), &[90.0, 35.0]),
+            cell("pg+ls", 0.2, Some(Ls), &[80.0, 30.0]),
+            cell("pg+obs", 0.2, Some(Obs), &[79.0, 31.0]),
+            // One cut alone, a recovered cell: no row.
+            cell("sleb", 0.2, Some(Plain), &[130.0, 60.0]),
+            cell("pg+ls+recover", 0.2, Some(Ls), &[60.0, 25.0]),
+        ];
+        let md = cuts_side_by_side(&cells, &["wikitext2@128", "wikitext2@2048"]);
+        let rows: Vec<&str> = md.lines().filter(|l| l.starts_with("| ")).collect();
+        assert_eq!(
+            rows,
+            [
+                "| method | sparsity | none | bias | ls | obs | ls < bias < none |",
+                "| flap | 0.2 | 120.00 / 39.00 | 100.00 / 40.00 | 90.00 / 35.00 | – | yes / no |",
+                "| pg | 0.2 | – | – | 80.00 / 30.00 | 79.00 / 31.00 | – / – |",
+            ],
+            "{md}"
+        );
+        assert!(
+            md.contains("perplexity wikitext2@128 / wikitext2@2048"),
+            "{md}"
+        );
+        // No plan with two cuts: nothing.
+        let pg = cuts_side_by_side(&cells[4..], &["wikitext2@128"]);
+        assert!(
+            pg.contains("| pg | 0.2 | 80.00 | 79.00 | – |") && !pg.contains("flap"),
+            "{pg}"
+        );
+        assert_eq!(cuts_side_by_side(&cells[5..], &["wikitext2@128"]), "");
+    }
 }
