@@ -320,6 +320,41 @@ fn read_partial(path: &Path, fp: f64) -> PartialEval {
     }
 }
 
+/// The time a comparison has left, from the mean time of the cells it computed whole (a cell
+/// takes minutes to hours: indicatif's own estimate decays between two of them). A cell that
+/// resumed an interrupted evaluation is left out of the mean: it took only its rest.
+struct CellClock {
+    todo: u64,
+    whole: u64,
+    spent: std::time::Duration,
+}
+
+impl CellClock {
+    fn new(todo: u64) -> Self {
+        Self {
+            todo,
+            whole: 0,
+            spent: std::time::Duration::ZERO,
+        }
+    }
+
+    /// A cell computed in `took`; `resumed`: its evaluation resumed an interrupted one.
+    fn record(&mut self, resumed: bool, took: std::time::Duration) {
+        if !resumed {
+            self.whole += 1;
+            self.spent += took;
+        }
+    }
+
+    /// The time the cells after the first `computed` take (`None` before a whole cell, or once
+    /// every cell is done).
+    fn left(&self, computed: u64) -> Option<std::time::Duration> {
+        (computed < self.todo)
+            .then(|| crate::progress::time_left(self.spent, self.whole, self.todo - computed))
+            .flatten()
+    }
+}
+
 /// Whether a structured cell kept more of the parameters than its sparsity allows (a
 /// per-layer plan that cannot split a layer's KV groups finely enough): it is then not
 /// comparable with cells of its nominal sparsity. One-shot cells keep every shape.
@@ -842,29 +877,22 @@ impl PlacedJob for CompareJob {
                 "cells to compute [{{bar:30}}] {{pos}}/{{len}} ({cached} finished before) {{msg}}"
             ),
         )?;
-        // The time left from the mean time of the cells computed so far (a cell takes minutes
-        // to hours: indicatif's own estimate decays between two of them).
-        let started = Instant::now();
-        let left = |computed: u64| -> String {
-            let todo = (self.cells.len() - cached) as u64;
-            match crate::progress::time_left(started.elapsed(), computed, todo - computed) {
-                Some(rest) if computed < todo => {
-                    format!(", about {} left", indicatif::HumanDuration(rest))
-                }
-                _ => String::new(),
-            }
-        };
+        let mut clock = CellClock::new((self.cells.len() - cached) as u64);
         let mut done: Vec<Cell> = Vec::new();
         for (i, (method, sparsity)) in self.cells.iter().enumerate() {
             let id = cell_id(method, *sparsity);
             let dir = a.out.join("cells").join(&id);
             let cell_path = dir.join("cell.json");
-            bar.set_message(format!("{id}{}", left(bar.position())));
+            let left = clock.left(bar.position()).map_or(String::new(), |rest| {
+                format!(", about {} left", indicatif::HumanDuration(rest))
+            });
+            bar.set_message(format!("{id}{left}"));
             if let Some(cell) = read_cell(&a.out, &id)? {
                 tracing::info!(cell = id, "cached");
                 done.push(cell);
                 continue;
             }
+            let (cell_started, resumed) = (Instant::now(), dir.join(PARTIAL_EVAL).is_file());
             std::fs::create_dir_all(&dir)?;
             if calib.is_none() && method != "dense" {
                 calib = Some(crate::methods::draw_calibration(
@@ -902,6 +930,7 @@ impl PlacedJob for CompareJob {
             let _ = std::fs::remove_file(dir.join(PARTIAL_EVAL));
             done.push(cell);
             bar.inc(1);
+            clock.record(resumed, cell_started.elapsed());
             // The table so far: an interrupted run keeps a report of what it finished.
             let rest: Vec<String> = self.cells[i + 1..]
                 .iter()
@@ -1798,6 +1827,21 @@ mod tests {
             device: "cpu".into(),
             eval_fingerprint: None,
         }
+    }
+
+    #[test]
+    fn the_time_left_comes_from_the_cells_computed_whole() {
+        use std::time::Duration;
+        let mut clock = CellClock::new(4);
+        assert_eq!(clock.left(0), None);
+        // A resumed cell took only the rest of its evaluation: no rate yet.
+        clock.record(true, Duration::from_secs(60));
+        assert_eq!(clock.left(1), None);
+        clock.record(false, Duration::from_secs(600));
+        assert_eq!(clock.left(2), Some(Duration::from_secs(1200)));
+        clock.record(false, Duration::from_secs(1000));
+        assert_eq!(clock.left(3), Some(Duration::from_secs(800)));
+        assert_eq!(clock.left(4), None);
     }
 
     #[test]
