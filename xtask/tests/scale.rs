@@ -569,6 +569,69 @@ fn export_of_a_plan_with_offloaded_layers_writes_the_resident_exports_files() {
 }
 
 #[test]
+fn the_least_squares_statistics_planned_bound_the_measured_rise() {
+    // A wide MLP and little else, so that the least-squares cut's f64 Gram matrices of
+    // down_proj's 4,096 inputs (128 MiB each) dominate what the cut adds to the process.
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tmp.path().join("config.json");
+    std::fs::write(
+        &cfg,
+        r#"{"model_type":"llama","vocab_size":512,"hidden_size":256,"intermediate_size":4096,
+        "num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,
+        "rms_norm_eps":1e-5,"rope_theta":10000.0,"tie_word_embeddings":true,
+        "max_position_embeddings":2048}"#,
+    )
+    .unwrap();
+    let model = format!("synthetic:{}", cfg.display());
+    // A light cut keeps almost every channel: the widest solve is nearly the dense width the
+    // plan assumes (it is made before any plan exists).
+    let sparsity = "0.02";
+    let (ok, out, err) = xtask(&[
+        "info",
+        "--model",
+        &model,
+        "--memory",
+        "--sparsity",
+        sparsity,
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let planned = json(&out)["memory"]["ls_statistics"].as_f64().unwrap() / (1u64 << 20) as f64;
+    let peak = |cut: &str| -> f64 {
+        let dir = tmp.path().join(cut);
+        let (ok, _, err) = xtask(&[
+            "prune",
+            "--model",
+            &model,
+            "--method",
+            "flap",
+            "--sparsity",
+            sparsity,
+            "--reconstruct",
+            cut,
+            "--calib-samples",
+            "16",
+            "--out",
+            dir.to_str().unwrap(),
+        ]);
+        assert!(ok, "{err}");
+        let report = std::fs::read_to_string(dir.join("report.md")).unwrap();
+        let (_, rest) = report
+            .split_once("peak resident memory ")
+            .unwrap_or_else(|| panic!("no peak in the report: {report}"));
+        rest.split_whitespace().next().unwrap().parse().unwrap()
+    };
+    // The same prune cut by bias compensation holds no statistics: the difference is the cut's.
+    let rise = peak("ls") - peak("bias");
+    // An upper bound (the check before any work must not pass a cut that cannot fit), and not
+    // a loose one (nor refuse a cut that fits by far): 385 MiB against 552 when written.
+    assert!(
+        rise <= planned * 1.05 && rise >= planned * 0.5,
+        "planned {planned:.0} MiB of least-squares statistics, measured a rise of {rise:.0} MiB"
+    );
+}
+
+#[test]
 fn the_memory_plan_adds_the_cut_model_at_a_sparsity() {
     let plan = |extra: &[&str]| {
         let mut args = vec![
