@@ -25,6 +25,14 @@ fn memory_plan(model: &str, dtype: &str, batch: &str, seq: &str) -> serde_json::
     json(&out)["memory"].clone()
 }
 
+/// `synthetic:DIR/config.json` for a config written there: a model of that shape with seeded
+/// random weights.
+fn synthetic_config(dir: &std::path::Path, config: &str) -> String {
+    let cfg = dir.join("config.json");
+    std::fs::write(&cfg, config).unwrap();
+    format!("synthetic:{}", cfg.display())
+}
+
 #[test]
 fn every_builtin_synthetic_model_has_its_shape_and_a_memory_plan_without_loading() {
     for name in [
@@ -111,14 +119,11 @@ fn a_model_that_cannot_fit_is_refused_before_any_weight_is_read() {
 #[test]
 fn bad_synthetic_ids_and_dtypes_are_clear_errors() {
     let tmp = tempfile::tempdir().unwrap();
-    let gpt2 = tmp.path().join("config.json");
-    std::fs::write(
-        &gpt2,
+    let gpt2_id = synthetic_config(
+        tmp.path(),
         r#"{"model_type":"gpt2","vocab_size":100,"hidden_size":8,"intermediate_size":16,
         "num_hidden_layers":1,"num_attention_heads":2,"rms_norm_eps":1e-5}"#,
-    )
-    .unwrap();
-    let gpt2_id = format!("synthetic:{}", gpt2.display());
+    );
     for (model, dtype, want) in [
         ("synthetic:", "f32", "synthetic:NAME"),
         ("synthetic:gpt-2", "f32", "llama-3.1-8b"),
@@ -253,17 +258,14 @@ fn the_memory_plan_matches_the_measured_peak() {
 #[test]
 fn a_synthetic_config_file_prunes_cuts_and_exports_in_bf16() {
     let tmp = tempfile::tempdir().unwrap();
-    let cfg = tmp.path().join("config.json");
     // A small Qwen2-style model: q/k/v biases, untied head.
-    std::fs::write(
-        &cfg,
+    let model = synthetic_config(
+        tmp.path(),
         r#"{"model_type":"qwen2","vocab_size":300,"hidden_size":64,"intermediate_size":96,
         "num_hidden_layers":3,"num_attention_heads":4,"num_key_value_heads":2,
         "rms_norm_eps":1e-6,"rope_theta":1000000.0,"tie_word_embeddings":false,
         "max_position_embeddings":512}"#,
-    )
-    .unwrap();
-    let model = format!("synthetic:{}", cfg.display());
+    );
     let out = tmp.path().join("run");
     let (ok, stdout, err) = xtask(&[
         "prune",
@@ -409,16 +411,13 @@ fn a_gpu_list_is_planned_per_device_and_bad_lists_are_clear_errors() {
 
 /// `synthetic:` a 4-layer LLaMA config written in `dir` (GQA, untied head).
 fn small_llama(dir: &std::path::Path) -> String {
-    let cfg = dir.join("config.json");
-    std::fs::write(
-        &cfg,
+    synthetic_config(
+        dir,
         r#"{"model_type":"llama","vocab_size":400,"hidden_size":128,"intermediate_size":256,
         "num_hidden_layers":4,"num_attention_heads":4,"num_key_value_heads":2,
         "rms_norm_eps":1e-5,"rope_theta":10000.0,"tie_word_embeddings":false,
         "max_position_embeddings":256}"#,
     )
-    .unwrap();
-    format!("synthetic:{}", cfg.display())
 }
 
 #[test]
@@ -573,16 +572,13 @@ fn the_least_squares_statistics_planned_bound_the_measured_rise() {
     // A wide MLP and little else, so that the least-squares cut's f64 Gram matrices of
     // down_proj's 4,096 inputs (128 MiB each) dominate what the cut adds to the process.
     let tmp = tempfile::tempdir().unwrap();
-    let cfg = tmp.path().join("config.json");
-    std::fs::write(
-        &cfg,
+    let model = synthetic_config(
+        tmp.path(),
         r#"{"model_type":"llama","vocab_size":512,"hidden_size":256,"intermediate_size":4096,
         "num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,
         "rms_norm_eps":1e-5,"rope_theta":10000.0,"tie_word_embeddings":true,
         "max_position_embeddings":2048}"#,
-    )
-    .unwrap();
-    let model = format!("synthetic:{}", cfg.display());
+    );
     // A light cut keeps almost every channel: the widest solve is nearly the dense width the
     // plan assumes (it is made before any plan exists).
     let sparsity = "0.02";
