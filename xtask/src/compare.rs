@@ -1612,7 +1612,7 @@ fn write_results(
         md += &format!(" {k} ({m}) |");
     }
     if has_avg {
-        md += " 7-task avg |";
+        md += " 7-task avg (± s.e.) |";
     }
     if has_err {
         md += " rel. err |";
@@ -1647,9 +1647,11 @@ fn write_results(
             };
         }
         if has_avg {
+            let se = crate::eval::llm_pruner_average_stderr(&c.results)
+                .map_or(String::new(), |se| format!(" ± {se:.4}"));
             md += &c
                 .llm_pruner_average
-                .map_or(" – |".into(), |v| format!(" {v:.4} |"));
+                .map_or(" – |".into(), |v| format!(" {v:.4}{se} |"));
         }
         if has_err {
             md += &c.rel_error.map_or(" – |".into(), |v| format!(" {v:.5} |"));

@@ -355,8 +355,10 @@ pub fn evaluate<B: Backend>(
             }
         }
         if let Some(avg) = insert_llm_pruner_average(&mut results) {
+            let se = llm_pruner_average_stderr(&results)
+                .map_or(String::new(), |se| format!(" ± {se:.4}"));
             table.push(format!(
-                "| 7-task average (LLM-Pruner convention: acc for boolq, piqa, winogrande, arc_easy; acc_norm for hellaswag, arc_challenge, openbookqa) | {avg:.4} | |"
+                "| 7-task average (LLM-Pruner convention: acc for boolq, piqa, winogrande, arc_easy; acc_norm for hellaswag, arc_challenge, openbookqa) | {avg:.4}{se} | |"
             ));
         }
         Ok((results, table))
@@ -383,15 +385,31 @@ pub fn llm_pruner_average(results: &serde_json::Map<String, serde_json::Value>) 
     vals.map(|v| v.iter().sum::<f64>() / v.len() as f64)
 }
 
-/// Adds `llm_pruner_average` (its value and the metric of each task) to `results` where all
-/// seven tasks are there, and returns the average.
+/// The standard error of [`llm_pruner_average`]: the seven tasks' examples are independent, so
+/// it is the root of the sum of their squared standard errors over seven.
+pub fn llm_pruner_average_stderr(
+    results: &serde_json::Map<String, serde_json::Value>,
+) -> Option<f64> {
+    let var: Option<f64> = LLM_PRUNER_CONVENTION
+        .iter()
+        .map(|(t, m)| {
+            let se = results.get(*t)?.get(format!("{m}_stderr"))?.as_f64()?;
+            Some(se * se)
+        })
+        .sum();
+    var.map(|v| v.sqrt() / LLM_PRUNER_CONVENTION.len() as f64)
+}
+
+/// Adds `llm_pruner_average` (its value, its standard error and the metric of each task) to
+/// `results` where all seven tasks are there, and returns the average.
 pub fn insert_llm_pruner_average(
     results: &mut serde_json::Map<String, serde_json::Value>,
 ) -> Option<f64> {
     let avg = llm_pruner_average(results)?;
+    let stderr = llm_pruner_average_stderr(results);
     results.insert(
         "llm_pruner_average".into(),
-        serde_json::json!({"value": avg, "metrics": LLM_PRUNER_CONVENTION}),
+        serde_json::json!({"value": avg, "stderr": stderr, "metrics": LLM_PRUNER_CONVENTION}),
     );
     Some(avg)
 }

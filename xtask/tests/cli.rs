@@ -370,6 +370,18 @@ fn eval_scores_multiple_choice_tasks_c4_and_the_seven_task_average() {
             .sum::<f64>())
         / 7.0;
     assert!((res["llm_pruner_average"]["value"].as_f64().unwrap() - want).abs() < 1e-12);
+    // Its standard error: the seven tasks' errors added in quadrature, over seven.
+    let var: f64 = ["boolq", "piqa", "winogrande", "arc_easy"]
+        .iter()
+        .map(|t| res[*t]["acc_stderr"].as_f64().unwrap().powi(2))
+        .chain(
+            ["hellaswag", "arc_challenge", "openbookqa"]
+                .iter()
+                .map(|t| res[*t]["acc_norm_stderr"].as_f64().unwrap().powi(2)),
+        )
+        .sum();
+    let se = res["llm_pruner_average"]["stderr"].as_f64().unwrap();
+    assert!(se > 0.0 && (se - var.sqrt() / 7.0).abs() < 1e-12, "{se}");
     assert_eq!(res["c4"]["windows"], 3);
     assert!(res["c4"]["ppl"].as_f64().unwrap().is_finite());
     assert_eq!(res["c4"]["rows"], 1000);
