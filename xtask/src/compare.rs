@@ -1878,7 +1878,7 @@ mod tests {
             md.contains("perplexity wikitext2@128 / wikitext2@2048"),
             "{md}"
         );
-        // No plan with two cuts: nothing.
+        // Without FLAP's cells, PG's row alone; with no plan cut two ways, nothing.
         let pg = cuts_side_by_side(&cells[4..], &["wikitext2@128"]);
         assert!(
             pg.contains("| pg | 0.2 | 80.00 | 79.00 | – |") && !pg.contains("flap"),
