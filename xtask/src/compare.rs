@@ -1416,6 +1416,71 @@ fn cut_of(method: &str) -> Option<Reconstruct> {
     Spec::parse(method).ok().and_then(|s| s.recon)
 }
 
+/// The lowest perplexity at each sparsity on every perplexity column: the best cell (every
+/// cell tied with it), its ratio to the dense model, and the next cell with its ratio to the
+/// best, so that a table of many cells says at a glance which method wins where and by how
+/// much. Only cells that removed what they were asked to are ranked; one that kept more is
+/// named under the table. The dense cell is the reference, not a contender.
+fn best_per_sparsity(cells: &[Cell], ppl: &[&str]) -> String {
+    let value = |c: &Cell, k: &str| c.results.get(k).and_then(|r| r["ppl"].as_f64());
+    let pruned: Vec<&Cell> = cells.iter().filter(|c| c.method != "dense").collect();
+    let mut sparsities: Vec<f64> = pruned.iter().map(|c| c.sparsity).collect();
+    sparsities.sort_by(f64::total_cmp);
+    sparsities.dedup();
+    if ppl.is_empty() || sparsities.is_empty() {
+        return String::new();
+    }
+    let dense = cells.iter().find(|c| c.method == "dense");
+    let mut md = format!(
+        "\nBest perplexity per sparsity on each column: the lowest cell (with any cell tied with it) and its ratio to dense, then the next cell and its ratio to the best. Only the cells that removed what they were asked to are ranked.\n\n| sparsity | {} |\n|---:|{}\n",
+        ppl.join(" | "),
+        "---|".repeat(ppl.len())
+    );
+    let mut not_compared = String::new();
+    for &s in &sparsities {
+        let here: Vec<&Cell> = pruned.iter().copied().filter(|c| c.sparsity == s).collect();
+        md += &format!("| {s} |");
+        for k in ppl {
+            let mut ranked: Vec<(&str, f64)> = here
+                .iter()
+                .filter(|c| !keeps_more(c))
+                .filter_map(|c| value(c, k).map(|v| (c.method.as_str(), v)))
+                .collect();
+            ranked.sort_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(b.0)));
+            let Some(&(_, best)) = ranked.first() else {
+                md += " – |";
+                continue;
+            };
+            let tied: Vec<&str> = ranked
+                .iter()
+                .take_while(|(_, v)| *v == best)
+                .map(|(m, _)| *m)
+                .collect();
+            md += &format!(" **{}** {best:.2}", tied.join(" = "));
+            if let Some(d) = dense.and_then(|d| value(d, k)) {
+                md += &format!(" ({:.2}x dense)", best / d);
+            }
+            if let Some((m, v)) = ranked.get(tied.len()) {
+                md += &format!("; next {m} {v:.2} ({:.2}x)", v / best);
+            }
+            md += " |";
+        }
+        md += "\n";
+        for c in here.iter().filter(|c| keeps_more(c)) {
+            let v = value(c, ppl[0]).map_or("–".into(), |v| format!("{v:.2}"));
+            not_compared += &format!(
+                "- sparsity {s}, not compared: {} keeps {:.4} of the parameters ({} {v})\n",
+                c.method, c.kept_param_ratio, ppl[0]
+            );
+        }
+    }
+    if !not_compared.is_empty() {
+        md += "\n";
+        md += &not_compared;
+    }
+    md
+}
+
 /// The cuts of one plan side by side (issue 18's question: does `ls` beat `bias`, and `bias`
 /// `none`?): a row per method and sparsity that has at least two cuts among `cells`, each cut's
 /// perplexities on the `ppl` columns, and whether `ls < bias < none` holds on each column
@@ -1667,42 +1732,12 @@ fn write_results(
             c.seconds_eval
         );
     }
-    // Best method per sparsity on the first perplexity column.
-    if let Some((k, _)) = cols.iter().find(|(_, m)| m == "ppl") {
-        md += &format!(
-            "\nBest {k} perplexity per sparsity (among the cells that removed what they were asked to; a cell that kept more is named after it):\n\n"
-        );
-        let mut by_s: BTreeMap<String, (String, f64)> = BTreeMap::new();
-        let mut short: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        for c in cells.iter().filter(|c| c.method != "dense") {
-            if let Some(v) = c.results.get(k).and_then(|r| r["ppl"].as_f64()) {
-                let s = format!("{}", c.sparsity);
-                if keeps_more(c) {
-                    short.entry(s).or_default().push(format!(
-                        "{} keeps {:.4} ({v:.2})",
-                        c.method, c.kept_param_ratio
-                    ));
-                    continue;
-                }
-                let e = by_s.entry(s).or_insert((c.method.clone(), v));
-                if v < e.1 {
-                    *e = (c.method.clone(), v);
-                }
-            }
-        }
-        for (s, (m, v)) in by_s {
-            md += &format!("- sparsity {s}: {m} ({v:.2})");
-            if let Some(list) = short.get(&s) {
-                md += &format!("; not compared: {}", list.join(", "));
-            }
-            md += "\n";
-        }
-    }
     let ppl: Vec<&str> = cols
         .iter()
         .filter(|(_, m)| m == "ppl")
         .map(|(k, _)| k.as_str())
         .collect();
+    md += &best_per_sparsity(cells, &ppl);
     md += &cuts_side_by_side(cells, &ppl);
     if has_err {
         md += &per_layer_errors(out, cells)?;
@@ -1844,6 +1879,46 @@ mod tests {
         clock.record(false, Duration::from_secs(1000));
         assert_eq!(clock.left(3), Some(Duration::from_secs(800)));
         assert_eq!(clock.left(4), None);
+    }
+
+    #[test]
+    fn the_best_cell_of_each_sparsity_is_named_with_its_margin() {
+        use Reconstruct::Ls;
+        // LLM-BIP's per-layer plan kept more than 70%: named, never ranked.
+        let mut wide = cell("llm-bip", 0.3, None, &[10.0, 5.0]);
+        wide.kept_param_ratio = 0.72;
+        let cells = [
+            cell("dense", 0.0, None, &[50.0, 20.0]),
+            cell("pg+ls", 0.2, Some(Ls), &[80.0, 30.0]),
+            cell("flap+ls", 0.2, Some(Ls), &[80.0, 36.0]),
+            cell("sleb", 0.2, None, &[100.0, 33.0]),
+            cell("pg+ls", 0.3, Some(Ls), &[120.0, 60.0]),
+            cell("flap", 0.3, None, &[150.0, 45.0]),
+            wide,
+        ];
+        let md = best_per_sparsity(&cells, &["wikitext2@128", "wikitext2@2048"]);
+        let rows: Vec<&str> = md.lines().filter(|l| l.starts_with("| ")).collect();
+        assert_eq!(
+            rows,
+            [
+                "| sparsity | wikitext2@128 | wikitext2@2048 |",
+                "| 0.2 | **flap+ls = pg+ls** 80.00 (1.60x dense); next sleb 100.00 (1.25x) | **pg+ls** 30.00 (1.50x dense); next sleb 33.00 (1.10x) |",
+                "| 0.3 | **pg+ls** 120.00 (2.40x dense); next flap 150.00 (1.25x) | **flap** 45.00 (2.25x dense); next pg+ls 60.00 (1.33x) |",
+            ],
+            "{md}"
+        );
+        assert!(
+            md.contains("- sparsity 0.3, not compared: llm-bip keeps 0.7200 of the parameters (wikitext2@128 10.00)"),
+            "{md}"
+        );
+        // A column no cell has reads `–`; without perplexity columns or pruned cells, nothing.
+        let md = best_per_sparsity(&cells[..2], &["wikitext2@128", "ptb@128"]);
+        assert!(
+            md.contains("| 0.2 | **pg+ls** 80.00 (1.60x dense) | – |"),
+            "{md}"
+        );
+        assert_eq!(best_per_sparsity(&cells, &[]), "");
+        assert_eq!(best_per_sparsity(&cells[..1], &["wikitext2@128"]), "");
     }
 
     #[test]
