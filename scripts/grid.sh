@@ -16,11 +16,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 keep=docs/results/grid
 out=${GRID_OUT:-runs/grid}
-# Issue 17's list first (pg with its defaults, the others as their papers cut), then the
-# least-squares cells, then the other cuts issue 18 compares.
-methods=dense,pg+ls,flap,sleb,llm-bip,block-influence,ifso,llm-pruner,wanda-sp
+# Issue 17's list first (pg with its defaults, the others as their papers cut, and FLAP
+# without its compensation), then the least-squares cells, then the other cuts issue 18
+# compares.
+methods=dense,pg+ls,flap,sleb,llm-bip,block-influence,ifso,llm-pruner,wanda-sp,flap+none
 methods+=,flap+ls,sleb+ls,llm-bip+ls,wanda-sp+ls
-methods+=,pg+bias,pg+none,flap+none,sleb+bias,llm-bip+bias,wanda-sp+bias
+methods+=,pg+bias,pg+none,sleb+bias,llm-bip+bias,wanda-sp+bias
 # The OBS cut where it runs (issue 18): on PG's plans and on FLAP's, the two it helps or ties.
 methods+=,pg+obs,flap+obs
 # shellcheck disable=SC2054 # commas separate compare's list values, not elements
