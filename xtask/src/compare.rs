@@ -264,6 +264,13 @@ struct Cell {
     eval_fingerprint: Option<f64>,
 }
 
+impl Cell {
+    /// The cell's perplexity on the result `key` (for example `wikitext2@128`), if it has one.
+    fn ppl(&self, key: &str) -> Option<f64> {
+        self.results.get(key).and_then(|r| r["ppl"].as_f64())
+    }
+}
+
 /// A cell's evaluation so far, written to `cells/<id>/eval-partial.json` as each task finishes
 /// and removed when the cell is: a run interrupted in a cell's evaluation evaluates only the
 /// tasks it had not finished. Read back only for a model with the same [`eval_fingerprint`].
@@ -1422,7 +1429,6 @@ fn cut_of(method: &str) -> Option<Reconstruct> {
 /// much. Only cells that removed what they were asked to are ranked; one that kept more is
 /// named under the table. The dense cell is the reference, not a contender.
 fn best_per_sparsity(cells: &[Cell], ppl: &[&str]) -> String {
-    let value = |c: &Cell, k: &str| c.results.get(k).and_then(|r| r["ppl"].as_f64());
     let pruned: Vec<&Cell> = cells.iter().filter(|c| c.method != "dense").collect();
     let mut sparsities: Vec<f64> = pruned.iter().map(|c| c.sparsity).collect();
     sparsities.sort_by(f64::total_cmp);
@@ -1444,7 +1450,7 @@ fn best_per_sparsity(cells: &[Cell], ppl: &[&str]) -> String {
             let mut ranked: Vec<(&str, f64)> = here
                 .iter()
                 .filter(|c| !keeps_more(c))
-                .filter_map(|c| value(c, k).map(|v| (c.method.as_str(), v)))
+                .filter_map(|c| c.ppl(k).map(|v| (c.method.as_str(), v)))
                 .collect();
             ranked.sort_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(b.0)));
             let Some(&(_, best)) = ranked.first() else {
@@ -1457,7 +1463,7 @@ fn best_per_sparsity(cells: &[Cell], ppl: &[&str]) -> String {
                 .map(|(m, _)| *m)
                 .collect();
             md += &format!(" **{}** {best:.2}", tied.join(" = "));
-            if let Some(d) = dense.and_then(|d| value(d, k)) {
+            if let Some(d) = dense.and_then(|d| d.ppl(k)) {
                 md += &format!(" ({:.2}x dense)", best / d);
             }
             if let Some((m, v)) = ranked.get(tied.len()) {
@@ -1467,7 +1473,7 @@ fn best_per_sparsity(cells: &[Cell], ppl: &[&str]) -> String {
         }
         md += "\n";
         for c in here.iter().filter(|c| keeps_more(c)) {
-            let v = value(c, ppl[0]).map_or("–".into(), |v| format!("{v:.2}"));
+            let v = c.ppl(ppl[0]).map_or("–".into(), |v| format!("{v:.2}"));
             not_compared += &format!(
                 "- sparsity {s}, not compared: {} keeps {:.4} of the parameters ({} {v})\n",
                 c.method, c.kept_param_ratio, ppl[0]
@@ -1523,7 +1529,6 @@ fn cuts_side_by_side(cells: &[Cell], ppl: &[&str]) -> String {
     let used: Vec<usize> = (0..CUTS.len())
         .filter(|i| rows.values().any(|r| r.contains_key(i)))
         .collect();
-    let value = |c: &Cell, k: &str| c.results.get(k).and_then(|r| r["ppl"].as_f64());
     let mut md = format!(
         "\nThe cuts of each plan side by side (perplexity {}; `ls < bias < none`: whether the least-squares cut is below the bias compensation and that below no compensation, on each of those columns):\n\n| method | sparsity |",
         ppl.join(" / ")
@@ -1541,7 +1546,7 @@ fn cuts_side_by_side(cells: &[Cell], ppl: &[&str]) -> String {
                 Some(c) => {
                     let v: Vec<String> = ppl
                         .iter()
-                        .map(|k| value(c, k).map_or("–".into(), |v| format!("{v:.2}")))
+                        .map(|k| c.ppl(k).map_or("–".into(), |v| format!("{v:.2}")))
                         .collect();
                     format!(" {} |", v.join(" / "))
                 }
@@ -1551,7 +1556,7 @@ fn cuts_side_by_side(cells: &[Cell], ppl: &[&str]) -> String {
         let order: Vec<&str> = ppl
             .iter()
             .map(|k| {
-                let at = |i: usize| row.get(&i).and_then(|c| value(c, k));
+                let at = |i: usize| row.get(&i).and_then(|c| c.ppl(k));
                 match (at(2), at(1), at(0)) {
                     (Some(ls), Some(bias), Some(none)) if ls < bias && bias < none => "yes",
                     (Some(_), Some(_), Some(_)) => "no",
@@ -1774,7 +1779,7 @@ fn write_results(
                 "sparsity (fraction of prunable parameters removed)",
                 "perplexity (log scale)",
             ),
-            &line(&|c| c.results.get(k).and_then(|r| r["ppl"].as_f64())),
+            &line(&|c| c.ppl(k)),
             true,
         )?;
     }
