@@ -111,6 +111,10 @@ pub struct CompareArgs {
     /// Search MLP channels in blocks of N (0 or 1: one unit per channel; default: the preset's).
     #[arg(long)]
     pg_channel_block: Option<usize>,
+    /// Search per-layer MLP widths in steps of --pg-channel-block (as `prune --widths`;
+    /// default: the preset's).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pg_widths: Option<bool>,
     /// How the parameter budget projects pg probabilities: shift or cost (as `prune
     /// --projection`; default: the preset's).
     #[arg(long)]
@@ -587,6 +591,7 @@ pub fn run(args: CompareArgs) -> Result<()> {
         steps: args.pg_steps.unwrap_or(base.steps),
         batch_size: args.pg_batch_size.unwrap_or(base.batch_size),
         channel_block: args.pg_channel_block.unwrap_or(base.channel_block),
+        widths: args.pg_widths.unwrap_or(base.widths),
         anneal: args.pg_anneal.unwrap_or(base.anneal),
         projection: match &args.pg_projection {
             Some(p) => p.parse()?,

@@ -35,8 +35,9 @@ pub struct PgGradientArgs {
     /// Tokens per window.
     #[arg(long, default_value_t = 128)]
     seq_len: usize,
-    /// Channel block sizes, comma-separated (1: one unit per channel).
-    #[arg(long, default_value = "1,64")]
+    /// Channel block sizes, comma-separated (1: one unit per channel; `wN`: per-layer widths
+    /// in steps of N channels, as `prune --widths --channel-block N`).
+    #[arg(long, default_value = "1,64,w32")]
     blocks: String,
     /// The start's probability band LO,HI (as `prune --start-band`; default 0.85,0.98).
     #[arg(long, value_parser = crate::prune::parse_band)]
@@ -68,12 +69,19 @@ impl PgGradientArgs {
             .blocks
             .split(',')
             .map(|b| {
-                b.trim()
-                    .parse::<usize>()
+                let b = b.trim();
+                let (size, widths) = match b.strip_prefix('w') {
+                    Some(n) => (n, true),
+                    None => (b, false),
+                };
+                size.parse::<usize>()
                     .ok()
-                    .filter(|&b| b >= 1)
+                    .filter(|&n| n >= if widths { 2 } else { 1 })
+                    .map(|n| (n, widths))
                     .ok_or_else(|| {
-                        anyhow::anyhow!("--blocks `{b}`: give block sizes >= 1, e.g. 1,64")
+                        anyhow::anyhow!(
+                            "--blocks `{b}`: give block sizes >= 1 or widths in steps >= 2, e.g. 1,64,w32"
+                        )
                     })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -89,7 +97,8 @@ impl PgGradientArgs {
 pub struct PgGradientBench {
     args: PgGradientArgs,
     init: Method,
-    blocks: Vec<usize>,
+    /// Channel block sizes, each with whether its blocks are tied into per-layer widths.
+    blocks: Vec<(usize, bool)>,
 }
 
 /// Signal and noise of `reps` gradient estimates `g` (one vector each): the mean squared
@@ -179,7 +188,7 @@ impl Job for PgGradientBench {
             "| channel units | estimator | units | mean sampled loss | noise E|g - mean|^2 | signal |mean|^2 | signal / noise | cos(half means) | s |"
         );
         println!("|---|---|---:|---:|---:|---:|---:|---:|---:|");
-        for &block in &self.blocks {
+        for &(block, widths) in &self.blocks {
             for (name, baseline, antithetic) in [
                 (
                     "moving baseline, independent masks (reference)",
@@ -197,6 +206,7 @@ impl Job for PgGradientBench {
                     baseline,
                     antithetic,
                     channel_block: block,
+                    widths,
                     start_band: self.args.start_band,
                     batch_size: self.args.batch_size,
                     ..PgConfig::new(self.args.sparsity)
@@ -221,7 +231,9 @@ impl Job for PgGradientBench {
                 let (signal, noise, cos) = signal_and_noise(&grads);
                 println!(
                     "| {} | {name} | {} | {:.4} | {noise:.4e} | {signal:.4e} | {:.4} | {cos:.3} | {:.0} |",
-                    if block > 1 {
+                    if widths {
+                        format!("widths in steps of {block}")
+                    } else if block > 1 {
                         format!("blocks of {block}")
                     } else {
                         "channels".into()

@@ -119,6 +119,10 @@ pub struct PruneArgs {
     /// needs --budget params).
     #[arg(long)]
     pub channel_block: Option<usize>,
+    /// Search each layer's MLP width (its --channel-block blocks share one probability, and
+    /// a mask keeps the first of them in the start's order) instead of each block.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub widths: Option<bool>,
     /// A plan start's band LO,HI: kept units start in [LO, HI], removed ones in [1-HI, 1-LO]
     /// (default 0.85,0.98; nearer 1, sampled masks stay nearer the plan).
     #[arg(long, value_parser = parse_band)]
@@ -348,6 +352,7 @@ impl PruneArgs {
             antithetic: self.antithetic.unwrap_or(base.antithetic),
             prob_floor: self.prob_floor.unwrap_or(base.prob_floor),
             channel_block: self.channel_block.unwrap_or(base.channel_block),
+            widths: self.widths.unwrap_or(base.widths),
             start_band: self.start_band.or(base.start_band),
             warmup: self.warmup.unwrap_or(base.warmup),
             projection: match &self.projection {

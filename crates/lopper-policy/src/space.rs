@@ -278,6 +278,19 @@ impl UnitSpace {
         Some(layout)
     }
 
+    /// Each layer's channel units (indices into `units`), in the space's order (with blocks:
+    /// the start's, most important first); layers without channel units are left out.
+    pub fn channel_groups(&self) -> Vec<Vec<usize>> {
+        let mut groups = vec![Vec::new(); self.shape.n_layers()];
+        for (i, u) in self.units.iter().enumerate() {
+            if let PruneUnit::Channel { layer, .. } = *u {
+                groups[layer].push(i);
+            }
+        }
+        groups.retain(|g| !g.is_empty());
+        groups
+    }
+
     /// Unit `i`'s score under per-unit `scores`: a channel block's mean.
     pub fn score(&self, scores: &lopper_core::UnitScores, i: usize) -> f64 {
         match self.units[i] {

@@ -310,6 +310,14 @@ pub struct PgConfig {
     /// [`ANNEAL_GAIN`]-fold, so the sampled masks converge to the final plan (0: off).
     #[serde(default)]
     pub anneal: usize,
+    /// Search each layer's MLP width instead of its channel blocks: a layer's blocks share one
+    /// probability `p`, a sampled mask keeps as many blocks as its `Bernoulli(p)` draws say
+    /// (a binomial width), always the first ones in the start's order, and the final plan
+    /// keeps `width(p)` of them ([`PgState::width`]). One variable per layer instead of one
+    /// per block, so each has an effect large enough to estimate in a short search. Needs
+    /// `channel_block > 1` (the blocks of the width's steps).
+    #[serde(default)]
+    pub widths: bool,
 }
 
 fn moving() -> Baseline {
@@ -349,6 +357,7 @@ impl PgConfig {
             warmup: 0,
             projection: Projection::Shift,
             anneal: 0,
+            widths: false,
         }
     }
 
@@ -483,6 +492,20 @@ impl PgConfig {
                 self.channel_block
             ));
         }
+        if self.widths {
+            if self.channel_block < 2 || !self.units.contains(&UnitKind::Channel) {
+                return bad(
+                    "--widths searches each layer's channels in steps of --channel-block: give --channel-block 2 or more (32 is a good step) and search channels (--units heads,channels,layers)"
+                        .into(),
+                );
+            }
+            if self.estimator == Estimator::Regression || self.anneal > 0 {
+                return bad(
+                    "--widths ties each layer's blocks to one probability: it works with --estimator ref or score and without --anneal (which would push widths to 0 or full)"
+                        .into(),
+                );
+            }
+        }
         if self.projection == Projection::Cost && self.budget == Budget::PerType {
             return bad(
                 "--projection cost weighs units by their parameters and needs --budget params (a per-type budget counts units)"
@@ -586,6 +609,10 @@ pub struct PgState {
     /// so that a resumed search rebuilds the same space.
     #[serde(default)]
     pub base: Option<MaskPlan>,
+    /// With [`PgConfig::widths`]: each layer's channel units, in the start's order (rebuilt
+    /// from the space, not saved).
+    #[serde(skip)]
+    widths: Vec<Vec<usize>>,
 }
 
 /// The channel blocks of `size` channels a search from `init` uses, per layer. A plan start:
@@ -745,7 +772,12 @@ impl PgState {
             channel_blocks: space.layout(),
             surrogate: (config_regression).then(|| Surrogate::new(space.units.len())),
             base: space.base.clone(),
+            widths: Vec::new(),
         };
+        if state.config.widths {
+            state.widths = space.channel_groups();
+            state.start_widths(space);
+        }
         // The sampling stream is independent of the init's draws.
         state.rng = ChaCha8Rng::seed_from_u64(state.config.seed ^ 0x9e37_79b9_7f4a_7c15);
         state.project(space);
@@ -806,6 +838,44 @@ impl PgState {
                 );
             }
         }
+        self.tie(space);
+    }
+
+    /// Ties each width group to one probability: the cost-weighted mean of its units', which
+    /// leaves the expected kept parameters (linear in each unit's probability times its cost)
+    /// and the bounds unchanged. No-op without [`PgConfig::widths`].
+    fn tie(&mut self, space: &UnitSpace) {
+        for g in &self.widths {
+            let c: f64 = g.iter().map(|&i| space.cost[i]).sum();
+            let p = g
+                .iter()
+                .map(|&i| self.probs[i] * space.cost[i])
+                .sum::<f64>()
+                / c;
+            g.iter().for_each(|&i| self.probs[i] = p);
+        }
+    }
+
+    /// A width search's start: a plan start's layer keeps its kept blocks' share of its width
+    /// ([`PgState::width`] of the probability is that count); other starts, the group's mean.
+    fn start_widths(&mut self, space: &UnitSpace) {
+        if self.init_plan.is_none() {
+            return self.tie(space);
+        }
+        let f = self.config.prob_floor;
+        for g in &self.widths {
+            let kept = g.iter().filter(|&&i| self.probs[i] > 0.5).count();
+            let p = f + (1.0 - 2.0 * f) * kept as f64 / g.len() as f64;
+            g.iter().for_each(|&i| self.probs[i] = p);
+        }
+    }
+
+    /// The width (in units of its group) that a width group at probability `p` keeps in the
+    /// final plan: `[floor, 1 - floor]` mapped onto `[0, n]`, so that the bounds, which keep
+    /// every width sampled away from the extremes, still let a final plan keep none or all.
+    pub fn width(&self, p: f64, n: usize) -> f64 {
+        let f = self.config.prob_floor;
+        n as f64 * ((p - f) / (1.0 - 2.0 * f)).clamp(0.0, 1.0)
     }
 
     /// In the last `config.anneal` steps, sharpens every probability away from 1/2: each logit
@@ -853,7 +923,13 @@ impl PgState {
     }
 
     fn mask_of(&self, u: &[f64]) -> Vec<bool> {
-        self.probs.iter().zip(u).map(|(&s, &u)| u < s).collect()
+        let mut m: Vec<bool> = self.probs.iter().zip(u).map(|(&s, &u)| u < s).collect();
+        // A width group keeps as many units as its draws say, the first ones in its order.
+        for g in &self.widths {
+            let k = g.iter().filter(|&&i| m[i]).count();
+            g.iter().enumerate().for_each(|(j, &i)| m[i] = j < k);
+        }
+        m
     }
 
     /// The K masks of one step: independent draws, or antithetic pairs (`u` and `1 - u`).
@@ -997,6 +1073,12 @@ impl PgState {
                 *g += norm * (l - b) * (keep as u8 as f64 - s) / denom(var);
             }
         }
+        // A width group's one probability: the mean of its units' terms (the reordering in
+        // the mask keeps their count, so this is the shared probability's score term over n).
+        for g in &self.widths {
+            let mean = g.iter().map(|&i| grad[i]).sum::<f64>() / g.len() as f64;
+            g.iter().for_each(|&i| grad[i] = mean);
+        }
         Ok((grad, scored.into_iter().map(|x| x.1).collect()))
     }
 
@@ -1015,10 +1097,19 @@ impl PgState {
     pub fn final_plan(&self, space: &UnitSpace) -> Result<MaskPlan> {
         let keep = self.config.keep();
         let mut mask = vec![true; self.probs.len()];
+        // A width group's unit j counts as kept by how far its width reaches past it (a half
+        // step rounds): 1 below the width, 0 beyond, in between at its edge.
+        let mut probs = self.probs.clone();
+        for g in &self.widths {
+            let w = self.width(self.probs[g[0]], g.len());
+            for (j, &i) in g.iter().enumerate() {
+                probs[i] = (w - j as f64 + 0.5).clamp(0.0, 1.0);
+            }
+        }
         match self.config.budget {
             Budget::PerType => {
                 for &(_, start, end) in &space.kinds {
-                    let s = &self.probs[start..end];
+                    let s = &probs[start..end];
                     mask[start..end].iter_mut().for_each(|m| *m = false);
                     for i in top_k(s, keep_count(keep, s.len())) {
                         mask[start + i] = true;
@@ -1027,8 +1118,8 @@ impl PgState {
             }
             Budget::Params => {
                 let target = self.config.sparsity * space.pool;
-                let mut order: Vec<usize> = (0..self.probs.len()).collect();
-                order.sort_by(|&a, &b| self.probs[a].total_cmp(&self.probs[b]).then(b.cmp(&a)));
+                let mut order: Vec<usize> = (0..probs.len()).collect();
+                order.sort_by(|&a, &b| probs[a].total_cmp(&probs[b]).then(b.cmp(&a)));
                 let mut removed = space.fixed_removed();
                 let n_layers = space.shape.n_layers();
                 let mut layer_gone = vec![false; n_layers];
@@ -1119,6 +1210,10 @@ impl PgState {
                 s.probs.len(),
                 space.units.len()
             )));
+        }
+        let mut s = s;
+        if s.config.widths {
+            s.widths = space.channel_groups();
         }
         Ok((s, space))
     }

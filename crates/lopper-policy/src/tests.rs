@@ -848,6 +848,102 @@ fn channel_blocks_keep_the_start_exact_and_survive_a_checkpoint() {
 }
 
 #[test]
+fn widths_search_one_width_per_layer_from_the_start() {
+    let shape = ModelShape::tiny();
+    let unblocked = UnitSpace::new(&shape, &all_units()).unwrap();
+    let (plan, mut cfg) = plan_start(&shape, &unblocked);
+    cfg.channel_block = 4;
+    cfg.widths = true;
+    cfg.steps = 12;
+    cfg.lr_channels = 0.05;
+    let init = scored_start(&plan, &shape);
+    let space = cfg.space(&shape, &init).unwrap();
+    let groups = space.channel_groups();
+    assert_eq!(groups.iter().map(Vec::len).collect::<Vec<_>>(), [12; 3]);
+    let mut state = PgState::new(cfg.clone(), &space, &init).unwrap();
+    let tied = |s: &PgState| {
+        groups
+            .iter()
+            .all(|g| g.iter().all(|&i| s.probs[i] == s.probs[g[0]]))
+    };
+    assert!(tied(&state));
+    // Layer 2 keeps 28 of its 48 channels: 7 of 12 blocks; step 0's plan is the start.
+    let width = |s: &PgState, l: usize| s.width(s.probs[groups[l][0]], 12);
+    assert!((width(&state, 2) - 7.0).abs() < 0.5, "{}", width(&state, 2));
+    assert_eq!(state.final_plan(&space).unwrap().layers, plan.layers);
+    // Masks keep a prefix of each layer's blocks (the start's order), of varying width; a loss
+    // that grows with layer 2's width moves its width down, and the budget holds.
+    let mut seen = std::collections::BTreeSet::new();
+    let start2 = width(&state, 2);
+    for _ in 0..cfg.steps {
+        state
+            .step(&space, &mut |p| {
+                for g in &groups {
+                    let lp = &p.layers[space.units[g[0]].layer()];
+                    if lp.kv_groups.is_empty() && lp.channels.is_empty() {
+                        continue;
+                    }
+                    let kept: Vec<bool> = g
+                        .iter()
+                        .map(|&i| {
+                            let ch = space.channels_of(i);
+                            let k = ch
+                                .iter()
+                                .filter(|c| lp.channels.binary_search(c).is_ok())
+                                .count();
+                            assert!(k == 0 || k == ch.len());
+                            k > 0
+                        })
+                        .collect();
+                    let k = kept.iter().filter(|&&x| x).count();
+                    assert!(kept[..k].iter().all(|&x| x), "not a prefix: {kept:?}");
+                    seen.insert((g[0], k));
+                }
+                Ok(p.layers[2].channels.len() as f64 / 48.0)
+            })
+            .unwrap();
+        assert!(tied(&state));
+        assert!((space.expected_kept(&state.probs) - cfg.keep()).abs() < 1e-4);
+    }
+    assert!(seen.iter().filter(|(g, _)| *g == groups[2][0]).count() > 2);
+    assert!(
+        width(&state, 2) < start2 - 1.0,
+        "{start2} -> {}",
+        width(&state, 2)
+    );
+    let end = state.final_plan(&space).unwrap();
+    assert!(end.layers[2].channels.len() < plan.layers[2].channels.len());
+    assert!((end.kept_param_ratio() - cfg.keep()).abs() < 0.05);
+    // A checkpoint resumes the same search.
+    let path = std::env::temp_dir().join(format!("lopper-widths-{}.json", std::process::id()));
+    state.save(&path).unwrap();
+    let (mut back, rebuilt) = PgState::load(&path, &shape).unwrap();
+    std::fs::remove_file(&path).ok();
+    assert_eq!(rebuilt, space);
+    assert_eq!(back, state);
+    let mut loss = |p: &MaskPlan| Ok(p.layers[2].channels.len() as f64);
+    state.config.steps += 1;
+    back.config.steps += 1;
+    state.step(&space, &mut loss).unwrap();
+    back.step(&space, &mut loss).unwrap();
+    assert_eq!(back.to_json(), state.to_json());
+    // Widths need blocks and a per-unit estimator.
+    for (block, est, anneal) in [
+        (0, Estimator::Ref, 0),
+        (4, Estimator::Regression, 0),
+        (4, Estimator::Ref, 3),
+    ] {
+        let bad = PgConfig {
+            channel_block: block,
+            estimator: est,
+            anneal,
+            ..cfg.clone()
+        };
+        assert!(bad.validate().unwrap_err().to_string().contains("--widths"));
+    }
+}
+
+#[test]
 fn channel_blocks_must_partition_each_layer() {
     let shape = ModelShape::tiny();
     let space = UnitSpace::new(&shape, &fine()).unwrap();
