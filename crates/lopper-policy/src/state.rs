@@ -613,6 +613,10 @@ pub struct PgState {
     /// from the space, not saved).
     #[serde(skip)]
     widths: Vec<Vec<usize>>,
+    /// The expected kept fraction the projection holds (`None`: the config's keep). A width
+    /// search from a plan holds its start's, the fitted plan's size in expectation.
+    #[serde(default)]
+    pub keep_target: Option<f64>,
 }
 
 /// The channel blocks of `size` channels a search from `init` uses, per layer. A plan start:
@@ -773,14 +777,32 @@ impl PgState {
             surrogate: (config_regression).then(|| Surrogate::new(space.units.len())),
             base: space.base.clone(),
             widths: Vec::new(),
+            keep_target: None,
         };
-        if state.config.widths {
-            state.widths = space.channel_groups();
-            state.start_widths(space);
-        }
         // The sampling stream is independent of the init's draws.
         state.rng = ChaCha8Rng::seed_from_u64(state.config.seed ^ 0x9e37_79b9_7f4a_7c15);
         state.project(space);
+        if state.config.widths {
+            state.widths = space.channel_groups();
+            if let (Init::Plan { scores, .. }, Some(_)) = (init, &state.init_plan) {
+                // The start fitted to the budget unit by unit, as a search without widths fits
+                // it (a plan off the budget gives or takes its best-ranked units, heads and
+                // channels alike); its widths then start the search exactly.
+                state.widths.clear();
+                let fitted = state.final_plan(space)?;
+                state.widths = space.channel_groups();
+                let band = state.config.start_band.unwrap_or(DEFAULT_START_BAND);
+                state.probs = plan_probs(space, &fitted, scores.as_ref(), band);
+                state.start_widths();
+                // The search keeps the expected size of this start, which stands for the
+                // fitted plan: projected onto `keep` instead, every width would move with the
+                // shift (the final plan reads widths from the probabilities themselves, not
+                // from their ranks) and the start would be lost.
+                state.keep_target = Some(space.expected_kept(&state.probs));
+            } else {
+                state.tie(space);
+            }
+        }
         // The starting plan as the budget admits it: the step-0 final plan (the plan itself when
         // it meets the budget), so that the held-out choice compares plans of equal size.
         if let Some(p) = &state.init_plan {
@@ -793,7 +815,7 @@ impl PgState {
 
     /// Projects the probabilities onto the budget.
     pub fn project(&mut self, space: &UnitSpace) {
-        let keep = self.config.keep();
+        let keep = self.keep_target.unwrap_or(self.config.keep());
         let bounds = (self.config.prob_floor, 1.0 - self.config.prob_floor);
         match self.config.budget {
             Budget::PerType => {
@@ -856,12 +878,9 @@ impl PgState {
         }
     }
 
-    /// A width search's start: a plan start's layer keeps its kept blocks' share of its width
-    /// ([`PgState::width`] of the probability is that count); other starts, the group's mean.
-    fn start_widths(&mut self, space: &UnitSpace) {
-        if self.init_plan.is_none() {
-            return self.tie(space);
-        }
+    /// A plan start's widths: each layer at its kept blocks' share ([`PgState::width`] of the
+    /// probability is that count).
+    fn start_widths(&mut self) {
         let f = self.config.prob_floor;
         for g in &self.widths {
             let kept = g.iter().filter(|&&i| self.probs[i] > 0.5).count();
@@ -1097,13 +1116,14 @@ impl PgState {
     pub fn final_plan(&self, space: &UnitSpace) -> Result<MaskPlan> {
         let keep = self.config.keep();
         let mut mask = vec![true; self.probs.len()];
-        // A width group's unit j counts as kept by how far its width reaches past it (a half
-        // step rounds): 1 below the width, 0 beyond, in between at its edge.
+        // A width group's unit j ranks by its distance to the width's edge: above 1/2 inside
+        // the (rounded) width, below it beyond, [`WIDTH_SLOPE`] per unit, so that a plan off
+        // the budget trims or fills the layers' edges before it touches a kept head or layer.
         let mut probs = self.probs.clone();
         for g in &self.widths {
             let w = self.width(self.probs[g[0]], g.len());
             for (j, &i) in g.iter().enumerate() {
-                probs[i] = (w - j as f64 + 0.5).clamp(0.0, 1.0);
+                probs[i] = (0.5 + WIDTH_SLOPE * (w - j as f64 - 0.5)).clamp(0.0, 1.0);
             }
         }
         match self.config.budget {
@@ -1218,6 +1238,12 @@ impl PgState {
         Ok((s, space))
     }
 }
+
+/// How far apart a width group's units rank in the final plan, per unit of distance from the
+/// width's edge ([`PgConfig::widths`]): the last kept unit of a plan start ranks at 0.55 and
+/// the first removed one at 0.45, between the default band's removed (at most 0.15) and kept
+/// (at least 0.85) units.
+pub const WIDTH_SLOPE: f64 = 0.1;
 
 /// How many times the logits grow over an entropy anneal ([`PgConfig::anneal`]).
 pub const ANNEAL_GAIN: f64 = 4.0;

@@ -850,8 +850,10 @@ fn channel_blocks_keep_the_start_exact_and_survive_a_checkpoint() {
 #[test]
 fn widths_search_one_width_per_layer_from_the_start() {
     let shape = ModelShape::tiny();
-    let unblocked = UnitSpace::new(&shape, &all_units()).unwrap();
+    // Heads and channels: the dropped layer 1 is a layer of width 0 without heads.
+    let unblocked = UnitSpace::new(&shape, &fine()).unwrap();
     let (plan, mut cfg) = plan_start(&shape, &unblocked);
+    cfg.units = fine();
     cfg.channel_block = 4;
     cfg.widths = true;
     cfg.steps = 12;
@@ -867,10 +869,38 @@ fn widths_search_one_width_per_layer_from_the_start() {
             .all(|g| g.iter().all(|&i| s.probs[i] == s.probs[g[0]]))
     };
     assert!(tied(&state));
-    // Layer 2 keeps 28 of its 48 channels: 7 of 12 blocks; step 0's plan is the start.
+    // Layer 2 keeps 28 of its 48 channels: 7 of 12 blocks, exactly (the search holds the
+    // start's expected size); step 0's plan is the start.
     let width = |s: &PgState, l: usize| s.width(s.probs[groups[l][0]], 12);
-    assert!((width(&state, 2) - 7.0).abs() < 0.5, "{}", width(&state, 2));
+    assert!(
+        (width(&state, 2) - 7.0).abs() < 1e-9,
+        "{}",
+        width(&state, 2)
+    );
+    assert!(
+        (width(&state, 0) - 12.0).abs() < 1e-9,
+        "{}",
+        width(&state, 0)
+    );
     assert_eq!(state.final_plan(&space).unwrap().layers, plan.layers);
+    // A budget that asks two blocks more than the start removes is met at the layers' edges,
+    // not by a kept head.
+    let tighter = PgConfig {
+        sparsity: cfg.sparsity + 2.0 * space.cost[groups[0][0]] / space.pool,
+        ..cfg.clone()
+    };
+    let fitted = PgState::new(tighter, &space, &init).unwrap();
+    let fitted = fitted.final_plan(&space).unwrap();
+    for (a, b) in fitted.layers.iter().zip(&plan.layers) {
+        assert_eq!(a.kv_groups, b.kv_groups);
+        assert!(
+            a.channels
+                .iter()
+                .all(|c| b.channels.binary_search(c).is_ok())
+        );
+    }
+    let kept = |p: &MaskPlan| p.layers.iter().map(|l| l.channels.len()).sum::<usize>();
+    assert_eq!(kept(&fitted) + 8, kept(&plan));
     // Masks keep a prefix of each layer's blocks (the start's order), of varying width; a loss
     // that grows with layer 2's width moves its width down, and the budget holds.
     let mut seen = std::collections::BTreeSet::new();
@@ -903,7 +933,8 @@ fn widths_search_one_width_per_layer_from_the_start() {
             })
             .unwrap();
         assert!(tied(&state));
-        assert!((space.expected_kept(&state.probs) - cfg.keep()).abs() < 1e-4);
+        let target = state.keep_target.unwrap();
+        assert!((space.expected_kept(&state.probs) - target).abs() < 1e-4);
     }
     assert!(seen.iter().filter(|(g, _)| *g == groups[2][0]).count() > 2);
     assert!(
