@@ -783,23 +783,26 @@ impl PgState {
         state.rng = ChaCha8Rng::seed_from_u64(state.config.seed ^ 0x9e37_79b9_7f4a_7c15);
         state.project(space);
         if state.config.widths {
-            state.widths = space.channel_groups();
             if let (Init::Plan { scores, .. }, Some(_)) = (init, &state.init_plan) {
                 // The start fitted to the budget unit by unit, as a search without widths fits
                 // it (a plan off the budget gives or takes its best-ranked units, heads and
-                // channels alike); its widths then start the search exactly.
-                state.widths.clear();
+                // channels alike), then projected as that search would start from it, so
+                // heads and layers are sampled as they would be there.
+                let groups = space.channel_groups();
                 let fitted = state.final_plan(space)?;
-                state.widths = space.channel_groups();
                 let band = state.config.start_band.unwrap_or(DEFAULT_START_BAND);
                 state.probs = plan_probs(space, &fitted, scores.as_ref(), band);
-                state.start_widths();
-                // The search keeps the expected size of this start, which stands for the
-                // fitted plan: projected onto `keep` instead, every width would move with the
-                // shift (the final plan reads widths from the probabilities themselves, not
-                // from their ranks) and the start would be lost.
+                let kept: Vec<bool> = state.probs.iter().map(|&p| p > 0.5).collect();
+                state.project(space);
+                // Each layer's width is then its fitted count of blocks, and the search keeps
+                // the expected size of this start, which stands for the fitted plan: projected
+                // onto `keep` instead, every width would move with the shift (the final plan
+                // reads widths from the probabilities themselves, not from their ranks).
+                state.widths = groups;
+                state.start_widths(&kept);
                 state.keep_target = Some(space.expected_kept(&state.probs));
             } else {
+                state.widths = space.channel_groups();
                 state.tie(space);
             }
         }
@@ -878,12 +881,12 @@ impl PgState {
         }
     }
 
-    /// A plan start's widths: each layer at its kept blocks' share ([`PgState::width`] of the
+    /// A plan start's widths: each layer at its `kept` blocks' share ([`PgState::width`] of the
     /// probability is that count).
-    fn start_widths(&mut self) {
+    fn start_widths(&mut self, kept: &[bool]) {
         let f = self.config.prob_floor;
         for g in &self.widths {
-            let kept = g.iter().filter(|&&i| self.probs[i] > 0.5).count();
+            let kept = g.iter().filter(|&&i| kept[i]).count();
             let p = f + (1.0 - 2.0 * f) * kept as f64 / g.len() as f64;
             g.iter().for_each(|&i| self.probs[i] = p);
         }
