@@ -185,7 +185,7 @@ impl Job for PgGradientBench {
             self.args.seq_len
         );
         println!(
-            "| channel units | estimator | units | mean sampled loss | noise E|g - mean|^2 | signal |mean|^2 | signal / noise | cos(half means) | s |"
+            "| channel units | estimator | variables | mean sampled loss | noise E|g - mean|^2 | signal |mean|^2 | signal / noise | cos(half means) | s |"
         );
         println!("|---|---|---:|---:|---:|---:|---:|---:|---:|");
         for &(block, widths) in &self.blocks {
@@ -238,7 +238,14 @@ impl Job for PgGradientBench {
                     } else {
                         "channels".into()
                     },
-                    space.units.len(),
+                    // A width search's variables: one per layer's width, not per block.
+                    if widths {
+                        let groups = space.channel_groups();
+                        space.units.len() + groups.len()
+                            - groups.iter().map(Vec::len).sum::<usize>()
+                    } else {
+                        space.units.len()
+                    },
                     losses.iter().sum::<f64>() / losses.len().max(1) as f64,
                     signal / noise,
                     t.elapsed().as_secs_f64()
