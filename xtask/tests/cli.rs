@@ -735,6 +735,18 @@ fn an_interrupted_prune_resumes_to_the_same_plan() {
     );
     assert_eq!(probs(&bfull), probs(&bpart));
     assert_eq!(read(&bfull, "plan.json"), read(&bpart, "plan.json"));
+    // So does a search over per-layer widths (its fitted start's size is checkpointed).
+    let (wfull, wpart) = (root.path().join("wfull"), root.path().join("wpart"));
+    let (ok, _, err) = blocked(&wfull, &["--widths"]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = blocked(&wpart, &["--widths", "--stop-after", "4"]);
+    assert!(!ok && err.contains("interrupted at step 4"), "{err}");
+    let (ok, _, err) = blocked(&wpart, &["--widths", "--resume"]);
+    assert!(ok, "{err}");
+    let ckpt: serde_json::Value = serde_json::from_str(&read(&wfull, "checkpoint.json")).unwrap();
+    assert!(ckpt["keep_target"].is_f64(), "{}", ckpt["keep_target"]);
+    assert_eq!(probs(&wfull), probs(&wpart));
+    assert_eq!(read(&wfull, "plan.json"), read(&wpart, "plan.json"));
 }
 
 #[test]
@@ -753,7 +765,7 @@ fn bench_pg_gradient_prints_signal_and_noise_per_estimator() {
         "--seq-len",
         "16",
         "--blocks",
-        "1,8",
+        "1,8,w8",
     ]);
     assert!(ok, "{err}");
     assert!(
@@ -764,6 +776,8 @@ fn bench_pg_gradient_prints_signal_and_noise_per_estimator() {
         "| channels | moving baseline, independent masks (reference) |",
         "| channels | leave-one-out, antithetic pairs (lopper) |",
         "| blocks of 8 | leave-one-out, antithetic pairs (lopper) |",
+        // The tiny model's 3 layers: 3 widths, 6 KV groups and 3 layers.
+        "| widths in steps of 8 | leave-one-out, antithetic pairs (lopper) | 12 |",
     ] {
         assert!(out.contains(row), "{row}\n{out}");
     }
@@ -777,6 +791,8 @@ fn bench_pg_gradient_prints_signal_and_noise_per_estimator() {
     assert!(noise > 0.0, "{out}");
     let (ok, _, err) = xtask(&["bench", "pg-gradient", "--model", &model, "--blocks", "0"]);
     assert!(!ok && err.contains("--blocks `0`"), "{err}");
+    let (ok, _, err) = xtask(&["bench", "pg-gradient", "--model", &model, "--blocks", "w1"]);
+    assert!(!ok && err.contains("--blocks `w1`"), "{err}");
     let (ok, _, err) = xtask(&["bench", "pg-gradient", "--model", &model, "--init", "sleb"]);
     assert!(!ok && err.contains("layer method"), "{err}");
 }
