@@ -1213,7 +1213,7 @@ impl PgState {
             msg,
         };
         let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
-        let s: Self = serde_json::from_str(&text)
+        let mut s: Self = serde_json::from_str(&text)
             .map_err(|e| err(format!("not a lopper PG checkpoint: {e}")))?;
         let space = UnitSpace::new(shape, &s.config.units)?;
         let space = match (&s.channel_blocks, &s.base) {
@@ -1234,7 +1234,6 @@ impl PgState {
                 space.units.len()
             )));
         }
-        let mut s = s;
         if s.config.widths {
             s.widths = space.channel_groups();
         }
