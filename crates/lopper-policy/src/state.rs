@@ -783,12 +783,13 @@ impl PgState {
         state.rng = ChaCha8Rng::seed_from_u64(state.config.seed ^ 0x9e37_79b9_7f4a_7c15);
         state.project(space);
         if state.config.widths {
+            // Empty until the start is fitted: a plan start is fitted unit by unit.
+            let groups = space.channel_groups();
             if let (Init::Plan { scores, .. }, Some(_)) = (init, &state.init_plan) {
                 // The start fitted to the budget unit by unit, as a search without widths fits
                 // it (a plan off the budget gives or takes its best-ranked units, heads and
                 // channels alike), then projected as that search would start from it, so
                 // heads and layers are sampled as they would be there.
-                let groups = space.channel_groups();
                 let fitted = state.final_plan(space)?;
                 let band = state.config.start_band.unwrap_or(DEFAULT_START_BAND);
                 state.probs = plan_probs(space, &fitted, scores.as_ref(), band);
@@ -802,7 +803,7 @@ impl PgState {
                 state.start_widths(&kept);
                 state.keep_target = Some(space.expected_kept(&state.probs));
             } else {
-                state.widths = space.channel_groups();
+                state.widths = groups;
                 state.tie(space);
             }
         }
