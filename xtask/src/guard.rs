@@ -374,6 +374,25 @@ pub fn ls_fits(
     Ok(())
 }
 
+/// The refit proxy's f64 statistics (`--refit-proxy`: every o_proj / down_proj's inverse
+/// Gram matrix and weights, `lopper_sparse::RefitProxy::host_bytes`) must fit in the host
+/// memory available now; checked before the search starts.
+pub fn proxy_fits(shape: &ModelShape) -> Result<()> {
+    let Some(avail) = available_bytes()? else {
+        return Ok(());
+    };
+    let need = lopper_sparse::RefitProxy::host_bytes(shape);
+    if need as f64 > avail as f64 * USABLE {
+        bail!(
+            "--refit-proxy holds about {} of f64 statistics (every o_proj and down_proj's inverse Gram matrix), but {} is available{}; search without --refit-proxy, or use a machine with more memory",
+            human(need),
+            human(avail),
+            limit_note()
+        );
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -462,6 +462,25 @@ pub fn run_pg<B: Backend>(
     } else {
         None
     };
+    let proxy = if cfg.refit_proxy {
+        crate::guard::proxy_fits(model.shape())?;
+        let n = search_windows.len().min(init.metric_samples);
+        let t = Instant::now();
+        let p = lopper_sparse::RefitProxy::collect(
+            model,
+            &search_windows[..n],
+            cfg.batch_size,
+            lopper_sparse::ReconSettings::default().damp,
+        )?;
+        tracing::info!(
+            seconds = t.elapsed().as_secs_f64(),
+            windows = n,
+            "refit proxy statistics"
+        );
+        Some(p)
+    } else {
+        None
+    };
     let ckpt = run.dir.join("checkpoint.json");
     let (mut state, space) = if run.resume {
         let (s, space) = PgState::load(&ckpt, model.shape())?;
@@ -531,10 +550,11 @@ pub fn run_pg<B: Backend>(
     bar.set_position(state.step as u64);
     let mut first_loss = None;
     let mut last = None;
-    let finished = lopper_policy::search(
+    let finished = lopper_policy::search_with(
         model,
         search_windows,
         means.as_ref(),
+        proxy.as_ref(),
         &space,
         &mut state,
         Hooks {

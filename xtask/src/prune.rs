@@ -123,6 +123,11 @@ pub struct PruneArgs {
     /// a mask keeps the first of them in the start's order) instead of each block.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub widths: Option<bool>,
+    /// Score every sampled mask with its kept o_proj / down_proj refit from the dense model's
+    /// input statistics (a one-pass stand-in for --reconstruct ls) instead of the bias
+    /// compensation.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub refit_proxy: Option<bool>,
     /// A plan start's band LO,HI: kept units start in [LO, HI], removed ones in [1-HI, 1-LO]
     /// (default 0.85,0.98; nearer 1, sampled masks stay nearer the plan).
     #[arg(long, value_parser = parse_band)]
@@ -353,6 +358,7 @@ impl PruneArgs {
             prob_floor: self.prob_floor.unwrap_or(base.prob_floor),
             channel_block: self.channel_block.unwrap_or(base.channel_block),
             widths: self.widths.unwrap_or(base.widths),
+            refit_proxy: self.refit_proxy.unwrap_or(base.refit_proxy),
             start_band: self.start_band.or(base.start_band),
             warmup: self.warmup.unwrap_or(base.warmup),
             projection: match &self.projection {

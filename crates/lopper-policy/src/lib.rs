@@ -4,7 +4,7 @@ mod run;
 mod space;
 mod state;
 
-pub use run::{Choice, Hooks, Judged, RefitWindows, choose, judge_plans, search};
+pub use run::{Choice, Hooks, Judged, RefitWindows, choose, judge_plans, search, search_with};
 pub use space::{BlockLayout, Budget, Projection, UnitSpace, project, project_weighted, sigmap};
 pub use state::{
     ANNEAL_GAIN, Baseline, DEFAULT_START_BAND, Estimator, Init, Judge, LS_JUDGE_FROM, Optimizer,

@@ -9,6 +9,7 @@ use crate::state::{Judge, PgConfig, PgState, StepRecord};
 use crate::{Error, Result};
 use lopper_core::MaskPlan;
 use lopper_model::Llama;
+use lopper_sparse::RefitProxy;
 use lopper_surgery::{InputMeans, mean_loss_kept, windows_loss_kept};
 
 /// Callbacks of a search.
@@ -69,10 +70,33 @@ pub fn search<B: Backend>(
     state: &mut PgState,
     hooks: Hooks<'_>,
 ) -> Result<bool> {
+    search_with(model, windows, means, None, space, state, hooks)
+}
+
+/// [`search`], with the statistics of the refit proxy that a config with
+/// [`PgConfig::refit_proxy`] scores its masks with ([`lopper_sparse::RefitProxy::mean_loss`]).
+pub fn search_with<B: Backend>(
+    model: &Llama<B>,
+    windows: &[Vec<u32>],
+    means: Option<&InputMeans>,
+    proxy: Option<&RefitProxy>,
+    space: &UnitSpace,
+    state: &mut PgState,
+    hooks: Hooks<'_>,
+) -> Result<bool> {
     if windows.is_empty() {
         return Err(Error::Config("no calibration windows".into()));
     }
     let means = compensation(state, means)?;
+    let proxy = match (state.config.refit_proxy, proxy) {
+        (false, _) => None,
+        (true, Some(p)) => Some(p),
+        (true, None) => {
+            return Err(Error::Config(
+                "a search that scores masks through the refit proxy needs its statistics (RefitProxy::collect on the dense model)".into(),
+            ));
+        }
+    };
     while state.step < state.config.steps {
         if (hooks.should_stop)() {
             (hooks.checkpoint)(state)?;
@@ -81,8 +105,9 @@ pub fn search<B: Backend>(
         let ids = state.next_batch(windows.len());
         let rows: Vec<Vec<u32>> = ids.iter().map(|&i| windows[i].clone()).collect();
         let tokens = model.tokens(&rows)?;
-        let record = state.step(space, &mut |plan| {
-            Ok(mean_loss_kept(model, plan, means, tokens.clone())?)
+        let record = state.step(space, &mut |plan| match proxy {
+            Some(p) => Ok(p.mean_loss(model, plan, tokens.clone())?),
+            None => Ok(mean_loss_kept(model, plan, means, tokens.clone())?),
         })?;
         (hooks.on_step)(&record, state)?;
         if hooks.checkpoint_every > 0 && state.step.is_multiple_of(hooks.checkpoint_every) {

@@ -318,6 +318,11 @@ pub struct PgConfig {
     /// `channel_block > 1` (the blocks of the width's steps).
     #[serde(default)]
     pub widths: bool,
+    /// Score every sampled mask as the least-squares cut would ship it, approximately: its
+    /// kept `o_proj` / `down_proj` refit from the dense model's input statistics
+    /// ([`lopper_sparse::RefitProxy`]) instead of the bias compensation. Off by default.
+    #[serde(default)]
+    pub refit_proxy: bool,
 }
 
 fn moving() -> Baseline {
@@ -358,6 +363,7 @@ impl PgConfig {
             projection: Projection::Shift,
             anneal: 0,
             widths: false,
+            refit_proxy: false,
         }
     }
 

@@ -9,10 +9,12 @@ use burn::tensor::{Tensor, TensorData};
 use faer::Mat;
 use lopper_model::{DecoderLayer, LayerStepper, Llama, Tap};
 
+pub mod proxy;
 pub mod solve;
 pub mod structured;
 /// The linear-algebra crate of the solver API ([`prune_matrix`] takes `faer::Mat`).
 pub use faer;
+pub use proxy::{LayerRefit, RefitProxy, refit_layer};
 pub use solve::AlpsSettings;
 pub use structured::{
     Chosen, DAMP_GRID, HELD_OUT_EVERY, HeldOutReport, InputRefit, LS_GRAMS, ProjectionReport,

@@ -35,14 +35,14 @@ use std::time::Instant;
 
 use burn::module::Param;
 use burn::nn::Linear;
+use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Tensor, TensorData};
-use faer::linalg::matmul::triangular::BlockStructure;
 use faer::linalg::solvers::Solve;
 use faer::{Mat, Side};
 use lopper_core::{LayerPlan, LayerShape, MaskPlan};
 use lopper_model::{DecoderLayer, LayerStepper, Llama, Tap};
 
+use crate::proxy::{add_gram, linear_of, theta_of};
 use crate::{Error, Result, host_mat};
 
 /// Settings of [`reconstruct`].
@@ -402,17 +402,7 @@ impl Stats {
         let a = Mat::from_fn(n, k + 1, |i, j| if j < k { x[(i, j)] } else { 1.0 });
         // Only the lower triangle of the symmetric Gram matrix: half the products (the
         // Cholesky solve reads no more; `symmetric` mirrors it where the whole one is needed).
-        faer::linalg::matmul::triangular::matmul(
-            self.g.as_mut(),
-            BlockStructure::TriangularLower,
-            faer::Accum::Add,
-            a.transpose(),
-            BlockStructure::Rectangular,
-            a.as_ref(),
-            BlockStructure::Rectangular,
-            1.0,
-            faer::Par::rayon(0),
-        );
+        add_gram(&mut self.g, &a);
         faer::linalg::matmul::matmul(
             self.c.as_mut(),
             faer::Accum::Add,
@@ -651,43 +641,6 @@ impl Stats {
         Err(Error::Invalid(format!(
             "{what}: no finite least-squares solution even at damping {damp}; the calibration inputs are degenerate (use more calibration windows, or --reconstruct bias)"
         )))
-    }
-}
-
-/// `[W; b^T]` of a burn linear (`[in, out]`) keeping all its inputs.
-fn theta_of<B: Backend>(lin: &Linear<B>) -> Result<Mat<f64>> {
-    let w = host_mat(lin.weight.val(), false)?;
-    let (k, out) = (w.nrows(), w.ncols());
-    let b = match &lin.bias {
-        Some(b) => Some(host_mat(b.val().reshape([1, out]), false)?),
-        None => None,
-    };
-    Ok(Mat::from_fn(k + 1, out, |i, j| {
-        if i < k {
-            w[(i, j)]
-        } else {
-            b.as_ref().map_or(0.0, |b| b[(0, j)])
-        }
-    }))
-}
-
-/// The refit layer, its weight in `old`'s storage type (the bias is f32, as every bias).
-fn linear_of<B: Backend>(theta: &Mat<f64>, old: &Linear<B>) -> Linear<B> {
-    let device = &old.weight.device();
-    let (k, out) = (theta.nrows() - 1, theta.ncols());
-    let w: Vec<f32> = (0..k * out)
-        .map(|i| theta[(i / out, i % out)] as f32)
-        .collect();
-    let b: Vec<f32> = (0..out).map(|j| theta[(k, j)] as f32).collect();
-    Linear {
-        weight: Param::from_tensor(
-            Tensor::<B, 2>::from_data(TensorData::new(w, [k, out]), device)
-                .cast(old.weight.val().dtype()),
-        ),
-        bias: Some(Param::from_tensor(Tensor::from_data(
-            TensorData::new(b, [out]),
-            device,
-        ))),
     }
 }
 

@@ -743,3 +743,250 @@ mod structured {
         assert!(reconstruct(&other, &plan, &w, &ReconSettings::default(), |_| {}).is_err());
     }
 }
+
+mod proxy {
+    use burn::module::Param;
+    use burn::tensor::{ElementConversion, Tensor};
+    use faer::Mat;
+    use faer::linalg::solvers::Solve;
+    use lopper_core::{MaskPlan, ModelShape, PruneUnit};
+    use lopper_model::{Llama, Tap};
+
+    use crate::RefitProxy;
+    use crate::proxy::theta_of;
+
+    type B = burn_flex::Flex;
+
+    fn windows(n: usize, len: usize) -> Vec<Vec<u32>> {
+        (0..n)
+            .map(|r| {
+                (0..len)
+                    .map(|t| ((t * 7 + r * 13 + t * t * 3 + r * r) % 128) as u32)
+                    .collect()
+            })
+            .collect()
+    }
+
+    fn model() -> Llama<B> {
+        Llama::<B>::random(&ModelShape::tiny(), 9, &burn_flex::FlexDevice).unwrap()
+    }
+
+    fn copy_cols(p: &mut Param<Tensor<B, 2>>, src: std::ops::Range<usize>, dst: usize) {
+        let w = p.val();
+        let block = w.clone().narrow(1, src.start, src.len());
+        let rows = w.dims()[0];
+        *p = Param::from_tensor(w.slice_assign([0..rows, dst..dst + src.len()], block));
+    }
+
+    /// The dense model's inputs of layer `layer`'s projection at `tap`, `[tokens, k]`.
+    fn inputs(model: &Llama<B>, w: &[Vec<u32>], layer: usize, tap: Tap) -> Mat<f64> {
+        let mut rows: Vec<Vec<f64>> = Vec::new();
+        model
+            .forward_tapped(model.tokens(w).unwrap(), None, |i, p, x| {
+                if i == layer && p == tap {
+                    let [n, k] = x.dims();
+                    let v: Vec<f32> = x.clone().into_data().to_vec().unwrap();
+                    rows.extend(
+                        (0..n).map(|r| v[r * k..(r + 1) * k].iter().map(|&a| a as f64).collect()),
+                    );
+                }
+            })
+            .unwrap();
+        Mat::from_fn(rows.len(), rows[0].len(), |r, j| rows[r][j])
+    }
+
+    #[test]
+    fn a_plan_that_keeps_everything_scores_the_dense_model() {
+        let model = model();
+        let w = windows(4, 16);
+        let proxy = RefitProxy::collect(&model, &w, 2, 0.01).unwrap();
+        let plan = MaskPlan::from_removed(model.shape(), &[]).unwrap();
+        let layers = proxy.layers(&model, &plan).unwrap();
+        assert!(
+            layers
+                .iter()
+                .all(|l| l.o_proj.is_none() && l.down_proj.is_none())
+        );
+        let t = model.tokens(&w).unwrap();
+        let dense = model.mean_loss(t.clone(), None).unwrap();
+        assert_eq!(proxy.mean_loss(&model, &plan, t).unwrap(), dense);
+    }
+
+    #[test]
+    fn the_refit_is_the_damped_least_squares_fit_on_the_dense_inputs() {
+        let model = model();
+        let w = windows(6, 16);
+        let damp = 0.05;
+        let proxy = RefitProxy::collect(&model, &w, 4, damp).unwrap();
+        let removed = [
+            PruneUnit::Channel { layer: 0, index: 2 },
+            PruneUnit::Channel { layer: 0, index: 9 },
+            PruneUnit::Channel {
+                layer: 0,
+                index: 17,
+            },
+            PruneUnit::KvGroup { layer: 1, group: 0 },
+        ];
+        let plan = MaskPlan::from_removed(model.shape(), &removed).unwrap();
+        let layers = proxy.layers(&model, &plan).unwrap();
+        for (layer, tap, kept) in [
+            (0, Tap::DownProjInput, plan.layers[0].channels.clone()),
+            (
+                1,
+                Tap::OProjInput,
+                lopper_surgery::head_dims(&plan.layers[1].kv_groups, &plan.source.layers[1]).0,
+            ),
+        ] {
+            let l = model.layer(layer).unwrap();
+            let lin = match tap {
+                Tap::DownProjInput => &l.mlp.as_ref().unwrap().down_proj,
+                _ => &l.self_attn.as_ref().unwrap().o_proj,
+            };
+            let theta0 = theta_of(lin).unwrap();
+            let x = inputs(&model, &w, layer, tap);
+            let (n, k) = (x.nrows(), x.ncols());
+            let a = Mat::from_fn(n, k + 1, |r, j| if j < k { x[(r, j)] } else { 1.0 });
+            let target = &a * &theta0;
+            let g = a.transpose() * &a;
+            let lambda = damp * (0..k).map(|j| g[(j, j)]).sum::<f64>() / k as f64;
+            // The normal equations of the kept inputs and the bias, written out.
+            let cols: Vec<usize> = kept.iter().copied().chain([k]).collect();
+            let a_s = Mat::from_fn(n, cols.len(), |r, j| a[(r, cols[j])]);
+            let mut lhs = a_s.transpose() * &a_s;
+            let mut rhs = a_s.transpose() * &target;
+            for j in 0..cols.len() - 1 {
+                lhs[(j, j)] += lambda;
+                for c in 0..rhs.ncols() {
+                    rhs[(j, c)] += lambda * theta0[(cols[j], c)];
+                }
+            }
+            let want = lhs.llt(faer::Side::Lower).unwrap().solve(&rhs);
+            let got = theta_of(match tap {
+                Tap::DownProjInput => layers[layer].down_proj.as_ref().unwrap(),
+                _ => layers[layer].o_proj.as_ref().unwrap(),
+            })
+            .unwrap();
+            let scale = want.norm_max();
+            let diff = (&got - &want).norm_max();
+            assert!(
+                diff / scale < 1e-5,
+                "layer {layer} {tap:?}: {diff} of {scale}"
+            );
+            // And it differs from the plain slice.
+            let plain = Mat::from_fn(cols.len(), theta0.ncols(), |r, c| theta0[(cols[r], c)]);
+            assert!((&plain - &want).norm_max() / scale > 1e-3);
+        }
+    }
+
+    #[test]
+    fn removals_the_dense_inputs_make_redundant_are_undone() {
+        let mut model = model();
+        // Layer 1: KV group 1 computes what group 0 computes; layer 2: channel 5 copies 3.
+        {
+            let a = model.layers[1].self_attn.as_mut().unwrap();
+            copy_cols(&mut a.q_proj.weight, 0..16, 16);
+            copy_cols(&mut a.k_proj.weight, 0..8, 8);
+            copy_cols(&mut a.v_proj.weight, 0..8, 8);
+            let m = model.layers[2].mlp.as_mut().unwrap();
+            copy_cols(&mut m.gate_proj.weight, 3..4, 5);
+            copy_cols(&mut m.up_proj.weight, 3..4, 5);
+        }
+        let removed = [
+            PruneUnit::KvGroup { layer: 1, group: 1 },
+            PruneUnit::Channel { layer: 2, index: 5 },
+        ];
+        let plan = MaskPlan::from_removed(model.shape(), &removed).unwrap();
+        let w = windows(8, 16);
+        let proxy = RefitProxy::collect(&model, &w, 3, 1e-9).unwrap();
+        let t = model.tokens(&w).unwrap();
+        let dense = model.forward(t.clone());
+        let refits = proxy.layers(&model, &plan).unwrap();
+        let refit = model
+            .forward_layers(
+                t.clone(),
+                None,
+                |_, _| {},
+                |i, l| crate::refit_layer(l, &plan.source.layers[i], &plan.layers[i], &refits[i]),
+            )
+            .unwrap();
+        let cut = lopper_surgery::forward_kept(&model, &plan, t.clone()).unwrap();
+        let scale: f32 = dense.clone().abs().max().into_scalar().elem();
+        let d_refit: f32 = (refit - dense.clone()).abs().max().into_scalar().elem();
+        let d_cut: f32 = (cut - dense).abs().max().into_scalar().elem();
+        assert!(d_refit / scale < 1e-5, "refit {d_refit} of {scale}");
+        assert!(
+            d_cut / scale > 1e-3,
+            "the cut alone must differ: {d_cut} of {scale}"
+        );
+        let loss = proxy.mean_loss(&model, &plan, t.clone()).unwrap();
+        let dense_loss = model.mean_loss(t, None).unwrap();
+        assert!((loss - dense_loss).abs() < 1e-5, "{loss} vs {dense_loss}");
+    }
+
+    #[test]
+    fn a_block_removed_whole_carries_its_mean_output_as_the_bias_rule_does() {
+        let model = model();
+        let w = windows(4, 16);
+        let proxy = RefitProxy::collect(&model, &w, 2, 0.01).unwrap();
+        let n_ch = model.shape().layers[2].ffn_hidden;
+        let removed: Vec<PruneUnit> = (0..n_ch)
+            .map(|index| PruneUnit::Channel { layer: 2, index })
+            .collect();
+        let plan = MaskPlan::from_removed(model.shape(), &removed).unwrap();
+        let layers = proxy.layers(&model, &plan).unwrap();
+        assert!(layers[2].down_proj.is_none());
+        let got = theta_of(
+            layers[2]
+                .o_proj
+                .as_ref()
+                .expect("the carry lands on o_proj"),
+        )
+        .unwrap();
+        // The bias rule's carry, from the dense inputs' means.
+        let mean = |layer: usize, tap: Tap| {
+            let x = inputs(&model, &w, layer, tap);
+            (0..x.ncols())
+                .map(|j| (0..x.nrows()).map(|r| x[(r, j)]).sum::<f64>() / x.nrows() as f64)
+                .collect::<Vec<f64>>()
+        };
+        let n = model.shape().n_layers();
+        let means = lopper_surgery::InputMeans {
+            o_proj: (0..n).map(|i| mean(i, Tap::OProjInput)).collect(),
+            down_proj: (0..n).map(|i| mean(i, Tap::DownProjInput)).collect(),
+        };
+        let extra = lopper_surgery::compensation_biases(&model, &plan, &means).unwrap();
+        let extra: Vec<f32> = extra[2]
+            .o_proj
+            .clone()
+            .unwrap()
+            .into_data()
+            .to_vec()
+            .unwrap();
+        let dense = theta_of(&model.layer(2).unwrap().self_attn.as_ref().unwrap().o_proj).unwrap();
+        let b = dense.nrows() - 1;
+        for (j, e) in extra.iter().enumerate() {
+            let want = dense[(b, j)] + *e as f64;
+            assert!(
+                (got[(b, j)] - want).abs() < 1e-4 * (1.0 + want.abs()),
+                "{j}: {} vs {want}",
+                got[(b, j)]
+            );
+            // The attention itself keeps its dense weights.
+            assert_eq!(got[(0, j)], dense[(0, j)]);
+        }
+    }
+
+    #[test]
+    fn impossible_settings_are_refused() {
+        let model = model();
+        assert!(RefitProxy::collect(&model, &[], 2, 0.01).is_err());
+        assert!(RefitProxy::collect(&model, &windows(2, 8), 0, 0.01).is_err());
+        assert!(RefitProxy::collect(&model, &windows(2, 8), 2, 0.0).is_err());
+        let proxy = RefitProxy::collect(&model, &windows(2, 8), 2, 0.01).unwrap();
+        let mut shape = ModelShape::tiny();
+        shape.layers.pop();
+        let other = Llama::<B>::random(&shape, 1, &burn_flex::FlexDevice).unwrap();
+        let plan = MaskPlan::from_removed(other.shape(), &[]).unwrap();
+        assert!(proxy.layers(&other, &plan).is_err());
+    }
+}

@@ -11,7 +11,7 @@ pub use select::{
     BiasChoice, BiasSelection, GAIN_Z, compensated_blocks, select_compensation, significant_gain,
 };
 pub use slice::{
-    InputMeans, LayerBias, compensation_biases, forward_kept, mean_loss_kept, prune,
+    InputMeans, LayerBias, compensation_biases, forward_kept, head_dims, mean_loss_kept, prune,
     prune_compensated, prune_with_biases, slice_layer, slice_layer_biased, windows_loss_kept,
 };
 

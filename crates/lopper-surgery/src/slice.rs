@@ -34,8 +34,9 @@ fn select_linear<B: Backend>(lin: &Linear<B>, dim: usize, ids: &Tensor<B, 1, Int
     }
 }
 
-/// The feature indices of kept KV groups: `(query dims, kv dims)`.
-fn head_dims(groups: &[usize], src: &LayerShape) -> (Vec<usize>, Vec<usize>) {
+/// The feature indices of kept KV groups: `(query dims, kv dims)`; the query dims are the
+/// kept inputs of `o_proj`, in the order a sliced layer keeps them.
+pub fn head_dims(groups: &[usize], src: &LayerShape) -> (Vec<usize>, Vec<usize>) {
     let (hd, rep) = (src.head_dim, src.n_rep());
     let q = groups
         .iter()
