@@ -502,7 +502,8 @@ impl Blas {
 
     /// Whether the library has the bf16 x bf16 -> f32 product.
     pub fn has_bf16(&self) -> bool {
-        self.dnnl.is_some() || self.mkl.as_ref().is_some_and(|m| m.gemm_bf16.is_some())
+        self.dnnl.as_ref().is_some_and(|d| d.bf16_gemm)
+            || self.mkl.as_ref().is_some_and(|m| m.gemm_bf16.is_some())
     }
 
     /// Whether bf16 products run on the CPU's bf16 dot-product instructions (oneDNN on an
@@ -542,9 +543,9 @@ impl Blas {
             }
         }
         let routine = match (&self.dnnl, &self.mkl) {
-            (Some(d), _) => Routine::Dnnl(d, d.gemm_bf16),
+            (Some(d), _) if d.bf16_gemm => Routine::Dnnl(d, d.gemm_bf16),
             (
-                None,
+                _,
                 Some(Mkl {
                     gemm_bf16: Some(f), ..
                 }),

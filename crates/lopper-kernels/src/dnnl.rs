@@ -84,6 +84,9 @@ pub(crate) struct Dnnl {
     set_num_threads: SetNumThreads,
     /// Whether the CPU runs its bf16 product on bf16 dot-product instructions.
     pub native_bf16: bool,
+    /// Whether `gemm_bf16` runs at all on this CPU: oneDNN implements it from AVX-512 up and
+    /// answers `unimplemented` on an AVX2 CPU (probed at load with a 1 x 1 product).
+    pub bf16_gemm: bool,
     /// The matmul primitive, where it runs bf16 products on AMX tiles.
     pub amx: Option<crate::primitive::Matmul>,
     pub version: String,
@@ -156,6 +159,26 @@ fn load(path: &Path) -> std::result::Result<Dnnl, String> {
         };
         // Probed on one OpenMP thread, as every product runs.
         set_num_threads(1);
+        let bf16_gemm = {
+            let one: u16 = 0x3f80; // 1.0 in bf16
+            let mut c = 0f32;
+            let status = gemm_bf16(
+                b'N' as c_char,
+                b'N' as c_char,
+                1,
+                1,
+                1,
+                1.0,
+                &one,
+                1,
+                &one,
+                1,
+                0.0,
+                &mut c,
+                1,
+            );
+            status == 0 && c == 1.0
+        };
         let amx = if native_bf16 {
             crate::primitive::probe(&lib)
         } else {
@@ -166,6 +189,7 @@ fn load(path: &Path) -> std::result::Result<Dnnl, String> {
             gemm_bf16,
             set_num_threads,
             native_bf16,
+            bf16_gemm,
             amx,
             version,
             _lib: lib,
