@@ -389,9 +389,9 @@ mod structured {
     };
     use lopper_model::Llama;
 
-    type B = burn_flex::Flex;
+    pub(super) type B = burn_flex::Flex;
 
-    fn windows(n: usize, len: usize) -> Vec<Vec<u32>> {
+    pub(super) fn windows(n: usize, len: usize) -> Vec<Vec<u32>> {
         (0..n)
             .map(|r| {
                 (0..len)
@@ -407,7 +407,7 @@ mod structured {
         (d, scale)
     }
 
-    fn model() -> Llama<B> {
+    pub(super) fn model() -> Llama<B> {
         Llama::<B>::random(&ModelShape::tiny(), 9, &burn_flex::FlexDevice).unwrap()
     }
 
@@ -417,6 +417,28 @@ mod structured {
         let block = w.clone().narrow(1, src.start, src.len());
         let rows = w.dims()[0];
         *p = Param::from_tensor(w.slice_assign([0..rows, dst..dst + src.len()], block));
+    }
+
+    /// The tiny model with two removals its dense inputs make redundant, and the plan that
+    /// removes them. Layer 1: KV group 1 (query heads 2, 3; KV head 1) computes what group 0
+    /// computes, so removing it is exactly undone by o_proj. Layer 2: channel 5 copies channel 3.
+    pub(super) fn redundant() -> (Llama<B>, MaskPlan) {
+        let mut model = model();
+        {
+            let a = model.layers[1].self_attn.as_mut().unwrap();
+            copy_cols(&mut a.q_proj.weight, 0..16, 16);
+            copy_cols(&mut a.k_proj.weight, 0..8, 8);
+            copy_cols(&mut a.v_proj.weight, 0..8, 8);
+            let m = model.layers[2].mlp.as_mut().unwrap();
+            copy_cols(&mut m.gate_proj.weight, 3..4, 5);
+            copy_cols(&mut m.up_proj.weight, 3..4, 5);
+        }
+        let removed = [
+            PruneUnit::KvGroup { layer: 1, group: 1 },
+            PruneUnit::Channel { layer: 2, index: 5 },
+        ];
+        let plan = MaskPlan::from_removed(model.shape(), &removed).unwrap();
+        (model, plan)
     }
 
     #[test]
@@ -434,23 +456,7 @@ mod structured {
 
     #[test]
     fn least_squares_recovers_an_exactly_reachable_target() {
-        let mut model = model();
-        // Layer 1: KV group 1 (query heads 2, 3; KV head 1) computes what group 0 computes, so
-        // removing it is exactly undone by o_proj. Layer 2: channel 5 copies channel 3.
-        {
-            let a = model.layers[1].self_attn.as_mut().unwrap();
-            copy_cols(&mut a.q_proj.weight, 0..16, 16);
-            copy_cols(&mut a.k_proj.weight, 0..8, 8);
-            copy_cols(&mut a.v_proj.weight, 0..8, 8);
-            let m = model.layers[2].mlp.as_mut().unwrap();
-            copy_cols(&mut m.gate_proj.weight, 3..4, 5);
-            copy_cols(&mut m.up_proj.weight, 3..4, 5);
-        }
-        let removed = [
-            PruneUnit::KvGroup { layer: 1, group: 1 },
-            PruneUnit::Channel { layer: 2, index: 5 },
-        ];
-        let plan = MaskPlan::from_removed(model.shape(), &removed).unwrap();
+        let (model, plan) = redundant();
         let w = windows(8, 16);
         let s = ReconSettings {
             batch_size: 3,
@@ -745,8 +751,7 @@ mod structured {
 }
 
 mod proxy {
-    use burn::module::Param;
-    use burn::tensor::{ElementConversion, Tensor};
+    use burn::tensor::ElementConversion;
     use faer::Mat;
     use faer::linalg::solvers::Solve;
     use lopper_core::{MaskPlan, ModelShape, PruneUnit};
@@ -755,28 +760,7 @@ mod proxy {
     use crate::RefitProxy;
     use crate::proxy::theta_of;
 
-    type B = burn_flex::Flex;
-
-    fn windows(n: usize, len: usize) -> Vec<Vec<u32>> {
-        (0..n)
-            .map(|r| {
-                (0..len)
-                    .map(|t| ((t * 7 + r * 13 + t * t * 3 + r * r) % 128) as u32)
-                    .collect()
-            })
-            .collect()
-    }
-
-    fn model() -> Llama<B> {
-        Llama::<B>::random(&ModelShape::tiny(), 9, &burn_flex::FlexDevice).unwrap()
-    }
-
-    fn copy_cols(p: &mut Param<Tensor<B, 2>>, src: std::ops::Range<usize>, dst: usize) {
-        let w = p.val();
-        let block = w.clone().narrow(1, src.start, src.len());
-        let rows = w.dims()[0];
-        *p = Param::from_tensor(w.slice_assign([0..rows, dst..dst + src.len()], block));
-    }
+    use super::structured::{B, model, windows};
 
     /// The dense model's inputs of layer `layer`'s projection at `tap`, `[tokens, k]`.
     fn inputs(model: &Llama<B>, w: &[Vec<u32>], layer: usize, tap: Tap) -> Mat<f64> {
@@ -880,22 +864,7 @@ mod proxy {
 
     #[test]
     fn removals_the_dense_inputs_make_redundant_are_undone() {
-        let mut model = model();
-        // Layer 1: KV group 1 computes what group 0 computes; layer 2: channel 5 copies 3.
-        {
-            let a = model.layers[1].self_attn.as_mut().unwrap();
-            copy_cols(&mut a.q_proj.weight, 0..16, 16);
-            copy_cols(&mut a.k_proj.weight, 0..8, 8);
-            copy_cols(&mut a.v_proj.weight, 0..8, 8);
-            let m = model.layers[2].mlp.as_mut().unwrap();
-            copy_cols(&mut m.gate_proj.weight, 3..4, 5);
-            copy_cols(&mut m.up_proj.weight, 3..4, 5);
-        }
-        let removed = [
-            PruneUnit::KvGroup { layer: 1, group: 1 },
-            PruneUnit::Channel { layer: 2, index: 5 },
-        ];
-        let plan = MaskPlan::from_removed(model.shape(), &removed).unwrap();
+        let (model, plan) = super::structured::redundant();
         let w = windows(8, 16);
         let proxy = RefitProxy::collect(&model, &w, 3, 1e-9).unwrap();
         let t = model.tokens(&w).unwrap();
