@@ -946,6 +946,35 @@ mod proxy {
     }
 
     #[test]
+    fn the_statistics_size_is_what_a_guard_can_refuse_before_work() {
+        // The tiny model: 3 layers of o_proj (32 inputs) and down_proj (48), hidden 32, plus
+        // one Gram matrix being accumulated.
+        let tiny = ModelShape::tiny();
+        let l = tiny.layers[0];
+        let (o, d, h) = (l.n_heads * l.head_dim, l.ffn_hidden, tiny.hidden_size);
+        let per = |k: usize| ((k + 1) * (k + 1) + (k + 1) * h) as u64 * 8;
+        let widest = o.max(d) as u64 + 1;
+        assert_eq!(
+            RefitProxy::host_bytes(&tiny),
+            tiny.layers.len() as u64 * (per(o) + per(d)) + widest * widest * 8
+        );
+        // A Llama-3-8B shape needs about 76 GB: more than the machines it runs on hold.
+        let mut big = tiny.clone();
+        big.hidden_size = 4096;
+        big.layers = vec![
+            lopper_core::LayerShape {
+                n_heads: 32,
+                n_kv_heads: 8,
+                head_dim: 128,
+                ffn_hidden: 14336,
+            };
+            32
+        ];
+        let gb = RefitProxy::host_bytes(&big) as f64 / 1e9;
+        assert!((70.0..85.0).contains(&gb), "{gb} GB");
+    }
+
+    #[test]
     fn impossible_settings_are_refused() {
         let model = model();
         assert!(RefitProxy::collect(&model, &[], 2, 0.01).is_err());
