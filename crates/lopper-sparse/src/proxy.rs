@@ -13,8 +13,8 @@
 //!
 //! (Hassibi and Stork's optimal brain surgeon update for a set of inputs): the minimiser of
 //! `||A' theta' - A theta||^2 + lambda ||W' - W[S]||^2` over the kept inputs `A'`. Its cost per
-//! plan is a Cholesky factor of `Ginv[R, R]` and one product per block, far below a forward
-//! pass. Blocks removed whole carry their dense mean output into the bias of the nearest earlier
+//! plan is a Cholesky factor of `Ginv[R, R]` and one product per projection, with no pass over
+//! calibration text. Blocks removed whole carry their dense mean output into the bias of the nearest earlier
 //! kept block, as [`lopper_surgery::compensation_biases`] does. A plan that keeps everything
 //! gets the dense model.
 //!
