@@ -277,30 +277,15 @@ impl RefitProxy {
         let mean_out = (0..out)
             .map(|c| theta[(k, c)] + (0..k).map(|j| mean[j] * theta[(j, c)]).sum::<f64>())
             .collect();
-        let mean_diag = (0..k).map(|j| full[(j, j)]).sum::<f64>() / k.max(1) as f64;
-        let mut damp = damp;
-        for _ in 0..7 {
-            let mut h = full.clone();
-            for j in 0..k {
-                h[(j, j)] += damp * mean_diag.max(1e-12);
-            }
-            if let Ok(llt) = h.llt(Side::Lower) {
-                let ginv = llt.solve(Mat::<f64>::identity(k + 1, k + 1));
-                return Ok(Block {
-                    ginv,
-                    theta,
-                    mean_out,
-                });
-            }
-            tracing::warn!(
-                "refit proxy, {what}: raising the damping to {}",
-                damp * 10.0
-            );
-            damp *= 10.0;
-        }
-        Err(Error::Invalid(format!(
-            "refit proxy, {what}: the Gram matrix of its inputs cannot be factored even at damping {damp}; the calibration inputs are degenerate (use more calibration windows)"
-        )))
+        // The least-squares cut's damping rule (raised tenfold while Cholesky fails); only
+        // its factor is used here, the right-hand side of a fit has no target to read.
+        let stats = crate::structured::Stats::gram(g, out);
+        let (llt, _, _) = stats.damped(&theta, damp, &format!("refit proxy, {what}"))?;
+        Ok(Block {
+            ginv: llt.solve(Mat::<f64>::identity(k + 1, k + 1)),
+            theta,
+            mean_out,
+        })
     }
 
     /// The damping the statistics were inverted at (as asked; a block that needed more warned).

@@ -368,7 +368,7 @@ impl Problem {
 
 /// Sufficient statistics of one least-squares problem, accumulated in f64 over batches.
 #[derive(Clone)]
-struct Stats {
+pub(crate) struct Stats {
     /// `[X 1]^T [X 1]`, `(k + 1) x (k + 1)`.
     g: Mat<f64>,
     /// `[X 1]^T T`, `(k + 1) x out`.
@@ -378,6 +378,17 @@ struct Stats {
 }
 
 impl Stats {
+    /// Statistics holding only a Gram matrix (`g`, its lower triangle) of a problem with `out`
+    /// outputs and no targets.
+    pub(crate) fn gram(g: Mat<f64>, out: usize) -> Self {
+        let k = g.nrows();
+        Self {
+            g,
+            c: Mat::zeros(k, out),
+            tt: 0.0,
+        }
+    }
+
     fn new(k: usize, out: usize) -> Self {
         Self {
             g: Mat::zeros(k + 1, k + 1),
@@ -584,7 +595,7 @@ impl Stats {
 
     /// The damped normal equations `(G + lambda I) theta = C + lambda theta0` (the bias row
     /// undamped), factored; raises the damping tenfold, up to six times, where Cholesky fails.
-    fn damped(
+    pub(crate) fn damped(
         &self,
         theta0: &Mat<f64>,
         damp: f64,
