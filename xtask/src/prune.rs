@@ -633,6 +633,15 @@ impl PlacedJob for PruneJob {
         )?;
         let batch_size = self.cfg.batch_size;
         crate::guard::forward_fits(model.shape(), batch_size, a.seq_len, "calibration")?;
+        // The statistics the cut and the proxy hold, before the output folder is made.
+        let how = a.cut()?;
+        let inputs = how.check_refit_inputs(a.refit_inputs)?;
+        if self.sparse.is_none() && how.refits() {
+            crate::guard::ls_fits(model.shape(), how == Reconstruct::Obs, inputs)?;
+        }
+        if a.method == "pg" && self.cfg.refit_proxy {
+            crate::guard::proxy_fits(model.shape())?;
+        }
         if let Some(tasks) = &self.eval_tasks {
             crate::eval::EvalSettings::for_report(a.eval_limit, a.allow_longer_context)
                 .guard(model.shape(), tasks)?;
@@ -657,10 +666,7 @@ impl PlacedJob for PruneJob {
             a.seq_len,
             a.seed,
         )?;
-        let how = a.cut()?;
-        let inputs = how.check_refit_inputs(a.refit_inputs)?;
         let ls_calib = if self.sparse.is_none() && how.refits() {
-            crate::guard::ls_fits(model.shape(), how == Reconstruct::Obs, inputs)?;
             crate::reconstruct::ls_calibration(
                 tok,
                 model.shape(),

@@ -2111,7 +2111,7 @@ fn batches_that_cannot_fit_in_memory_are_refused_with_the_figure_and_the_flag() 
 }
 
 #[test]
-fn a_least_squares_cut_too_large_for_memory_is_refused_before_any_work() {
+fn a_least_squares_cut_or_refit_proxy_too_large_for_memory_is_refused_before_any_work() {
     // A wide MLP on a small model: 9 MiB of weights, but least squares on down_proj's 8,192
     // inputs holds Gram matrices of 8,193^2 f64 (537 MB each).
     let root = tempfile::tempdir().unwrap();
@@ -2132,7 +2132,8 @@ fn a_least_squares_cut_too_large_for_memory_is_refused_before_any_work() {
             && err.contains("--reconstruct bias"),
         "{err}"
     );
-    assert!(!out.join("checkpoint.json").exists() && !out.join("plan.json").exists());
+    // No output folder is made: the next try needs no --force.
+    assert!(!out.exists());
     // compare refuses before its first cell.
     let cmp = root.path().join("cmp");
     let args = compare_args(&model, &calib, cmp.to_str().unwrap(), "flap,flap+ls");
@@ -2144,9 +2145,21 @@ fn a_least_squares_cut_too_large_for_memory_is_refused_before_any_work() {
             .join("cell.json")
             .exists()
     );
-    // The same prune with a cut that needs no statistics runs.
+    // The refit proxy keeps every layer's inverse Gram matrix (three of 537 MB here) and one
+    // being accumulated: the search refuses before its first step, and says how to go on.
     let mut args = prune_args(&model, &calib, out.to_str().unwrap(), "1");
-    args.extend(["--reconstruct", "bias", "--force"]);
+    args.extend(["--reconstruct", "bias", "--refit-proxy"]);
+    let (ok, _, err) = xtask_env(&args, &limit);
+    assert!(
+        !ok && err.contains("--refit-proxy holds about 2.0 GiB")
+            && err.contains("1.0 GiB is available (LOPPER_MEMORY_LIMIT)")
+            && err.contains("search without --refit-proxy"),
+        "{err}"
+    );
+    assert!(!out.exists());
+    // The same prune with a cut that needs no statistics, and no proxy, runs.
+    let mut args = prune_args(&model, &calib, out.to_str().unwrap(), "1");
+    args.extend(["--reconstruct", "bias"]);
     let (ok, _, err) = xtask_env(&args, &limit);
     assert!(ok, "{err}");
 }
