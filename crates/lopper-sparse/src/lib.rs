@@ -9,13 +9,11 @@ use burn::tensor::{Tensor, TensorData};
 use faer::Mat;
 use lopper_model::{DecoderLayer, LayerStepper, Llama, Tap};
 
-pub mod obs_scores;
 pub mod proxy;
 pub mod solve;
 pub mod structured;
 /// The linear-algebra crate of the solver API ([`prune_matrix`] takes `faer::Mat`).
 pub use faer;
-pub use obs_scores::obs_scores;
 pub use proxy::{LayerRefit, RefitProxy, refit_layer};
 pub use solve::AlpsSettings;
 pub use structured::{

@@ -389,21 +389,6 @@ impl Stats {
         }
     }
 
-    /// The statistics of refitting a projection onto its own dense output `[X 1] theta0`, from
-    /// the lower triangle `g` of `[X 1]^T [X 1]`.
-    pub(crate) fn dense_target(g: Mat<f64>, theta0: &Mat<f64>) -> Self {
-        let mut s = Self::gram(g, theta0.ncols());
-        s.c = &s.symmetric() * theta0;
-        s.tt = (0..theta0.nrows())
-            .map(|i| {
-                (0..theta0.ncols())
-                    .map(|j| s.c[(i, j)] * theta0[(i, j)])
-                    .sum::<f64>()
-            })
-            .sum();
-        s
-    }
-
     fn new(k: usize, out: usize) -> Self {
         Self {
             g: Mat::zeros(k + 1, k + 1),
@@ -509,7 +494,7 @@ impl Stats {
     /// for groups), and the refit is the update `theta -= Hinv[:, G] Hinv[G, G]^-1 theta[G, :]`
     /// with the matching downdate of `Hinv`. Returns the removed groups' indices in order and
     /// their costs.
-    pub(crate) fn obs_order(
+    fn obs_order(
         &self,
         theta0: &Mat<f64>,
         damp: f64,
