@@ -269,9 +269,9 @@ impl RefitProxy {
 
     fn block<B: Backend>(g: Mat<f64>, lin: &Linear<B>, damp: f64, what: &str) -> Result<Block> {
         let k = g.nrows() - 1;
-        let full = Mat::from_fn(k + 1, k + 1, |a, b| g[(a.max(b), a.min(b))]);
-        let tokens = full[(k, k)].max(1.0);
-        let mean: Vec<f64> = (0..k).map(|j| full[(k, j)] / tokens).collect();
+        // The bias row of the lower triangle: the token count and each input's sum.
+        let tokens = g[(k, k)].max(1.0);
+        let mean: Vec<f64> = (0..k).map(|j| g[(k, j)] / tokens).collect();
         let theta = theta_of(lin)?;
         let out = theta.ncols();
         let mean_out = (0..out)
