@@ -462,8 +462,8 @@ pub fn run_pg<B: Backend>(
     } else {
         None
     };
+    // Its memory was checked by the command (`guard::proxy_fits`) before any work.
     let proxy = if cfg.refit_proxy {
-        crate::guard::proxy_fits(model.shape())?;
         let n = search_windows.len().min(init.metric_samples);
         let t = Instant::now();
         let p = lopper_sparse::RefitProxy::collect(
