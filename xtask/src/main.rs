@@ -5,6 +5,8 @@
 mod backend;
 mod bench;
 mod compare;
+#[cfg(test)]
+mod doc_commands;
 mod eval;
 mod gradient;
 mod guard;
