@@ -91,7 +91,7 @@ fn inline(page: &str, text: &str) -> Vec<(String, String)> {
     out
 }
 
-/// The subcommand a command names (`prune`, `bench forward`) and the flags it uses.
+/// The deepest subcommand the leading words name (`prune`, `bench forward`), with its path.
 fn subcommand<'a>(cli: &'a Command, words: &[&str]) -> Option<(&'a Command, String)> {
     let mut cmd = cli;
     let mut path = vec![];
