@@ -127,7 +127,10 @@ fn least_squares_and_obs_reconstruction_of_the_real_model_beat_the_cut_and_expor
         kv_groups: vec![],
         channels: vec![],
     };
-    let calib = c4_windows(0..400, Sampler::ConcatChunks, 96, 128, 42).windows;
+    // 32 windows (4,096 tokens) are enough for every claim below, at under half the time of 96
+    // (on a 2-core CPU shared with another job: 237 s against 532 s, with OBS refitting only the
+    // layer after the removed block).
+    let calib = c4_windows(0..400, Sampler::ConcatChunks, 32, 128, 42).windows;
     let held_out = c4_windows(600..800, Sampler::ConcatChunks, 8, 128, 42).windows;
     let settings = lopper_sparse::ReconSettings::default();
     let (ls, _, reports) =
@@ -148,9 +151,9 @@ fn least_squares_and_obs_reconstruction_of_the_real_model_beat_the_cut_and_expor
     let bias = loss(&lopper_surgery::prune_compensated(model, &plan, &means).unwrap());
     let least = loss(&ls);
     let dense = loss(model);
-    // The checked compensation, decided on 16 calibration windows: its losses there are the cut
+    // The checked compensation, decided on 8 calibration windows: its losses there are the cut
     // models' own, never above the rule's or none's; on the held-out windows it lies between.
-    let check = &calib[80..];
+    let check = &calib[24..];
     let (extra, sel) =
         lopper_surgery::select_compensation(model, &plan, &means, check, 4, |_| {}).unwrap();
     let on_check = |m: Option<&lopper_surgery::InputMeans>| {
@@ -176,10 +179,11 @@ fn least_squares_and_obs_reconstruction_of_the_real_model_beat_the_cut_and_expor
     );
     assert!(dense < least, "dense {dense} vs ls {least}");
     // OBS chooses the units within the plan's per-layer counts, and with the input projections
-    // refit too (biases on every projection) it still beats the compensation.
+    // of the layer after the removed block refit too (the default) it still beats the
+    // compensation. (Refitting every drifted layer's inputs is checked in placement.rs.)
     let settings = lopper_sparse::ReconSettings {
         obs: true,
-        inputs: lopper_sparse::InputRefit::All,
+        inputs: lopper_sparse::InputRefit::Next,
         ..settings
     };
     let (ls, chosen, reports) =
