@@ -180,7 +180,8 @@ fn least_squares_and_obs_reconstruction_of_the_real_model_beat_the_cut_and_expor
     assert!(dense < least, "dense {dense} vs ls {least}");
     // OBS chooses the units within the plan's per-layer counts, and with the input projections
     // of the layer after the removed block refit too (the default) it still beats the
-    // compensation. (Refitting every drifted layer's inputs is checked in placement.rs.)
+    // compensation. (Refitting every drifted layer's inputs is checked on tiny models, in
+    // lopper-sparse's unit tests and in placement.rs.)
     let settings = lopper_sparse::ReconSettings {
         obs: true,
         inputs: lopper_sparse::InputRefit::Next,
