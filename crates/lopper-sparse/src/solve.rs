@@ -187,21 +187,28 @@ pub fn sparsegpt(
         Pattern::NM { m, .. } => block.max(1).div_ceil(m) * m,
         Pattern::Unstructured(_) => block.max(1),
     };
+    // faer matrices are column-major: every update below runs down whole columns, and the
+    // buffers are allocated once.
+    let mut err = Mat::<f64>::zeros(rows, block);
+    let mut keep = vec![true; rows * block];
+    let mut score = Vec::with_capacity(rows * block);
     let mut b0 = 0;
     while b0 < cols {
         let b1 = (b0 + block).min(cols);
         let count = b1 - b0;
-        let mut err = Mat::<f64>::zeros(rows, count);
-        // Unstructured: one threshold over the whole block.
-        let mut keep = vec![true; rows * count];
-        if let Pattern::Unstructured(_) = pattern {
-            let s: Vec<f64> = (0..rows * count)
-                .map(|i| {
+        // The keep-mask of the block, row-major (`keep[r * count + c]`).
+        let keep = &mut keep[..rows * count];
+        match pattern {
+            // Unstructured: one threshold over the whole block.
+            Pattern::Unstructured(_) => {
+                score.clear();
+                score.extend((0..rows * count).map(|i| {
                     let (r, c) = (i / count, i % count);
                     w[(r, b0 + c)].powi(2) / u[(b0 + c, b0 + c)].powi(2)
-                })
-                .collect();
-            keep = mask(&s, rows, count, pattern, false);
+                }));
+                keep.copy_from_slice(&mask(&score, rows, count, pattern, false));
+            }
+            Pattern::NM { .. } => keep.fill(true),
         }
         for c in 0..count {
             let j = b0 + c;
@@ -222,25 +229,29 @@ pub fn sparsegpt(
             for r in 0..rows {
                 let wv = w[(r, j)];
                 let q = if keep[r * count + c] { wv } else { 0.0 };
-                let e = (wv - q) / d;
                 w[(r, j)] = q;
-                err[(r, c)] = e;
-                if e != 0.0 {
-                    for t in j + 1..b1 {
-                        w[(r, t)] -= e * u[(j, t)];
-                    }
+                err[(r, c)] = (wv - q) / d;
+            }
+            // Each pruned weight's error onto the block's later columns: W[:, t] -= e U[j, t].
+            let e = err.col(c);
+            for t in j + 1..b1 {
+                let ujt = u[(j, t)];
+                let mut wt = w.col_mut(t);
+                for r in 0..rows {
+                    wt[r] -= e[r] * ujt;
                 }
             }
         }
         if b1 < cols {
             // Lazy update of the later columns: W[:, b1:] -= Err U[b0:b1, b1:].
-            let ublk = u.submatrix(b0, b1, count, cols - b1).to_owned();
-            let upd = &err * &ublk;
-            for r in 0..rows {
-                for t in 0..cols - b1 {
-                    w[(r, b1 + t)] -= upd[(r, t)];
-                }
-            }
+            faer::linalg::matmul::matmul(
+                w.submatrix_mut(0, b1, rows, cols - b1),
+                faer::Accum::Add,
+                err.submatrix(0, 0, rows, count),
+                u.submatrix(b0, b1, count, cols - b1),
+                -1.0,
+                faer::get_global_parallelism(),
+            );
         }
         b0 = b1;
     }
