@@ -1872,10 +1872,11 @@ fn compare_two_methods_on_the_real_model() {
         "128",
         "--limit",
         "4",
+        // Most of the time is the paired compensation test, on every calibration window.
         "--calib-samples",
-        "8",
+        "4",
         "--metric-samples",
-        "8",
+        "4",
         "--pg-steps",
         "3",
         "--pg-batch-size",
