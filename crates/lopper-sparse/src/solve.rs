@@ -192,6 +192,7 @@ pub fn sparsegpt(
     let mut err = Mat::<f64>::zeros(rows, block);
     let mut keep = vec![true; rows * block];
     let mut score = Vec::with_capacity(rows * block);
+    let mut scratch = Vec::new();
     let mut b0 = 0;
     while b0 < cols {
         let b1 = (b0 + block).min(cols);
@@ -206,7 +207,7 @@ pub fn sparsegpt(
                     let (r, c) = (i / count, i % count);
                     w[(r, b0 + c)].powi(2) / u[(b0 + c, b0 + c)].powi(2)
                 }));
-                keep.copy_from_slice(&mask(&score, rows, count, pattern, false));
+                mask_into(&score, rows, count, pattern, false, keep, &mut scratch);
             }
             Pattern::NM { .. } => keep.fill(true),
         }
