@@ -424,6 +424,25 @@ fn judge_refit(refit: Option<(&[Vec<u32>], usize, InputRefit)>) -> Option<RefitW
     })
 }
 
+/// The settings two serialised configs disagree on, as `key: checkpoint's value, now value`
+/// (every key of either; the whole values where they are not both objects).
+fn settings_diff(was: &serde_json::Value, now: &serde_json::Value) -> String {
+    let (Some(a), Some(b)) = (was.as_object(), now.as_object()) else {
+        return format!("checkpoint {was}, now {now}");
+    };
+    let none = serde_json::Value::Null;
+    let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    keys.into_iter()
+        .filter_map(|k| {
+            let (x, y) = (a.get(k).unwrap_or(&none), b.get(k).unwrap_or(&none));
+            (x != y).then(|| format!("{k}: checkpoint {x}, now {y}"))
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 /// What a finished search hands back.
 pub struct PgOutcome {
     /// The final plan (the held-out choice, when the config makes one).
@@ -454,6 +473,53 @@ pub fn run_pg<B: Backend>(
     );
     let (search_windows, held_out) = windows.split_at(windows.len() - cfg.held_out);
     let refit = judge_refit(run.refit);
+    let ckpt = run.dir.join("checkpoint.json");
+    // A resumed run's checkpoint is read and checked before any pass over the model.
+    let resumed = if run.resume {
+        let (s, space) = PgState::load(&ckpt, model.shape())?;
+        // Under compensation_auto the checkpoint holds the rule the start chose.
+        let expected = PgConfig {
+            compensation: if cfg.compensation_auto {
+                s.config.compensation
+            } else {
+                cfg.compensation
+            },
+            ..cfg.clone()
+        };
+        if s.config != expected {
+            anyhow::bail!(
+                "--resume: the settings differ from the checkpoint's ({}); resume with the same flags, or start over with --force",
+                settings_diff(
+                    &serde_json::to_value(&s.config)?,
+                    &serde_json::to_value(&expected)?
+                )
+            );
+        }
+        for key in ["model", "dtype", "calibration", "init"] {
+            // Only what this run records is checked: a comparison's cell records its settings
+            // under `compare` (and its dtype at the top too since 2026-12-05).
+            let Some(now) = run.meta.get(key) else {
+                continue;
+            };
+            let was = s
+                .meta
+                .get(key)
+                .or_else(|| s.meta.get("compare").and_then(|c| c.get(key)))
+                .cloned()
+                // Checkpoints from before `--dtype` existed ran in f32.
+                .or_else(|| {
+                    (key == "dtype" && s.meta.is_object()).then(|| serde_json::json!("f32"))
+                });
+            anyhow::ensure!(
+                was.as_ref().is_none_or(|w| w == now),
+                "--resume: this run's {key} ({now}) is not the checkpoint's ({}); resume with the same --model, --dtype and calibration flags, or start over with --force",
+                was.map_or("none".into(), |v| v.to_string()),
+            );
+        }
+        Some((s, space))
+    } else {
+        None
+    };
     let means = if cfg.compensation {
         let n = search_windows.len().min(init.metric_samples);
         let (o_proj, down_proj) =
@@ -481,44 +547,7 @@ pub fn run_pg<B: Backend>(
     } else {
         None
     };
-    let ckpt = run.dir.join("checkpoint.json");
-    let (mut state, space) = if run.resume {
-        let (s, space) = PgState::load(&ckpt, model.shape())?;
-        // Under compensation_auto the checkpoint holds the rule the start chose.
-        let expected = PgConfig {
-            compensation: if cfg.compensation_auto {
-                s.config.compensation
-            } else {
-                cfg.compensation
-            },
-            ..cfg.clone()
-        };
-        anyhow::ensure!(
-            s.config == expected,
-            "--resume: the settings differ from the checkpoint's ({}); resume with the same flags",
-            serde_json::to_string(&s.config)?
-        );
-        for key in ["model", "dtype", "calibration", "init"] {
-            // Only what this run records is checked: a comparison's cell records its settings
-            // under `compare` (and its dtype at the top too since 2026-12-05).
-            let Some(now) = run.meta.get(key) else {
-                continue;
-            };
-            let was = s
-                .meta
-                .get(key)
-                .or_else(|| s.meta.get("compare").and_then(|c| c.get(key)))
-                .cloned()
-                // Checkpoints from before `--dtype` existed ran in f32.
-                .or_else(|| {
-                    (key == "dtype" && s.meta.is_object()).then(|| serde_json::json!("f32"))
-                });
-            anyhow::ensure!(
-                was.as_ref().is_none_or(|w| w == now),
-                "--resume: this run's {key} ({now}) is not the checkpoint's ({}); resume with the same --model, --dtype and calibration flags, or start over with --force",
-                was.map_or("none".into(), |v| v.to_string()),
-            );
-        }
+    let (mut state, space) = if let Some((s, space)) = resumed {
         tracing::info!(step = s.step, "resuming");
         (s, space)
     } else {

@@ -263,10 +263,20 @@ pub fn judge_plans<B: Backend>(
         }
         let mut order: Vec<usize> = (0..reps.len()).collect();
         order.sort_by(|&a, &b| judged[a].masked.total_cmp(&judged[b].masked));
-        for &r in order.iter().take(top) {
-            if judged[r].reconstructed.is_some() {
-                continue;
-            }
+        let todo: Vec<usize> = order
+            .into_iter()
+            .take(top)
+            .filter(|&r| judged[r].reconstructed.is_none())
+            .collect();
+        for (done, &r) in todo.iter().enumerate() {
+            // Minutes each on a CPU, with no other output: say which one runs.
+            tracing::info!(
+                candidate = reps[r],
+                masked = judged[r].masked,
+                "least-squares judge: refitting candidate {} of {}",
+                done + 1,
+                todo.len()
+            );
             let settings = lopper_sparse::ReconSettings {
                 batch_size: refit.batch_size,
                 inputs: refit.inputs,
@@ -276,11 +286,10 @@ pub fn judge_plans<B: Backend>(
                 lopper_sparse::reconstruct(model, plans[reps[r]], fit, &settings, |_| {})?;
             let all = MaskPlan::keep_all(cut.shape());
             let loss = windows_loss_kept(&cut, &all, None, refit.held_out, refit.batch_size)?;
-            tracing::debug!(
+            tracing::info!(
                 candidate = reps[r],
-                masked = judged[r].masked,
                 reconstructed = loss,
-                "judged"
+                "least-squares judge: held-out loss after the cut"
             );
             judged[r].reconstructed = Some(loss);
         }
